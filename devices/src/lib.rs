@@ -1,0 +1,12 @@
+//! nyx-devices: the legacy PC devices of a Nyx machine as plain deterministic
+//! state machines. Nothing in this crate touches KVM, a clock, a file or a
+//! socket: time, input, entropy and interrupt lines come in through the traits
+//! in [`io`], and every device keeps its snapshot-relevant state in a plain
+//! serde `State` type, so the recorder, the replayer and the tests can drive
+//! the same code with logging or fake implementations.
+
+pub mod bus;
+pub mod io;
+
+pub use bus::{Bus, BusDevice, BusError, BusEvent};
+pub use io::{Clock, Entropy, Input, InterruptSink, WallClock};

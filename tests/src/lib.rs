@@ -1,0 +1,1 @@
+//! Integration tests and the in-tree test guests of Nyx.

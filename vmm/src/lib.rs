@@ -1,0 +1,1 @@
+//! nyx-vmm: the machine.
