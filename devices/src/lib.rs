@@ -6,7 +6,15 @@
 //! the same code with logging or fake implementations.
 
 pub mod bus;
+pub mod cmos;
+pub mod debug_exit;
+pub mod i8042;
 pub mod io;
+pub mod pci;
+pub mod pic;
+pub mod pit;
+pub mod port80;
+pub mod serial;
 
 pub use bus::{Bus, BusDevice, BusError, BusEvent};
 pub use io::{Clock, Entropy, Input, InterruptSink, WallClock};

@@ -1,1 +1,6 @@
-//! nyx-vmm: the machine.
+//! nyx-vmm: the machine. A KVM VM with one vCPU, guest memory, the boot
+//! loaders, the CPUID/MSR policy, vCPU state capture and the run loop that
+//! hands every exit to the user-space devices.
+
+pub mod loader;
+pub mod memory;

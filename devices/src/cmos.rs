@@ -1,0 +1,1 @@
+//! The MC146818 CMOS RTC and NVRAM. (being written)

@@ -1,0 +1,1 @@
+//! The QEMU-compatible debug-exit port. (being written)

@@ -1,0 +1,1 @@
+//! PCI configuration mechanism #1 with only the host bridge. (being written)

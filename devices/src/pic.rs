@@ -1,0 +1,1 @@
+//! The 8259A programmable interrupt controller pair. (being written)

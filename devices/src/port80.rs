@@ -1,0 +1,1 @@
+//! Port 0x80, the POST diagnostic port. (being written)

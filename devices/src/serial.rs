@@ -1,0 +1,1 @@
+//! The 16550A UART. (being written)
