@@ -4,3 +4,6 @@
 
 pub mod loader;
 pub mod memory;
+pub mod cpuid;
+pub mod crash;
+pub mod paging;

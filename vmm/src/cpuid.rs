@@ -1,0 +1,223 @@
+//! CPUID policy: what the guest is told about the CPU.
+//!
+//! The table starts from `KVM_GET_SUPPORTED_CPUID` and is filtered by a
+//! [`CpuidPolicy`]. Every policy hides what a machine without an in-kernel
+//! irqchip, kvmclock or PMU does not have (local APIC, x2APIC, TSC-deadline,
+//! the KVM paravirtual leaves, the architectural PMU). The record/replay
+//! policy (design §4) also hides every instruction and feature whose result
+//! Nyx could not log: RDRAND, RDSEED, RDPID, RDTSCP, the invariant TSC and the
+//! TSC frequency leaves.
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+use serde::{Deserialize, Serialize};
+
+/// Which CPUID filter applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum CpuidPolicy {
+    /// The host's supported features less what Nyx's machine lacks.
+    #[default]
+    Run,
+    /// Additionally hide every nondeterministic source Nyx cannot log.
+    RecordReplay,
+}
+
+/// One CPUID entry in a serializable form (for the trace header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuidEntry {
+    /// Leaf (EAX input).
+    pub function: u32,
+    /// Subleaf (ECX input).
+    pub index: u32,
+    /// KVM_CPUID_FLAG_* bits.
+    pub flags: u32,
+    /// Output registers.
+    pub eax: u32,
+    /// Output registers.
+    pub ebx: u32,
+    /// Output registers.
+    pub ecx: u32,
+    /// Output registers.
+    pub edx: u32,
+}
+
+impl From<&kvm_cpuid_entry2> for CpuidEntry {
+    fn from(e: &kvm_cpuid_entry2) -> Self {
+        Self {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        }
+    }
+}
+
+impl From<&CpuidEntry> for kvm_cpuid_entry2 {
+    fn from(e: &CpuidEntry) -> Self {
+        kvm_cpuid_entry2 {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+            ..Default::default()
+        }
+    }
+}
+
+// Leaf 1.
+const L1_ECX_PDCM: u32 = 1 << 15;
+const L1_ECX_X2APIC: u32 = 1 << 21;
+const L1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+const L1_ECX_RDRAND: u32 = 1 << 30;
+const L1_EDX_APIC: u32 = 1 << 9;
+// Leaf 7 subleaf 0.
+const L7_EBX_TSC_ADJUST: u32 = 1 << 1;
+const L7_EBX_RDSEED: u32 = 1 << 18;
+const L7_ECX_RDPID: u32 = 1 << 22;
+// Leaf 0x8000_0001.
+const LX1_EDX_RDTSCP: u32 = 1 << 27;
+// Leaf 0x8000_0007.
+const LX7_EDX_INVARIANT_TSC: u32 = 1 << 8;
+
+/// Filters `entries` in place according to `policy`. Returns the entries to
+/// keep (some leaves are removed entirely).
+pub fn filter(policy: CpuidPolicy, entries: &[CpuidEntry]) -> Vec<CpuidEntry> {
+    let rr = policy == CpuidPolicy::RecordReplay;
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let mut e = *e;
+        match e.function {
+            // Hypervisor leaves: KVM's paravirtual features (kvmclock, async
+            // page faults, steal time, PV EOI) need an in-kernel machine Nyx
+            // does not build.
+            0x4000_0000..=0x4000_00ff => continue,
+            1 => {
+                e.ecx &= !(L1_ECX_X2APIC | L1_ECX_TSC_DEADLINE | L1_ECX_PDCM);
+                e.edx &= !L1_EDX_APIC;
+                // Initial APIC ID and logical processor count: one vCPU, ID 0.
+                e.ebx &= 0x0000_ffff;
+                if rr {
+                    e.ecx &= !L1_ECX_RDRAND;
+                }
+            }
+            7 if e.index == 0 => {
+                if rr {
+                    e.ebx &= !(L7_EBX_RDSEED | L7_EBX_TSC_ADJUST);
+                    e.ecx &= !L7_ECX_RDPID;
+                }
+            }
+            // Architectural PMU: no PMU here.
+            0xa => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            // TSC and core crystal frequency leaves.
+            0x15 | 0x16 if rr => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            0x8000_0001 => {
+                if rr {
+                    e.edx &= !LX1_EDX_RDTSCP;
+                }
+            }
+            0x8000_0007 => {
+                if rr {
+                    e.edx &= !LX7_EDX_INVARIANT_TSC;
+                }
+            }
+            _ => {}
+        }
+        out.push(e);
+    }
+    out
+}
+
+/// The filtered table as KVM takes it.
+pub fn to_kvm(entries: &[CpuidEntry]) -> Result<CpuId, vmm_sys_util::fam::Error> {
+    let raw: Vec<kvm_cpuid_entry2> = entries.iter().map(kvm_cpuid_entry2::from).collect();
+    CpuId::from_entries(&raw)
+}
+
+/// The table KVM offers, in serializable form.
+pub fn from_kvm(cpuid: &CpuId) -> Vec<CpuidEntry> {
+    cpuid.as_slice().iter().map(CpuidEntry::from).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32, ebx: u32, ecx: u32, edx: u32) -> CpuidEntry {
+        CpuidEntry {
+            function,
+            index,
+            flags: 0,
+            eax: 0,
+            ebx,
+            ecx,
+            edx,
+        }
+    }
+
+    fn host_like() -> Vec<CpuidEntry> {
+        vec![
+            entry(0, 0, 0, 0, 0),
+            entry(1, 0, 0x0103_0800, u32::MAX, u32::MAX),
+            entry(7, 0, u32::MAX, u32::MAX, 0),
+            entry(0xa, 0, 1, 1, 1),
+            entry(0x15, 0, 1, 1, 1),
+            entry(0x4000_0000, 0, 1, 1, 1),
+            entry(0x4000_0001, 0, 1, 1, 1),
+            entry(0x8000_0001, 0, 0, 0, u32::MAX),
+            entry(0x8000_0007, 0, 0, 0, u32::MAX),
+        ]
+    }
+
+    fn find(t: &[CpuidEntry], f: u32) -> CpuidEntry {
+        *t.iter().find(|e| e.function == f).unwrap()
+    }
+
+    #[test]
+    fn run_policy_hides_what_the_machine_lacks() {
+        let t = filter(CpuidPolicy::Run, &host_like());
+        assert!(t.iter().all(|e| !(0x4000_0000..=0x4000_00ff).contains(&e.function)));
+        let l1 = find(&t, 1);
+        assert_eq!(l1.edx & L1_EDX_APIC, 0);
+        assert_eq!(l1.ecx & (L1_ECX_X2APIC | L1_ECX_TSC_DEADLINE), 0);
+        assert_eq!(l1.ebx >> 24, 0, "APIC ID 0");
+        // Still offered in plain runs.
+        assert_ne!(l1.ecx & L1_ECX_RDRAND, 0);
+        assert_ne!(find(&t, 0x8000_0001).edx & LX1_EDX_RDTSCP, 0);
+        assert_eq!(find(&t, 0xa).eax, 0);
+    }
+
+    #[test]
+    fn record_policy_hides_unloggable_sources() {
+        let t = filter(CpuidPolicy::RecordReplay, &host_like());
+        assert_eq!(find(&t, 1).ecx & L1_ECX_RDRAND, 0);
+        assert_eq!(find(&t, 7).ebx & L7_EBX_RDSEED, 0);
+        assert_eq!(find(&t, 7).ecx & L7_ECX_RDPID, 0);
+        assert_eq!(find(&t, 0x8000_0001).edx & LX1_EDX_RDTSCP, 0);
+        assert_eq!(find(&t, 0x8000_0007).edx & LX7_EDX_INVARIANT_TSC, 0);
+        assert_eq!(find(&t, 0x15).ebx, 0);
+        // Unrelated bits survive.
+        assert_ne!(find(&t, 7).ebx & 1, 0);
+    }
+
+    #[test]
+    fn kvm_conversion_round_trips() {
+        let t = filter(CpuidPolicy::Run, &host_like());
+        let k = to_kvm(&t).unwrap();
+        assert_eq!(from_kvm(&k), t);
+    }
+}
