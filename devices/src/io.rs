@@ -24,6 +24,12 @@ pub trait Input: Send {
     /// Copies up to `buf.len()` bytes that are available now into `buf` and
     /// returns how many. Returns 0 when nothing is available yet.
     fn read_available(&mut self, buf: &mut [u8]) -> usize;
+
+    /// Whether no byte can ever arrive any more (end of file, no source).
+    /// A device may then stop waiting for input.
+    fn is_exhausted(&self) -> bool {
+        false
+    }
 }
 
 /// Random bytes (RDRAND emulation, virtio-rng).
@@ -94,6 +100,10 @@ impl Input for NoInput {
     fn read_available(&mut self, _buf: &mut [u8]) -> usize {
         0
     }
+
+    fn is_exhausted(&self) -> bool {
+        true
+    }
 }
 
 /// Input served from a byte buffer, all of it available at once.
@@ -116,6 +126,10 @@ impl Input for BufferInput {
         buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
         self.pos += n;
         n
+    }
+
+    fn is_exhausted(&self) -> bool {
+        self.pos == self.data.len()
     }
 }
 
@@ -180,6 +194,8 @@ mod tests {
         assert_eq!(i.read_available(&mut buf), 2);
         assert_eq!(&buf[..2], b"lo");
         assert_eq!(i.read_available(&mut buf), 0);
+        assert!(i.is_exhausted());
+        assert!(NoInput.is_exhausted());
     }
 
     #[test]
