@@ -1,1 +1,416 @@
-//! The in-tree test guests (being written).
+//! The in-tree test guests of Nyx: small Multiboot v1 ELF32 kernels assembled
+//! from `tests/guests/*.S` at build time, with what each is expected to do
+//! (its debug-exit value, its serial input and, where the output does not
+//! depend on timing, its golden serial output recorded under QEMU; see
+//! `tests/golden/README.md`). A small ELF symbol lookup lets debugger tests
+//! find the addresses of the guests' global symbols.
+
+use std::path::PathBuf;
+
+macro_rules! guest_image {
+    ($name:literal) => {
+        include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".elf"))
+    };
+}
+
+/// Prints a greeting and its Multiboot information; exits with [`HELLO_EXIT`].
+pub const HELLO: &[u8] = guest_image!("hello");
+/// PIT + PIC in long mode, "tick N" every 10 ticks; exits with [`PIT_EXIT`].
+pub const PIT: &[u8] = guest_image!("pit");
+/// Runs at a higher-half alias (`higher_half_entry`), takes `int $0x30` and PIT
+/// ticks, writes `counter`; exits with [`LONGMODE_EXIT`].
+pub const LONGMODE: &[u8] = guest_image!("longmode");
+/// Prints some values, then triple-faults at `triple_fault_here`.
+pub const TRIPLE: &[u8] = guest_image!("triple");
+/// Unassigned ports and MMIO, PCI host bridge ID, CMOS memory size; exits with
+/// [`PORTS_EXIT`].
+pub const PORTS: &[u8] = guest_image!("ports");
+/// Echoes serial input upper-cased (RX interrupts) up to a '.'; exits with
+/// [`ECHO_EXIT`].
+pub const ECHO: &[u8] = guest_image!("echo");
+/// A register-invariant busy loop incrementing `counter`, sampled at each of
+/// 50 PIT ticks; exits with [`COUNTER_EXIT`]. Timing-dependent.
+pub const COUNTER: &[u8] = guest_image!("counter");
+/// Hash of 1000 RDTSC values; exits with [`RDTSC_EXIT`]. Timing-dependent.
+pub const RDTSC: &[u8] = guest_image!("rdtsc");
+/// CMOS RTC date and a hash of 100 PIT latches; exits with [`RTC_EXIT`].
+/// Timing-dependent.
+pub const RTC: &[u8] = guest_image!("rtc");
+
+/// Debug-exit values (the value written to port 0xF4; QEMU exits with
+/// `(value << 1) | 1`, see [`qemu_exit_code`]).
+pub const HELLO_EXIT: u32 = 0x21;
+/// Debug-exit value of [`PIT`].
+pub const PIT_EXIT: u32 = 0x11;
+/// Debug-exit value of [`LONGMODE`].
+pub const LONGMODE_EXIT: u32 = 0x00;
+/// Debug-exit value of [`PORTS`].
+pub const PORTS_EXIT: u32 = 0x22;
+/// Debug-exit value of [`ECHO`].
+pub const ECHO_EXIT: u32 = 0x33;
+/// Debug-exit value of [`COUNTER`].
+pub const COUNTER_EXIT: u32 = 0x44;
+/// Debug-exit value of [`RDTSC`].
+pub const RDTSC_EXIT: u32 = 0x45;
+/// Debug-exit value of [`RTC`].
+pub const RTC_EXIT: u32 = 0x46;
+/// Debug-exit value any guest writes when something unexpected happened
+/// (an exception, a stray interrupt, a failed self-check).
+pub const UNEXPECTED_EXIT: u32 = 0x7f;
+
+/// Guest RAM the goldens were recorded with (QEMU `-m 64`).
+pub const MEM_MIB: u64 = 64;
+/// The `-append` string of the golden runs. QEMU's Multiboot loader prepends
+/// the kernel's file name, so the guest sees [`multiboot_cmdline`].
+pub const GOLDEN_APPEND: &str = "nyx-test arg=1";
+/// Offset of the higher-half alias used by [`LONGMODE`].
+pub const VIRT_OFFSET: u32 = 0xC000_0000;
+
+/// Every guest, by name.
+pub const ALL: &[(&str, &[u8])] = &[
+    ("hello", HELLO),
+    ("pit", PIT),
+    ("longmode", LONGMODE),
+    ("triple", TRIPLE),
+    ("ports", PORTS),
+    ("echo", ECHO),
+    ("counter", COUNTER),
+    ("rdtsc", RDTSC),
+    ("rtc", RTC),
+];
+
+/// What a guest is expected to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected {
+    /// The guest's name (its file stem).
+    pub name: &'static str,
+    /// The value it writes to the debug-exit port; `None` if it ends in a
+    /// triple fault instead.
+    pub exit_value: Option<u32>,
+    /// Its complete serial output under QEMU; `None` if timing-dependent.
+    pub golden: Option<&'static str>,
+    /// The bytes fed to its COM1 receiver, if any.
+    pub input: Option<&'static [u8]>,
+}
+
+/// Expectations of every guest, in the order of [`ALL`].
+pub const EXPECTED: &[Expected] = &[
+    Expected {
+        name: "hello",
+        exit_value: Some(HELLO_EXIT),
+        golden: Some(include_str!("../../golden/hello.out")),
+        input: None,
+    },
+    Expected {
+        name: "pit",
+        exit_value: Some(PIT_EXIT),
+        golden: Some(include_str!("../../golden/pit.out")),
+        input: None,
+    },
+    Expected {
+        name: "longmode",
+        exit_value: Some(LONGMODE_EXIT),
+        golden: Some(include_str!("../../golden/longmode.out")),
+        input: None,
+    },
+    Expected {
+        name: "triple",
+        exit_value: None,
+        golden: Some(include_str!("../../golden/triple.out")),
+        input: None,
+    },
+    Expected {
+        name: "ports",
+        exit_value: Some(PORTS_EXIT),
+        golden: Some(include_str!("../../golden/ports.out")),
+        input: None,
+    },
+    Expected {
+        name: "echo",
+        exit_value: Some(ECHO_EXIT),
+        golden: Some(include_str!("../../golden/echo.out")),
+        input: Some(include_bytes!("../../golden/echo.in")),
+    },
+    Expected {
+        name: "counter",
+        exit_value: Some(COUNTER_EXIT),
+        golden: None,
+        input: None,
+    },
+    Expected {
+        name: "rdtsc",
+        exit_value: Some(RDTSC_EXIT),
+        golden: None,
+        input: None,
+    },
+    Expected {
+        name: "rtc",
+        exit_value: Some(RTC_EXIT),
+        golden: None,
+        input: None,
+    },
+];
+
+/// The image of the guest called `name`.
+pub fn image(name: &str) -> Option<&'static [u8]> {
+    ALL.iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, image)| *image)
+}
+
+/// The built ELF file of the guest called `name` (in Cargo's `OUT_DIR`).
+pub fn path(name: &str) -> Option<PathBuf> {
+    image(name)?;
+    Some(PathBuf::from(env!("OUT_DIR")).join(format!("{name}.elf")))
+}
+
+/// What the guest called `name` is expected to do.
+pub fn expected(name: &str) -> Option<&'static Expected> {
+    EXPECTED.iter().find(|e| e.name == name)
+}
+
+/// The Multiboot command line the golden runs gave the guest called `name`:
+/// its file name, a space, [`GOLDEN_APPEND`].
+pub fn multiboot_cmdline(name: &str) -> String {
+    format!("{name} {GOLDEN_APPEND}")
+}
+
+/// QEMU's exit status when a guest writes `value` to isa-debug-exit.
+pub const fn qemu_exit_code(value: u32) -> u32 {
+    (value << 1) | 1
+}
+
+/// Multiboot v1 header magic.
+pub const MULTIBOOT_MAGIC: u32 = 0x1BAD_B002;
+/// Multiboot v1 requires its header within the image's first 8 KiB.
+pub const MULTIBOOT_SEARCH_LEN: usize = 8192;
+
+fn u16_at(bytes: &[u8], offset: usize) -> Option<u16> {
+    let b = bytes.get(offset..offset.checked_add(2)?)?;
+    Some(u16::from_le_bytes([b[0], b[1]]))
+}
+
+fn u32_at(bytes: &[u8], offset: usize) -> Option<u32> {
+    let b = bytes.get(offset..offset.checked_add(4)?)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Offset of a valid Multiboot v1 header (magic, flags, checksum summing to
+/// zero, 4-byte aligned) in the first 8 KiB of `image`.
+pub fn multiboot_header_offset(image: &[u8]) -> Option<usize> {
+    let end = image.len().min(MULTIBOOT_SEARCH_LEN);
+    (0..end).step_by(4).find(|&off| {
+        let (Some(magic), Some(flags), Some(sum)) = (
+            u32_at(image, off),
+            u32_at(image, off + 4),
+            u32_at(image, off + 8),
+        ) else {
+            return false;
+        };
+        magic == MULTIBOOT_MAGIC && magic.wrapping_add(flags).wrapping_add(sum) == 0
+    })
+}
+
+/// Whether `image` is a little-endian ELF32 file for i386.
+pub fn is_elf32_i386(image: &[u8]) -> bool {
+    image.get(..6) == Some(&[0x7f, b'E', b'L', b'F', 1, 1][..]) && u16_at(image, 18) == Some(3)
+}
+
+const SHT_SYMTAB: u32 = 2;
+const SHDR_LEN: usize = 40;
+const SYM_LEN: usize = 16;
+
+/// The value (address) of the symbol `name` in the ELF32 `image`'s symbol
+/// table. `None` if the image is not ELF32, has no symbol table or no such
+/// symbol; never panics on malformed input.
+pub fn symbol(image: &[u8], name: &str) -> Option<u32> {
+    if !is_elf32_i386(image) {
+        return None;
+    }
+    let shoff = usize::try_from(u32_at(image, 0x20)?).ok()?;
+    let shentsize = usize::from(u16_at(image, 0x2E)?);
+    let shnum = usize::from(u16_at(image, 0x30)?);
+    if shentsize < SHDR_LEN {
+        return None;
+    }
+    let section =
+        |index: usize| -> Option<usize> { shoff.checked_add(index.checked_mul(shentsize)?) };
+    for index in 0..shnum {
+        let sh = section(index)?;
+        if u32_at(image, sh + 4)? != SHT_SYMTAB {
+            continue;
+        }
+        let offset = usize::try_from(u32_at(image, sh + 16)?).ok()?;
+        let size = usize::try_from(u32_at(image, sh + 20)?).ok()?;
+        let link = usize::try_from(u32_at(image, sh + 24)?).ok()?;
+        let strtab = section(link)?;
+        let str_offset = usize::try_from(u32_at(image, strtab + 16)?).ok()?;
+        let str_size = usize::try_from(u32_at(image, strtab + 20)?).ok()?;
+        let strings = image.get(str_offset..str_offset.checked_add(str_size)?)?;
+        let symbols = image.get(offset..offset.checked_add(size)?)?;
+        for entry in symbols.chunks_exact(SYM_LEN) {
+            let name_offset = usize::try_from(u32_at(entry, 0)?).ok()?;
+            let Some(rest) = strings.get(name_offset..) else {
+                continue;
+            };
+            let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+            if &rest[..end] == name.as_bytes() {
+                return u32_at(entry, 4);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// (p_vaddr, p_paddr, p_memsz) of each PT_LOAD segment.
+    fn load_segments(image: &[u8]) -> Vec<(u32, u32, u32)> {
+        let phoff = u32_at(image, 0x1C).expect("e_phoff") as usize;
+        let phentsize = u16_at(image, 0x2A).expect("e_phentsize") as usize;
+        let phnum = u16_at(image, 0x2C).expect("e_phnum") as usize;
+        (0..phnum)
+            .map(|i| phoff + i * phentsize)
+            .filter(|&ph| u32_at(image, ph) == Some(1))
+            .map(|ph| {
+                (
+                    u32_at(image, ph + 8).expect("p_vaddr"),
+                    u32_at(image, ph + 12).expect("p_paddr"),
+                    u32_at(image, ph + 20).expect("p_memsz"),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_image_is_multiboot_elf32_loaded_in_ram() {
+        assert_eq!(ALL.len(), EXPECTED.len());
+        for ((name, image), expected) in ALL.iter().zip(EXPECTED) {
+            assert_eq!(*name, expected.name);
+            assert!(is_elf32_i386(image), "{name} is not ELF32 i386");
+            let offset = multiboot_header_offset(image);
+            assert!(offset.is_some(), "{name} has no Multiboot header");
+            let entry = u32_at(image, 0x18).expect("e_entry");
+            assert_eq!(symbol(image, "_start"), Some(entry), "{name}: _start");
+            let segments = load_segments(image);
+            assert!(!segments.is_empty(), "{name} has no PT_LOAD");
+            for (vaddr, paddr, memsz) in segments {
+                assert!(paddr >= 0x10_0000, "{name} loads below 1 MiB");
+                assert!(
+                    u64::from(paddr) + u64::from(memsz) <= MEM_MIB << 20,
+                    "{name} does not fit in RAM"
+                );
+                assert!(
+                    vaddr == paddr || vaddr == paddr.wrapping_add(VIRT_OFFSET),
+                    "{name}: unexpected virtual address {vaddr:#x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn path_names_the_built_image() {
+        for (name, image) in ALL {
+            let file = path(name).expect("known guest");
+            let bytes = std::fs::read(&file).expect("built guest file");
+            assert_eq!(&bytes[..], *image, "{}", file.display());
+        }
+        assert_eq!(path("no-such-guest"), None);
+        assert_eq!(image("no-such-guest"), None);
+    }
+
+    #[test]
+    fn debugger_symbols_are_where_the_guests_use_them() {
+        let entry = symbol(LONGMODE, "higher_half_entry").expect("higher_half_entry");
+        assert!(entry >= VIRT_OFFSET, "{entry:#x} is not in the higher half");
+        let counter = symbol(LONGMODE, "counter").expect("counter");
+        assert!(counter >= VIRT_OFFSET, "{counter:#x}");
+        let start = symbol(LONGMODE, "_start").expect("_start");
+        assert!(start < VIRT_OFFSET);
+        assert!(symbol(COUNTER, "counter").is_some());
+        assert!(symbol(COUNTER, "count_loop").is_some());
+        assert!(symbol(TRIPLE, "triple_fault_here").is_some());
+        assert_eq!(symbol(HELLO, "no_such_symbol"), None);
+    }
+
+    #[test]
+    fn images_carry_debug_information() {
+        for (name, image) in ALL {
+            let has = image.windows(12).any(|w| w == b".debug_line\0");
+            assert!(has, "{name} has no .debug_line");
+        }
+    }
+
+    #[test]
+    fn goldens_end_as_their_guests_do() {
+        for e in EXPECTED {
+            let Some(golden) = e.golden else { continue };
+            assert!(!golden.is_empty(), "{}: empty golden", e.name);
+            assert!(
+                golden.ends_with('\n'),
+                "{}: golden output cut short",
+                e.name
+            );
+            assert!(!golden.contains("unexpected"), "{}: {golden}", e.name);
+        }
+        let longmode = expected("longmode")
+            .and_then(|e| e.golden)
+            .expect("longmode");
+        let entry = symbol(LONGMODE, "higher_half_entry").expect("higher_half_entry");
+        assert!(
+            longmode.contains(&format!("running at 0x{entry:016x}\n")),
+            "{longmode}"
+        );
+        let hello = expected("hello")
+            .and_then(|e| e.golden)
+            .expect("hello golden");
+        assert!(hello.starts_with("Hello from a Nyx guest!\n"));
+        assert!(hello.contains(&format!("cmdline \"{}\"", multiboot_cmdline("hello"))));
+        let echo = expected("echo").expect("echo");
+        let input = std::str::from_utf8(echo.input.expect("echo input")).expect("utf-8");
+        let upto_dot = &input[..=input.find('.').expect("a '.' in the input")];
+        let golden = echo.golden.expect("echo golden");
+        assert!(golden.contains(&upto_dot.to_uppercase()), "{golden}");
+        assert!(golden.ends_with("bye\n"));
+    }
+
+    #[test]
+    fn qemu_exit_codes() {
+        assert_eq!(qemu_exit_code(HELLO_EXIT), 0x43);
+        assert_eq!(qemu_exit_code(0), 1);
+    }
+
+    #[test]
+    fn multiboot_search_rejects_a_bad_checksum() {
+        let mut image = HELLO.to_vec();
+        let offset = multiboot_header_offset(&image).expect("header");
+        image[offset + 8] ^= 1;
+        assert_eq!(multiboot_header_offset(&image), None);
+        assert_eq!(multiboot_header_offset(&[]), None);
+    }
+
+    proptest! {
+        #[test]
+        fn parsers_never_panic_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = symbol(&bytes, "counter");
+            let _ = multiboot_header_offset(&bytes);
+            let _ = is_elf32_i386(&bytes);
+        }
+
+        #[test]
+        fn symbol_lookup_survives_corrupted_images(
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..16),
+        ) {
+            let mut image = LONGMODE.to_vec();
+            for (at, value) in flips {
+                let len = image.len();
+                image[at % len] = value;
+            }
+            let _ = symbol(&image, "higher_half_entry");
+            let _ = multiboot_header_offset(&image);
+        }
+    }
+}

@@ -1,0 +1,79 @@
+/*
+ * echo: long mode, COM1 receive interrupts (IER = 1, OUT2, IRQ4 through the
+ * PIC at vector 0x24). The handler reads every received byte and echoes it
+ * upper-cased; at a '.' it echoes it, stops reading (the rest of the input
+ * stays unread) and the main loop prints "bye" and exits with ECHO_EXIT.
+ */
+#include "common.h"
+
+/* Debug-exit value of this guest (QEMU exit code 0x67). */
+#define ECHO_EXIT 0x33
+
+    MULTIBOOT_HEADER
+    START32
+    LONGMODE_SWITCH long_entry
+
+    .code64
+long_entry:
+    ENTER64
+    call idt_init64
+    mov $0x24, %edi
+    lea irq4(%rip), %rax
+    call set_gate64
+    PIC_REMAP 0xEF, 0xFF
+    mov $(COM1 + 4), %dx
+    mov $0x0B, %al      /* MCR: DTR, RTS, OUT2 (IRQ enable) */
+    out %al, %dx
+    mov $(COM1 + 1), %dx
+    mov $0x01, %al      /* IER: received data available */
+    out %al, %dx
+    PRINT64 "echo: type, end with '.'\n"
+    .globl wait_input
+wait_input:
+    cli
+    cmpb $0, saw_dot(%rip)
+    jne 1f
+    sti
+    hlt
+    jmp wait_input
+1:  PRINT64 "\nbye\n"
+    EXIT ECHO_EXIT
+
+    .globl irq4
+irq4:
+    push %rax
+    push %rdx
+    cmpb $0, saw_dot(%rip)  /* an interrupt latched before IER was cleared */
+    jne 3f
+1:  mov $(COM1 + 5), %dx
+    in %dx, %al
+    test $0x01, %al     /* LSR.DR */
+    jz 3f
+    mov $COM1, %dx
+    in %dx, %al
+    cmp $'.', %al
+    jne 2f
+    call putc64
+    movb $1, saw_dot(%rip)
+    mov $(COM1 + 1), %dx
+    xor %al, %al        /* IER: no more interrupts, leave the rest unread */
+    out %al, %dx
+    jmp 3f
+2:  cmp $'a', %al
+    jb 4f
+    cmp $'z', %al
+    ja 4f
+    sub $('a' - 'A'), %al
+4:  call putc64
+    jmp 1b
+3:  EOI_MASTER
+    pop %rdx
+    pop %rax
+    iretq
+
+    .section .data
+saw_dot: .byte 0
+
+    LIB32
+    LIB64
+    COMMON_DATA

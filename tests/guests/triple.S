@@ -1,0 +1,56 @@
+/*
+ * triple: prints "working..." and a few computed values, then loads an IDT
+ * with limit 0 and executes `int3`: #GP, #DF, triple fault. There is no
+ * debug-exit: QEMU with -no-reboot shuts down (exit code 0); Nyx reports a
+ * guest crash at `triple_fault_here`.
+ */
+#include "common.h"
+
+    MULTIBOOT_HEADER
+    START32
+    PRINT32 "working...\n"
+
+    /* sum of 1..1000 */
+    xor %eax, %eax
+    mov $1000, %ecx
+1:  add %ecx, %eax
+    loop 1b
+    PRINT32 "sum(1..1000) = "
+    call putdec32
+    PRINT32 "\n"
+
+    /* fib(30) */
+    xor %eax, %eax
+    mov $1, %ebx
+    mov $30, %ecx
+2:  xadd %eax, %ebx
+    loop 2b
+    PRINT32 "fib(30) = "
+    call putdec32
+    PRINT32 "\n"
+
+    /* 12! */
+    mov $1, %eax
+    mov $12, %ecx
+3:  mul %ecx
+    loop 3b
+    PRINT32 "12! = "
+    call putdec32
+    PRINT32 "\n"
+
+    PRINT32 "triple faulting now\n"
+    lidt empty_idt
+    .globl triple_fault_here
+triple_fault_here:
+    int3
+    PRINT32 "still alive?\n"
+    EXIT EXIT_UNEXPECTED
+
+    .section .rodata
+    .balign 8
+empty_idt:
+    .word 0
+    .long 0
+
+    LIB32
+    COMMON_DATA
