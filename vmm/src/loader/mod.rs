@@ -12,6 +12,8 @@
 
 mod elf;
 mod gdt;
+#[cfg(test)]
+mod kvm_tests;
 pub mod linux;
 pub mod multiboot;
 
