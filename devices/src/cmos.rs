@@ -311,7 +311,8 @@ impl Cmos {
         i64::try_from(s).unwrap_or(i64::MAX)
     }
 
-    fn to_bcd(&self, v: i64) -> u8 {
+    /// A clock field in the format register B selects (BCD or binary).
+    fn encode(&self, v: i64) -> u8 {
         if self.data(REG_B) & B_DM_BINARY != 0 {
             v as u8
         } else {
@@ -319,7 +320,8 @@ impl Cmos {
         }
     }
 
-    fn from_bcd(&self, v: u8) -> i64 {
+    /// A clock register's value, read in the format register B selects.
+    fn decode(&self, v: u8) -> i64 {
         if self.data(REG_B) & B_DM_BINARY != 0 {
             i64::from(v)
         } else {
@@ -329,7 +331,7 @@ impl Cmos {
 
     /// Decodes an hour register (or the hour alarm) in the current format.
     fn decode_hour(&self, v: u8) -> i64 {
-        let mut h = self.from_bcd(v & 0x7F);
+        let mut h = self.decode(v & 0x7F);
         if self.data(REG_B) & B_24H == 0 {
             h %= 12;
             if v & 0x80 != 0 {
@@ -343,22 +345,22 @@ impl Cmos {
     fn store_time(&mut self, secs: i64) {
         let tm = Tm::from_unix(secs);
         let hour = if self.data(REG_B) & B_24H != 0 {
-            self.to_bcd(tm.hour)
+            self.encode(tm.hour)
         } else {
             let h = if tm.hour % 12 == 0 { 12 } else { tm.hour % 12 };
-            self.to_bcd(h) | if tm.hour >= 12 { 0x80 } else { 0 }
+            self.encode(h) | if tm.hour >= 12 { 0x80 } else { 0 }
         };
         let regs = [
-            (SECONDS, self.to_bcd(tm.sec)),
-            (MINUTES, self.to_bcd(tm.min)),
+            (SECONDS, self.encode(tm.sec)),
+            (MINUTES, self.encode(tm.min)),
             (HOURS, hour),
-            (DAY_OF_WEEK, self.to_bcd(tm.wday + 1)),
-            (DAY_OF_MONTH, self.to_bcd(tm.day)),
-            (MONTH, self.to_bcd(tm.month)),
-            (YEAR, self.to_bcd(tm.year.rem_euclid(100))),
+            (DAY_OF_WEEK, self.encode(tm.wday + 1)),
+            (DAY_OF_MONTH, self.encode(tm.day)),
+            (MONTH, self.encode(tm.month)),
+            (YEAR, self.encode(tm.year.rem_euclid(100))),
             (
                 CENTURY,
-                self.to_bcd(tm.year.div_euclid(100).rem_euclid(100)),
+                self.encode(tm.year.div_euclid(100).rem_euclid(100)),
             ),
         ];
         for (i, v) in regs {
@@ -369,12 +371,12 @@ impl Cmos {
     /// The calendar second the clock registers hold.
     fn load_time(&self) -> i64 {
         Tm {
-            year: self.from_bcd(self.data(YEAR)) + self.from_bcd(self.data(CENTURY)) * 100,
-            month: self.from_bcd(self.data(MONTH)),
-            day: self.from_bcd(self.data(DAY_OF_MONTH)),
+            year: self.decode(self.data(YEAR)) + self.decode(self.data(CENTURY)) * 100,
+            month: self.decode(self.data(MONTH)),
+            day: self.decode(self.data(DAY_OF_MONTH)),
             hour: self.decode_hour(self.data(HOURS)),
-            min: self.from_bcd(self.data(MINUTES)),
-            sec: self.from_bcd(self.data(SECONDS)),
+            min: self.decode(self.data(MINUTES)),
+            sec: self.decode(self.data(SECONDS)),
             wday: 0,
         }
         .to_unix()
@@ -434,8 +436,8 @@ impl Cmos {
             self.data(MINUTES_ALARM),
             self.data(HOURS_ALARM),
         );
-        (dont_care(sa) || self.from_bcd(sa) == tm.sec)
-            && (dont_care(ma) || self.from_bcd(ma) == tm.min)
+        (dont_care(sa) || self.decode(sa) == tm.sec)
+            && (dont_care(ma) || self.decode(ma) == tm.min)
             && (dont_care(ha) || self.decode_hour(ha) == tm.hour)
     }
 
