@@ -224,6 +224,11 @@ impl Serial {
         self.write_errors
     }
 
+    /// Whether no more input can ever arrive (the input source has ended).
+    pub fn input_exhausted(&self) -> bool {
+        self.input.is_exhausted()
+    }
+
     /// Puts the UART back into its reset state and lowers its line.
     pub fn reset(&mut self) {
         self.state = SerialState::default();
