@@ -171,10 +171,22 @@ mod tests {
         let mut bus = Bus::new();
         let dev = Arc::new(Mutex::new(Echo::default()));
         bus.insert(0x20, 2, dev.clone()).unwrap();
-        assert!(matches!(bus.insert(0x21, 1, dev.clone()), Err(BusError::Overlap { .. })));
-        assert!(matches!(bus.insert(0x1f, 2, dev.clone()), Err(BusError::Overlap { .. })));
-        assert!(matches!(bus.insert(0x30, 0, dev.clone()), Err(BusError::BadRange { .. })));
-        assert!(matches!(bus.insert(u64::MAX, 2, dev.clone()), Err(BusError::BadRange { .. })));
+        assert!(matches!(
+            bus.insert(0x21, 1, dev.clone()),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(0x1f, 2, dev.clone()),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(0x30, 0, dev.clone()),
+            Err(BusError::BadRange { .. })
+        ));
+        assert!(matches!(
+            bus.insert(u64::MAX, 2, dev.clone()),
+            Err(BusError::BadRange { .. })
+        ));
         bus.insert(0x22, 1, dev).unwrap();
     }
 

@@ -60,7 +60,9 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock at `ns`.
     pub fn new(ns: u64) -> Self {
-        Self { now: Mutex::new(ns) }
+        Self {
+            now: Mutex::new(ns),
+        }
     }
 
     /// Sets the time; it never goes backwards.
@@ -143,7 +145,10 @@ pub struct RecordingSink {
 impl RecordingSink {
     /// The changes so far.
     pub fn changes(&self) -> Vec<(u8, bool)> {
-        self.changes.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The number of rising edges on `irq` so far.

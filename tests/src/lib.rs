@@ -1,1 +1,96 @@
-//! Integration tests and the in-tree test guests of Nyx.
+//! Shared helpers of Nyx's integration tests: deciding whether KVM tests run,
+//! running an in-tree guest in-process with its serial output captured, and
+//! finding golden files.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use nyx_vmm::{MachineBuilder, RunOutcome, SerialIn};
+
+/// Whether KVM tests can run here. With `NYX_REQUIRE_KVM=1` an unusable
+/// /dev/kvm is a test failure (panic), otherwise the test is skipped with a
+/// message on stderr.
+pub fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        if std::env::var("NYX_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("NYX_REQUIRE_KVM=1 but /dev/kvm cannot be opened read-write");
+        }
+        eprintln!("skipped: /dev/kvm is not usable (set NYX_REQUIRE_KVM=1 to make this a failure)");
+    }
+    ok
+}
+
+/// A `Write` that collects into a shared buffer.
+#[derive(Clone, Default)]
+pub struct Capture(pub Arc<Mutex<Vec<u8>>>);
+
+impl Capture {
+    /// What was written so far.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a guest run produced.
+#[derive(Debug)]
+pub struct GuestRun {
+    /// How it ended.
+    pub outcome: RunOutcome,
+    /// COM1 output.
+    pub serial: Vec<u8>,
+    /// Guest-caused exits.
+    pub exits: u64,
+}
+
+/// Runs the in-tree guest `name` with `cmdline` and `input` in 64 MiB.
+pub fn run_guest(name: &str, cmdline: &str, input: Option<&[u8]>) -> GuestRun {
+    let image = nyx_guests::ALL
+        .iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no in-tree guest named {name}"))
+        .1;
+    let out = Capture::default();
+    let mut b = MachineBuilder::new()
+        .memory(64)
+        .kernel_image(name, image.to_vec())
+        .cmdline(cmdline)
+        .serial_out(Box::new(out.clone()));
+    if let Some(i) = input {
+        b = b.serial_in(SerialIn::Bytes(i.to_vec()));
+    }
+    let mut m = b
+        .build()
+        .unwrap_or_else(|e| panic!("building a machine for {name}: {e}"));
+    let outcome = m.run().unwrap_or_else(|e| panic!("running {name}: {e}"));
+    GuestRun {
+        outcome,
+        serial: out.bytes(),
+        exits: m.stats().exits(),
+    }
+}
+
+/// The path of a golden file under tests/golden.
+pub fn golden(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("golden")
+        .join(name)
+}

@@ -105,11 +105,9 @@ pub fn filter(policy: CpuidPolicy, entries: &[CpuidEntry]) -> Vec<CpuidEntry> {
                     e.ecx &= !L1_ECX_RDRAND;
                 }
             }
-            7 if e.index == 0 => {
-                if rr {
-                    e.ebx &= !(L7_EBX_RDSEED | L7_EBX_TSC_ADJUST);
-                    e.ecx &= !L7_ECX_RDPID;
-                }
+            7 if e.index == 0 && rr => {
+                e.ebx &= !(L7_EBX_RDSEED | L7_EBX_TSC_ADJUST);
+                e.ecx &= !L7_ECX_RDPID;
             }
             // Architectural PMU: no PMU here.
             0xa => {
@@ -125,16 +123,8 @@ pub fn filter(policy: CpuidPolicy, entries: &[CpuidEntry]) -> Vec<CpuidEntry> {
                 e.ecx = 0;
                 e.edx = 0;
             }
-            0x8000_0001 => {
-                if rr {
-                    e.edx &= !LX1_EDX_RDTSCP;
-                }
-            }
-            0x8000_0007 => {
-                if rr {
-                    e.edx &= !LX7_EDX_INVARIANT_TSC;
-                }
-            }
+            0x8000_0001 if rr => e.edx &= !LX1_EDX_RDTSCP,
+            0x8000_0007 if rr => e.edx &= !LX7_EDX_INVARIANT_TSC,
             _ => {}
         }
         out.push(e);
@@ -190,7 +180,9 @@ mod tests {
     #[test]
     fn run_policy_hides_what_the_machine_lacks() {
         let t = filter(CpuidPolicy::Run, &host_like());
-        assert!(t.iter().all(|e| !(0x4000_0000..=0x4000_00ff).contains(&e.function)));
+        assert!(t
+            .iter()
+            .all(|e| !(0x4000_0000..=0x4000_00ff).contains(&e.function)));
         let l1 = find(&t, 1);
         assert_eq!(l1.edx & L1_EDX_APIC, 0);
         assert_eq!(l1.ecx & (L1_ECX_X2APIC | L1_ECX_TSC_DEADLINE), 0);

@@ -45,7 +45,12 @@ pub fn disassemble(code: &[u8], addr: u64, mode: CodeMode, max: usize) -> Vec<St
         CodeMode::Bits32 => arch::x86::ArchMode::Mode32,
         CodeMode::Bits64 => arch::x86::ArchMode::Mode64,
     };
-    let cs = match Capstone::new().x86().mode(m).syntax(arch::x86::ArchSyntax::Att).build() {
+    let cs = match Capstone::new()
+        .x86()
+        .mode(m)
+        .syntax(arch::x86::ArchSyntax::Att)
+        .build()
+    {
         Ok(cs) => cs,
         Err(e) => return vec![format!("(no disassembler: {e})")],
     };
@@ -94,7 +99,12 @@ impl From<&kvm_segment> for Segment {
             | u32::from(s.l) << 13
             | u32::from(s.db) << 14
             | u32::from(s.g) << 15;
-        Segment { selector: s.selector, base: s.base, limit: s.limit, attrs }
+        Segment {
+            selector: s.selector,
+            base: s.base,
+            limit: s.limit,
+            attrs,
+        }
     }
 }
 
@@ -124,8 +134,8 @@ impl CpuView {
     pub fn new(r: &kvm_regs, s: &kvm_sregs) -> Self {
         CpuView {
             gpr: [
-                r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13,
-                r.r14, r.r15,
+                r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11,
+                r.r12, r.r13, r.r14, r.r15,
             ],
             rip: r.rip,
             rflags: r.rflags,
@@ -141,22 +151,29 @@ impl CpuView {
 impl fmt::Display for CpuView {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const NAMES: [&str; 16] = [
-            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
-            "r15",
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
+            "r12", "r13", "r14", "r15",
         ];
         for (i, (n, v)) in NAMES.iter().zip(self.gpr).enumerate() {
             write!(f, "{n:>4} {v:#018x}")?;
             f.write_str(if i % 4 == 3 { "\n" } else { "  " })?;
         }
         writeln!(f, " rip {:#018x}  rflags {:#010x}", self.rip, self.rflags)?;
-        for (n, s) in ["cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"].iter().zip(self.segs) {
+        for (n, s) in ["cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"]
+            .iter()
+            .zip(self.segs)
+        {
             writeln!(
                 f,
                 "{n:>4} sel {:#06x} base {:#018x} limit {:#010x} attr {:#06x}",
                 s.selector, s.base, s.limit, s.attrs
             )?;
         }
-        writeln!(f, " gdt {:#018x}/{:#06x}  idt {:#018x}/{:#06x}", self.gdt.0, self.gdt.1, self.idt.0, self.idt.1)?;
+        writeln!(
+            f,
+            " gdt {:#018x}/{:#06x}  idt {:#018x}/{:#06x}",
+            self.gdt.0, self.gdt.1, self.idt.0, self.idt.1
+        )?;
         writeln!(
             f,
             " cr0 {:#010x}  cr2 {:#018x}  cr3 {:#018x}  cr4 {:#010x}  cr8 {:#x}",
@@ -185,7 +202,12 @@ impl CrashReport {
             CodeMode::Bits64 => regs.rip,
             _ => sregs.cs.base.wrapping_add(regs.rip) & 0xffff_ffff,
         };
-        let pr = PagingRegs { cr0: sregs.cr0, cr3: sregs.cr3, cr4: sregs.cr4, efer: sregs.efer };
+        let pr = PagingRegs {
+            cr0: sregs.cr0,
+            cr3: sregs.cr3,
+            cr4: sregs.cr4,
+            efer: sregs.efer,
+        };
         let mut code = [0u8; 48];
         let code = match paging::read_virt(mem, &pr, linear, &mut code) {
             Ok(()) => disassemble(&code, regs.rip, mode, 6),
@@ -194,7 +216,11 @@ impl CrashReport {
                 vec![format!("(code at rip not readable: {e})")]
             }
         };
-        CrashReport { reason, cpu: CpuView::new(regs, sregs), code }
+        CrashReport {
+            reason,
+            cpu: CpuView::new(regs, sregs),
+            code,
+        }
     }
 }
 
@@ -233,9 +259,17 @@ mod tests {
     #[test]
     fn report_reads_code_through_the_segment_base() {
         let mem = crate::memory::create(4).unwrap();
-        mem.write_slice(&[0x0f, 0x0b], GuestAddress(0x10_0010)).unwrap(); // ud2
-        let regs = kvm_regs { rip: 0x10, rax: 0x2bad_b002, ..Default::default() };
-        let mut sregs = kvm_sregs { cr0: 1, ..Default::default() };
+        mem.write_slice(&[0x0f, 0x0b], GuestAddress(0x10_0010))
+            .unwrap(); // ud2
+        let regs = kvm_regs {
+            rip: 0x10,
+            rax: 0x2bad_b002,
+            ..Default::default()
+        };
+        let mut sregs = kvm_sregs {
+            cr0: 1,
+            ..Default::default()
+        };
         sregs.cs.base = 0x10_0000;
         sregs.cs.db = 1;
         let r = CrashReport::new("triple fault".into(), &regs, &sregs, &mem);

@@ -2,8 +2,14 @@
 //! loaders, the CPUID/MSR policy, vCPU state capture and the run loop that
 //! hands every exit to the user-space devices.
 
-pub mod loader;
-pub mod memory;
 pub mod cpuid;
 pub mod crash;
+pub mod host;
+pub mod kick;
+pub mod loader;
+pub mod machine;
+pub mod memory;
+pub mod msr;
 pub mod paging;
+pub mod platform;
+pub use machine::{Machine, MachineBuilder, RunOutcome, SerialIn};

@@ -108,12 +108,21 @@ fn done(gpa: u64, page_size: u64) -> Translation {
 }
 
 /// Translates `gva` with the page tables in `mem`.
-pub fn translate(mem: &GuestMemory, regs: &PagingRegs, gva: u64) -> Result<Translation, TranslateError> {
+pub fn translate(
+    mem: &GuestMemory,
+    regs: &PagingRegs,
+    gva: u64,
+) -> Result<Translation, TranslateError> {
     match regs.mode() {
         PagingMode::None => Ok(done(gva & 0xffff_ffff, 1 << 12)),
         PagingMode::Bits32 => {
             let gva = gva & 0xffff_ffff;
-            let pde = read_entry(mem, (regs.cr3 & 0xffff_f000) + ((gva >> 22) << 2), false, gva)?;
+            let pde = read_entry(
+                mem,
+                (regs.cr3 & 0xffff_f000) + ((gva >> 22) << 2),
+                false,
+                gva,
+            )?;
             if pde & PTE_P == 0 {
                 return Err(TranslateError::NotMapped(gva));
             }
@@ -122,7 +131,12 @@ pub fn translate(mem: &GuestMemory, regs: &PagingRegs, gva: u64) -> Result<Trans
                 let base = (pde & 0xffc0_0000) | ((pde >> 13) & 0xff) << 32;
                 return Ok(done(base | (gva & 0x3f_ffff), 1 << 22));
             }
-            let pte = read_entry(mem, (pde & 0xffff_f000) + (((gva >> 12) & 0x3ff) << 2), false, gva)?;
+            let pte = read_entry(
+                mem,
+                (pde & 0xffff_f000) + (((gva >> 12) & 0x3ff) << 2),
+                false,
+                gva,
+            )?;
             if pte & PTE_P == 0 {
                 return Err(TranslateError::NotMapped(gva));
             }
@@ -130,7 +144,12 @@ pub fn translate(mem: &GuestMemory, regs: &PagingRegs, gva: u64) -> Result<Trans
         }
         PagingMode::Pae => {
             let gva = gva & 0xffff_ffff;
-            let pdpte = read_entry(mem, (regs.cr3 & 0xffff_ffe0) + ((gva >> 30) << 3), true, gva)?;
+            let pdpte = read_entry(
+                mem,
+                (regs.cr3 & 0xffff_ffe0) + ((gva >> 30) << 3),
+                true,
+                gva,
+            )?;
             if pdpte & PTE_P == 0 {
                 return Err(TranslateError::NotMapped(gva));
             }
@@ -149,7 +168,12 @@ pub fn translate(mem: &GuestMemory, regs: &PagingRegs, gva: u64) -> Result<Trans
 }
 
 /// Walks `levels` levels of 64-bit entries starting at the table `table`.
-fn walk_long(mem: &GuestMemory, mut table: u64, gva: u64, levels: u32) -> Result<Translation, TranslateError> {
+fn walk_long(
+    mem: &GuestMemory,
+    mut table: u64,
+    gva: u64,
+    levels: u32,
+) -> Result<Translation, TranslateError> {
     for level in (1..=levels).rev() {
         let shift = 12 + 9 * (level - 1);
         let index = (gva >> shift) & 0x1ff;
@@ -172,7 +196,12 @@ fn walk_long(mem: &GuestMemory, mut table: u64, gva: u64, levels: u32) -> Result
 }
 
 /// Reads `buf.len()` bytes at virtual address `gva`, page by page.
-pub fn read_virt(mem: &GuestMemory, regs: &PagingRegs, gva: u64, buf: &mut [u8]) -> Result<(), TranslateError> {
+pub fn read_virt(
+    mem: &GuestMemory,
+    regs: &PagingRegs,
+    gva: u64,
+    buf: &mut [u8],
+) -> Result<(), TranslateError> {
     let mut done_len = 0usize;
     while done_len < buf.len() {
         let addr = gva.wrapping_add(done_len as u64);
@@ -186,7 +215,12 @@ pub fn read_virt(mem: &GuestMemory, regs: &PagingRegs, gva: u64, buf: &mut [u8])
 }
 
 /// Writes `buf` at virtual address `gva`, page by page.
-pub fn write_virt(mem: &GuestMemory, regs: &PagingRegs, gva: u64, buf: &[u8]) -> Result<(), TranslateError> {
+pub fn write_virt(
+    mem: &GuestMemory,
+    regs: &PagingRegs,
+    gva: u64,
+    buf: &[u8],
+) -> Result<(), TranslateError> {
     let mut done_len = 0usize;
     while done_len < buf.len() {
         let addr = gva.wrapping_add(done_len as u64);
@@ -228,7 +262,12 @@ mod tests {
     #[test]
     fn four_level_4k_2m_1g_and_higher_half() {
         let m = mem();
-        let r = PagingRegs { cr0: PG, cr3: 0x1000, cr4: CR4_PAE, efer: EFER_LMA | (1 << 8) };
+        let r = PagingRegs {
+            cr0: PG,
+            cr3: 0x1000,
+            cr4: CR4_PAE,
+            efer: EFER_LMA | (1 << 8),
+        };
         // PML4[511] -> PDPT 0x2000; PDPT[510] -> PD 0x3000; PD[0] -> PT 0x4000; PT[1] -> 0x20_0000.
         put64(&m, 0x1000 + 511 * 8, 0x2000 | 3);
         put64(&m, 0x2000 + 510 * 8, 0x3000 | 3);
@@ -245,7 +284,10 @@ mod tests {
         assert_eq!(t.gpa, 0x40_0010);
         assert_eq!(t.remaining_in_page, (1 << 21) - 0x10);
         assert_eq!(translate(&m, &r, 0x123_4567).unwrap().gpa, 0x123_4567);
-        assert_eq!(translate(&m, &r, hh + 0x2000), Err(TranslateError::NotMapped(hh + 0x2000)));
+        assert_eq!(
+            translate(&m, &r, hh + 0x2000),
+            Err(TranslateError::NotMapped(hh + 0x2000))
+        );
         assert_eq!(
             translate(&m, &r, 0x0000_8000_0000_0000),
             Err(TranslateError::NonCanonical(0x0000_8000_0000_0000))
@@ -255,7 +297,12 @@ mod tests {
     #[test]
     fn five_level() {
         let m = mem();
-        let r = PagingRegs { cr0: PG, cr3: 0x1000, cr4: CR4_PAE | CR4_LA57, efer: EFER_LMA };
+        let r = PagingRegs {
+            cr0: PG,
+            cr3: 0x1000,
+            cr4: CR4_PAE | CR4_LA57,
+            efer: EFER_LMA,
+        };
         put64(&m, 0x1000 + 8, 0x2000 | 3); // PML5[1]
         put64(&m, 0x2000, 0x3000 | 3);
         put64(&m, 0x3000, 0x4000 | 3);
@@ -268,23 +315,41 @@ mod tests {
     #[test]
     fn pae_and_32bit() {
         let m = mem();
-        let r = PagingRegs { cr0: PG, cr3: 0x1000, cr4: CR4_PAE, efer: 0 };
+        let r = PagingRegs {
+            cr0: PG,
+            cr3: 0x1000,
+            cr4: CR4_PAE,
+            efer: 0,
+        };
         put64(&m, 0x1000 + 3 * 8, 0x2000 | 1); // PDPT[3]
         put64(&m, 0x2000 + 8, 0x60_0000 | 3 | PTE_PS); // 2 MiB page
         assert_eq!(translate(&m, &r, 0xc020_0042).unwrap().gpa, 0x60_0042);
-        let r = PagingRegs { cr0: PG, cr3: 0x8000, cr4: CR4_PSE, efer: 0 };
+        let r = PagingRegs {
+            cr0: PG,
+            cr3: 0x8000,
+            cr4: CR4_PSE,
+            efer: 0,
+        };
         put32(&m, 0x8000 + 0x300 * 4, 0x40_0000 | 3 | PTE_PS as u32); // 4 MiB page
         put32(&m, 0x8000 + 4, 0x9000 | 3);
         put32(&m, 0x9000 + 2 * 4, 0x7000 | 3);
         assert_eq!(translate(&m, &r, 0xc012_3456).unwrap().gpa, 0x52_3456);
         assert_eq!(translate(&m, &r, 0x0040_2010).unwrap().gpa, 0x7010);
-        assert_eq!(translate(&m, &r, 0x0080_0000), Err(TranslateError::NotMapped(0x80_0000)));
+        assert_eq!(
+            translate(&m, &r, 0x0080_0000),
+            Err(TranslateError::NotMapped(0x80_0000))
+        );
     }
 
     #[test]
     fn read_and_write_cross_pages() {
         let m = mem();
-        let r = PagingRegs { cr0: PG, cr3: 0x1000, cr4: CR4_PAE, efer: EFER_LMA };
+        let r = PagingRegs {
+            cr0: PG,
+            cr3: 0x1000,
+            cr4: CR4_PAE,
+            efer: EFER_LMA,
+        };
         put64(&m, 0x1000, 0x2000 | 3);
         put64(&m, 0x2000, 0x3000 | 3);
         put64(&m, 0x3000, 0x4000 | 3);

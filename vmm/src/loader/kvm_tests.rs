@@ -73,7 +73,7 @@ fn multiboot_entry_sees_magic_and_info() {
         outs,
         vec![
             (0x80, 0x2bad_b002u32.to_le_bytes().to_vec()),
-            (0x81, 640u32.to_le_bytes().to_vec()),
+            (0x81, 639u32.to_le_bytes().to_vec()),
             (0x82, vec![b'Z']),
         ]
     );

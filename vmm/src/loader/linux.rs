@@ -304,7 +304,9 @@ fn place_initrd(
 ) -> Result<(u64, u64), LoadError> {
     let len = data.len() as u64;
     let too_large = LoadError::InitrdTooLarge { size: len };
-    let top = ram_end_from(mem, 0).min(addr_max.saturating_add(1));
+    let top = ram_end_from(mem, 0)
+        .saturating_sub(super::FIRMWARE_RESERVED)
+        .min(addr_max.saturating_add(1));
     let start = top.checked_sub(len).ok_or(too_large)? & !0xfff;
     if start < page_up(busy_end).max(AREA.1) {
         return Err(LoadError::InitrdTooLarge { size: len });
@@ -388,9 +390,10 @@ mod tests {
         );
         assert_eq!(ramdisk_size as usize, initrd.len());
         assert_eq!(ramdisk % 4096, 0);
-        assert!(u64::from(ramdisk) + initrd.len() as u64 <= 64 << 20);
+        let usable_end = (64 << 20) - crate::loader::FIRMWARE_RESERVED;
+        assert!(u64::from(ramdisk) + initrd.len() as u64 <= usable_end);
         assert!(
-            u64::from(ramdisk) + initrd.len() as u64 > (64 << 20) - 4096,
+            u64::from(ramdisk) + initrd.len() as u64 > usable_end - 4096,
             "at the top"
         );
         let mut rd = vec![0u8; initrd.len()];
@@ -398,8 +401,8 @@ mod tests {
             .unwrap();
         assert_eq!(rd, initrd);
 
-        assert_eq!(p.e820_entries, 4);
-        let e820: Vec<_> = p.e820_table[..4]
+        assert_eq!(p.e820_entries, 5);
+        let e820: Vec<_> = p.e820_table[..5]
             .iter()
             .map(|e| (e.addr, e.size, e.r#type))
             .collect();
@@ -409,7 +412,8 @@ mod tests {
                 (0, 0x9_fc00, 1),
                 (0x9_fc00, 0x400, 2),
                 (0xf_0000, 0x1_0000, 2),
-                (0x10_0000, (64 << 20) - 0x10_0000, 1),
+                (0x10_0000, (64 << 20) - 0x10_0000 - 0x2_0000, 1),
+                ((64 << 20) - 0x2_0000, 0x2_0000, 2),
             ]
         );
 
@@ -636,8 +640,8 @@ mod tests {
 
         // Everything but the RAM size is as in the small machines above.
         let p = params(&mem);
-        assert_eq!(p.e820_entries, 4);
-        assert_eq!({ p.e820_table[3].size }, (256 << 20) - 0x10_0000);
+        assert_eq!(p.e820_entries, 5);
+        assert_eq!({ p.e820_table[3].size }, (256 << 20) - 0x10_0000 - 0x2_0000);
         assert_eq!(u64::from(hdr.ramdisk_size), initrd.len() as u64);
         assert_eq!({ hdr.cmdline_size } as usize, cmdline.len() + 1);
         assert_eq!(hdr.type_of_loader, LOADER_OTHER);

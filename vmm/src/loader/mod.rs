@@ -209,6 +209,9 @@ pub const EBDA_START: u64 = 0x9_fc00;
 const VGA_START: u64 = 0xa_0000;
 /// Start of the BIOS ROM area, reserved up to 1 MiB.
 const BIOS_START: u64 = 0xf_0000;
+/// Bytes at the top of RAM below 4 GiB that the memory map reserves for
+/// firmware tables (SeaBIOS reserves the same under QEMU).
+pub const FIRMWARE_RESERVED: u64 = 128 << 10;
 /// Start of high memory.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// 4 GiB.
@@ -251,11 +254,26 @@ pub fn memory_map(mem: &GuestMemory) -> Vec<MemoryMapEntry> {
     for region in mem.iter() {
         let start = region.start_addr().0.max(HIMEM_START);
         let end = region.start_addr().0.saturating_add(region.len());
-        if end > start {
+        if end <= start {
+            continue;
+        }
+        // The top of RAM below 4 GiB is kept for firmware tables, as SeaBIOS
+        // does under QEMU: guests see the same sizes under both.
+        let reserved = if end <= FOUR_GIB && end - start > FIRMWARE_RESERVED {
+            FIRMWARE_RESERVED
+        } else {
+            0
+        };
+        map.push(MemoryMapEntry {
+            addr: start,
+            len: end - start - reserved,
+            kind: E820_RAM,
+        });
+        if reserved > 0 {
             map.push(MemoryMapEntry {
-                addr: start,
-                len: end - start,
-                kind: E820_RAM,
+                addr: end - reserved,
+                len: reserved,
+                kind: E820_RESERVED,
             });
         }
     }
@@ -649,7 +667,12 @@ mod tests {
                 (0, 0x9_fc00, E820_RAM),
                 (0x9_fc00, 0x400, E820_RESERVED),
                 (0xf_0000, 0x1_0000, E820_RESERVED),
-                (0x10_0000, (64 << 20) - 0x10_0000, E820_RAM),
+                (0x10_0000, (64 << 20) - 0x10_0000 - 0x2_0000, E820_RAM),
+                (
+                    (64 << 20) - FIRMWARE_RESERVED,
+                    FIRMWARE_RESERVED,
+                    E820_RESERVED
+                ),
             ]
         );
         assert_eq!(ram_below_4g(&mem), 64 << 20);

@@ -348,11 +348,14 @@ fn write_info(
         mods_count = 1;
     }
 
-    let mem_upper = (ram_below_4g(mem) / 1024).saturating_sub(1024);
+    // As QEMU's firmware reports them: KiB below the EBDA, and KiB of
+    // contiguous usable RAM from 1 MiB.
+    let mem_upper =
+        (ram_below_4g(mem).saturating_sub(super::FIRMWARE_RESERVED) / 1024).saturating_sub(1024);
     let mut info = [0u8; INFO_SIZE];
     let mut put = |off: usize, v: u32| info[off..off + 4].copy_from_slice(&v.to_le_bytes());
     put(0, INFO_FLAGS);
-    put(4, 640);
+    put(4, (super::EBDA_START / 1024) as u32);
     put(8, u32::try_from(mem_upper).unwrap_or(u32::MAX));
     put(12, 0x8000_ffff);
     put(16, CMDLINE_ADDR as u32);
@@ -448,8 +451,8 @@ pub(crate) mod tests {
         let info = INFO_ADDR;
         assert_eq!(setup.boot_info, info);
         assert_eq!(read_u32(&mem, info), 0x24f);
-        assert_eq!(read_u32(&mem, info + 4), 640);
-        assert_eq!(read_u32(&mem, info + 8), 64 * 1024 - 1024);
+        assert_eq!(read_u32(&mem, info + 4), 639);
+        assert_eq!(read_u32(&mem, info + 8), 64 * 1024 - 1024 - 128);
         assert_eq!(read_u32(&mem, info + 12), 0x8000_ffff);
         assert_eq!(
             read_cstr(&mem, read_u32(&mem, info + 16).into()),
@@ -473,7 +476,7 @@ pub(crate) mod tests {
             read_u32(&mem, info + 44),
             u64::from(read_u32(&mem, info + 48)),
         );
-        assert_eq!(len, 4 * 24);
+        assert_eq!(len, 5 * 24);
         let entry = |i: u64| {
             let e = addr + i * 24;
             let lo = |o| u64::from(read_u32(&mem, e + o));
@@ -487,7 +490,11 @@ pub(crate) mod tests {
         assert_eq!(entry(0), (20, 0, 0x9_fc00, 1));
         assert_eq!(entry(1), (20, 0x9_fc00, 0x400, 2));
         assert_eq!(entry(2), (20, 0xf_0000, 0x1_0000, 2));
-        assert_eq!(entry(3), (20, 0x10_0000, (64 << 20) - 0x10_0000, 1));
+        assert_eq!(
+            entry(3),
+            (20, 0x10_0000, (64 << 20) - 0x10_0000 - 0x2_0000, 1)
+        );
+        assert_eq!(entry(4), (20, (64 << 20) - 0x2_0000, 0x2_0000, 2));
 
         assert_eq!(
             mem.read_obj::<u64>(GuestAddress(GDT_ADDR + 0x10)).unwrap(),

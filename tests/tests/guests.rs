@@ -1,0 +1,119 @@
+//! The in-tree guests under `nyx run` semantics (in-process): serial output
+//! byte-identical to QEMU's golden files, exit values as specified, unknown
+//! ports and MMIO answered with all-ones, and an idle guest that does not
+//! burn the host CPU.
+
+use nyx_tests::{kvm_available, run_guest};
+use nyx_vmm::RunOutcome;
+
+fn check_golden(name: &str) {
+    if !kvm_available() {
+        return;
+    }
+    let e = nyx_guests::expected(name).expect("known guest");
+    let run = run_guest(name, nyx_guests::GOLDEN_APPEND, e.input);
+    let golden = e.golden.expect("guest has a golden file");
+    let got = String::from_utf8_lossy(&run.serial);
+    assert_eq!(
+        got, golden,
+        "{name}: serial output differs from QEMU's (outcome {:?})",
+        run.outcome
+    );
+    match e.exit_value {
+        Some(v) => assert_eq!(run.outcome, RunOutcome::DebugExit(v), "{name}"),
+        None => assert!(
+            matches!(run.outcome, RunOutcome::Crashed(_)),
+            "{name}: {:?}",
+            run.outcome
+        ),
+    }
+}
+
+#[test]
+fn hello_matches_qemu() {
+    check_golden("hello");
+}
+
+#[test]
+fn pit_matches_qemu() {
+    check_golden("pit");
+}
+
+#[test]
+fn longmode_matches_qemu() {
+    check_golden("longmode");
+}
+
+#[test]
+fn triple_fault_matches_qemu_and_crashes() {
+    check_golden("triple");
+}
+
+#[test]
+fn ports_matches_qemu() {
+    check_golden("ports");
+}
+
+#[test]
+fn echo_matches_qemu() {
+    check_golden("echo");
+}
+
+/// The crash report of the triple-faulting guest names where it died.
+#[test]
+fn triple_fault_report_points_at_the_faulting_code() {
+    if !kvm_available() {
+        return;
+    }
+    let run = run_guest("triple", "", None);
+    let RunOutcome::Crashed(report) = run.outcome else {
+        panic!("triple did not crash: {:?}", run.outcome);
+    };
+    let text = report.to_string();
+    assert!(
+        !report.code.is_empty() && !report.code[0].contains("not readable"),
+        "{text}"
+    );
+    let fault = nyx_guests::symbol(nyx_guests::TRIPLE, "triple_fault_here").expect("symbol");
+    // The fault is at or just after the labelled instruction.
+    assert!(
+        report.cpu.rip >= u64::from(fault) && report.cpu.rip < u64::from(fault) + 16,
+        "rip {:#x} vs triple_fault_here {fault:#x}\n{text}",
+        report.cpu.rip
+    );
+}
+
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid timespec pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The pit guest spends most of its 50 ms in HLT: the VMM sleeps there
+/// instead of spinning, so the thread's CPU time stays well below wall time.
+#[test]
+fn idle_guest_does_not_spin() {
+    if !kvm_available() {
+        return;
+    }
+    // Warm up (page faults of the first run are not the point).
+    let _ = run_guest("hello", "", None);
+    let wall = std::time::Instant::now();
+    let cpu = thread_cpu_ns();
+    let run = run_guest("pit", "", None);
+    let cpu = thread_cpu_ns() - cpu;
+    let wall = wall.elapsed().as_nanos() as u64;
+    assert_eq!(run.outcome, RunOutcome::DebugExit(nyx_guests::PIT_EXIT));
+    assert!(
+        wall >= 50_000_000,
+        "50 ticks at 1 kHz take at least 50 ms, took {wall} ns"
+    );
+    assert!(
+        cpu * 2 < wall,
+        "vCPU thread used {cpu} ns of CPU in {wall} ns of wall time"
+    );
+}

@@ -1,0 +1,211 @@
+//! End-to-end tests of the `nyx` binary: exit statuses, the split between
+//! guest output (stdout) and Nyx's messages (stderr), one-line errors for bad
+//! input, and the Linux loader on Debian's stock kernel image.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn nyx() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nyx"));
+    c.env_remove("NYX_LOG").env_remove("NYX_KVM_DEVICE");
+    c
+}
+
+fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert_ne!(
+            std::env::var("NYX_REQUIRE_KVM").as_deref(),
+            Ok("1"),
+            "NYX_REQUIRE_KVM=1 but /dev/kvm cannot be opened read-write"
+        );
+        eprintln!("skipped: /dev/kvm is not usable");
+    }
+    ok
+}
+
+fn guest(name: &str) -> PathBuf {
+    nyx_guests::path(name).unwrap_or_else(|| panic!("no in-tree guest {name}"))
+}
+
+fn run_kernel(kernel: &Path, extra: &[&str]) -> Output {
+    nyx()
+        .arg("run")
+        .arg("--kernel")
+        .arg(kernel)
+        .args(extra)
+        .output()
+        .expect("nyx runs")
+}
+
+/// An error is exactly one line on stderr, names the problem, and exits 1.
+fn assert_one_line_error(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "want one line, got: {err}");
+    assert!(err.starts_with("nyx: "), "{err}");
+    assert!(err.contains(needle), "want {needle:?} in {err}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn missing_kernel_file_is_one_line_and_status_1() {
+    let out = run_kernel(Path::new("/nonexistent/kernel.elf"), &[]);
+    assert_one_line_error(&out, "cannot read kernel /nonexistent/kernel.elf");
+}
+
+#[test]
+fn png_as_kernel_is_refused_naming_the_formats() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("picture.png");
+    let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
+    png.resize(4096, 0);
+    std::fs::write(&p, png).unwrap();
+    if !kvm_available() {
+        return;
+    }
+    let out = run_kernel(&p, &[]);
+    assert_one_line_error(&out, "Multiboot");
+}
+
+#[test]
+fn truncated_elf_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let image = std::fs::read(guest("hello")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("cut.elf");
+    std::fs::write(&p, &image[..image.len().min(300)]).unwrap();
+    let out = run_kernel(&p, &[]);
+    assert_one_line_error(&out, "cannot load kernel");
+}
+
+#[test]
+fn unusable_kvm_device_is_one_line_and_status_1() {
+    let out = nyx()
+        .env("NYX_KVM_DEVICE", "/nonexistent/kvm")
+        .arg("run")
+        .arg("--kernel")
+        .arg(guest("hello"))
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "cannot open /nonexistent/kvm");
+}
+
+#[test]
+fn debug_exit_value_is_the_exit_status_and_output_is_on_stdout() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_kernel(
+        &guest("hello"),
+        &["--cmdline", "hello from the command line"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0x21),
+        "stdout: {stdout} stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Hello from a Nyx guest!"), "{stdout}");
+    assert!(stdout.contains("hello from the command line"), "{stdout}");
+    assert!(out.stderr.is_empty() || !String::from_utf8_lossy(&out.stderr).contains("Hello"));
+}
+
+#[test]
+fn triple_fault_exits_2_with_a_crash_report() {
+    if !kvm_available() {
+        return;
+    }
+    let out = run_kernel(&guest("triple"), &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("guest crashed"), "{err}");
+    for reg in ["rip", "cr0", "cr3", "efer", "cs sel", "code at rip"] {
+        assert!(err.contains(reg), "crash report lacks {reg}: {err}");
+    }
+    assert!(String::from_utf8_lossy(&out.stdout).contains("working"));
+}
+
+#[test]
+fn serial_input_from_a_file() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("in.txt");
+    std::fs::write(&p, b"abc.").unwrap();
+    let out = run_kernel(&guest("echo"), &["--serial-in", p.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0x33), "{stdout}");
+    assert!(stdout.contains("ABC"), "{stdout}");
+}
+
+/// Debian's stock kernel: the 64-bit boot protocol takes it as far as the
+/// decompressor's first serial output (it does not finish decompressing in
+/// reasonable time on emulated KVM, so the test stops there).
+#[test]
+fn debian_kernel_reaches_the_decompressor_output() {
+    let Ok(kernel) = std::env::var("NYX_LINUX_KERNEL") else {
+        assert_ne!(
+            std::env::var("NYX_REQUIRE_LINUX").as_deref(),
+            Ok("1"),
+            "NYX_REQUIRE_LINUX=1 but NYX_LINUX_KERNEL is not set"
+        );
+        eprintln!("skipped: set NYX_LINUX_KERNEL to a Debian vmlinuz (tools/scripts/fetch-linux-kernel.sh)");
+        return;
+    };
+    if !kvm_available() {
+        return;
+    }
+    let mut child = nyx()
+        .args([
+            "run",
+            "--mem",
+            "256",
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "earlyprintk=serial,ttyS0,115200 console=ttyS0 nokaslr",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    let want = "KASLR disabled";
+    while start.elapsed() < Duration::from_secs(240) {
+        if let Ok(b) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.extend_from_slice(&b);
+        }
+        if String::from_utf8_lossy(&seen).contains(want) {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = String::from_utf8_lossy(&seen);
+    assert!(
+        text.contains(want),
+        "no {want:?} within 240 s; serial output was: {text}"
+    );
+}

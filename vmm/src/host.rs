@@ -1,0 +1,166 @@
+//! The host side of the outside-input traits for a plain `nyx run`: the
+//! monotonic clock, the system date, stdin or a file as serial input, stdout
+//! as serial output. This is the only place a plain run reads the host; the
+//! recorder and replayer put their own implementations in its place.
+
+use std::io::{self, Read, Write};
+use std::sync::mpsc::{self, Receiver, TryRecvError};
+
+use nyx_devices::{Clock, Input, WallClock};
+
+use crate::kick::monotonic_ns;
+
+/// Virtual time = host monotonic time since the clock was created.
+#[derive(Debug, Clone, Copy)]
+pub struct HostClock {
+    origin_ns: u64,
+}
+
+impl HostClock {
+    /// A clock at 0 now.
+    pub fn new() -> Self {
+        HostClock {
+            origin_ns: monotonic_ns(),
+        }
+    }
+
+    /// The host monotonic time at which virtual time is `virt_ns`.
+    pub fn host_time_of(&self, virt_ns: u64) -> u64 {
+        self.origin_ns.saturating_add(virt_ns)
+    }
+}
+
+impl Default for HostClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for HostClock {
+    fn now_ns(&self) -> u64 {
+        monotonic_ns().saturating_sub(self.origin_ns)
+    }
+}
+
+/// The host's date.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HostWallClock;
+
+impl WallClock for HostWallClock {
+    fn unix_seconds(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    }
+}
+
+/// Bytes read from a blocking reader (stdin) by a helper thread, served
+/// without blocking.
+#[derive(Debug)]
+pub struct ThreadInput {
+    rx: Receiver<Vec<u8>>,
+    pending: Vec<u8>,
+    closed: bool,
+}
+
+impl ThreadInput {
+    /// Starts a thread that reads `reader` until end of file.
+    pub fn spawn<R: Read + Send + 'static>(mut reader: R) -> Self {
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("nyx-serial-in".into())
+            .spawn(move || {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if tx.send(buf[..n].to_vec()).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            })
+            .map(|_| ())
+            .unwrap_or_else(|e| tracing::warn!("serial input thread not started: {e}"));
+        ThreadInput {
+            rx,
+            pending: Vec::new(),
+            closed: false,
+        }
+    }
+}
+
+impl Input for ThreadInput {
+    fn read_available(&mut self, buf: &mut [u8]) -> usize {
+        while self.pending.len() < buf.len() && !self.closed {
+            match self.rx.try_recv() {
+                Ok(mut v) => self.pending.append(&mut v),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => self.closed = true,
+            }
+        }
+        let n = buf.len().min(self.pending.len());
+        buf[..n].copy_from_slice(&self.pending[..n]);
+        self.pending.drain(..n);
+        n
+    }
+
+    fn is_exhausted(&self) -> bool {
+        self.closed && self.pending.is_empty()
+    }
+}
+
+/// Guest serial output to the host's stdout, flushed at every write so that
+/// a prompt without a newline shows at once.
+#[derive(Debug, Default)]
+pub struct StdoutSink;
+
+impl Write for StdoutSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut out = io::stdout().lock();
+        out.write_all(buf)?;
+        out.flush()?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::stdout().flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_clock_moves_forward() {
+        let c = HostClock::new();
+        let a = c.now_ns();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = c.now_ns();
+        assert!(b >= a + 1_000_000, "{a} {b}");
+        assert!(c.host_time_of(b) >= b);
+    }
+
+    #[test]
+    fn thread_input_serves_everything_then_reports_exhaustion() {
+        let mut i = ThreadInput::spawn(io::Cursor::new(b"abcdef".to_vec()));
+        let mut got = Vec::new();
+        let start = monotonic_ns();
+        while !i.is_exhausted() {
+            let mut b = [0u8; 4];
+            let n = i.read_available(&mut b);
+            got.extend_from_slice(&b[..n]);
+            assert!(monotonic_ns() - start < 5_000_000_000);
+        }
+        assert_eq!(got, b"abcdef");
+    }
+
+    #[test]
+    fn wall_clock_is_after_2020() {
+        assert!(HostWallClock.unix_seconds() > 1_577_836_800);
+    }
+}

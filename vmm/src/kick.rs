@@ -1,0 +1,217 @@
+//! Kicking the vCPU out of `KVM_RUN`.
+//!
+//! A guest that computes without exiting would never let a device deadline
+//! (the next timer tick) be served. The vCPU thread owns a POSIX timer that
+//! sends it a real-time signal at the deadline; the signal handler sets
+//! `kvm_run.immediate_exit`, so that a signal that arrives just before
+//! `KVM_RUN` is entered is not lost, and `KVM_RUN` returns `EINTR`. Other
+//! threads (gdb's Ctrl-C, the control socket) kick through a [`Kicker`].
+
+use std::cell::Cell;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::kvm_run;
+
+thread_local! {
+    /// The `kvm_run` of the vCPU driven by this thread, for the signal handler.
+    static RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal used for kicks.
+pub fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 1
+}
+
+extern "C" fn on_kick(_: libc::c_int) {
+    // Only touches a thread-local raw pointer: async-signal-safe.
+    let _ = RUN.try_with(|r| {
+        let p = r.get();
+        if !p.is_null() {
+            // SAFETY: the pointer is the mmap'd kvm_run of this thread's vCPU,
+            // registered by `VcpuTimer::new` and cleared on drop.
+            unsafe { (*p).immediate_exit = 1 };
+        }
+    });
+}
+
+fn install_handler() -> io::Result<()> {
+    // SAFETY: a plain sigaction with a handler that is async-signal-safe;
+    // no SA_RESTART so that KVM_RUN returns EINTR.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_kick as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        sa.sa_flags = 0;
+        if libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A handle other threads use to interrupt the vCPU thread.
+#[derive(Clone, Debug)]
+pub struct Kicker {
+    thread: libc::pthread_t,
+    requested: Arc<AtomicBool>,
+}
+
+impl Kicker {
+    /// Interrupts the vCPU; [`VcpuTimer::take_request`] then reports it.
+    pub fn kick(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        // SAFETY: the thread id was taken from a live thread that owns the
+        // timer; pthread_kill on an exited thread is the caller's error only
+        // in theory: the VcpuTimer outlives every run.
+        unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+    }
+}
+
+/// The per-vCPU-thread deadline timer.
+pub struct VcpuTimer {
+    timer: libc::timer_t,
+    armed: Option<u64>,
+    requested: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for VcpuTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuTimer")
+            .field("armed", &self.armed)
+            .finish()
+    }
+}
+
+impl VcpuTimer {
+    /// Creates the timer for the calling thread, which drives the vCPU whose
+    /// `kvm_run` is `run`.
+    pub fn new(run: *mut kvm_run) -> io::Result<Self> {
+        install_handler()?;
+        RUN.with(|r| r.set(run));
+        // SAFETY: sigevent is plain data; timer_create writes the id.
+        let timer = unsafe {
+            let mut sev: libc::sigevent = std::mem::zeroed();
+            sev.sigev_notify = libc::SIGEV_THREAD_ID;
+            sev.sigev_signo = kick_signal();
+            sev.sigev_notify_thread_id = libc::gettid();
+            let mut timer: libc::timer_t = std::mem::zeroed();
+            if libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut timer) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            timer
+        };
+        Ok(VcpuTimer {
+            timer,
+            armed: None,
+            requested: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// A handle for other threads.
+    pub fn kicker(&self) -> Kicker {
+        // SAFETY: pthread_self has no preconditions.
+        Kicker {
+            thread: unsafe { libc::pthread_self() },
+            requested: self.requested.clone(),
+        }
+    }
+
+    /// Whether another thread asked for a stop since the last call.
+    pub fn take_request(&self) -> bool {
+        self.requested.swap(false, Ordering::SeqCst)
+    }
+
+    /// Arms the timer for the absolute `CLOCK_MONOTONIC` time `deadline_ns`
+    /// (None disarms). After the first expiry it repeats every millisecond
+    /// until re-armed, so that a kick can never be lost for long.
+    pub fn arm(&mut self, deadline_ns: Option<u64>) -> io::Result<()> {
+        if self.armed == deadline_ns {
+            return Ok(());
+        }
+        let ts = |ns: u64| libc::timespec {
+            tv_sec: (ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+        };
+        let spec = match deadline_ns {
+            // A zero it_value disarms; use 1 ns for a deadline of 0.
+            Some(d) => libc::itimerspec {
+                it_value: ts(d.max(1)),
+                it_interval: ts(1_000_000),
+            },
+            None => libc::itimerspec {
+                it_value: ts(0),
+                it_interval: ts(0),
+            },
+        };
+        // SAFETY: valid timer id and itimerspec.
+        if unsafe {
+            libc::timer_settime(self.timer, libc::TIMER_ABSTIME, &spec, std::ptr::null_mut())
+        } != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        self.armed = deadline_ns;
+        Ok(())
+    }
+}
+
+impl Drop for VcpuTimer {
+    fn drop(&mut self) {
+        RUN.with(|r| r.set(std::ptr::null_mut()));
+        // SAFETY: the timer was created by us.
+        unsafe { libc::timer_delete(self.timer) };
+    }
+}
+
+/// Host `CLOCK_MONOTONIC` in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid timespec pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timer_sets_immediate_exit_of_this_thread() {
+        std::thread::spawn(|| {
+            let mut run: kvm_run = Default::default();
+            let mut t = VcpuTimer::new(&mut run).unwrap();
+            t.arm(Some(monotonic_ns() + 2_000_000)).unwrap();
+            let start = monotonic_ns();
+            // SAFETY: reading a field of a live local.
+            while unsafe { std::ptr::read_volatile(&run.immediate_exit) } == 0 {
+                assert!(monotonic_ns() - start < 2_000_000_000, "timer never fired");
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            t.arm(None).unwrap();
+            drop(t);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn kicker_marks_a_request() {
+        std::thread::spawn(|| {
+            let mut run: kvm_run = Default::default();
+            let t = VcpuTimer::new(&mut run).unwrap();
+            let k = t.kicker();
+            k.kick();
+            assert!(t.take_request());
+            assert!(!t.take_request());
+            // SAFETY: reading a field of a live local.
+            assert_eq!(unsafe { std::ptr::read_volatile(&run.immediate_exit) }, 1);
+        })
+        .join()
+        .unwrap();
+    }
+}
