@@ -88,6 +88,20 @@ pub fn run_guest(name: &str, cmdline: &str, input: Option<&[u8]>) -> GuestRun {
     }
 }
 
+/// Runs the in-tree guest `name` with no input, discarding its output, and
+/// returns the machine's exit counters (for benchmarks).
+pub fn run_guest_stats(name: &str) -> nyx_vmm::machine::ExitStats {
+    let image = nyx_guests::image(name).unwrap_or_else(|| panic!("no in-tree guest named {name}"));
+    let mut m = MachineBuilder::new()
+        .memory(64)
+        .kernel_image(name, image.to_vec())
+        .serial_out(Box::new(std::io::sink()))
+        .build()
+        .unwrap_or_else(|e| panic!("building a machine for {name}: {e}"));
+    m.run().unwrap_or_else(|e| panic!("running {name}: {e}"));
+    m.stats().clone()
+}
+
 /// The path of a golden file under tests/golden.
 pub fn golden(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

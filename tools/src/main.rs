@@ -120,7 +120,8 @@ fn run(args: &RunArgs) -> Result<ExitCode, nyx_vmm::machine::Error> {
     let outcome = machine.run()?;
     let s = machine.stats();
     tracing::info!(
-        "exits: {} (pio {}, mmio {}, hlt {}, irq window {}, msr {}), kicks {}, interrupts injected {}",
+        "exits: {} (pio {}, mmio {}, hlt {}, irq window {}, msr {}), kicks {}, interrupts injected {}; \
+         run {} us wall, {} us user, {} us sys",
         s.exits(),
         s.pio,
         s.mmio,
@@ -128,7 +129,10 @@ fn run(args: &RunArgs) -> Result<ExitCode, nyx_vmm::machine::Error> {
         s.irq_window,
         s.msr,
         s.kicks,
-        s.injected
+        s.injected,
+        s.wall_ns / 1000,
+        s.user_ns / 1000,
+        s.sys_ns / 1000
     );
     Ok(finish(&outcome))
 }

@@ -152,6 +152,22 @@ pub struct ExitStats {
     pub kicks: u64,
     /// Interrupts injected.
     pub injected: u64,
+    /// Wall time spent in [`Machine::run`], ns.
+    pub wall_ns: u64,
+    /// User CPU time of the vCPU thread in [`Machine::run`] (Nyx's own work), ns.
+    pub user_ns: u64,
+    /// System CPU time of the vCPU thread in [`Machine::run`] (KVM, and on
+    /// emulated KVM the guest's execution), ns.
+    pub sys_ns: u64,
+}
+
+fn thread_cpu_ns() -> (u64, u64) {
+    // SAFETY: getrusage writes into the zeroed struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
+    (ns(ru.ru_utime), ns(ru.ru_stime))
 }
 
 impl ExitStats {
@@ -564,7 +580,13 @@ impl Machine {
     /// Runs the guest until it exits, halts for good, resets or crashes.
     pub fn run(&mut self) -> Result<RunOutcome, Error> {
         self.prepare_thread()?;
+        let wall = std::time::Instant::now();
+        let (user, sys) = thread_cpu_ns();
         let result = self.run_loop();
+        let (user2, sys2) = thread_cpu_ns();
+        self.stats.wall_ns += wall.elapsed().as_nanos() as u64;
+        self.stats.user_ns += user2.saturating_sub(user);
+        self.stats.sys_ns += sys2.saturating_sub(sys);
         // No kicks while the machine is not running.
         if let Some(t) = self.timer.as_mut() {
             t.arm(None)?;
