@@ -10,7 +10,7 @@
 //! Everything here treats the image as untrusted user input: every size and
 //! offset is checked, and a bad file is a [`LoadError`], never a panic.
 
-mod elf;
+pub(crate) mod elf;
 mod gdt;
 #[cfg(test)]
 mod kvm_tests;
