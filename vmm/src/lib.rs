@@ -11,5 +11,6 @@ pub mod machine;
 pub mod memory;
 pub mod msr;
 pub mod paging;
+pub mod patch;
 pub mod platform;
 pub use machine::{Machine, MachineBuilder, RunOutcome, SerialIn};
