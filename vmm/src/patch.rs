@@ -1076,6 +1076,112 @@ mod tests {
         assert!(matches!(scan_elf(b"not an elf"), Err(PatchError::Image(_))));
     }
 
+    /// End to end on a real vCPU: a patched `rdtsc` and `rdrand ecx` trap as
+    /// one-byte writes to [`TRAP_PORT`]; after completing the exit (an
+    /// `immediate_exit` entry) RIP is just past the trap, and [`emulate`]
+    /// makes the guest see the values Nyx chose. Skipped without `/dev/kvm`.
+    #[test]
+    fn patched_guest_traps_and_sees_emulated_values() {
+        use crate::loader::elf::tests::build;
+        use crate::loader::elf::EM_386;
+        use kvm_ioctls::{Kvm, VcpuExit};
+        use vm_memory::{GuestMemory as _, GuestMemoryRegion as _};
+
+        let Ok(kvm) = Kvm::new() else {
+            eprintln!("skipped: /dev/kvm is not available");
+            return;
+        };
+        let code: &[u8] = &[
+            0x0f, 0x31, // rdtsc
+            0xe7, 0x80, // out 0x80, eax
+            0x89, 0xd0, // mov eax, edx
+            0xe7, 0x81, // out 0x81, eax
+            0xb8, 0x11, 0x11, 0x11, 0x11, // mov eax, 0x11111111
+            0x0f, 0xc7, 0xf1, // rdrand ecx
+            0xe7, 0x82, // out 0x82, eax (must be untouched)
+            0x89, 0xc8, // mov eax, ecx
+            0xe7, 0x83, // out 0x83, eax
+            0x0f, 0x92, 0xc0, // setc al
+            0xe6, 0x84, // out 0x84, al
+            0xf4, // hlt
+        ];
+        let seg = [(1, 0x10_0000, 0x10_0000, code, code.len() as u64, PF_X)];
+        let image = build(Class::Elf32, EM_386, 0x10_0000, &seg);
+        let table = scan_elf(&image).unwrap();
+        assert_eq!(table.len(), 2);
+        let mem = crate::memory::create(16).unwrap();
+        let setup = crate::loader::load(&mem, &image, None, "").unwrap();
+        table.apply(&mem).unwrap();
+
+        let vm = kvm.create_vm().unwrap();
+        for (slot, r) in mem.iter().enumerate() {
+            let region = kvm_bindings::kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: r.start_addr().0,
+                memory_size: r.len(),
+                userspace_addr: mem.get_host_address(r.start_addr()).unwrap() as u64,
+                flags: 0,
+            };
+            // SAFETY: the mapping outlives the VM, which is dropped at the end of this test.
+            unsafe { vm.set_user_memory_region(region).unwrap() };
+        }
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        crate::loader::configure_vcpu(&setup, &mut regs, &mut sregs);
+        vcpu.set_sregs(&sregs).unwrap();
+        vcpu.set_regs(&regs).unwrap();
+
+        let values = [0x0123_4567_89ab_cdefu64, 0xfeed_face_cafe_f00d];
+        let mut traps = 0;
+        let mut outs = Vec::new();
+        for _ in 0..50 {
+            let trapped = match vcpu.run().unwrap() {
+                VcpuExit::IoOut(port, data) if is_trap_exit(port, data) => true,
+                VcpuExit::IoOut(port, data) => {
+                    outs.push((port, data.to_vec()));
+                    false
+                }
+                VcpuExit::Hlt => break,
+                other => panic!("unexpected exit {other:?} after {outs:x?}"),
+            };
+            if !trapped {
+                continue;
+            }
+            // Complete the port write before touching the registers.
+            vcpu.set_kvm_immediate_exit(1);
+            let completed = vcpu.run();
+            assert!(completed.is_err(), "immediate_exit ran guest code");
+            vcpu.set_kvm_immediate_exit(0);
+            let mut regs = vcpu.get_regs().unwrap();
+            let sregs = vcpu.get_sregs().unwrap();
+            let paging = PagingRegs {
+                cr0: sregs.cr0,
+                cr3: sregs.cr3,
+                cr4: sregs.cr4,
+                efer: sregs.efer,
+            };
+            let site = table
+                .site_for_exit(&mem, &paging, regs.rip, sregs.cs.base)
+                .unwrap_or_else(|| panic!("no site behind rip {:#x}", regs.rip));
+            let value = values[traps];
+            emulate(site, value, 0, &mut regs);
+            vcpu.set_regs(&regs).unwrap();
+            traps += 1;
+        }
+        assert_eq!(traps, 2);
+        assert_eq!(
+            outs,
+            vec![
+                (0x80, 0x89ab_cdefu32.to_le_bytes().to_vec()),
+                (0x81, 0x0123_4567u32.to_le_bytes().to_vec()),
+                (0x82, 0x1111_1111u32.to_le_bytes().to_vec()),
+                (0x83, 0xcafe_f00du32.to_le_bytes().to_vec()),
+                (0x84, vec![1]),
+            ]
+        );
+    }
+
     /// Instructions that keep a 64-bit sweep in step, and whether each is patched.
     const CHUNKS: &[(&[u8], bool)] = &[
         (&[0x90], false),
