@@ -2,15 +2,20 @@
 //! loaders, the CPUID/MSR policy, vCPU state capture and the run loop that
 //! hands every exit to the user-space devices.
 
+pub mod clock;
 pub mod cpuid;
 pub mod crash;
+pub mod events;
+pub mod hooks;
 pub mod host;
 pub mod kick;
 pub mod loader;
 pub mod machine;
+pub mod mem_state;
 pub mod memory;
 pub mod msr;
 pub mod paging;
 pub mod patch;
 pub mod platform;
+pub mod vcpu_state;
 pub use machine::{Machine, MachineBuilder, RunOutcome, SerialIn};

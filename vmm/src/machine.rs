@@ -8,7 +8,7 @@
 //! until the next device deadline in virtual time; a guest that computes
 //! past a deadline without exiting is kicked by the vCPU timer.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::CString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,18 +17,23 @@ use std::sync::Arc;
 use kvm_bindings::{kvm_interrupt, kvm_userspace_memory_region, KVMIO, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use nyx_devices::io::{BufferInput, NoInput};
-use nyx_devices::{BusEvent, Input};
+use nyx_devices::{BusEvent, Clock, Input, WallClock};
 use vm_memory::{GuestMemory as _, GuestMemoryRegion};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
 
+use crate::clock::VirtualClock;
 use crate::cpuid::{self, CpuidPolicy};
 use crate::crash::CrashReport;
-use crate::host::{HostClock, HostWallClock, StdoutSink, ThreadInput};
+use crate::events::{ExitKind, ExitRecord};
+use crate::hooks::{HookCtx, HookError, PlainRun, RunHooks};
+use crate::host::{HostWallClock, StdoutSink, ThreadInput};
 use crate::kick::{Kicker, VcpuTimer};
 use crate::loader::{self, BootSetup, LoadError};
+use crate::mem_state::DirtyTracker;
 use crate::memory::{self, GuestMemory, MemoryError, MMIO_HOLE_START};
 use crate::msr;
+use crate::patch::PatchTable;
 use crate::platform::{Platform, PlatformIo};
 
 ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
@@ -88,6 +93,12 @@ pub enum Error {
     /// A host facility (timer, signal) failed.
     #[error("host: {0}")]
     Host(#[from] std::io::Error),
+    /// The run mode stopped the run (a replay diverged or its trace ended).
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    /// Guest memory could not be tracked or patched.
+    #[error("guest memory: {0}")]
+    GuestMemory(String),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -188,6 +199,9 @@ pub struct MachineBuilder {
     serial_out: Option<Box<dyn Write + Send>>,
     kvm_path: String,
     cpuid_policy: CpuidPolicy,
+    cpuid_table: Option<Vec<cpuid::CpuidEntry>>,
+    tsc_khz: Option<u32>,
+    hooks: Option<Box<dyn RunHooks>>,
 }
 
 impl Default for MachineBuilder {
@@ -202,6 +216,9 @@ impl Default for MachineBuilder {
             serial_out: None,
             kvm_path: "/dev/kvm".into(),
             cpuid_policy: CpuidPolicy::Run,
+            cpuid_table: None,
+            tsc_khz: None,
+            hooks: None,
         }
     }
 }
@@ -264,6 +281,34 @@ impl MachineBuilder {
     pub fn cpuid_policy(mut self, policy: CpuidPolicy) -> Self {
         self.cpuid_policy = policy;
         self
+    }
+
+    /// Uses exactly this CPUID table (a replay uses the recording's).
+    pub fn cpuid_table(mut self, table: Vec<cpuid::CpuidEntry>) -> Self {
+        self.cpuid_table = Some(table);
+        self
+    }
+
+    /// The guest's TSC frequency in kHz for the virtual TSC (default: KVM's).
+    pub fn tsc_khz(mut self, khz: u32) -> Self {
+        self.tsc_khz = Some(khz);
+        self
+    }
+
+    /// The run mode (default: a plain run).
+    pub fn hooks(mut self, hooks: Box<dyn RunHooks>) -> Self {
+        self.hooks = Some(hooks);
+        self
+    }
+
+    /// The command line the guest will see for `kernel_name`: a Multiboot
+    /// loader (QEMU's, GRUB's) passes the kernel's file name in front of it.
+    pub fn effective_cmdline(image: &[u8], kernel_name: &str, cmdline: &str) -> String {
+        match loader::detect(image) {
+            Ok(loader::KernelFormat::Multiboot) if cmdline.is_empty() => kernel_name.to_string(),
+            Ok(loader::KernelFormat::Multiboot) => format!("{kernel_name} {cmdline}"),
+            _ => cmdline.to_string(),
+        }
     }
 
     /// Opens KVM, creates memory and vCPU, loads the kernel and wires the
@@ -332,13 +377,7 @@ impl MachineBuilder {
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
-        // A Multiboot loader (QEMU's, GRUB's) passes the kernel's file name
-        // in front of the command line.
-        let cmdline = match loader::detect(&image) {
-            Ok(loader::KernelFormat::Multiboot) if self.cmdline.is_empty() => kernel_name.clone(),
-            Ok(loader::KernelFormat::Multiboot) => format!("{kernel_name} {}", self.cmdline),
-            _ => self.cmdline.clone(),
-        };
+        let cmdline = Self::effective_cmdline(&image, &kernel_name, &self.cmdline);
         let setup = loader::load(&mem, &image, initrd.as_deref(), &cmdline).map_err(|source| {
             Error::Load {
                 path: kernel_name.clone(),
@@ -350,7 +389,10 @@ impl MachineBuilder {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let table = cpuid::filter(self.cpuid_policy, &cpuid::from_kvm(&supported));
+        let table = match self.cpuid_table {
+            Some(t) => t,
+            None => cpuid::filter(self.cpuid_policy, &cpuid::from_kvm(&supported)),
+        };
         let kcpuid = cpuid::to_kvm(&table).map_err(|_| Error::Kvm {
             what: "the CPUID table size",
             source: kvm_ioctls::Error::new(libc::E2BIG),
@@ -371,96 +413,246 @@ impl MachineBuilder {
         };
         vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
 
-        let clock = Arc::new(HostClock::new());
+        let mut hooks = self.hooks.unwrap_or_else(|| Box::new(PlainRun::new()));
+        let patches = if hooks.patches_instructions() {
+            let table = if setup.format == loader::KernelFormat::LinuxBzImage {
+                PatchTable::default()
+            } else {
+                crate::patch::scan_elf(&image).map_err(|e| Error::GuestMemory(e.to_string()))?
+            };
+            table
+                .apply(&mem)
+                .map_err(|e| Error::GuestMemory(e.to_string()))?;
+            table
+        } else {
+            PatchTable::default()
+        };
+        let tsc_khz = match self.tsc_khz {
+            Some(k) => k,
+            None => vcpu.get_tsc_khz().unwrap_or(1_000_000),
+        };
+        let clock = Arc::new(VirtualClock::new(hooks.time_source()));
+        let serial_in = hooks.serial_input(serial_in);
+        let wall =
+            nyx_devices::io::FixedWallClock(hooks.wall_seconds(HostWallClock.unix_seconds()));
         let ram = self.mem_mib << 20;
         let platform = Platform::new(
             PlatformIo {
                 clock: clock.clone(),
-                wall: Box::new(HostWallClock),
+                wall: Box::new(wall),
                 serial_out: self.serial_out.unwrap_or_else(|| Box::new(StdoutSink)),
                 serial_in,
             },
             ram.min(MMIO_HOLE_START),
             ram.saturating_sub(MMIO_HOLE_START),
         )?;
+        let dirty = if hooks.tracks_dirty_pages() {
+            // SAFETY: `mem` is the memory registered above, slot = region
+            // index, and the Machine keeps it for the VM's whole life.
+            Some(
+                unsafe { DirtyTracker::enable(&vm, &mem) }
+                    .map_err(|e| Error::GuestMemory(e.to_string()))?,
+            )
+        } else {
+            None
+        };
 
         Ok(Machine {
-            _kvm: kvm,
-            vm,
-            vcpu,
-            mem,
-            platform,
-            clock,
-            setup,
-            cpuid: table,
-            stats: ExitStats::default(),
-            unknown: HashMap::new(),
             timer: None,
+            hooks,
+            core: Core {
+                _kvm: kvm,
+                vm,
+                vcpu,
+                mem,
+                platform,
+                clock,
+                setup,
+                cpuid: table,
+                stats: ExitStats::default(),
+                unknown: HashMap::new(),
+                patches,
+                tsc_khz,
+                exit_seq: 0,
+                dirty,
+                dirty_since_landing: BTreeSet::new(),
+                kernel_name,
+                cmdline,
+                image_len: image.len(),
+            },
         })
     }
+}
+/// Everything of a machine but its run mode.
+pub struct Core {
+    _kvm: Kvm,
+    vm: VmFd,
+    vcpu: VcpuFd,
+    mem: GuestMemory,
+    platform: Platform,
+    clock: Arc<VirtualClock>,
+    setup: BootSetup,
+    cpuid: Vec<cpuid::CpuidEntry>,
+    stats: ExitStats,
+    unknown: HashMap<(bool, u64), u64>,
+    patches: PatchTable,
+    tsc_khz: u32,
+    exit_seq: u64,
+    dirty: Option<DirtyTracker>,
+    dirty_since_landing: BTreeSet<u64>,
+    kernel_name: String,
+    cmdline: String,
+    image_len: usize,
 }
 
 /// A machine ready to run.
 pub struct Machine {
     // Dropped first: its signal handler writes to the vCPU's kvm_run.
     timer: Option<VcpuTimer>,
-    _kvm: Kvm,
-    vm: VmFd,
-    vcpu: VcpuFd,
-    mem: GuestMemory,
-    platform: Platform,
-    clock: Arc<HostClock>,
-    setup: BootSetup,
-    cpuid: Vec<cpuid::CpuidEntry>,
-    stats: ExitStats,
-    unknown: HashMap<(bool, u64), u64>,
+    hooks: Box<dyn RunHooks>,
+    core: Core,
+}
+
+impl Core {
+    fn ctx(&mut self) -> HookCtx<'_> {
+        HookCtx {
+            vcpu: &mut self.vcpu,
+            vm: &self.vm,
+            mem: &self.mem,
+            clock: &self.clock,
+            exit_seq: self.exit_seq,
+            dirty: self.dirty.as_mut(),
+            dirty_since_landing: &mut self.dirty_since_landing,
+        }
+    }
+
+    /// The guest's TSC at virtual time `ns` (the virtual TSC of record and
+    /// replay): starts at 0 at power-on and runs at `tsc_khz`.
+    fn virtual_tsc(&self, ns: u64) -> u64 {
+        ((u128::from(ns) * u128::from(self.tsc_khz)) / 1_000_000) as u64
+    }
+
+    fn note_unknown(&mut self, mmio: bool, addr: u64, write: bool, size: usize) {
+        note_unknown(&mut self.unknown, mmio, addr, write, size);
+    }
+}
+
+/// Counts an access to an address no device decodes, logging the first.
+fn note_unknown(
+    unknown: &mut HashMap<(bool, u64), u64>,
+    mmio: bool,
+    addr: u64,
+    write: bool,
+    size: usize,
+) {
+    {
+        let n = unknown.entry((mmio, addr)).or_insert(0);
+        if *n == 0 {
+            tracing::info!(
+                "guest {} unknown {} {addr:#x} (size {size}); reads return all-ones, writes are dropped",
+                if write { "wrote" } else { "read" },
+                if mmio { "MMIO address" } else { "port" },
+            );
+        }
+        *n += 1;
+    }
+}
+
+fn le_value(data: &[u8]) -> u64 {
+    let mut v = [0u8; 8];
+    let n = data.len().min(8);
+    v[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(v)
+}
+
+/// What a handled exit asks of the loop.
+enum Next {
+    Continue,
+    Hlt,
+    InternalError,
+    End(RunOutcome),
+    Crash(String),
 }
 
 impl Machine {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemory {
-        &self.mem
+        &self.core.mem
     }
 
     /// The VM.
     pub fn vm(&self) -> &VmFd {
-        &self.vm
+        &self.core.vm
     }
 
     /// The vCPU.
     pub fn vcpu(&self) -> &VcpuFd {
-        &self.vcpu
+        &self.core.vcpu
     }
 
     /// The devices.
     pub fn platform(&self) -> &Platform {
-        &self.platform
+        &self.core.platform
+    }
+
+    /// The virtual clock.
+    pub fn clock(&self) -> &Arc<VirtualClock> {
+        &self.core.clock
     }
 
     /// What the loader did.
     pub fn boot_setup(&self) -> &BootSetup {
-        &self.setup
+        &self.core.setup
     }
 
     /// The CPUID table the guest sees.
     pub fn cpuid(&self) -> &[cpuid::CpuidEntry] {
-        &self.cpuid
+        &self.core.cpuid
+    }
+
+    /// The patched instruction sites.
+    pub fn patches(&self) -> &PatchTable {
+        &self.core.patches
+    }
+
+    /// The TSC frequency of the virtual TSC, kHz.
+    pub fn tsc_khz(&self) -> u32 {
+        self.core.tsc_khz
+    }
+
+    /// The kernel's name as given and the command line the guest received.
+    pub fn kernel_and_cmdline(&self) -> (&str, &str) {
+        (&self.core.kernel_name, &self.core.cmdline)
+    }
+
+    /// The position: guest-caused exits so far.
+    pub fn exit_seq(&self) -> u64 {
+        self.core.exit_seq
     }
 
     /// Exit counters so far.
     pub fn stats(&self) -> &ExitStats {
-        &self.stats
+        &self.core.stats
+    }
+
+    /// The run mode's name.
+    pub fn mode_name(&self) -> &'static str {
+        self.hooks.name()
     }
 
     /// Unknown port (false) and MMIO (true) addresses the guest touched, with
     /// access counts.
     pub fn unknown_accesses(&self) -> &HashMap<(bool, u64), u64> {
-        &self.unknown
+        &self.core.unknown
+    }
+
+    /// Size of the kernel image in bytes.
+    pub fn image_len(&self) -> usize {
+        self.core.image_len
     }
 
     /// A handle to interrupt a running [`Machine::run`] from another thread
-    /// (available once `run` has started on this thread, or after
-    /// [`Machine::prepare_thread`]).
+    /// (binds the vCPU timer to the calling thread, which must then run).
     pub fn kicker(&mut self) -> Result<Kicker, Error> {
         self.prepare_thread()?;
         Ok(self
@@ -474,58 +666,63 @@ impl Machine {
     /// on this thread.
     pub fn prepare_thread(&mut self) -> Result<(), Error> {
         if self.timer.is_none() {
-            let run: *mut kvm_bindings::kvm_run = self.vcpu.get_kvm_run();
+            let run: *mut kvm_bindings::kvm_run = self.core.vcpu.get_kvm_run();
             self.timer = Some(VcpuTimer::new(run)?);
         }
         Ok(())
     }
 
-    fn note_unknown(&mut self, mmio: bool, addr: u64, write: bool, size: usize) {
-        let n = self.unknown.entry((mmio, addr)).or_insert(0);
-        if *n == 0 {
-            tracing::info!(
-                "guest {} unknown {} {addr:#x} (size {size}); reads return all-ones, writes are dropped",
-                if write { "wrote" } else { "read" },
-                if mmio { "MMIO address" } else { "port" },
-            );
-        }
-        *n += 1;
+    fn crash(&mut self, reason: String) -> Result<RunOutcome, Error> {
+        let regs = self.core.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let sregs = self
+            .core
+            .vcpu
+            .get_sregs()
+            .map_err(kvm_err("KVM_GET_SREGS"))?;
+        Ok(RunOutcome::Crashed(Box::new(CrashReport::new(
+            reason,
+            &regs,
+            &sregs,
+            &self.core.mem,
+        ))))
     }
 
-    fn crash(&mut self, reason: String) -> Result<RunOutcome, Error> {
-        let regs = self.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
-        let sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        Ok(RunOutcome::Crashed(Box::new(CrashReport::new(
-            reason, &regs, &sregs, &self.mem,
-        ))))
+    /// Starts a step: a new clock sample for whatever reads time in it, and
+    /// a device poll when the mode says so.
+    fn step(&mut self, requested: bool) -> Result<(), Error> {
+        self.core.clock.next_step();
+        let mut ctx = self.core.ctx();
+        if self.hooks.poll_now(&mut ctx, requested)? {
+            self.core.platform.poll();
+        }
+        Ok(())
     }
 
     /// Injects a pending interrupt if the guest can take it, or asks KVM for
     /// an interrupt-window exit.
     fn service_interrupts(&mut self) -> Result<(), Error> {
-        let pending = self.platform.interrupt_pending();
-        let run = self.vcpu.get_kvm_run();
-        if pending && run.ready_for_interrupt_injection != 0 {
-            run.request_interrupt_window = 0;
-            let vector = self.platform.acknowledge();
+        let pending = self.core.platform.interrupt_pending();
+        let ready = self.core.vcpu.get_kvm_run().ready_for_interrupt_injection != 0;
+        if pending && ready {
+            let vector = self.core.platform.acknowledge();
+            let mut ctx = self.core.ctx();
+            self.hooks.on_inject(&mut ctx, vector)?;
             let irq = kvm_interrupt {
                 irq: u32::from(vector),
             };
             // SAFETY: KVM_INTERRUPT on a vCPU fd with a valid kvm_interrupt.
-            let ret = unsafe { ioctl_with_ref(&self.vcpu, KVM_INTERRUPT(), &irq) };
+            let ret = unsafe { ioctl_with_ref(&self.core.vcpu, KVM_INTERRUPT(), &irq) };
             if ret != 0 {
                 return Err(Error::Kvm {
                     what: "KVM_INTERRUPT",
                     source: kvm_ioctls::Error::last(),
                 });
             }
-            self.stats.injected += 1;
-            // More may be pending behind this one.
-            let run = self.vcpu.get_kvm_run();
-            run.request_interrupt_window = u8::from(self.platform.interrupt_pending());
-        } else {
-            run.request_interrupt_window = u8::from(pending);
+            self.core.stats.injected += 1;
         }
+        // More may be pending behind this one.
+        let still = self.core.platform.interrupt_pending();
+        self.core.vcpu.get_kvm_run().request_interrupt_window = u8::from(still);
         Ok(())
     }
 
@@ -533,47 +730,21 @@ impl Machine {
     /// can ever raise one (no deadline and no more input).
     fn idle(&mut self) -> Result<bool, Error> {
         loop {
-            self.platform.poll();
-            if self.platform.interrupt_pending() {
-                return Ok(true);
+            let deadline = self.core.platform.next_deadline_ns();
+            let input = self.core.platform.serial_may_receive();
+            if deadline.is_none() && !input {
+                return Ok(false);
             }
             if let Some(t) = &self.timer {
                 if t.take_request() {
-                    return Ok(true);
+                    return Err(HookError::Stopped.into());
                 }
             }
-            let now = nyx_devices::Clock::now_ns(self.clock.as_ref());
-            let wait = match self.platform.next_deadline_ns() {
-                Some(d) => d.saturating_sub(now).min(10_000_000),
-                // Input may still arrive: check it now and then.
-                None if self.platform.serial_may_receive() => 10_000_000,
-                None => return Ok(false),
-            };
-            if wait > 0 {
-                std::thread::sleep(std::time::Duration::from_nanos(wait));
+            self.hooks.idle_wait(&self.core.clock, deadline, input);
+            self.step(true)?;
+            if self.core.platform.interrupt_pending() {
+                return Ok(true);
             }
-        }
-    }
-
-    /// Completes an MSR exit: a read (`write` None) or a write of a trapped
-    /// MSR, answered in `kvm_run`.
-    fn finish_msr(&mut self, index: u32, write: Option<u64>) {
-        let result = match write {
-            None => msr_read(&self.vcpu, index),
-            Some(v) => msr_write(&self.vcpu, index, v).then_some(v),
-        };
-        let run = self.vcpu.get_kvm_run();
-        // SAFETY: the exit reason is KVM_EXIT_X86_RDMSR/WRMSR, whose union
-        // member is `msr`.
-        let msr = unsafe { &mut run.__bindgen_anon_1.msr };
-        match result {
-            Some(v) => {
-                if write.is_none() {
-                    msr.data = v;
-                }
-                msr.error = 0;
-            }
-            None => msr.error = 1,
         }
     }
 
@@ -584,39 +755,56 @@ impl Machine {
         let (user, sys) = thread_cpu_ns();
         let result = self.run_loop();
         let (user2, sys2) = thread_cpu_ns();
-        self.stats.wall_ns += wall.elapsed().as_nanos() as u64;
-        self.stats.user_ns += user2.saturating_sub(user);
-        self.stats.sys_ns += sys2.saturating_sub(sys);
+        self.core.stats.wall_ns += wall.elapsed().as_nanos() as u64;
+        self.core.stats.user_ns += user2.saturating_sub(user);
+        self.core.stats.sys_ns += sys2.saturating_sub(sys);
         // No kicks while the machine is not running.
         if let Some(t) = self.timer.as_mut() {
             t.arm(None)?;
         }
-        self.vcpu.set_kvm_immediate_exit(0);
-        result
+        self.core.vcpu.set_kvm_immediate_exit(0);
+        let outcome = result?;
+        let mut ctx = self.core.ctx();
+        self.hooks.on_end(&mut ctx, &outcome)?;
+        Ok(outcome)
     }
 
     fn run_loop(&mut self) -> Result<RunOutcome, Error> {
+        let mut poll = false;
         loop {
-            self.platform.poll();
+            self.step(poll)?;
+            poll = false;
             self.service_interrupts()?;
-            let deadline = self
-                .platform
-                .next_deadline_ns()
-                .map(|d| self.clock.host_time_of(d));
-            if let Some(t) = self.timer.as_mut() {
-                t.arm(deadline)?;
+            let mut ctx = self.core.ctx();
+            if self.hooks.before_enter(&mut ctx)? {
+                // The mode moved the guest to a landing: a new step there.
+                poll = true;
+                continue;
             }
-            let exit = match self.vcpu.run() {
-                Ok(exit) => exit,
+            let kick = self.hooks.kick_at(self.core.platform.next_deadline_ns());
+            if let Some(t) = self.timer.as_mut() {
+                t.arm(kick)?;
+            }
+            let c = &mut self.core;
+            let mut io = ExitIo {
+                platform: &c.platform,
+                stats: &mut c.stats,
+                unknown: &mut c.unknown,
+                patched: !c.patches.is_empty(),
+            };
+            let next = match c.vcpu.run() {
+                Ok(exit) => io.handle(exit),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.vcpu.set_kvm_immediate_exit(0);
-                    self.stats.kicks += 1;
+                    self.core.vcpu.set_kvm_immediate_exit(0);
+                    self.core.stats.kicks += 1;
                     if let Some(t) = &self.timer {
                         if t.take_request() {
-                            // Another thread (gdb, the API) wants the machine;
-                            // its caller decides. For now: keep running.
+                            return Err(HookError::Stopped.into());
                         }
                     }
+                    let passed = kick.is_some_and(|k| crate::kick::monotonic_ns() >= k);
+                    let mut ctx = self.core.ctx();
+                    poll = self.hooks.on_kick(&mut ctx, passed)?;
                     continue;
                 }
                 Err(e) => {
@@ -626,98 +814,355 @@ impl Machine {
                     })
                 }
             };
-            match exit {
-                VcpuExit::IoIn(port, data) => {
-                    self.stats.pio += 1;
-                    if self.platform.pio.read(u64::from(port), data).is_err() {
-                        data.fill(0xff);
-                        let len = data.len();
-                        self.note_unknown(false, u64::from(port), false, len);
-                    }
-                }
-                VcpuExit::IoOut(port, data) => {
-                    self.stats.pio += 1;
-                    match self.platform.pio.write(u64::from(port), data) {
-                        Ok(None) => {}
-                        Ok(Some(ev)) => return Ok(outcome_of(ev)),
-                        Err(_) => {
-                            let len = data.len();
-                            self.note_unknown(false, u64::from(port), true, len);
-                        }
-                    }
-                }
-                VcpuExit::MmioRead(addr, data) => {
-                    self.stats.mmio += 1;
-                    if self.platform.mmio.read(addr, data).is_err() {
-                        data.fill(0xff);
-                        let len = data.len();
-                        self.note_unknown(true, addr, false, len);
-                    }
-                }
-                VcpuExit::MmioWrite(addr, data) => {
-                    self.stats.mmio += 1;
-                    match self.platform.mmio.write(addr, data) {
-                        Ok(None) => {}
-                        Ok(Some(ev)) => return Ok(outcome_of(ev)),
-                        Err(_) => {
-                            let len = data.len();
-                            self.note_unknown(true, addr, true, len);
-                        }
-                    }
-                }
-                VcpuExit::Hlt => {
-                    self.stats.hlt += 1;
-                    let if_flag = self.vcpu.get_kvm_run().if_flag != 0;
-                    if !if_flag || !self.idle()? {
-                        return Ok(RunOutcome::Halted);
-                    }
-                }
-                VcpuExit::IrqWindowOpen => {
-                    self.stats.irq_window += 1;
-                }
-                VcpuExit::X86Rdmsr(exit) => {
-                    self.stats.msr += 1;
-                    let index = exit.index;
-                    self.finish_msr(index, None);
-                }
-                VcpuExit::X86Wrmsr(exit) => {
-                    self.stats.msr += 1;
-                    let (index, value) = (exit.index, exit.data);
-                    self.finish_msr(index, Some(value));
-                }
-                VcpuExit::Shutdown => return self.crash("triple fault (KVM_EXIT_SHUTDOWN)".into()),
-                VcpuExit::FailEntry(reason, cpu) => {
-                    return self.crash(format!(
-                        "VM entry failed (hardware reason {reason:#x}, cpu {cpu})"
-                    ))
-                }
-                VcpuExit::InternalError => {
-                    let run = self.vcpu.get_kvm_run();
-                    // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so the
-                    // `internal` member of the union is the valid one.
-                    let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
-                    let what = match suberror {
-                        1 => "emulation failure (a triple fault shows up this way on emulated KVM)",
-                        2 => "simultaneous exceptions",
-                        3 => "delivery event",
-                        _ => "internal error",
+            match next {
+                Ok((rec, next)) => {
+                    self.core.exit_seq += 1;
+                    let rec = match rec {
+                        Some(r) => r,
+                        None => self.finish_special_exit()?,
                     };
-                    return self.crash(format!("KVM internal error, suberror {suberror}: {what}"));
+                    let mut ctx = self.core.ctx();
+                    self.hooks.on_exit(&mut ctx, &rec)?;
+                    match next {
+                        Next::Continue => {}
+                        Next::Hlt if self.core.vcpu.get_kvm_run().if_flag == 0 => {
+                            return Ok(RunOutcome::Halted)
+                        }
+                        Next::Hlt => {
+                            if !self.idle()? {
+                                return Ok(RunOutcome::Halted);
+                            }
+                        }
+                        Next::InternalError => {
+                            let run = self.core.vcpu.get_kvm_run();
+                            // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so
+                            // the `internal` member of the union is the valid one.
+                            let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                            let what = match suberror {
+                                1 => "emulation failure (a triple fault shows up this way on emulated KVM)",
+                                2 => "simultaneous exceptions",
+                                3 => "delivery event",
+                                _ => "internal error",
+                            };
+                            return self
+                                .crash(format!("KVM internal error, suberror {suberror}: {what}"));
+                        }
+                        Next::End(outcome) => return Ok(outcome),
+                        Next::Crash(reason) => return self.crash(reason),
+                    }
                 }
-                VcpuExit::SystemEvent(kind, _) => {
-                    return Ok(match kind {
-                        kvm_bindings::KVM_SYSTEM_EVENT_RESET => RunOutcome::Reset,
-                        kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => RunOutcome::PowerOff,
-                        _ => return self.crash(format!("unexpected system event {kind}")),
-                    })
-                }
-                other => {
-                    let what = format!("unexpected VM exit {other:?}");
-                    return self.crash(what);
+                Err(pending) => {
+                    // An exit whose completion needs the vCPU (MSR, patched
+                    // instruction): complete it now.
+                    self.core.exit_seq += 1;
+                    let rec = self.complete(pending)?;
+                    let mut ctx = self.core.ctx();
+                    self.hooks.on_exit(&mut ctx, &rec)?;
                 }
             }
         }
     }
+
+    /// A special exit (crash) has no data beyond RIP.
+    fn finish_special_exit(&mut self) -> Result<ExitRecord, Error> {
+        let rip = self.core.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+        Ok(ExitRecord {
+            kind: ExitKind::Crash,
+            addr: 0,
+            size: 0,
+            data: 0,
+            rip,
+        })
+    }
+}
+
+/// What exit handling touches besides the vCPU.
+struct ExitIo<'a> {
+    platform: &'a Platform,
+    stats: &'a mut ExitStats,
+    unknown: &'a mut HashMap<(bool, u64), u64>,
+    patched: bool,
+}
+
+impl ExitIo<'_> {
+    fn note_unknown(&mut self, mmio: bool, addr: u64, write: bool, size: usize) {
+        note_unknown(self.unknown, mmio, addr, write, size);
+    }
+
+    /// Handles an exit that needs only the devices. Returns the record (None
+    /// for crashes, whose RIP is read afterwards) and what the loop does
+    /// next; or, as `Err`, an exit that needs the vCPU to complete.
+    fn handle(&mut self, exit: VcpuExit<'_>) -> Result<(Option<ExitRecord>, Next), Pending> {
+        let core = self;
+        let mut rec = ExitRecord {
+            kind: ExitKind::PioIn,
+            addr: 0,
+            size: 0,
+            data: 0,
+            rip: 0,
+        };
+        let next = match exit {
+            VcpuExit::IoIn(port, data) => {
+                core.stats.pio += 1;
+                if core.platform.pio.read(u64::from(port), data).is_err() {
+                    data.fill(0xff);
+                    let len = data.len();
+                    core.note_unknown(false, u64::from(port), false, len);
+                }
+                rec = ExitRecord {
+                    kind: ExitKind::PioIn,
+                    addr: u64::from(port),
+                    size: data.len() as u8,
+                    data: le_value(data),
+                    rip: 0,
+                };
+                if (0x3f8..0x400).contains(&port) {
+                    core.platform.poll_serial_input();
+                }
+                Next::Continue
+            }
+            VcpuExit::IoOut(port, data) => {
+                core.stats.pio += 1;
+                if crate::patch::is_trap_exit(port, data) && core.patched {
+                    return Err(Pending::Trap);
+                }
+                rec = ExitRecord {
+                    kind: ExitKind::PioOut,
+                    addr: u64::from(port),
+                    size: data.len() as u8,
+                    data: le_value(data),
+                    rip: 0,
+                };
+                let next = match core.platform.pio.write(u64::from(port), data) {
+                    Ok(None) => Next::Continue,
+                    Ok(Some(ev)) => Next::End(outcome_of(ev)),
+                    Err(_) => {
+                        let len = data.len();
+                        core.note_unknown(false, u64::from(port), true, len);
+                        Next::Continue
+                    }
+                };
+                if (0x3f8..0x400).contains(&port) {
+                    core.platform.poll_serial_input();
+                }
+                next
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                core.stats.mmio += 1;
+                if core.platform.mmio.read(addr, data).is_err() {
+                    data.fill(0xff);
+                    let len = data.len();
+                    core.note_unknown(true, addr, false, len);
+                }
+                rec = ExitRecord {
+                    kind: ExitKind::MmioRead,
+                    addr,
+                    size: data.len() as u8,
+                    data: le_value(data),
+                    rip: 0,
+                };
+                Next::Continue
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                core.stats.mmio += 1;
+                rec = ExitRecord {
+                    kind: ExitKind::MmioWrite,
+                    addr,
+                    size: data.len() as u8,
+                    data: le_value(data),
+                    rip: 0,
+                };
+                match core.platform.mmio.write(addr, data) {
+                    Ok(None) => Next::Continue,
+                    Ok(Some(ev)) => Next::End(outcome_of(ev)),
+                    Err(_) => {
+                        let len = data.len();
+                        core.note_unknown(true, addr, true, len);
+                        Next::Continue
+                    }
+                }
+            }
+            VcpuExit::Hlt => {
+                core.stats.hlt += 1;
+                rec.kind = ExitKind::Hlt;
+                Next::Hlt
+            }
+            VcpuExit::IrqWindowOpen => {
+                core.stats.irq_window += 1;
+                rec.kind = ExitKind::IrqWindow;
+                Next::Continue
+            }
+            VcpuExit::X86Rdmsr(exit) => {
+                core.stats.msr += 1;
+                return Err(Pending::Msr {
+                    index: exit.index,
+                    write: None,
+                });
+            }
+            VcpuExit::X86Wrmsr(exit) => {
+                core.stats.msr += 1;
+                return Err(Pending::Msr {
+                    index: exit.index,
+                    write: Some(exit.data),
+                });
+            }
+            VcpuExit::Shutdown => {
+                return Ok((None, Next::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into())))
+            }
+            VcpuExit::FailEntry(reason, cpu) => {
+                return Ok((
+                    None,
+                    Next::Crash(format!(
+                        "VM entry failed (hardware reason {reason:#x}, cpu {cpu})"
+                    )),
+                ))
+            }
+            VcpuExit::InternalError => return Ok((None, Next::InternalError)),
+            VcpuExit::SystemEvent(kind, _) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => Next::End(RunOutcome::Reset),
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Next::End(RunOutcome::PowerOff),
+                _ => return Ok((None, Next::Crash(format!("unexpected system event {kind}")))),
+            },
+            other => return Ok((None, Next::Crash(format!("unexpected VM exit {other:?}")))),
+        };
+        // RIP is part of the verification record; with no sync_regs, KVM_GET_REGS
+        // would cost an ioctl per exit, so the run loop fills it lazily: the
+        // position plus the exit's own data identify it well enough, and
+        // `--verify full` adds the register digest.
+        Ok((Some(rec), next))
+    }
+}
+
+impl Machine {
+    /// Completes an exit that needs the vCPU's registers.
+    fn complete(&mut self, pending: Pending) -> Result<ExitRecord, Error> {
+        match pending {
+            Pending::Msr { index, write } => {
+                let virtual_tsc = self.hooks.virtual_tsc();
+                let result = match write {
+                    None if virtual_tsc => self.virtual_msr_read(index),
+                    None => msr_read(&self.core.vcpu, index),
+                    Some(_) if virtual_tsc => None,
+                    Some(v) => msr_write(&self.core.vcpu, index, v).then_some(v),
+                };
+                let run = self.core.vcpu.get_kvm_run();
+                // SAFETY: the exit reason is KVM_EXIT_X86_RDMSR/WRMSR, whose
+                // union member is `msr`.
+                let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+                match result {
+                    Some(v) => {
+                        if write.is_none() {
+                            msr.data = v;
+                        }
+                        msr.error = 0;
+                    }
+                    None => msr.error = 1,
+                }
+                let kind = if write.is_some() {
+                    ExitKind::MsrWrite
+                } else {
+                    ExitKind::MsrRead
+                };
+                Ok(ExitRecord {
+                    kind,
+                    addr: u64::from(index),
+                    size: 8,
+                    data: result.or(write).unwrap_or(0),
+                    rip: 0,
+                })
+            }
+            Pending::Trap => {
+                // KVM completes the `out` on the next KVM_RUN and refuses
+                // register changes before that: complete it with an
+                // immediate exit (RIP is then just past the `out`).
+                self.core.vcpu.set_kvm_immediate_exit(1);
+                let r = self.core.vcpu.run().map(|_| ());
+                self.core.vcpu.set_kvm_immediate_exit(0);
+                match r {
+                    Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                    Err(e) => {
+                        return Err(Error::Kvm {
+                            what: "KVM_RUN (completing a trap)",
+                            source: e,
+                        })
+                    }
+                    Ok(()) => {}
+                }
+                let mut regs = self.core.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+                let sregs = self
+                    .core
+                    .vcpu
+                    .get_sregs()
+                    .map_err(kvm_err("KVM_GET_SREGS"))?;
+                let paging = crate::paging::PagingRegs {
+                    cr0: sregs.cr0,
+                    cr3: sregs.cr3,
+                    cr4: sregs.cr4,
+                    efer: sregs.efer,
+                };
+                let cs_base = if sregs.efer & (1 << 10) != 0 && sregs.cs.l != 0 {
+                    0
+                } else {
+                    sregs.cs.base
+                };
+                let Some(site) = self
+                    .core
+                    .patches
+                    .site_for_exit(&self.core.mem, &paging, regs.rip, cs_base)
+                    .cloned()
+                else {
+                    // An ordinary write to the trap port: nothing there.
+                    self.core
+                        .note_unknown(false, u64::from(crate::patch::TRAP_PORT), true, 1);
+                    return Ok(ExitRecord {
+                        kind: ExitKind::PioOut,
+                        addr: u64::from(crate::patch::TRAP_PORT),
+                        size: 1,
+                        data: 0,
+                        rip: regs.rip,
+                    });
+                };
+                let value = match site.kind {
+                    crate::patch::TrapKind::Rdtsc | crate::patch::TrapKind::Rdtscp => {
+                        self.core.virtual_tsc(self.core.clock.now_ns())
+                    }
+                    _ => {
+                        let mut ctx = self.core.ctx();
+                        self.hooks.entropy(&mut ctx)?
+                    }
+                };
+                crate::patch::emulate(&site, value, 0, &mut regs);
+                self.core
+                    .vcpu
+                    .set_regs(&regs)
+                    .map_err(kvm_err("KVM_SET_REGS"))?;
+                Ok(ExitRecord {
+                    kind: ExitKind::Patched,
+                    addr: site.gpa,
+                    size: site.len,
+                    data: value,
+                    rip: regs.rip,
+                })
+            }
+        }
+    }
+
+    /// Trapped MSRs under the virtual TSC: derived from the virtual clock.
+    fn virtual_msr_read(&mut self, index: u32) -> Option<u64> {
+        match index {
+            msr::IA32_TSC | msr::IA32_MPERF | msr::IA32_APERF => {
+                Some(self.core.virtual_tsc(self.core.clock.now_ns()))
+            }
+            msr::IA32_TSC_ADJUST | msr::IA32_TSC_AUX => Some(0),
+            _ => None,
+        }
+    }
+}
+
+/// An exit that needs the vCPU to complete.
+enum Pending {
+    Msr { index: u32, write: Option<u64> },
+    Trap,
 }
 
 fn outcome_of(ev: BusEvent) -> RunOutcome {

@@ -115,6 +115,11 @@ impl Platform {
         }
     }
 
+    /// Pulls serial input into the UART (after the guest touched it).
+    pub fn poll_serial_input(&self) {
+        lock(&self.serial).poll_input();
+    }
+
     /// Whether serial input may still arrive (so an idle guest may still be
     /// woken by it).
     pub fn serial_may_receive(&self) -> bool {

@@ -1,0 +1,324 @@
+//! The events of a recording, in the order the run loop consumes them.
+//!
+//! A recording is the sequence of everything nondeterministic the machine
+//! consumed, interleaved with verification records of what the guest did.
+//! Its position is `exit_seq`, the number of guest-caused exits so far: the
+//! [`Event::Exit`] records count it, and every other event belongs to the
+//! position of the exit before it. The replayer walks the same sequence and
+//! stops at the first event that does not match what its guest does.
+
+use serde::{Deserialize, Serialize};
+
+use crate::crash::CrashReport;
+
+/// What kind of guest-caused exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ExitKind {
+    /// Port read.
+    PioIn,
+    /// Port write.
+    PioOut,
+    /// MMIO read.
+    MmioRead,
+    /// MMIO write.
+    MmioWrite,
+    /// HLT.
+    Hlt,
+    /// Interrupt window opened.
+    IrqWindow,
+    /// Trapped MSR read.
+    MsrRead,
+    /// Trapped MSR write.
+    MsrWrite,
+    /// A patched instruction (RDTSC, RDRAND, ...) trapped.
+    Patched,
+    /// The guest crashed or the VM could not run (shutdown, emulation failure).
+    Crash,
+}
+
+impl ExitKind {
+    /// A short name for reports and `nyx trace dump`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitKind::PioIn => "pio-in",
+            ExitKind::PioOut => "pio-out",
+            ExitKind::MmioRead => "mmio-read",
+            ExitKind::MmioWrite => "mmio-write",
+            ExitKind::Hlt => "hlt",
+            ExitKind::IrqWindow => "irq-window",
+            ExitKind::MsrRead => "msr-read",
+            ExitKind::MsrWrite => "msr-write",
+            ExitKind::Patched => "patched",
+            ExitKind::Crash => "crash",
+        }
+    }
+}
+
+/// One guest-caused exit, as verified by the replayer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    /// The kind.
+    pub kind: ExitKind,
+    /// Port, MMIO address or MSR index (0 where none).
+    pub addr: u64,
+    /// Access size in bytes (0 where none).
+    pub size: u8,
+    /// Value written, or value the guest received.
+    pub data: u64,
+    /// RIP after the exit.
+    pub rip: u64,
+}
+
+impl std::fmt::Display for ExitRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ", self.kind.name())?;
+        match self.kind {
+            ExitKind::PioIn | ExitKind::PioOut => write!(
+                f,
+                "port {:#x} size {} data {:#x}",
+                self.addr, self.size, self.data
+            )?,
+            ExitKind::MmioRead | ExitKind::MmioWrite => write!(
+                f,
+                "addr {:#x} size {} data {:#x}",
+                self.addr, self.size, self.data
+            )?,
+            ExitKind::MsrRead | ExitKind::MsrWrite => {
+                write!(f, "msr {:#x} data {:#x}", self.addr, self.data)?
+            }
+            ExitKind::Patched => write!(f, "site {:#x} value {:#x}", self.addr, self.data)?,
+            _ => {}
+        }
+        write!(f, " rip {:#x}", self.rip)
+    }
+}
+
+/// The general registers at a landing (shown in divergence reports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct GprSnapshot {
+    /// rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8..r15.
+    pub gpr: [u64; 16],
+    /// RIP.
+    pub rip: u64,
+    /// RFLAGS.
+    pub rflags: u64,
+}
+
+impl GprSnapshot {
+    /// From KVM's registers.
+    pub fn of(r: &kvm_bindings::kvm_regs) -> Self {
+        GprSnapshot {
+            gpr: [
+                r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11,
+                r.r12, r.r13, r.r14, r.r15,
+            ],
+            rip: r.rip,
+            rflags: r.rflags,
+        }
+    }
+
+    /// Register names and values that differ, "rax: expected 0x1, got 0x2".
+    pub fn diff(&self, actual: &GprSnapshot) -> Vec<String> {
+        const NAMES: [&str; 16] = [
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
+            "r12", "r13", "r14", "r15",
+        ];
+        let mut out = Vec::new();
+        for (i, n) in NAMES.iter().enumerate() {
+            if self.gpr[i] != actual.gpr[i] {
+                out.push(format!(
+                    "{n}: expected {:#x}, got {:#x}",
+                    self.gpr[i], actual.gpr[i]
+                ));
+            }
+        }
+        if self.rip != actual.rip {
+            out.push(format!(
+                "rip: expected {:#x}, got {:#x}",
+                self.rip, actual.rip
+            ));
+        }
+        if self.rflags != actual.rflags {
+            out.push(format!(
+                "rflags: expected {:#x}, got {:#x}",
+                self.rflags, actual.rflags
+            ));
+        }
+        out
+    }
+}
+
+/// Where an asynchronous stop (a kick) caught the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Landing {
+    /// The general registers (their digest and more are in `regs_digest`).
+    pub regs: GprSnapshot,
+    /// Digest of all registers that matter ([`crate::vcpu_state::register_digest`]).
+    pub regs_digest: u64,
+    /// Number of guest pages written since the previous landing.
+    pub dirty_pages: u32,
+    /// Digest of those pages' contents.
+    pub mem_digest: u64,
+}
+
+/// How a recorded run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndKind {
+    /// Debug-exit with this value.
+    DebugExit(u32),
+    /// Halted for good.
+    Halted,
+    /// Reset requested.
+    Reset,
+    /// Powered off.
+    PowerOff,
+    /// Crashed, with the report.
+    Crashed(Box<CrashReport>),
+    /// The recording was stopped from outside (Ctrl-C, a limit).
+    Stopped,
+}
+
+/// The last event of a finished recording.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndRecord {
+    /// How it ended.
+    pub kind: EndKind,
+    /// Register digest at the end.
+    pub regs_digest: u64,
+    /// Digest of all of guest memory at the end.
+    pub mem_digest: u64,
+    /// Virtual time at the end, ns.
+    pub virtual_ns: u64,
+}
+
+/// One event of a recording.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// A guest-caused exit (a sync point): advances the position.
+    Exit(ExitRecord),
+    /// The devices were polled here (timer deadline, HLT wake-up).
+    Poll,
+    /// A sample of virtual time (ns) consumed here.
+    Time(u64),
+    /// Serial input bytes taken by the UART here.
+    Input(Vec<u8>),
+    /// A random value (RDRAND/RDSEED emulation) consumed here.
+    Entropy(u64),
+    /// The guest was stopped asynchronously here.
+    Landing(Box<Landing>),
+    /// An interrupt with this vector was injected here.
+    Inject(u8),
+    /// Register digest after an exit (`--verify full`).
+    Regs(u64),
+    /// The run ended.
+    End(Box<EndRecord>),
+}
+
+impl Event {
+    /// The kind's name, for `nyx trace info/dump`.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Event::Exit(e) => e.kind.name(),
+            Event::Poll => "poll",
+            Event::Time(_) => "time",
+            Event::Input(_) => "input",
+            Event::Entropy(_) => "entropy",
+            Event::Landing(_) => "landing",
+            Event::Inject(_) => "inject",
+            Event::Regs(_) => "regs",
+            Event::End(_) => "end",
+        }
+    }
+}
+
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::Exit(e) => write!(f, "exit {e}"),
+            Event::Poll => write!(f, "poll"),
+            Event::Time(t) => write!(f, "time {t} ns"),
+            Event::Input(b) => write!(f, "input {:?}", String::from_utf8_lossy(b)),
+            Event::Entropy(v) => write!(f, "entropy {v:#x}"),
+            Event::Landing(l) => write!(
+                f,
+                "landing rip {:#x} regs {:#018x} mem {:#018x} ({} dirty pages)",
+                l.regs.rip, l.regs_digest, l.mem_digest, l.dirty_pages
+            ),
+            Event::Inject(v) => write!(f, "inject vector {v:#x}"),
+            Event::Regs(d) => write!(f, "regs {d:#018x}"),
+            Event::End(e) => write!(
+                f,
+                "end {:?} regs {:#018x} mem {:#018x}",
+                e.kind, e.regs_digest, e.mem_digest
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            (0u64..0x10000, 1u8..9, any::<u64>(), any::<u64>()).prop_map(
+                |(addr, size, data, rip)| Event::Exit(ExitRecord {
+                    kind: ExitKind::PioOut,
+                    addr,
+                    size,
+                    data,
+                    rip
+                })
+            ),
+            Just(Event::Poll),
+            any::<u64>().prop_map(Event::Time),
+            prop::collection::vec(any::<u8>(), 0..40).prop_map(Event::Input),
+            any::<u64>().prop_map(Event::Entropy),
+            (any::<[u64; 16]>(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(
+                |(gpr, rip, d, n)| {
+                    Event::Landing(Box::new(Landing {
+                        regs: GprSnapshot {
+                            gpr,
+                            rip,
+                            rflags: 2,
+                        },
+                        regs_digest: d,
+                        dirty_pages: n,
+                        mem_digest: !d,
+                    }))
+                }
+            ),
+            any::<u8>().prop_map(Event::Inject),
+        ]
+    }
+
+    proptest! {
+        /// Events survive postcard, the encoding the trace uses.
+        #[test]
+        fn events_round_trip_through_postcard(events in prop::collection::vec(arb_event(), 0..50)) {
+            let bytes = postcard::to_stdvec(&events).unwrap();
+            let back: Vec<Event> = postcard::from_bytes(&bytes).unwrap();
+            prop_assert_eq!(back, events);
+        }
+    }
+
+    #[test]
+    fn gpr_diff_names_registers() {
+        let a = GprSnapshot {
+            gpr: [0; 16],
+            rip: 1,
+            rflags: 2,
+        };
+        let mut b = a;
+        b.gpr[2] = 7;
+        b.rip = 3;
+        assert_eq!(
+            a.diff(&b),
+            vec![
+                "rcx: expected 0x0, got 0x7".to_string(),
+                "rip: expected 0x1, got 0x3".into()
+            ]
+        );
+    }
+}

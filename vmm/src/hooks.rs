@@ -1,0 +1,294 @@
+//! How a run mode (plain run, record, replay) plugs into the run loop.
+//!
+//! The run loop in [`crate::machine`] is the same in every mode. At each
+//! point where something from outside the machine could change what the
+//! guest sees, it asks its [`RunHooks`]: a plain run passes the host
+//! through, the recorder passes the host through and logs what it consumed,
+//! the replayer serves the log back and checks that the guest does what the
+//! log says.
+
+use std::sync::Arc;
+
+use kvm_ioctls::{VcpuFd, VmFd};
+use nyx_devices::Input;
+
+use crate::clock::{HostTime, TimeSource, VirtualClock};
+use crate::events::ExitRecord;
+use crate::machine::RunOutcome;
+use crate::memory::GuestMemory;
+
+/// Why a hook stopped the run.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// The replayed guest did something other than the recording says.
+    #[error("{0}")]
+    Divergence(String),
+    /// The recording ends here (it was cut off, or this is its last event).
+    #[error("the trace ends at position {position}")]
+    TraceEnd {
+        /// The position where it ends.
+        position: u64,
+    },
+    /// Writing or reading the trace failed.
+    #[error("trace: {0}")]
+    Trace(String),
+    /// A KVM call the hook needed failed.
+    #[error("KVM refused {what}: {source}")]
+    Kvm {
+        /// The call.
+        what: &'static str,
+        /// What the kernel said.
+        source: kvm_ioctls::Error,
+    },
+    /// Stopped on request (Ctrl-C, a debugger).
+    #[error("stopped")]
+    Stopped,
+}
+
+/// What hooks may look at and touch.
+pub struct HookCtx<'a> {
+    /// The vCPU.
+    pub vcpu: &'a mut VcpuFd,
+    /// The VM.
+    pub vm: &'a VmFd,
+    /// Guest memory.
+    pub mem: &'a GuestMemory,
+    /// The virtual clock.
+    pub clock: &'a VirtualClock,
+    /// The position: guest-caused exits so far.
+    pub exit_seq: u64,
+    /// KVM's dirty log, when the mode tracks dirty pages.
+    pub dirty: Option<&'a mut crate::mem_state::DirtyTracker>,
+    /// Pages written since the previous landing (collected so far).
+    pub dirty_since_landing: &'a mut std::collections::BTreeSet<u64>,
+}
+
+impl HookCtx<'_> {
+    /// Takes KVM's dirty log into `dirty_since_landing`.
+    pub fn collect_dirty(&mut self) -> Result<(), HookError> {
+        if let Some(d) = self.dirty.as_mut() {
+            let pages = d
+                .collect(self.vm)
+                .map_err(|e| HookError::Trace(format!("dirty log: {e}")))?;
+            self.dirty_since_landing.extend(pages);
+        }
+        Ok(())
+    }
+
+    /// The landing record of the vCPU's current state: registers, their
+    /// digest, and the digest of the pages written since the previous
+    /// landing (collecting the dirty log first).
+    pub fn landing_here(&mut self) -> Result<crate::events::Landing, HookError> {
+        let regs = self.vcpu.get_regs().map_err(|source| HookError::Kvm {
+            what: "KVM_GET_REGS",
+            source,
+        })?;
+        let sregs = self.vcpu.get_sregs().map_err(|source| HookError::Kvm {
+            what: "KVM_GET_SREGS",
+            source,
+        })?;
+        self.collect_dirty()?;
+        Ok(crate::events::Landing {
+            regs: crate::events::GprSnapshot::of(&regs),
+            regs_digest: crate::vcpu_state::register_digest(&regs, &sregs),
+            dirty_pages: self.dirty_since_landing.len() as u32,
+            mem_digest: crate::mem_state::pages_digest(
+                self.mem,
+                self.dirty_since_landing.iter().copied(),
+            ),
+        })
+    }
+}
+
+impl HookCtx<'_> {
+    /// Digest of the vCPU's registers now.
+    pub fn regs_digest(&mut self) -> Result<u64, HookError> {
+        let regs = self.vcpu.get_regs().map_err(|source| HookError::Kvm {
+            what: "KVM_GET_REGS",
+            source,
+        })?;
+        let sregs = self.vcpu.get_sregs().map_err(|source| HookError::Kvm {
+            what: "KVM_GET_SREGS",
+            source,
+        })?;
+        Ok(crate::vcpu_state::register_digest(&regs, &sregs))
+    }
+}
+
+/// The per-mode behaviour of the run loop.
+pub trait RunHooks: Send {
+    /// A short name ("run", "record", "replay").
+    fn name(&self) -> &'static str;
+
+    /// Where the machine's clock takes its samples (called once, at build).
+    fn time_source(&mut self) -> Box<dyn TimeSource>;
+
+    /// The UART's input, given the one the user asked for (called once).
+    fn serial_input(&mut self, requested: Box<dyn Input>) -> Box<dyn Input>;
+
+    /// The date at power-on, given the host's.
+    fn wall_seconds(&mut self, host: i64) -> i64 {
+        host
+    }
+
+    /// Whether RDTSC/RDRAND and friends are patched into traps.
+    fn patches_instructions(&self) -> bool {
+        false
+    }
+
+    /// Whether the guest's TSC (trapped MSRs, patched RDTSC) is derived from
+    /// the virtual clock instead of KVM's.
+    fn virtual_tsc(&self) -> bool {
+        false
+    }
+
+    /// Whether guest memory writes are tracked (KVM dirty log).
+    fn tracks_dirty_pages(&self) -> bool {
+        false
+    }
+
+    /// The host time (`CLOCK_MONOTONIC` ns) at which to kick the vCPU for
+    /// the device deadline `virt_deadline`, or None for no kick.
+    fn kick_at(&self, virt_deadline: Option<u64>) -> Option<u64>;
+
+    /// At the top of each step: whether to poll the devices now.
+    /// `requested` says whether the loop wants to (a deadline passed, the
+    /// guest is idle in HLT).
+    fn poll_now(&mut self, ctx: &mut HookCtx<'_>, requested: bool) -> Result<bool, HookError>;
+
+    /// Just before entering the guest. Returns true when the hook has moved
+    /// the guest to a landing itself (the replayer does): the loop then
+    /// starts a new step there.
+    fn before_enter(&mut self, _ctx: &mut HookCtx<'_>) -> Result<bool, HookError> {
+        Ok(false)
+    }
+
+    /// KVM_RUN was interrupted. `deadline_passed` says whether the device
+    /// deadline the kick was armed for has passed. Returns whether the loop
+    /// should poll the devices.
+    fn on_kick(&mut self, ctx: &mut HookCtx<'_>, deadline_passed: bool) -> Result<bool, HookError>;
+
+    /// A guest-caused exit was handled (the position has advanced).
+    fn on_exit(&mut self, ctx: &mut HookCtx<'_>, exit: &ExitRecord) -> Result<(), HookError>;
+
+    /// An interrupt is being injected.
+    fn on_inject(&mut self, _ctx: &mut HookCtx<'_>, _vector: u8) -> Result<(), HookError> {
+        Ok(())
+    }
+
+    /// The guest idles in HLT until `virt_deadline` (or input, when
+    /// `input_possible`): wait for it on the host, or not at all.
+    fn idle_wait(&mut self, clock: &VirtualClock, virt_deadline: Option<u64>, input_possible: bool);
+
+    /// A random value for RDRAND/RDSEED emulation.
+    fn entropy(&mut self, ctx: &mut HookCtx<'_>) -> Result<u64, HookError>;
+
+    /// The run ended with `outcome`.
+    fn on_end(&mut self, _ctx: &mut HookCtx<'_>, _outcome: &RunOutcome) -> Result<(), HookError> {
+        Ok(())
+    }
+}
+
+/// Sleeps on the host until `virt_deadline` of `host` time (at most 10 ms,
+/// so that input that arrives meanwhile is seen soon).
+pub fn host_idle_wait(
+    host: &HostTime,
+    clock: &VirtualClock,
+    virt_deadline: Option<u64>,
+    input_possible: bool,
+) {
+    let _ = clock;
+    let now = crate::kick::monotonic_ns();
+    let cap = if input_possible {
+        10_000_000
+    } else {
+        1_000_000_000
+    };
+    let wait = match virt_deadline {
+        Some(d) => host.host_time_of(d).saturating_sub(now).min(cap),
+        None => cap,
+    };
+    if wait > 0 {
+        std::thread::sleep(std::time::Duration::from_nanos(wait));
+    }
+}
+
+/// A plain run: the host passes through, nothing is logged.
+#[derive(Debug, Default)]
+pub struct PlainRun {
+    host: Option<HostTime>,
+}
+
+impl PlainRun {
+    /// Plain-run hooks.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn host(&mut self) -> HostTime {
+        *self.host.get_or_insert_with(HostTime::new)
+    }
+}
+
+impl RunHooks for PlainRun {
+    fn name(&self) -> &'static str {
+        "run"
+    }
+
+    fn time_source(&mut self) -> Box<dyn TimeSource> {
+        Box::new(self.host())
+    }
+
+    fn serial_input(&mut self, requested: Box<dyn Input>) -> Box<dyn Input> {
+        requested
+    }
+
+    fn kick_at(&self, virt_deadline: Option<u64>) -> Option<u64> {
+        Some(self.host?.host_time_of(virt_deadline?))
+    }
+
+    fn poll_now(&mut self, _ctx: &mut HookCtx<'_>, requested: bool) -> Result<bool, HookError> {
+        Ok(requested)
+    }
+
+    fn on_kick(
+        &mut self,
+        _ctx: &mut HookCtx<'_>,
+        deadline_passed: bool,
+    ) -> Result<bool, HookError> {
+        Ok(deadline_passed)
+    }
+
+    fn on_exit(&mut self, _ctx: &mut HookCtx<'_>, _exit: &ExitRecord) -> Result<(), HookError> {
+        Ok(())
+    }
+
+    fn idle_wait(
+        &mut self,
+        clock: &VirtualClock,
+        virt_deadline: Option<u64>,
+        input_possible: bool,
+    ) {
+        let host = self.host();
+        host_idle_wait(&host, clock, virt_deadline, input_possible);
+    }
+
+    fn entropy(&mut self, _ctx: &mut HookCtx<'_>) -> Result<u64, HookError> {
+        Ok(host_random())
+    }
+}
+
+/// A random u64 from the host (getrandom).
+pub fn host_random() -> u64 {
+    let mut v = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into `v`.
+    let n = unsafe { libc::getrandom(v.as_mut_ptr().cast(), v.len(), 0) };
+    if n != 8 {
+        // Never fails for 8 bytes after boot; fall back to the clock.
+        return crate::kick::monotonic_ns().wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    u64::from_le_bytes(v)
+}
+
+/// Shared handle type for hooks that share state with their clock and input.
+pub type Shared<T> = Arc<std::sync::Mutex<T>>;
