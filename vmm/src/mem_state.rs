@@ -473,6 +473,46 @@ mod tests {
         assert_eq!(d0, pages_digest(&mem, [1, 2]));
     }
 
+    #[test]
+    fn dirty_tracker_reports_exactly_the_pages_the_guest_wrote() {
+        use kvm_ioctls::VcpuExit;
+        let Some(mut t) = crate::vcpu_state::tests::test_vm(4) else {
+            return;
+        };
+        let code: &[u8] = &[
+            0xc7, 0x05, 0x00, 0x00, 0x01, 0x00, 0x11, 0x11, 0x11, 0x11, // mov [0x10000], ..
+            0xc7, 0x05, 0xfc, 0x3f, 0x02, 0x00, 0x22, 0x22, 0x22, 0x22, // mov [0x23ffc], ..
+            0xc7, 0x05, 0xf0, 0xff, 0x3f, 0x00, 0x33, 0x33, 0x33, 0x33, // mov [0x3ffff0], ..
+            0xe6, 0x80, // out 0x80, al
+            0xc7, 0x05, 0x08, 0x50, 0x00, 0x00, 0x44, 0x44, 0x44, 0x44, // mov [0x5008], ..
+            0xf4, // hlt
+        ];
+        write(&t.mem, 0x1000, code);
+        crate::vcpu_state::tests::protected_mode(&t.vcpu, 0x1000);
+        // SAFETY: `t.mem` is registered with `t.vm` as slot 0 and outlives it.
+        let mut tracker = unsafe { DirtyTracker::enable(&t.vm, &t.mem) }.unwrap();
+        assert!(tracker.collect(&t.vm).unwrap().is_empty());
+        let before = pages_digest(&t.mem, [0x10, 0x23, 0x3ff]);
+
+        assert!(matches!(t.vcpu.run().unwrap(), VcpuExit::IoOut(0x80, _)));
+        let dirty = tracker.collect(&t.vm).unwrap();
+        assert_eq!(
+            dirty.iter().copied().collect::<Vec<_>>(),
+            vec![0x10, 0x23, 0x3ff]
+        );
+        assert_ne!(before, pages_digest(&t.mem, dirty.iter().copied()));
+        let runs = capture_pages(&t.mem, dirty.iter().copied());
+        let spans: Vec<(u64, u8)> = runs.iter().map(|r| (r.gpa, r.data[0xff0])).collect();
+        assert_eq!(spans, vec![(0x10000, 0), (0x23000, 0), (0x3ff000, 0x33)]);
+        assert_eq!(runs[1].data[0xffc], 0x22);
+
+        assert!(matches!(t.vcpu.run().unwrap(), VcpuExit::Hlt));
+        let dirty = tracker.collect(&t.vm).unwrap();
+        assert_eq!(dirty.into_iter().collect::<Vec<_>>(), vec![5]);
+        assert!(tracker.collect(&t.vm).unwrap().is_empty(), "collect clears");
+        tracker.disable(&t.vm).unwrap();
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]
 
