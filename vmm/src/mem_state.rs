@@ -71,8 +71,8 @@ pub enum MemStateError {
     },
 }
 
-/// Appends `len` bytes at `gpa` (read from `page`) to `runs`, extending the
-/// last run when it ends at `gpa` and has room.
+/// Appends `page`, the contents at `gpa`, to `runs`: to the last run when
+/// that ends at `gpa` and has room, else as a new run.
 fn push_page(runs: &mut Vec<PageRun>, gpa: u64, page: &[u8]) {
     if let Some(last) = runs.last_mut() {
         let end = last.gpa.checked_add(last.data.len() as u64);
@@ -193,7 +193,10 @@ pub fn zero_all(mem: &GuestMemory) -> Result<(), MemStateError> {
         while off < region.len() {
             let n = (region.len() - off).min(MAX_RUN_BYTES as u64) as usize;
             mem.write_slice(&zeros[..n], GuestAddress(gpa + off))
-                .map_err(|source| MemStateError::Write { gpa, source })?;
+                .map_err(|source| MemStateError::Write {
+                    gpa: gpa + off,
+                    source,
+                })?;
             off += n as u64;
         }
     }

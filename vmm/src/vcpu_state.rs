@@ -88,6 +88,9 @@ pub enum StateError {
         "the saved XSAVE area holds only {0} bytes (at least 4096 expected): the state is damaged"
     )]
     XsaveTooSmall(usize),
+    /// No XSAVE buffer of the size the CPU needs could be made.
+    #[error("cannot make a {0}-byte XSAVE buffer")]
+    XsaveBuffer(usize),
     /// A list of MSRs could not be built.
     #[error("cannot build a list of {0} MSRs")]
     MsrList(usize),
@@ -353,11 +356,8 @@ fn xsave_room() -> usize {
 
 /// A zeroed `Xsave` buffer of at least `room` bytes.
 fn xsave_buffer(room: usize) -> Result<Xsave, StateError> {
-    let extra = (room - LEGACY_XSAVE).div_ceil(4);
-    Xsave::new(extra).map_err(|_| StateError::XsaveTooLarge {
-        saved: room,
-        room: LEGACY_XSAVE,
-    })
+    let extra = room.saturating_sub(LEGACY_XSAVE).div_ceil(4);
+    Xsave::new(extra).map_err(|_| StateError::XsaveBuffer(room))
 }
 
 fn get_xsave(vcpu: &VcpuFd) -> Result<Vec<u8>, StateError> {
@@ -526,7 +526,10 @@ pub const DIGEST_REGISTERS: usize = 34;
 /// The registers that [`register_digest`] covers, by name, in digest order:
 /// rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8-r15, rip, rflags; for each of
 /// cs, ds, es, fs, gs, ss its selector then its base; cr0, cr3, cr4, efer.
-pub fn digest_registers(regs: &kvm_regs, sregs: &kvm_sregs) -> [(&'static str, u64); 34] {
+pub fn digest_registers(
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+) -> [(&'static str, u64); DIGEST_REGISTERS] {
     let r = regs;
     let s = sregs;
     [
