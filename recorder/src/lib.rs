@@ -1,4 +1,483 @@
 //! nyx-recorder: runs a machine and logs every nondeterministic input it
-//! consumes (time, serial and network input, entropy, interrupt landings)
-//! into a trace. The recorder itself lands with the record/replay work; this
-//! crate is its place in the workspace.
+//! consumes into a trace.
+//!
+//! The recorder is a set of [`RunHooks`] for the machine's one run loop: its
+//! clock source, serial input and entropy pass the host through and log each
+//! value where the machine consumes it; every guest-caused exit is logged
+//! for verification; every asynchronous stop (a kick at a device deadline) is
+//! logged as a landing with the register and dirty-memory digests the
+//! replayer needs to find the same point again. Events go to the trace in
+//! frames of bounded size; the trace is `NAME.partial` until the run ends,
+//! so a recorder that is killed leaves a trace that replays up to its last
+//! complete frame.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use nyx_devices::Input;
+use nyx_trace::{ContainerKind, FrameKind, GuestImage, TraceHeader, TraceWriter, WriterOptions};
+use nyx_vmm::clock::{HostTime, TimeSource, VirtualClock};
+use nyx_vmm::config::{MachineConfig, VerifyLevel, INITRD_IMAGE, KERNEL_IMAGE};
+use nyx_vmm::cpuid::CpuidPolicy;
+use nyx_vmm::events::{EndKind, EndRecord, Event, ExitRecord};
+use nyx_vmm::hooks::{host_idle_wait, host_random, HookCtx, HookError, RunHooks};
+use nyx_vmm::{MachineBuilder, RunOutcome, SerialIn};
+
+/// Events per frame before the frame is written.
+const EVENTS_PER_FRAME: usize = 8192;
+/// Longest time events wait in memory before their frame is written, ns.
+const FRAME_AGE_NS: u64 = 200_000_000;
+
+/// Errors of a recording.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The machine could not be built or run.
+    #[error(transparent)]
+    Machine(#[from] nyx_vmm::machine::Error),
+    /// The trace could not be written.
+    #[error("cannot write the trace {path}: {source}")]
+    Trace {
+        /// The trace path.
+        path: PathBuf,
+        /// Why.
+        source: nyx_trace::Error,
+    },
+    /// A file the user named cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// What to record.
+pub struct RecordOptions {
+    /// The trace file to write.
+    pub out: PathBuf,
+    /// The kernel file.
+    pub kernel: PathBuf,
+    /// The kernel's name as the guest sees it (default: the path as given).
+    pub kernel_name: Option<String>,
+    /// An initrd.
+    pub initrd: Option<PathBuf>,
+    /// The command line.
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Serial input.
+    pub serial_in: SerialIn,
+    /// Where guest serial output goes (default stdout).
+    pub serial_out: Option<Box<dyn std::io::Write + Send>>,
+    /// The KVM device.
+    pub kvm_path: String,
+    /// How much to verify.
+    pub verify: VerifyLevel,
+}
+
+/// What a recording produced.
+#[derive(Debug)]
+pub struct Recording {
+    /// The finished trace.
+    pub path: PathBuf,
+    /// How the run ended.
+    pub outcome: RunOutcome,
+    /// Events logged.
+    pub events: u64,
+    /// Landings logged.
+    pub landings: u64,
+    /// Guest-caused exits.
+    pub exits: u64,
+    /// The machine's exit statistics.
+    pub stats: nyx_vmm::machine::ExitStats,
+}
+
+/// The log shared by the hooks, the clock source and the serial input.
+struct Log {
+    writer: Option<TraceWriter>,
+    path: PathBuf,
+    buffer: Vec<Event>,
+    buffer_start: u64,
+    position: u64,
+    last_flush_ns: u64,
+    events: u64,
+    landings: u64,
+    error: Option<nyx_trace::Error>,
+}
+
+impl Log {
+    fn push(&mut self, e: Event) {
+        if self.buffer.is_empty() {
+            self.buffer_start = self.position;
+        }
+        if let Event::Exit(_) = e {
+            self.position += 1;
+        }
+        if let Event::Landing(_) = e {
+            self.landings += 1;
+        }
+        self.buffer.push(e);
+        self.events += 1;
+        if self.buffer.len() >= EVENTS_PER_FRAME {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.buffer.is_empty() || self.error.is_some() {
+            return;
+        }
+        if let Some(w) = self.writer.as_mut() {
+            if let Err(e) = w.write_records(FrameKind::Events, self.buffer_start, &self.buffer) {
+                self.error = Some(e);
+            }
+        }
+        self.buffer.clear();
+        self.last_flush_ns = nyx_vmm::kick::monotonic_ns();
+    }
+
+    fn flush_if_old(&mut self) {
+        if nyx_vmm::kick::monotonic_ns().saturating_sub(self.last_flush_ns) > FRAME_AGE_NS {
+            self.flush();
+        }
+    }
+
+    fn check(&mut self) -> Result<(), HookError> {
+        match self.error.take() {
+            Some(e) => Err(HookError::Trace(format!("{}: {e}", self.path.display()))),
+            None => Ok(()),
+        }
+    }
+}
+
+type SharedLog = Arc<Mutex<Log>>;
+
+fn lock(log: &SharedLog) -> std::sync::MutexGuard<'_, Log> {
+    log.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The host clock, each sample logged.
+struct RecordTime {
+    host: HostTime,
+    log: SharedLog,
+}
+
+impl TimeSource for RecordTime {
+    fn sample(&mut self) -> u64 {
+        let v = self.host.sample();
+        lock(&self.log).push(Event::Time(v));
+        v
+    }
+}
+
+/// The user's serial input, each chunk the UART takes logged.
+struct RecordInput {
+    inner: Box<dyn Input>,
+    log: SharedLog,
+}
+
+impl Input for RecordInput {
+    fn read_available(&mut self, buf: &mut [u8]) -> usize {
+        let n = self.inner.read_available(buf);
+        if n > 0 {
+            lock(&self.log).push(Event::Input(buf[..n].to_vec()));
+        }
+        n
+    }
+
+    fn is_exhausted(&self) -> bool {
+        self.inner.is_exhausted()
+    }
+}
+
+/// The recorder's run hooks.
+pub struct Recorder {
+    log: SharedLog,
+    host: HostTime,
+    verify: VerifyLevel,
+    wall: Arc<Mutex<i64>>,
+}
+
+impl Recorder {
+    fn new(log: SharedLog, verify: VerifyLevel, wall: Arc<Mutex<i64>>) -> Self {
+        Recorder {
+            log,
+            host: HostTime::new(),
+            verify,
+            wall,
+        }
+    }
+}
+
+impl RunHooks for Recorder {
+    fn name(&self) -> &'static str {
+        "record"
+    }
+
+    fn time_source(&mut self) -> Box<dyn TimeSource> {
+        self.host = HostTime::new();
+        Box::new(RecordTime {
+            host: self.host,
+            log: self.log.clone(),
+        })
+    }
+
+    fn serial_input(&mut self, requested: Box<dyn Input>) -> Box<dyn Input> {
+        Box::new(RecordInput {
+            inner: requested,
+            log: self.log.clone(),
+        })
+    }
+
+    fn wall_seconds(&mut self, host: i64) -> i64 {
+        *self.wall.lock().unwrap_or_else(|e| e.into_inner()) = host;
+        host
+    }
+
+    fn patches_instructions(&self) -> bool {
+        true
+    }
+
+    fn virtual_tsc(&self) -> bool {
+        true
+    }
+
+    fn tracks_dirty_pages(&self) -> bool {
+        true
+    }
+
+    fn kick_at(&self, virt_deadline: Option<u64>) -> Option<u64> {
+        Some(self.host.host_time_of(virt_deadline?))
+    }
+
+    fn poll_now(&mut self, _ctx: &mut HookCtx<'_>, requested: bool) -> Result<bool, HookError> {
+        let mut log = lock(&self.log);
+        if requested {
+            log.push(Event::Poll);
+            log.flush_if_old();
+        }
+        log.check()?;
+        Ok(requested)
+    }
+
+    fn on_kick(&mut self, ctx: &mut HookCtx<'_>, deadline_passed: bool) -> Result<bool, HookError> {
+        if !deadline_passed {
+            return Ok(false);
+        }
+        let landing = ctx.landing_here()?;
+        ctx.dirty_since_landing.clear();
+        lock(&self.log).push(Event::Landing(Box::new(landing)));
+        Ok(true)
+    }
+
+    fn on_exit(&mut self, ctx: &mut HookCtx<'_>, exit: &ExitRecord) -> Result<(), HookError> {
+        let regs = if self.verify == VerifyLevel::Full {
+            Some(ctx.regs_digest()?)
+        } else {
+            None
+        };
+        let mut log = lock(&self.log);
+        log.push(Event::Exit(*exit));
+        if let Some(d) = regs {
+            log.push(Event::Regs(d));
+        }
+        Ok(())
+    }
+
+    fn on_inject(&mut self, _ctx: &mut HookCtx<'_>, vector: u8) -> Result<(), HookError> {
+        lock(&self.log).push(Event::Inject(vector));
+        Ok(())
+    }
+
+    fn idle_wait(
+        &mut self,
+        clock: &VirtualClock,
+        virt_deadline: Option<u64>,
+        input_possible: bool,
+    ) {
+        lock(&self.log).flush_if_old();
+        host_idle_wait(&self.host, clock, virt_deadline, input_possible);
+    }
+
+    fn entropy(&mut self, _ctx: &mut HookCtx<'_>) -> Result<u64, HookError> {
+        let v = host_random();
+        lock(&self.log).push(Event::Entropy(v));
+        Ok(v)
+    }
+
+    fn on_end(&mut self, ctx: &mut HookCtx<'_>, outcome: &RunOutcome) -> Result<(), HookError> {
+        let end = end_record(ctx, outcome)?;
+        let mut log = lock(&self.log);
+        log.push(Event::End(Box::new(end)));
+        log.flush();
+        log.check()
+    }
+}
+
+/// The end record of the machine in `ctx` after `outcome`.
+pub fn end_record(ctx: &mut HookCtx<'_>, outcome: &RunOutcome) -> Result<EndRecord, HookError> {
+    let kind = match outcome {
+        RunOutcome::DebugExit(v) => EndKind::DebugExit(*v),
+        RunOutcome::Halted => EndKind::Halted,
+        RunOutcome::Reset => EndKind::Reset,
+        RunOutcome::PowerOff => EndKind::PowerOff,
+        RunOutcome::Crashed(r) => EndKind::Crashed(r.clone()),
+    };
+    let regs_digest = ctx.regs_digest()?;
+    let mem_digest = memory_digest(ctx.mem);
+    Ok(EndRecord {
+        kind,
+        regs_digest,
+        mem_digest,
+        virtual_ns: ctx.clock.last(),
+    })
+}
+
+/// Digest of all of guest memory.
+pub fn memory_digest(mem: &nyx_vmm::memory::GuestMemory) -> u64 {
+    use nyx_vmm::vm_memory::{GuestMemory as _, GuestMemoryRegion as _};
+    let gfns = mem.iter().flat_map(|r| {
+        let first = r.start_addr().0 >> 12;
+        first..first + (r.len() >> 12)
+    });
+    nyx_vmm::mem_state::pages_digest(mem, gfns)
+}
+
+/// Records a run of the machine `opts` describes into `opts.out`.
+pub fn record(opts: RecordOptions) -> Result<Recording, Error> {
+    let image = std::fs::read(&opts.kernel).map_err(|source| Error::Read {
+        path: opts.kernel.clone(),
+        source,
+    })?;
+    let initrd = match &opts.initrd {
+        Some(p) => Some(std::fs::read(p).map_err(|source| Error::Read {
+            path: p.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let kernel_name = opts
+        .kernel_name
+        .clone()
+        .unwrap_or_else(|| opts.kernel.display().to_string());
+    record_image(opts, kernel_name, image, initrd)
+}
+
+/// Records a run of a kernel given as bytes.
+pub fn record_image(
+    opts: RecordOptions,
+    kernel_name: String,
+    image: Vec<u8>,
+    initrd: Option<Vec<u8>>,
+) -> Result<Recording, Error> {
+    let log = Arc::new(Mutex::new(Log {
+        writer: None,
+        path: opts.out.clone(),
+        buffer: Vec::new(),
+        buffer_start: 0,
+        position: 0,
+        last_flush_ns: nyx_vmm::kick::monotonic_ns(),
+        events: 0,
+        landings: 0,
+        error: None,
+    }));
+    let wall = Arc::new(Mutex::new(0i64));
+    let hooks = Recorder::new(log.clone(), opts.verify, wall.clone());
+    let mut b = MachineBuilder::new()
+        .memory(opts.mem_mib)
+        .kernel_image(&kernel_name, image.clone())
+        .cmdline(&opts.cmdline)
+        .serial_in(opts.serial_in)
+        .kvm_path(&opts.kvm_path)
+        .cpuid_policy(CpuidPolicy::RecordReplay)
+        .hooks(Box::new(hooks));
+    if let Some(out) = opts.serial_out {
+        b = b.serial_out(out);
+    }
+    if let Some(i) = &initrd {
+        b = b.initrd_image(i.clone());
+    }
+    let mut machine = b.build()?;
+
+    let config = MachineConfig {
+        mem_mib: opts.mem_mib,
+        kernel_name: kernel_name.clone(),
+        cmdline: opts.cmdline.clone(),
+        has_initrd: initrd.is_some(),
+        cpuid: machine.cpuid().to_vec(),
+        tsc_khz: machine.tsc_khz(),
+        wall_seconds: *wall.lock().unwrap_or_else(|e| e.into_inner()),
+        verify: opts.verify,
+    };
+    let mut images = vec![GuestImage::embedded(KERNEL_IMAGE, image)];
+    if let Some(i) = initrd {
+        images.push(GuestImage::embedded(INITRD_IMAGE, i));
+    }
+    let header = TraceHeader {
+        uuid: trace_uuid(),
+        nyx_version: env!("CARGO_PKG_VERSION").to_string(),
+        kind: ContainerKind::Trace,
+        machine_config: config.to_bytes(),
+        images,
+    };
+    let opts_w = WriterOptions::default();
+    let writer =
+        TraceWriter::create_with(&opts.out, &header, opts_w).map_err(|source| Error::Trace {
+            path: opts.out.clone(),
+            source,
+        })?;
+    lock(&log).writer = Some(writer);
+
+    let run = machine.run();
+    let stats = machine.stats().clone();
+    let exits = machine.exit_seq();
+    drop(machine);
+    let mut l = lock(&log);
+    l.flush();
+    let (events, landings) = (l.events, l.landings);
+    let writer = l.writer.take();
+    let pending_error = l.error.take();
+    drop(l);
+    let outcome = run?;
+    if let Some(e) = pending_error {
+        return Err(Error::Trace {
+            path: opts.out.clone(),
+            source: e,
+        });
+    }
+    let path = match writer {
+        Some(w) => w.finish().map_err(|source| Error::Trace {
+            path: opts.out.clone(),
+            source,
+        })?,
+        None => opts.out.clone(),
+    };
+    Ok(Recording {
+        path,
+        outcome,
+        events,
+        landings,
+        exits,
+        stats,
+    })
+}
+
+/// 16 random bytes for the trace's UUID (version 4 layout).
+fn trace_uuid() -> [u8; 16] {
+    let mut u = [0u8; 16];
+    u[..8].copy_from_slice(&host_random().to_le_bytes());
+    u[8..].copy_from_slice(&host_random().to_le_bytes());
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    u
+}
+
+/// Where a recording of `kernel` goes by default.
+pub fn default_trace_path(kernel: &Path) -> PathBuf {
+    let stem = kernel
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "guest".into());
+    PathBuf::from(format!("{stem}.nyxtrace"))
+}

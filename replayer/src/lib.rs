@@ -1,3 +1,509 @@
-//! nyx-replayer: re-executes a trace, verifies every sync point, seeks and
-//! steps backwards. The replayer itself lands with the record/replay work;
-//! this crate is its place in the workspace.
+//! nyx-replayer: re-executes a trace, verifying every sync point.
+//!
+//! The replayer builds the recorded machine from the trace alone (kernel,
+//! initrd, CPUID table, TSC frequency and date come from its header) and runs
+//! it with [`RunHooks`] that serve the log back: time samples, serial input
+//! and random values come from the trace where the recording consumed them;
+//! every exit the guest makes is compared with the recorded one; before each
+//! recorded landing the replayer runs the guest to the same point with a
+//! hardware breakpoint at the landing's RIP, comparing the register digest
+//! and the digest of the pages written since the previous landing at every
+//! hit (see `search.rs`). The first mismatch stops the replay with a
+//! [`Divergence`] report.
+
+mod cursor;
+mod report;
+mod search;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use nyx_devices::Input;
+use nyx_trace::TraceReader;
+use nyx_vmm::clock::{TimeSource, VirtualClock};
+use nyx_vmm::config::{MachineConfig, VerifyLevel, INITRD_IMAGE, KERNEL_IMAGE};
+use nyx_vmm::events::{EndKind, Event, ExitRecord};
+use nyx_vmm::hooks::{HookCtx, HookError, RunHooks};
+use nyx_vmm::{MachineBuilder, RunOutcome};
+
+pub use cursor::Cursor;
+pub use report::Divergence;
+
+/// Errors of a replay.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The trace cannot be read.
+    #[error("cannot read the trace {path}: {source}")]
+    Trace {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: nyx_trace::Error,
+    },
+    /// The trace's header is not a Nyx recording this version can replay.
+    #[error("{path} is not a replayable Nyx trace: {why}")]
+    NotATrace {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// The machine could not be built or run.
+    #[error(transparent)]
+    Machine(#[from] nyx_vmm::machine::Error),
+    /// The guest did not do what the recording says.
+    #[error("{0}")]
+    Diverged(Box<Divergence>),
+}
+
+/// How a replay ended.
+#[derive(Debug)]
+pub enum ReplayEnd {
+    /// The guest reached the recorded end and everything matched.
+    Complete {
+        /// The outcome (the same as recorded).
+        outcome: RunOutcome,
+    },
+    /// The trace ends before the run did (the recorder was killed): every
+    /// event up to there matched.
+    Truncated {
+        /// The position where the trace ends.
+        position: u64,
+    },
+}
+
+/// What a replay did.
+#[derive(Debug)]
+pub struct Replay {
+    /// How it ended.
+    pub end: ReplayEnd,
+    /// Guest-caused exits replayed.
+    pub exits: u64,
+    /// Landings found.
+    pub landings: u64,
+    /// Breakpoint hits (and single steps) spent finding them.
+    pub search_hits: u64,
+    /// Most hits spent on one landing.
+    pub max_hits: u64,
+    /// Hits per landing, in order (for the benchmark).
+    pub hits_per_landing: Vec<u64>,
+    /// The machine's exit statistics.
+    pub stats: nyx_vmm::machine::ExitStats,
+}
+
+/// Replay options.
+pub struct ReplayOptions {
+    /// Where guest serial output goes (default stdout).
+    pub serial_out: Option<Box<dyn std::io::Write + Send>>,
+    /// The KVM device.
+    pub kvm_path: String,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        ReplayOptions {
+            serial_out: None,
+            kvm_path: "/dev/kvm".into(),
+        }
+    }
+}
+
+/// The shared replay state: the cursor plus search statistics.
+pub(crate) struct State {
+    pub cursor: Cursor,
+    pub landings: u64,
+    pub search_hits: u64,
+    pub hits_per_landing: Vec<u64>,
+}
+
+pub(crate) type Shared = Arc<Mutex<State>>;
+
+pub(crate) fn lock(s: &Shared) -> std::sync::MutexGuard<'_, State> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Time samples served from the trace.
+struct ReplayTime(Shared);
+
+impl TimeSource for ReplayTime {
+    fn sample(&mut self) -> u64 {
+        let mut s = lock(&self.0);
+        match s.cursor.take_if(|e| matches!(e, Event::Time(_))) {
+            Some(Event::Time(v)) => v,
+            _ => {
+                s.cursor
+                    .fail("the guest read the clock here, the recording did not");
+                s.cursor.last_time()
+            }
+        }
+    }
+}
+
+/// Serial input served from the trace.
+struct ReplayInput(Shared);
+
+impl Input for ReplayInput {
+    fn read_available(&mut self, buf: &mut [u8]) -> usize {
+        let mut s = lock(&self.0);
+        match s.cursor.peek() {
+            Some(Event::Input(b)) if b.len() <= buf.len() => {
+                let n = b.len();
+                buf[..n].copy_from_slice(b);
+                s.cursor.advance();
+                n
+            }
+            Some(Event::Input(b)) => {
+                let msg = format!(
+                    "the UART had room for {} bytes, the recording gave it {}",
+                    buf.len(),
+                    b.len()
+                );
+                s.cursor.fail(&msg);
+                0
+            }
+            _ => 0,
+        }
+    }
+
+    fn is_exhausted(&self) -> bool {
+        // Whether input may still come is part of the guest-visible state
+        // only through what the UART received, which the trace serves.
+        !lock(&self.0).cursor.has_more_input()
+    }
+}
+
+/// The replayer's run hooks.
+pub struct Replayer {
+    state: Shared,
+    config: MachineConfig,
+}
+
+impl Replayer {
+    fn check(&self, ctx: &mut HookCtx<'_>) -> Result<(), HookError> {
+        let mut s = lock(&self.state);
+        if let Some(msg) = s.cursor.take_failure() {
+            return Err(report::diverge(ctx, &s.cursor, msg, None));
+        }
+        Ok(())
+    }
+}
+
+impl RunHooks for Replayer {
+    fn name(&self) -> &'static str {
+        "replay"
+    }
+
+    fn time_source(&mut self) -> Box<dyn TimeSource> {
+        Box::new(ReplayTime(self.state.clone()))
+    }
+
+    fn serial_input(&mut self, _requested: Box<dyn Input>) -> Box<dyn Input> {
+        Box::new(ReplayInput(self.state.clone()))
+    }
+
+    fn wall_seconds(&mut self, _host: i64) -> i64 {
+        self.config.wall_seconds
+    }
+
+    fn patches_instructions(&self) -> bool {
+        true
+    }
+
+    fn virtual_tsc(&self) -> bool {
+        true
+    }
+
+    fn tracks_dirty_pages(&self) -> bool {
+        true
+    }
+
+    fn kick_at(&self, _virt_deadline: Option<u64>) -> Option<u64> {
+        None
+    }
+
+    fn poll_now(&mut self, ctx: &mut HookCtx<'_>, requested: bool) -> Result<bool, HookError> {
+        self.check(ctx)?;
+        let mut s = lock(&self.state);
+        if s.cursor.take_if(|e| matches!(e, Event::Poll)).is_some() {
+            return Ok(true);
+        }
+        if requested {
+            if s.cursor.at_end() {
+                return Err(HookError::TraceEnd {
+                    position: s.cursor.position(),
+                });
+            }
+            let msg =
+                "the guest idles in HLT here and its devices are polled; the recording has no poll"
+                    .to_string();
+            return Err(report::diverge(ctx, &s.cursor, msg, None));
+        }
+        Ok(false)
+    }
+
+    fn before_enter(&mut self, ctx: &mut HookCtx<'_>) -> Result<bool, HookError> {
+        self.check(ctx)?;
+        let landing = {
+            let mut s = lock(&self.state);
+            match s.cursor.take_if(|e| matches!(e, Event::Landing(_))) {
+                Some(Event::Landing(l)) => l,
+                _ => return Ok(false),
+            }
+        };
+        let hits = search::run_to_landing(ctx, &landing, &self.state)?;
+        let mut s = lock(&self.state);
+        s.landings += 1;
+        s.search_hits += hits;
+        s.hits_per_landing.push(hits);
+        Ok(true)
+    }
+
+    fn on_kick(
+        &mut self,
+        _ctx: &mut HookCtx<'_>,
+        _deadline_passed: bool,
+    ) -> Result<bool, HookError> {
+        // No deadline kicks in a replay; other kicks are stop requests,
+        // which the run loop handles before asking.
+        Ok(false)
+    }
+
+    fn on_exit(&mut self, ctx: &mut HookCtx<'_>, exit: &ExitRecord) -> Result<(), HookError> {
+        self.check(ctx)?;
+        let mut s = lock(&self.state);
+        match s.cursor.peek().cloned() {
+            Some(Event::Exit(r)) if same_exit(&r, exit) => {
+                s.cursor.advance();
+            }
+            Some(other) => {
+                let msg = format!("expected {other}\n  actual:   exit {exit}");
+                return Err(report::diverge(ctx, &s.cursor, msg, None));
+            }
+            None if s.cursor.at_end() => {
+                return Err(HookError::TraceEnd {
+                    position: s.cursor.position(),
+                })
+            }
+            None => {
+                let msg = format!("the trace has no more events, the guest made exit {exit}");
+                return Err(report::diverge(ctx, &s.cursor, msg, None));
+            }
+        }
+        if self.config.verify == VerifyLevel::Full {
+            let want = s.cursor.take_if(|e| matches!(e, Event::Regs(_)));
+            drop(s);
+            let got = ctx.regs_digest()?;
+            if let Some(Event::Regs(d)) = want {
+                if d != got {
+                    let s = lock(&self.state);
+                    let msg = format!(
+                        "register digest after exit {exit}: expected {d:#018x}, got {got:#018x}"
+                    );
+                    return Err(report::diverge(ctx, &s.cursor, msg, None));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_inject(&mut self, ctx: &mut HookCtx<'_>, vector: u8) -> Result<(), HookError> {
+        let mut s = lock(&self.state);
+        match s.cursor.take_if(|e| matches!(e, Event::Inject(_))) {
+            Some(Event::Inject(v)) if v == vector => Ok(()),
+            Some(Event::Inject(v)) => {
+                let msg =
+                    format!("expected interrupt vector {v:#x} to be injected, got {vector:#x}");
+                Err(report::diverge(ctx, &s.cursor, msg, None))
+            }
+            _ => {
+                let msg = format!("the guest takes interrupt vector {vector:#x} here, the recording injected none");
+                Err(report::diverge(ctx, &s.cursor, msg, None))
+            }
+        }
+    }
+
+    fn idle_wait(
+        &mut self,
+        _clock: &VirtualClock,
+        _virt_deadline: Option<u64>,
+        _input_possible: bool,
+    ) {
+    }
+
+    fn entropy(&mut self, ctx: &mut HookCtx<'_>) -> Result<u64, HookError> {
+        let mut s = lock(&self.state);
+        match s.cursor.take_if(|e| matches!(e, Event::Entropy(_))) {
+            Some(Event::Entropy(v)) => Ok(v),
+            _ => {
+                let msg =
+                    "the guest asks for a random value here, the recording has none".to_string();
+                Err(report::diverge(ctx, &s.cursor, msg, None))
+            }
+        }
+    }
+
+    fn on_end(&mut self, ctx: &mut HookCtx<'_>, outcome: &RunOutcome) -> Result<(), HookError> {
+        self.check(ctx)?;
+        let end = {
+            let mut s = lock(&self.state);
+            match s.cursor.take_if(|e| matches!(e, Event::End(_))) {
+                Some(Event::End(e)) => e,
+                _ if s.cursor.at_end() => {
+                    return Err(HookError::TraceEnd {
+                        position: s.cursor.position(),
+                    })
+                }
+                _ => {
+                    let msg = format!("the guest ended ({outcome:?}) where the recording goes on");
+                    return Err(report::diverge(ctx, &s.cursor, msg, None));
+                }
+            }
+        };
+        let actual = nyx_recorder::end_record(ctx, outcome)?;
+        let s = lock(&self.state);
+        let kinds_match = match (&end.kind, &actual.kind) {
+            (EndKind::Crashed(a), EndKind::Crashed(b)) => a.cpu == b.cpu,
+            (a, b) => a == b,
+        };
+        if !kinds_match {
+            let msg = format!(
+                "the recording ended {:?}, the replay {:?}",
+                end.kind, actual.kind
+            );
+            return Err(report::diverge(ctx, &s.cursor, msg, None));
+        }
+        if end.regs_digest != actual.regs_digest || end.mem_digest != actual.mem_digest {
+            let msg = format!(
+                "final state differs: registers {:#018x} vs {:#018x}, memory {:#018x} vs {:#018x}",
+                end.regs_digest, actual.regs_digest, end.mem_digest, actual.mem_digest
+            );
+            return Err(report::diverge(ctx, &s.cursor, msg, None));
+        }
+        Ok(())
+    }
+}
+
+/// Whether two exit records describe the same exit. RIP is compared where
+/// both have one (exits whose handling reads the registers).
+fn same_exit(want: &ExitRecord, got: &ExitRecord) -> bool {
+    want.kind == got.kind
+        && want.addr == got.addr
+        && want.size == got.size
+        && want.data == got.data
+        && (want.rip == 0 || got.rip == 0 || want.rip == got.rip)
+}
+
+/// A trace opened for replay: its reader, machine, kernel and initrd.
+pub struct OpenTrace {
+    /// The reader, at the first frame.
+    pub reader: TraceReader,
+    /// The machine it describes.
+    pub config: MachineConfig,
+    /// The kernel image.
+    pub kernel: Vec<u8>,
+    /// The initrd image.
+    pub initrd: Option<Vec<u8>>,
+}
+
+/// The machine description and images of a trace.
+pub fn open_trace(path: &Path) -> Result<OpenTrace, Error> {
+    let reader = TraceReader::open(path).map_err(|source| Error::Trace {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let not = |why: String| Error::NotATrace {
+        path: path.to_path_buf(),
+        why,
+    };
+    let h = reader.header();
+    if h.kind != nyx_trace::ContainerKind::Trace {
+        return Err(not(format!("it is a {:?} container, not a trace", h.kind)));
+    }
+    let config = MachineConfig::from_bytes(&h.machine_config)
+        .map_err(|e| not(format!("machine configuration: {e}")))?;
+    let image = |name: &str| {
+        h.images
+            .iter()
+            .find(|i| i.name == name)
+            .and_then(|i| i.data.clone())
+    };
+    let kernel =
+        image(KERNEL_IMAGE).ok_or_else(|| not("the kernel image is not embedded".into()))?;
+    let initrd = if config.has_initrd {
+        Some(image(INITRD_IMAGE).ok_or_else(|| not("the initrd image is not embedded".into()))?)
+    } else {
+        None
+    };
+    Ok(OpenTrace {
+        reader,
+        config,
+        kernel,
+        initrd,
+    })
+}
+
+/// Replays the trace at `path`.
+pub fn replay(path: &Path, opts: ReplayOptions) -> Result<Replay, Error> {
+    let OpenTrace {
+        reader,
+        config,
+        kernel,
+        initrd,
+    } = open_trace(path)?;
+    let cursor = Cursor::new(reader, path.to_path_buf());
+    let state = Arc::new(Mutex::new(State {
+        cursor,
+        landings: 0,
+        search_hits: 0,
+        hits_per_landing: Vec::new(),
+    }));
+    let hooks = Replayer {
+        state: state.clone(),
+        config: config.clone(),
+    };
+    let mut b = MachineBuilder::new()
+        .memory(config.mem_mib)
+        .kernel_image(&config.kernel_name, kernel)
+        .cmdline(&config.cmdline)
+        .kvm_path(&opts.kvm_path)
+        .cpuid_table(config.cpuid.clone())
+        .tsc_khz(config.tsc_khz)
+        .hooks(Box::new(hooks));
+    if let Some(out) = opts.serial_out {
+        b = b.serial_out(out);
+    }
+    if let Some(i) = initrd {
+        b = b.initrd_image(i);
+    }
+    let mut machine = b.build()?;
+    let result = machine.run();
+    let stats = machine.stats().clone();
+    let exits = machine.exit_seq();
+    drop(machine);
+    let mut s = lock(&state);
+    if let Some(e) = s.cursor.take_read_error() {
+        return Err(Error::Trace {
+            path: path.to_path_buf(),
+            source: e,
+        });
+    }
+    let end = match result {
+        Ok(outcome) => ReplayEnd::Complete { outcome },
+        Err(nyx_vmm::machine::Error::Hook(HookError::TraceEnd { position })) => {
+            ReplayEnd::Truncated { position }
+        }
+        Err(nyx_vmm::machine::Error::Hook(HookError::Divergence(text))) => {
+            return Err(Error::Diverged(Box::new(Divergence { text })))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Replay {
+        end,
+        exits,
+        landings: s.landings,
+        search_hits: s.search_hits,
+        max_hits: s.hits_per_landing.iter().copied().max().unwrap_or(0),
+        hits_per_landing: s.hits_per_landing.clone(),
+        stats,
+    })
+}

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use nyx_vmm::{MachineBuilder, RunOutcome};
 
 /// Runs the demo on the KVM device `kvm_device`.
-pub fn run(kvm_device: &str) -> Result<ExitCode, nyx_vmm::machine::Error> {
+pub fn run(kvm_device: &str) -> Result<ExitCode, String> {
     eprintln!(
         "nyx demo: booting the bundled guest ({} bytes, Multiboot ELF) under KVM;",
         nyx_guests::PIT.len()
@@ -16,8 +16,9 @@ pub fn run(kvm_device: &str) -> Result<ExitCode, nyx_vmm::machine::Error> {
     let mut machine = MachineBuilder::new()
         .kernel_image("demo guest", nyx_guests::PIT.to_vec())
         .kvm_path(kvm_device)
-        .build()?;
-    let outcome = machine.run()?;
+        .build()
+        .map_err(|e| e.to_string())?;
+    let outcome = machine.run().map_err(|e| e.to_string())?;
     let s = machine.stats();
     eprintln!("--- end of guest output ---");
     eprintln!(

@@ -1,19 +1,26 @@
 //! `nyx`: the command-line front end. Each subcommand is a thin layer over
-//! the crates: `run` builds a machine with `MachineBuilder` and runs it;
-//! `demo` does the same with a bundled guest.
+//! the crates: `run` builds a machine with `MachineBuilder` and runs it,
+//! `record` and `replay` run it under the recorder's and the replayer's
+//! hooks, `trace` looks into trace files, `demo` shows it all on a bundled
+//! guest.
 //!
-//! Exit status of `run`: the value the guest wrote to the debug-exit port;
-//! 0 when it halts with interrupts disabled, resets or powers off; 2 with a
-//! crash report on stderr when it crashes; 1 for an error of Nyx or of its
-//! input, with one line saying what is wrong.
+//! Exit status of `run`, `record` and `replay`: the value the guest wrote to
+//! the debug-exit port; 0 when it halts with interrupts disabled, resets or
+//! powers off; 2 with a crash report on stderr when it crashes; 1 for an
+//! error of Nyx or of its input, with one line saying what is wrong. `replay`
+//! also: 3 with a divergence report when the guest does not do what the
+//! recording says; 4 when the trace ends before the run (a recording that
+//! was cut off), after replaying everything up to there.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use nyx_vmm::config::VerifyLevel;
 use nyx_vmm::{MachineBuilder, RunOutcome, SerialIn};
 
 mod demo;
+mod trace_cmd;
 
 /// Nyx: a KVM virtual machine monitor for debugging guests.
 #[derive(Parser, Debug)]
@@ -30,8 +37,67 @@ struct Cli {
 enum Command {
     /// Boot a kernel and run it until it exits, halts or crashes.
     Run(RunArgs),
-    /// Boot the bundled demo guest and show what Nyx does.
+    /// Run a kernel like `run` and record everything nondeterministic into a trace.
+    Record(RecordArgs),
+    /// Re-execute a trace exactly, verifying every step.
+    Replay(ReplayArgs),
+    /// Look into a trace file.
+    #[command(subcommand)]
+    Trace(TraceCommand),
+    /// Boot the bundled demo guest, record it, replay it and compare.
     Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+struct RecordArgs {
+    /// The trace file to write (NAME.partial until the run ends).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// `full` also records a register digest after every exit.
+    #[arg(long, value_name = "LEVEL", default_value = "exits", value_parser = ["exits", "full"])]
+    verify: String,
+    #[command(flatten)]
+    machine: MachineArgs,
+}
+
+#[derive(Args, Debug)]
+struct ReplayArgs {
+    /// The trace to replay.
+    trace: PathBuf,
+    /// The KVM device to open.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "NYX_KVM_DEVICE",
+        default_value = "/dev/kvm",
+        hide = true
+    )]
+    kvm_device: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum TraceCommand {
+    /// Configuration, event counts, sizes, compression, guest time.
+    Info {
+        /// The trace.
+        trace: PathBuf,
+    },
+    /// One line per event.
+    Dump {
+        /// The trace.
+        trace: PathBuf,
+        /// Start at this position (guest-caused exits).
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// Only events of this kind (exit kinds: pio-in, pio-out, hlt, ...; time, input, landing, poll, inject, entropy, end).
+        #[arg(long)]
+        kind: Option<String>,
+    },
+    /// Check every checksum, the index and completeness.
+    Verify {
+        /// The trace.
+        trace: PathBuf,
+    },
 }
 
 /// Options that describe a machine.
@@ -115,6 +181,74 @@ pub fn finish(outcome: &RunOutcome) -> ExitCode {
     ExitCode::from(outcome.exit_status() as u8)
 }
 
+fn record(args: &RecordArgs) -> Result<ExitCode, nyx_recorder::Error> {
+    let m = &args.machine;
+    let serial_in = match m.serial_in.as_deref() {
+        None => SerialIn::None,
+        Some("-") => SerialIn::Stdin,
+        Some(p) => SerialIn::File(PathBuf::from(p)),
+    };
+    let rec = nyx_recorder::record(nyx_recorder::RecordOptions {
+        out: args.out.clone(),
+        kernel: m.kernel.clone(),
+        kernel_name: None,
+        initrd: m.initrd.clone(),
+        cmdline: m.cmdline.clone(),
+        mem_mib: m.mem,
+        serial_in,
+        serial_out: None,
+        kvm_path: m.kvm_device.clone(),
+        verify: if args.verify == "full" {
+            VerifyLevel::Full
+        } else {
+            VerifyLevel::Exits
+        },
+    })?;
+    eprintln!(
+        "nyx: recorded {} events ({} exits, {} landings) into {}",
+        rec.events,
+        rec.exits,
+        rec.landings,
+        rec.path.display()
+    );
+    Ok(finish(&rec.outcome))
+}
+
+fn replay(args: &ReplayArgs) -> Result<ExitCode, nyx_replayer::Error> {
+    let r = nyx_replayer::replay(
+        &args.trace,
+        nyx_replayer::ReplayOptions {
+            serial_out: None,
+            kvm_path: args.kvm_device.clone(),
+        },
+    );
+    match r {
+        Ok(rep) => {
+            tracing::info!(
+                "replayed {} exits, {} landings ({} breakpoint hits, at most {} for one)",
+                rep.exits,
+                rep.landings,
+                rep.search_hits,
+                rep.max_hits
+            );
+            match rep.end {
+                nyx_replayer::ReplayEnd::Complete { outcome } => Ok(finish(&outcome)),
+                nyx_replayer::ReplayEnd::Truncated { position } => {
+                    eprintln!(
+                        "nyx: the trace ends at position {position} (the recording was cut off); everything up to there replayed and matched"
+                    );
+                    Ok(ExitCode::from(4))
+                }
+            }
+        }
+        Err(nyx_replayer::Error::Diverged(d)) => {
+            eprint!("{d}");
+            Ok(ExitCode::from(3))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn run(args: &RunArgs) -> Result<ExitCode, nyx_vmm::machine::Error> {
     let mut machine = args.machine.builder().build()?;
     let outcome = machine.run()?;
@@ -158,8 +292,19 @@ fn init_logging(verbose: u8) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let result = match &cli.command {
-        Command::Run(a) => run(a),
+    let result: Result<ExitCode, String> = match &cli.command {
+        Command::Run(a) => run(a).map_err(|e| e.to_string()),
+        Command::Record(a) => record(a).map_err(|e| e.to_string()),
+        Command::Replay(a) => replay(a).map_err(|e| e.to_string()),
+        Command::Trace(TraceCommand::Info { trace }) => {
+            trace_cmd::info(trace).map_err(|e| e.to_string())
+        }
+        Command::Trace(TraceCommand::Dump { trace, from, kind }) => {
+            trace_cmd::dump(trace, *from, kind.as_deref()).map_err(|e| e.to_string())
+        }
+        Command::Trace(TraceCommand::Verify { trace }) => {
+            trace_cmd::verify(trace).map_err(|e| e.to_string())
+        }
         Command::Demo(a) => demo::run(&a.kvm_device),
     };
     match result {

@@ -159,6 +159,12 @@ pub struct Landing {
     pub dirty_pages: u32,
     /// Digest of those pages' contents.
     pub mem_digest: u64,
+    /// An interrupt Nyx had injected that the vCPU had not yet delivered
+    /// when it stopped. KVM may deliver an injected interrupt later than at
+    /// entry (the emulated KVM of Nyx's build machines delivers it at the
+    /// end of an emulation batch, after a pending kick): the replayer then
+    /// holds the interrupt back until it has found the landing.
+    pub pending_interrupt: Option<u8>,
 }
 
 /// How a recorded run ended.
@@ -241,8 +247,15 @@ impl std::fmt::Display for Event {
             Event::Entropy(v) => write!(f, "entropy {v:#x}"),
             Event::Landing(l) => write!(
                 f,
-                "landing rip {:#x} regs {:#018x} mem {:#018x} ({} dirty pages)",
-                l.regs.rip, l.regs_digest, l.mem_digest, l.dirty_pages
+                "landing rip {:#x} regs {:#018x} mem {:#018x} ({} dirty pages){}",
+                l.regs.rip,
+                l.regs_digest,
+                l.mem_digest,
+                l.dirty_pages,
+                match l.pending_interrupt {
+                    Some(v) => format!(", interrupt {v:#x} still pending"),
+                    None => String::new(),
+                }
             ),
             Event::Inject(v) => write!(f, "inject vector {v:#x}"),
             Event::Regs(d) => write!(f, "regs {d:#018x}"),
@@ -286,6 +299,7 @@ mod tests {
                         regs_digest: d,
                         dirty_pages: n,
                         mem_digest: !d,
+                        pending_interrupt: (n % 3 == 0).then_some(0x20),
                     }))
                 }
             ),

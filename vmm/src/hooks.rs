@@ -87,8 +87,16 @@ impl HookCtx<'_> {
             what: "KVM_GET_SREGS",
             source,
         })?;
+        let events = self
+            .vcpu
+            .get_vcpu_events()
+            .map_err(|source| HookError::Kvm {
+                what: "KVM_GET_VCPU_EVENTS",
+                source,
+            })?;
         self.collect_dirty()?;
         Ok(crate::events::Landing {
+            pending_interrupt: (events.interrupt.injected != 0).then_some(events.interrupt.nr),
             regs: crate::events::GprSnapshot::of(&regs),
             regs_digest: crate::vcpu_state::register_digest(&regs, &sregs),
             dirty_pages: self.dirty_since_landing.len() as u32,
@@ -292,3 +300,28 @@ pub fn host_random() -> u64 {
 
 /// Shared handle type for hooks that share state with their clock and input.
 pub type Shared<T> = Arc<std::sync::Mutex<T>>;
+
+/// Sets (Some) or withdraws (None) the interrupt KVM holds for injection.
+pub fn set_queued_interrupt(vcpu: &VcpuFd, vector: Option<u8>) -> Result<(), HookError> {
+    let mut ev = vcpu.get_vcpu_events().map_err(|source| HookError::Kvm {
+        what: "KVM_GET_VCPU_EVENTS",
+        source,
+    })?;
+    ev.interrupt.injected = u8::from(vector.is_some());
+    ev.interrupt.nr = vector.unwrap_or(0);
+    ev.interrupt.soft = 0;
+    ev.flags = 0;
+    vcpu.set_vcpu_events(&ev).map_err(|source| HookError::Kvm {
+        what: "KVM_SET_VCPU_EVENTS",
+        source,
+    })
+}
+
+/// The interrupt KVM holds for injection, if any.
+pub fn queued_interrupt(vcpu: &VcpuFd) -> Result<Option<u8>, HookError> {
+    let ev = vcpu.get_vcpu_events().map_err(|source| HookError::Kvm {
+        what: "KVM_GET_VCPU_EVENTS",
+        source,
+    })?;
+    Ok((ev.interrupt.injected != 0).then_some(ev.interrupt.nr))
+}

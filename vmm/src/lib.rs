@@ -3,6 +3,7 @@
 //! hands every exit to the user-space devices.
 
 pub mod clock;
+pub mod config;
 pub mod cpuid;
 pub mod crash;
 pub mod events;
@@ -19,3 +20,5 @@ pub mod patch;
 pub mod platform;
 pub mod vcpu_state;
 pub use machine::{Machine, MachineBuilder, RunOutcome, SerialIn};
+
+pub use vm_memory;

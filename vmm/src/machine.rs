@@ -194,6 +194,7 @@ pub struct MachineBuilder {
     kernel: Option<(String, Vec<u8>)>,
     kernel_path: Option<PathBuf>,
     initrd: Option<PathBuf>,
+    initrd_image: Option<Vec<u8>>,
     cmdline: String,
     serial_in: SerialIn,
     serial_out: Option<Box<dyn Write + Send>>,
@@ -211,6 +212,7 @@ impl Default for MachineBuilder {
             kernel: None,
             kernel_path: None,
             initrd: None,
+            initrd_image: None,
             cmdline: String::new(),
             serial_in: SerialIn::None,
             serial_out: None,
@@ -250,6 +252,12 @@ impl MachineBuilder {
     /// An initrd (a Multiboot module for Multiboot kernels).
     pub fn initrd(mut self, path: impl AsRef<Path>) -> Self {
         self.initrd = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// An initrd given as bytes.
+    pub fn initrd_image(mut self, image: Vec<u8>) -> Self {
+        self.initrd_image = Some(image);
         self
     }
 
@@ -313,7 +321,7 @@ impl MachineBuilder {
 
     /// Opens KVM, creates memory and vCPU, loads the kernel and wires the
     /// devices.
-    pub fn build(self) -> Result<Machine, Error> {
+    pub fn build(mut self) -> Result<Machine, Error> {
         let (kernel_name, image) = match (self.kernel, &self.kernel_path) {
             (Some(k), _) => k,
             (None, Some(p)) => {
@@ -327,6 +335,7 @@ impl MachineBuilder {
             (None, None) => return Err(Error::NoKernel),
         };
         let initrd = match &self.initrd {
+            _ if self.initrd_image.is_some() => self.initrd_image.take(),
             Some(p) => Some(std::fs::read(p).map_err(|source| Error::Read {
                 what: "initrd",
                 path: p.clone(),

@@ -1,0 +1,136 @@
+//! Walking a trace's events in order, one frame at a time.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+
+use nyx_trace::{FrameKind, TraceReader};
+use nyx_vmm::events::Event;
+
+/// How many consumed events a divergence report shows.
+const RECENT: usize = 12;
+
+/// The replay's place in the trace.
+pub struct Cursor {
+    reader: TraceReader,
+    path: PathBuf,
+    next_frame: usize,
+    pending: VecDeque<Event>,
+    position: u64,
+    recent: VecDeque<(u64, Event)>,
+    failure: Option<String>,
+    read_error: Option<nyx_trace::Error>,
+    last_time: u64,
+}
+
+impl Cursor {
+    /// A cursor at the start of `reader`'s events.
+    pub fn new(reader: TraceReader, path: PathBuf) -> Self {
+        Cursor {
+            reader,
+            path,
+            next_frame: 0,
+            pending: VecDeque::new(),
+            position: 0,
+            recent: VecDeque::new(),
+            failure: None,
+            read_error: None,
+            last_time: 0,
+        }
+    }
+
+    /// The trace's path.
+    pub fn path(&self) -> &PathBuf {
+        &self.path
+    }
+
+    fn fill(&mut self) {
+        while self.pending.is_empty() && self.read_error.is_none() {
+            let frames = self.reader.frames();
+            let Some(idx) =
+                (self.next_frame..frames.len()).find(|&i| frames[i].kind == FrameKind::Events)
+            else {
+                self.next_frame = frames.len();
+                return;
+            };
+            self.next_frame = idx + 1;
+            match self.reader.read_records::<Event>(idx) {
+                Ok(events) => self.pending.extend(events),
+                Err(e) => self.read_error = Some(e),
+            }
+        }
+    }
+
+    /// The next event, without consuming it.
+    pub fn peek(&mut self) -> Option<&Event> {
+        self.fill();
+        self.pending.front()
+    }
+
+    /// Consumes the next event.
+    pub fn advance(&mut self) -> Option<Event> {
+        self.fill();
+        let e = self.pending.pop_front()?;
+        match &e {
+            Event::Exit(_) => self.position += 1,
+            Event::Time(t) => self.last_time = *t,
+            _ => {}
+        }
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((self.position, e.clone()));
+        Some(e)
+    }
+
+    /// Consumes the next event if `pred` holds for it.
+    pub fn take_if(&mut self, pred: impl FnOnce(&Event) -> bool) -> Option<Event> {
+        if self.peek().is_some_and(pred) {
+            self.advance()
+        } else {
+            None
+        }
+    }
+
+    /// Whether every event has been consumed.
+    pub fn at_end(&mut self) -> bool {
+        self.peek().is_none()
+    }
+
+    /// Whether the recording's UART could still receive input here: the
+    /// recorder kept polling (rather than ending the run) exactly then.
+    pub fn has_more_input(&mut self) -> bool {
+        matches!(self.peek(), Some(Event::Poll))
+    }
+
+    /// Guest-caused exits consumed so far.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// The last time sample served.
+    pub fn last_time(&self) -> u64 {
+        self.last_time
+    }
+
+    /// The last events consumed, with their positions.
+    pub fn recent(&self) -> impl Iterator<Item = &(u64, Event)> {
+        self.recent.iter()
+    }
+
+    /// Notes a mismatch found where no error can be returned (clock, input).
+    pub fn fail(&mut self, msg: &str) {
+        if self.failure.is_none() {
+            self.failure = Some(msg.to_string());
+        }
+    }
+
+    /// The noted mismatch, if any.
+    pub fn take_failure(&mut self) -> Option<String> {
+        self.failure.take()
+    }
+
+    /// A frame that could not be read (checksum, decoding).
+    pub fn take_read_error(&mut self) -> Option<nyx_trace::Error> {
+        self.read_error.take()
+    }
+}

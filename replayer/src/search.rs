@@ -1,0 +1,146 @@
+//! Finding a landing: running the replayed guest to the exact point where
+//! the recording stopped it asynchronously.
+//!
+//! A hardware execution breakpoint (DR0 through `KVM_SET_GUEST_DEBUG`) is
+//! armed at the landing's RIP. At each hit the general registers are compared
+//! with the recorded ones, then the digest of all registers, then the digest
+//! of the pages written since the previous landing: equal registers and
+//! equal written memory mean an equal machine, so the first full match is
+//! the landing, even in a loop whose registers never change. Between hits the
+//! breakpoint is disarmed, the guest single-stepped past it and the
+//! breakpoint re-armed (continuing with RFLAGS.RF does not work on every
+//! KVM). A REP string instruction stops at each iteration while single-
+//! stepped, so a landing inside one is found too.
+
+use kvm_bindings::{
+    kvm_guest_debug, kvm_guest_debug_arch, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
+    KVM_GUESTDBG_USE_HW_BP,
+};
+use kvm_ioctls::VcpuExit;
+use nyx_vmm::events::{GprSnapshot, Landing};
+use nyx_vmm::hooks::{set_queued_interrupt, HookCtx, HookError};
+
+use crate::{lock, Shared};
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HookError {
+    move |source| HookError::Kvm { what, source }
+}
+
+fn set_debug(ctx: &mut HookCtx<'_>, control: u32, dr0: Option<u64>) -> Result<(), HookError> {
+    let mut arch = kvm_guest_debug_arch::default();
+    if let Some(addr) = dr0 {
+        arch.debugreg[0] = addr;
+        // L0 enabled, RW0 = 00 (execute), LEN0 = 00.
+        arch.debugreg[7] = 1;
+    }
+    let dbg = kvm_guest_debug {
+        control,
+        pad: 0,
+        arch,
+    };
+    ctx.vcpu
+        .set_guest_debug(&dbg)
+        .map_err(kvm("KVM_SET_GUEST_DEBUG"))
+}
+
+/// Whether the vCPU is exactly at `landing`.
+fn at_landing(ctx: &mut HookCtx<'_>, landing: &Landing) -> Result<bool, HookError> {
+    let regs = ctx.vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+    if GprSnapshot::of(&regs) != landing.regs {
+        return Ok(false);
+    }
+    let sregs = ctx.vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+    if nyx_vmm::vcpu_state::register_digest(&regs, &sregs) != landing.regs_digest {
+        return Ok(false);
+    }
+    ctx.collect_dirty()?;
+    if ctx.dirty_since_landing.len() as u32 != landing.dirty_pages {
+        return Ok(false);
+    }
+    let digest = nyx_vmm::mem_state::pages_digest(ctx.mem, ctx.dirty_since_landing.iter().copied());
+    Ok(digest == landing.mem_digest)
+}
+
+fn unexpected(ctx: &mut HookCtx<'_>, state: &Shared, landing: &Landing, what: String) -> HookError {
+    let _ = set_debug(ctx, 0, None);
+    let s = lock(state);
+    let msg = format!(
+        "expected landing at rip {:#x} (recorded asynchronous stop)\n  actual:   {what} before reaching it",
+        landing.regs.rip
+    );
+    crate::report::diverge(ctx, &s.cursor, msg, Some(&landing.regs))
+}
+
+/// Runs the guest to `landing`. Returns the number of breakpoint hits and
+/// single steps it took. An interrupt the recording still held undelivered
+/// at the landing is withdrawn for the search and queued again after it.
+pub fn run_to_landing(
+    ctx: &mut HookCtx<'_>,
+    landing: &Landing,
+    state: &Shared,
+) -> Result<u64, HookError> {
+    if landing.pending_interrupt.is_some() {
+        set_queued_interrupt(ctx.vcpu, None)?;
+    }
+    let hits = search(ctx, landing, state)?;
+    if let Some(v) = landing.pending_interrupt {
+        set_queued_interrupt(ctx.vcpu, Some(v))?;
+    }
+    Ok(hits)
+}
+
+fn search(ctx: &mut HookCtx<'_>, landing: &Landing, state: &Shared) -> Result<u64, HookError> {
+    // A landing without progress (the kick came before the guest ran).
+    if at_landing(ctx, landing)? {
+        ctx.dirty_since_landing.clear();
+        return Ok(0);
+    }
+    let sregs = ctx.vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+    let long = sregs.efer & (1 << 10) != 0 && sregs.cs.l != 0;
+    let linear = if long {
+        landing.regs.rip
+    } else {
+        sregs.cs.base.wrapping_add(landing.regs.rip) & 0xffff_ffff
+    };
+    let armed = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
+    let mut hits = 0u64;
+    set_debug(ctx, armed, Some(linear))?;
+    loop {
+        match ctx.vcpu.run() {
+            Ok(VcpuExit::Debug(_)) => {}
+            Ok(other) => {
+                let what = format!("the guest made exit {other:?}");
+                return Err(unexpected(ctx, state, landing, what));
+            }
+            Err(e) if e.errno() == libc::EINTR => {
+                ctx.vcpu.set_kvm_immediate_exit(0);
+                let _ = set_debug(ctx, 0, None);
+                return Err(HookError::Stopped);
+            }
+            Err(e) => return Err(kvm("KVM_RUN")(e)),
+        }
+        hits += 1;
+        // At the breakpoint (or still inside a REP instruction there).
+        loop {
+            let rip = ctx.vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?.rip;
+            if rip != landing.regs.rip {
+                break;
+            }
+            if at_landing(ctx, landing)? {
+                set_debug(ctx, 0, None)?;
+                ctx.dirty_since_landing.clear();
+                return Ok(hits);
+            }
+            set_debug(ctx, KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, None)?;
+            match ctx.vcpu.run() {
+                Ok(VcpuExit::Debug(_)) => hits += 1,
+                Ok(other) => {
+                    let what = format!("the guest made exit {other:?} (single-stepping)");
+                    return Err(unexpected(ctx, state, landing, what));
+                }
+                Err(e) => return Err(kvm("KVM_RUN (single step)")(e)),
+            }
+        }
+        set_debug(ctx, armed, Some(linear))?;
+    }
+}

@@ -1,0 +1,86 @@
+//! The description of a machine that traces and snapshots carry in their
+//! header: enough to build the same machine again without the files it was
+//! built from (the kernel and initrd travel as embedded images).
+
+use serde::{Deserialize, Serialize};
+
+use crate::cpuid::CpuidEntry;
+
+/// The image name of the kernel in a trace's image list.
+pub const KERNEL_IMAGE: &str = "kernel";
+/// The image name of the initrd.
+pub const INITRD_IMAGE: &str = "initrd";
+
+/// How much a recording verifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum VerifyLevel {
+    /// Every exit's kind, address, size and data; landings; the end state.
+    #[default]
+    Exits,
+    /// Also the register digest after every exit.
+    Full,
+}
+
+/// A machine as a trace or snapshot describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineConfig {
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// The kernel's name as the user gave it (a Multiboot guest sees it in
+    /// front of its command line).
+    pub kernel_name: String,
+    /// The command line as the user gave it.
+    pub cmdline: String,
+    /// Whether an initrd image is part of the machine.
+    pub has_initrd: bool,
+    /// The exact CPUID table.
+    pub cpuid: Vec<CpuidEntry>,
+    /// The virtual TSC's frequency, kHz.
+    pub tsc_khz: u32,
+    /// The date at power-on, seconds since the Unix epoch.
+    pub wall_seconds: i64,
+    /// What the recording verifies.
+    pub verify: VerifyLevel,
+}
+
+impl MachineConfig {
+    /// Encodes with postcard.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Encoding a plain struct into a Vec cannot fail.
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    /// Decodes what [`MachineConfig::to_bytes`] wrote.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        postcard::from_bytes(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects_garbage() {
+        let c = MachineConfig {
+            mem_mib: 64,
+            kernel_name: "hello".into(),
+            cmdline: "a b".into(),
+            has_initrd: false,
+            cpuid: vec![CpuidEntry {
+                function: 1,
+                index: 0,
+                flags: 0,
+                eax: 1,
+                ebx: 2,
+                ecx: 3,
+                edx: 4,
+            }],
+            tsc_khz: 2_000_000,
+            wall_seconds: 1_800_000_000,
+            verify: VerifyLevel::Full,
+        };
+        assert_eq!(MachineConfig::from_bytes(&c.to_bytes()).unwrap(), c);
+        assert!(MachineConfig::from_bytes(&[0xff; 3]).is_err());
+    }
+}
