@@ -198,10 +198,7 @@ impl Cmos {
         let ext = (ram_below_4g.saturating_sub(MIB) / KIB).min(0xFFFF);
         set16(0x17, ext);
         set16(0x30, ext);
-        set16(
-            0x34,
-            (ram_below_4g.saturating_sub(16 * MIB) / (64 * KIB)).min(0xFFFF),
-        );
+        set16(0x34, (ram_below_4g.saturating_sub(16 * MIB) / (64 * KIB)).min(0xFFFF));
         let high = ram_above_4g / (64 * KIB);
         data[0x5B] = high as u8;
         data[0x5C] = (high >> 8) as u8;
@@ -358,10 +355,7 @@ impl Cmos {
             (DAY_OF_MONTH, self.encode(tm.day)),
             (MONTH, self.encode(tm.month)),
             (YEAR, self.encode(tm.year.rem_euclid(100))),
-            (
-                CENTURY,
-                self.encode(tm.year.div_euclid(100).rem_euclid(100)),
-            ),
+            (CENTURY, self.encode(tm.year.div_euclid(100).rem_euclid(100))),
         ];
         for (i, v) in regs {
             self.state.data[i] = v;
@@ -485,8 +479,7 @@ impl Cmos {
                 self.data(i)
             }
             REG_A => {
-                let uip = self.running()
-                    && self.guest_ns(now).rem_euclid(NS_PER_SEC) >= NS_PER_SEC - UIP_HOLD_NS;
+                let uip = self.running() && self.guest_ns(now).rem_euclid(NS_PER_SEC) >= NS_PER_SEC - UIP_HOLD_NS;
                 self.data(REG_A) | if uip { A_UIP } else { 0 }
             }
             REG_C => {
@@ -603,13 +596,7 @@ mod tests {
     fn rtc(secs: i64) -> (Cmos, Arc<ManualClock>, Arc<RecordingSink>) {
         let clock = Arc::new(ManualClock::new(5_000));
         let sink = Arc::new(RecordingSink::default());
-        let c = Cmos::new(
-            &FixedWallClock(secs),
-            512 * MIB,
-            0,
-            clock.clone(),
-            sink.clone(),
-        );
+        let c = Cmos::new(&FixedWallClock(secs), 512 * MIB, 0, clock.clone(), sink.clone());
         (c, clock, sink)
     }
 
@@ -643,17 +630,11 @@ mod tests {
     fn known_date_rolls_over_midnight() {
         let (mut c, clock, _) = rtc(NOV27_2359);
         // century, year, month, day, hour, minute, second, day of week
-        assert_eq!(
-            read_bcd(&mut c),
-            [0x20, 0x26, 0x11, 0x27, 0x23, 0x59, 0x59, 0x06]
-        );
+        assert_eq!(read_bcd(&mut c), [0x20, 0x26, 0x11, 0x27, 0x23, 0x59, 0x59, 0x06]);
         clock.advance(999_999_999);
         assert_eq!(rd(&mut c, 0), 0x59);
         clock.advance(1);
-        assert_eq!(
-            read_bcd(&mut c),
-            [0x20, 0x26, 0x11, 0x28, 0x00, 0x00, 0x00, 0x07]
-        );
+        assert_eq!(read_bcd(&mut c), [0x20, 0x26, 0x11, 0x28, 0x00, 0x00, 0x00, 0x07]);
     }
 
     #[test]
@@ -697,14 +678,10 @@ mod tests {
         assert_eq!(rd(&mut c, 0), 0x06, "still frozen");
         wr(&mut c, 0x0B, B_24H);
         clock.advance(2_000_000_000);
-        assert_eq!(
-            read_bcd(&mut c)[..7],
-            [0x20, 0x31, 0x02, 0x03, 0x04, 0x05, 0x08]
-        );
+        assert_eq!(read_bcd(&mut c)[..7], [0x20, 0x31, 0x02, 0x03, 0x04, 0x05, 0x08]);
         // A restored RTC continues the same calendar.
         let st = c.state();
-        let mut r =
-            Cmos::from_state(&st, clock.clone(), Arc::new(RecordingSink::default())).unwrap();
+        let mut r = Cmos::from_state(&st, clock.clone(), Arc::new(RecordingSink::default())).unwrap();
         clock.advance(60_000_000_000);
         assert_eq!(rd(&mut r, 2), 0x06);
         assert_eq!(rd(&mut r, 0), 0x08);
@@ -716,10 +693,7 @@ mod tests {
         clock.advance(2_000_000_000); // 2026-11-28 00:00:01
         wr(&mut c, 0x04, 0x10);
         clock.advance(1_000_000_000);
-        assert_eq!(
-            read_bcd(&mut c)[..7],
-            [0x20, 0x26, 0x11, 0x28, 0x10, 0x00, 0x02]
-        );
+        assert_eq!(read_bcd(&mut c)[..7], [0x20, 0x26, 0x11, 0x28, 0x10, 0x00, 0x02]);
     }
 
     #[test]
@@ -797,10 +771,7 @@ mod tests {
                 assert_eq!(rd(&mut c, 0x0C) & (C_IRQF | C_PF), C_IRQF | C_PF);
             }
             let edges = sink.rising_edges(RTC_IRQ);
-            assert!(
-                edges.abs_diff(hz) <= 1,
-                "rate {rate}: {edges} interrupts, want {hz}"
-            );
+            assert!(edges.abs_diff(hz) <= 1, "rate {rate}: {edges} interrupts, want {hz}");
         }
     }
 
@@ -821,21 +792,13 @@ mod tests {
     fn memory_size_bytes_follow_qemu() {
         let clock = Arc::new(ManualClock::new(0));
         let sink = Arc::new(RecordingSink::default());
-        let mut c = Cmos::new(
-            &FixedWallClock(0),
-            3 * 1024 * MIB,
-            6 * 1024 * MIB,
-            clock,
-            sink,
-        );
+        let mut c = Cmos::new(&FixedWallClock(0), 3 * 1024 * MIB, 6 * 1024 * MIB, clock, sink);
         let w = |c: &mut Cmos, r: u8| u32::from(rd(c, r)) | u32::from(rd(c, r + 1)) << 8;
         assert_eq!(w(&mut c, 0x15), 640);
         assert_eq!(w(&mut c, 0x17), 0xFFFF);
         assert_eq!(w(&mut c, 0x30), 0xFFFF);
         assert_eq!(w(&mut c, 0x34), (3 * 1024 - 16) * 16);
-        let high = u32::from(rd(&mut c, 0x5B))
-            | u32::from(rd(&mut c, 0x5C)) << 8
-            | u32::from(rd(&mut c, 0x5D)) << 16;
+        let high = u32::from(rd(&mut c, 0x5B)) | u32::from(rd(&mut c, 0x5C)) << 8 | u32::from(rd(&mut c, 0x5D)) << 16;
         assert_eq!(high, 6 * 1024 * 16);
 
         let clock = Arc::new(ManualClock::new(0));

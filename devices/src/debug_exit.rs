@@ -61,10 +61,7 @@ mod tests {
 
     #[test]
     fn empty_write_exits_with_zero() {
-        assert_eq!(
-            DebugExit::new().write(0xF4, 0, &[]),
-            Some(BusEvent::DebugExit(0))
-        );
+        assert_eq!(DebugExit::new().write(0xF4, 0, &[]), Some(BusEvent::DebugExit(0)));
     }
 
     proptest! {

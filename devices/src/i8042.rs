@@ -207,8 +207,9 @@ impl I8042 {
         }
         match v {
             CMD_READ_MODE => self.queue(self.state.mode, false),
-            CMD_WRITE_MODE | CMD_WRITE_OBUF | CMD_WRITE_AUX_OBUF | CMD_WRITE_AUX
-            | CMD_WRITE_OUTPORT => self.state.write_cmd = v,
+            CMD_WRITE_MODE | CMD_WRITE_OBUF | CMD_WRITE_AUX_OBUF | CMD_WRITE_AUX | CMD_WRITE_OUTPORT => {
+                self.state.write_cmd = v
+            }
             CMD_AUX_DISABLE => self.state.mode |= MODE_DISABLE_AUX,
             CMD_AUX_ENABLE => {
                 self.state.mode &= !MODE_DISABLE_AUX;
@@ -320,11 +321,7 @@ impl Port92 {
 impl BusDevice for Port92 {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         for (i, d) in data.iter_mut().enumerate() {
-            *d = if offset == 0 && i == 0 {
-                self.state.value
-            } else {
-                0xFF
-            };
+            *d = if offset == 0 && i == 0 { self.state.value } else { 0xFF };
         }
     }
 
@@ -380,10 +377,7 @@ mod tests {
     fn self_test_and_command_byte() {
         let (mut c, sink) = kbc();
         assert_eq!(cmd(&mut c, CMD_SELF_TEST), None);
-        assert_eq!(
-            status(&mut c),
-            STAT_CMD | STAT_UNLOCKED | STAT_SELFTEST | STAT_OBF
-        );
+        assert_eq!(status(&mut c), STAT_CMD | STAT_UNLOCKED | STAT_SELFTEST | STAT_OBF);
         assert_eq!(sink.changes(), vec![(KBD_IRQ, true)]);
         assert_eq!(data(&mut c), 0x55);
         assert_eq!(status(&mut c) & STAT_OBF, 0);
@@ -414,10 +408,7 @@ mod tests {
         let (mut c, sink) = kbc();
         cmd(&mut c, CMD_WRITE_AUX_OBUF);
         c.write(DATA_PORT, 0, &[0x9A]);
-        assert_eq!(
-            status(&mut c) & (STAT_OBF | STAT_AUX_OBF),
-            STAT_OBF | STAT_AUX_OBF
-        );
+        assert_eq!(status(&mut c) & (STAT_OBF | STAT_AUX_OBF), STAT_OBF | STAT_AUX_OBF);
         assert_eq!(sink.changes(), vec![(AUX_IRQ, true)]);
         assert_eq!(data(&mut c), 0x9A);
         assert_eq!(sink.changes().last(), Some(&(AUX_IRQ, false)));

@@ -60,9 +60,7 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock at `ns`.
     pub fn new(ns: u64) -> Self {
-        Self {
-            now: Mutex::new(ns),
-        }
+        Self { now: Mutex::new(ns) }
     }
 
     /// Sets the time; it never goes backwards.
@@ -145,10 +143,7 @@ pub struct RecordingSink {
 impl RecordingSink {
     /// The changes so far.
     pub fn changes(&self) -> Vec<(u8, bool)> {
-        self.changes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.changes.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The number of rising edges on `irq` so far.
@@ -170,10 +165,7 @@ impl RecordingSink {
 
 impl InterruptSink for RecordingSink {
     fn set_level(&self, irq: u8, high: bool) {
-        self.changes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((irq, high));
+        self.changes.lock().unwrap_or_else(|e| e.into_inner()).push((irq, high));
     }
 }
 

@@ -106,9 +106,7 @@ impl PciHost {
         if state.config.len() != CONFIG_LEN {
             return Err(PciError::BadConfigLength(state.config.len()));
         }
-        Ok(Self {
-            state: state.clone(),
-        })
+        Ok(Self { state: state.clone() })
     }
 
     /// The snapshot of this host.
@@ -244,11 +242,7 @@ mod tests {
             p.write(0xCF8, 4, &[0; 4]);
         }
         set(&mut p, addr(0, 0, 0, 0));
-        assert_eq!(
-            rd(&mut p, 0xCFC, 4),
-            0x1237_8086,
-            "the writes above changed nothing"
-        );
+        assert_eq!(rd(&mut p, 0xCFC, 4), 0x1237_8086, "the writes above changed nothing");
     }
 
     #[test]
@@ -295,10 +289,7 @@ mod tests {
             config: vec![0; 255],
             ..st
         };
-        assert_eq!(
-            PciHost::from_state(&bad).err(),
-            Some(PciError::BadConfigLength(255))
-        );
+        assert_eq!(PciHost::from_state(&bad).err(), Some(PciError::BadConfigLength(255)));
     }
 
     #[derive(Debug, Clone)]
@@ -309,22 +300,11 @@ mod tests {
     }
 
     fn op() -> impl Strategy<Value = Op> {
-        let a = (
-            any::<bool>(),
-            0u32..2,
-            0u32..2,
-            0u32..2,
-            any::<u8>(),
-            0u32..128,
-        )
-            .prop_map(|(en, bus, dev, func, reg, junk)| {
-                (if en { ENABLE } else { 0 })
-                    | junk << 24
-                    | bus << 16
-                    | dev << 11
-                    | func << 8
-                    | u32::from(reg)
-            });
+        let a = (any::<bool>(), 0u32..2, 0u32..2, 0u32..2, any::<u8>(), 0u32..128).prop_map(
+            |(en, bus, dev, func, reg, junk)| {
+                (if en { ENABLE } else { 0 }) | junk << 24 | bus << 16 | dev << 11 | func << 8 | u32::from(reg)
+            },
+        );
         let size = prop::sample::select(vec![1usize, 2, 4]);
         prop_oneof![
             a.prop_map(Op::Address),

@@ -99,11 +99,7 @@ impl ChipState {
         if self.ltim {
             return 0xff;
         }
-        let cascade = if is_master && !self.single {
-            1 << CASCADE_IRQ
-        } else {
-            0
-        };
+        let cascade = if is_master && !self.single { 1 << CASCADE_IRQ } else { 0 };
         self.elcr | cascade
     }
 
@@ -123,9 +119,7 @@ impl ChipState {
 
     /// The priority (0 highest, 8 for none) of the best input in `mask`.
     fn priority(&self, mask: u8) -> u8 {
-        (0..8)
-            .find(|&p| mask & Self::bit(self.rotated(p)) != 0)
-            .unwrap_or(8)
+        (0..8).find(|&p| mask & Self::bit(self.rotated(p)) != 0).unwrap_or(8)
     }
 
     /// The input this chip would present to its INT output now, if any.
@@ -297,9 +291,7 @@ impl Pic {
 
     /// A pair restored from `state`. Any values are accepted.
     pub fn from_state(state: &PicState) -> Self {
-        let mut pic = Self {
-            state: state.clone(),
-        };
+        let mut pic = Self { state: state.clone() };
         pic.sync_cascade();
         pic
     }
@@ -363,12 +355,8 @@ impl Pic {
 
     fn read_port(&mut self, port: u64) -> u8 {
         let value = match port {
-            p if p == MASTER_PORT || p == MASTER_PORT + 1 => {
-                self.state.master.read(p == MASTER_PORT + 1, true)
-            }
-            p if p == SLAVE_PORT || p == SLAVE_PORT + 1 => {
-                self.state.slave.read(p == SLAVE_PORT + 1, false)
-            }
+            p if p == MASTER_PORT || p == MASTER_PORT + 1 => self.state.master.read(p == MASTER_PORT + 1, true),
+            p if p == SLAVE_PORT || p == SLAVE_PORT + 1 => self.state.slave.read(p == SLAVE_PORT + 1, false),
             p if p == ELCR_PORT => self.state.master.elcr,
             p if p == ELCR_PORT + 1 => self.state.slave.elcr,
             _ => 0xff,
@@ -414,9 +402,7 @@ impl BusDevice for Pic {
 /// Lets devices hold an `Arc<dyn InterruptSink>` that is the PIC.
 impl InterruptSink for Mutex<Pic> {
     fn set_level(&self, irq: u8, high: bool) {
-        self.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .set_irq(irq, high);
+        self.lock().unwrap_or_else(|e| e.into_inner()).set_irq(irq, high);
     }
 }
 
@@ -818,18 +804,11 @@ mod tests {
 
         /// Checks a delivery of `line` and consumes it.
         fn deliver(&mut self, line: usize) -> Result<(), TestCaseError> {
-            prop_assert!(
-                line % 8 != 2 || line >= 8,
-                "cascade input delivered as itself"
-            );
+            prop_assert!(line % 8 != 2 || line >= 8, "cascade input delivered as itself");
             if self.level[line] {
                 prop_assert!(self.lines[line], "level line {} delivered while low", line);
             } else {
-                prop_assert!(
-                    self.pending[line],
-                    "edge line {} delivered without a request",
-                    line
-                );
+                prop_assert!(self.pending[line], "edge line {} delivered without a request", line);
                 self.pending[line] = false;
             }
             Ok(())
@@ -925,11 +904,7 @@ mod tests {
                 Op::Ocw3(slave, v) => out(&mut pic, if slave { 0xa0 } else { 0x20 }, v),
                 Op::Elcr(slave, v) => {
                     out(&mut pic, ELCR_PORT + u64::from(slave), v);
-                    let mask = if slave {
-                        SLAVE_ELCR_MASK
-                    } else {
-                        MASTER_ELCR_MASK
-                    };
+                    let mask = if slave { SLAVE_ELCR_MASK } else { MASTER_ELCR_MASK };
                     m.elcr[usize::from(slave)] = v & mask;
                     m.refresh_levels();
                 }

@@ -179,9 +179,7 @@ fn bcd_to_bin(v: u16) -> u32 {
 
 fn bin_to_bcd(v: u64) -> u16 {
     let v = v % 10_000;
-    (0..4).fold(0u16, |acc, i| {
-        acc | (((v / 10u64.pow(i)) % 10) as u16) << (4 * i)
-    })
+    (0..4).fold(0u16, |acc, i| acc | (((v / 10u64.pow(i)) % 10) as u16) << (4 * i))
 }
 
 impl ChannelState {
@@ -291,11 +289,7 @@ impl ChannelState {
     }
 
     fn load(&mut self, now: u64, raw: u16) {
-        let n = if self.bcd {
-            bcd_to_bin(raw)
-        } else {
-            u32::from(raw)
-        };
+        let n = if self.bcd { bcd_to_bin(raw) } else { u32::from(raw) };
         self.count = if n == 0 { self.modulus() as u32 } else { n };
         self.loaded = true;
         self.written_ns = now;
@@ -429,11 +423,7 @@ impl Pit {
     }
 
     /// A PIT restored from `state`. Any values are accepted.
-    pub fn from_state(
-        state: &PitState,
-        clock: Arc<dyn Clock>,
-        irq: Arc<dyn InterruptSink>,
-    ) -> Self {
+    pub fn from_state(state: &PitState, clock: Arc<dyn Clock>, irq: Arc<dyn InterruptSink>) -> Self {
         Self {
             state: state.clone(),
             clock,
@@ -492,9 +482,7 @@ impl Pit {
         }
         let now = self.clock.now_ns();
         match port {
-            p @ PIT_PORT..=0x42 => {
-                self.state.channels[(p - PIT_PORT) as usize].write_count(now, value)
-            }
+            p @ PIT_PORT..=0x42 => self.state.channels[(p - PIT_PORT) as usize].write_count(now, value),
             0x43 => match value >> 6 {
                 3 => {
                     // Read-back: bit 5 clear latches counts, bit 4 clear statuses.
@@ -630,10 +618,7 @@ mod tests {
             r.clock.set(d);
             r.pit.poll();
             assert_eq!(r.irqs() as u64, k);
-            assert_eq!(
-                r.pit.next_deadline_ns(),
-                Some(start + ticks_to_ns_ceil(1193 * (k + 1)))
-            );
+            assert_eq!(r.pit.next_deadline_ns(), Some(start + ticks_to_ns_ceil(1193 * (k + 1))));
             last = d;
         }
         // Ten missed periods are one pulse at the next poll.
@@ -656,10 +641,7 @@ mod tests {
         r.clock.set(start + 10_000_000);
         r.pit.poll();
         assert_eq!(r.irqs(), 1);
-        assert_eq!(
-            r.pit.next_deadline_ns(),
-            Some(start + ticks_to_ns_ceil(1000 * 12))
-        );
+        assert_eq!(r.pit.next_deadline_ns(), Some(start + ticks_to_ns_ceil(1000 * 12)));
     }
 
     #[test]
@@ -667,10 +649,7 @@ mod tests {
         let mut r = Rig::new();
         r.program(0, 0, 100);
         let start = r.clock.now_ns();
-        assert_eq!(
-            r.pit.next_deadline_ns(),
-            Some(start + ticks_to_ns_ceil(100))
-        );
+        assert_eq!(r.pit.next_deadline_ns(), Some(start + ticks_to_ns_ceil(100)));
         r.clock.advance(1_000_000);
         r.pit.poll();
         assert_eq!(r.irqs(), 1);

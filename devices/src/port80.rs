@@ -27,9 +27,7 @@ impl Port80 {
 
     /// A port restored from a snapshot.
     pub fn from_state(state: &Port80State) -> Self {
-        Self {
-            state: state.clone(),
-        }
+        Self { state: state.clone() }
     }
 
     /// The snapshot of this port.
@@ -73,12 +71,6 @@ mod tests {
         p.read(0x80, 0, &mut d);
         assert_eq!(d, [0xFF; 4]);
         let r = Port80::from_state(&p.state());
-        assert_eq!(
-            r.state(),
-            Port80State {
-                last: 0x34,
-                writes: 2
-            }
-        );
+        assert_eq!(r.state(), Port80State { last: 0x34, writes: 2 });
     }
 }

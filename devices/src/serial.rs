@@ -136,8 +136,7 @@ impl SerialState {
     /// The interrupt the UART signals now, as an IIR identification value
     /// (`0x01` for none), in the 16550A's priority order.
     pub fn pending_interrupt(&self) -> u8 {
-        let rx_ready = self.lsr & LSR_DR != 0
-            && (!self.fifo_enabled() || self.rx_fifo.len() >= self.trigger_level());
+        let rx_ready = self.lsr & LSR_DR != 0 && (!self.fifo_enabled() || self.rx_fifo.len() >= self.trigger_level());
         if self.ier & IER_RLSI != 0 && self.lsr & LSR_INT_ANY != 0 {
             IIR_RLSI
         } else if self.ier & IER_RDI != 0 && self.timeout_ipending {
@@ -178,12 +177,7 @@ impl std::fmt::Debug for Serial {
 impl Serial {
     /// A UART in its reset state that drives `irq_line` of `irq`, writes what
     /// the guest transmits to `out` and receives from `input`.
-    pub fn new(
-        irq: Arc<dyn InterruptSink>,
-        irq_line: u8,
-        out: Box<dyn Write + Send>,
-        input: Box<dyn Input>,
-    ) -> Self {
+    pub fn new(irq: Arc<dyn InterruptSink>, irq_line: u8, out: Box<dyn Write + Send>, input: Box<dyn Input>) -> Self {
         Self {
             state: SerialState::default(),
             irq,
@@ -437,11 +431,7 @@ impl BusDevice for Serial {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         for (i, d) in data.iter_mut().enumerate() {
             let reg = offset.saturating_add(i as u64);
-            *d = if reg < SERIAL_LEN {
-                self.read_reg(reg)
-            } else {
-                0xFF
-            };
+            *d = if reg < SERIAL_LEN { self.read_reg(reg) } else { 0xFF };
         }
     }
 
@@ -482,10 +472,7 @@ mod tests {
 
     impl Write for BrokenOut {
         fn write(&mut self, _buf: &[u8]) -> std::io::Result<usize> {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::BrokenPipe,
-                "closed",
-            ))
+            Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "closed"))
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
@@ -558,10 +545,7 @@ mod tests {
         assert_eq!(rd(&mut s, 1), 0, "IER is visible again with DLAB clear");
         wr(&mut s, 7, 0x5A);
         assert_eq!(rd(&mut s, 7), 0x5A);
-        assert!(
-            out.0.lock().unwrap().is_empty(),
-            "divisor writes are not output"
-        );
+        assert!(out.0.lock().unwrap().is_empty(), "divisor writes are not output");
     }
 
     #[test]
@@ -705,14 +689,7 @@ mod tests {
         s.poll_input();
         let st = s.state();
         let sink = Arc::new(RecordingSink::default());
-        let mut r = Serial::from_state(
-            &st,
-            sink.clone(),
-            IRQ,
-            Box::new(Vec::new()),
-            Box::new(NoInput),
-        )
-        .unwrap();
+        let mut r = Serial::from_state(&st, sink.clone(), IRQ, Box::new(Vec::new()), Box::new(NoInput)).unwrap();
         assert_eq!(r.state(), st);
         assert!(sink.changes().is_empty());
         assert_eq!(rd(&mut r, 0), b'h');

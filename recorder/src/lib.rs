@@ -290,12 +290,7 @@ impl RunHooks for Recorder {
         Ok(())
     }
 
-    fn idle_wait(
-        &mut self,
-        clock: &VirtualClock,
-        virt_deadline: Option<u64>,
-        input_possible: bool,
-    ) {
+    fn idle_wait(&mut self, clock: &VirtualClock, virt_deadline: Option<u64>, input_possible: bool) {
         lock(&self.log).flush_if_old();
         host_idle_wait(&self.host, clock, virt_deadline, input_possible);
     }
@@ -422,11 +417,10 @@ pub fn record_image(
         images,
     };
     let opts_w = WriterOptions::default();
-    let writer =
-        TraceWriter::create_with(&opts.out, &header, opts_w).map_err(|source| Error::Trace {
-            path: opts.out.clone(),
-            source,
-        })?;
+    let writer = TraceWriter::create_with(&opts.out, &header, opts_w).map_err(|source| Error::Trace {
+        path: opts.out.clone(),
+        source,
+    })?;
     lock(&log).writer = Some(writer);
 
     let run = machine.run();

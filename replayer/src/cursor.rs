@@ -9,6 +9,15 @@ use nyx_vmm::events::Event;
 /// How many consumed events a divergence report shows.
 const RECENT: usize = 12;
 
+/// A mismatch noted where no error could be returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The guest wanted an event and the trace had none left.
+    End,
+    /// The guest wanted something other than the next event.
+    Mismatch(String),
+}
+
 /// The replay's place in the trace.
 pub struct Cursor {
     reader: TraceReader,
@@ -17,7 +26,7 @@ pub struct Cursor {
     pending: VecDeque<Event>,
     position: u64,
     recent: VecDeque<(u64, Event)>,
-    failure: Option<String>,
+    failure: Option<Failure>,
     read_error: Option<nyx_trace::Error>,
     last_time: u64,
 }
@@ -46,9 +55,7 @@ impl Cursor {
     fn fill(&mut self) {
         while self.pending.is_empty() && self.read_error.is_none() {
             let frames = self.reader.frames();
-            let Some(idx) =
-                (self.next_frame..frames.len()).find(|&i| frames[i].kind == FrameKind::Events)
-            else {
+            let Some(idx) = (self.next_frame..frames.len()).find(|&i| frames[i].kind == FrameKind::Events) else {
                 self.next_frame = frames.len();
                 return;
             };
@@ -120,12 +127,19 @@ impl Cursor {
     /// Notes a mismatch found where no error can be returned (clock, input).
     pub fn fail(&mut self, msg: &str) {
         if self.failure.is_none() {
-            self.failure = Some(msg.to_string());
+            self.failure = Some(Failure::Mismatch(msg.to_string()));
+        }
+    }
+
+    /// Notes that the guest wanted an event after the last one.
+    pub fn fail_end(&mut self) {
+        if self.failure.is_none() {
+            self.failure = Some(Failure::End);
         }
     }
 
     /// The noted mismatch, if any.
-    pub fn take_failure(&mut self) -> Option<String> {
+    pub fn take_failure(&mut self) -> Option<Failure> {
         self.failure.take()
     }
 

@@ -26,7 +26,7 @@ use nyx_vmm::events::{EndKind, Event, ExitRecord};
 use nyx_vmm::hooks::{HookCtx, HookError, RunHooks};
 use nyx_vmm::{MachineBuilder, RunOutcome};
 
-pub use cursor::Cursor;
+pub use cursor::{Cursor, Failure};
 pub use report::Divergence;
 
 /// Errors of a replay.
@@ -130,9 +130,12 @@ impl TimeSource for ReplayTime {
         let mut s = lock(&self.0);
         match s.cursor.take_if(|e| matches!(e, Event::Time(_))) {
             Some(Event::Time(v)) => v,
+            _ if s.cursor.at_end() => {
+                s.cursor.fail_end();
+                s.cursor.last_time()
+            }
             _ => {
-                s.cursor
-                    .fail("the guest read the clock here, the recording did not");
+                s.cursor.fail("the guest read the clock here, the recording did not");
                 s.cursor.last_time()
             }
         }
@@ -181,10 +184,13 @@ pub struct Replayer {
 impl Replayer {
     fn check(&self, ctx: &mut HookCtx<'_>) -> Result<(), HookError> {
         let mut s = lock(&self.state);
-        if let Some(msg) = s.cursor.take_failure() {
-            return Err(report::diverge(ctx, &s.cursor, msg, None));
+        match s.cursor.take_failure() {
+            Some(Failure::End) => Err(HookError::TraceEnd {
+                position: s.cursor.position(),
+            }),
+            Some(Failure::Mismatch(msg)) => Err(report::diverge(ctx, &s.cursor, msg, None)),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -233,9 +239,7 @@ impl RunHooks for Replayer {
                     position: s.cursor.position(),
                 });
             }
-            let msg =
-                "the guest idles in HLT here and its devices are polled; the recording has no poll"
-                    .to_string();
+            let msg = "the guest idles in HLT here and its devices are polled; the recording has no poll".to_string();
             return Err(report::diverge(ctx, &s.cursor, msg, None));
         }
         Ok(false)
@@ -258,11 +262,7 @@ impl RunHooks for Replayer {
         Ok(true)
     }
 
-    fn on_kick(
-        &mut self,
-        _ctx: &mut HookCtx<'_>,
-        _deadline_passed: bool,
-    ) -> Result<bool, HookError> {
+    fn on_kick(&mut self, _ctx: &mut HookCtx<'_>, _deadline_passed: bool) -> Result<bool, HookError> {
         // No deadline kicks in a replay; other kicks are stop requests,
         // which the run loop handles before asking.
         Ok(false)
@@ -296,9 +296,7 @@ impl RunHooks for Replayer {
             if let Some(Event::Regs(d)) = want {
                 if d != got {
                     let s = lock(&self.state);
-                    let msg = format!(
-                        "register digest after exit {exit}: expected {d:#018x}, got {got:#018x}"
-                    );
+                    let msg = format!("register digest after exit {exit}: expected {d:#018x}, got {got:#018x}");
                     return Err(report::diverge(ctx, &s.cursor, msg, None));
                 }
             }
@@ -311,8 +309,7 @@ impl RunHooks for Replayer {
         match s.cursor.take_if(|e| matches!(e, Event::Inject(_))) {
             Some(Event::Inject(v)) if v == vector => Ok(()),
             Some(Event::Inject(v)) => {
-                let msg =
-                    format!("expected interrupt vector {v:#x} to be injected, got {vector:#x}");
+                let msg = format!("expected interrupt vector {v:#x} to be injected, got {vector:#x}");
                 Err(report::diverge(ctx, &s.cursor, msg, None))
             }
             _ => {
@@ -322,21 +319,17 @@ impl RunHooks for Replayer {
         }
     }
 
-    fn idle_wait(
-        &mut self,
-        _clock: &VirtualClock,
-        _virt_deadline: Option<u64>,
-        _input_possible: bool,
-    ) {
-    }
+    fn idle_wait(&mut self, _clock: &VirtualClock, _virt_deadline: Option<u64>, _input_possible: bool) {}
 
     fn entropy(&mut self, ctx: &mut HookCtx<'_>) -> Result<u64, HookError> {
         let mut s = lock(&self.state);
         match s.cursor.take_if(|e| matches!(e, Event::Entropy(_))) {
             Some(Event::Entropy(v)) => Ok(v),
+            _ if s.cursor.at_end() => Err(HookError::TraceEnd {
+                position: s.cursor.position(),
+            }),
             _ => {
-                let msg =
-                    "the guest asks for a random value here, the recording has none".to_string();
+                let msg = "the guest asks for a random value here, the recording has none".to_string();
                 Err(report::diverge(ctx, &s.cursor, msg, None))
             }
         }
@@ -366,10 +359,7 @@ impl RunHooks for Replayer {
             (a, b) => a == b,
         };
         if !kinds_match {
-            let msg = format!(
-                "the recording ended {:?}, the replay {:?}",
-                end.kind, actual.kind
-            );
+            let msg = format!("the recording ended {:?}, the replay {:?}", end.kind, actual.kind);
             return Err(report::diverge(ctx, &s.cursor, msg, None));
         }
         if end.regs_digest != actual.regs_digest || end.mem_digest != actual.mem_digest {
@@ -419,16 +409,10 @@ pub fn open_trace(path: &Path) -> Result<OpenTrace, Error> {
     if h.kind != nyx_trace::ContainerKind::Trace {
         return Err(not(format!("it is a {:?} container, not a trace", h.kind)));
     }
-    let config = MachineConfig::from_bytes(&h.machine_config)
-        .map_err(|e| not(format!("machine configuration: {e}")))?;
-    let image = |name: &str| {
-        h.images
-            .iter()
-            .find(|i| i.name == name)
-            .and_then(|i| i.data.clone())
-    };
-    let kernel =
-        image(KERNEL_IMAGE).ok_or_else(|| not("the kernel image is not embedded".into()))?;
+    let config =
+        MachineConfig::from_bytes(&h.machine_config).map_err(|e| not(format!("machine configuration: {e}")))?;
+    let image = |name: &str| h.images.iter().find(|i| i.name == name).and_then(|i| i.data.clone());
+    let kernel = image(KERNEL_IMAGE).ok_or_else(|| not("the kernel image is not embedded".into()))?;
     let initrd = if config.has_initrd {
         Some(image(INITRD_IMAGE).ok_or_else(|| not("the initrd image is not embedded".into()))?)
     } else {
@@ -489,9 +473,7 @@ pub fn replay(path: &Path, opts: ReplayOptions) -> Result<Replay, Error> {
     }
     let end = match result {
         Ok(outcome) => ReplayEnd::Complete { outcome },
-        Err(nyx_vmm::machine::Error::Hook(HookError::TraceEnd { position })) => {
-            ReplayEnd::Truncated { position }
-        }
+        Err(nyx_vmm::machine::Error::Hook(HookError::TraceEnd { position })) => ReplayEnd::Truncated { position },
         Err(nyx_vmm::machine::Error::Hook(HookError::Divergence(text))) => {
             return Err(Error::Diverged(Box::new(Divergence { text })))
         }

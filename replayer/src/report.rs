@@ -24,12 +24,7 @@ impl std::fmt::Display for Divergence {
 
 /// Builds the report for `msg` at the cursor's position from the vCPU in
 /// `ctx`; `expected` adds register differences against recorded registers.
-pub fn diverge(
-    ctx: &mut HookCtx<'_>,
-    cursor: &Cursor,
-    msg: String,
-    expected: Option<&GprSnapshot>,
-) -> HookError {
+pub fn diverge(ctx: &mut HookCtx<'_>, cursor: &Cursor, msg: String, expected: Option<&GprSnapshot>) -> HookError {
     let mut t = String::new();
     let _ = writeln!(
         t,
@@ -76,9 +71,7 @@ fn suspect(code: &[String]) -> Option<String> {
         UNTRAPPED
             .iter()
             .find(|m| l.split_whitespace().any(|w| w == **m))
-            .map(|m| {
-                format!("`{m}` near RIP was not patched: its value differs between runs ({l})")
-            })
+            .map(|m| format!("`{m}` near RIP was not patched: its value differs between runs ({l})"))
     })
 }
 

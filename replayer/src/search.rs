@@ -13,8 +13,7 @@
 //! stepped, so a landing inside one is found too.
 
 use kvm_bindings::{
-    kvm_guest_debug, kvm_guest_debug_arch, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
-    KVM_GUESTDBG_USE_HW_BP,
+    kvm_guest_debug, kvm_guest_debug_arch, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
 };
 use kvm_ioctls::VcpuExit;
 use nyx_vmm::events::{GprSnapshot, Landing};
@@ -33,14 +32,8 @@ fn set_debug(ctx: &mut HookCtx<'_>, control: u32, dr0: Option<u64>) -> Result<()
         // L0 enabled, RW0 = 00 (execute), LEN0 = 00.
         arch.debugreg[7] = 1;
     }
-    let dbg = kvm_guest_debug {
-        control,
-        pad: 0,
-        arch,
-    };
-    ctx.vcpu
-        .set_guest_debug(&dbg)
-        .map_err(kvm("KVM_SET_GUEST_DEBUG"))
+    let dbg = kvm_guest_debug { control, pad: 0, arch };
+    ctx.vcpu.set_guest_debug(&dbg).map_err(kvm("KVM_SET_GUEST_DEBUG"))
 }
 
 /// Whether the vCPU is exactly at `landing`.
@@ -74,11 +67,7 @@ fn unexpected(ctx: &mut HookCtx<'_>, state: &Shared, landing: &Landing, what: St
 /// Runs the guest to `landing`. Returns the number of breakpoint hits and
 /// single steps it took. An interrupt the recording still held undelivered
 /// at the landing is withdrawn for the search and queued again after it.
-pub fn run_to_landing(
-    ctx: &mut HookCtx<'_>,
-    landing: &Landing,
-    state: &Shared,
-) -> Result<u64, HookError> {
+pub fn run_to_landing(ctx: &mut HookCtx<'_>, landing: &Landing, state: &Shared) -> Result<u64, HookError> {
     if landing.pending_interrupt.is_some() {
         set_queued_interrupt(ctx.vcpu, None)?;
     }

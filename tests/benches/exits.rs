@@ -28,10 +28,7 @@ fn main() {
     if !kvm_available() {
         return;
     }
-    let runs: usize = std::env::args()
-        .filter_map(|a| a.parse().ok())
-        .next()
-        .unwrap_or(300);
+    let runs: usize = std::env::args().filter_map(|a| a.parse().ok()).next().unwrap_or(300);
     let guest = "hello";
     // Warm-up.
     let _ = run_guest_stats(guest);
@@ -50,10 +47,7 @@ fn main() {
     let total = t0.elapsed().as_secs_f64();
     let (u1, s1) = rusage_thread();
     let (user, sys) = (u1 - u0, s1 - s0);
-    println!(
-        "guest: {guest}, runs: {runs}, exits per run: {}",
-        exits / runs as u64
-    );
+    println!("guest: {guest}, runs: {runs}, exits per run: {}", exits / runs as u64);
     println!(
         "exits per second of run time: {:.0}",
         exits as f64 / (run_wall as f64 / 1e9)
@@ -72,8 +66,5 @@ fn main() {
         run_user as f64 / exits as f64 / 1e3,
         run_sys as f64 / exits as f64 / 1e3
     );
-    println!(
-        "machine build + run, per run: {:.2} ms",
-        total / runs as f64 * 1e3
-    );
+    println!("machine build + run, per run: {:.2} ms", total / runs as f64 * 1e3);
 }

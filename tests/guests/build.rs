@@ -18,16 +18,10 @@ enum BuildError {
         "`{tool}` (GNU binutils) is needed to build the Nyx test guests but could not be run: \
          {source}; install binutils (for example `apt-get install binutils`)"
     )]
-    MissingTool {
-        tool: String,
-        source: std::io::Error,
-    },
+    MissingTool { tool: String, source: std::io::Error },
     /// The guest directory could not be listed.
     #[error("cannot list the guest sources in {dir}: {source}")]
-    ListSources {
-        dir: PathBuf,
-        source: std::io::Error,
-    },
+    ListSources { dir: PathBuf, source: std::io::Error },
     /// A command ran but failed.
     #[error("`{command}` failed ({status}):\n{stderr}")]
     Command {
@@ -37,10 +31,7 @@ enum BuildError {
     },
     /// A command could not be started.
     #[error("cannot run `{command}`: {source}")]
-    Spawn {
-        command: String,
-        source: std::io::Error,
-    },
+    Spawn { command: String, source: std::io::Error },
 }
 
 fn main() {
@@ -51,9 +42,7 @@ fn main() {
 }
 
 fn build() -> Result<(), BuildError> {
-    let dir = PathBuf::from(
-        env::var("CARGO_MANIFEST_DIR").map_err(|_| BuildError::Env("CARGO_MANIFEST_DIR"))?,
-    );
+    let dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").map_err(|_| BuildError::Env("CARGO_MANIFEST_DIR"))?);
     let out = PathBuf::from(env::var("OUT_DIR").map_err(|_| BuildError::Env("OUT_DIR"))?);
     let linker = env::var("NYX_GUEST_LD").unwrap_or_else(|_| "ld".to_string());
     check_tool("as")?;

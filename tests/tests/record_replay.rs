@@ -42,12 +42,23 @@ fn record_guest(dir: &Path, name: &str, file: &str, input: Option<&[u8]>, verify
         None,
     )
     .unwrap_or_else(|e| panic!("recording {name}: {e}"));
-    Recorded { path: rec.path, serial: out.bytes(), outcome: rec.outcome, landings: rec.landings }
+    Recorded {
+        path: rec.path,
+        serial: out.bytes(),
+        outcome: rec.outcome,
+        landings: rec.landings,
+    }
 }
 
 fn replay_guest(path: &Path) -> Result<(Vec<u8>, ReplayEnd), nyx_replayer::Error> {
     let out = Capture::default();
-    let r = replay(path, ReplayOptions { serial_out: Some(Box::new(out.clone())), ..Default::default() })?;
+    let r = replay(
+        path,
+        ReplayOptions {
+            serial_out: Some(Box::new(out.clone())),
+            ..Default::default()
+        },
+    )?;
     Ok((out.bytes(), r.end))
 }
 
@@ -58,7 +69,11 @@ fn round_trip(name: &str, input: Option<&[u8]>, verify: VerifyLevel) -> Recorded
     let want = nyx_guests::expected(name).expect("known guest");
     match want.exit_value {
         Some(v) => assert_eq!(rec.outcome, RunOutcome::DebugExit(v), "{name} recorded run"),
-        None => assert!(matches!(rec.outcome, RunOutcome::Crashed(_)), "{name}: {:?}", rec.outcome),
+        None => assert!(
+            matches!(rec.outcome, RunOutcome::Crashed(_)),
+            "{name}: {:?}",
+            rec.outcome
+        ),
     }
     for i in 0..3 {
         let (serial, end) = replay_guest(&rec.path).unwrap_or_else(|e| panic!("{name} replay {i}: {e}"));
@@ -85,7 +100,10 @@ fn counter_with_timer_landings_replays_exactly() {
     let rec = round_trip("counter", None, VerifyLevel::Exits);
     // The main loop never exits: every tick is an asynchronous landing.
     assert!(rec.landings >= 10, "only {} landings", rec.landings);
-    let lines = String::from_utf8_lossy(&rec.serial).lines().filter(|l| l.len() == 16).count();
+    let lines = String::from_utf8_lossy(&rec.serial)
+        .lines()
+        .filter(|l| l.len() == 16)
+        .count();
     assert!(lines >= 50, "{}", String::from_utf8_lossy(&rec.serial));
 }
 
@@ -131,7 +149,10 @@ fn two_recordings_differ_and_each_replays_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let a = record_guest(dir.path(), "rdtsc", "a.nyxtrace", None, VerifyLevel::Exits);
     let b = record_guest(dir.path(), "rdtsc", "b.nyxtrace", None, VerifyLevel::Exits);
-    assert_ne!(a.serial, b.serial, "two recordings of a TSC-dependent guest printed the same hash");
+    assert_ne!(
+        a.serial, b.serial,
+        "two recordings of a TSC-dependent guest printed the same hash"
+    );
     assert_eq!(replay_guest(&a.path).unwrap().0, a.serial);
     assert_eq!(replay_guest(&b.path).unwrap().0, b.serial);
 }
@@ -147,7 +168,8 @@ fn rewrite(src: &Path, dst: &Path, mut change: impl FnMut(&mut Vec<Event>)) {
         if info.kind == FrameKind::Events {
             let mut events: Vec<Event> = r.read_records(i).unwrap();
             change(&mut events);
-            w.write_records(FrameKind::Events, info.first_position, &events).unwrap();
+            w.write_records(FrameKind::Events, info.first_position, &events)
+                .unwrap();
         } else {
             let f = r.read_frame(i).unwrap();
             w.write_frame(info.kind, info.first_position, &f.payload).unwrap();
@@ -236,9 +258,10 @@ fn a_changed_serial_byte_is_a_divergence_at_its_position() {
     let rec = record_guest(dir.path(), "echo", "t.nyxtrace", Some(b"abcdef."), VerifyLevel::Exits);
     // The UART takes the input early; the guest reads the first byte from
     // RBR later: that read is where the replay must stop.
-    let pos = position_of(&rec.path, |events, j| {
-        matches!(events[j], Event::Exit(e) if e.kind == ExitKind::PioIn && e.addr == 0x3f8)
-    });
+    let pos = position_of(
+        &rec.path,
+        |events, j| matches!(events[j], Event::Exit(e) if e.kind == ExitKind::PioIn && e.addr == 0x3f8),
+    );
     let bad = dir.path().join("bad.nyxtrace");
     rewrite(&rec.path, &bad, |events| {
         if let Some(Event::Input(b)) = events.iter_mut().find(|e| matches!(e, Event::Input(_))) {

@@ -30,9 +30,9 @@ pub fn run(kvm_device: &str) -> Result<ExitCode, String> {
         s.injected
     );
     match &outcome {
-        RunOutcome::DebugExit(v) => eprintln!(
-            "It ended by writing {v:#x} to the debug-exit port: nyx exits with that status."
-        ),
+        RunOutcome::DebugExit(v) => {
+            eprintln!("It ended by writing {v:#x} to the debug-exit port: nyx exits with that status.")
+        }
         other => eprintln!("It ended: {other:?}"),
     }
     Ok(crate::finish(&outcome))

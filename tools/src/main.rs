@@ -296,15 +296,11 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a).map_err(|e| e.to_string()),
         Command::Record(a) => record(a).map_err(|e| e.to_string()),
         Command::Replay(a) => replay(a).map_err(|e| e.to_string()),
-        Command::Trace(TraceCommand::Info { trace }) => {
-            trace_cmd::info(trace).map_err(|e| e.to_string())
-        }
+        Command::Trace(TraceCommand::Info { trace }) => trace_cmd::info(trace).map_err(|e| e.to_string()),
         Command::Trace(TraceCommand::Dump { trace, from, kind }) => {
             trace_cmd::dump(trace, *from, kind.as_deref()).map_err(|e| e.to_string())
         }
-        Command::Trace(TraceCommand::Verify { trace }) => {
-            trace_cmd::verify(trace).map_err(|e| e.to_string())
-        }
+        Command::Trace(TraceCommand::Verify { trace }) => trace_cmd::verify(trace).map_err(|e| e.to_string()),
         Command::Demo(a) => demo::run(&a.kvm_device),
     };
     match result {

@@ -82,12 +82,7 @@ pub fn info(path: &Path) -> Result<ExitCode, Error> {
     );
     println!("verify       {:?}", config.verify);
     for i in &h.images {
-        let sha: String = i
-            .sha256
-            .iter()
-            .take(8)
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let sha: String = i.sha256.iter().take(8).map(|b| format!("{b:02x}")).collect();
         println!(
             "image        {} ({} bytes, sha256 {sha}…)",
             i.name,
@@ -137,9 +132,7 @@ pub fn info(path: &Path) -> Result<ExitCode, Error> {
     match (r.is_complete(), end) {
         (true, Some(e)) => println!("complete     yes, ended {e}"),
         (true, None) => println!("complete     yes (no end event)"),
-        (false, _) => println!(
-            "complete     NO: the recording was cut off; it replays up to position {positions}"
-        ),
+        (false, _) => println!("complete     NO: the recording was cut off; it replays up to position {positions}"),
     }
     Ok(ExitCode::SUCCESS)
 }

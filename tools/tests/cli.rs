@@ -104,10 +104,7 @@ fn debug_exit_value_is_the_exit_status_and_output_is_on_stdout() {
     if !kvm_available() {
         return;
     }
-    let out = run_kernel(
-        &guest("hello"),
-        &["--cmdline", "hello from the command line"],
-    );
+    let out = run_kernel(&guest("hello"), &["--cmdline", "hello from the command line"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -208,4 +205,129 @@ fn debian_kernel_reaches_the_decompressor_output() {
         text.contains(want),
         "no {want:?} within 240 s; serial output was: {text}"
     );
+}
+
+/// A recorder killed with SIGKILL leaves `NAME.partial`, which replays up to
+/// its last complete frame and says where it ends.
+#[test]
+fn killed_recording_replays_up_to_its_last_frame() {
+    use std::io::Write;
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("echo.nyxtrace");
+    let mut child = nyx()
+        .args(["record", "--out"])
+        .arg(&trace)
+        .arg("--kernel")
+        .arg(guest("echo"))
+        .args(["--serial-in", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"kill").unwrap();
+    stdin.flush().unwrap();
+    // The guest echoes and idles waiting for more; frames older than 200 ms
+    // are written while it idles.
+    std::thread::sleep(Duration::from_millis(1500));
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let recorded = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(recorded.contains("KILL"), "recorded run printed {recorded:?}");
+    assert!(!trace.exists(), "the trace is only renamed when the recording finishes");
+    let partial = dir.path().join("echo.nyxtrace.partial");
+    assert!(partial.exists());
+
+    let v = nyx().args(["trace", "verify"]).arg(&partial).output().unwrap();
+    assert_eq!(v.status.code(), Some(4), "{}", String::from_utf8_lossy(&v.stdout));
+    assert!(String::from_utf8_lossy(&v.stdout).contains("INCOMPLETE"));
+
+    let r = nyx().arg("replay").arg(&partial).output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(4), "stderr: {err}");
+    assert!(err.contains("the trace ends at position"), "{err}");
+    let replayed = String::from_utf8_lossy(&r.stdout);
+    assert!(replayed.contains("KILL"), "replay printed {replayed:?}");
+    assert!(
+        recorded.starts_with(&*replayed) || replayed.starts_with(&*recorded),
+        "{recorded:?} vs {replayed:?}"
+    );
+}
+
+fn record_hello(dir: &Path) -> PathBuf {
+    let trace = dir.join("hello.nyxtrace");
+    let out = nyx()
+        .args(["record", "--out"])
+        .arg(&trace)
+        .arg("--kernel")
+        .arg(guest("hello"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0x21),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    trace
+}
+
+#[test]
+fn replay_and_trace_tools_on_a_finished_trace() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let trace = record_hello(dir.path());
+    let r = nyx().arg("replay").arg(&trace).output().unwrap();
+    assert_eq!(r.status.code(), Some(0x21), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stdout).contains("Hello from a Nyx guest!"));
+
+    let info = nyx().args(["trace", "info"]).arg(&trace).output().unwrap();
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(info.status.success(), "{text}");
+    for want in ["64 MiB", "pio-out", "complete     yes", "ratio", "image        kernel"] {
+        assert!(text.contains(want), "trace info lacks {want:?}:\n{text}");
+    }
+    let dump = nyx()
+        .args(["trace", "dump", "--kind", "pio-out"])
+        .arg(&trace)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        text.lines().count() > 20 && text.lines().all(|l| l.contains("pio-out")),
+        "{text}"
+    );
+    let verify = nyx().args(["trace", "verify"]).arg(&trace).output().unwrap();
+    assert!(verify.status.success() && String::from_utf8_lossy(&verify.stdout).contains("OK"));
+}
+
+#[test]
+fn corrupt_and_foreign_traces_are_refused_with_one_line() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let trace = record_hello(dir.path());
+    let mut bytes = std::fs::read(&trace).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    let flipped = dir.path().join("flipped.nyxtrace");
+    std::fs::write(&flipped, &bytes).unwrap();
+    for cmd in [&["replay"][..], &["trace", "verify"][..]] {
+        let out = nyx().args(cmd).arg(&flipped).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("checksum") || err.contains("corrupt"), "{err}");
+    }
+    let png = dir.path().join("x.nyxtrace");
+    std::fs::write(&png, b"\x89PNG\r\n\x1a\n and more").unwrap();
+    let out = nyx().arg("replay").arg(&png).output().unwrap();
+    assert_one_line_error(&out, "not a Nyx");
 }

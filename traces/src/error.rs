@@ -141,11 +141,7 @@ mod tests {
 
     #[test]
     fn version_error_names_both_versions() {
-        let msg = Error::UnsupportedVersion {
-            found: 7,
-            expected: 1,
-        }
-        .to_string();
+        let msg = Error::UnsupportedVersion { found: 7, expected: 1 }.to_string();
         assert!(msg.contains('7') && msg.contains('1'), "{msg}");
     }
 

@@ -183,12 +183,7 @@ impl FrameHeader {
     }
 
     /// Compresses `payload` and builds the header that describes it.
-    pub fn build(
-        kind: FrameKind,
-        first_position: u64,
-        payload: &[u8],
-        level: i32,
-    ) -> Result<(Self, Vec<u8>)> {
+    pub fn build(kind: FrameKind, first_position: u64, payload: &[u8], level: i32) -> Result<(Self, Vec<u8>)> {
         let uncompressed_len = checked_len(payload.len(), MAX_FRAME_LEN, "frame payload")?;
         let compressed = compress(payload, level)?;
         let compressed_len = checked_len(compressed.len(), MAX_FRAME_LEN, "compressed frame")?;
@@ -280,10 +275,7 @@ impl FrameHeader {
 
 /// Encodes the file header: magic, version, lengths, checksum, zstd body.
 pub(crate) fn encode_header(header: &TraceHeader, level: i32) -> Result<Vec<u8>> {
-    let body = postcard::to_stdvec(header).map_err(|source| Error::Encode {
-        what: "header",
-        source,
-    })?;
+    let body = postcard::to_stdvec(header).map_err(|source| Error::Encode { what: "header", source })?;
     let ulen = checked_len(body.len(), MAX_HEADER_LEN, "header")?;
     let compressed = compress(&body, level)?;
     let clen = checked_len(compressed.len(), MAX_HEADER_LEN, "compressed header")?;
@@ -521,10 +513,7 @@ mod tests {
             read_header(&mut &b"\x7fELF\x02\x01\x01\0\0\0\0\0"[..]),
             Err(Error::NotNyxFile)
         ));
-        assert!(matches!(
-            read_header(&mut &b"NYX"[..]),
-            Err(Error::Truncated { .. })
-        ));
+        assert!(matches!(read_header(&mut &b"NYX"[..]), Err(Error::Truncated { .. })));
     }
 
     #[test]
@@ -586,18 +575,12 @@ mod tests {
         assert_eq!(decode_trailer(&t, 0).unwrap(), 1234);
         let mut bad = t;
         bad[3] ^= 1;
-        assert!(matches!(
-            decode_trailer(&bad, 0),
-            Err(Error::ChecksumMismatch { .. })
-        ));
+        assert!(matches!(decode_trailer(&bad, 0), Err(Error::ChecksumMismatch { .. })));
     }
 
     #[test]
     fn read_up_to_reports_short_input() {
-        assert_eq!(
-            read_up_to(&mut &b"abc"[..], 3).unwrap(),
-            Some(b"abc".to_vec())
-        );
+        assert_eq!(read_up_to(&mut &b"abc"[..], 3).unwrap(), Some(b"abc".to_vec()));
         assert_eq!(read_up_to(&mut &b"ab"[..], 3).unwrap(), None);
     }
 }

@@ -139,14 +139,10 @@ mod tests {
             nyx_version: "v".into(),
             kind: ContainerKind::Snapshot,
             machine_config: vec![0; 10],
-            images: vec![
-                GuestImage::embedded("k", vec![1; 33]),
-                GuestImage::by_hash("r", b"x"),
-            ],
+            images: vec![GuestImage::embedded("k", vec![1; 33]), GuestImage::by_hash("r", b"x")],
         };
         let mut w = TraceWriter::create(&path, &header).unwrap();
-        w.write_frame(FrameKind::MachineState, 5, &[1; 100])
-            .unwrap();
+        w.write_frame(FrameKind::MachineState, 5, &[1; 100]).unwrap();
         w.write_frame(FrameKind::Memory, 5, &[0; 8192]).unwrap();
         w.write_frame(FrameKind::Memory, 5, &[0; 4096]).unwrap();
         let frames = w.frames().to_vec();

@@ -14,9 +14,8 @@ mod writer;
 
 pub use error::{Error, Result};
 pub use format::{
-    sha256, ContainerKind, Frame, FrameInfo, FrameKind, GuestImage, Sha256Digest, TraceHeader,
-    FORMAT_VERSION, FRAME_HEADER_LEN, MAGIC, MAX_FRAME_LEN, MAX_HEADER_LEN, TRAILER_LEN,
-    TRAILER_MAGIC,
+    sha256, ContainerKind, Frame, FrameInfo, FrameKind, GuestImage, Sha256Digest, TraceHeader, FORMAT_VERSION,
+    FRAME_HEADER_LEN, MAGIC, MAX_FRAME_LEN, MAX_HEADER_LEN, TRAILER_LEN, TRAILER_MAGIC,
 };
 pub use inspect::{inspect, verify, ImageSummary, KindStats, TraceInfo};
 pub use reader::{decode_records, Completeness, FrameIter, StreamReader, TraceReader};

@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    decode_trailer, decompress, has_trailer_magic, read_fully, read_header, read_up_to, Frame,
-    FrameHeader, FrameInfo, FrameKind, TraceHeader, FRAME_HEADER_LEN, TRAILER_LEN,
+    decode_trailer, decompress, has_trailer_magic, read_fully, read_header, read_up_to, Frame, FrameHeader, FrameInfo,
+    FrameKind, TraceHeader, FRAME_HEADER_LEN, TRAILER_LEN,
 };
 
 /// Whether a container was finished, and if not where its usable part ends.
@@ -69,11 +69,7 @@ fn decode_index(header: &FrameHeader, compressed: &[u8], offset: u64) -> Result<
 
 /// postcard-decodes `bytes` as a `T`, refusing trailing bytes.
 fn decode_exact<T: DeserializeOwned>(bytes: &[u8], what: &'static str, offset: u64) -> Result<T> {
-    let (value, rest) = postcard::take_from_bytes(bytes).map_err(|source| Error::Decode {
-        what,
-        offset,
-        source,
-    })?;
+    let (value, rest) = postcard::take_from_bytes(bytes).map_err(|source| Error::Decode { what, offset, source })?;
     if !rest.is_empty() {
         return Err(Error::Corrupt {
             what,
@@ -202,11 +198,7 @@ impl TraceReader {
 
     /// Uses the footer when the file ends with a valid trailer; `None` when
     /// it does not (the caller scans instead).
-    fn load_index(
-        file: &mut BufReader<File>,
-        header_len: u64,
-        file_len: u64,
-    ) -> Result<Option<Vec<FrameInfo>>> {
+    fn load_index(file: &mut BufReader<File>, header_len: u64, file_len: u64) -> Result<Option<Vec<FrameInfo>>> {
         let min_footer = (FRAME_HEADER_LEN + TRAILER_LEN) as u64;
         if file_len < header_len + min_footer {
             return Ok(None);
@@ -216,11 +208,10 @@ impl TraceReader {
         let mut trailer = [0u8; TRAILER_LEN];
         file.read_exact(&mut trailer)?;
         // A damaged trailer is not trusted; the scan checks it again and fails.
-        let index_offset =
-            match has_trailer_magic(&trailer).then(|| decode_trailer(&trailer, trailer_offset)) {
-                Some(Ok(o)) => o,
-                _ => return Ok(None),
-            };
+        let index_offset = match has_trailer_magic(&trailer).then(|| decode_trailer(&trailer, trailer_offset)) {
+            Some(Ok(o)) => o,
+            _ => return Ok(None),
+        };
         if index_offset < header_len || index_offset > trailer_offset - FRAME_HEADER_LEN as u64 {
             return Err(corrupt_footer(
                 trailer_offset,
@@ -249,10 +240,7 @@ impl TraceReader {
             if entry.kind == FrameKind::Index || entry.offset != expected_offset {
                 return Err(corrupt_footer(
                     index_offset,
-                    format!(
-                        "index entry for byte {} does not fit the file",
-                        entry.offset
-                    ),
+                    format!("index entry for byte {} does not fit the file", entry.offset),
                 ));
             }
             expected_offset = entry.end();
@@ -344,8 +332,7 @@ impl TraceReader {
             count: self.frames.len(),
         })?;
         self.file.seek(SeekFrom::Start(info.offset))?;
-        let Stored::Frame(header, compressed) = next_stored(&mut self.file, info.offset, index)?
-        else {
+        let Stored::Frame(header, compressed) = next_stored(&mut self.file, info.offset, index)? else {
             return Err(Error::Truncated {
                 offset: info.offset,
                 what: "frame",
@@ -445,21 +432,15 @@ impl<R: Read> StreamReader<R> {
     }
 
     fn step(&mut self) -> Result<Option<Frame>> {
-        let (header, compressed) =
-            match next_stored(&mut self.input, self.offset, self.frames.len())? {
-                Stored::End | Stored::Partial => {
-                    self.end = Some(incomplete(&self.frames, self.header_len));
-                    return Ok(None);
-                }
-                Stored::Frame(h, c) => (h, c),
-            };
+        let (header, compressed) = match next_stored(&mut self.input, self.offset, self.frames.len())? {
+            Stored::End | Stored::Partial => {
+                self.end = Some(incomplete(&self.frames, self.header_len));
+                return Ok(None);
+            }
+            Stored::Frame(h, c) => (h, c),
+        };
         if header.kind == FrameKind::Index {
-            let complete = check_footer(
-                &mut self.input,
-                (&header, &compressed),
-                self.offset,
-                &self.frames,
-            )?;
+            let complete = check_footer(&mut self.input, (&header, &compressed), self.offset, &self.frames)?;
             self.end = Some(if complete {
                 Completeness::Complete
             } else {
@@ -512,16 +493,12 @@ mod tests {
 
     fn write_sample(path: &Path) -> Vec<FrameInfo> {
         let mut w = TraceWriter::create(path, &header()).unwrap();
-        w.write_frame(FrameKind::MachineState, 0, b"state0")
-            .unwrap();
+        w.write_frame(FrameKind::MachineState, 0, b"state0").unwrap();
         w.write_frame(FrameKind::Memory, 0, &[0u8; 4096]).unwrap();
-        w.write_records(FrameKind::Events, 0, &[1u64, 2, 3])
-            .unwrap();
-        w.write_frame(FrameKind::MachineState, 100, b"state1")
-            .unwrap();
+        w.write_records(FrameKind::Events, 0, &[1u64, 2, 3]).unwrap();
+        w.write_frame(FrameKind::MachineState, 100, b"state1").unwrap();
         w.write_records(FrameKind::Events, 100, &[4u64]).unwrap();
-        w.write_frame(FrameKind::MachineState, 250, b"state2")
-            .unwrap();
+        w.write_frame(FrameKind::MachineState, 250, b"state2").unwrap();
         let frames = w.frames().to_vec();
         w.finish().unwrap();
         frames
@@ -600,8 +577,7 @@ mod tests {
     #[test]
     fn stream_round_trip_and_clean_end() {
         let mut w = StreamWriter::new(Vec::new(), &header()).unwrap();
-        w.write_records(FrameKind::Memory, 3, &[(0u64, vec![1u8; 8])])
-            .unwrap();
+        w.write_records(FrameKind::Memory, 3, &[(0u64, vec![1u8; 8])]).unwrap();
         w.write_frame(FrameKind::MachineState, 3, b"regs").unwrap();
         let bytes = w.finish().unwrap();
         let mut r = StreamReader::new(bytes.as_slice()).unwrap();
@@ -620,10 +596,7 @@ mod tests {
         w.write_records(FrameKind::Events, 0, &[u64::MAX]).unwrap();
         let bytes = w.finish().unwrap();
         let mut r = StreamReader::new(bytes.as_slice()).unwrap();
-        assert!(matches!(
-            r.next_records::<bool>(),
-            Err(Error::Decode { .. })
-        ));
+        assert!(matches!(r.next_records::<bool>(), Err(Error::Decode { .. })));
         // The container itself is intact, so reading goes on to its end.
         assert!(r.next_frame().unwrap().is_none());
         assert_eq!(r.completeness(), Some(Completeness::Complete));

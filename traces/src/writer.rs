@@ -10,9 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::format::{
-    encode_header, encode_trailer, FrameHeader, FrameInfo, FrameKind, TraceHeader,
-};
+use crate::format::{encode_header, encode_trailer, FrameHeader, FrameInfo, FrameKind, TraceHeader};
 
 /// zstd level used unless the caller picks another.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
@@ -51,12 +49,7 @@ impl<W: Write> StreamWriter<W> {
 
     /// Compresses and appends one frame. Positions must not go backwards and
     /// `FrameKind::Index` is reserved for [`StreamWriter::finish`].
-    pub fn write_frame(
-        &mut self,
-        kind: FrameKind,
-        first_position: u64,
-        payload: &[u8],
-    ) -> Result<FrameInfo> {
+    pub fn write_frame(&mut self, kind: FrameKind, first_position: u64, payload: &[u8]) -> Result<FrameInfo> {
         if kind == FrameKind::Index {
             return Err(Error::ReservedKind);
         }
@@ -110,10 +103,7 @@ impl<W: Write> StreamWriter<W> {
 
     /// Writes the index frame and the trailer, flushes, and returns the sink.
     pub fn finish(mut self) -> Result<W> {
-        let index = postcard::to_stdvec(&self.frames).map_err(|source| Error::Encode {
-            what: "index",
-            source,
-        })?;
+        let index = postcard::to_stdvec(&self.frames).map_err(|source| Error::Encode { what: "index", source })?;
         let index_offset = self.offset;
         self.append(FrameKind::Index, self.last_position(), &index)?;
         self.put(&encode_trailer(index_offset))?;
@@ -125,12 +115,7 @@ impl<W: Write> StreamWriter<W> {
         self.frames.last().map_or(0, |f| f.first_position)
     }
 
-    fn append(
-        &mut self,
-        kind: FrameKind,
-        first_position: u64,
-        payload: &[u8],
-    ) -> Result<FrameInfo> {
+    fn append(&mut self, kind: FrameKind, first_position: u64, payload: &[u8]) -> Result<FrameInfo> {
         let (header, compressed) = FrameHeader::build(kind, first_position, payload, self.level)?;
         let info = header.info(self.offset);
         self.put(&header.encode())?;
@@ -195,11 +180,7 @@ impl TraceWriter {
     }
 
     /// As [`TraceWriter::create`] with explicit options.
-    pub fn create_with(
-        path: impl AsRef<Path>,
-        header: &TraceHeader,
-        options: WriterOptions,
-    ) -> Result<Self> {
+    pub fn create_with(path: impl AsRef<Path>, header: &TraceHeader, options: WriterOptions) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let partial = partial_path(&path);
         let file = File::create(&partial)?;
@@ -217,12 +198,7 @@ impl TraceWriter {
     }
 
     /// Appends a frame (see [`StreamWriter::write_frame`]) and fsyncs when due.
-    pub fn write_frame(
-        &mut self,
-        kind: FrameKind,
-        first_position: u64,
-        payload: &[u8],
-    ) -> Result<FrameInfo> {
+    pub fn write_frame(&mut self, kind: FrameKind, first_position: u64, payload: &[u8]) -> Result<FrameInfo> {
         let info = self.inner.write_frame(kind, first_position, payload)?;
         self.after_frame()?;
         Ok(info)
@@ -280,6 +256,10 @@ impl TraceWriter {
     }
 
     fn after_frame(&mut self) -> Result<()> {
+        // Every complete frame reaches the OS at once, so that a writer
+        // killed later loses nothing it has written; fsync (which survives a
+        // host crash too) is paced by the options.
+        self.inner.flush()?;
         self.frames_since_sync += 1;
         let o = &self.options;
         let by_count = o.sync_every_frames != 0 && self.frames_since_sync >= o.sync_every_frames;
@@ -336,9 +316,7 @@ mod tests {
     #[test]
     fn offsets_are_contiguous() {
         let mut w = StreamWriter::new(Vec::new(), &header()).unwrap();
-        let a = w
-            .write_frame(FrameKind::MachineState, 0, &[0u8; 100])
-            .unwrap();
+        let a = w.write_frame(FrameKind::MachineState, 0, &[0u8; 100]).unwrap();
         let b = w.write_frame(FrameKind::Memory, 0, &[1u8; 5000]).unwrap();
         assert_eq!(a.end(), b.offset);
         assert_eq!(b.end(), w.bytes_written());
@@ -357,14 +335,11 @@ mod tests {
         };
         let mut w = TraceWriter::create_with(&path, &header(), options).unwrap();
         assert_eq!(w.partial_path(), dir.path().join("t.nyx.partial"));
-        w.write_records(FrameKind::Events, 0, &[1u32, 2, 3])
-            .unwrap();
+        w.write_records(FrameKind::Events, 0, &[1u32, 2, 3]).unwrap();
         w.write_records(FrameKind::Events, 5, &[4u32]).unwrap();
         assert!(!path.exists());
         // Two frames reached the sync threshold, so they are on disk already.
-        let on_disk = fs::metadata(dir.path().join("t.nyx.partial"))
-            .unwrap()
-            .len();
+        let on_disk = fs::metadata(dir.path().join("t.nyx.partial")).unwrap().len();
         assert_eq!(on_disk, w.frames()[1].end());
         assert_eq!(w.finish().unwrap(), path);
         assert!(path.exists());

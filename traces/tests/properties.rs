@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use nyx_trace::{
-    Completeness, ContainerKind, Frame, FrameKind, GuestImage, StreamReader, StreamWriter,
-    TraceHeader, TraceReader, TraceWriter,
+    Completeness, ContainerKind, Frame, FrameKind, GuestImage, StreamReader, StreamWriter, TraceHeader, TraceReader,
+    TraceWriter,
 };
 use proptest::prelude::*;
 

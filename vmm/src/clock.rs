@@ -153,11 +153,7 @@ mod tests {
         assert_eq!(c.now_ns(), 10);
         c.next_step();
         c.next_step();
-        assert_eq!(
-            n.load(std::sync::atomic::Ordering::SeqCst),
-            1,
-            "no read, no sample"
-        );
+        assert_eq!(n.load(std::sync::atomic::Ordering::SeqCst), 1, "no read, no sample");
         assert_eq!(c.now_ns(), 20);
         assert_eq!(c.last(), 20);
     }

@@ -180,9 +180,7 @@ mod tests {
     #[test]
     fn run_policy_hides_what_the_machine_lacks() {
         let t = filter(CpuidPolicy::Run, &host_like());
-        assert!(t
-            .iter()
-            .all(|e| !(0x4000_0000..=0x4000_00ff).contains(&e.function)));
+        assert!(t.iter().all(|e| !(0x4000_0000..=0x4000_00ff).contains(&e.function)));
         let l1 = find(&t, 1);
         assert_eq!(l1.edx & L1_EDX_APIC, 0);
         assert_eq!(l1.ecx & (L1_ECX_X2APIC | L1_ECX_TSC_DEADLINE), 0);

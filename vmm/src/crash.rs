@@ -45,12 +45,7 @@ pub fn disassemble(code: &[u8], addr: u64, mode: CodeMode, max: usize) -> Vec<St
         CodeMode::Bits32 => arch::x86::ArchMode::Mode32,
         CodeMode::Bits64 => arch::x86::ArchMode::Mode64,
     };
-    let cs = match Capstone::new()
-        .x86()
-        .mode(m)
-        .syntax(arch::x86::ArchSyntax::Att)
-        .build()
-    {
+    let cs = match Capstone::new().x86().mode(m).syntax(arch::x86::ArchSyntax::Att).build() {
         Ok(cs) => cs,
         Err(e) => return vec![format!("(no disassembler: {e})")],
     };
@@ -134,8 +129,8 @@ impl CpuView {
     pub fn new(r: &kvm_regs, s: &kvm_sregs) -> Self {
         CpuView {
             gpr: [
-                r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11,
-                r.r12, r.r13, r.r14, r.r15,
+                r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
+                r.r15,
             ],
             rip: r.rip,
             rflags: r.rflags,
@@ -151,18 +146,15 @@ impl CpuView {
 impl fmt::Display for CpuView {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const NAMES: [&str; 16] = [
-            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
-            "r12", "r13", "r14", "r15",
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
+            "r15",
         ];
         for (i, (n, v)) in NAMES.iter().zip(self.gpr).enumerate() {
             write!(f, "{n:>4} {v:#018x}")?;
             f.write_str(if i % 4 == 3 { "\n" } else { "  " })?;
         }
         writeln!(f, " rip {:#018x}  rflags {:#010x}", self.rip, self.rflags)?;
-        for (n, s) in ["cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"]
-            .iter()
-            .zip(self.segs)
-        {
+        for (n, s) in ["cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"].iter().zip(self.segs) {
             writeln!(
                 f,
                 "{n:>4} sel {:#06x} base {:#018x} limit {:#010x} attr {:#06x}",
@@ -259,8 +251,7 @@ mod tests {
     #[test]
     fn report_reads_code_through_the_segment_base() {
         let mem = crate::memory::create(4).unwrap();
-        mem.write_slice(&[0x0f, 0x0b], GuestAddress(0x10_0010))
-            .unwrap(); // ud2
+        mem.write_slice(&[0x0f, 0x0b], GuestAddress(0x10_0010)).unwrap(); // ud2
         let regs = kvm_regs {
             rip: 0x10,
             rax: 0x2bad_b002,

@@ -73,19 +73,13 @@ impl std::fmt::Display for ExitRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} ", self.kind.name())?;
         match self.kind {
-            ExitKind::PioIn | ExitKind::PioOut => write!(
-                f,
-                "port {:#x} size {} data {:#x}",
-                self.addr, self.size, self.data
-            )?,
-            ExitKind::MmioRead | ExitKind::MmioWrite => write!(
-                f,
-                "addr {:#x} size {} data {:#x}",
-                self.addr, self.size, self.data
-            )?,
-            ExitKind::MsrRead | ExitKind::MsrWrite => {
-                write!(f, "msr {:#x} data {:#x}", self.addr, self.data)?
+            ExitKind::PioIn | ExitKind::PioOut => {
+                write!(f, "port {:#x} size {} data {:#x}", self.addr, self.size, self.data)?
             }
+            ExitKind::MmioRead | ExitKind::MmioWrite => {
+                write!(f, "addr {:#x} size {} data {:#x}", self.addr, self.size, self.data)?
+            }
+            ExitKind::MsrRead | ExitKind::MsrWrite => write!(f, "msr {:#x} data {:#x}", self.addr, self.data)?,
             ExitKind::Patched => write!(f, "site {:#x} value {:#x}", self.addr, self.data)?,
             _ => {}
         }
@@ -109,8 +103,8 @@ impl GprSnapshot {
     pub fn of(r: &kvm_bindings::kvm_regs) -> Self {
         GprSnapshot {
             gpr: [
-                r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11,
-                r.r12, r.r13, r.r14, r.r15,
+                r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
+                r.r15,
             ],
             rip: r.rip,
             rflags: r.rflags,
@@ -120,29 +114,20 @@ impl GprSnapshot {
     /// Register names and values that differ, "rax: expected 0x1, got 0x2".
     pub fn diff(&self, actual: &GprSnapshot) -> Vec<String> {
         const NAMES: [&str; 16] = [
-            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
-            "r12", "r13", "r14", "r15",
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
+            "r15",
         ];
         let mut out = Vec::new();
         for (i, n) in NAMES.iter().enumerate() {
             if self.gpr[i] != actual.gpr[i] {
-                out.push(format!(
-                    "{n}: expected {:#x}, got {:#x}",
-                    self.gpr[i], actual.gpr[i]
-                ));
+                out.push(format!("{n}: expected {:#x}, got {:#x}", self.gpr[i], actual.gpr[i]));
             }
         }
         if self.rip != actual.rip {
-            out.push(format!(
-                "rip: expected {:#x}, got {:#x}",
-                self.rip, actual.rip
-            ));
+            out.push(format!("rip: expected {:#x}, got {:#x}", self.rip, actual.rip));
         }
         if self.rflags != actual.rflags {
-            out.push(format!(
-                "rflags: expected {:#x}, got {:#x}",
-                self.rflags, actual.rflags
-            ));
+            out.push(format!("rflags: expected {:#x}, got {:#x}", self.rflags, actual.rflags));
         }
         out
     }
@@ -275,34 +260,28 @@ mod tests {
 
     fn arb_event() -> impl Strategy<Value = Event> {
         prop_oneof![
-            (0u64..0x10000, 1u8..9, any::<u64>(), any::<u64>()).prop_map(
-                |(addr, size, data, rip)| Event::Exit(ExitRecord {
+            (0u64..0x10000, 1u8..9, any::<u64>(), any::<u64>()).prop_map(|(addr, size, data, rip)| Event::Exit(
+                ExitRecord {
                     kind: ExitKind::PioOut,
                     addr,
                     size,
                     data,
                     rip
-                })
-            ),
+                }
+            )),
             Just(Event::Poll),
             any::<u64>().prop_map(Event::Time),
             prop::collection::vec(any::<u8>(), 0..40).prop_map(Event::Input),
             any::<u64>().prop_map(Event::Entropy),
-            (any::<[u64; 16]>(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(
-                |(gpr, rip, d, n)| {
-                    Event::Landing(Box::new(Landing {
-                        regs: GprSnapshot {
-                            gpr,
-                            rip,
-                            rflags: 2,
-                        },
-                        regs_digest: d,
-                        dirty_pages: n,
-                        mem_digest: !d,
-                        pending_interrupt: (n % 3 == 0).then_some(0x20),
-                    }))
-                }
-            ),
+            (any::<[u64; 16]>(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(gpr, rip, d, n)| {
+                Event::Landing(Box::new(Landing {
+                    regs: GprSnapshot { gpr, rip, rflags: 2 },
+                    regs_digest: d,
+                    dirty_pages: n,
+                    mem_digest: !d,
+                    pending_interrupt: (n % 3 == 0).then_some(0x20),
+                }))
+            }),
             any::<u8>().prop_map(Event::Inject),
         ]
     }

@@ -87,23 +87,17 @@ impl HookCtx<'_> {
             what: "KVM_GET_SREGS",
             source,
         })?;
-        let events = self
-            .vcpu
-            .get_vcpu_events()
-            .map_err(|source| HookError::Kvm {
-                what: "KVM_GET_VCPU_EVENTS",
-                source,
-            })?;
+        let events = self.vcpu.get_vcpu_events().map_err(|source| HookError::Kvm {
+            what: "KVM_GET_VCPU_EVENTS",
+            source,
+        })?;
         self.collect_dirty()?;
         Ok(crate::events::Landing {
             pending_interrupt: (events.interrupt.injected != 0).then_some(events.interrupt.nr),
             regs: crate::events::GprSnapshot::of(&regs),
             regs_digest: crate::vcpu_state::register_digest(&regs, &sregs),
             dirty_pages: self.dirty_since_landing.len() as u32,
-            mem_digest: crate::mem_state::pages_digest(
-                self.mem,
-                self.dirty_since_landing.iter().copied(),
-            ),
+            mem_digest: crate::mem_state::pages_digest(self.mem, self.dirty_since_landing.iter().copied()),
         })
     }
 }
@@ -199,19 +193,10 @@ pub trait RunHooks: Send {
 
 /// Sleeps on the host until `virt_deadline` of `host` time (at most 10 ms,
 /// so that input that arrives meanwhile is seen soon).
-pub fn host_idle_wait(
-    host: &HostTime,
-    clock: &VirtualClock,
-    virt_deadline: Option<u64>,
-    input_possible: bool,
-) {
+pub fn host_idle_wait(host: &HostTime, clock: &VirtualClock, virt_deadline: Option<u64>, input_possible: bool) {
     let _ = clock;
     let now = crate::kick::monotonic_ns();
-    let cap = if input_possible {
-        10_000_000
-    } else {
-        1_000_000_000
-    };
+    let cap = if input_possible { 10_000_000 } else { 1_000_000_000 };
     let wait = match virt_deadline {
         Some(d) => host.host_time_of(d).saturating_sub(now).min(cap),
         None => cap,
@@ -259,11 +244,7 @@ impl RunHooks for PlainRun {
         Ok(requested)
     }
 
-    fn on_kick(
-        &mut self,
-        _ctx: &mut HookCtx<'_>,
-        deadline_passed: bool,
-    ) -> Result<bool, HookError> {
+    fn on_kick(&mut self, _ctx: &mut HookCtx<'_>, deadline_passed: bool) -> Result<bool, HookError> {
         Ok(deadline_passed)
     }
 
@@ -271,12 +252,7 @@ impl RunHooks for PlainRun {
         Ok(())
     }
 
-    fn idle_wait(
-        &mut self,
-        clock: &VirtualClock,
-        virt_deadline: Option<u64>,
-        input_possible: bool,
-    ) {
+    fn idle_wait(&mut self, clock: &VirtualClock, virt_deadline: Option<u64>, input_possible: bool) {
         let host = self.host();
         host_idle_wait(&host, clock, virt_deadline, input_possible);
     }

@@ -78,9 +78,7 @@ pub struct VcpuTimer {
 
 impl std::fmt::Debug for VcpuTimer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VcpuTimer")
-            .field("armed", &self.armed)
-            .finish()
+        f.debug_struct("VcpuTimer").field("armed", &self.armed).finish()
     }
 }
 
@@ -146,10 +144,7 @@ impl VcpuTimer {
             },
         };
         // SAFETY: valid timer id and itimerspec.
-        if unsafe {
-            libc::timer_settime(self.timer, libc::TIMER_ABSTIME, &spec, std::ptr::null_mut())
-        } != 0
-        {
+        if unsafe { libc::timer_settime(self.timer, libc::TIMER_ABSTIME, &spec, std::ptr::null_mut()) } != 0 {
             return Err(io::Error::last_os_error());
         }
         self.armed = deadline_ns;
@@ -167,10 +162,7 @@ impl Drop for VcpuTimer {
 
 /// Host `CLOCK_MONOTONIC` in nanoseconds.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid timespec pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

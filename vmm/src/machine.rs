@@ -382,16 +382,13 @@ impl MachineBuilder {
             };
             // SAFETY: the region is a live mapping owned by `mem`, which the
             // Machine keeps for as long as the VM exists.
-            unsafe { vm.set_user_memory_region(r) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
         let cmdline = Self::effective_cmdline(&image, &kernel_name, &self.cmdline);
-        let setup = loader::load(&mem, &image, initrd.as_deref(), &cmdline).map_err(|source| {
-            Error::Load {
-                path: kernel_name.clone(),
-                source,
-            }
+        let setup = loader::load(&mem, &image, initrd.as_deref(), &cmdline).map_err(|source| Error::Load {
+            path: kernel_name.clone(),
+            source,
         })?;
 
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
@@ -406,8 +403,7 @@ impl MachineBuilder {
             what: "the CPUID table size",
             source: kvm_ioctls::Error::new(libc::E2BIG),
         })?;
-        vcpu.set_cpuid2(&kcpuid)
-            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        vcpu.set_cpuid2(&kcpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         msr::install_filter(&vm).map_err(kvm_err("KVM_X86_SET_MSR_FILTER"))?;
 
         let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
@@ -429,9 +425,7 @@ impl MachineBuilder {
             } else {
                 crate::patch::scan_elf(&image).map_err(|e| Error::GuestMemory(e.to_string()))?
             };
-            table
-                .apply(&mem)
-                .map_err(|e| Error::GuestMemory(e.to_string()))?;
+            table.apply(&mem).map_err(|e| Error::GuestMemory(e.to_string()))?;
             table
         } else {
             PatchTable::default()
@@ -442,8 +436,7 @@ impl MachineBuilder {
         };
         let clock = Arc::new(VirtualClock::new(hooks.time_source()));
         let serial_in = hooks.serial_input(serial_in);
-        let wall =
-            nyx_devices::io::FixedWallClock(hooks.wall_seconds(HostWallClock.unix_seconds()));
+        let wall = nyx_devices::io::FixedWallClock(hooks.wall_seconds(HostWallClock.unix_seconds()));
         let ram = self.mem_mib << 20;
         let platform = Platform::new(
             PlatformIo {
@@ -458,10 +451,7 @@ impl MachineBuilder {
         let dirty = if hooks.tracks_dirty_pages() {
             // SAFETY: `mem` is the memory registered above, slot = region
             // index, and the Machine keeps it for the VM's whole life.
-            Some(
-                unsafe { DirtyTracker::enable(&vm, &mem) }
-                    .map_err(|e| Error::GuestMemory(e.to_string()))?,
-            )
+            Some(unsafe { DirtyTracker::enable(&vm, &mem) }.map_err(|e| Error::GuestMemory(e.to_string()))?)
         } else {
             None
         };
@@ -547,13 +537,7 @@ impl Core {
 }
 
 /// Counts an access to an address no device decodes, logging the first.
-fn note_unknown(
-    unknown: &mut HashMap<(bool, u64), u64>,
-    mmio: bool,
-    addr: u64,
-    write: bool,
-    size: usize,
-) {
+fn note_unknown(unknown: &mut HashMap<(bool, u64), u64>, mmio: bool, addr: u64, write: bool, size: usize) {
     {
         let n = unknown.entry((mmio, addr)).or_insert(0);
         if *n == 0 {
@@ -683,11 +667,7 @@ impl Machine {
 
     fn crash(&mut self, reason: String) -> Result<RunOutcome, Error> {
         let regs = self.core.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
-        let sregs = self
-            .core
-            .vcpu
-            .get_sregs()
-            .map_err(kvm_err("KVM_GET_SREGS"))?;
+        let sregs = self.core.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         Ok(RunOutcome::Crashed(Box::new(CrashReport::new(
             reason,
             &regs,
@@ -716,9 +696,7 @@ impl Machine {
             let vector = self.core.platform.acknowledge();
             let mut ctx = self.core.ctx();
             self.hooks.on_inject(&mut ctx, vector)?;
-            let irq = kvm_interrupt {
-                irq: u32::from(vector),
-            };
+            let irq = kvm_interrupt { irq: u32::from(vector) };
             // SAFETY: KVM_INTERRUPT on a vCPU fd with a valid kvm_interrupt.
             let ret = unsafe { ioctl_with_ref(&self.core.vcpu, KVM_INTERRUPT(), &irq) };
             if ret != 0 {
@@ -834,9 +812,7 @@ impl Machine {
                     self.hooks.on_exit(&mut ctx, &rec)?;
                     match next {
                         Next::Continue => {}
-                        Next::Hlt if self.core.vcpu.get_kvm_run().if_flag == 0 => {
-                            return Ok(RunOutcome::Halted)
-                        }
+                        Next::Hlt if self.core.vcpu.get_kvm_run().if_flag == 0 => return Ok(RunOutcome::Halted),
                         Next::Hlt => {
                             if !self.idle()? {
                                 return Ok(RunOutcome::Halted);
@@ -853,8 +829,7 @@ impl Machine {
                                 3 => "delivery event",
                                 _ => "internal error",
                             };
-                            return self
-                                .crash(format!("KVM internal error, suberror {suberror}: {what}"));
+                            return self.crash(format!("KVM internal error, suberror {suberror}: {what}"));
                         }
                         Next::End(outcome) => return Ok(outcome),
                         Next::Crash(reason) => return self.crash(reason),
@@ -1015,15 +990,11 @@ impl ExitIo<'_> {
                     write: Some(exit.data),
                 });
             }
-            VcpuExit::Shutdown => {
-                return Ok((None, Next::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into())))
-            }
+            VcpuExit::Shutdown => return Ok((None, Next::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into()))),
             VcpuExit::FailEntry(reason, cpu) => {
                 return Ok((
                     None,
-                    Next::Crash(format!(
-                        "VM entry failed (hardware reason {reason:#x}, cpu {cpu})"
-                    )),
+                    Next::Crash(format!("VM entry failed (hardware reason {reason:#x}, cpu {cpu})")),
                 ))
             }
             VcpuExit::InternalError => return Ok((None, Next::InternalError)),
@@ -1098,11 +1069,7 @@ impl Machine {
                     Ok(()) => {}
                 }
                 let mut regs = self.core.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
-                let sregs = self
-                    .core
-                    .vcpu
-                    .get_sregs()
-                    .map_err(kvm_err("KVM_GET_SREGS"))?;
+                let sregs = self.core.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
                 let paging = crate::paging::PagingRegs {
                     cr0: sregs.cr0,
                     cr3: sregs.cr3,
@@ -1141,10 +1108,7 @@ impl Machine {
                     }
                 };
                 crate::patch::emulate(&site, value, 0, &mut regs);
-                self.core
-                    .vcpu
-                    .set_regs(&regs)
-                    .map_err(kvm_err("KVM_SET_REGS"))?;
+                self.core.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
                 Ok(ExitRecord {
                     kind: ExitKind::Patched,
                     addr: site.gpa,
@@ -1159,9 +1123,7 @@ impl Machine {
     /// Trapped MSRs under the virtual TSC: derived from the virtual clock.
     fn virtual_msr_read(&mut self, index: u32) -> Option<u64> {
         match index {
-            msr::IA32_TSC | msr::IA32_MPERF | msr::IA32_APERF => {
-                Some(self.core.virtual_tsc(self.core.clock.now_ns()))
-            }
+            msr::IA32_TSC | msr::IA32_MPERF | msr::IA32_APERF => Some(self.core.virtual_tsc(self.core.clock.now_ns())),
             msr::IA32_TSC_ADJUST | msr::IA32_TSC_AUX => Some(0),
             _ => None,
         }

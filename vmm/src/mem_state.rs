@@ -177,9 +177,7 @@ pub fn zero_all(mem: &GuestMemory) -> Result<(), MemStateError> {
             // SAFETY: the range is exactly this region's own mapping, which
             // stays mapped; MADV_DONTNEED on a private anonymous mapping only
             // replaces its contents with zeros.
-            let rc = unsafe {
-                libc::madvise(region.as_ptr().cast(), region.size(), libc::MADV_DONTNEED)
-            };
+            let rc = unsafe { libc::madvise(region.as_ptr().cast(), region.size(), libc::MADV_DONTNEED) };
             if rc == 0 {
                 continue;
             }
@@ -193,10 +191,7 @@ pub fn zero_all(mem: &GuestMemory) -> Result<(), MemStateError> {
         while off < region.len() {
             let n = (region.len() - off).min(MAX_RUN_BYTES as u64) as usize;
             mem.write_slice(&zeros[..n], GuestAddress(gpa + off))
-                .map_err(|source| MemStateError::Write {
-                    gpa: gpa + off,
-                    source,
-                })?;
+                .map_err(|source| MemStateError::Write { gpa: gpa + off, source })?;
             off += n as u64;
         }
     }
@@ -400,10 +395,7 @@ mod tests {
         write(&mem, 0, &ones);
         let runs = capture_all(&mem);
         let sizes: Vec<(u64, usize)> = runs.iter().map(|r| (r.gpa, r.data.len())).collect();
-        assert_eq!(
-            sizes,
-            vec![(0, 1 << 20), (1 << 20, 1 << 20), (2 << 20, 1 << 20)]
-        );
+        assert_eq!(sizes, vec![(0, 1 << 20), (1 << 20, 1 << 20), (2 << 20, 1 << 20)]);
         let pages = capture_pages(&mem, 0..(3 << 8) + 1);
         assert_eq!(pages.len(), 4);
         assert!(pages.iter().all(|r| r.data.len() <= MAX_RUN_BYTES));
@@ -499,10 +491,7 @@ mod tests {
 
         assert!(matches!(t.vcpu.run().unwrap(), VcpuExit::IoOut(0x80, _)));
         let dirty = tracker.collect(&t.vm).unwrap();
-        assert_eq!(
-            dirty.iter().copied().collect::<Vec<_>>(),
-            vec![0x10, 0x23, 0x3ff]
-        );
+        assert_eq!(dirty.iter().copied().collect::<Vec<_>>(), vec![0x10, 0x23, 0x3ff]);
         assert_ne!(before, pages_digest(&t.mem, dirty.iter().copied()));
         let runs = capture_pages(&t.mem, dirty.iter().copied());
         let spans: Vec<(u64, u8)> = runs.iter().map(|r| (r.gpa, r.data[0xff0])).collect();

@@ -32,10 +32,7 @@ pub fn ram_regions(bytes: u64) -> Vec<(u64, u64)> {
     if bytes <= MMIO_HOLE_START {
         vec![(0, bytes)]
     } else {
-        vec![
-            (0, MMIO_HOLE_START),
-            (MMIO_HOLE_END, bytes - MMIO_HOLE_START),
-        ]
+        vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, bytes - MMIO_HOLE_START)]
     }
 }
 
@@ -62,20 +59,14 @@ mod tests {
         let m = create(64).unwrap();
         assert_eq!(m.num_regions(), 1);
         m.write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(
-            m.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
-            0xdead_beef
-        );
+        assert_eq!(m.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
     }
 
     #[test]
     fn large_memory_skips_the_hole() {
         assert_eq!(
             ram_regions(4 << 30),
-            vec![
-                (0, MMIO_HOLE_START),
-                (MMIO_HOLE_END, (4 << 30) - MMIO_HOLE_START)
-            ]
+            vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, (4 << 30) - MMIO_HOLE_START)]
         );
     }
 

@@ -3,9 +3,7 @@
 //! value the guest reads from them passes through Nyx: in a plain run they are
 //! passed through to KVM's own emulation; the recorder logs them.
 
-use kvm_ioctls::{
-    Cap, MsrExitReason, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd,
-};
+use kvm_ioctls::{Cap, MsrExitReason, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 
 /// IA32_TIME_STAMP_COUNTER.
 pub const IA32_TSC: u32 = 0x10;
@@ -22,13 +20,7 @@ pub const KVM_CLOCK_MSRS: [u32; 4] = [0x11, 0x12, 0x4b56_4d00, 0x4b56_4d01];
 
 /// Every MSR whose guest accesses exit to Nyx.
 pub fn trapped() -> Vec<u32> {
-    let mut v = vec![
-        IA32_TSC,
-        IA32_TSC_ADJUST,
-        IA32_MPERF,
-        IA32_APERF,
-        IA32_TSC_AUX,
-    ];
+    let mut v = vec![IA32_TSC, IA32_TSC_ADJUST, IA32_MPERF, IA32_APERF, IA32_TSC_AUX];
     v.extend(KVM_CLOCK_MSRS);
     v
 }
@@ -69,13 +61,7 @@ mod tests {
     #[test]
     fn trapped_list_covers_time_msrs_and_fits_kvm() {
         let t = trapped();
-        for m in [
-            IA32_TSC,
-            IA32_TSC_ADJUST,
-            IA32_APERF,
-            IA32_MPERF,
-            IA32_TSC_AUX,
-        ] {
+        for m in [IA32_TSC, IA32_TSC_ADJUST, IA32_APERF, IA32_MPERF, IA32_TSC_AUX] {
             assert!(t.contains(&m));
             assert!(passes_through(m));
         }

@@ -108,21 +108,12 @@ fn done(gpa: u64, page_size: u64) -> Translation {
 }
 
 /// Translates `gva` with the page tables in `mem`.
-pub fn translate(
-    mem: &GuestMemory,
-    regs: &PagingRegs,
-    gva: u64,
-) -> Result<Translation, TranslateError> {
+pub fn translate(mem: &GuestMemory, regs: &PagingRegs, gva: u64) -> Result<Translation, TranslateError> {
     match regs.mode() {
         PagingMode::None => Ok(done(gva & 0xffff_ffff, 1 << 12)),
         PagingMode::Bits32 => {
             let gva = gva & 0xffff_ffff;
-            let pde = read_entry(
-                mem,
-                (regs.cr3 & 0xffff_f000) + ((gva >> 22) << 2),
-                false,
-                gva,
-            )?;
+            let pde = read_entry(mem, (regs.cr3 & 0xffff_f000) + ((gva >> 22) << 2), false, gva)?;
             if pde & PTE_P == 0 {
                 return Err(TranslateError::NotMapped(gva));
             }
@@ -131,12 +122,7 @@ pub fn translate(
                 let base = (pde & 0xffc0_0000) | ((pde >> 13) & 0xff) << 32;
                 return Ok(done(base | (gva & 0x3f_ffff), 1 << 22));
             }
-            let pte = read_entry(
-                mem,
-                (pde & 0xffff_f000) + (((gva >> 12) & 0x3ff) << 2),
-                false,
-                gva,
-            )?;
+            let pte = read_entry(mem, (pde & 0xffff_f000) + (((gva >> 12) & 0x3ff) << 2), false, gva)?;
             if pte & PTE_P == 0 {
                 return Err(TranslateError::NotMapped(gva));
             }
@@ -144,12 +130,7 @@ pub fn translate(
         }
         PagingMode::Pae => {
             let gva = gva & 0xffff_ffff;
-            let pdpte = read_entry(
-                mem,
-                (regs.cr3 & 0xffff_ffe0) + ((gva >> 30) << 3),
-                true,
-                gva,
-            )?;
+            let pdpte = read_entry(mem, (regs.cr3 & 0xffff_ffe0) + ((gva >> 30) << 3), true, gva)?;
             if pdpte & PTE_P == 0 {
                 return Err(TranslateError::NotMapped(gva));
             }
@@ -168,12 +149,7 @@ pub fn translate(
 }
 
 /// Walks `levels` levels of 64-bit entries starting at the table `table`.
-fn walk_long(
-    mem: &GuestMemory,
-    mut table: u64,
-    gva: u64,
-    levels: u32,
-) -> Result<Translation, TranslateError> {
+fn walk_long(mem: &GuestMemory, mut table: u64, gva: u64, levels: u32) -> Result<Translation, TranslateError> {
     for level in (1..=levels).rev() {
         let shift = 12 + 9 * (level - 1);
         let index = (gva >> shift) & 0x1ff;
@@ -196,12 +172,7 @@ fn walk_long(
 }
 
 /// Reads `buf.len()` bytes at virtual address `gva`, page by page.
-pub fn read_virt(
-    mem: &GuestMemory,
-    regs: &PagingRegs,
-    gva: u64,
-    buf: &mut [u8],
-) -> Result<(), TranslateError> {
+pub fn read_virt(mem: &GuestMemory, regs: &PagingRegs, gva: u64, buf: &mut [u8]) -> Result<(), TranslateError> {
     let mut done_len = 0usize;
     while done_len < buf.len() {
         let addr = gva.wrapping_add(done_len as u64);
@@ -215,12 +186,7 @@ pub fn read_virt(
 }
 
 /// Writes `buf` at virtual address `gva`, page by page.
-pub fn write_virt(
-    mem: &GuestMemory,
-    regs: &PagingRegs,
-    gva: u64,
-    buf: &[u8],
-) -> Result<(), TranslateError> {
+pub fn write_virt(mem: &GuestMemory, regs: &PagingRegs, gva: u64, buf: &[u8]) -> Result<(), TranslateError> {
     let mut done_len = 0usize;
     while done_len < buf.len() {
         let addr = gva.wrapping_add(done_len as u64);

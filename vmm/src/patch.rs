@@ -116,9 +116,7 @@ impl TrapKind {
     fn is_valid(&self) -> bool {
         match *self {
             TrapKind::Rdtsc | TrapKind::Rdtscp => true,
-            TrapKind::Rdrand { reg, size } | TrapKind::Rdseed { reg, size } => {
-                reg < 16 && matches!(size, 2 | 4 | 8)
-            }
+            TrapKind::Rdrand { reg, size } | TrapKind::Rdseed { reg, size } => reg < 16 && matches!(size, 2 | 4 | 8),
         }
     }
 }
@@ -338,12 +336,7 @@ pub fn scan(code: &[u8], base_gpa: u64, mode: ScanMode) -> Vec<PatchSite> {
 
 /// [`scan`] for code linked at virtual address `base_vaddr`: each site also
 /// records its virtual address.
-pub fn scan_linked(
-    code: &[u8],
-    base_gpa: u64,
-    base_vaddr: Option<u64>,
-    mode: ScanMode,
-) -> Vec<PatchSite> {
+pub fn scan_linked(code: &[u8], base_gpa: u64, base_vaddr: Option<u64>, mode: ScanMode) -> Vec<PatchSite> {
     match mode {
         ScanMode::Bits32 => sweep(code, base_gpa, base_vaddr, false),
         ScanMode::Bits64 => sweep(code, base_gpa, base_vaddr, true),
@@ -623,10 +616,7 @@ mod tests {
 
     /// `(offset, len, kind)` of each site.
     fn summary(sites: &[PatchSite], base: u64) -> Vec<(u64, u8, TrapKind)> {
-        sites
-            .iter()
-            .map(|s| (s.gpa - base, s.len, s.kind))
-            .collect()
+        sites.iter().map(|s| (s.gpa - base, s.len, s.kind)).collect()
     }
 
     const RDRAND_EAX: TrapKind = TrapKind::Rdrand { reg: 0, size: 4 };
@@ -726,14 +716,8 @@ mod tests {
     fn kinds_print_their_assembly() {
         assert_eq!(TrapKind::Rdtsc.to_string(), "rdtsc");
         assert_eq!(RDRAND_EAX.to_string(), "rdrand eax");
-        assert_eq!(
-            TrapKind::Rdseed { reg: 15, size: 2 }.to_string(),
-            "rdseed r15w"
-        );
-        assert_eq!(
-            TrapKind::Rdrand { reg: 9, size: 8 }.to_string(),
-            "rdrand r9"
-        );
+        assert_eq!(TrapKind::Rdseed { reg: 15, size: 2 }.to_string(), "rdseed r15w");
+        assert_eq!(TrapKind::Rdrand { reg: 9, size: 8 }.to_string(), "rdrand r9");
         let s = PatchSite {
             vaddr: Some(0xc000_1000),
             ..site(0x1000, &[0x0f, 0x31], TrapKind::Rdtsc)
@@ -751,11 +735,7 @@ mod tests {
         table.apply(&mem).unwrap();
         let mut now = vec![0u8; code.len()];
         mem.read_slice(&mut now, GuestAddress(0x2000)).unwrap();
-        assert_eq!(
-            now,
-            [0x90, 0xe6, 0xe7, 0xe6, 0xe7, 0x90, 0x90, 0xc3],
-            "{now:02x?}"
-        );
+        assert_eq!(now, [0x90, 0xe6, 0xe7, 0xe6, 0xe7, 0x90, 0x90, 0xc3], "{now:02x?}");
         // Applying again is harmless.
         table.apply(&mem).unwrap();
         let mut again = now.clone();
@@ -771,8 +751,7 @@ mod tests {
         // A site the guest rewrote is shown as it is now.
         mem.write_slice(&[0xcc], GuestAddress(0x2001)).unwrap();
         let mut rewritten = [0u8; 2];
-        mem.read_slice(&mut rewritten, GuestAddress(0x2001))
-            .unwrap();
+        mem.read_slice(&mut rewritten, GuestAddress(0x2001)).unwrap();
         table.unpatch_view(0x2001, &mut rewritten);
         assert_eq!(rewritten, [0xcc, 0xe7]);
     }
@@ -799,10 +778,7 @@ mod tests {
         let outside = PatchTable::new(vec![site(0xfffe, &[0x0f, 0x01, 0xf9], TrapKind::Rdtscp)]);
         assert!(matches!(
             outside.apply(&mem),
-            Err(PatchError::OutsideMemory {
-                gpa: 0xfffe,
-                len: 3
-            })
+            Err(PatchError::OutsideMemory { gpa: 0xfffe, len: 3 })
         ));
     }
 
@@ -813,16 +789,8 @@ mod tests {
             site(0x10, &[0x0f, 0x01, 0xf9], TrapKind::Rdtscp),
             site(0x11, &[0x0f, 0x31], TrapKind::Rdtsc), // overlaps 0x10..0x13
             site(0x40, &[0x0f], TrapKind::Rdtsc),       // too short
-            site(
-                0x50,
-                &[0x0f, 0xc7, 0xf0],
-                TrapKind::Rdrand { reg: 16, size: 4 },
-            ),
-            site(
-                0x60,
-                &[0x0f, 0xc7, 0xf0],
-                TrapKind::Rdrand { reg: 0, size: 3 },
-            ),
+            site(0x50, &[0x0f, 0xc7, 0xf0], TrapKind::Rdrand { reg: 16, size: 4 }),
+            site(0x60, &[0x0f, 0xc7, 0xf0], TrapKind::Rdrand { reg: 0, size: 3 }),
             PatchSite {
                 len: 3,
                 ..site(0x70, &[0x0f, 0x31], TrapKind::Rdtsc)
@@ -920,26 +888,20 @@ mod tests {
         /// Original bytes, kind, and how the registers should change.
         type Case = (&'static [u8], TrapKind, fn(&mut kvm_regs));
         let cases: [Case; 4] = [
-            (
-                &[0x0f, 0xc7, 0xf3],
-                TrapKind::Rdrand { reg: 3, size: 4 },
-                |r| r.rbx = 0x0f0f_f0f0,
-            ),
-            (
-                &[0x48, 0x0f, 0xc7, 0xf1],
-                TrapKind::Rdrand { reg: 1, size: 8 },
-                |r| r.rcx = 0xa5a5_5a5a_0f0f_f0f0,
-            ),
+            (&[0x0f, 0xc7, 0xf3], TrapKind::Rdrand { reg: 3, size: 4 }, |r| {
+                r.rbx = 0x0f0f_f0f0
+            }),
+            (&[0x48, 0x0f, 0xc7, 0xf1], TrapKind::Rdrand { reg: 1, size: 8 }, |r| {
+                r.rcx = 0xa5a5_5a5a_0f0f_f0f0
+            }),
             (
                 &[0x66, 0x41, 0x0f, 0xc7, 0xff],
                 TrapKind::Rdseed { reg: 15, size: 2 },
                 |r| r.r15 = 0x5555_5555_5555_f0f0,
             ),
-            (
-                &[0x66, 0x0f, 0xc7, 0xf8],
-                TrapKind::Rdseed { reg: 0, size: 2 },
-                |r| r.rax = 0x1111_1111_1111_f0f0,
-            ),
+            (&[0x66, 0x0f, 0xc7, 0xf8], TrapKind::Rdseed { reg: 0, size: 2 }, |r| {
+                r.rax = 0x1111_1111_1111_f0f0
+            }),
         ];
         for (bytes, kind, change) in cases {
             let s = site(0x1000, bytes, kind);
@@ -964,11 +926,7 @@ mod tests {
         table.apply(&mem).unwrap();
         let paging = PagingRegs::default();
         let cs_base = 0x2000;
-        let found = |rip| {
-            table
-                .site_for_exit(&mem, &paging, rip, cs_base)
-                .map(|s| s.gpa)
-        };
+        let found = |rip| table.site_for_exit(&mem, &paging, rip, cs_base).map(|s| s.gpa);
         assert_eq!(found(0x1002), Some(0x3000));
         assert_eq!(found(0x1004), Some(0x3002));
         assert_eq!(found(0x1006), Some(0x3004));
@@ -983,13 +941,9 @@ mod tests {
             ..Default::default()
         };
         emulate(site, 0x1_2345_6789, 0, &mut regs);
-        assert_eq!(
-            (regs.rcx, regs.rip, regs.rflags & RFLAGS_CF),
-            (0x2345_6789, 0x1007, 1)
-        );
+        assert_eq!((regs.rcx, regs.rip, regs.rflags & RFLAGS_CF), (0x2345_6789, 0x1007, 1));
         // Code the guest rewrote is not a site any more.
-        mem.write_slice(&[0x90, 0x90], GuestAddress(0x3002))
-            .unwrap();
+        mem.write_slice(&[0x90, 0x90], GuestAddress(0x3002)).unwrap();
         assert_eq!(found(0x1004), None);
     }
 
@@ -999,11 +953,9 @@ mod tests {
         let mem = memory(0x10000);
         let pd = 0x1000u64;
         let pt = 0x2000u64;
-        mem.write_obj((pt as u32) | 3, GuestAddress(pd + 4))
-            .unwrap();
+        mem.write_obj((pt as u32) | 3, GuestAddress(pd + 4)).unwrap();
         mem.write_obj(0x5000u32 | 3, GuestAddress(pt)).unwrap();
-        mem.write_slice(&[0x90, 0x0f, 0x31], GuestAddress(0x5000))
-            .unwrap();
+        mem.write_slice(&[0x90, 0x0f, 0x31], GuestAddress(0x5000)).unwrap();
         let table = PatchTable::new(scan(&[0x90, 0x0f, 0x31], 0x5000, ScanMode::Bits32));
         table.apply(&mem).unwrap();
         let paging = PagingRegs {
@@ -1030,10 +982,7 @@ mod tests {
         let read_tsc = u64::from(nyx_guests::symbol(nyx_guests::RDTSC, "read_tsc").unwrap());
         assert_eq!(table.len(), 1, "{:?}", table.sites());
         let s = &table.sites()[0];
-        assert_eq!(
-            (s.gpa, s.vaddr, s.kind),
-            (read_tsc, Some(read_tsc), TrapKind::Rdtsc)
-        );
+        assert_eq!((s.gpa, s.vaddr, s.kind), (read_tsc, Some(read_tsc), TrapKind::Rdtsc));
         for (name, image) in nyx_guests::ALL {
             if *name != "rdtsc" {
                 let table = scan_elf(image).unwrap();

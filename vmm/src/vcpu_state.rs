@@ -12,8 +12,8 @@ use std::fmt;
 use std::marker::PhantomData;
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-    Msrs, Xsave, KVM_MAX_MSR_ENTRIES,
+    kvm_debugregs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, Msrs, Xsave,
+    KVM_MAX_MSR_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -84,9 +84,7 @@ pub enum StateError {
         room: usize,
     },
     /// The saved XSAVE area is shorter than the legacy area every state has.
-    #[error(
-        "the saved XSAVE area holds only {0} bytes (at least 4096 expected): the state is damaged"
-    )]
+    #[error("the saved XSAVE area holds only {0} bytes (at least 4096 expected): the state is damaged")]
     XsaveTooSmall(usize),
     /// No XSAVE buffer of the size the CPU needs could be made.
     #[error("cannot make a {0}-byte XSAVE buffer")]
@@ -287,8 +285,7 @@ fn read_msrs(vcpu: &VcpuFd, list: &[u32]) -> Result<Vec<(u32, u64)>, StateError>
                 ..Default::default()
             })
             .collect();
-        let mut msrs =
-            Msrs::from_entries(&entries).map_err(|_| StateError::MsrList(entries.len()))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| StateError::MsrList(entries.len()))?;
         let n = vcpu
             .get_msrs(&mut msrs)
             .map_err(kvm_err("KVM_GET_MSRS"))?
@@ -430,14 +427,10 @@ pub fn capture(vcpu: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState, StateError>
     let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
     let xsave = get_xsave(vcpu)?;
     let xcrs = vcpu.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?;
-    let debugregs = vcpu
-        .get_debug_regs()
-        .map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
+    let debugregs = vcpu.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
     let tsc_khz = vcpu.get_tsc_khz().ok();
     let msrs = read_msrs(vcpu, msr_list)?;
-    let events = vcpu
-        .get_vcpu_events()
-        .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+    let events = vcpu.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
     Ok(VcpuState {
         mp_state: Raw(mp_state),
         regs: Raw(regs),
@@ -463,16 +456,13 @@ pub fn restore(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
         .map_err(kvm_err("KVM_SET_MP_STATE"))?;
     // 2. Registers. KVM_SET_REGS clears a pending exception, so it comes
     //    before KVM_SET_VCPU_EVENTS, which brings it back.
-    vcpu.set_regs(&state.regs)
-        .map_err(kvm_err("KVM_SET_REGS"))?;
+    vcpu.set_regs(&state.regs).map_err(kvm_err("KVM_SET_REGS"))?;
     // 3. Special registers: CR0/CR4/EFER decide what the XSAVE area, the
     //    XCRs and several MSRs may hold, and they restore the APIC base.
-    vcpu.set_sregs(&state.sregs)
-        .map_err(kvm_err("KVM_SET_SREGS"))?;
+    vcpu.set_sregs(&state.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
     // 4. XSAVE, then XCR0.
     set_xsave(vcpu, &state.xsave)?;
-    vcpu.set_xcrs(&state.xcrs)
-        .map_err(kvm_err("KVM_SET_XCRS"))?;
+    vcpu.set_xcrs(&state.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
     // 5. Debug registers. (Nyx has no in-kernel LAPIC; one would be
     //    restored here, after SREGS and before the MSRs.)
     vcpu.set_debug_regs(&state.debugregs)
@@ -526,10 +516,7 @@ pub const DIGEST_REGISTERS: usize = 34;
 /// The registers that [`register_digest`] covers, by name, in digest order:
 /// rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8-r15, rip, rflags; for each of
 /// cs, ds, es, fs, gs, ss its selector then its base; cr0, cr3, cr4, efer.
-pub fn digest_registers(
-    regs: &kvm_regs,
-    sregs: &kvm_sregs,
-) -> [(&'static str, u64); DIGEST_REGISTERS] {
+pub fn digest_registers(regs: &kvm_regs, sregs: &kvm_sregs) -> [(&'static str, u64); DIGEST_REGISTERS] {
     let r = regs;
     let s = sregs;
     [
@@ -670,10 +657,7 @@ pub(crate) mod tests {
         let size = std::mem::size_of::<kvm_regs>();
         for len in [0, size - 1, size + 1] {
             let bytes = postcard::to_allocvec(&vec![7u8; len]).unwrap();
-            assert!(
-                postcard::from_bytes::<Raw<kvm_regs>>(&bytes).is_err(),
-                "{len}"
-            );
+            assert!(postcard::from_bytes::<Raw<kvm_regs>>(&bytes).is_err(), "{len}");
         }
         let bytes = postcard::to_allocvec(&vec![7u8; size]).unwrap();
         let r: Raw<kvm_regs> = postcard::from_bytes(&bytes).unwrap();
@@ -683,9 +667,7 @@ pub(crate) mod tests {
     #[test]
     fn extra_msrs_cover_mtrrs_pat_and_tsc() {
         let v = extra_msrs();
-        for m in [
-            0x200, 0x20f, 0x250, 0x258, 0x259, 0x268, 0x26f, 0x277, 0x2ff, 0x10,
-        ] {
+        for m in [0x200, 0x20f, 0x250, 0x258, 0x259, 0x268, 0x26f, 0x277, 0x2ff, 0x10] {
             assert!(v.contains(&m), "{m:#x}");
         }
         assert!(!v.contains(&0x210) && !v.contains(&0x25a));
@@ -703,11 +685,7 @@ pub(crate) mod tests {
         s2.fs.base = 0xffff;
         assert_eq!(
             registers_diff((&r, &s), (&r2, &s2)),
-            vec![
-                "rax: 0x0 != 0x2",
-                "fs.base: 0x0 != 0xffff",
-                "cr2: 0x0 != 0x1000"
-            ]
+            vec!["rax: 0x0 != 0x2", "fs.base: 0x0 != 0xffff", "cr2: 0x0 != 0x1000"]
         );
     }
 
@@ -837,9 +815,7 @@ pub(crate) mod tests {
             unsafe { vm.set_user_memory_region(region).unwrap() };
         }
         let vcpu = vm.create_vcpu(0).unwrap();
-        let cpuid = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .unwrap();
+        let cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
         vcpu.set_cpuid2(&cpuid).unwrap();
         Some(TestVm { vcpu, vm, kvm, mem })
     }
@@ -886,9 +862,8 @@ pub(crate) mod tests {
     fn set_odd_state(vcpu: &VcpuFd) {
         let mut r = kvm_regs::default();
         for (i, v) in [
-            &mut r.rax, &mut r.rbx, &mut r.rcx, &mut r.rdx, &mut r.rsi, &mut r.rdi, &mut r.rsp,
-            &mut r.rbp, &mut r.r8, &mut r.r9, &mut r.r10, &mut r.r11, &mut r.r12, &mut r.r13,
-            &mut r.r14, &mut r.r15,
+            &mut r.rax, &mut r.rbx, &mut r.rcx, &mut r.rdx, &mut r.rsi, &mut r.rdi, &mut r.rsp, &mut r.rbp, &mut r.r8,
+            &mut r.r9, &mut r.r10, &mut r.r11, &mut r.r12, &mut r.r13, &mut r.r14, &mut r.r15,
         ]
         .into_iter()
         .enumerate()
@@ -967,10 +942,7 @@ pub(crate) mod tests {
         let saved = capture(&a.vcpu, &list).unwrap();
         assert_ne!(saved, fresh);
         assert_eq!(saved.regs.r15, 0x0101_0101_0000_0000 * 16 + 15);
-        assert_eq!(
-            (saved.sregs.cs.base, saved.sregs.cr2),
-            (0x1_2340, 0xdead_b000)
-        );
+        assert_eq!((saved.sregs.cs.base, saved.sregs.cr2), (0x1_2340, 0xdead_b000));
         assert_eq!(saved.msr(IA32_PAT), Some(PAT));
         assert_eq!(saved.msr(IA32_MTRR_DEF_TYPE), Some(0xc06));
         assert_eq!(saved.msr(MTRR_PHYSBASE1), Some(0x8000_0006));
@@ -1052,9 +1024,7 @@ pub(crate) mod tests {
         ];
         let Some(mut a) = test_vm(2) else { return };
         use vm_memory::Bytes;
-        a.mem
-            .write_slice(code, vm_memory::GuestAddress(0x1000))
-            .unwrap();
+        a.mem.write_slice(code, vm_memory::GuestAddress(0x1000)).unwrap();
         protected_mode(&a.vcpu, 0x1000);
         let mut s = a.vcpu.get_sregs().unwrap();
         s.cr4 |= 0x600;
@@ -1062,10 +1032,7 @@ pub(crate) mod tests {
         let mut r = a.vcpu.get_regs().unwrap();
         r.rbx = 0x2345;
         a.vcpu.set_regs(&r).unwrap();
-        assert!(matches!(
-            a.vcpu.run().unwrap(),
-            kvm_ioctls::VcpuExit::IoOut(0x80, _)
-        ));
+        assert!(matches!(a.vcpu.run().unwrap(), kvm_ioctls::VcpuExit::IoOut(0x80, _)));
         complete_pending_exit(&mut a.vcpu).unwrap();
         let list = supported_msrs(&a.kvm);
         let state = capture(&a.vcpu, &list).unwrap();

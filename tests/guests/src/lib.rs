@@ -153,9 +153,7 @@ pub const EXPECTED: &[Expected] = &[
 
 /// The image of the guest called `name`.
 pub fn image(name: &str) -> Option<&'static [u8]> {
-    ALL.iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, image)| *image)
+    ALL.iter().find(|(n, _)| *n == name).map(|(_, image)| *image)
 }
 
 /// The built ELF file of the guest called `name` (in Cargo's `OUT_DIR`).
@@ -200,11 +198,9 @@ fn u32_at(bytes: &[u8], offset: usize) -> Option<u32> {
 pub fn multiboot_header_offset(image: &[u8]) -> Option<usize> {
     let end = image.len().min(MULTIBOOT_SEARCH_LEN);
     (0..end).step_by(4).find(|&off| {
-        let (Some(magic), Some(flags), Some(sum)) = (
-            u32_at(image, off),
-            u32_at(image, off + 4),
-            u32_at(image, off + 8),
-        ) else {
+        let (Some(magic), Some(flags), Some(sum)) =
+            (u32_at(image, off), u32_at(image, off + 4), u32_at(image, off + 8))
+        else {
             return false;
         };
         magic == MULTIBOOT_MAGIC && magic.wrapping_add(flags).wrapping_add(sum) == 0
@@ -233,8 +229,7 @@ pub fn symbol(image: &[u8], name: &str) -> Option<u32> {
     if shentsize < SHDR_LEN {
         return None;
     }
-    let section =
-        |index: usize| -> Option<usize> { shoff.checked_add(index.checked_mul(shentsize)?) };
+    let section = |index: usize| -> Option<usize> { shoff.checked_add(index.checked_mul(shentsize)?) };
     for index in 0..shnum {
         let sh = section(index)?;
         if u32_at(image, sh + 4)? != SHT_SYMTAB {
@@ -349,24 +344,13 @@ mod tests {
         for e in EXPECTED {
             let Some(golden) = e.golden else { continue };
             assert!(!golden.is_empty(), "{}: empty golden", e.name);
-            assert!(
-                golden.ends_with('\n'),
-                "{}: golden output cut short",
-                e.name
-            );
+            assert!(golden.ends_with('\n'), "{}: golden output cut short", e.name);
             assert!(!golden.contains("unexpected"), "{}: {golden}", e.name);
         }
-        let longmode = expected("longmode")
-            .and_then(|e| e.golden)
-            .expect("longmode");
+        let longmode = expected("longmode").and_then(|e| e.golden).expect("longmode");
         let entry = symbol(LONGMODE, "higher_half_entry").expect("higher_half_entry");
-        assert!(
-            longmode.contains(&format!("running at 0x{entry:016x}\n")),
-            "{longmode}"
-        );
-        let hello = expected("hello")
-            .and_then(|e| e.golden)
-            .expect("hello golden");
+        assert!(longmode.contains(&format!("running at 0x{entry:016x}\n")), "{longmode}");
+        let hello = expected("hello").and_then(|e| e.golden).expect("hello golden");
         assert!(hello.starts_with("Hello from a Nyx guest!\n"));
         assert!(hello.contains(&format!("cmdline \"{}\"", multiboot_cmdline("hello"))));
         let echo = expected("echo").expect("echo");

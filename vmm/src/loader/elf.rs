@@ -98,9 +98,7 @@ pub fn ident(image: &[u8]) -> Result<(Class, u16), LoadError> {
         other => return Err(LoadError::BadElf(format!("unknown ELF class {other}"))),
     };
     if image.get(5) != Some(&1) {
-        return Err(LoadError::BadElf(
-            "big-endian ELF files are not x86 kernels".into(),
-        ));
+        return Err(LoadError::BadElf("big-endian ELF files are not x86 kernels".into()));
     }
     let machine = u16_at(image, 18).ok_or_else(err)?;
     Ok((class, machine))
@@ -128,8 +126,7 @@ pub fn parse(image: &[u8]) -> Result<ElfFile, LoadError> {
             56u16,
         ),
     };
-    let (Some(entry), Some(phoff), Some(phentsize), Some(phnum)) = (entry, phoff, phentsize, phnum)
-    else {
+    let (Some(entry), Some(phoff), Some(phentsize), Some(phnum)) = (entry, phoff, phentsize, phnum) else {
         return Err(truncated("ELF header", 0, hdr_len, image));
     };
     if phnum > 0 && phentsize != want_phentsize {
@@ -138,10 +135,7 @@ pub fn parse(image: &[u8]) -> Result<ElfFile, LoadError> {
         )));
     }
     let table_len = u64::from(phnum) * u64::from(want_phentsize);
-    if phoff
-        .checked_add(table_len)
-        .is_none_or(|end| end > image.len() as u64)
-    {
+    if phoff.checked_add(table_len).is_none_or(|end| end > image.len() as u64) {
         return Err(truncated("program header table", phoff, table_len, image));
     }
 
@@ -298,22 +292,14 @@ pub(crate) mod tests {
             assert_eq!(elf.entry, 0x10_0010);
             assert_eq!(elf.segments.len(), 1, "only PT_LOAD is kept");
             let s = elf.segments[0];
-            assert_eq!(
-                (s.paddr, s.vaddr, s.filesz, s.memsz),
-                (0x10_0000, 0xC010_0000, 4, 0x20)
-            );
+            assert_eq!((s.paddr, s.vaddr, s.filesz, s.memsz), (0x10_0000, 0xC010_0000, 4, 0x20));
             assert_eq!(&img[s.offset as usize..][..4], b"abcd");
         }
     }
 
     #[test]
     fn rejects_truncation_and_nonsense() {
-        let img = build(
-            Class::Elf32,
-            EM_386,
-            0,
-            &[(PT_LOAD, 0x10_0000, 0, b"abcd", 4, 0)],
-        );
+        let img = build(Class::Elf32, EM_386, 0, &[(PT_LOAD, 0x10_0000, 0, b"abcd", 4, 0)]);
         for cut in [3, 10, 30, 60, img.len() - 1] {
             assert!(
                 matches!(parse(&img[..cut]), Err(LoadError::Truncated { .. })),
@@ -327,9 +313,6 @@ pub(crate) mod tests {
         assert!(matches!(parse(&none), Err(LoadError::NoLoadableSegment)));
         let mut huge_phoff = img.clone();
         huge_phoff[28..32].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(
-            parse(&huge_phoff),
-            Err(LoadError::Truncated { .. })
-        ));
+        assert!(matches!(parse(&huge_phoff), Err(LoadError::Truncated { .. })));
     }
 }

@@ -35,11 +35,7 @@ pub fn segment(desc: u64, index: u16) -> kvm_segment {
     let present = bit(47);
     kvm_segment {
         base: ((desc >> 32) & 0xff00_0000) | ((desc >> 16) & 0x00ff_ffff),
-        limit: if g == 1 {
-            (raw_limit << 12) | 0xfff
-        } else {
-            raw_limit
-        },
+        limit: if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
         selector: index * 8,
         type_: ((desc >> 40) & 0xf) as u8,
         present,

@@ -33,9 +33,7 @@ fn run(image: &[u8], cmdline: &str) -> Option<Vec<(u16, Vec<u8>)>> {
         unsafe { vm.set_user_memory_region(region).unwrap() };
     }
     let mut vcpu = vm.create_vcpu(0).unwrap();
-    let cpuid = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .unwrap();
+    let cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
     vcpu.set_cpuid2(&cpuid).unwrap();
     let mut regs = vcpu.get_regs().unwrap();
     let mut sregs = vcpu.get_sregs().unwrap();

@@ -13,8 +13,8 @@ use linux_loader::loader::{self, KernelLoader};
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use super::{
-    check_clear, check_ram, elf, gdt, memory_map, page_up, ram_end_from, write, zero, BootCpu,
-    BootSetup, KernelFormat, LoadError, HIMEM_START,
+    check_clear, check_ram, elf, gdt, memory_map, page_up, ram_end_from, write, zero, BootCpu, BootSetup, KernelFormat,
+    LoadError, HIMEM_START,
 };
 use crate::memory::GuestMemory;
 
@@ -112,13 +112,8 @@ pub fn load_bzimage(
     check_ram(mem, "bzImage kernel", start, payload)?;
     check_clear(start, payload, AREA)?;
 
-    let loaded = loader::BzImage::load(
-        mem,
-        None,
-        &mut Cursor::new(image),
-        Some(GuestAddress(HIMEM_START)),
-    )
-    .map_err(LoadError::Linux)?;
+    let loaded = loader::BzImage::load(mem, None, &mut Cursor::new(image), Some(GuestAddress(HIMEM_START)))
+        .map_err(LoadError::Linux)?;
     let hdr = loaded.setup_header.unwrap_or(hdr);
     let entry = loaded.kernel_load.0 + BZIMAGE_ENTRY_64;
 
@@ -147,12 +142,7 @@ pub fn load_bzimage(
 }
 
 /// Loads an x86-64 vmlinux ELF at its physical addresses.
-pub fn load_elf(
-    mem: &GuestMemory,
-    image: &[u8],
-    initrd: Option<&[u8]>,
-    cmdline: &str,
-) -> Result<BootSetup, LoadError> {
+pub fn load_elf(mem: &GuestMemory, image: &[u8], initrd: Option<&[u8]>, cmdline: &str) -> Result<BootSetup, LoadError> {
     let file = elf::parse(image)?;
     if (file.class, file.machine) != (elf::Class::Elf64, elf::EM_X86_64) {
         return Err(LoadError::UnsupportedElf {
@@ -182,13 +172,8 @@ pub fn load_elf(
             exec_ranges.push((s.paddr, s.filesz));
         }
     }
-    let loaded = loader::Elf::load(
-        mem,
-        None,
-        &mut Cursor::new(image),
-        Some(GuestAddress(HIMEM_START)),
-    )
-    .map_err(LoadError::Linux)?;
+    let loaded = loader::Elf::load(mem, None, &mut Cursor::new(image), Some(GuestAddress(HIMEM_START)))
+        .map_err(LoadError::Linux)?;
     for s in &file.segments {
         zero(mem, "kernel bss", s.paddr + s.filesz, s.memsz - s.filesz)?;
     }
@@ -296,12 +281,7 @@ fn finish(
 
 /// Places the initrd page-aligned at the top of low RAM (below `addr_max`),
 /// above everything the kernel occupies up to `busy_end`.
-fn place_initrd(
-    mem: &GuestMemory,
-    data: &[u8],
-    addr_max: u64,
-    busy_end: u64,
-) -> Result<(u64, u64), LoadError> {
+fn place_initrd(mem: &GuestMemory, data: &[u8], addr_max: u64, busy_end: u64) -> Result<(u64, u64), LoadError> {
     let len = data.len() as u64;
     let too_large = LoadError::InitrdTooLarge { size: len };
     let top = ram_end_from(mem, 0)
@@ -378,16 +358,12 @@ mod tests {
         assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
         assert_eq!({ hdr.cmdline_size } as usize, cmdline.len() + 1);
         let mut back = vec![0u8; cmdline.len() + 1];
-        mem.read_slice(&mut back, GuestAddress(CMDLINE_ADDR))
-            .unwrap();
+        mem.read_slice(&mut back, GuestAddress(CMDLINE_ADDR)).unwrap();
         assert_eq!(&back[..cmdline.len()], cmdline.as_bytes());
         assert_eq!(back[cmdline.len()], 0);
 
         let (ramdisk, ramdisk_size) = (hdr.ramdisk_image, hdr.ramdisk_size);
-        assert_eq!(
-            setup.initrd,
-            Some((u64::from(ramdisk), initrd.len() as u64))
-        );
+        assert_eq!(setup.initrd, Some((u64::from(ramdisk), initrd.len() as u64)));
         assert_eq!(ramdisk_size as usize, initrd.len());
         assert_eq!(ramdisk % 4096, 0);
         let usable_end = (64 << 20) - crate::loader::FIRMWARE_RESERVED;
@@ -397,15 +373,11 @@ mod tests {
             "at the top"
         );
         let mut rd = vec![0u8; initrd.len()];
-        mem.read_slice(&mut rd, GuestAddress(ramdisk.into()))
-            .unwrap();
+        mem.read_slice(&mut rd, GuestAddress(ramdisk.into())).unwrap();
         assert_eq!(rd, initrd);
 
         assert_eq!(p.e820_entries, 5);
-        let e820: Vec<_> = p.e820_table[..5]
-            .iter()
-            .map(|e| (e.addr, e.size, e.r#type))
-            .collect();
+        let e820: Vec<_> = p.e820_table[..5].iter().map(|e| (e.addr, e.size, e.r#type)).collect();
         assert_eq!(
             e820,
             vec![
@@ -473,10 +445,7 @@ mod tests {
         let img = fake_bzimage(0x020f, XLF_KERNEL_64, 0x100);
         for cut in [0x210, 0x300, 5 * 512] {
             let err = crate::loader::load(&mem, &img[..cut], None, "").unwrap_err();
-            assert!(
-                matches!(err, LoadError::Truncated { .. }),
-                "{cut:#x}: {err}"
-            );
+            assert!(matches!(err, LoadError::Truncated { .. }), "{cut:#x}: {err}");
         }
         let big = fake_bzimage(0x020f, XLF_KERNEL_64, 64 << 20);
         assert!(matches!(
@@ -513,14 +482,7 @@ mod tests {
                     0x10,
                     elf::PF_X | 4,
                 ),
-                (
-                    1,
-                    paddr + 0x1000,
-                    0xffff_ffff_8000_1000 + paddr,
-                    b"data",
-                    memsz,
-                    6,
-                ),
+                (1, paddr + 0x1000, 0xffff_ffff_8000_1000 + paddr, b"data", memsz, 6),
             ],
         )
     }
@@ -528,8 +490,7 @@ mod tests {
     #[test]
     fn loads_a_vmlinux_elf() {
         let mem = memory::create(64).unwrap();
-        mem.write_slice(&[0xee; 8], GuestAddress(0x100_1004))
-            .unwrap();
+        mem.write_slice(&[0xee; 8], GuestAddress(0x100_1004)).unwrap();
         let image = vmlinux(0x100_0000, 0x2000);
         let initrd = vec![7u8; 5000];
         let setup = crate::loader::load(&mem, &image, Some(&initrd), "root=/dev/vda").unwrap();
@@ -576,12 +537,7 @@ mod tests {
             crate::loader::load(&mem, &low_entry, None, ""),
             Err(LoadError::BadElf(_))
         ));
-        let no_load = build(
-            elf::Class::Elf64,
-            elf::EM_X86_64,
-            0x100_0000,
-            &[(4, 0, 0, b"n", 1, 0)],
-        );
+        let no_load = build(elf::Class::Elf64, elf::EM_X86_64, 0x100_0000, &[(4, 0, 0, b"n", 1, 0)]);
         assert!(matches!(
             crate::loader::load(&mem, &no_load, None, ""),
             Err(LoadError::NoLoadableSegment)
@@ -605,10 +561,7 @@ mod tests {
                 return;
             }
         };
-        assert_eq!(
-            crate::loader::detect(&image).unwrap(),
-            KernelFormat::LinuxBzImage
-        );
+        assert_eq!(crate::loader::detect(&image).unwrap(), KernelFormat::LinuxBzImage);
         let mem = memory::create(256).unwrap();
         let initrd = b"070701 not really a cpio".repeat(100);
         let cmdline = "console=ttyS0 earlyprintk=serial nokaslr";
@@ -624,10 +577,7 @@ mod tests {
         assert_eq!({ hdr.code32_start }, 0x10_0000);
         assert_ne!({ hdr.xloadflags } & XLF_KERNEL_64, 0);
         let setup_len = (u64::from(file_hdr.setup_sects) + 1) * 512;
-        assert_eq!(
-            setup.kernel,
-            (0x10_0000, 0x10_0000 + image.len() as u64 - setup_len)
-        );
+        assert_eq!(setup.kernel, (0x10_0000, 0x10_0000 + image.len() as u64 - setup_len));
         let mut first = [0u8; 64];
         mem.read_slice(&mut first, GuestAddress(0x10_0000)).unwrap();
         assert_eq!(&first[..], &image[setup_len as usize..][..64]);
@@ -653,10 +603,7 @@ mod tests {
             (regs.rip, regs.rsi, regs.rsp, regs.rflags),
             (0x10_0200, 0x7000, 0x8ff0, 2)
         );
-        assert_eq!(
-            (sregs.cs.l, sregs.cs.selector, sregs.cr3),
-            (1, 8, PML4_ADDR)
-        );
+        assert_eq!((sregs.cs.l, sregs.cs.selector, sregs.cr3), (1, 8, PML4_ADDR));
         assert_eq!(sregs.efer & 0x500, 0x500);
         assert_eq!(sregs.cr0 & 0x8000_0011, 0x8000_0011);
         assert_eq!(sregs.cr4 & 0x20, 0x20);

@@ -301,9 +301,7 @@ fn ram_below_4g(mem: &GuestMemory) -> u64 {
 fn check_ram(mem: &GuestMemory, what: &'static str, start: u64, len: u64) -> Result<(), LoadError> {
     let end = start.checked_add(len);
     let fits = match (end, usize::try_from(len)) {
-        (Some(end), Ok(n)) => {
-            len == 0 || (mem.check_range(GuestAddress(start), n) && ram_end_from(mem, start) >= end)
-        }
+        (Some(end), Ok(n)) => len == 0 || (mem.check_range(GuestAddress(start), n) && ram_end_from(mem, start) >= end),
         _ => false,
     };
     if fits {
@@ -353,8 +351,7 @@ fn zero(mem: &GuestMemory, what: &'static str, addr: u64, len: u64) -> Result<()
 
 /// Rounds `v` up to a page boundary (saturating).
 fn page_up(v: u64) -> u64 {
-    v.checked_add(PAGE - 1)
-        .map_or(!(PAGE - 1), |x| x & !(PAGE - 1))
+    v.checked_add(PAGE - 1).map_or(!(PAGE - 1), |x| x & !(PAGE - 1))
 }
 
 /// Tells which format `image` is, from its bytes alone.
@@ -390,12 +387,7 @@ pub fn detect(image: &[u8]) -> Result<KernelFormat, LoadError> {
 
 /// Detects the format of `image` and loads it, with the optional `initrd`
 /// and the command line `cmdline`, into `mem`.
-pub fn load(
-    mem: &GuestMemory,
-    image: &[u8],
-    initrd: Option<&[u8]>,
-    cmdline: &str,
-) -> Result<BootSetup, LoadError> {
+pub fn load(mem: &GuestMemory, image: &[u8], initrd: Option<&[u8]>, cmdline: &str) -> Result<BootSetup, LoadError> {
     if cmdline.contains('\0') {
         return Err(LoadError::BadCmdline("it contains a NUL byte".into()));
     }
@@ -500,10 +492,7 @@ mod tests {
                 .to_string()
                 .contains("Multiboot v1 kernel, a Linux bzImage or a vmlinux ELF"));
             let mem = memory::create(64).unwrap();
-            assert!(matches!(
-                load(&mem, junk, None, ""),
-                Err(LoadError::UnknownFormat)
-            ));
+            assert!(matches!(load(&mem, junk, None, ""), Err(LoadError::UnknownFormat)));
         }
     }
 
@@ -513,14 +502,7 @@ mod tests {
         bz[0x202..0x206].copy_from_slice(b"HdrS");
         assert_eq!(detect(&bz).unwrap(), KernelFormat::LinuxBzImage);
 
-        let seg = [(
-            1,
-            0x100_0000,
-            0xffff_ffff_8100_0000,
-            &b"\x90"[..],
-            1,
-            elf::PF_X,
-        )];
+        let seg = [(1, 0x100_0000, 0xffff_ffff_8100_0000, &b"\x90"[..], 1, elf::PF_X)];
         let vmlinux = elf::tests::build(elf::Class::Elf64, elf::EM_X86_64, 0x100_0000, &seg);
         assert_eq!(detect(&vmlinux).unwrap(), KernelFormat::LinuxElf);
 
@@ -536,10 +518,7 @@ mod tests {
             detect(&arm),
             Err(LoadError::UnsupportedElf { machine: 40, .. })
         ));
-        assert!(matches!(
-            detect(b"\x7fELF\x02"),
-            Err(LoadError::Truncated { .. })
-        ));
+        assert!(matches!(detect(b"\x7fELF\x02"), Err(LoadError::Truncated { .. })));
     }
 
     /// sregs as KVM hands them out after a vCPU reset (real mode at the reset vector).
@@ -589,10 +568,7 @@ mod tests {
             (1, 0, 0xb, 1)
         );
         for seg in [&sregs.ds, &sregs.es, &sregs.fs, &sregs.gs, &sregs.ss] {
-            assert_eq!(
-                (seg.selector, seg.type_, seg.db, seg.limit),
-                (0x18, 3, 1, 0xffff_ffff)
-            );
+            assert_eq!((seg.selector, seg.type_, seg.db, seg.limit), (0x18, 3, 1, 0xffff_ffff));
             assert_matches_gdt(&mem, &sregs, seg);
         }
         assert_matches_gdt(&mem, &sregs, &sregs.cs);
@@ -605,31 +581,16 @@ mod tests {
     #[test]
     fn configure_vcpu_for_linux() {
         let mem = memory::create(64).unwrap();
-        let seg = [(
-            1,
-            0x100_0000,
-            0xffff_ffff_8100_0000,
-            &b"\x90"[..],
-            1,
-            elf::PF_X,
-        )];
+        let seg = [(1, 0x100_0000, 0xffff_ffff_8100_0000, &b"\x90"[..], 1, elf::PF_X)];
         let vmlinux = elf::tests::build(elf::Class::Elf64, elf::EM_X86_64, 0x100_0000, &seg);
         let setup = load(&mem, &vmlinux, None, "").unwrap();
         let mut regs = kvm_regs::default();
         let mut sregs = reset_sregs();
         configure_vcpu(&setup, &mut regs, &mut sregs);
         assert_eq!((regs.rip, regs.rsi, regs.rflags), (0x100_0000, 0x7000, 2));
+        assert_eq!((regs.rsp, regs.rbp, regs.rax, regs.rbx), (0x8ff0, 0x8ff0, 0, 0));
         assert_eq!(
-            (regs.rsp, regs.rbp, regs.rax, regs.rbx),
-            (0x8ff0, 0x8ff0, 0, 0)
-        );
-        assert_eq!(
-            (
-                sregs.gdt.base,
-                sregs.gdt.limit,
-                sregs.idt.base,
-                sregs.idt.limit
-            ),
+            (sregs.gdt.base, sregs.gdt.limit, sregs.idt.base, sregs.idt.limit),
             (0x500, 31, 0x520, 7)
         );
         assert_eq!(
@@ -641,16 +602,10 @@ mod tests {
             assert_eq!((seg.selector, seg.type_), (0x10, 3));
             assert_matches_gdt(&mem, &sregs, seg);
         }
-        assert_eq!(
-            (sregs.tr.selector, sregs.tr.type_, sregs.tr.s),
-            (0x18, 0xb, 0)
-        );
+        assert_eq!((sregs.tr.selector, sregs.tr.type_, sregs.tr.s), (0x18, 0xb, 0));
         assert_matches_gdt(&mem, &sregs, &sregs.tr);
         assert_eq!(sregs.cr3, 0x9000);
-        assert_eq!(
-            sregs.cr0 & (CR0_PE | CR0_PG | CR0_ET),
-            CR0_PE | CR0_PG | CR0_ET
-        );
+        assert_eq!(sregs.cr0 & (CR0_PE | CR0_PG | CR0_ET), CR0_PE | CR0_PG | CR0_ET);
         assert_eq!(sregs.cr4 & CR4_PAE, CR4_PAE);
         assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
         assert_eq!(sregs.apic_base, 0xfee0_0900);
@@ -668,11 +623,7 @@ mod tests {
                 (0x9_fc00, 0x400, E820_RESERVED),
                 (0xf_0000, 0x1_0000, E820_RESERVED),
                 (0x10_0000, (64 << 20) - 0x10_0000 - 0x2_0000, E820_RAM),
-                (
-                    (64 << 20) - FIRMWARE_RESERVED,
-                    FIRMWARE_RESERVED,
-                    E820_RESERVED
-                ),
+                ((64 << 20) - FIRMWARE_RESERVED, FIRMWARE_RESERVED, E820_RESERVED),
             ]
         );
         assert_eq!(ram_below_4g(&mem), 64 << 20);

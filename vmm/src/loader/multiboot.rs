@@ -9,8 +9,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::elf::{self, u32_at};
 use super::{
-    check_clear, check_ram, gdt, memory_map, page_up, ram_below_4g, write, zero, BootCpu,
-    BootSetup, KernelFormat, LoadError, FOUR_GIB,
+    check_clear, check_ram, gdt, memory_map, page_up, ram_below_4g, write, zero, BootCpu, BootSetup, KernelFormat,
+    LoadError, FOUR_GIB,
 };
 use crate::memory::GuestMemory;
 
@@ -26,8 +26,7 @@ const FLAG_ADDRESSES: u32 = 1 << 16;
 const FLAG_VIDEO: u32 = 1 << 2;
 
 /// multiboot_info flags Nyx sets (those QEMU sets).
-pub const INFO_FLAGS: u32 =
-    INFO_MEMORY | INFO_BOOT_DEVICE | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_LOADER_NAME;
+pub const INFO_FLAGS: u32 = INFO_MEMORY | INFO_BOOT_DEVICE | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_LOADER_NAME;
 const INFO_MEMORY: u32 = 1 << 0;
 const INFO_BOOT_DEVICE: u32 = 1 << 1;
 const INFO_CMDLINE: u32 = 1 << 2;
@@ -143,12 +142,7 @@ fn place(mem: &GuestMemory, addr: u64, bytes: &[u8], memsz: u64) -> Result<(), L
     check_ram(mem, "kernel segment", addr, memsz)?;
     check_clear(addr, memsz, AREA)?;
     write(mem, "kernel segment", addr, bytes)?;
-    zero(
-        mem,
-        "kernel bss",
-        addr + bytes.len() as u64,
-        memsz - bytes.len() as u64,
-    )
+    zero(mem, "kernel bss", addr + bytes.len() as u64, memsz - bytes.len() as u64)
 }
 
 /// Loads the text and bss described by the a.out-kludge fields.
@@ -235,12 +229,7 @@ fn load_elf32(mem: &GuestMemory, image: &[u8]) -> Result<Loaded, LoadError> {
 }
 
 /// Loads a Multiboot v1 kernel with `initrd` as module 0 and `cmdline` as its command line.
-pub fn load(
-    mem: &GuestMemory,
-    image: &[u8],
-    initrd: Option<&[u8]>,
-    cmdline: &str,
-) -> Result<BootSetup, LoadError> {
+pub fn load(mem: &GuestMemory, image: &[u8], initrd: Option<&[u8]>, cmdline: &str) -> Result<BootSetup, LoadError> {
     let header = find_header(image)?;
     let cmdline_max = AREA.1 - CMDLINE_ADDR;
     if cmdline.len() as u64 + 1 > cmdline_max {
@@ -250,15 +239,15 @@ pub fn load(
             cmdline_max - 1
         )));
     }
-    let loaded =
-        match header {
-            Some(h) if h.has_addresses() => load_kludge(mem, image, &h)?,
-            _ if elf::has_magic(image) => load_elf32(mem, image)?,
-            _ => return Err(LoadError::BadMultiboot(
-                "the header has no load addresses (flag bit 16) and the file is not an ELF image"
-                    .into(),
-            )),
-        };
+    let loaded = match header {
+        Some(h) if h.has_addresses() => load_kludge(mem, image, &h)?,
+        _ if elf::has_magic(image) => load_elf32(mem, image)?,
+        _ => {
+            return Err(LoadError::BadMultiboot(
+                "the header has no load addresses (flag bit 16) and the file is not an ELF image".into(),
+            ))
+        }
+    };
     if header.is_some_and(|h| h.flags & FLAG_VIDEO != 0) {
         tracing::warn!("the Multiboot kernel asks for a video mode; Nyx does not set one");
     }
@@ -296,11 +285,7 @@ pub fn load(
 }
 
 /// Writes the GDT, memory map, strings, module list and multiboot_info.
-fn write_info(
-    mem: &GuestMemory,
-    cmdline: &str,
-    initrd: Option<(u64, u64)>,
-) -> Result<(), LoadError> {
+fn write_info(mem: &GuestMemory, cmdline: &str, initrd: Option<(u64, u64)>) -> Result<(), LoadError> {
     let gdt_table = [
         0u64,
         0,
@@ -321,28 +306,13 @@ fn write_info(
 
     let cstr = |s: &str| [s.as_bytes(), &[0]].concat();
     write(mem, "command line", CMDLINE_ADDR, &cstr(cmdline))?;
-    write(
-        mem,
-        "boot loader name",
-        LOADER_NAME_ADDR,
-        &cstr(LOADER_NAME),
-    )?;
+    write(mem, "boot loader name", LOADER_NAME_ADDR, &cstr(LOADER_NAME))?;
 
     let mut mods_count = 0u32;
     if let Some((start, len)) = initrd {
-        write(
-            mem,
-            "module string",
-            MODULE_STRING_ADDR,
-            &cstr(MODULE_STRING),
-        )?;
+        write(mem, "module string", MODULE_STRING_ADDR, &cstr(MODULE_STRING))?;
         // The initrd was checked to end below 4 GiB.
-        let entry = [
-            start as u32,
-            (start + len) as u32,
-            MODULE_STRING_ADDR as u32,
-            0,
-        ];
+        let entry = [start as u32, (start + len) as u32, MODULE_STRING_ADDR as u32, 0];
         let bytes: Vec<u8> = entry.iter().flat_map(|v| v.to_le_bytes()).collect();
         write(mem, "module list", MODS_ADDR, &bytes)?;
         mods_count = 1;
@@ -350,8 +320,7 @@ fn write_info(
 
     // As QEMU's firmware reports them: KiB below the EBDA, and KiB of
     // contiguous usable RAM from 1 MiB.
-    let mem_upper =
-        (ram_below_4g(mem).saturating_sub(super::FIRMWARE_RESERVED) / 1024).saturating_sub(1024);
+    let mem_upper = (ram_below_4g(mem).saturating_sub(super::FIRMWARE_RESERVED) / 1024).saturating_sub(1024);
     let mut info = [0u8; INFO_SIZE];
     let mut put = |off: usize, v: u32| info[off..off + 4].copy_from_slice(&v.to_le_bytes());
     put(0, INFO_FLAGS);
@@ -399,14 +368,7 @@ pub(crate) mod tests {
             EM_386,
             0xC010_000C,
             &[
-                (
-                    1,
-                    0x10_0000,
-                    0xC010_0000,
-                    &text,
-                    text.len() as u64,
-                    PF_X | 4,
-                ),
+                (1, 0x10_0000, 0xC010_0000, &text, text.len() as u64, PF_X | 4),
                 (1, 0x10_2000, 0xC010_2000, b"DATA", 0x3000, 6),
             ],
         )
@@ -431,16 +393,12 @@ pub(crate) mod tests {
     #[test]
     fn loads_an_elf32_kernel_with_its_info() {
         let mem = memory::create(64).unwrap();
-        mem.write_slice(&[0xaa; 16], GuestAddress(0x10_2004))
-            .unwrap(); // stale bss
+        mem.write_slice(&[0xaa; 16], GuestAddress(0x10_2004)).unwrap(); // stale bss
         let image = elf_kernel();
         let initrd = b"an initrd of some bytes";
         let setup = crate::loader::load(&mem, &image, Some(initrd), "console=ttyS0 hello").unwrap();
         assert_eq!(setup.format, KernelFormat::Multiboot);
-        assert_eq!(
-            setup.entry, 0x10_000C,
-            "virtual entry moved to the physical segment"
-        );
+        assert_eq!(setup.entry, 0x10_000C, "virtual entry moved to the physical segment");
         assert_eq!(setup.kernel, (0x10_0000, 0x10_5000));
         let text_len = 12 + 20;
         assert_eq!(setup.exec_ranges, vec![(0x10_0000, text_len)]);
@@ -454,10 +412,7 @@ pub(crate) mod tests {
         assert_eq!(read_u32(&mem, info + 4), 639);
         assert_eq!(read_u32(&mem, info + 8), 64 * 1024 - 1024 - 128);
         assert_eq!(read_u32(&mem, info + 12), 0x8000_ffff);
-        assert_eq!(
-            read_cstr(&mem, read_u32(&mem, info + 16).into()),
-            "console=ttyS0 hello"
-        );
+        assert_eq!(read_cstr(&mem, read_u32(&mem, info + 16).into()), "console=ttyS0 hello");
         assert_eq!(read_cstr(&mem, read_u32(&mem, info + 64).into()), "nyx");
 
         assert_eq!(read_u32(&mem, info + 20), 1);
@@ -468,14 +423,10 @@ pub(crate) mod tests {
         assert_eq!(setup.initrd, Some((0x10_5000, initrd.len() as u64)));
         assert_eq!(read_cstr(&mem, read_u32(&mem, m + 8).into()), "initrd");
         let mut back = vec![0u8; initrd.len()];
-        mem.read_slice(&mut back, GuestAddress(start.into()))
-            .unwrap();
+        mem.read_slice(&mut back, GuestAddress(start.into())).unwrap();
         assert_eq!(&back, initrd);
 
-        let (len, addr) = (
-            read_u32(&mem, info + 44),
-            u64::from(read_u32(&mem, info + 48)),
-        );
+        let (len, addr) = (read_u32(&mem, info + 44), u64::from(read_u32(&mem, info + 48)));
         assert_eq!(len, 5 * 24);
         let entry = |i: u64| {
             let e = addr + i * 24;
@@ -490,10 +441,7 @@ pub(crate) mod tests {
         assert_eq!(entry(0), (20, 0, 0x9_fc00, 1));
         assert_eq!(entry(1), (20, 0x9_fc00, 0x400, 2));
         assert_eq!(entry(2), (20, 0xf_0000, 0x1_0000, 2));
-        assert_eq!(
-            entry(3),
-            (20, 0x10_0000, (64 << 20) - 0x10_0000 - 0x2_0000, 1)
-        );
+        assert_eq!(entry(3), (20, 0x10_0000, (64 << 20) - 0x10_0000 - 0x2_0000, 1));
         assert_eq!(entry(4), (20, (64 << 20) - 0x2_0000, 0x2_0000, 2));
 
         assert_eq!(
@@ -543,10 +491,7 @@ pub(crate) mod tests {
         for (end, bss) in [(0x20_1000, 0), (0x1f_0000, 0), (0x20_0080, 0x20_0010)] {
             let err = load(&mem, &kludge_kernel(end, bss), None, "").unwrap_err();
             assert!(
-                matches!(
-                    err,
-                    LoadError::Truncated { .. } | LoadError::BadMultiboot(_)
-                ),
+                matches!(err, LoadError::Truncated { .. } | LoadError::BadMultiboot(_)),
                 "{err}"
             );
         }
@@ -582,48 +527,19 @@ pub(crate) mod tests {
     fn rejects_segments_outside_ram_or_over_the_info_area() {
         let mem = memory::create(64).unwrap();
         let text = header(0);
-        for (paddr, memsz) in [
-            (0x400_0000u64, 16u64),
-            (0x3ff_fff0, 0x20),
-            (0xFFFF_FFF0, 0x20),
-        ] {
-            let img = build(
-                Class::Elf32,
-                EM_386,
-                paddr,
-                &[(1, paddr, paddr, &text, memsz, PF_X)],
-            );
+        for (paddr, memsz) in [(0x400_0000u64, 16u64), (0x3ff_fff0, 0x20), (0xFFFF_FFF0, 0x20)] {
+            let img = build(Class::Elf32, EM_386, paddr, &[(1, paddr, paddr, &text, memsz, PF_X)]);
             let err = load(&mem, &img, None, "").unwrap_err();
-            assert!(
-                matches!(err, LoadError::OutsideRam { .. }),
-                "{paddr:#x}: {err}"
-            );
+            assert!(matches!(err, LoadError::OutsideRam { .. }), "{paddr:#x}: {err}");
         }
-        let img = build(
-            Class::Elf32,
-            EM_386,
-            0x9000,
-            &[(1, 0x9000, 0x9000, &text, 12, PF_X)],
-        );
+        let img = build(Class::Elf32, EM_386, 0x9000, &[(1, 0x9000, 0x9000, &text, 12, PF_X)]);
         let err = load(&mem, &img, None, "").unwrap_err();
-        assert!(
-            matches!(
-                err,
-                LoadError::Overlap {
-                    area_start: 0x8000,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, LoadError::Overlap { area_start: 0x8000, .. }), "{err}");
         assert!(err.to_string().contains("0x9000"));
 
         let mut cut = elf_kernel();
         cut.truncate(cut.len() - 2);
-        assert!(matches!(
-            load(&mem, &cut, None, ""),
-            Err(LoadError::Truncated { .. })
-        ));
+        assert!(matches!(load(&mem, &cut, None, ""), Err(LoadError::Truncated { .. })));
 
         let big = vec![0u8; 64 << 20];
         assert!(matches!(
