@@ -164,7 +164,7 @@ fn rewrite(src: &Path, dst: &Path, mut change: impl FnMut(&mut Vec<Event>)) {
     let header = r.header().clone();
     let mut w = TraceWriter::create(dst, &header).unwrap();
     for i in 0..r.frames().len() {
-        let info = r.frames()[i].clone();
+        let info = r.frames()[i];
         if info.kind == FrameKind::Events {
             let mut events: Vec<Event> = r.read_records(i).unwrap();
             change(&mut events);
