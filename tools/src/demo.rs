@@ -1,39 +1,130 @@
-//! `nyx demo`: boots the bundled guest (a long-mode guest driven by PIT
-//! interrupts, with serial output) and explains what happened.
+//! `nyx demo`: records the bundled guest, replays the recording, and shows
+//! that the two runs agree byte for byte.
+//!
+//! The bundled guest counts in a busy loop while a 1 kHz timer interrupts
+//! it, and at each tick stores the count: its output depends on exactly
+//! where each interrupt landed, so two plain runs never print the same. The
+//! replay must print exactly what the recording printed.
 
+use std::io::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
-use nyx_vmm::{MachineBuilder, RunOutcome};
+use nyx_recorder::{record_image, RecordOptions};
+use nyx_replayer::{replay, ReplayEnd, ReplayOptions};
+use nyx_vmm::config::VerifyLevel;
+use nyx_vmm::SerialIn;
+
+/// The bundled guest.
+const GUEST: &str = "counter";
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Capture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+}
+
+fn show(title: &str, text: &str) {
+    let lines: Vec<&str> = text.lines().collect();
+    println!("  {title} ({} lines):", lines.len());
+    for l in lines.iter().take(4) {
+        println!("    {l}");
+    }
+    if lines.len() > 6 {
+        println!("    ...");
+    }
+    for l in lines.iter().skip(4.max(lines.len().saturating_sub(2))) {
+        println!("    {l}");
+    }
+}
 
 /// Runs the demo on the KVM device `kvm_device`.
 pub fn run(kvm_device: &str) -> Result<ExitCode, String> {
-    eprintln!(
-        "nyx demo: booting the bundled guest ({} bytes, Multiboot ELF) under KVM;",
-        nyx_guests::PIT.len()
+    let image = nyx_guests::image(GUEST).ok_or("the bundled guest is missing")?.to_vec();
+    let trace = std::env::temp_dir().join(format!("nyx-demo-{}.nyxtrace", std::process::id()));
+    println!("Nyx demo: a guest counts in a busy loop while a 1 kHz timer interrupts it; at each");
+    println!("tick it stores the count, so its output depends on exactly where each interrupt landed.");
+    println!();
+    println!("1. Recording it under KVM (every device in user space, every input logged)...");
+    let recorded = Capture::default();
+    let rec = record_image(
+        RecordOptions {
+            out: trace.clone(),
+            kernel: PathBuf::from(GUEST),
+            kernel_name: Some(GUEST.into()),
+            initrd: None,
+            cmdline: String::new(),
+            mem_mib: 64,
+            serial_in: SerialIn::None,
+            serial_out: Some(Box::new(recorded.clone())),
+            kvm_path: kvm_device.into(),
+            verify: VerifyLevel::Exits,
+        },
+        GUEST.into(),
+        image,
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    show("recorded guest output", &recorded.text());
+    let size = std::fs::metadata(&rec.path).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "  {} guest-caused exits, {} asynchronous landings of the timer in the busy loop, {} events, {} bytes of trace",
+        rec.exits, rec.landings, rec.events, size
     );
-    eprintln!("every port access, timer tick and interrupt of it passes through Nyx's user-space devices.");
-    eprintln!("--- guest serial output ---");
-    let mut machine = MachineBuilder::new()
-        .kernel_image("demo guest", nyx_guests::PIT.to_vec())
-        .kvm_path(kvm_device)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let outcome = machine.run().map_err(|e| e.to_string())?;
-    let s = machine.stats();
-    eprintln!("--- end of guest output ---");
-    eprintln!(
-        "The guest made {} exits to Nyx ({} port I/O, {} HLT, {} interrupt windows) and took {} injected interrupts.",
-        s.exits(),
-        s.pio,
-        s.hlt,
-        s.irq_window,
-        s.injected
+    println!();
+    println!("2. Replaying the trace (no timer, no host clock: everything comes from the trace)...");
+    let _ = std::io::stdout().flush();
+    let replayed = Capture::default();
+    let r = replay(
+        &rec.path,
+        ReplayOptions {
+            serial_out: Some(Box::new(replayed.clone())),
+            kvm_path: kvm_device.into(),
+        },
     );
-    match &outcome {
-        RunOutcome::DebugExit(v) => {
-            eprintln!("It ended by writing {v:#x} to the debug-exit port: nyx exits with that status.")
+    let r = match r {
+        Ok(r) => r,
+        Err(nyx_replayer::Error::Diverged(d)) => {
+            eprint!("{d}");
+            return Ok(ExitCode::from(3));
         }
-        other => eprintln!("It ended: {other:?}"),
+        Err(e) => return Err(e.to_string()),
+    };
+    show("replayed guest output", &replayed.text());
+    println!(
+        "  found all {} landings again with hardware breakpoints ({} hits in all, at most {} for one)",
+        r.landings, r.search_hits, r.max_hits
+    );
+    println!();
+    let same_output = recorded.text() == replayed.text();
+    let same_end = matches!(&r.end, ReplayEnd::Complete { outcome } if *outcome == rec.outcome);
+    if same_output && same_end {
+        println!("3. The two runs agree: identical serial output, exit status and final register and memory digests.");
+    } else {
+        println!("3. The runs DIFFER (output identical: {same_output}, same end: {same_end}).");
     }
-    Ok(crate::finish(&outcome))
+    println!();
+    println!("The trace is {}. Try:", rec.path.display());
+    println!("  nyx replay {}          # replay it again", rec.path.display());
+    println!("  nyx trace info {}      # what is in it", rec.path.display());
+    println!("  nyx trace dump --kind landing {}", rec.path.display());
+    Ok(if same_output && same_end {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }
