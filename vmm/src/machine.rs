@@ -458,6 +458,8 @@ impl MachineBuilder {
 
         Ok(Machine {
             timer: None,
+            poll_pending: false,
+            debug: GuestDebug::default(),
             hooks,
             core: Core {
                 _kvm: kvm,
@@ -508,6 +510,8 @@ pub struct Core {
 pub struct Machine {
     // Dropped first: its signal handler writes to the vCPU's kvm_run.
     timer: Option<VcpuTimer>,
+    poll_pending: bool,
+    debug: GuestDebug,
     hooks: Box<dyn RunHooks>,
     core: Core,
 }
@@ -558,8 +562,51 @@ fn le_value(data: &[u8]) -> u64 {
     u64::from_le_bytes(v)
 }
 
+/// How [`Machine::idle`] ended.
+enum Idle {
+    Interrupt,
+    Never,
+    Stopped,
+}
+
+/// Why [`Machine::resume`] returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// The run ended.
+    Ended(RunOutcome),
+    /// A debug exit: breakpoint, watchpoint or single step.
+    Debug(DebugStop),
+    /// Another thread kicked the vCPU ([`Machine::kicker`]).
+    Interrupted,
+}
+
+/// A debug exit as KVM reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DebugStop {
+    /// The exception vector (1: #DB, 3: #BP).
+    pub exception: u32,
+    /// RIP (linear) at the stop.
+    pub pc: u64,
+    /// DR6: which breakpoint or watchpoint fired, or BS for a single step.
+    pub dr6: u64,
+}
+
+/// What the vCPU stops for (see [`Machine::set_guest_debug`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GuestDebug {
+    /// #BP exits to Nyx (software breakpoints written into guest memory).
+    pub sw_breakpoints: bool,
+    /// Single-step.
+    pub single_step: bool,
+    /// DR0..DR3.
+    pub dr: [u64; 4],
+    /// DR7 (enable bits, kinds and lengths of DR0..DR3).
+    pub dr7: u64,
+}
+
 /// What a handled exit asks of the loop.
 enum Next {
+    Debug(DebugStop),
     Continue,
     Hlt,
     InternalError,
@@ -713,30 +760,44 @@ impl Machine {
         Ok(())
     }
 
-    /// Waits in HLT until an interrupt is pending. Returns false when nothing
-    /// can ever raise one (no deadline and no more input).
-    fn idle(&mut self) -> Result<bool, Error> {
+    /// Waits in HLT until an interrupt is pending, nothing can raise one any
+    /// more (no deadline and no more input), or another thread kicks.
+    fn idle(&mut self) -> Result<Idle, Error> {
         loop {
             let deadline = self.core.platform.next_deadline_ns();
             let input = self.core.platform.serial_may_receive();
             if deadline.is_none() && !input {
-                return Ok(false);
+                return Ok(Idle::Never);
             }
             if let Some(t) = &self.timer {
                 if t.take_request() {
-                    return Err(HookError::Stopped.into());
+                    return Ok(Idle::Stopped);
                 }
             }
             self.hooks.idle_wait(&self.core.clock, deadline, input);
             self.step(true)?;
             if self.core.platform.interrupt_pending() {
-                return Ok(true);
+                return Ok(Idle::Interrupt);
             }
         }
     }
 
     /// Runs the guest until it exits, halts for good, resets or crashes.
     pub fn run(&mut self) -> Result<RunOutcome, Error> {
+        loop {
+            match self.resume()? {
+                Stop::Ended(outcome) => return Ok(outcome),
+                Stop::Interrupted => return Err(HookError::Stopped.into()),
+                // Debug exits only come when a debugger asked for them.
+                Stop::Debug(_) => {}
+            }
+        }
+    }
+
+    /// Runs the guest until it ends, a debug exit (breakpoint, watchpoint,
+    /// single step) stops it, or another thread kicks it ([`Machine::kicker`]).
+    /// The machine can be resumed after a `Debug` or `Interrupted` stop.
+    pub fn resume(&mut self) -> Result<Stop, Error> {
         self.prepare_thread()?;
         let wall = std::time::Instant::now();
         let (user, sys) = thread_cpu_ns();
@@ -750,22 +811,109 @@ impl Machine {
             t.arm(None)?;
         }
         self.core.vcpu.set_kvm_immediate_exit(0);
-        let outcome = result?;
-        let mut ctx = self.core.ctx();
-        self.hooks.on_end(&mut ctx, &outcome)?;
-        Ok(outcome)
+        let stop = result?;
+        if let Stop::Ended(outcome) = &stop {
+            let mut ctx = self.core.ctx();
+            self.hooks.on_end(&mut ctx, outcome)?;
+        }
+        Ok(stop)
     }
 
-    fn run_loop(&mut self) -> Result<RunOutcome, Error> {
-        let mut poll = false;
+    /// Sets what the vCPU stops for: software breakpoints (int3 in guest
+    /// memory, written by the caller), hardware breakpoints and watchpoints
+    /// in DR0..DR3 with `dr7`, single-stepping. While single-stepping no
+    /// interrupt is injected, so a step does not wander into a handler.
+    pub fn set_guest_debug(&mut self, dbg: GuestDebug) -> Result<(), Error> {
+        let mut control = 0;
+        if dbg.sw_breakpoints || dbg.single_step || dbg.dr7 & 0xff != 0 {
+            control |= kvm_bindings::KVM_GUESTDBG_ENABLE;
+        }
+        if dbg.sw_breakpoints {
+            control |= kvm_bindings::KVM_GUESTDBG_USE_SW_BP;
+        }
+        if dbg.dr7 & 0xff != 0 {
+            control |= kvm_bindings::KVM_GUESTDBG_USE_HW_BP;
+        }
+        if dbg.single_step {
+            control |= kvm_bindings::KVM_GUESTDBG_SINGLESTEP;
+        }
+        let mut arch = kvm_bindings::kvm_guest_debug_arch::default();
+        arch.debugreg[..4].copy_from_slice(&dbg.dr);
+        arch.debugreg[7] = dbg.dr7;
+        let k = kvm_bindings::kvm_guest_debug { control, pad: 0, arch };
+        self.core
+            .vcpu
+            .set_guest_debug(&k)
+            .map_err(kvm_err("KVM_SET_GUEST_DEBUG"))?;
+        self.debug = dbg;
+        Ok(())
+    }
+
+    /// The debug configuration in force.
+    pub fn guest_debug(&self) -> GuestDebug {
+        self.debug
+    }
+
+    /// The vCPU's paging registers now.
+    pub fn paging_regs(&self) -> Result<crate::paging::PagingRegs, Error> {
+        let s = self.core.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        Ok(crate::paging::PagingRegs {
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer,
+        })
+    }
+
+    /// Reads guest-virtual memory through the guest's page tables; patched
+    /// instruction sites show their original bytes.
+    pub fn read_virt(&self, gva: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let regs = self.paging_regs()?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let addr = gva.wrapping_add(done as u64);
+            let t =
+                crate::paging::translate(&self.core.mem, &regs, addr).map_err(|e| Error::GuestMemory(e.to_string()))?;
+            let n = (buf.len() - done).min(t.remaining_in_page as usize);
+            self.read_phys(t.gpa, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads guest-physical memory; patched sites show their original bytes.
+    pub fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), Error> {
+        use vm_memory::Bytes;
+        self.core
+            .mem
+            .read_slice(buf, vm_memory::GuestAddress(gpa))
+            .map_err(|e| Error::GuestMemory(format!("{gpa:#x}: {e}")))?;
+        self.core.patches.unpatch_view(gpa, buf);
+        Ok(())
+    }
+
+    /// Writes guest-virtual memory through the guest's page tables.
+    pub fn write_virt(&self, gva: u64, buf: &[u8]) -> Result<(), Error> {
+        let regs = self.paging_regs()?;
+        crate::paging::write_virt(&self.core.mem, &regs, gva, buf).map_err(|e| Error::GuestMemory(e.to_string()))
+    }
+
+    /// The vCPU, for register access by a debugger.
+    pub fn vcpu_mut(&mut self) -> &mut VcpuFd {
+        &mut self.core.vcpu
+    }
+
+    fn run_loop(&mut self) -> Result<Stop, Error> {
         loop {
+            let poll = std::mem::take(&mut self.poll_pending);
             self.step(poll)?;
-            poll = false;
-            self.service_interrupts()?;
+            if !self.debug.single_step {
+                self.service_interrupts()?;
+            }
             let mut ctx = self.core.ctx();
             if self.hooks.before_enter(&mut ctx)? {
                 // The mode moved the guest to a landing: a new step there.
-                poll = true;
+                self.poll_pending = true;
                 continue;
             }
             let kick = self.hooks.kick_at(self.core.platform.next_deadline_ns());
@@ -784,14 +932,14 @@ impl Machine {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.core.vcpu.set_kvm_immediate_exit(0);
                     self.core.stats.kicks += 1;
-                    if let Some(t) = &self.timer {
-                        if t.take_request() {
-                            return Err(HookError::Stopped.into());
-                        }
-                    }
                     let passed = kick.is_some_and(|k| crate::kick::monotonic_ns() >= k);
                     let mut ctx = self.core.ctx();
-                    poll = self.hooks.on_kick(&mut ctx, passed)?;
+                    self.poll_pending = self.hooks.on_kick(&mut ctx, passed)?;
+                    if let Some(t) = &self.timer {
+                        if t.take_request() {
+                            return Ok(Stop::Interrupted);
+                        }
+                    }
                     continue;
                 }
                 Err(e) => {
@@ -802,6 +950,7 @@ impl Machine {
                 }
             };
             match next {
+                Ok((_, Next::Debug(d))) => return Ok(Stop::Debug(d)),
                 Ok((rec, next)) => {
                     self.core.exit_seq += 1;
                     let rec = match rec {
@@ -812,12 +961,15 @@ impl Machine {
                     self.hooks.on_exit(&mut ctx, &rec)?;
                     match next {
                         Next::Continue => {}
-                        Next::Hlt if self.core.vcpu.get_kvm_run().if_flag == 0 => return Ok(RunOutcome::Halted),
-                        Next::Hlt => {
-                            if !self.idle()? {
-                                return Ok(RunOutcome::Halted);
-                            }
+                        Next::Hlt if self.core.vcpu.get_kvm_run().if_flag == 0 => {
+                            return Ok(Stop::Ended(RunOutcome::Halted))
                         }
+                        Next::Hlt => match self.idle()? {
+                            Idle::Interrupt => {}
+                            Idle::Never => return Ok(Stop::Ended(RunOutcome::Halted)),
+                            Idle::Stopped => return Ok(Stop::Interrupted),
+                        },
+                        Next::Debug(d) => return Ok(Stop::Debug(d)),
                         Next::InternalError => {
                             let run = self.core.vcpu.get_kvm_run();
                             // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so
@@ -829,10 +981,12 @@ impl Machine {
                                 3 => "delivery event",
                                 _ => "internal error",
                             };
-                            return self.crash(format!("KVM internal error, suberror {suberror}: {what}"));
+                            return self
+                                .crash(format!("KVM internal error, suberror {suberror}: {what}"))
+                                .map(Stop::Ended);
                         }
-                        Next::End(outcome) => return Ok(outcome),
-                        Next::Crash(reason) => return self.crash(reason),
+                        Next::End(outcome) => return Ok(Stop::Ended(outcome)),
+                        Next::Crash(reason) => return self.crash(reason).map(Stop::Ended),
                     }
                 }
                 Err(pending) => {
@@ -998,6 +1152,16 @@ impl ExitIo<'_> {
                 ))
             }
             VcpuExit::InternalError => return Ok((None, Next::InternalError)),
+            VcpuExit::Debug(arch) => {
+                return Ok((
+                    None,
+                    Next::Debug(DebugStop {
+                        exception: arch.exception,
+                        pc: arch.pc,
+                        dr6: arch.dr6,
+                    }),
+                ))
+            }
             VcpuExit::SystemEvent(kind, _) => match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_RESET => Next::End(RunOutcome::Reset),
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Next::End(RunOutcome::PowerOff),
