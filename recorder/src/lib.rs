@@ -215,8 +215,8 @@ impl RunHooks for Recorder {
         "record"
     }
 
-    fn time_source(&mut self) -> Box<dyn TimeSource> {
-        self.host = HostTime::new();
+    fn time_source(&mut self, start_ns: u64) -> Box<dyn TimeSource> {
+        self.host = HostTime::starting_at(start_ns);
         Box::new(RecordTime {
             host: self.host,
             log: self.log.clone(),

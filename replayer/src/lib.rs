@@ -199,7 +199,7 @@ impl RunHooks for Replayer {
         "replay"
     }
 
-    fn time_source(&mut self) -> Box<dyn TimeSource> {
+    fn time_source(&mut self, _start_ns: u64) -> Box<dyn TimeSource> {
         Box::new(ReplayTime(self.state.clone()))
     }
 

@@ -32,6 +32,13 @@ impl HostTime {
         }
     }
 
+    /// Virtual time `start_ns` is now.
+    pub fn starting_at(start_ns: u64) -> Self {
+        HostTime {
+            origin_ns: crate::kick::monotonic_ns().saturating_sub(start_ns),
+        }
+    }
+
     /// Host monotonic ns of virtual time `virt_ns`.
     pub fn host_time_of(&self, virt_ns: u64) -> u64 {
         self.origin_ns.saturating_add(virt_ns)

@@ -122,8 +122,10 @@ pub trait RunHooks: Send {
     /// A short name ("run", "record", "replay").
     fn name(&self) -> &'static str;
 
-    /// Where the machine's clock takes its samples (called once, at build).
-    fn time_source(&mut self) -> Box<dyn TimeSource>;
+    /// Where the machine's clock takes its samples (called once, at build);
+    /// virtual time starts at `start_ns` (0 at power-on, the snapshot's time
+    /// for a restored machine).
+    fn time_source(&mut self, start_ns: u64) -> Box<dyn TimeSource>;
 
     /// The UART's input, given the one the user asked for (called once).
     fn serial_input(&mut self, requested: Box<dyn Input>) -> Box<dyn Input>;
@@ -228,8 +230,10 @@ impl RunHooks for PlainRun {
         "run"
     }
 
-    fn time_source(&mut self) -> Box<dyn TimeSource> {
-        Box::new(self.host())
+    fn time_source(&mut self, start_ns: u64) -> Box<dyn TimeSource> {
+        let host = HostTime::starting_at(start_ns);
+        self.host = Some(host);
+        Box::new(host)
     }
 
     fn serial_input(&mut self, requested: Box<dyn Input>) -> Box<dyn Input> {

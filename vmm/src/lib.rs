@@ -18,6 +18,7 @@ pub mod msr;
 pub mod paging;
 pub mod patch;
 pub mod platform;
+pub mod snapshot;
 pub mod vcpu_state;
 pub use machine::{Machine, MachineBuilder, RunOutcome, SerialIn};
 

@@ -203,6 +203,7 @@ pub struct MachineBuilder {
     cpuid_table: Option<Vec<cpuid::CpuidEntry>>,
     tsc_khz: Option<u32>,
     hooks: Option<Box<dyn RunHooks>>,
+    restore: Option<(crate::snapshot::MachineState, Vec<crate::mem_state::PageRun>)>,
 }
 
 impl Default for MachineBuilder {
@@ -221,6 +222,7 @@ impl Default for MachineBuilder {
             cpuid_table: None,
             tsc_khz: None,
             hooks: None,
+            restore: None,
         }
     }
 }
@@ -301,6 +303,24 @@ impl MachineBuilder {
     pub fn tsc_khz(mut self, khz: u32) -> Self {
         self.tsc_khz = Some(khz);
         self
+    }
+
+    /// A builder for the machine saved in the snapshot at `path`: the same
+    /// configuration and images, and its state applied at build.
+    pub fn from_snapshot(path: &Path) -> Result<Self, crate::snapshot::SnapshotError> {
+        let snap = crate::snapshot::read(path)?;
+        let c = snap.config;
+        let mut b = MachineBuilder::new()
+            .memory(c.mem_mib)
+            .kernel_image(&c.kernel_name, snap.kernel)
+            .cmdline(&c.cmdline)
+            .cpuid_table(c.cpuid)
+            .tsc_khz(c.tsc_khz);
+        if let Some(i) = snap.initrd {
+            b = b.initrd_image(i);
+        }
+        b.restore = Some((snap.state, snap.memory));
+        Ok(b)
     }
 
     /// The run mode (default: a plain run).
@@ -419,7 +439,10 @@ impl MachineBuilder {
         vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
 
         let mut hooks = self.hooks.unwrap_or_else(|| Box::new(PlainRun::new()));
-        let patches = if hooks.patches_instructions() {
+        let restore = self.restore.take();
+        let patches = if let Some((state, _)) = &restore {
+            state.patches.clone()
+        } else if hooks.patches_instructions() {
             let table = if setup.format == loader::KernelFormat::LinuxBzImage {
                 PatchTable::default()
             } else {
@@ -434,20 +457,47 @@ impl MachineBuilder {
             Some(k) => k,
             None => vcpu.get_tsc_khz().unwrap_or(1_000_000),
         };
-        let clock = Arc::new(VirtualClock::new(hooks.time_source()));
+        let start_ns = restore.as_ref().map_or(0, |r| r.0.virtual_ns);
+        let clock = Arc::new(VirtualClock::new(hooks.time_source(start_ns)));
+        clock.set_last(start_ns);
         let serial_in = hooks.serial_input(serial_in);
-        let wall = nyx_devices::io::FixedWallClock(hooks.wall_seconds(HostWallClock.unix_seconds()));
+        let wall_seconds = hooks.wall_seconds(HostWallClock.unix_seconds());
         let ram = self.mem_mib << 20;
-        let platform = Platform::new(
-            PlatformIo {
-                clock: clock.clone(),
-                wall: Box::new(wall),
-                serial_out: self.serial_out.unwrap_or_else(|| Box::new(StdoutSink)),
-                serial_in,
-            },
-            ram.min(MMIO_HOLE_START),
-            ram.saturating_sub(MMIO_HOLE_START),
-        )?;
+        let io = PlatformIo {
+            clock: clock.clone(),
+            wall: Box::new(nyx_devices::io::FixedWallClock(wall_seconds)),
+            serial_out: self.serial_out.unwrap_or_else(|| Box::new(StdoutSink)),
+            serial_in,
+        };
+        let msr_list = crate::vcpu_state::accepted_msrs(&vcpu, &crate::vcpu_state::supported_msrs(&kvm))
+            .map_err(|e| Error::GuestMemory(format!("MSR list: {e}")))?;
+        let (platform, exit_seq, poll_pending) = match &restore {
+            Some((state, memory)) => {
+                // Memory first (it replaces what the loader wrote), then the
+                // devices, then the vCPU (its CPUID is set above, as KVM
+                // requires; vcpu_state::restore documents its own order).
+                crate::mem_state::restore_full(&mem, memory).map_err(|e| Error::GuestMemory(e.to_string()))?;
+                let platform =
+                    Platform::from_state(io, &state.platform).map_err(|e| Error::GuestMemory(e.to_string()))?;
+                crate::vcpu_state::restore(&vcpu, &state.vcpu).map_err(|e| Error::GuestMemory(e.to_string()))?;
+                (platform, state.exit_seq, state.poll_pending)
+            }
+            None => (
+                Platform::new(io, ram.min(MMIO_HOLE_START), ram.saturating_sub(MMIO_HOLE_START))?,
+                0,
+                false,
+            ),
+        };
+        let config = crate::config::MachineConfig {
+            mem_mib: self.mem_mib,
+            kernel_name: kernel_name.clone(),
+            cmdline: self.cmdline.clone(),
+            has_initrd: initrd.is_some(),
+            cpuid: table.clone(),
+            tsc_khz,
+            wall_seconds,
+            verify: crate::config::VerifyLevel::Exits,
+        };
         let dirty = if hooks.tracks_dirty_pages() {
             // SAFETY: `mem` is the memory registered above, slot = region
             // index, and the Machine keeps it for the VM's whole life.
@@ -458,7 +508,7 @@ impl MachineBuilder {
 
         Ok(Machine {
             timer: None,
-            poll_pending: false,
+            poll_pending,
             debug: GuestDebug::default(),
             hooks,
             core: Core {
@@ -474,12 +524,16 @@ impl MachineBuilder {
                 unknown: HashMap::new(),
                 patches,
                 tsc_khz,
-                exit_seq: 0,
+                exit_seq,
                 dirty,
                 dirty_since_landing: BTreeSet::new(),
                 kernel_name,
                 cmdline,
                 image_len: image.len(),
+                config,
+                kernel_image: image,
+                initrd_image: initrd,
+                msr_list,
             },
         })
     }
@@ -504,6 +558,10 @@ pub struct Core {
     kernel_name: String,
     cmdline: String,
     image_len: usize,
+    config: crate::config::MachineConfig,
+    kernel_image: Vec<u8>,
+    initrd_image: Option<Vec<u8>>,
+    msr_list: Vec<u32>,
 }
 
 /// A machine ready to run.
@@ -896,6 +954,38 @@ impl Machine {
     pub fn write_virt(&self, gva: u64, buf: &[u8]) -> Result<(), Error> {
         let regs = self.paging_regs()?;
         crate::paging::write_virt(&self.core.mem, &regs, gva, buf).map_err(|e| Error::GuestMemory(e.to_string()))
+    }
+
+    /// The machine's state and memory now (at a stop of [`Machine::resume`]).
+    pub fn capture_state(&mut self) -> Result<(crate::snapshot::MachineState, Vec<crate::mem_state::PageRun>), Error> {
+        let ge = |e: &dyn std::fmt::Display| Error::GuestMemory(e.to_string());
+        // An exit KVM has not completed yet would be lost.
+        crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu).map_err(|e| ge(&e))?;
+        let vcpu = crate::vcpu_state::capture(&self.core.vcpu, &self.core.msr_list).map_err(|e| ge(&e))?;
+        let state = crate::snapshot::MachineState {
+            vcpu,
+            platform: self.core.platform.state(),
+            virtual_ns: self.core.clock.last(),
+            exit_seq: self.core.exit_seq,
+            poll_pending: self.poll_pending,
+            patches: self.core.patches.clone(),
+        };
+        Ok((state, crate::mem_state::capture_all(&self.core.mem)))
+    }
+
+    /// Saves the machine into a snapshot file (at a stop of [`Machine::resume`]).
+    pub fn save_snapshot(&mut self, path: &Path) -> Result<PathBuf, Error> {
+        let (state, memory) = self.capture_state()?;
+        let c = &self.core;
+        crate::snapshot::write(
+            path,
+            &c.config,
+            &c.kernel_image,
+            c.initrd_image.as_deref(),
+            &state,
+            &memory,
+        )
+        .map_err(|e| Error::GuestMemory(e.to_string()))
     }
 
     /// The vCPU, for register access by a debugger.

@@ -47,6 +47,45 @@ pub struct Platform {
     pub serial: Arc<Mutex<Serial>>,
     /// The RTC.
     pub cmos: Arc<Mutex<Cmos>>,
+    i8042: Arc<Mutex<I8042>>,
+    port80: Arc<Mutex<Port80>>,
+    port92: Arc<Mutex<Port92>>,
+    debug_exit: Arc<Mutex<DebugExit>>,
+    pci: Arc<Mutex<PciHost>>,
+}
+
+/// Every device's state: what a snapshot holds of the platform.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PlatformState {
+    /// The PIC pair.
+    pub pic: nyx_devices::pic::PicState,
+    /// The PIT.
+    pub pit: nyx_devices::pit::PitState,
+    /// COM1.
+    pub serial: nyx_devices::serial::SerialState,
+    /// The RTC.
+    pub cmos: nyx_devices::cmos::CmosState,
+    /// The keyboard controller.
+    pub i8042: nyx_devices::i8042::I8042State,
+    /// Port 0x80.
+    pub port80: nyx_devices::port80::Port80State,
+    /// Port 0x92.
+    pub port92: nyx_devices::i8042::Port92State,
+    /// The debug-exit port.
+    pub debug_exit: nyx_devices::debug_exit::DebugExitState,
+    /// The PCI host bridge.
+    pub pci: nyx_devices::pci::PciState,
+}
+
+/// Errors of restoring the platform.
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    /// The device layout is inconsistent (a bug in Nyx).
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// A device state in the snapshot is not valid.
+    #[error("device state in the snapshot: {0}")]
+    State(String),
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -58,21 +97,73 @@ impl Platform {
     pub fn new(io: PlatformIo, ram_below_4g: u64, ram_above_4g: u64) -> Result<Self, BusError> {
         let pic = Arc::new(Mutex::new(Pic::new()));
         let sink: Arc<dyn InterruptSink> = pic.clone();
-        let pit = Arc::new(Mutex::new(Pit::new(io.clock.clone(), sink.clone())));
-        let serial = Arc::new(Mutex::new(Serial::new(
-            sink.clone(),
-            COM1_IRQ,
-            io.serial_out,
-            io.serial_in,
-        )));
-        let cmos = Arc::new(Mutex::new(Cmos::new(
+        let pit = Pit::new(io.clock.clone(), sink.clone());
+        let serial = Serial::new(sink.clone(), COM1_IRQ, io.serial_out, io.serial_in);
+        let cmos = Cmos::new(
             io.wall.as_ref(),
             ram_below_4g,
             ram_above_4g,
             io.clock.clone(),
             sink.clone(),
-        )));
-        let i8042 = Arc::new(Mutex::new(I8042::new(sink)));
+        );
+        let i8042 = I8042::new(sink);
+        Self::assemble(
+            pic,
+            pit,
+            serial,
+            cmos,
+            i8042,
+            Port80::new(),
+            Port92::new(),
+            DebugExit,
+            PciHost::new(),
+        )
+    }
+
+    /// Rebuilds the platform from a snapshot's device states.
+    pub fn from_state(io: PlatformIo, state: &PlatformState) -> Result<Self, PlatformError> {
+        let bad = |e: &dyn std::fmt::Display| PlatformError::State(e.to_string());
+        let pic = Arc::new(Mutex::new(Pic::from_state(&state.pic)));
+        let sink: Arc<dyn InterruptSink> = pic.clone();
+        let pit = Pit::from_state(&state.pit, io.clock.clone(), sink.clone());
+        let serial = Serial::from_state(&state.serial, sink.clone(), COM1_IRQ, io.serial_out, io.serial_in)
+            .map_err(|e| bad(&e))?;
+        let cmos = Cmos::from_state(&state.cmos, io.clock.clone(), sink.clone()).map_err(|e| bad(&e))?;
+        let i8042 = I8042::from_state(&state.i8042, sink);
+        let pci = PciHost::from_state(&state.pci).map_err(|e| bad(&e))?;
+        Ok(Self::assemble(
+            pic,
+            pit,
+            serial,
+            cmos,
+            i8042,
+            Port80::from_state(&state.port80),
+            Port92::from_state(&state.port92),
+            DebugExit::from_state(&state.debug_exit),
+            pci,
+        )?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        pic: Arc<Mutex<Pic>>,
+        pit: Pit,
+        serial: Serial,
+        cmos: Cmos,
+        i8042: I8042,
+        port80: Port80,
+        port92: Port92,
+        debug_exit: DebugExit,
+        pci: PciHost,
+    ) -> Result<Self, BusError> {
+        let pit = Arc::new(Mutex::new(pit));
+        let serial = Arc::new(Mutex::new(serial));
+        let cmos = Arc::new(Mutex::new(cmos));
+        let i8042 = Arc::new(Mutex::new(i8042));
+        let port80 = Arc::new(Mutex::new(port80));
+        let port92 = Arc::new(Mutex::new(port92));
+        let debug_exit = Arc::new(Mutex::new(debug_exit));
+        let pci = Arc::new(Mutex::new(pci));
         let mut pio = Bus::new();
         pio.insert(0x20, 2, pic.clone())?;
         pio.insert(0xa0, 2, pic.clone())?;
@@ -82,11 +173,11 @@ impl Platform {
         pio.insert(0x3f8, 8, serial.clone())?;
         pio.insert(0x70, 2, cmos.clone())?;
         pio.insert(0x60, 1, i8042.clone())?;
-        pio.insert(0x64, 1, i8042)?;
-        pio.insert(0x80, 1, Arc::new(Mutex::new(Port80::new())))?;
-        pio.insert(0x92, 1, Arc::new(Mutex::new(Port92::new())))?;
-        pio.insert(0xf4, 4, Arc::new(Mutex::new(DebugExit)))?;
-        pio.insert(0xcf8, 8, Arc::new(Mutex::new(PciHost::new())))?;
+        pio.insert(0x64, 1, i8042.clone())?;
+        pio.insert(0x80, 1, port80.clone())?;
+        pio.insert(0x92, 1, port92.clone())?;
+        pio.insert(0xf4, 4, debug_exit.clone())?;
+        pio.insert(0xcf8, 8, pci.clone())?;
         Ok(Platform {
             pio,
             mmio: Bus::new(),
@@ -94,7 +185,27 @@ impl Platform {
             pit,
             serial,
             cmos,
+            i8042,
+            port80,
+            port92,
+            debug_exit,
+            pci,
         })
+    }
+
+    /// Every device's state.
+    pub fn state(&self) -> PlatformState {
+        PlatformState {
+            pic: lock(&self.pic).state(),
+            pit: lock(&self.pit).state(),
+            serial: lock(&self.serial).state(),
+            cmos: lock(&self.cmos).state(),
+            i8042: lock(&self.i8042).state(),
+            port80: lock(&self.port80).state(),
+            port92: lock(&self.port92).state(),
+            debug_exit: lock(&self.debug_exit).state(),
+            pci: lock(&self.pci).state(),
+        }
     }
 
     /// Brings the timers up to the current virtual time and pulls serial

@@ -1,0 +1,128 @@
+//! Snapshots: a machine stopped mid-run, saved, and restored into a new
+//! machine continues exactly as the uninterrupted run did.
+
+use std::time::Duration;
+
+use nyx_tests::{kvm_available, Capture};
+use nyx_vmm::machine::Stop;
+use nyx_vmm::{MachineBuilder, RunOutcome};
+
+/// Runs `guest`, stops it after `after`, snapshots it, lets it finish; then
+/// restores the snapshot and runs that to the end. Returns (output before
+/// the snapshot, rest of the original run, run of the restored machine,
+/// original outcome, restored outcome).
+fn snapshot_midway(guest: &str, after: Duration) -> (String, String, String, RunOutcome, RunOutcome) {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("mid.nyxsnap");
+    let out = Capture::default();
+    let image = nyx_guests::image(guest).unwrap().to_vec();
+    let mut m = MachineBuilder::new()
+        .memory(64)
+        .kernel_image(guest, image)
+        .serial_out(Box::new(out.clone()))
+        .build()
+        .unwrap();
+    let kicker = m.kicker().unwrap();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(after);
+        kicker.kick();
+    });
+    let first = m.resume().unwrap();
+    t.join().unwrap();
+    assert_eq!(first, Stop::Interrupted, "{guest} ended before the snapshot point");
+    m.save_snapshot(&snap).unwrap();
+    let before = String::from_utf8_lossy(&out.bytes()).into_owned();
+    let outcome_a = m.run().unwrap();
+    let all = String::from_utf8_lossy(&out.bytes()).into_owned();
+    let rest_a = all[before.len()..].to_string();
+
+    let out_b = Capture::default();
+    let mut r = MachineBuilder::from_snapshot(&snap)
+        .unwrap()
+        .serial_out(Box::new(out_b.clone()))
+        .build()
+        .unwrap();
+    let outcome_b = r.run().unwrap();
+    (
+        before,
+        rest_a,
+        String::from_utf8_lossy(&out_b.bytes()).into_owned(),
+        outcome_a,
+        outcome_b,
+    )
+}
+
+#[test]
+fn restored_machine_continues_like_the_original() {
+    if !kvm_available() {
+        return;
+    }
+    let (before, rest_a, rest_b, a, b) = snapshot_midway("pit", Duration::from_millis(25));
+    assert!(!rest_a.is_empty(), "snapshot taken too late: {before}");
+    assert_eq!(rest_b, rest_a, "restored continuation differs (before: {before:?})");
+    assert_eq!(a, RunOutcome::DebugExit(nyx_guests::PIT_EXIT));
+    assert_eq!(b, a);
+}
+
+#[test]
+fn snapshot_taken_in_a_timer_interrupt_storm_restores() {
+    if !kvm_available() {
+        return;
+    }
+    // The counter guest takes 1 kHz ticks in a busy loop; its output depends
+    // on timing, so only the shape and the end are compared.
+    let (_, rest_a, rest_b, a, b) = snapshot_midway("counter", Duration::from_millis(30));
+    assert_eq!(a, RunOutcome::DebugExit(nyx_guests::COUNTER_EXIT));
+    assert_eq!(b, a);
+    let hex = |s: &str| {
+        s.lines()
+            .filter(|l| l.len() == 16 && l.chars().all(|c| c.is_ascii_hexdigit()))
+            .count()
+    };
+    assert_eq!(hex(&rest_a), hex(&rest_b), "{rest_a}\n---\n{rest_b}");
+}
+
+#[test]
+fn corrupt_truncated_and_foreign_snapshots_are_refused() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.nyxsnap");
+    let mut m = MachineBuilder::new()
+        .kernel_image("hello", nyx_guests::HELLO.to_vec())
+        .serial_out(Box::new(std::io::sink()))
+        .build()
+        .unwrap();
+    m.save_snapshot(&snap).unwrap();
+    let bytes = std::fs::read(&snap).unwrap();
+    let cut = dir.path().join("cut.nyxsnap");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let e = MachineBuilder::from_snapshot(&cut)
+        .err()
+        .expect("truncated snapshot accepted")
+        .to_string();
+    assert!(e.contains("incomplete") || e.contains("truncated"), "{e}");
+    let mut flipped = bytes.clone();
+    let at = flipped.len() / 2;
+    flipped[at] ^= 1;
+    let f = dir.path().join("flip.nyxsnap");
+    std::fs::write(&f, &flipped).unwrap();
+    assert!(MachineBuilder::from_snapshot(&f).is_err(), "flipped snapshot accepted");
+    let g = dir.path().join("garbage.nyxsnap");
+    std::fs::write(&g, b"not a snapshot at all").unwrap();
+    assert!(MachineBuilder::from_snapshot(&g)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("not a Nyx"));
+    // A restored fresh snapshot runs the guest from its start.
+    let out = Capture::default();
+    let mut r = MachineBuilder::from_snapshot(&snap)
+        .unwrap()
+        .serial_out(Box::new(out.clone()))
+        .build()
+        .unwrap();
+    assert_eq!(r.run().unwrap(), RunOutcome::DebugExit(nyx_guests::HELLO_EXIT));
+    assert!(String::from_utf8_lossy(&out.bytes()).contains("Hello from a Nyx guest!"));
+}
