@@ -1,3 +1,187 @@
-//! nyx-gdb: the gdb remote-protocol target over a live machine or a replay
-//! session. The stub itself lands with the gdb work; this crate is its place
-//! in the workspace.
+//! nyx-gdb: the gdb remote-protocol stub of Nyx, over a live machine or a
+//! replayed one (forward execution only).
+//!
+//! `listen` opens the TCP socket (loopback only unless remote access is
+//! allowed), `GdbServer::accept` waits for gdb, and `serve` runs the
+//! gdbstub protocol loop until gdb detaches, kills or the guest ends. The
+//! target is built from one file per protocol feature: `arch.rs` (the
+//! x86-64 register set and target description), `regs.rs` (registers to and
+//! from KVM), `breakpoints.rs`, `monitor.rs`, and `event_loop.rs` (running
+//! the machine, Ctrl-C).
+//!
+//! After a detach the guest runs on without breakpoints to its end. A kill
+//! ends the session at once.
+
+mod arch;
+mod breakpoints;
+mod event_loop;
+mod monitor;
+mod regs;
+mod target;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+
+use gdbstub::stub::{DisconnectReason, GdbStub};
+use nyx_vmm::hooks::HookError;
+use nyx_vmm::{Machine, RunOutcome};
+
+pub use arch::{NyxX86_64, X86Regs, REG_NAMES, TARGET_XML};
+pub use monitor::{parse as parse_monitor, Command as MonitorCommand};
+pub use target::NyxTarget;
+
+/// Errors of the gdb stub.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The listen address cannot be parsed.
+    #[error("bad gdb address '{0}': give HOST:PORT or :PORT, e.g. 127.0.0.1:1234")]
+    BadAddress(String),
+    /// A non-loopback address without permission.
+    #[error("refusing to listen for gdb on {0}: anyone who can reach it controls the guest; pass --gdb-allow-remote to allow it")]
+    NotLoopback(SocketAddr),
+    /// The socket could not be opened.
+    #[error("cannot listen for gdb on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Accepting or talking to gdb failed.
+    #[error("gdb connection: {0}")]
+    Connection(String),
+    /// A KVM call failed.
+    #[error("KVM refused {what}: {source}")]
+    Kvm {
+        /// The call.
+        what: &'static str,
+        /// What the kernel said.
+        source: kvm_ioctls::Error,
+    },
+    /// The machine failed.
+    #[error(transparent)]
+    Machine(#[from] nyx_vmm::machine::Error),
+    /// A request the stub cannot satisfy.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// How a debugging session ended.
+#[derive(Debug)]
+pub enum DebugEnd {
+    /// The guest ran to its end (under gdb or after a detach).
+    Ended(RunOutcome),
+    /// The run mode stopped the machine (a replay's trace ended or diverged).
+    Stopped(HookError),
+    /// gdb killed the guest.
+    Killed,
+}
+
+/// Parses a listen address: `HOST:PORT`, or `:PORT` for 127.0.0.1. A
+/// non-loopback host is refused unless `allow_remote`.
+pub fn parse_addr(spec: &str, allow_remote: bool) -> Result<SocketAddr, Error> {
+    let bad = || Error::BadAddress(spec.to_string());
+    let addr = match spec.strip_prefix(':') {
+        Some(port) => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port.parse().map_err(|_| bad())?),
+        None => spec.parse::<SocketAddr>().map_err(|_| bad())?,
+    };
+    if !allow_remote && !addr.ip().is_loopback() {
+        return Err(Error::NotLoopback(addr));
+    }
+    Ok(addr)
+}
+
+/// A socket gdb can connect to.
+pub struct GdbServer {
+    listener: TcpListener,
+}
+
+/// Opens the gdb socket at `spec` (see [`parse_addr`]).
+pub fn listen(spec: &str, allow_remote: bool) -> Result<GdbServer, Error> {
+    let addr = parse_addr(spec, allow_remote)?;
+    let listener = TcpListener::bind(addr).map_err(|source| Error::Listen { addr, source })?;
+    Ok(GdbServer { listener })
+}
+
+impl GdbServer {
+    /// The address it listens on (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> Result<SocketAddr, Error> {
+        self.listener.local_addr().map_err(|e| Error::Connection(e.to_string()))
+    }
+
+    /// Waits for gdb to connect.
+    pub fn accept(&self) -> Result<TcpStream, Error> {
+        let (s, peer) = self.listener.accept().map_err(|e| Error::Connection(e.to_string()))?;
+        tracing::info!("gdb connected from {peer}");
+        s.set_nodelay(true).map_err(|e| Error::Connection(e.to_string()))?;
+        Ok(s)
+    }
+}
+
+/// Options of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// Software breakpoints write int3 into guest memory. False (a replay,
+    /// whose memory must stay as recorded): they use debug registers, at
+    /// most four breakpoints and watchpoints together.
+    pub int3_in_memory: bool,
+}
+
+/// Runs the gdb protocol over `conn` on `machine` until gdb detaches or
+/// kills it or the guest ends. Call it on the thread that runs the machine.
+pub fn serve(machine: &mut Machine, conn: TcpStream, opts: ServeOptions) -> Result<DebugEnd, Error> {
+    let mut target = NyxTarget::new(machine, opts.int3_in_memory)?;
+    let stub = GdbStub::new(conn);
+    let result = stub.run_blocking::<event_loop::NyxEventLoop<'_>>(&mut target);
+    let detached = match result {
+        Ok(DisconnectReason::Kill) => return Ok(DebugEnd::Killed),
+        Ok(DisconnectReason::Disconnect) => true,
+        Ok(DisconnectReason::TargetExited(_) | DisconnectReason::TargetTerminated(_)) => false,
+        Err(e) => {
+            if e.is_target_error() {
+                return Err(e
+                    .into_target_error()
+                    .unwrap_or_else(|| Error::Protocol("target error".into())));
+            }
+            // gdb went away or sent garbage: carry on as after a detach.
+            eprintln!("nyx: gdb connection ended: {e}; the guest runs on without gdb");
+            true
+        }
+    };
+    if let Some(end) = target.end.take() {
+        return Ok(end);
+    }
+    if !detached {
+        return Err(Error::Protocol("the guest ended without an outcome".into()));
+    }
+    target.clear_all()?;
+    drop(target);
+    match machine.run() {
+        Ok(outcome) => Ok(DebugEnd::Ended(outcome)),
+        Err(nyx_vmm::machine::Error::Hook(e)) => Ok(DebugEnd::Stopped(e)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(parse_addr(":1234", false).unwrap(), "127.0.0.1:1234".parse().unwrap());
+        assert_eq!(parse_addr("127.0.0.1:9", false).unwrap().port(), 9);
+        assert_eq!(parse_addr("[::1]:9", false).unwrap().port(), 9);
+        assert!(matches!(parse_addr("0.0.0.0:1234", false), Err(Error::NotLoopback(_))));
+        assert!(parse_addr("0.0.0.0:1234", true).is_ok());
+        assert!(matches!(parse_addr("1234", false), Err(Error::BadAddress(_))));
+        assert!(matches!(parse_addr(":99999", false), Err(Error::BadAddress(_))));
+    }
+
+    #[test]
+    fn listens_on_a_chosen_port() {
+        let s = listen("127.0.0.1:0", false).unwrap();
+        let a = s.local_addr().unwrap();
+        assert_ne!(a.port(), 0);
+        assert!(TcpStream::connect(a).is_ok());
+    }
+}

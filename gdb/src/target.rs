@@ -1,0 +1,362 @@
+//! The gdbstub target over a [`Machine`]: registers, memory by linear
+//! address, and execution. `resume` and `step` only set the mode (as in
+//! gdbstub's armv4t example); [`NyxTarget::run`] then runs the machine in
+//! that mode from the event loop.
+//!
+//! Running from a breakpoint first steps over it with the breakpoint taken
+//! out (the int3 byte restored, the debug register disarmed: continuing
+//! with RFLAGS.RF does not work on every KVM) and puts it back. A #BP exit
+//! at an address without a breakpoint of ours is the guest's own int3 and
+//! is handed back to the guest as exception 3.
+//!
+//! Addresses are linear: gdb's `$pc` is RIP, which equals the linear
+//! address wherever CS's base is 0 (long mode, flat protected mode).
+
+use gdbstub::common::Signal;
+use gdbstub::stub::SingleThreadStopReason;
+use gdbstub::target::ext::base::singlethread::{
+    SingleThreadBase, SingleThreadResume, SingleThreadResumeOps, SingleThreadSingleStep, SingleThreadSingleStepOps,
+};
+use gdbstub::target::ext::base::BaseOps;
+use gdbstub::target::ext::breakpoints::{BreakpointsOps, WatchKind};
+use gdbstub::target::ext::monitor_cmd::MonitorCmdOps;
+use gdbstub::target::{Target, TargetError, TargetResult};
+use nyx_vmm::hooks::HookError;
+use nyx_vmm::kick::Kicker;
+use nyx_vmm::machine::{DebugStop, GuestDebug, Stop};
+use nyx_vmm::{Machine, RunOutcome};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::arch::{NyxX86_64, X86Regs};
+use crate::breakpoints::{BreakpointSet, SlotKind};
+use crate::{regs, DebugEnd, Error};
+
+/// DR6's single-step bit.
+const DR6_BS: u64 = 1 << 14;
+/// Vectors of the debug exits.
+const DB_VECTOR: u32 = 1;
+const BP_VECTOR: u32 = 3;
+
+/// What gdb asked the target to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecMode {
+    /// Run until something stops it.
+    Continue,
+    /// Execute one instruction.
+    Step,
+}
+
+/// What a run of the machine ended with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunStop {
+    /// A stop to report to gdb.
+    Reason(SingleThreadStopReason<u64>),
+    /// Another thread kicked the machine (data from gdb may be waiting).
+    Interrupted,
+}
+
+/// The gdb target.
+pub struct NyxTarget<'m> {
+    pub(crate) machine: &'m mut Machine,
+    pub(crate) bps: BreakpointSet,
+    pub(crate) mode: ExecMode,
+    /// Software breakpoints are int3 bytes in memory (false: debug registers).
+    pub(crate) int3_in_memory: bool,
+    /// How the machine's run ended, once it has.
+    pub(crate) end: Option<DebugEnd>,
+    /// Kicks the machine's thread (Ctrl-C from gdb).
+    pub(crate) kicker: Kicker,
+}
+
+impl<'m> NyxTarget<'m> {
+    /// A target over `machine`. `int3_in_memory`: whether software
+    /// breakpoints may write int3 into guest memory. Call it on the thread
+    /// that will run the machine.
+    pub fn new(machine: &'m mut Machine, int3_in_memory: bool) -> Result<Self, Error> {
+        let kicker = machine.kicker()?;
+        Ok(NyxTarget {
+            kicker,
+            machine,
+            bps: BreakpointSet::default(),
+            mode: ExecMode::Continue,
+            int3_in_memory,
+            end: None,
+        })
+    }
+
+    /// The guest-physical address of linear address `addr`.
+    pub(crate) fn translate(&self, addr: u64) -> Result<u64, Error> {
+        let regs = self.machine.paging_regs()?;
+        nyx_vmm::paging::translate(self.machine.memory(), &regs, addr)
+            .map(|t| t.gpa)
+            .map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    fn rip(&self) -> Result<u64, Error> {
+        Ok(self
+            .machine
+            .vcpu()
+            .get_regs()
+            .map_err(|source| Error::Kvm {
+                what: "KVM_GET_REGS",
+                source,
+            })?
+            .rip)
+    }
+
+    /// The linear address of the next instruction.
+    fn pc(&self) -> Result<u64, Error> {
+        let rip = self.rip()?;
+        let s = self.machine.vcpu().get_sregs().map_err(|source| Error::Kvm {
+            what: "KVM_GET_SREGS",
+            source,
+        })?;
+        let long = s.efer & (1 << 10) != 0 && s.cs.l != 0;
+        Ok(if long {
+            rip
+        } else {
+            s.cs.base.wrapping_add(rip) & 0xffff_ffff
+        })
+    }
+
+    /// Writes or removes the int3 bytes in memory.
+    fn set_int3(&self, only: Option<u64>, armed: bool) {
+        let mem = self.machine.memory();
+        for (addr, bp) in &self.bps.sw {
+            if only.is_some_and(|a| a != *addr) {
+                continue;
+            }
+            let byte = if armed { 0xCC } else { bp.raw };
+            if mem.write_slice(&[byte], GuestAddress(bp.gpa)).is_err() {
+                tracing::warn!("cannot write the breakpoint byte at {addr:#x}");
+            }
+        }
+    }
+
+    /// Configures KVM's guest debugging; `skip` is a breakpoint address
+    /// being stepped over.
+    fn arm(&mut self, single_step: bool, skip: Option<u64>) -> Result<(), Error> {
+        let dbg = GuestDebug {
+            sw_breakpoints: !self.bps.sw.is_empty(),
+            single_step,
+            dr: self.bps.drs(),
+            dr7: self.bps.dr7(skip),
+        };
+        self.machine.set_guest_debug(dbg)?;
+        Ok(())
+    }
+
+    /// Runs the machine in the mode gdb asked for until it stops.
+    pub fn run(&mut self) -> Result<RunStop, Error> {
+        let pc = self.pc()?;
+        if self.bps.breaks_at(pc) {
+            // Step over the breakpoint with it taken out.
+            self.set_int3(Some(pc), false);
+            let r = self.arm(true, Some(pc)).and_then(|_| self.resume_once(true));
+            self.set_int3(Some(pc), true);
+            let stop = r?;
+            let stepped = matches!(stop, RunStop::Reason(SingleThreadStopReason::DoneStep));
+            if self.mode == ExecMode::Step || !stepped {
+                return Ok(stop);
+            }
+        }
+        let step = self.mode == ExecMode::Step;
+        self.arm(step, None)?;
+        loop {
+            match self.resume_once(step)? {
+                RunStop::Reason(SingleThreadStopReason::DoneStep) if !step => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// One `Machine::resume`, its stop translated for gdb. A guest's own
+    /// int3 is re-injected and the run goes on.
+    fn resume_once(&mut self, stepping: bool) -> Result<RunStop, Error> {
+        loop {
+            let stop = match self.machine.resume() {
+                Ok(s) => s,
+                Err(nyx_vmm::machine::Error::Hook(e)) => return Ok(self.ended_by_hook(e)),
+                Err(e) => return Err(e.into()),
+            };
+            match stop {
+                Stop::Interrupted => return Ok(RunStop::Interrupted),
+                Stop::Ended(outcome) => return Ok(self.ended(outcome)),
+                Stop::Debug(d) => match self.debug_stop(d, stepping)? {
+                    Some(r) => return Ok(RunStop::Reason(r)),
+                    None => continue,
+                },
+            }
+        }
+    }
+
+    fn ended(&mut self, outcome: RunOutcome) -> RunStop {
+        let reason = match &outcome {
+            RunOutcome::Crashed(report) => {
+                eprint!("{report}");
+                SingleThreadStopReason::Terminated(Signal::SIGSEGV)
+            }
+            o => SingleThreadStopReason::Exited(o.exit_status() as u8),
+        };
+        self.end = Some(DebugEnd::Ended(outcome));
+        RunStop::Reason(reason)
+    }
+
+    fn ended_by_hook(&mut self, e: HookError) -> RunStop {
+        let reason = match &e {
+            HookError::TraceEnd { .. } => SingleThreadStopReason::Exited(4),
+            HookError::Divergence(_) => SingleThreadStopReason::Terminated(Signal::SIGABRT),
+            _ => SingleThreadStopReason::Terminated(Signal::SIGKILL),
+        };
+        self.end = Some(DebugEnd::Stopped(e));
+        RunStop::Reason(reason)
+    }
+
+    /// Translates a debug exit; None when the run should go on.
+    fn debug_stop(&mut self, d: DebugStop, stepping: bool) -> Result<Option<SingleThreadStopReason<u64>>, Error> {
+        if d.exception == BP_VECTOR {
+            if self.bps.sw.contains_key(&d.pc) {
+                return Ok(Some(SingleThreadStopReason::SwBreak(())));
+            }
+            self.reinject_int3()?;
+            return Ok(None);
+        }
+        if d.exception != DB_VECTOR {
+            return Ok(None);
+        }
+        for (i, slot) in self.bps.slots.iter().enumerate() {
+            let Some(s) = slot else { continue };
+            if d.dr6 & (1 << i) == 0 {
+                continue;
+            }
+            return Ok(Some(match s.kind {
+                SlotKind::Exec => SingleThreadStopReason::HwBreak(()),
+                SlotKind::SwExec => SingleThreadStopReason::SwBreak(()),
+                SlotKind::Watch(kind) => SingleThreadStopReason::Watch {
+                    tid: (),
+                    kind: match kind {
+                        WatchKind::Read => WatchKind::ReadWrite,
+                        k => k,
+                    },
+                    addr: s.addr,
+                },
+            }));
+        }
+        if stepping && (d.dr6 & DR6_BS != 0 || d.dr6 & 0xf == 0) {
+            return Ok(Some(SingleThreadStopReason::DoneStep));
+        }
+        Ok(None)
+    }
+
+    /// Queues #BP for the guest: its own int3 behaves as without gdb.
+    fn reinject_int3(&mut self) -> Result<(), Error> {
+        let v = self.machine.vcpu();
+        let kvm = |what| move |source| Error::Kvm { what, source };
+        let mut ev = v.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?;
+        ev.exception.injected = 1;
+        ev.exception.nr = BP_VECTOR as u8;
+        ev.exception.has_error_code = 0;
+        ev.exception.pending = 0;
+        v.set_vcpu_events(&ev).map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+
+    /// Takes every breakpoint out and stops guest debugging (detach).
+    pub fn clear_all(&mut self) -> Result<(), Error> {
+        self.set_int3(None, false);
+        self.bps = BreakpointSet::default();
+        self.machine.set_guest_debug(GuestDebug::default())?;
+        Ok(())
+    }
+}
+
+impl Target for NyxTarget<'_> {
+    type Arch = NyxX86_64;
+    type Error = Error;
+
+    fn base_ops(&mut self) -> BaseOps<'_, Self::Arch, Self::Error> {
+        BaseOps::SingleThread(self)
+    }
+
+    fn guard_rail_implicit_sw_breakpoints(&self) -> bool {
+        true
+    }
+
+    fn support_breakpoints(&mut self) -> Option<BreakpointsOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_monitor_cmd(&mut self) -> Option<MonitorCmdOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl SingleThreadBase for NyxTarget<'_> {
+    fn read_registers(&mut self, out: &mut X86Regs) -> TargetResult<(), Self> {
+        *out = regs::read(self.machine).map_err(TargetError::Fatal)?;
+        Ok(())
+    }
+
+    fn write_registers(&mut self, r: &X86Regs) -> TargetResult<(), Self> {
+        regs::write(self.machine, r).map_err(|_| TargetError::NonFatal)
+    }
+
+    fn read_addrs(&mut self, start: u64, data: &mut [u8]) -> TargetResult<usize, Self> {
+        // Read page by page so that a partly mapped range returns its
+        // readable start, as gdb expects.
+        let mut done = 0usize;
+        while done < data.len() {
+            let addr = start.wrapping_add(done as u64);
+            let n = (data.len() - done).min((0x1000 - (addr & 0xfff)) as usize);
+            if self.machine.read_virt(addr, &mut data[done..done + n]).is_err() {
+                break;
+            }
+            done += n;
+        }
+        if done == 0 && !data.is_empty() {
+            return Err(TargetError::Errno(14));
+        }
+        self.bps.show_original(start, &mut data[..done]);
+        Ok(done)
+    }
+
+    fn write_addrs(&mut self, start: u64, data: &[u8]) -> TargetResult<(), Self> {
+        self.machine
+            .write_virt(start, data)
+            .map_err(|_| TargetError::Errno(14))?;
+        // A write over a software breakpoint changes the byte it restores.
+        let end = start.saturating_add(data.len() as u64);
+        let hits: Vec<u64> = self.bps.sw.range(start..end).map(|(a, _)| *a).collect();
+        for addr in hits {
+            let byte = data[(addr - start) as usize];
+            if let Some(bp) = self.bps.sw.get_mut(&addr) {
+                bp.raw = byte;
+                bp.shown = byte;
+            }
+            self.set_int3(Some(addr), true);
+        }
+        Ok(())
+    }
+
+    fn support_resume(&mut self) -> Option<SingleThreadResumeOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl SingleThreadResume for NyxTarget<'_> {
+    fn resume(&mut self, _signal: Option<Signal>) -> Result<(), Self::Error> {
+        self.mode = ExecMode::Continue;
+        Ok(())
+    }
+
+    fn support_single_step(&mut self) -> Option<SingleThreadSingleStepOps<'_, Self>> {
+        Some(self)
+    }
+}
+
+impl SingleThreadSingleStep for NyxTarget<'_> {
+    fn step(&mut self, _signal: Option<Signal>) -> Result<(), Self::Error> {
+        self.mode = ExecMode::Step;
+        Ok(())
+    }
+}
