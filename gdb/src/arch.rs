@@ -294,7 +294,7 @@ mod tests {
         let b = serialize(&r);
         assert_eq!(b.len(), G_PACKET_LEN);
         assert_eq!(&b[128..136], &r.rip.to_le_bytes());
-        let cr3_at = G_PACKET_LEN - 3 * 8;
+        let cr3_at = G_PACKET_LEN - 4 * 8;
         assert_eq!(&b[cr3_at..cr3_at + 8], &r.cr3.to_le_bytes());
     }
 

@@ -108,7 +108,6 @@ impl<'m> BlockingEventLoop for NyxEventLoop<'m> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
     use std::net::TcpListener;
 
     #[test]
@@ -117,7 +116,7 @@ mod tests {
         let mut a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (b, _) = l.accept().unwrap();
         assert!(!readable(b.as_raw_fd(), 0));
-        a.write_all(&[3]).unwrap();
+        std::io::Write::write_all(&mut a, &[3]).unwrap();
         assert!(readable(b.as_raw_fd(), 1000));
         let mut one = [0u8; 1];
         std::io::Read::read_exact(&mut &b, &mut one).unwrap();
