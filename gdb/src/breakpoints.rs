@@ -5,8 +5,9 @@
 //! breakpoints replace the first byte of the instruction by `int3` (0xCC)
 //! in guest-physical memory; the original byte is kept and shown to every
 //! memory read, and put back on removal. Where int3 cannot be used (a
-//! replay, whose memory digests must not see the 0xCC) a software
-//! breakpoint takes a free debug register instead.
+//! replay, whose memory digests must not see the 0xCC, or an address the
+//! guest has not mapped yet) a software breakpoint takes a free debug
+//! register instead.
 
 use std::collections::BTreeMap;
 
@@ -173,25 +174,28 @@ impl SwBreakpoint for NyxTarget<'_> {
         if self.bps.sw.contains_key(&addr) {
             return Ok(true);
         }
+        let slot = Slot {
+            addr,
+            len: 1,
+            kind: SlotKind::SwExec,
+        };
         if !self.int3_in_memory {
-            let slot = Slot {
-                addr,
-                len: 1,
-                kind: SlotKind::SwExec,
-            };
             return Ok(self.bps.add_slot(slot));
         }
-        let gpa = self.translate(addr).map_err(|_| TargetError::Errno(14))?;
+        // An address not mapped yet (code the guest maps later) gets a
+        // debug register, which works on linear addresses.
+        let Ok(gpa) = self.translate(addr) else {
+            return Ok(self.bps.add_slot(slot));
+        };
         let mut raw = [0u8; 1];
         let mut shown = [0u8; 1];
         let mem = self.machine.memory();
-        mem.read_slice(&mut raw, GuestAddress(gpa))
-            .map_err(|_| TargetError::Errno(14))?;
-        self.machine
-            .read_phys(gpa, &mut shown)
-            .map_err(|_| TargetError::Errno(14))?;
-        mem.write_slice(&[0xCC], GuestAddress(gpa))
-            .map_err(|_| TargetError::Errno(14))?;
+        if mem.read_slice(&mut raw, GuestAddress(gpa)).is_err()
+            || self.machine.read_phys(gpa, &mut shown).is_err()
+            || mem.write_slice(&[0xCC], GuestAddress(gpa)).is_err()
+        {
+            return Ok(self.bps.add_slot(slot));
+        }
         self.bps.sw.insert(
             addr,
             SwBp {

@@ -124,12 +124,28 @@ pub struct ServeOptions {
     /// whose memory must stay as recorded): they use debug registers, at
     /// most four breakpoints and watchpoints together.
     pub int3_in_memory: bool,
+    /// Write watchpoints are also checked by single-stepping and comparing
+    /// the watched bytes (slow: interrupts wait while a watchpoint is set).
+    /// Needed where KVM's debug registers do not report data accesses, as
+    /// on emulated KVM; read watchpoints rely on the hardware alone.
+    pub step_watchpoints: bool,
+}
+
+impl Default for ServeOptions {
+    /// What works on every KVM: breakpoints in debug registers, write
+    /// watchpoints checked by stepping.
+    fn default() -> Self {
+        ServeOptions {
+            int3_in_memory: false,
+            step_watchpoints: true,
+        }
+    }
 }
 
 /// Runs the gdb protocol over `conn` on `machine` until gdb detaches or
 /// kills it or the guest ends. Call it on the thread that runs the machine.
 pub fn serve(machine: &mut Machine, conn: TcpStream, opts: ServeOptions) -> Result<DebugEnd, Error> {
-    let mut target = NyxTarget::new(machine, opts.int3_in_memory)?;
+    let mut target = NyxTarget::new(machine, opts)?;
     let stub = GdbStub::new(conn);
     let result = stub.run_blocking::<event_loop::NyxEventLoop<'_>>(&mut target);
     let detached = match result {

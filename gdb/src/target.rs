@@ -37,6 +37,10 @@ const DR6_BS: u64 = 1 << 14;
 const DB_VECTOR: u32 = 1;
 const BP_VECTOR: u32 = 3;
 
+fn is_write_watch(kind: SlotKind) -> bool {
+    matches!(kind, SlotKind::Watch(WatchKind::Write | WatchKind::ReadWrite))
+}
+
 /// What gdb asked the target to do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExecMode {
@@ -66,20 +70,22 @@ pub struct NyxTarget<'m> {
     pub(crate) end: Option<DebugEnd>,
     /// Kicks the machine's thread (Ctrl-C from gdb).
     pub(crate) kicker: Kicker,
+    /// Write watchpoints also by single-stepping (see [`crate::ServeOptions`]).
+    pub(crate) step_watchpoints: bool,
 }
 
 impl<'m> NyxTarget<'m> {
-    /// A target over `machine`. `int3_in_memory`: whether software
-    /// breakpoints may write int3 into guest memory. Call it on the thread
+    /// A target over `machine`. Call it on the thread
     /// that will run the machine.
-    pub fn new(machine: &'m mut Machine, int3_in_memory: bool) -> Result<Self, Error> {
+    pub fn new(machine: &'m mut Machine, opts: crate::ServeOptions) -> Result<Self, Error> {
         let kicker = machine.kicker()?;
         Ok(NyxTarget {
             kicker,
             machine,
             bps: BreakpointSet::default(),
             mode: ExecMode::Continue,
-            int3_in_memory,
+            int3_in_memory: opts.int3_in_memory,
+            step_watchpoints: opts.step_watchpoints,
             end: None,
         })
     }
@@ -148,6 +154,21 @@ impl<'m> NyxTarget<'m> {
 
     /// Runs the machine in the mode gdb asked for until it stops.
     pub fn run(&mut self) -> Result<RunStop, Error> {
+        let before = if self.step_watchpoints {
+            self.watched_values()
+        } else {
+            Vec::new()
+        };
+        let stop = self.run_mode(&before)?;
+        if stop == RunStop::Reason(SingleThreadStopReason::DoneStep) {
+            if let Some(w) = self.changed_watch(&before) {
+                return Ok(w);
+            }
+        }
+        Ok(stop)
+    }
+
+    fn run_mode(&mut self, before: &[(u64, Option<[u8; 8]>)]) -> Result<RunStop, Error> {
         let pc = self.pc()?;
         if self.bps.breaks_at(pc) {
             // Step over the breakpoint with it taken out.
@@ -156,11 +177,19 @@ impl<'m> NyxTarget<'m> {
             self.set_int3(Some(pc), true);
             let stop = r?;
             let stepped = matches!(stop, RunStop::Reason(SingleThreadStopReason::DoneStep));
+            if stepped {
+                if let Some(w) = self.changed_watch(before) {
+                    return Ok(w);
+                }
+            }
             if self.mode == ExecMode::Step || !stepped {
                 return Ok(stop);
             }
         }
         let step = self.mode == ExecMode::Step;
+        if !step && self.step_watchpoints && self.bps.slots.iter().flatten().any(|s| is_write_watch(s.kind)) {
+            return self.run_watching();
+        }
         self.arm(step, None)?;
         loop {
             match self.resume_once(step)? {
@@ -168,6 +197,52 @@ impl<'m> NyxTarget<'m> {
                 other => return Ok(other),
             }
         }
+    }
+
+    /// Continues by single steps, comparing the watched memory after each:
+    /// write watchpoints for a KVM whose debug registers do not report
+    /// data accesses. Interrupts are not injected while stepping.
+    fn run_watching(&mut self) -> Result<RunStop, Error> {
+        self.arm(true, None)?;
+        let mut before = self.watched_values();
+        loop {
+            match self.resume_once(true)? {
+                RunStop::Reason(SingleThreadStopReason::DoneStep) => {
+                    if let Some(w) = self.changed_watch(&before) {
+                        return Ok(w);
+                    }
+                    before = self.watched_values();
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// A watch stop if a watched range differs from `before`.
+    fn changed_watch(&self, before: &[(u64, Option<[u8; 8]>)]) -> Option<RunStop> {
+        let now = self.watched_values();
+        let i = before.iter().zip(&now).position(|(a, b)| a != b)?;
+        Some(RunStop::Reason(SingleThreadStopReason::Watch {
+            tid: (),
+            kind: WatchKind::Write,
+            addr: now[i].0,
+        }))
+    }
+
+    /// The current contents of every write-watched range (None: unmapped).
+    fn watched_values(&self) -> Vec<(u64, Option<[u8; 8]>)> {
+        self.bps
+            .slots
+            .iter()
+            .flatten()
+            .filter(|s| is_write_watch(s.kind))
+            .map(|s| {
+                let mut buf = [0u8; 8];
+                let n = (s.len as usize).min(8);
+                let ok = self.machine.read_virt(s.addr, &mut buf[..n]).is_ok();
+                (s.addr, ok.then_some(buf))
+            })
+            .collect()
     }
 
     /// One `Machine::resume`, its stop translated for gdb. A guest's own
@@ -192,10 +267,8 @@ impl<'m> NyxTarget<'m> {
 
     fn ended(&mut self, outcome: RunOutcome) -> RunStop {
         let reason = match &outcome {
-            RunOutcome::Crashed(report) => {
-                eprint!("{report}");
-                SingleThreadStopReason::Terminated(Signal::SIGSEGV)
-            }
+            // The crash report is printed when the session ends.
+            RunOutcome::Crashed(_) => SingleThreadStopReason::Terminated(Signal::SIGSEGV),
             o => SingleThreadStopReason::Exited(o.exit_status() as u8),
         };
         self.end = Some(DebugEnd::Ended(outcome));

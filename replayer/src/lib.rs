@@ -426,8 +426,14 @@ pub fn open_trace(path: &Path) -> Result<OpenTrace, Error> {
     })
 }
 
-/// Replays the trace at `path`.
-pub fn replay(path: &Path, opts: ReplayOptions) -> Result<Replay, Error> {
+/// Builds the machine of the trace at `path` under the replayer's hooks,
+/// ready to run (or to be debugged forward): every run of it re-executes
+/// the recording, verifying each step.
+pub fn replay_machine(path: &Path, opts: ReplayOptions) -> Result<nyx_vmm::Machine, Error> {
+    build(path, opts).map(|(m, _)| m)
+}
+
+fn build(path: &Path, opts: ReplayOptions) -> Result<(nyx_vmm::Machine, Shared), Error> {
     let OpenTrace {
         reader,
         config,
@@ -459,7 +465,12 @@ pub fn replay(path: &Path, opts: ReplayOptions) -> Result<Replay, Error> {
     if let Some(i) = initrd {
         b = b.initrd_image(i);
     }
-    let mut machine = b.build()?;
+    Ok((b.build()?, state))
+}
+
+/// Replays the trace at `path`.
+pub fn replay(path: &Path, opts: ReplayOptions) -> Result<Replay, Error> {
+    let (mut machine, state) = build(path, opts)?;
     let result = machine.run();
     let stats = machine.stats().clone();
     let exits = machine.exit_seq();

@@ -64,6 +64,8 @@ struct RecordArgs {
 struct ReplayArgs {
     /// The trace to replay.
     trace: PathBuf,
+    #[command(flatten)]
+    gdb: GdbArgs,
     /// The KVM device to open.
     #[arg(
         long,
@@ -133,6 +135,67 @@ pub struct MachineArgs {
 struct RunArgs {
     #[command(flatten)]
     machine: MachineArgs,
+    #[command(flatten)]
+    gdb: GdbArgs,
+}
+
+/// Debugging with gdb. The guest does not run before gdb attaches (with or
+/// without --gdb-wait); after gdb detaches it runs on to its end; a kill
+/// from gdb ends nyx with status 0.
+#[derive(Args, Debug)]
+struct GdbArgs {
+    /// Listen for gdb on ADDR (HOST:PORT, or :PORT for 127.0.0.1; port 0 picks a free one).
+    #[arg(long, value_name = "ADDR")]
+    gdb: Option<String>,
+    /// Do not start the guest before gdb attaches (at present it never does).
+    #[arg(long, requires = "gdb")]
+    gdb_wait: bool,
+    /// Allow a gdb address that is not loopback.
+    #[arg(long, requires = "gdb")]
+    gdb_allow_remote: bool,
+}
+
+/// Serves gdb on `machine` when --gdb was given: Some(exit code) then.
+fn gdb_session(args: &GdbArgs, machine: &mut nyx_vmm::Machine) -> Option<ExitCode> {
+    let spec = args.gdb.as_ref()?;
+    let opts = nyx_gdb::ServeOptions::default();
+    let end = nyx_gdb::listen(spec, args.gdb_allow_remote).and_then(|server| {
+        eprintln!("nyx: waiting for gdb on {}", server.local_addr()?);
+        nyx_gdb::serve(machine, server.accept()?, opts)
+    });
+    Some(match end {
+        Ok(nyx_gdb::DebugEnd::Ended(outcome)) => finish(&outcome),
+        Ok(nyx_gdb::DebugEnd::Killed) => {
+            eprintln!("nyx: killed by gdb");
+            ExitCode::SUCCESS
+        }
+        Ok(nyx_gdb::DebugEnd::Stopped(nyx_vmm::hooks::HookError::TraceEnd { position })) => {
+            eprintln!("nyx: the trace ends at position {position}");
+            ExitCode::from(4)
+        }
+        Ok(nyx_gdb::DebugEnd::Stopped(nyx_vmm::hooks::HookError::Divergence(text))) => {
+            eprint!("{text}");
+            ExitCode::from(3)
+        }
+        Ok(nyx_gdb::DebugEnd::Stopped(e)) => {
+            eprintln!("nyx: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("nyx: {e}");
+            ExitCode::from(1)
+        }
+    })
+}
+
+/// `nyx replay FILE --gdb ADDR`: forward debugging of a replay.
+fn replay_gdb(args: &ReplayArgs) -> Result<ExitCode, nyx_replayer::Error> {
+    let opts = nyx_replayer::ReplayOptions {
+        serial_out: None,
+        kvm_path: args.kvm_device.clone(),
+    };
+    let mut machine = nyx_replayer::replay_machine(&args.trace, opts)?;
+    Ok(gdb_session(&args.gdb, &mut machine).unwrap_or(ExitCode::SUCCESS))
 }
 
 #[derive(Args, Debug)]
@@ -215,6 +278,9 @@ fn record(args: &RecordArgs) -> Result<ExitCode, nyx_recorder::Error> {
 }
 
 fn replay(args: &ReplayArgs) -> Result<ExitCode, nyx_replayer::Error> {
+    if args.gdb.gdb.is_some() {
+        return replay_gdb(args);
+    }
     let r = nyx_replayer::replay(
         &args.trace,
         nyx_replayer::ReplayOptions {
@@ -251,6 +317,9 @@ fn replay(args: &ReplayArgs) -> Result<ExitCode, nyx_replayer::Error> {
 
 fn run(args: &RunArgs) -> Result<ExitCode, nyx_vmm::machine::Error> {
     let mut machine = args.machine.builder().build()?;
+    if let Some(code) = gdb_session(&args.gdb, &mut machine) {
+        return Ok(code);
+    }
     let outcome = machine.run()?;
     let s = machine.stats();
     tracing::info!(
