@@ -1,0 +1,288 @@
+//! Benchmark: what recording and replaying cost in Nyx, on the in-tree
+//! guests. For each guest it runs, side by side in one process and
+//! repetition after repetition, a plain run, a recording and a replay of
+//! that recording, and reports medians of the `Machine::run` wall time of
+//! each, the ratios record/plain and replay/record, the landing search cost
+//! (breakpoint hits and single steps per landing), the trace's size (file,
+//! events, compression) and the recorder's extra cost per exit and per
+//! landing. Every replay is checked: it must complete with the recorded
+//! outcome and print the recorded serial output, or the benchmark fails.
+//!
+//! `cargo bench -p nyx-tests --bench record_replay [-- REPS [GUEST ...]]`
+
+use std::error::Error;
+use std::path::{Path, PathBuf};
+
+use nyx_recorder::{record_image, RecordOptions};
+use nyx_replayer::{replay, ReplayEnd, ReplayOptions};
+use nyx_tests::{kvm_available, Capture};
+use nyx_trace::{FrameKind, TraceReader};
+use nyx_vmm::config::VerifyLevel;
+use nyx_vmm::events::Event;
+use nyx_vmm::machine::ExitStats;
+use nyx_vmm::{MachineBuilder, SerialIn};
+
+type Res<T> = Result<T, Box<dyn Error>>;
+
+/// The guests measured, in the order reported.
+const GUESTS: &[&str] = &["hello", "counter", "rdtsc", "rtc", "pit", "echo"];
+
+/// One plain run.
+struct Plain {
+    stats: ExitStats,
+    serial: Vec<u8>,
+}
+
+/// One recording, replayed once.
+struct RoundTrip {
+    rec_stats: ExitStats,
+    rec_serial: Vec<u8>,
+    exits: u64,
+    events: u64,
+    landings: u64,
+    file_bytes: u64,
+    event_stored: u64,
+    event_raw: u64,
+    virtual_ns: u64,
+    rep_stats: ExitStats,
+    hits_per_landing: Vec<u64>,
+}
+
+/// The serial input a guest needs (the echo guest reads its golden input).
+fn input_of(name: &str) -> Option<Vec<u8>> {
+    nyx_guests::expected(name).and_then(|e| e.input).map(<[u8]>::to_vec)
+}
+
+fn plain_run(name: &str) -> Res<Plain> {
+    let image = nyx_guests::image(name).ok_or("unknown guest")?;
+    let out = Capture::default();
+    let mut b = MachineBuilder::new()
+        .memory(64)
+        .kernel_image(name, image.to_vec())
+        .serial_out(Box::new(out.clone()));
+    if let Some(i) = input_of(name) {
+        b = b.serial_in(SerialIn::Bytes(i));
+    }
+    let mut m = b.build()?;
+    m.run()?;
+    Ok(Plain {
+        stats: m.stats().clone(),
+        serial: out.bytes(),
+    })
+}
+
+/// Virtual time at the end of the trace (from its end record), and the
+/// stored and raw bytes of its event frames.
+fn trace_facts(path: &Path) -> Res<(u64, u64, u64)> {
+    let mut r = TraceReader::open(path)?;
+    let (mut stored, mut raw, mut virtual_ns) = (0u64, 0u64, 0u64);
+    for i in 0..r.frames().len() {
+        let info = r.frames()[i];
+        if info.kind != FrameKind::Events {
+            continue;
+        }
+        stored += u64::from(info.compressed_len);
+        raw += u64::from(info.uncompressed_len);
+        let events: Vec<Event> = r.read_records(i)?;
+        for e in events {
+            if let Event::End(end) = e {
+                virtual_ns = end.virtual_ns;
+            }
+        }
+    }
+    Ok((virtual_ns, stored, raw))
+}
+
+fn round_trip(dir: &Path, name: &str, rep: usize) -> Res<RoundTrip> {
+    let image = nyx_guests::image(name).ok_or("unknown guest")?;
+    let out = Capture::default();
+    let rec = record_image(
+        RecordOptions {
+            out: dir.join(format!("{name}-{rep}.nyxtrace")),
+            kernel: PathBuf::from(name),
+            kernel_name: Some(name.to_string()),
+            initrd: None,
+            cmdline: String::new(),
+            mem_mib: 64,
+            serial_in: input_of(name).map_or(SerialIn::None, SerialIn::Bytes),
+            serial_out: Some(Box::new(out.clone())),
+            kvm_path: "/dev/kvm".into(),
+            verify: VerifyLevel::Exits,
+        },
+        name.to_string(),
+        image.to_vec(),
+        None,
+    )?;
+    let file_bytes = std::fs::metadata(&rec.path)?.len();
+    let (virtual_ns, event_stored, event_raw) = trace_facts(&rec.path)?;
+    let replay_out = Capture::default();
+    let r = replay(
+        &rec.path,
+        ReplayOptions {
+            serial_out: Some(Box::new(replay_out.clone())),
+            ..Default::default()
+        },
+    )?;
+    match &r.end {
+        ReplayEnd::Complete { outcome } if *outcome == rec.outcome => {}
+        other => return Err(format!("{name}: replay ended {other:?}, recorded {:?}", rec.outcome).into()),
+    }
+    if replay_out.bytes() != out.bytes() {
+        return Err(format!("{name}: the replay printed other serial output than the recording").into());
+    }
+    if r.landings != rec.landings || r.hits_per_landing.len() as u64 != rec.landings {
+        return Err(format!("{name}: {} landings recorded, {} found", rec.landings, r.landings).into());
+    }
+    std::fs::remove_file(&rec.path)?;
+    Ok(RoundTrip {
+        rec_stats: rec.stats,
+        rec_serial: out.bytes(),
+        exits: rec.exits,
+        events: rec.events,
+        landings: rec.landings,
+        file_bytes,
+        event_stored,
+        event_raw,
+        virtual_ns,
+        rep_stats: r.stats,
+        hits_per_landing: r.hits_per_landing,
+    })
+}
+
+/// The median of `v` (the upper one of an even count); 0 for none.
+fn median_f(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn median_u(v: impl IntoIterator<Item = u64>) -> u64 {
+    let mut v: Vec<u64> = v.into_iter().collect();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+/// The counter guest's last sample: iterations of its busy loop by the 50th
+/// tick (the last 16-hex-digit line it prints).
+fn counter_iterations(serial: &[u8]) -> Option<u64> {
+    String::from_utf8_lossy(serial)
+        .lines()
+        .filter(|l| l.len() == 16)
+        .filter_map(|l| u64::from_str_radix(l, 16).ok())
+        .last()
+}
+
+fn ms(ns: f64) -> f64 {
+    ns / 1e6
+}
+
+/// Per-guest medians over all repetitions, printed as one table row each.
+fn report(name: &str, plains: &[Plain], trips: &[RoundTrip]) {
+    let med = |f: &dyn Fn(usize) -> f64| median_f((0..trips.len()).map(f).collect());
+    let plain_ms = med(&|i| ms(plains[i].stats.wall_ns as f64));
+    let rec_ms = med(&|i| ms(trips[i].rec_stats.wall_ns as f64));
+    let rep_ms = med(&|i| ms(trips[i].rep_stats.wall_ns as f64));
+    let rec_plain = med(&|i| trips[i].rec_stats.wall_ns as f64 / plains[i].stats.wall_ns.max(1) as f64);
+    let rep_rec = med(&|i| trips[i].rep_stats.wall_ns as f64 / trips[i].rec_stats.wall_ns.max(1) as f64);
+    let exits = median_u(trips.iter().map(|t| t.exits));
+    let plain_exits = median_u(plains.iter().map(|p| p.stats.exits()));
+    let landings = median_u(trips.iter().map(|t| t.landings));
+    let all_hits: Vec<u64> = trips.iter().flat_map(|t| t.hits_per_landing.iter().copied()).collect();
+    let hits_med = median_u(all_hits.iter().copied());
+    let hits_max = all_hits.iter().copied().max().unwrap_or(0);
+    let hits_total = median_u(trips.iter().map(|t| t.hits_per_landing.iter().sum::<u64>()));
+    let events = median_u(trips.iter().map(|t| t.events));
+    let file = median_u(trips.iter().map(|t| t.file_bytes));
+    let stored = median_u(trips.iter().map(|t| t.event_stored));
+    let raw = median_u(trips.iter().map(|t| t.event_raw));
+    let virt_ms = ms(median_u(trips.iter().map(|t| t.virtual_ns)) as f64);
+    // The recorder's extra wall and user CPU over the plain run, per exit and
+    // per landing (all of it charged to each in turn).
+    let extra_wall = med(&|i| trips[i].rec_stats.wall_ns as f64 - plains[i].stats.wall_ns as f64);
+    let extra_user = med(&|i| trips[i].rec_stats.user_ns as f64 - plains[i].stats.user_ns as f64);
+    let per = |x: f64, n: u64| {
+        if n == 0 {
+            "–".to_string()
+        } else {
+            format!("{:.1}", x / n as f64 / 1e3)
+        }
+    };
+    // Replay time beyond the recording's, per search hit.
+    let extra_rep = med(&|i| trips[i].rep_stats.wall_ns as f64 - trips[i].rec_stats.wall_ns as f64);
+    println!(
+        "TIME|{name}|{plain_ms:.1}|{rec_ms:.1}|{rep_ms:.1}|{rec_plain:.2}|{rep_rec:.2}|{plain_exits}|{exits}|{landings}"
+    );
+    // Only where the search dominates the replay is this a cost per hit.
+    let per_hit = if hits_total >= 100 {
+        per(extra_rep, hits_total)
+    } else {
+        "–".to_string()
+    };
+    println!("SEARCH|{name}|{landings}|{hits_med}|{hits_max}|{hits_total}|{per_hit}");
+    let virt_s = virt_ms / 1e3;
+    println!(
+        "SIZE|{name}|{file}|{events}|{stored}|{:.2}|{}|{:.1}|{virt_ms:.1}",
+        stored as f64 / events.max(1) as f64,
+        if virt_s > 0.0 {
+            format!("{:.0}", stored as f64 / virt_s)
+        } else {
+            "–".to_string()
+        },
+        raw as f64 / stored.max(1) as f64
+    );
+    println!(
+        "COST|{name}|{:.2}|{:.2}|{}|{}|{}|{}|{}",
+        ms(extra_wall),
+        ms(extra_user),
+        per(extra_wall, exits),
+        per(extra_user, exits),
+        per(extra_wall, events),
+        per(extra_wall, landings),
+        per(extra_user, landings)
+    );
+    if name == "counter" {
+        let p = median_u(plains.iter().filter_map(|p| counter_iterations(&p.serial)));
+        let r = median_u(trips.iter().filter_map(|t| counter_iterations(&t.rec_serial)));
+        println!(
+            "COUNTER|busy-loop iterations by tick 50: plain {p}, record {r}, record/plain {:.3}",
+            r as f64 / p.max(1) as f64
+        );
+    }
+}
+
+fn main() -> Res<()> {
+    if !kvm_available() {
+        return Ok(());
+    }
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let reps: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(9).max(1);
+    let picked: Vec<&str> = GUESTS
+        .iter()
+        .copied()
+        .filter(|g| args.iter().all(|a| a.parse::<usize>().is_ok()) || args.iter().any(|a| a == g))
+        .collect();
+    let dir = tempfile::tempdir()?;
+    println!("repetitions: {reps}; figures are medians; times are Machine::run wall time");
+    println!("TIME|guest|plain ms|record ms|replay ms|record/plain|replay/record|plain exits|record exits|landings");
+    println!("SEARCH|guest|landings|hits+steps per landing, median|max|per run|replay-record per hit us");
+    println!("SIZE|guest|file B|events|event frames B|B/event|event B per virtual s|compression|virtual ms");
+    println!(
+        "COST|guest|record-plain ms|user CPU ms|per exit us|user per exit us|per event us|per landing us|user per landing us"
+    );
+    for name in picked {
+        // Warm-up: page in the image, the KVM module's paths, the allocator.
+        plain_run(name)?;
+        let mut plains = Vec::new();
+        let mut trips = Vec::new();
+        for rep in 0..reps {
+            let p = plain_run(name)?;
+            let t = round_trip(dir.path(), name, rep)?;
+            if name != "counter" && name != "rdtsc" && name != "rtc" && p.serial != t.rec_serial {
+                return Err(format!("{name}: a recording printed other output than a plain run").into());
+            }
+            plains.push(p);
+            trips.push(t);
+        }
+        report(name, &plains, &trips);
+    }
+    Ok(())
+}
