@@ -1,0 +1,241 @@
+//! gdb against `nyx run --gdb`: the real gdb in batch mode drives the
+//! in-tree guests through breakpoints, watchpoints, stepping, register and
+//! memory display, monitor commands and Ctrl-C; and random bytes sent to
+//! the stub never make nyx panic.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A nyx process listening for gdb.
+struct Nyx {
+    child: Child,
+    port: u16,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Nyx {
+    fn start(guest: &str) -> Nyx {
+        let kernel = nyx_guests::path(guest).expect("in-tree guest");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nyx"))
+            .args(["run", "--gdb", "127.0.0.1:0", "--gdb-wait", "--kernel"])
+            .arg(&kernel)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn nyx");
+        let (tx, rx) = mpsc::channel();
+        let err = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("nyx says where it listens");
+        let port = line
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        Nyx {
+            child,
+            port,
+            stderr: rx,
+        }
+    }
+
+    /// Waits (bounded) for nyx to exit; its status code and remaining stderr.
+    fn finish(mut self) -> (Option<i32>, String) {
+        for _ in 0..100 {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                let rest: Vec<String> = self.stderr.try_iter().collect();
+                return (s.code(), rest.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        (None, self.stderr.try_iter().collect::<Vec<_>>().join("\n"))
+    }
+}
+
+impl Drop for Nyx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs gdb in batch mode with `cmds` against nyx, with the guest's symbols.
+fn gdb(nyx: &Nyx, guest: &str, cmds: &[&str]) -> String {
+    let kernel = nyx_guests::path(guest).expect("in-tree guest");
+    let mut c = Command::new("timeout");
+    c.args([
+        "120",
+        "gdb",
+        "-nx",
+        "-batch",
+        "-ex",
+        "set architecture i386:x86-64",
+        "-ex",
+    ])
+    .arg(format!("target remote 127.0.0.1:{}", nyx.port));
+    for cmd in cmds {
+        c.args(["-ex", cmd]);
+    }
+    let out = c.arg(&kernel).output().expect("run gdb (install the gdb package)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    text
+}
+
+fn symbol(guest: &str, name: &str) -> u64 {
+    let image = nyx_guests::image(guest).expect("guest");
+    u64::from(nyx_guests::symbol(image, name).expect("symbol"))
+}
+
+#[test]
+fn long_mode_breakpoint_registers_stepping_and_monitor() {
+    let entry = symbol("longmode", "higher_half_entry");
+    assert!(entry >= 0xc000_0000, "a higher-half virtual address");
+    let nyx = Nyx::start("longmode");
+    let out = gdb(
+        &nyx,
+        "longmode",
+        &[
+            "break higher_half_entry",
+            "continue",
+            "info registers",
+            "x/4i $pc",
+            "stepi",
+            "stepi",
+            "stepi",
+            "printf \"PC=%#lx\\n\", $pc",
+            "monitor phys 0x100000 16",
+            "monitor when",
+            "x/2x 0xdead00000000",
+            "kill",
+        ],
+    );
+    assert!(out.contains("Breakpoint 1, higher_half_entry"), "{out}");
+    for reg in ["cr0 ", "cr3 ", "efer ", "fs_base ", "k_gs_base ", "rip "] {
+        assert!(out.lines().any(|l| l.starts_with(reg)), "no {reg} in info registers");
+    }
+    assert!(out.contains("LMA"), "efer shows long mode");
+    assert!(
+        out.contains(&format!("=> {entry:#x} <higher_half_entry>")),
+        "x/4i at the breakpoint"
+    );
+    let pc = out
+        .lines()
+        .find_map(|l| l.strip_prefix("PC=0x"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .expect("pc printed");
+    assert!(
+        pc > entry && pc < entry + 64,
+        "three steps moved rip from {entry:#x} to {pc:#x}"
+    );
+    assert!(out.contains("0x00100000: "), "monitor phys dumps memory");
+    assert!(out.lines().any(|l| l.starts_with("position ")), "monitor when");
+    assert!(out.contains("Cannot access memory at address 0xdead00000000"));
+    let (code, err) = nyx.finish();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("killed by gdb"), "{err}");
+}
+
+#[test]
+fn watchpoint_stops_at_the_write_and_hbreak_hits() {
+    let counter = symbol("counter", "counter");
+    let nyx = Nyx::start("counter");
+    let watch = format!("watch *(long *){counter:#x}");
+    let out = gdb(
+        &nyx,
+        "counter",
+        &["hbreak count_loop", "continue", &watch, "continue", "continue", "kill"],
+    );
+    assert!(out.contains("Hardware assisted breakpoint 1, count_loop"), "{out}");
+    assert!(out.contains("Old value = 0") && out.contains("New value = 1"), "{out}");
+    assert!(out.contains("Old value = 1") && out.contains("New value = 2"), "{out}");
+    let (code, err) = nyx.finish();
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn interrupt_stops_a_running_guest() {
+    let nyx = Nyx::start("counter");
+    let out = gdb(
+        &nyx,
+        "counter",
+        &[
+            "continue &",
+            "shell sleep 1",
+            "interrupt",
+            "shell sleep 1",
+            "printf \"PC=%#lx\\n\", $pc",
+            "kill",
+        ],
+    );
+    assert!(out.contains("received signal SIGINT"), "{out}");
+    assert!(out.contains("PC=0x"), "{out}");
+    let (code, err) = nyx.finish();
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn detach_lets_the_guest_run_to_its_end() {
+    let nyx = Nyx::start("hello");
+    let out = gdb(&nyx, "hello", &["detach"]);
+    assert!(out.contains("Detaching"), "{out}");
+    let want = nyx_guests::expected("hello").and_then(|e| e.exit_value);
+    let (code, err) = nyx.finish();
+    assert!(code.is_some() && code != Some(101), "{err}");
+    if let Some(w) = want {
+        assert_eq!(code, Some(w as i32 & 0xff), "{err}");
+    }
+}
+
+/// A small deterministic generator for the byte streams.
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+#[test]
+fn random_bytes_never_make_nyx_panic() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..6 {
+        let nyx = Nyx::start("hello");
+        let mut s = TcpStream::connect(("127.0.0.1", nyx.port)).expect("connect");
+        let n = 64 + (xorshift(&mut seed) % 512) as usize;
+        let mut bytes: Vec<u8> = (0..n).map(|_| xorshift(&mut seed) as u8).collect();
+        // Half the rounds send packet-shaped garbage.
+        if round % 2 == 1 {
+            let body: String = bytes
+                .iter()
+                .map(|b| (b'!' + b % 90) as char)
+                .filter(|c| *c != '$' && *c != '#')
+                .collect();
+            let sum = body.bytes().fold(0u8, |a, b| a.wrapping_add(b));
+            bytes = format!("+$m{body}#{sum:02x}$g#67$?#3f").into_bytes();
+        }
+        let _ = s.write_all(&bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        drop(s);
+        let (code, err) = nyx.finish();
+        assert!(!err.contains("panicked"), "round {round}: {err}");
+        assert!(
+            code.is_some() && code != Some(101),
+            "round {round}: status {code:?}: {err}"
+        );
+    }
+}
