@@ -11,6 +11,16 @@
 //!
 //! After a detach the guest runs on without breakpoints to its end. A kill
 //! ends the session at once.
+//!
+//! Notes: addresses are linear (RIP where CS's base is 0). Registers are
+//! always the 64-bit set; gdb's `i386:x86-64` disassembles 32-bit code as
+//! 64-bit (`set architecture i386` for `x/i` there). By default software
+//! breakpoints use debug registers, because `int3` with KVM's software
+//! breakpoints fails as an emulation failure on emulated KVM
+//! ([`ServeOptions::int3_in_memory`] turns int3 on). In a replay the
+//! replayer's landing search uses the debug registers itself, so a
+//! breakpoint can be missed while a landing is searched; reverse execution
+//! and `monitor seek` are not part of this stub yet.
 
 mod arch;
 mod breakpoints;
