@@ -19,6 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use nyx_vmm::config::VerifyLevel;
 use nyx_vmm::{MachineBuilder, RunOutcome, SerialIn};
 
+mod api;
 mod demo;
 mod trace_cmd;
 
@@ -46,6 +47,41 @@ enum Command {
     Trace(TraceCommand),
     /// Boot the bundled demo guest, record it, replay it and compare.
     Demo(DemoArgs),
+    /// Continue a machine saved in a snapshot file.
+    Restore(RestoreArgs),
+    /// Send a command to a running nyx's control socket (--api).
+    Ctl(CtlArgs),
+}
+
+#[derive(Args, Debug)]
+struct RestoreArgs {
+    /// The snapshot file.
+    snapshot: PathBuf,
+    /// Serve the control socket at PATH.
+    #[arg(long, value_name = "PATH")]
+    api: Option<PathBuf>,
+    /// Serial (COM1) input from here on: a file, or - for stdin.
+    #[arg(long, value_name = "FILE|-")]
+    serial_in: Option<String>,
+    /// The KVM device to open.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "NYX_KVM_DEVICE",
+        default_value = "/dev/kvm",
+        hide = true
+    )]
+    kvm_device: String,
+}
+
+#[derive(Args, Debug)]
+struct CtlArgs {
+    /// The control socket.
+    socket: PathBuf,
+    /// pause, resume, snapshot, status, metrics or quit.
+    command: String,
+    /// The file for `snapshot`.
+    arg: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -137,6 +173,9 @@ struct RunArgs {
     machine: MachineArgs,
     #[command(flatten)]
     gdb: GdbArgs,
+    /// Serve the control socket (pause, resume, snapshot, status, metrics, quit) at PATH.
+    #[arg(long, value_name = "PATH")]
+    api: Option<PathBuf>,
 }
 
 /// Debugging with gdb. The guest does not run before gdb attaches (with or
@@ -315,12 +354,47 @@ fn replay(args: &ReplayArgs) -> Result<ExitCode, nyx_replayer::Error> {
     }
 }
 
-fn run(args: &RunArgs) -> Result<ExitCode, nyx_vmm::machine::Error> {
-    let mut machine = args.machine.builder().build()?;
+/// Runs a built machine to its end, serving the control socket if asked.
+fn run_machine(machine: &mut nyx_vmm::Machine, api: Option<&std::path::Path>) -> Result<Option<RunOutcome>, String> {
+    match api {
+        None => machine.run().map(Some).map_err(|e| e.to_string()),
+        Some(path) => {
+            let kicker = machine.kicker().map_err(|e| e.to_string())?;
+            let api = api::listen(path, kicker)?;
+            api::run(machine, &api).map_err(|e| e.to_string())
+        }
+    }
+}
+
+fn serial_in_arg(arg: Option<&str>) -> SerialIn {
+    match arg {
+        None => SerialIn::None,
+        Some("-") => SerialIn::Stdin,
+        Some(p) => SerialIn::File(PathBuf::from(p)),
+    }
+}
+
+fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
+    let mut machine = MachineBuilder::from_snapshot(&args.snapshot)
+        .map_err(|e| e.to_string())?
+        .serial_in(serial_in_arg(args.serial_in.as_deref()))
+        .kvm_path(&args.kvm_device)
+        .build()
+        .map_err(|e| e.to_string())?;
+    match run_machine(&mut machine, args.api.as_deref())? {
+        Some(outcome) => Ok(finish(&outcome)),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+fn run(args: &RunArgs) -> Result<ExitCode, String> {
+    let mut machine = args.machine.builder().build().map_err(|e| e.to_string())?;
     if let Some(code) = gdb_session(&args.gdb, &mut machine) {
         return Ok(code);
     }
-    let outcome = machine.run()?;
+    let Some(outcome) = run_machine(&mut machine, args.api.as_deref())? else {
+        return Ok(ExitCode::SUCCESS);
+    };
     let s = machine.stats();
     tracing::info!(
         "exits: {} (pio {}, mmio {}, hlt {}, irq window {}, msr {}), kicks {}, interrupts injected {}; \
@@ -362,7 +436,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result: Result<ExitCode, String> = match &cli.command {
-        Command::Run(a) => run(a).map_err(|e| e.to_string()),
+        Command::Run(a) => run(a),
+        Command::Restore(a) => restore(a),
+        Command::Ctl(a) => api::ctl(&a.socket, &a.command, a.arg.as_deref()),
         Command::Record(a) => record(a).map_err(|e| e.to_string()),
         Command::Replay(a) => replay(a).map_err(|e| e.to_string()),
         Command::Trace(TraceCommand::Info { trace }) => trace_cmd::info(trace).map_err(|e| e.to_string()),

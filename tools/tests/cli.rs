@@ -331,3 +331,86 @@ fn corrupt_and_foreign_traces_are_refused_with_one_line() {
     let out = nyx().arg("replay").arg(&png).output().unwrap();
     assert_one_line_error(&out, "not a Nyx");
 }
+
+fn ctl(sock: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = nyx().arg("ctl").arg(sock).args(args).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The control socket pauses a running machine, reports its status,
+/// snapshots it and resumes it; `nyx restore` continues the snapshot with
+/// new serial input.
+#[test]
+fn control_socket_snapshot_and_restore() {
+    use std::io::Write;
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let snap = dir.path().join("echo.nyxsnap");
+    let mut child = nyx()
+        .arg("run")
+        .arg("--kernel")
+        .arg(guest("echo"))
+        .args(["--serial-in", "-", "--api"])
+        .arg(&sock)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"ab").unwrap();
+    stdin.flush().unwrap();
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ctl(&sock, &["pause"]).0, Some(0));
+    let (code, status) = ctl(&sock, &["status"]);
+    assert_eq!(code, Some(0), "{status}");
+    assert!(status.contains("\"state\":\"paused\""), "{status}");
+    let (code, reply) = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{reply}");
+    assert!(snap.exists());
+    let (code, reply) = ctl(&sock, &["frobnicate"]);
+    assert_eq!(code, Some(1), "{reply}");
+    assert!(reply.contains("unknown command"), "{reply}");
+    assert_eq!(ctl(&sock, &["resume"]).0, Some(0));
+    stdin.write_all(b"c.").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0x33));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ABC."),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, b"zz.").unwrap();
+    let r = nyx()
+        .arg("restore")
+        .arg(&snap)
+        .arg("--serial-in")
+        .arg(&input)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert_eq!(
+        r.status.code(),
+        Some(0x33),
+        "{text} {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    // The restored guest had already echoed "AB" before the snapshot.
+    assert!(
+        text.contains("ZZ.") && text.contains("bye") && !text.contains("echo:"),
+        "{text}"
+    );
+}
