@@ -14,6 +14,7 @@ pub mod loader;
 pub mod machine;
 pub mod mem_state;
 pub mod memory;
+pub mod metrics;
 pub mod msr;
 pub mod paging;
 pub mod patch;

@@ -521,6 +521,7 @@ impl MachineBuilder {
                 setup,
                 cpuid: table,
                 stats: ExitStats::default(),
+                metrics: Arc::new(crate::metrics::VmMetrics::new()),
                 unknown: HashMap::new(),
                 patches,
                 tsc_khz,
@@ -549,6 +550,7 @@ pub struct Core {
     setup: BootSetup,
     cpuid: Vec<cpuid::CpuidEntry>,
     stats: ExitStats,
+    metrics: Arc<crate::metrics::VmMetrics>,
     unknown: HashMap<(bool, u64), u64>,
     patches: PatchTable,
     tsc_khz: u32,
@@ -733,6 +735,11 @@ impl Machine {
         &self.core.stats
     }
 
+    /// The machine's metrics; clone the `Arc` to read them from another thread.
+    pub fn metrics(&self) -> &Arc<crate::metrics::VmMetrics> {
+        &self.core.metrics
+    }
+
     /// The run mode's name.
     pub fn mode_name(&self) -> &'static str {
         self.hooks.name()
@@ -811,6 +818,7 @@ impl Machine {
                 });
             }
             self.core.stats.injected += 1;
+            self.core.metrics.inject(vector);
         }
         // More may be pending behind this one.
         let still = self.core.platform.interrupt_pending();
@@ -1011,6 +1019,7 @@ impl Machine {
                 t.arm(kick)?;
             }
             let c = &mut self.core;
+            let handled_from;
             let mut io = ExitIo {
                 platform: &c.platform,
                 stats: &mut c.stats,
@@ -1018,7 +1027,10 @@ impl Machine {
                 patched: !c.patches.is_empty(),
             };
             let next = match c.vcpu.run() {
-                Ok(exit) => io.handle(exit),
+                Ok(exit) => {
+                    handled_from = c.metrics.start();
+                    io.handle(exit)
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.core.vcpu.set_kvm_immediate_exit(0);
                     self.core.stats.kicks += 1;
@@ -1049,6 +1061,7 @@ impl Machine {
                     };
                     let mut ctx = self.core.ctx();
                     self.hooks.on_exit(&mut ctx, &rec)?;
+                    self.core.metrics.exit(&rec, handled_from);
                     match next {
                         Next::Continue => {}
                         Next::Hlt if self.core.vcpu.get_kvm_run().if_flag == 0 => {
@@ -1086,6 +1099,7 @@ impl Machine {
                     let rec = self.complete(pending)?;
                     let mut ctx = self.core.ctx();
                     self.hooks.on_exit(&mut ctx, &rec)?;
+                    self.core.metrics.exit(&rec, handled_from);
                 }
             }
         }
