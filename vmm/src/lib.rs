@@ -19,6 +19,7 @@ pub mod msr;
 pub mod paging;
 pub mod patch;
 pub mod platform;
+pub mod reset;
 pub mod snapshot;
 pub mod vcpu_state;
 pub use machine::{Machine, MachineBuilder, RunOutcome, SerialIn};

@@ -305,6 +305,17 @@ impl MachineBuilder {
         self
     }
 
+    /// Applies `state` and `memory` at build (a trace that starts from a
+    /// snapshot carries them in its first frames).
+    pub fn restore_state(
+        mut self,
+        state: crate::snapshot::MachineState,
+        memory: Vec<crate::mem_state::PageRun>,
+    ) -> Self {
+        self.restore = Some((state, memory));
+        self
+    }
+
     /// A builder for the machine saved in the snapshot at `path`: the same
     /// configuration and images, and its state applied at build.
     pub fn from_snapshot(path: &Path) -> Result<Self, crate::snapshot::SnapshotError> {
@@ -999,6 +1010,36 @@ impl Machine {
     /// The vCPU, for register access by a debugger.
     pub fn vcpu_mut(&mut self) -> &mut VcpuFd {
         &mut self.core.vcpu
+    }
+
+    /// Puts the vCPU, the devices, the virtual time, the position and the
+    /// patch table back to `state` in place, with COM1 wired to
+    /// `serial_out` and `serial_in` (the run mode's own time source is the
+    /// caller's to reset). Guest memory is the caller's too: see
+    /// [`crate::reset::ResetPoint`]. Order as at restore: the pending exit
+    /// is completed first (KVM refuses register changes before that), then
+    /// the devices, then the vCPU.
+    pub fn reset_state(
+        &mut self,
+        state: &crate::snapshot::MachineState,
+        serial_out: Box<dyn Write + Send>,
+        serial_in: Box<dyn Input>,
+    ) -> Result<(), Error> {
+        let ge = |e: &dyn std::fmt::Display| Error::GuestMemory(e.to_string());
+        crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu).map_err(|e| ge(&e))?;
+        let io = PlatformIo {
+            clock: self.core.clock.clone(),
+            wall: Box::new(nyx_devices::io::FixedWallClock(self.core.config.wall_seconds)),
+            serial_out,
+            serial_in,
+        };
+        self.core.platform = Platform::from_state(io, &state.platform).map_err(|e| ge(&e))?;
+        crate::vcpu_state::restore(&self.core.vcpu, &state.vcpu).map_err(|e| ge(&e))?;
+        self.core.clock.set_last(state.virtual_ns);
+        self.core.exit_seq = state.exit_seq;
+        self.poll_pending = state.poll_pending;
+        self.core.patches = state.patches.clone();
+        Ok(())
     }
 
     fn run_loop(&mut self) -> Result<Stop, Error> {

@@ -1,0 +1,349 @@
+//! Fast reset of a restored machine to its snapshot, as fuzzing hypervisors
+//! do it: only the pages the guest wrote since the snapshot are rewritten
+//! (KVM's dirty log says which), then the devices and the vCPU are put back
+//! in place. Also [`CheckRun`], the run mode of snapshot-based regression
+//! tests: a deterministic clock (a fixed step per exit, a jump to the next
+//! deadline when the guest halts), deterministic entropy, and a wall-clock
+//! limit instead of a flaky answer when a guest computes without exits.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use nyx_devices::Input;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::clock::{TimeSource, VirtualClock};
+use crate::events::ExitRecord;
+use crate::hooks::{HookCtx, HookError, RunHooks};
+use crate::machine::Machine;
+use crate::mem_state::{DirtyTracker, MemStateError, PageRun, PAGE_SIZE};
+use crate::snapshot::MachineState;
+
+const PAGE: usize = PAGE_SIZE as usize;
+
+/// Errors of a fast reset.
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    /// Dirty tracking or a page write failed.
+    #[error("guest memory: {0}")]
+    Memory(#[from] MemStateError),
+    /// A page of the snapshot lies outside this machine's RAM.
+    #[error("cannot rewrite guest page {gfn:#x}: {source}")]
+    Write {
+        /// The guest frame number.
+        gfn: u64,
+        /// Why.
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The devices or the vCPU could not be put back.
+    #[error(transparent)]
+    Machine(#[from] crate::machine::Error),
+}
+
+/// What one reset did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResetStats {
+    /// Pages rewritten (dirtied since the previous reset).
+    pub pages: usize,
+    /// Time the reset took, ns.
+    pub ns: u64,
+}
+
+/// A snapshot kept in memory, page by page, to reset a machine to.
+pub struct ResetPoint {
+    state: MachineState,
+    /// Non-zero pages of the snapshot by guest frame number; a page that is
+    /// not here was zero.
+    pages: HashMap<u64, Box<[u8]>>,
+    tracker: DirtyTracker,
+}
+
+/// Splits page runs (of any alignment) into whole pages by frame number;
+/// the bytes of a page that no run covers are zero, as after a restore.
+pub fn pages_of(memory: &[PageRun]) -> HashMap<u64, Box<[u8]>> {
+    let mut pages: HashMap<u64, Box<[u8]>> = HashMap::new();
+    for run in memory {
+        let mut done = 0usize;
+        while done < run.data.len() {
+            let Some(gpa) = run.gpa.checked_add(done as u64) else {
+                break;
+            };
+            let off = (gpa % PAGE_SIZE) as usize;
+            let n = (PAGE - off).min(run.data.len() - done);
+            let chunk = &run.data[done..done + n];
+            let page = pages
+                .entry(gpa / PAGE_SIZE)
+                .or_insert_with(|| vec![0u8; PAGE].into_boxed_slice());
+            page[off..off + n].copy_from_slice(chunk);
+            done += n;
+        }
+    }
+    pages.retain(|_, p| p.iter().any(|&b| b != 0));
+    pages
+}
+
+impl ResetPoint {
+    /// Keeps `state` and `memory` (what `machine` was just restored from)
+    /// and starts KVM's dirty log on the machine's memory. The machine's
+    /// run mode must not track dirty pages itself (the log has one reader).
+    pub fn new(machine: &Machine, state: MachineState, memory: &[PageRun]) -> Result<Self, ResetError> {
+        // SAFETY: a Machine registers its memory with its VM one slot per
+        // region (slot index = region index) and keeps it for the VM's life.
+        let tracker = unsafe { DirtyTracker::enable(machine.vm(), machine.memory()) }?;
+        Ok(ResetPoint {
+            state,
+            pages: pages_of(memory),
+            tracker,
+        })
+    }
+
+    /// The machine state this point resets to.
+    pub fn state(&self) -> &MachineState {
+        &self.state
+    }
+
+    /// Rewrites the pages dirtied since the last call from the snapshot;
+    /// returns how many.
+    pub fn reset_memory(&mut self, machine: &Machine) -> Result<usize, ResetError> {
+        static ZERO: [u8; PAGE] = [0; PAGE];
+        let dirty = self.tracker.collect(machine.vm())?;
+        let mem = machine.memory();
+        for &gfn in &dirty {
+            let data = self.pages.get(&gfn).map_or(&ZERO[..], |p| &p[..]);
+            mem.write_slice(data, GuestAddress(gfn * PAGE_SIZE))
+                .map_err(|source| ResetError::Write { gfn, source })?;
+        }
+        Ok(dirty.len())
+    }
+
+    /// Resets the whole machine: dirtied pages, devices (COM1 then talks to
+    /// `serial_out` and `serial_in`), vCPU, virtual time and position. The
+    /// caller resets its run mode's time source (see [`CheckRun::reset`]).
+    pub fn reset(
+        &mut self,
+        machine: &mut Machine,
+        serial_out: Box<dyn Write + Send>,
+        serial_in: Box<dyn Input>,
+    ) -> Result<ResetStats, ResetError> {
+        let t = std::time::Instant::now();
+        // Devices and vCPU first: completing a pending exit may still write
+        // guest memory (a string I/O), which the page reset then undoes.
+        machine.reset_state(&self.state, serial_out, serial_in)?;
+        let pages = self.reset_memory(machine)?;
+        Ok(ResetStats {
+            pages,
+            ns: t.elapsed().as_nanos() as u64,
+        })
+    }
+}
+
+/// Virtual time per guest-caused exit under [`CheckRun`], ns.
+pub const CHECK_STEP_NS: u64 = 1_000;
+
+/// The state [`CheckRun`] shares with its clock and its owner.
+#[derive(Debug, Default)]
+struct CheckShared {
+    now_ns: AtomicU64,
+    /// Host CLOCK_MONOTONIC ns after which the run is stopped (0: none).
+    wall_limit_ns: AtomicU64,
+    timed_out: AtomicBool,
+    entropy: AtomicU64,
+}
+
+impl CheckShared {
+    /// The next value of a fixed sequence (xorshift64*).
+    fn next_entropy(&self) -> u64 {
+        let mut x = self.entropy.load(Ordering::SeqCst);
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.entropy.store(x, Ordering::SeqCst);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// The deterministic time source of [`CheckRun`].
+struct CheckTime(Arc<CheckShared>);
+
+impl TimeSource for CheckTime {
+    fn sample(&mut self) -> u64 {
+        self.0.now_ns.load(Ordering::SeqCst)
+    }
+}
+
+/// A handle on a [`CheckRun`]'s clock and limit, kept by its owner after
+/// the hooks went into the machine.
+#[derive(Debug, Clone)]
+pub struct CheckControl(Arc<CheckShared>);
+
+impl CheckControl {
+    /// Starts a repetition: virtual time `start_ns`, a fresh entropy
+    /// sequence, and a wall-clock limit of `limit` from now.
+    pub fn reset(&self, start_ns: u64, limit: std::time::Duration) {
+        let s = &self.0;
+        s.now_ns.store(start_ns, Ordering::SeqCst);
+        s.entropy.store(0x6e79_7863_6865_636b, Ordering::SeqCst);
+        s.timed_out.store(false, Ordering::SeqCst);
+        let limit = crate::kick::monotonic_ns().saturating_add(limit.as_nanos().min(u128::from(u64::MAX)) as u64);
+        s.wall_limit_ns.store(limit, Ordering::SeqCst);
+    }
+
+    /// Whether the last run was stopped by the wall-clock limit.
+    pub fn timed_out(&self) -> bool {
+        self.0.timed_out.load(Ordering::SeqCst)
+    }
+
+    /// Virtual time now, ns.
+    pub fn now_ns(&self) -> u64 {
+        self.0.now_ns.load(Ordering::SeqCst)
+    }
+}
+
+/// The run mode of `nyx check`: the same guest state and input give the
+/// same run, whatever the host's timing. Virtual time advances by
+/// [`CHECK_STEP_NS`] per guest-caused exit and jumps to the next device
+/// deadline when the guest halts; devices are polled at every step;
+/// RDRAND-style entropy is a fixed sequence. A guest that computes without
+/// exits never sees time pass: the wall-clock limit stops it, and the run
+/// fails with [`HookError::Stopped`] and [`CheckControl::timed_out`] set.
+#[derive(Debug)]
+pub struct CheckRun {
+    shared: Arc<CheckShared>,
+}
+
+impl CheckRun {
+    /// Hooks and the handle that resets them.
+    pub fn new() -> (Self, CheckControl) {
+        let shared = Arc::new(CheckShared::default());
+        let control = CheckControl(shared.clone());
+        control.reset(0, std::time::Duration::from_secs(60));
+        (CheckRun { shared }, control)
+    }
+}
+
+impl RunHooks for CheckRun {
+    fn name(&self) -> &'static str {
+        "check"
+    }
+
+    fn time_source(&mut self, start_ns: u64) -> Box<dyn TimeSource> {
+        self.shared.now_ns.store(start_ns, Ordering::SeqCst);
+        Box::new(CheckTime(self.shared.clone()))
+    }
+
+    fn serial_input(&mut self, requested: Box<dyn Input>) -> Box<dyn Input> {
+        requested
+    }
+
+    fn kick_at(&self, _virt_deadline: Option<u64>) -> Option<u64> {
+        match self.shared.wall_limit_ns.load(Ordering::SeqCst) {
+            0 => None,
+            t => Some(t),
+        }
+    }
+
+    fn poll_now(&mut self, _ctx: &mut HookCtx<'_>, _requested: bool) -> Result<bool, HookError> {
+        Ok(true)
+    }
+
+    fn on_kick(&mut self, _ctx: &mut HookCtx<'_>, deadline_passed: bool) -> Result<bool, HookError> {
+        if deadline_passed {
+            self.shared.timed_out.store(true, Ordering::SeqCst);
+            return Err(HookError::Stopped);
+        }
+        Ok(true)
+    }
+
+    fn on_exit(&mut self, _ctx: &mut HookCtx<'_>, _exit: &ExitRecord) -> Result<(), HookError> {
+        self.shared.now_ns.fetch_add(CHECK_STEP_NS, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn idle_wait(&mut self, _clock: &VirtualClock, virt_deadline: Option<u64>, _input_possible: bool) {
+        if let Some(d) = virt_deadline {
+            self.shared.now_ns.fetch_max(d, Ordering::SeqCst);
+        }
+        if crate::kick::monotonic_ns() > self.shared.wall_limit_ns.load(Ordering::SeqCst) {
+            // A guest idling on input that never comes: end the wait loop
+            // slowly enough not to spin a core.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    fn entropy(&mut self, _ctx: &mut HookCtx<'_>) -> Result<u64, HookError> {
+        Ok(self.shared.next_entropy())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn pages_of_splits_unaligned_runs_and_drops_zero_pages() {
+        let runs = vec![
+            PageRun {
+                gpa: 0x1ffe,
+                data: vec![1, 2, 3, 4],
+            },
+            PageRun {
+                gpa: 0x5000,
+                data: vec![0; 4096],
+            },
+        ];
+        let p = pages_of(&runs);
+        assert_eq!(p.len(), 2);
+        assert_eq!(&p[&1][0xffe..], &[1, 2]);
+        assert_eq!(&p[&2][..2], &[3, 4]);
+        assert!(p[&2][2..].iter().all(|&b| b == 0));
+        assert!(!p.contains_key(&5), "a zero page is not kept");
+    }
+
+    proptest! {
+        /// The pages hold exactly the bytes of the runs (later runs win),
+        /// zero elsewhere.
+        #[test]
+        fn pages_of_matches_a_flat_image(runs in proptest::collection::vec((0u64..0x8000, proptest::collection::vec(any::<u8>(), 0..6000)), 0..6)) {
+            let runs: Vec<PageRun> = runs.into_iter().map(|(gpa, data)| PageRun { gpa, data }).collect();
+            let mut flat = vec![0u8; 0x8000 + 6000 + PAGE];
+            for r in &runs {
+                flat[r.gpa as usize..r.gpa as usize + r.data.len()].copy_from_slice(&r.data);
+            }
+            let pages = pages_of(&runs);
+            for (gfn, chunk) in flat.chunks(PAGE).enumerate() {
+                match pages.get(&(gfn as u64)) {
+                    Some(p) => prop_assert_eq!(&p[..chunk.len()], chunk),
+                    None => prop_assert!(chunk.iter().all(|&b| b == 0)),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn check_clock_steps_per_exit_and_jumps_to_deadlines() {
+        let (mut hooks, control) = CheckRun::new();
+        let mut src = hooks.time_source(500);
+        assert_eq!(src.sample(), 500);
+        let clock = VirtualClock::new(Box::new(CheckTime(control.0.clone())));
+        hooks.idle_wait(&clock, Some(10_000), false);
+        assert_eq!(src.sample(), 10_000);
+        hooks.idle_wait(&clock, Some(20), false);
+        assert_eq!(src.sample(), 10_000, "time never goes back");
+        control.reset(7, std::time::Duration::from_secs(1));
+        assert_eq!(control.now_ns(), 7);
+        assert!(!control.timed_out());
+    }
+
+    #[test]
+    fn check_entropy_repeats_after_reset() {
+        let (hooks, control) = CheckRun::new();
+        let a: Vec<u64> = (0..4).map(|_| hooks.shared.next_entropy()).collect();
+        control.reset(0, std::time::Duration::from_secs(1));
+        let b: Vec<u64> = (0..4).map(|_| hooks.shared.next_entropy()).collect();
+        assert_eq!(a, b);
+        assert!(a.windows(2).all(|w| w[0] != w[1]));
+    }
+}
