@@ -3,7 +3,7 @@
 //!
 //! A unix socket, mode 0600, one JSON request and one JSON reply per line:
 //! `{"cmd":"pause"}`, `resume`, `snapshot` (with `"path"`), `status`,
-//! `metrics`, `quit`. A listener thread takes requests, hands each to the
+//! `metrics`, `logs` (with `"n"`), `quit`. A listener thread takes requests, hands each to the
 //! vCPU thread and kicks the vCPU; the vCPU thread answers at its next stop
 //! (a machine is only ever touched by the thread that runs it).
 
@@ -27,6 +27,9 @@ pub struct Request {
     /// The file for `snapshot`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// How many entries `logs` returns (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<usize>,
 }
 
 /// The reply to a request.
@@ -148,6 +151,7 @@ fn handle(m: &mut Machine, req: &Request, paused: bool) -> (Reply, After) {
             let data = serde_json::json!({
                 "exits": s.exits(), "pio": s.pio, "mmio": s.mmio, "hlt": s.hlt,
                 "irq_window": s.irq_window, "msr": s.msr, "kicks": s.kicks, "injected": s.injected,
+                "wall_ns": s.wall_ns, "detail": m.metrics().snapshot_now(),
             });
             (Reply::ok(Some(data)), keep)
         }
@@ -157,6 +161,8 @@ fn handle(m: &mut Machine, req: &Request, paused: bool) -> (Reply, After) {
                 let t = std::time::Instant::now();
                 match m.save_snapshot(Path::new(p)) {
                     Ok(path) => {
+                        let bytes = std::fs::metadata(&path).map_or(0, |md| md.len());
+                        m.metrics().snapshot(t.elapsed().as_nanos() as u64, bytes);
                         let data = serde_json::json!({
                             "path": path.display().to_string(),
                             "ms": t.elapsed().as_secs_f64() * 1e3,
@@ -167,10 +173,14 @@ fn handle(m: &mut Machine, req: &Request, paused: bool) -> (Reply, After) {
                 }
             }
         },
+        "logs" => {
+            let lines = crate::logging::ring().tail(req.n.unwrap_or(100));
+            (Reply::ok(Some(serde_json::json!({ "entries": lines }))), keep)
+        }
         "quit" => (Reply::ok(None), After::Quit),
         other => (
             Reply::err(format!(
-                "unknown command {other:?}: use pause, resume, snapshot, status, metrics or quit"
+                "unknown command {other:?}: use pause, resume, snapshot, status, metrics, logs or quit"
             )),
             keep,
         ),
@@ -222,6 +232,7 @@ pub fn ctl(path: &Path, cmd: &str, arg: Option<&str>) -> Result<ExitCode, String
     let req = Request {
         cmd: cmd.to_string(),
         path: arg.map(str::to_string),
+        n: None,
     };
     let text = serde_json::to_string(&req).map_err(|e| e.to_string())?;
     writeln!(conn, "{text}").map_err(|e| format!("{}: {e}", path.display()))?;
@@ -232,4 +243,20 @@ pub fn ctl(path: &Path, cmd: &str, arg: Option<&str>) -> Result<ExitCode, String
     println!("{}", line.trim_end());
     let reply: Reply = serde_json::from_str(&line).map_err(|e| format!("bad reply {line:?}: {e}"))?;
     Ok(if reply.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// One `metrics` request: the machine's metrics in detail.
+pub fn fetch_metrics(path: &Path) -> Result<nyx_vmm::metrics::MetricsSnapshot, String> {
+    let mut conn = UnixStream::connect(path).map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
+    writeln!(conn, "{{\"cmd\":\"metrics\"}}").map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut line = String::new();
+    BufReader::new(conn)
+        .read_line(&mut line)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let reply: Reply = serde_json::from_str(&line).map_err(|e| format!("bad reply {line:?}: {e}"))?;
+    let detail = reply
+        .data
+        .and_then(|mut d| d.get_mut("detail").map(serde_json::Value::take))
+        .ok_or_else(|| reply.error.unwrap_or_else(|| "no metrics in the reply".into()))?;
+    serde_json::from_value(detail).map_err(|e| format!("bad metrics: {e}"))
 }

@@ -21,6 +21,9 @@ use nyx_vmm::{MachineBuilder, RunOutcome, SerialIn};
 
 mod api;
 mod demo;
+mod logging;
+mod prom;
+mod report;
 mod trace_cmd;
 
 /// Nyx: a KVM virtual machine monitor for debugging guests.
@@ -30,6 +33,8 @@ struct Cli {
     /// More messages from Nyx on stderr (-v: info, -vv: debug, -vvv: trace).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,6 +56,8 @@ enum Command {
     Restore(RestoreArgs),
     /// Send a command to a running nyx's control socket (--api).
     Ctl(CtlArgs),
+    /// Why is the guest slow: exit rates, hot ports, landings, with recommendations.
+    Report(ReportArgs),
 }
 
 #[derive(Args, Debug)]
@@ -72,6 +79,19 @@ struct RestoreArgs {
         hide = true
     )]
     kvm_device: String,
+}
+
+#[derive(Args, Debug)]
+struct ReportArgs {
+    /// A trace to analyse.
+    #[arg(required_unless_present = "api", conflicts_with = "api")]
+    trace: Option<PathBuf>,
+    /// A running nyx's control socket: sample its metrics every 100 ms.
+    #[arg(long, value_name = "SOCK")]
+    api: Option<PathBuf>,
+    /// How many 100 ms windows to sample with --api.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    windows: usize,
 }
 
 #[derive(Args, Debug)]
@@ -138,6 +158,30 @@ enum TraceCommand {
     },
 }
 
+/// Where log messages go.
+#[derive(Args, Debug)]
+struct LogArgs {
+    /// Levels per component: COMPONENT=LEVEL,... with components vmm, device, guest,
+    /// record, replay, gdb, migration, api and * for the rest (e.g. device=debug,*=warn).
+    #[arg(long, value_name = "SPEC", global = true)]
+    log: Option<String>,
+    /// Also log to FILE, rotated by size.
+    #[arg(long, value_name = "FILE", global = true)]
+    log_file: Option<PathBuf>,
+    /// Rotate the log file when it reaches MIB mebibytes.
+    #[arg(long, value_name = "MIB", default_value_t = 10, global = true)]
+    log_file_max: u64,
+    /// Rotated log files to keep (FILE.1 .. FILE.N).
+    #[arg(long, value_name = "N", default_value_t = 3, global = true)]
+    log_file_keep: usize,
+    /// Also log to syslog (/dev/log, RFC 5424).
+    #[arg(long, global = true)]
+    syslog: bool,
+    /// Keep the last N log entries in memory (crash reports, the API's `logs`).
+    #[arg(long, value_name = "N", default_value_t = 10_000, global = true)]
+    log_ring: usize,
+}
+
 /// Options that describe a machine.
 #[derive(Args, Debug, Clone)]
 pub struct MachineArgs {
@@ -176,6 +220,15 @@ struct RunArgs {
     /// Serve the control socket (pause, resume, snapshot, status, metrics, quit) at PATH.
     #[arg(long, value_name = "PATH")]
     api: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP at ADDR (127.0.0.1:PORT, or :PORT).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Allow a --metrics address that is not loopback.
+    #[arg(long, requires = "metrics")]
+    metrics_allow_remote: bool,
+    /// Do not collect per-exit metrics (counts, latencies, ports).
+    #[arg(long)]
+    no_metrics: bool,
 }
 
 /// Debugging with gdb. The guest does not run before gdb attaches (with or
@@ -274,7 +327,7 @@ impl MachineArgs {
 /// printing a crash report on stderr.
 pub fn finish(outcome: &RunOutcome) -> ExitCode {
     match outcome {
-        RunOutcome::Crashed(report) => eprint!("{report}"),
+        RunOutcome::Crashed(report) => eprint!("{report}{}", logging::crash_tail()),
         RunOutcome::DebugExit(v) => tracing::info!("guest wrote {v:#x} to the debug-exit port"),
         RunOutcome::Halted => tracing::info!("guest halted"),
         RunOutcome::Reset => tracing::info!("guest requested a reset; the run ends there"),
@@ -389,6 +442,13 @@ fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
 
 fn run(args: &RunArgs) -> Result<ExitCode, String> {
     let mut machine = args.machine.builder().build().map_err(|e| e.to_string())?;
+    tracing::info!(target: "nyx::vmm", "machine built: kernel {}, {} MiB", args.machine.kernel.display(), args.machine.mem);
+    machine.metrics().set_enabled(!args.no_metrics);
+    if let Some(spec) = &args.metrics {
+        let addr = prom::parse_addr(spec, args.metrics_allow_remote).map_err(|e| e.to_string())?;
+        let local = prom::serve(addr, machine.metrics().clone()).map_err(|e| e.to_string())?;
+        eprintln!("nyx: metrics at http://{local}/metrics");
+    }
     if let Some(code) = gdb_session(&args.gdb, &mut machine) {
         return Ok(code);
     }
@@ -414,31 +474,35 @@ fn run(args: &RunArgs) -> Result<ExitCode, String> {
     Ok(finish(&outcome))
 }
 
-fn init_logging(verbose: u8) {
-    let level = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("NYX_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .without_time()
-        .init();
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    let log = logging::LogOptions {
+        verbose: cli.verbose,
+        spec: cli.log.log.clone(),
+        file: cli.log.log_file.clone(),
+        file_max_mib: cli.log.log_file_max,
+        file_keep: cli.log.log_file_keep,
+        syslog: cli.log.syslog,
+        ring: cli.log.log_ring,
+    };
+    if let Err(e) = logging::init(&log) {
+        eprintln!("nyx: {e}");
+        return ExitCode::from(1);
+    }
     let result: Result<ExitCode, String> = match &cli.command {
         Command::Run(a) => run(a),
         Command::Restore(a) => restore(a),
         Command::Ctl(a) => api::ctl(&a.socket, &a.command, a.arg.as_deref()),
+        Command::Report(a) => match (&a.trace, &a.api) {
+            (_, Some(sock)) => report::report_live(sock, a.windows.max(1)),
+            (Some(t), None) => report::report_trace(t),
+            (None, None) => Err(report::ReportError::Api("give a trace or --api SOCK".into())),
+        }
+        .map(|text| {
+            print!("{text}");
+            ExitCode::SUCCESS
+        })
+        .map_err(|e| e.to_string()),
         Command::Record(a) => record(a).map_err(|e| e.to_string()),
         Command::Replay(a) => replay(a).map_err(|e| e.to_string()),
         Command::Trace(TraceCommand::Info { trace }) => trace_cmd::info(trace).map_err(|e| e.to_string()),
