@@ -440,6 +440,8 @@ fn build(path: &Path, opts: ReplayOptions) -> Result<(nyx_vmm::Machine, Shared),
         kernel,
         initrd,
     } = open_trace(path)?;
+    let mut reader = reader;
+    let start = starting_state(&mut reader, path)?;
     let cursor = Cursor::new(reader, path.to_path_buf());
     let state = Arc::new(Mutex::new(State {
         cursor,
@@ -465,7 +467,45 @@ fn build(path: &Path, opts: ReplayOptions) -> Result<(nyx_vmm::Machine, Shared),
     if let Some(i) = initrd {
         b = b.initrd_image(i);
     }
+    if let Some((machine_state, memory)) = start {
+        b = b.restore_state(machine_state, memory);
+    }
     Ok((b.build()?, state))
+}
+
+/// The machine state and memory a trace recorded from a snapshot starts
+/// from (its machine-state and memory frames before the first events), or
+/// None for a trace that starts at power-on.
+fn starting_state(
+    reader: &mut TraceReader,
+    path: &Path,
+) -> Result<Option<(nyx_vmm::snapshot::MachineState, Vec<nyx_vmm::mem_state::PageRun>)>, Error> {
+    use nyx_trace::FrameKind;
+    let err = |source| Error::Trace {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut state = None;
+    let mut memory = Vec::new();
+    for i in 0..reader.frames().len() {
+        match reader.frames()[i].kind {
+            FrameKind::MachineState if state.is_none() => {
+                let mut v: Vec<nyx_vmm::snapshot::MachineState> = reader.read_records(i).map_err(err)?;
+                if v.len() != 1 {
+                    return Err(Error::NotATrace {
+                        path: path.to_path_buf(),
+                        why: "its starting machine-state frame must hold exactly one state".into(),
+                    });
+                }
+                state = v.pop();
+            }
+            FrameKind::Memory if state.is_some() => {
+                memory.extend(reader.read_records::<nyx_vmm::mem_state::PageRun>(i).map_err(err)?)
+            }
+            _ => break,
+        }
+    }
+    Ok(state.map(|s| (s, memory)))
 }
 
 /// Replays the trace at `path`.
