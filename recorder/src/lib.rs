@@ -23,6 +23,9 @@ use nyx_vmm::events::{EndKind, EndRecord, Event, ExitRecord};
 use nyx_vmm::hooks::{host_idle_wait, host_random, HookCtx, HookError, RunHooks};
 use nyx_vmm::{MachineBuilder, RunOutcome, SerialIn};
 
+mod from_snapshot;
+pub use from_snapshot::{record_from_snapshot, SnapshotRecordOptions};
+
 /// Events per frame before the frame is written.
 const EVENTS_PER_FRAME: usize = 8192;
 /// Longest time events wait in memory before their frame is written, ns.

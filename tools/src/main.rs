@@ -20,6 +20,7 @@ use nyx_vmm::config::VerifyLevel;
 use nyx_vmm::{MachineBuilder, RunOutcome, SerialIn};
 
 mod api;
+mod check;
 mod demo;
 mod logging;
 mod prom;
@@ -58,6 +59,8 @@ enum Command {
     Ctl(CtlArgs),
     /// Why is the guest slow: exit rates, hot ports, landings, with recommendations.
     Report(ReportArgs),
+    /// Restore a snapshot, feed input, compare output and exit status; repeatedly.
+    Check(check::CheckArgs),
 }
 
 #[derive(Args, Debug)]
@@ -493,6 +496,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Restore(a) => restore(a),
         Command::Ctl(a) => api::ctl(&a.socket, &a.command, a.arg.as_deref()),
+        Command::Check(a) => check::main(a),
         Command::Report(a) => match (&a.trace, &a.api) {
             (_, Some(sock)) => report::report_live(sock, a.windows.max(1)),
             (Some(t), None) => report::report_trace(t),

@@ -1,0 +1,118 @@
+//! Recording that starts from a snapshot instead of power-on
+//! (`nyx record --from-snapshot`, and the traces `nyx check` keeps of
+//! failing runs). The trace's first frames are the snapshot's machine state
+//! and memory, at the snapshot's position; the replayer restores them
+//! before it replays the events that follow.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use nyx_trace::{ContainerKind, FrameKind, GuestImage, TraceHeader, TraceWriter, WriterOptions};
+use nyx_vmm::config::{VerifyLevel, INITRD_IMAGE, KERNEL_IMAGE};
+use nyx_vmm::{MachineBuilder, SerialIn};
+
+use crate::{lock, trace_uuid, Error, Log, Recorder, Recording};
+
+/// Memory runs per frame of the starting state.
+const RUNS_PER_FRAME: usize = 16;
+
+/// What to record from a snapshot.
+pub struct SnapshotRecordOptions {
+    /// The snapshot to start from.
+    pub snapshot: PathBuf,
+    /// The trace file to write.
+    pub out: PathBuf,
+    /// Serial input from the snapshot on.
+    pub serial_in: SerialIn,
+    /// Where guest serial output goes (default stdout).
+    pub serial_out: Option<Box<dyn std::io::Write + Send>>,
+    /// The KVM device.
+    pub kvm_path: String,
+}
+
+/// Restores the snapshot and records its run to the end into `opts.out`.
+pub fn record_from_snapshot(opts: SnapshotRecordOptions) -> Result<Recording, Error> {
+    let snap = nyx_vmm::snapshot::read(&opts.snapshot).map_err(|e| Error::Read {
+        path: opts.snapshot.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let position = snap.state.exit_seq;
+    let log = Arc::new(Mutex::new(Log {
+        writer: None,
+        path: opts.out.clone(),
+        buffer: Vec::new(),
+        buffer_start: position,
+        position,
+        last_flush_ns: nyx_vmm::kick::monotonic_ns(),
+        events: 0,
+        landings: 0,
+        error: None,
+    }));
+    let wall = Arc::new(Mutex::new(0i64));
+    let hooks = Recorder::new(log.clone(), VerifyLevel::Exits, wall);
+    let mut b = MachineBuilder::from_snapshot(&opts.snapshot)
+        .map_err(|e| Error::Read {
+            path: opts.snapshot.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .serial_in(opts.serial_in)
+        .kvm_path(&opts.kvm_path)
+        .hooks(Box::new(hooks));
+    if let Some(out) = opts.serial_out {
+        b = b.serial_out(out);
+    }
+    let mut machine = b.build()?;
+
+    let mut config = snap.config;
+    config.verify = VerifyLevel::Exits;
+    let mut images = vec![GuestImage::embedded(KERNEL_IMAGE, snap.kernel)];
+    if let Some(i) = snap.initrd {
+        images.push(GuestImage::embedded(INITRD_IMAGE, i));
+    }
+    let header = TraceHeader {
+        uuid: trace_uuid(),
+        nyx_version: env!("CARGO_PKG_VERSION").to_string(),
+        kind: ContainerKind::Trace,
+        machine_config: config.to_bytes(),
+        images,
+    };
+    let err = |source| Error::Trace {
+        path: opts.out.clone(),
+        source,
+    };
+    let mut writer = TraceWriter::create_with(&opts.out, &header, WriterOptions::default()).map_err(err)?;
+    writer
+        .write_records(FrameKind::MachineState, position, std::slice::from_ref(&snap.state))
+        .map_err(err)?;
+    for chunk in snap.memory.chunks(RUNS_PER_FRAME) {
+        writer.write_records(FrameKind::Memory, position, chunk).map_err(err)?;
+    }
+    lock(&log).writer = Some(writer);
+
+    let run = machine.run();
+    let stats = machine.stats().clone();
+    let exits = machine.exit_seq().saturating_sub(position);
+    drop(machine);
+    let mut l = lock(&log);
+    l.flush();
+    let (events, landings) = (l.events, l.landings);
+    let writer = l.writer.take();
+    let pending_error = l.error.take();
+    drop(l);
+    let outcome = run?;
+    if let Some(e) = pending_error {
+        return Err(err(e));
+    }
+    let path = match writer {
+        Some(w) => w.finish().map_err(err)?,
+        None => opts.out.clone(),
+    };
+    Ok(Recording {
+        path,
+        outcome,
+        events,
+        landings,
+        exits,
+        stats,
+    })
+}
