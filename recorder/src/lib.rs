@@ -55,6 +55,21 @@ pub enum Error {
     },
 }
 
+/// How the recorder stores landings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LandingPolicy {
+    /// Digests only: the replayer searches every landing with a breakpoint
+    /// (it re-executes everything, so a debugger sees every instruction).
+    #[default]
+    Search,
+    /// A delta keyframe at every landing: the replayer restores instead of
+    /// searching.
+    Keyframe,
+    /// A delta keyframe where the guest stopped in a short loop (many
+    /// breakpoint hits expected), digests elsewhere.
+    Auto,
+}
+
 /// What to record.
 pub struct RecordOptions {
     /// The trace file to write.
@@ -77,6 +92,8 @@ pub struct RecordOptions {
     pub kvm_path: String,
     /// How much to verify.
     pub verify: VerifyLevel,
+    /// How landings are stored.
+    pub landings: LandingPolicy,
 }
 
 /// What a recording produced.
@@ -200,15 +217,17 @@ pub struct Recorder {
     host: HostTime,
     verify: VerifyLevel,
     wall: Arc<Mutex<i64>>,
+    landings: LandingPolicy,
 }
 
 impl Recorder {
-    fn new(log: SharedLog, verify: VerifyLevel, wall: Arc<Mutex<i64>>) -> Self {
+    fn new(log: SharedLog, verify: VerifyLevel, wall: Arc<Mutex<i64>>, landings: LandingPolicy) -> Self {
         Recorder {
             log,
             host: HostTime::new(),
             verify,
             wall,
+            landings,
         }
     }
 }
@@ -268,7 +287,15 @@ impl RunHooks for Recorder {
         if !deadline_passed {
             return Ok(false);
         }
-        let landing = ctx.landing_here()?;
+        let mut landing = ctx.landing_here()?;
+        let keyframe = match self.landings {
+            LandingPolicy::Search => false,
+            LandingPolicy::Keyframe => true,
+            LandingPolicy::Auto => ctx.in_hot_loop()?,
+        };
+        if keyframe {
+            landing.keyframe = Some(Box::new(ctx.keyframe_here(self.verify == VerifyLevel::Full)?));
+        }
         ctx.dirty_since_landing.clear();
         lock(&self.log).push(Event::Landing(Box::new(landing)));
         Ok(true)
@@ -381,7 +408,7 @@ pub fn record_image(
         error: None,
     }));
     let wall = Arc::new(Mutex::new(0i64));
-    let hooks = Recorder::new(log.clone(), opts.verify, wall.clone());
+    let hooks = Recorder::new(log.clone(), opts.verify, wall.clone(), opts.landings);
     let mut b = MachineBuilder::new()
         .memory(opts.mem_mib)
         .kernel_image(&kernel_name, image.clone())

@@ -79,8 +79,10 @@ pub struct Replay {
     pub end: ReplayEnd,
     /// Guest-caused exits replayed.
     pub exits: u64,
-    /// Landings found.
+    /// Landings found (by search or by restoring their keyframe).
     pub landings: u64,
+    /// Landings restored from a delta keyframe instead of searched.
+    pub keyframes: u64,
     /// Breakpoint hits (and single steps) spent finding them.
     pub search_hits: u64,
     /// Most hits spent on one landing.
@@ -114,6 +116,7 @@ pub(crate) struct State {
     pub landings: u64,
     pub search_hits: u64,
     pub hits_per_landing: Vec<u64>,
+    pub keyframes: u64,
 }
 
 pub(crate) type Shared = Arc<Mutex<State>>;
@@ -254,6 +257,13 @@ impl RunHooks for Replayer {
                 _ => return Ok(false),
             }
         };
+        if let Some(k) = &landing.keyframe {
+            search::restore_keyframe(ctx, &landing, k, &self.state)?;
+            let mut s = lock(&self.state);
+            s.landings += 1;
+            s.keyframes += 1;
+            return Ok(true);
+        }
         let hits = search::run_to_landing(ctx, &landing, &self.state)?;
         let mut s = lock(&self.state);
         s.landings += 1;
@@ -448,6 +458,7 @@ fn build(path: &Path, opts: ReplayOptions) -> Result<(nyx_vmm::Machine, Shared),
         landings: 0,
         search_hits: 0,
         hits_per_landing: Vec::new(),
+        keyframes: 0,
     }));
     let hooks = Replayer {
         state: state.clone(),
@@ -534,6 +545,7 @@ pub fn replay(path: &Path, opts: ReplayOptions) -> Result<Replay, Error> {
         end,
         exits,
         landings: s.landings,
+        keyframes: s.keyframes,
         search_hits: s.search_hits,
         max_hits: s.hits_per_landing.iter().copied().max().unwrap_or(0),
         hits_per_landing: s.hits_per_landing.clone(),

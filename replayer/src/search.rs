@@ -16,7 +16,7 @@ use kvm_bindings::{
     kvm_guest_debug, kvm_guest_debug_arch, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
 };
 use kvm_ioctls::VcpuExit;
-use nyx_vmm::events::{GprSnapshot, Landing};
+use nyx_vmm::events::{GprSnapshot, Keyframe, Landing};
 use nyx_vmm::hooks::{set_queued_interrupt, HookCtx, HookError};
 
 use crate::{lock, Shared};
@@ -132,4 +132,41 @@ fn search(ctx: &mut HookCtx<'_>, landing: &Landing, state: &Shared) -> Result<u6
         }
         set_debug(ctx, armed, Some(linear))?;
     }
+}
+
+/// Moves the guest to a landing the recorder stored as a delta keyframe:
+/// the pages written since the previous landing and the whole vCPU are
+/// restored, then checked against the landing's digests.
+pub fn restore_keyframe(
+    ctx: &mut HookCtx<'_>,
+    landing: &Landing,
+    keyframe: &Keyframe,
+    state: &Shared,
+) -> Result<(), HookError> {
+    nyx_vmm::mem_state::restore_runs(ctx.mem, &keyframe.pages)
+        .map_err(|e| HookError::Trace(format!("keyframe memory: {e}")))?;
+    ctx.load_vcpu_keyframe(keyframe)?;
+    // The guest's own writes up to here are superseded by the keyframe.
+    ctx.collect_dirty()?;
+    ctx.dirty_since_landing.clear();
+    let regs = ctx.vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+    let sregs = ctx.vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+    let digest_ok = nyx_vmm::vcpu_state::register_digest(&regs, &sregs) == landing.regs_digest;
+    let pages = keyframe.pages.iter().flat_map(|r| {
+        let first = r.gpa / 4096;
+        first..first + (r.data.len() as u64).div_ceil(4096)
+    });
+    let mem_ok = nyx_vmm::mem_state::pages_digest(ctx.mem, pages) == landing.mem_digest;
+    let full_ok = keyframe
+        .memory_digest
+        .is_none_or(|d| d == nyx_vmm::mem_state::memory_digest(ctx.mem));
+    if digest_ok && mem_ok && full_ok {
+        return Ok(());
+    }
+    let s = lock(state);
+    let msg = format!(
+        "the keyframe of the landing at rip {:#x} does not match its digests (registers {digest_ok}, written pages {mem_ok}, memory {full_ok})",
+        landing.regs.rip
+    );
+    Err(crate::report::diverge(ctx, &s.cursor, msg, Some(&landing.regs)))
 }

@@ -73,6 +73,7 @@ pub fn run(kvm_device: &str) -> Result<ExitCode, String> {
             serial_out: Some(Box::new(recorded.clone())),
             kvm_path: kvm_device.into(),
             verify: VerifyLevel::Exits,
+            landings: nyx_recorder::LandingPolicy::Search,
         },
         GUEST.into(),
         image,

@@ -112,6 +112,15 @@ struct RecordArgs {
     /// The trace file to write (NAME.partial until the run ends).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
+    /// How landings are stored: `search` (digests; the replayer finds each
+    /// with a hardware breakpoint), `keyframe` (a delta keyframe each, the
+    /// replayer restores it), `auto` (keyframes where the guest stopped in a
+    /// short loop, where a search would be slow). Keyframes are experimental:
+    /// on an emulated KVM the guest may take a queued interrupt at a
+    /// different instruction after a restored vCPU, which the replay reports
+    /// as a divergence.
+    #[arg(long, value_name = "HOW", default_value = "search", value_parser = ["search", "keyframe", "auto"])]
+    landings: String,
     /// `full` also records a register digest after every exit.
     #[arg(long, value_name = "LEVEL", default_value = "exits", value_parser = ["exits", "full"])]
     verify: String,
@@ -361,6 +370,11 @@ fn record(args: &RecordArgs) -> Result<ExitCode, nyx_recorder::Error> {
         } else {
             VerifyLevel::Exits
         },
+        landings: match args.landings.as_str() {
+            "search" => nyx_recorder::LandingPolicy::Search,
+            "keyframe" => nyx_recorder::LandingPolicy::Keyframe,
+            _ => nyx_recorder::LandingPolicy::Auto,
+        },
     })?;
     eprintln!(
         "nyx: recorded {} events ({} exits, {} landings) into {}",
@@ -496,7 +510,6 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Restore(a) => restore(a),
         Command::Ctl(a) => api::ctl(&a.socket, &a.command, a.arg.as_deref()),
-        Command::Check(a) => check::main(a),
         Command::Report(a) => match (&a.trace, &a.api) {
             (_, Some(sock)) => report::report_live(sock, a.windows.max(1)),
             (Some(t), None) => report::report_trace(t),
@@ -507,6 +520,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         })
         .map_err(|e| e.to_string()),
+        Command::Check(a) => check::main(a),
         Command::Record(a) => record(a).map_err(|e| e.to_string()),
         Command::Replay(a) => replay(a).map_err(|e| e.to_string()),
         Command::Trace(TraceCommand::Info { trace }) => trace_cmd::info(trace).map_err(|e| e.to_string()),

@@ -71,6 +71,43 @@ pub fn disassemble(code: &[u8], addr: u64, mode: CodeMode, max: usize) -> Vec<St
     lines
 }
 
+/// Whether one of the first `max` instructions of `code` (at `addr`) is a
+/// jump, conditional branch or `loop` back to `addr` or at most `reach`
+/// bytes before it: the code at `addr` is the body of a short loop.
+pub fn backward_branch_within(code: &[u8], addr: u64, mode: CodeMode, max: usize, reach: u64) -> bool {
+    use capstone::arch::x86::X86OperandType;
+    use capstone::arch::ArchOperand;
+    let m = match mode {
+        CodeMode::Bits16 => arch::x86::ArchMode::Mode16,
+        CodeMode::Bits32 => arch::x86::ArchMode::Mode32,
+        CodeMode::Bits64 => arch::x86::ArchMode::Mode64,
+    };
+    let Ok(cs) = Capstone::new().x86().mode(m).detail(true).build() else {
+        return false;
+    };
+    let Ok(insns) = cs.disasm_count(code, addr, max) else {
+        return false;
+    };
+    for i in insns.iter() {
+        let name = i.mnemonic().unwrap_or("");
+        if !(name.starts_with('j') || name.starts_with("loop")) {
+            continue;
+        }
+        let Ok(detail) = cs.insn_detail(i) else { continue };
+        for op in detail.arch_detail().operands() {
+            if let ArchOperand::X86Operand(o) = op {
+                if let X86OperandType::Imm(target) = o.op_type {
+                    let target = target as u64;
+                    if target <= addr && addr - target <= reach {
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+    false
+}
+
 /// A segment register as the report shows it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Segment {
@@ -246,6 +283,24 @@ mod tests {
         assert!(l[0].contains("xorq") && l[0].contains("%rax"), "{l:?}");
         let l = disassemble(&[0xff, 0xff], 0, CodeMode::Bits64, 1);
         assert!(l[0].contains("not decodable"), "{l:?}");
+    }
+
+    #[test]
+    fn finds_short_backward_loops() {
+        // 0x1000: incq 0xefc(%rip); 0x1007: jmp 0x1000
+        let code = [0x48, 0xff, 0x05, 0xfc, 0x0e, 0, 0, 0xeb, 0xf7];
+        assert!(backward_branch_within(&code, 0x1000, CodeMode::Bits64, 4, 64));
+        assert!(backward_branch_within(&code[7..], 0x1007, CodeMode::Bits64, 4, 64));
+        // A forward jump and a far backward one are not short loops.
+        assert!(!backward_branch_within(&[0xeb, 0x10], 0x1000, CodeMode::Bits64, 4, 64));
+        assert!(!backward_branch_within(
+            &[0xe9, 0x00, 0xf0, 0xff, 0xff],
+            0x10000,
+            CodeMode::Bits64,
+            4,
+            64
+        ));
+        assert!(!backward_branch_within(&[0x90, 0x90], 0x1000, CodeMode::Bits64, 4, 64));
     }
 
     #[test]

@@ -134,7 +134,7 @@ impl GprSnapshot {
 }
 
 /// Where an asynchronous stop (a kick) caught the guest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Landing {
     /// The general registers (their digest and more are in `regs_digest`).
     pub regs: GprSnapshot,
@@ -150,6 +150,20 @@ pub struct Landing {
     /// end of an emulation batch, after a pending kick): the replayer then
     /// holds the interrupt back until it has found the landing.
     pub pending_interrupt: Option<u8>,
+    /// Where the recorder judged the landing hot: its delta keyframe.
+    pub keyframe: Option<Box<Keyframe>>,
+}
+
+/// The state at a landing the recorder judged hot (a breakpoint search
+/// would hit its RIP many times): the replayer restores it instead.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Keyframe {
+    /// The vCPU.
+    pub vcpu: crate::vcpu_state::VcpuState,
+    /// The pages written since the previous landing, as they were.
+    pub pages: Vec<crate::mem_state::PageRun>,
+    /// Digest of all of guest memory (`--verify full`).
+    pub memory_digest: Option<u64>,
 }
 
 /// How a recorded run ended.
@@ -183,7 +197,7 @@ pub struct EndRecord {
 }
 
 /// One event of a recording.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
     /// A guest-caused exit (a sync point): advances the position.
     Exit(ExitRecord),
@@ -280,6 +294,7 @@ mod tests {
                     dirty_pages: n,
                     mem_digest: !d,
                     pending_interrupt: (n % 3 == 0).then_some(0x20),
+                    keyframe: None,
                 }))
             }),
             any::<u8>().prop_map(Event::Inject),

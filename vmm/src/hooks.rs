@@ -61,6 +61,8 @@ pub struct HookCtx<'a> {
     pub dirty: Option<&'a mut crate::mem_state::DirtyTracker>,
     /// Pages written since the previous landing (collected so far).
     pub dirty_since_landing: &'a mut std::collections::BTreeSet<u64>,
+    /// The MSRs a vCPU state capture saves.
+    pub msr_list: &'a [u32],
 }
 
 impl HookCtx<'_> {
@@ -93,6 +95,7 @@ impl HookCtx<'_> {
         })?;
         self.collect_dirty()?;
         Ok(crate::events::Landing {
+            keyframe: None,
             pending_interrupt: (events.interrupt.injected != 0).then_some(events.interrupt.nr),
             regs: crate::events::GprSnapshot::of(&regs),
             regs_digest: crate::vcpu_state::register_digest(&regs, &sregs),
@@ -103,6 +106,72 @@ impl HookCtx<'_> {
 }
 
 impl HookCtx<'_> {
+    /// Whether the guest stopped inside a short loop, so that a hardware
+    /// breakpoint at RIP would be hit many times before the landing: a jump
+    /// or conditional branch back to RIP or before it, at most 64 bytes
+    /// back, among the next four instructions.
+    pub fn in_hot_loop(&mut self) -> Result<bool, HookError> {
+        let regs = self.vcpu.get_regs().map_err(|source| HookError::Kvm {
+            what: "KVM_GET_REGS",
+            source,
+        })?;
+        let sregs = self.vcpu.get_sregs().map_err(|source| HookError::Kvm {
+            what: "KVM_GET_SREGS",
+            source,
+        })?;
+        let mode = crate::crash::CodeMode::of(&sregs);
+        let linear = match mode {
+            crate::crash::CodeMode::Bits64 => regs.rip,
+            _ => sregs.cs.base.wrapping_add(regs.rip) & 0xffff_ffff,
+        };
+        let paging = crate::paging::PagingRegs {
+            cr0: sregs.cr0,
+            cr3: sregs.cr3,
+            cr4: sregs.cr4,
+            efer: sregs.efer,
+        };
+        let mut code = [0u8; 48];
+        if crate::paging::read_virt(self.mem, &paging, linear, &mut code).is_err() {
+            return Ok(false);
+        }
+        Ok(crate::crash::backward_branch_within(&code, regs.rip, mode, 4, 64))
+    }
+
+    /// A delta keyframe of the vCPU and the pages written since the
+    /// previous landing (the replayer restores it instead of searching).
+    pub fn keyframe_here(&mut self, full_memory_digest: bool) -> Result<crate::events::Keyframe, HookError> {
+        let vcpu = crate::vcpu_state::capture(self.vcpu, self.msr_list)
+            .map_err(|e| HookError::Trace(format!("vCPU state at a landing: {e}")))?;
+        let pages = crate::mem_state::capture_pages(self.mem, self.dirty_since_landing.iter().copied());
+        let memory_digest = full_memory_digest.then(|| crate::mem_state::memory_digest(self.mem));
+        Ok(crate::events::Keyframe {
+            vcpu,
+            pages,
+            memory_digest,
+        })
+    }
+
+    /// Puts the vCPU into the state of `keyframe` the one way both the
+    /// recorder and the replayer do it, so that whatever KVM keeps beyond the
+    /// architectural state (an emulator's batch position, when it delivers a
+    /// queued interrupt) is the same on both sides afterwards: the vCPU is
+    /// restored with its undelivered interrupt withdrawn, a KVM_RUN that exits
+    /// at once refreshes kvm_run, and the interrupt is queued again.
+    pub fn load_vcpu_keyframe(&mut self, keyframe: &crate::events::Keyframe) -> Result<(), HookError> {
+        let pending = (keyframe.vcpu.events.interrupt.injected != 0).then_some(keyframe.vcpu.events.interrupt.nr);
+        let mut vcpu = keyframe.vcpu.clone();
+        vcpu.events.interrupt.injected = 0;
+        crate::vcpu_state::complete_pending_exit(self.vcpu)
+            .map_err(|e| HookError::Trace(format!("completing the exit before a keyframe: {e}")))?;
+        crate::vcpu_state::restore(self.vcpu, &vcpu).map_err(|e| HookError::Trace(format!("keyframe vCPU: {e}")))?;
+        crate::vcpu_state::complete_pending_exit(self.vcpu)
+            .map_err(|e| HookError::Trace(format!("refreshing kvm_run after a keyframe: {e}")))?;
+        if pending.is_some() {
+            set_queued_interrupt(self.vcpu, pending)?;
+        }
+        Ok(())
+    }
+
     /// Digest of the vCPU's registers now.
     pub fn regs_digest(&mut self) -> Result<u64, HookError> {
         let regs = self.vcpu.get_regs().map_err(|source| HookError::Kvm {

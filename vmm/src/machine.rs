@@ -430,6 +430,11 @@ impl MachineBuilder {
             Some(t) => t,
             None => cpuid::filter(self.cpuid_policy, &cpuid::from_kvm(&supported)),
         };
+        let mut vcpu = vcpu;
+        let sync_rip = vm.check_extension(kvm_ioctls::Cap::SyncRegs);
+        if sync_rip {
+            vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+        }
         let kcpuid = cpuid::to_kvm(&table).map_err(|_| Error::Kvm {
             what: "the CPUID table size",
             source: kvm_ioctls::Error::new(libc::E2BIG),
@@ -491,6 +496,9 @@ impl MachineBuilder {
                 let platform =
                     Platform::from_state(io, &state.platform).map_err(|e| Error::GuestMemory(e.to_string()))?;
                 crate::vcpu_state::restore(&vcpu, &state.vcpu).map_err(|e| Error::GuestMemory(e.to_string()))?;
+                // Let KVM refresh kvm_run's view of the restored vCPU (IF,
+                // readiness for injection) with a KVM_RUN that exits at once.
+                crate::vcpu_state::complete_pending_exit(&mut vcpu).map_err(|e| Error::GuestMemory(e.to_string()))?;
                 (platform, state.exit_seq, state.poll_pending)
             }
             None => (
@@ -546,6 +554,7 @@ impl MachineBuilder {
                 kernel_image: image,
                 initrd_image: initrd,
                 msr_list,
+                sync_rip,
             },
         })
     }
@@ -575,6 +584,9 @@ pub struct Core {
     kernel_image: Vec<u8>,
     initrd_image: Option<Vec<u8>>,
     msr_list: Vec<u32>,
+    /// Whether KVM mirrors the registers into kvm_run at every exit
+    /// (KVM_CAP_SYNC_REGS): then every exit record carries RIP for free.
+    sync_rip: bool,
 }
 
 /// A machine ready to run.
@@ -597,6 +609,7 @@ impl Core {
             exit_seq: self.exit_seq,
             dirty: self.dirty.as_mut(),
             dirty_since_landing: &mut self.dirty_since_landing,
+            msr_list: &self.msr_list,
         }
     }
 
@@ -1097,7 +1110,12 @@ impl Machine {
                 Ok((rec, next)) => {
                     self.core.exit_seq += 1;
                     let rec = match rec {
-                        Some(r) => r,
+                        Some(mut r) => {
+                            if self.core.sync_rip {
+                                r.rip = self.core.vcpu.sync_regs().regs.rip;
+                            }
+                            r
+                        }
                         None => self.finish_special_exit()?,
                     };
                     let mut ctx = self.core.ctx();
@@ -1137,7 +1155,10 @@ impl Machine {
                     // An exit whose completion needs the vCPU (MSR, patched
                     // instruction): complete it now.
                     self.core.exit_seq += 1;
-                    let rec = self.complete(pending)?;
+                    let mut rec = self.complete(pending)?;
+                    if self.core.sync_rip && rec.rip == 0 {
+                        rec.rip = self.core.vcpu.sync_regs().regs.rip;
+                    }
                     let mut ctx = self.core.ctx();
                     self.hooks.on_exit(&mut ctx, &rec)?;
                     self.core.metrics.exit(&rec, handled_from);

@@ -233,6 +233,16 @@ fn page_digest(page: &[u8; PAGE]) -> u64 {
 /// read as little-endian 64-bit words; a frame outside guest RAM contributes
 /// its number and a fixed marker. Costs one 4 KiB copy and 512
 /// multiply-rotate steps per page, no allocation. Not a cryptographic hash.
+pub fn memory_digest(mem: &GuestMemory) -> u64 {
+    let gfns = mem.iter().flat_map(|r| {
+        let first = r.start_addr().0 / PAGE_SIZE;
+        first..first + r.len() / PAGE_SIZE
+    });
+    pages_digest(mem, gfns)
+}
+
+/// Digest of the contents of the pages `gfns`, in the order given (see the
+/// notes below).
 pub fn pages_digest(mem: &GuestMemory, gfns: impl IntoIterator<Item = u64>) -> u64 {
     let mut buf = [0u8; PAGE];
     let mut h = 0x7061_6765_7321_6e79;
