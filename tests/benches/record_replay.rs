@@ -11,7 +11,10 @@
 //! `cargo bench -p nyx-tests --bench record_replay [-- REPS [GUEST ...]]`
 
 use std::error::Error;
+use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use nyx_recorder::{record_image, RecordOptions};
 use nyx_replayer::{replay, ReplayEnd, ReplayOptions};
@@ -93,7 +96,52 @@ fn trace_facts(path: &Path) -> Res<(u64, u64, u64)> {
     Ok((virtual_ns, stored, raw))
 }
 
-fn round_trip(dir: &Path, name: &str, rep: usize) -> Res<RoundTrip> {
+/// How a round trip went: measured, or the replay did not finish in time.
+enum Trip {
+    Done(Box<RoundTrip>),
+    Hung(Duration),
+}
+
+/// A replay may run this many times the recording's run time...
+const REPLAY_LIMIT_FACTOR: u64 = 50;
+/// ...or this long, whichever is longer, before it counts as hung.
+const REPLAY_LIMIT_MIN: Duration = Duration::from_secs(10);
+
+/// Replays `path` on its own thread. If it has not finished after `limit`,
+/// the thread is kicked (the machine's kick signal makes `KVM_RUN` return,
+/// which stops a landing search) until the replay returns, and `None` is
+/// the answer: a replay that does not end is a finding, not a benchmark.
+fn replay_with_limit(path: &Path, out: Capture, limit: Duration) -> Res<Option<nyx_replayer::Replay>> {
+    let (tx, rx) = mpsc::channel();
+    let path = path.to_path_buf();
+    let worker = std::thread::spawn(move || {
+        let r = replay(
+            &path,
+            ReplayOptions {
+                serial_out: Some(Box::new(out)),
+                ..Default::default()
+            },
+        );
+        let _ = tx.send(());
+        r
+    });
+    if rx.recv_timeout(limit).is_ok() {
+        return match worker.join() {
+            Ok(r) => Ok(Some(r?)),
+            Err(_) => Err("the replay thread panicked".into()),
+        };
+    }
+    let thread = worker.as_pthread_t();
+    while rx.recv_timeout(Duration::from_millis(20)).is_err() {
+        // SAFETY: the thread has not been joined, so its id is valid; the
+        // kick signal's handler only sets the thread's immediate_exit flag.
+        unsafe { libc::pthread_kill(thread, nyx_vmm::kick::kick_signal()) };
+    }
+    let _ = worker.join();
+    Ok(None)
+}
+
+fn round_trip(dir: &Path, name: &str, rep: usize) -> Res<Trip> {
     let image = nyx_guests::image(name).ok_or("unknown guest")?;
     let out = Capture::default();
     let rec = record_image(
@@ -108,6 +156,7 @@ fn round_trip(dir: &Path, name: &str, rep: usize) -> Res<RoundTrip> {
             serial_out: Some(Box::new(out.clone())),
             kvm_path: "/dev/kvm".into(),
             verify: VerifyLevel::Exits,
+            landings: nyx_recorder::LandingPolicy::Search,
         },
         name.to_string(),
         image.to_vec(),
@@ -116,13 +165,11 @@ fn round_trip(dir: &Path, name: &str, rep: usize) -> Res<RoundTrip> {
     let file_bytes = std::fs::metadata(&rec.path)?.len();
     let (virtual_ns, event_stored, event_raw) = trace_facts(&rec.path)?;
     let replay_out = Capture::default();
-    let r = replay(
-        &rec.path,
-        ReplayOptions {
-            serial_out: Some(Box::new(replay_out.clone())),
-            ..Default::default()
-        },
-    )?;
+    let limit = Duration::from_nanos(rec.stats.wall_ns.saturating_mul(REPLAY_LIMIT_FACTOR)).max(REPLAY_LIMIT_MIN);
+    let r = match replay_with_limit(&rec.path, replay_out.clone(), limit)? {
+        Some(r) => r,
+        None => return Ok(Trip::Hung(limit)),
+    };
     match &r.end {
         ReplayEnd::Complete { outcome } if *outcome == rec.outcome => {}
         other => return Err(format!("{name}: replay ended {other:?}, recorded {:?}", rec.outcome).into()),
@@ -134,7 +181,7 @@ fn round_trip(dir: &Path, name: &str, rep: usize) -> Res<RoundTrip> {
         return Err(format!("{name}: {} landings recorded, {} found", rec.landings, r.landings).into());
     }
     std::fs::remove_file(&rec.path)?;
-    Ok(RoundTrip {
+    Ok(Trip::Done(Box::new(RoundTrip {
         rec_stats: rec.stats,
         rec_serial: out.bytes(),
         exits: rec.exits,
@@ -146,7 +193,7 @@ fn round_trip(dir: &Path, name: &str, rep: usize) -> Res<RoundTrip> {
         virtual_ns,
         rep_stats: r.stats,
         hits_per_landing: r.hits_per_landing,
-    })
+    })))
 }
 
 /// The median of `v` (the upper one of an even count); 0 for none.
@@ -168,7 +215,7 @@ fn counter_iterations(serial: &[u8]) -> Option<u64> {
         .lines()
         .filter(|l| l.len() == 16)
         .filter_map(|l| u64::from_str_radix(l, 16).ok())
-        .last()
+        .next_back()
 }
 
 fn ms(ns: f64) -> f64 {
@@ -177,6 +224,10 @@ fn ms(ns: f64) -> f64 {
 
 /// Per-guest medians over all repetitions, printed as one table row each.
 fn report(name: &str, plains: &[Plain], trips: &[RoundTrip]) {
+    if trips.is_empty() {
+        println!("NONE|{name}|no repetition completed");
+        return;
+    }
     let med = |f: &dyn Fn(usize) -> f64| median_f((0..trips.len()).map(f).collect());
     let plain_ms = med(&|i| ms(plains[i].stats.wall_ns as f64));
     let rec_ms = med(&|i| ms(trips[i].rec_stats.wall_ns as f64));
@@ -198,7 +249,10 @@ fn report(name: &str, plains: &[Plain], trips: &[RoundTrip]) {
     // The recorder's extra wall and user CPU over the plain run, per exit and
     // per landing (all of it charged to each in turn).
     let extra_wall = med(&|i| trips[i].rec_stats.wall_ns as f64 - plains[i].stats.wall_ns as f64);
-    let extra_user = med(&|i| trips[i].rec_stats.user_ns as f64 - plains[i].stats.user_ns as f64);
+    // User CPU is accounted at tick granularity: a single run's is noise, so
+    // this one is the sum over all repetitions divided by their count.
+    let sum = |f: &dyn Fn(usize) -> u64| (0..trips.len()).map(f).sum::<u64>() as f64;
+    let extra_user = (sum(&|i| trips[i].rec_stats.user_ns) - sum(&|i| plains[i].stats.user_ns)) / trips.len() as f64;
     let per = |x: f64, n: u64| {
         if n == 0 {
             "–".to_string()
@@ -222,7 +276,7 @@ fn report(name: &str, plains: &[Plain], trips: &[RoundTrip]) {
     println!(
         "SIZE|{name}|{file}|{events}|{stored}|{:.2}|{}|{:.1}|{virt_ms:.1}",
         stored as f64 / events.max(1) as f64,
-        if virt_s > 0.0 {
+        if virt_ms >= 1.0 {
             format!("{:.0}", stored as f64 / virt_s)
         } else {
             "–".to_string()
@@ -275,7 +329,24 @@ fn main() -> Res<()> {
         let mut trips = Vec::new();
         for rep in 0..reps {
             let p = plain_run(name)?;
-            let t = round_trip(dir.path(), name, rep)?;
+            let t = match round_trip(dir.path(), name, rep) {
+                Ok(Trip::Done(t)) => *t,
+                Err(e) => {
+                    let first = e
+                        .to_string()
+                        .lines()
+                        .take(3)
+                        .map(str::trim)
+                        .collect::<Vec<_>>()
+                        .join(" / ");
+                    println!("FAILED|{name}|repetition {rep}: {first}");
+                    continue;
+                }
+                Ok(Trip::Hung(limit)) => {
+                    println!("HUNG|{name}|repetition {rep}: the replay had not ended after {limit:?}; stopped");
+                    continue;
+                }
+            };
             if name != "counter" && name != "rdtsc" && name != "rtc" && p.serial != t.rec_serial {
                 return Err(format!("{name}: a recording printed other output than a plain run").into());
             }
