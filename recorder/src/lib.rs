@@ -60,13 +60,13 @@ pub enum Error {
 pub enum LandingPolicy {
     /// Digests only: the replayer searches every landing with a breakpoint
     /// (it re-executes everything, so a debugger sees every instruction).
-    #[default]
     Search,
     /// A delta keyframe at every landing: the replayer restores instead of
     /// searching.
     Keyframe,
     /// A delta keyframe where the guest stopped in a short loop (many
     /// breakpoint hits expected), digests elsewhere.
+    #[default]
     Auto,
 }
 

@@ -50,8 +50,7 @@ fn at_landing(ctx: &mut HookCtx<'_>, landing: &Landing) -> Result<bool, HookErro
     if ctx.dirty_since_landing.len() as u32 != landing.dirty_pages {
         return Ok(false);
     }
-    let digest = nyx_vmm::mem_state::pages_digest(ctx.mem, ctx.dirty_since_landing.iter().copied());
-    Ok(digest == landing.mem_digest)
+    Ok(ctx.dirty_digest(&regs, &sregs) == landing.mem_digest)
 }
 
 fn unexpected(ctx: &mut HookCtx<'_>, state: &Shared, landing: &Landing, what: String) -> HookError {
@@ -78,6 +77,11 @@ pub fn run_to_landing(ctx: &mut HookCtx<'_>, landing: &Landing, state: &Shared) 
     Ok(hits)
 }
 
+/// Hits after which a search gives up and reports a divergence: a guest that
+/// never reaches the recorded state would otherwise spin forever in a busy
+/// loop. Recorded landings in the in-tree guests take hundreds of hits.
+const MAX_HITS: u64 = 200_000;
+
 fn search(ctx: &mut HookCtx<'_>, landing: &Landing, state: &Shared) -> Result<u64, HookError> {
     // A landing without progress (the kick came before the guest ran).
     if at_landing(ctx, landing)? {
@@ -95,6 +99,12 @@ fn search(ctx: &mut HookCtx<'_>, landing: &Landing, state: &Shared) -> Result<u6
     let mut hits = 0u64;
     set_debug(ctx, armed, Some(linear))?;
     loop {
+        if hits >= MAX_HITS {
+            let what = format!(
+                "{hits} breakpoint hits and single steps at its RIP without a full match (the search gives up)"
+            );
+            return Err(unexpected(ctx, state, landing, what));
+        }
         match ctx.vcpu.run() {
             Ok(VcpuExit::Debug(_)) => {}
             Ok(other) => {
@@ -152,11 +162,12 @@ pub fn restore_keyframe(
     let regs = ctx.vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?;
     let sregs = ctx.vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     let digest_ok = nyx_vmm::vcpu_state::register_digest(&regs, &sregs) == landing.regs_digest;
-    let pages = keyframe.pages.iter().flat_map(|r| {
+    ctx.dirty_since_landing.extend(keyframe.pages.iter().flat_map(|r| {
         let first = r.gpa / 4096;
         first..first + (r.data.len() as u64).div_ceil(4096)
-    });
-    let mem_ok = nyx_vmm::mem_state::pages_digest(ctx.mem, pages) == landing.mem_digest;
+    }));
+    let mem_ok = ctx.dirty_digest(&regs, &sregs) == landing.mem_digest;
+    ctx.dirty_since_landing.clear();
     let full_ok = keyframe
         .memory_digest
         .is_none_or(|d| d == nyx_vmm::mem_state::memory_digest(ctx.mem));

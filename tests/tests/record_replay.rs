@@ -36,7 +36,7 @@ fn record_guest(dir: &Path, name: &str, file: &str, input: Option<&[u8]>, verify
             serial_out: Some(Box::new(out.clone())),
             kvm_path: "/dev/kvm".into(),
             verify,
-            landings: nyx_recorder::LandingPolicy::Search,
+            landings: nyx_recorder::LandingPolicy::Auto,
         },
         name.to_string(),
         image,

@@ -115,11 +115,9 @@ struct RecordArgs {
     /// How landings are stored: `search` (digests; the replayer finds each
     /// with a hardware breakpoint), `keyframe` (a delta keyframe each, the
     /// replayer restores it), `auto` (keyframes where the guest stopped in a
-    /// short loop, where a search would be slow). Keyframes are experimental:
-    /// on an emulated KVM the guest may take a queued interrupt at a
-    /// different instruction after a restored vCPU, which the replay reports
-    /// as a divergence.
-    #[arg(long, value_name = "HOW", default_value = "search", value_parser = ["search", "keyframe", "auto"])]
+    /// short loop, where a search would be slow and, on an emulated KVM,
+    /// can miss the landing).
+    #[arg(long, value_name = "HOW", default_value = "auto", value_parser = ["search", "keyframe", "auto"])]
     landings: String,
     /// `full` also records a register digest after every exit.
     #[arg(long, value_name = "LEVEL", default_value = "exits", value_parser = ["exits", "full"])]

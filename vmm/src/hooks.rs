@@ -94,13 +94,14 @@ impl HookCtx<'_> {
             source,
         })?;
         self.collect_dirty()?;
+        let mem_digest = self.dirty_digest(&regs, &sregs);
         Ok(crate::events::Landing {
             keyframe: None,
             pending_interrupt: (events.interrupt.injected != 0).then_some(events.interrupt.nr),
             regs: crate::events::GprSnapshot::of(&regs),
             regs_digest: crate::vcpu_state::register_digest(&regs, &sregs),
             dirty_pages: self.dirty_since_landing.len() as u32,
-            mem_digest: crate::mem_state::pages_digest(self.mem, self.dirty_since_landing.iter().copied()),
+            mem_digest,
         })
     }
 }
@@ -170,6 +171,33 @@ impl HookCtx<'_> {
             set_queued_interrupt(self.vcpu, pending)?;
         }
         Ok(())
+    }
+
+    /// The digest of the pages written since the previous landing that a
+    /// landing compares: their contents, less the dead part of the stack
+    /// page below RSP (128 bytes of red zone kept at CPL 3). An emulated KVM
+    /// can write an interrupt frame there for an interrupt it delivers only
+    /// after the stop, and nothing architectural depends on those bytes.
+    pub fn dirty_digest(&self, regs: &kvm_bindings::kvm_regs, sregs: &kvm_bindings::kvm_sregs) -> u64 {
+        let paging = crate::paging::PagingRegs {
+            cr0: sregs.cr0,
+            cr3: sregs.cr3,
+            cr4: sregs.cr4,
+            efer: sregs.efer,
+        };
+        let long = sregs.efer & (1 << 10) != 0 && sregs.cs.l != 0;
+        let red_zone = if sregs.cs.selector & 3 == 3 { 128 } else { 0 };
+        let rsp = regs.rsp.wrapping_sub(red_zone);
+        let linear = if long {
+            rsp
+        } else {
+            sregs.ss.base.wrapping_add(rsp) & 0xffff_ffff
+        };
+        let dead = match crate::paging::translate(self.mem, &paging, linear) {
+            Ok(t) => (t.gpa >> 12, (t.gpa & 0xfff) as usize),
+            Err(_) => (u64::MAX, 0),
+        };
+        crate::mem_state::pages_digest_live(self.mem, self.dirty_since_landing.iter().copied(), dead)
     }
 
     /// Digest of the vCPU's registers now.

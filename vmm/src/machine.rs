@@ -431,7 +431,7 @@ impl MachineBuilder {
             None => cpuid::filter(self.cpuid_policy, &cpuid::from_kvm(&supported)),
         };
         let mut vcpu = vcpu;
-        let sync_rip = vm.check_extension(kvm_ioctls::Cap::SyncRegs);
+        let sync_rip = vm.check_extension(kvm_ioctls::Cap::SyncRegs) && std::env::var_os("NYX_NO_SYNC").is_none();
         if sync_rip {
             vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
         }
@@ -528,6 +528,7 @@ impl MachineBuilder {
         Ok(Machine {
             timer: None,
             poll_pending,
+            spurious_kick: false,
             debug: GuestDebug::default(),
             hooks,
             core: Core {
@@ -594,6 +595,7 @@ pub struct Machine {
     // Dropped first: its signal handler writes to the vCPU's kvm_run.
     timer: Option<VcpuTimer>,
     poll_pending: bool,
+    spurious_kick: bool,
     debug: GuestDebug,
     hooks: Box<dyn RunHooks>,
     core: Core,
@@ -1057,16 +1059,21 @@ impl Machine {
 
     fn run_loop(&mut self) -> Result<Stop, Error> {
         loop {
-            let poll = std::mem::take(&mut self.poll_pending);
-            self.step(poll)?;
-            if !self.debug.single_step {
-                self.service_interrupts()?;
-            }
-            let mut ctx = self.core.ctx();
-            if self.hooks.before_enter(&mut ctx)? {
-                // The mode moved the guest to a landing: a new step there.
-                self.poll_pending = true;
-                continue;
+            // A kick that led to nothing (its deadline had not passed) is not
+            // a step: the replay never sees it, so it must not start a new
+            // clock sample or an injection decision here either.
+            if !std::mem::take(&mut self.spurious_kick) {
+                let poll = std::mem::take(&mut self.poll_pending);
+                self.step(poll)?;
+                if !self.debug.single_step {
+                    self.service_interrupts()?;
+                }
+                let mut ctx = self.core.ctx();
+                if self.hooks.before_enter(&mut ctx)? {
+                    // The mode moved the guest to a landing: a new step there.
+                    self.poll_pending = true;
+                    continue;
+                }
             }
             let kick = self.hooks.kick_at(self.core.platform.next_deadline_ns());
             if let Some(t) = self.timer.as_mut() {
@@ -1091,6 +1098,7 @@ impl Machine {
                     let passed = kick.is_some_and(|k| crate::kick::monotonic_ns() >= k);
                     let mut ctx = self.core.ctx();
                     self.poll_pending = self.hooks.on_kick(&mut ctx, passed)?;
+                    self.spurious_kick = !self.poll_pending;
                     if let Some(t) = &self.timer {
                         if t.take_request() {
                             return Ok(Stop::Interrupted);
@@ -1111,7 +1119,11 @@ impl Machine {
                     self.core.exit_seq += 1;
                     let rec = match rec {
                         Some(mut r) => {
-                            if self.core.sync_rip {
+                            // Not for interrupt-window exits: an emulated KVM
+                            // may report the window a few instructions late,
+                            // at the end of an emulation batch, so their RIP
+                            // is not part of the guest's deterministic path.
+                            if self.core.sync_rip && r.kind != ExitKind::IrqWindow {
                                 r.rip = self.core.vcpu.sync_regs().regs.rip;
                             }
                             r
