@@ -11,7 +11,7 @@ use nyx_trace::{ContainerKind, FrameKind, GuestImage, TraceHeader, TraceWriter, 
 use nyx_vmm::config::{VerifyLevel, INITRD_IMAGE, KERNEL_IMAGE};
 use nyx_vmm::{MachineBuilder, SerialIn};
 
-use crate::{lock, trace_uuid, Error, Log, Recorder, Recording};
+use crate::{lock, trace_uuid, Error, LandingPolicy, Log, Recorder, Recording};
 
 /// Memory runs per frame of the starting state.
 const RUNS_PER_FRAME: usize = 16;
@@ -49,7 +49,7 @@ pub fn record_from_snapshot(opts: SnapshotRecordOptions) -> Result<Recording, Er
         error: None,
     }));
     let wall = Arc::new(Mutex::new(0i64));
-    let hooks = Recorder::new(log.clone(), VerifyLevel::Exits, wall);
+    let hooks = Recorder::new(log.clone(), VerifyLevel::Exits, wall, LandingPolicy::Auto);
     let mut b = MachineBuilder::from_snapshot(&opts.snapshot)
         .map_err(|e| Error::Read {
             path: opts.snapshot.clone(),

@@ -156,7 +156,7 @@ fn round_trip(dir: &Path, name: &str, rep: usize) -> Res<Trip> {
             serial_out: Some(Box::new(out.clone())),
             kvm_path: "/dev/kvm".into(),
             verify: VerifyLevel::Exits,
-            landings: nyx_recorder::LandingPolicy::Search,
+            landings: nyx_recorder::LandingPolicy::Auto,
         },
         name.to_string(),
         image.to_vec(),

@@ -264,18 +264,9 @@ mod tests {
                     _ => f64::NAN,
                 })
         };
-        assert_eq!(
-            find("nyx_vm_exits_total", "kind", "pio-in"),
-            Some(3.0)
-        );
-        assert_eq!(
-            find("nyx_io_operations_total", "port", "0x3fd"),
-            Some(3.0)
-        );
-        assert_eq!(
-            find("nyx_vm_exit_latency_max_ns", "kind", "pio-in"),
-            Some(400.0)
-        );
+        assert_eq!(find("nyx_vm_exits_total", "kind", "pio-in"), Some(3.0));
+        assert_eq!(find("nyx_io_operations_total", "port", "0x3fd"), Some(3.0));
+        assert_eq!(find("nyx_vm_exit_latency_max_ns", "kind", "pio-in"), Some(400.0));
         assert!(find("nyx_interrupts_injected_total", "vector", "0x20").is_some());
         assert!(scrape(addr, "/nope").starts_with("HTTP/1.1 404"));
     }

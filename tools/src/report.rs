@@ -423,7 +423,10 @@ mod tests {
     fn uart_polling_is_the_hot_spot() {
         let f = analyze(&uart_heavy(), &Thresholds::default());
         assert_eq!(f[0].severity, Severity::Critical);
-        assert!(f[0].what.starts_with("device uart: 100% of exits (1100 of 1101)"), "{f:?}");
+        assert!(
+            f[0].what.starts_with("device uart: 100% of exits (1100 of 1101)"),
+            "{f:?}"
+        );
         let lsr = f.iter().find(|x| x.what.starts_with("port 0x3fd (uart)")).unwrap();
         assert!(lsr.recommendation.contains("THRE"), "{lsr:?}");
         // 0x3f8 has 9% of exits: below half the threshold, not reported.
