@@ -19,9 +19,17 @@ struct Nyx {
 impl Nyx {
     fn start(guest: &str) -> Nyx {
         let kernel = nyx_guests::path(guest).expect("in-tree guest");
+        let mut args: Vec<std::ffi::OsString> = ["run", "--gdb", "127.0.0.1:0", "--gdb-wait", "--kernel"]
+            .iter()
+            .map(Into::into)
+            .collect();
+        args.push(kernel.into());
+        Self::start_with(&args)
+    }
+
+    fn start_with(args: &[std::ffi::OsString]) -> Nyx {
         let mut child = Command::new(env!("CARGO_BIN_EXE_nyx"))
-            .args(["run", "--gdb", "127.0.0.1:0", "--gdb-wait", "--kernel"])
-            .arg(&kernel)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -273,4 +281,44 @@ fn random_bytes_never_make_nyx_panic() {
             "round {round}: status {code:?}: {err}"
         );
     }
+}
+
+/// gdb on a replay: the recorded long-mode guest stops at a breakpoint in
+/// its higher half, reports its position, and runs on to the recorded end.
+#[test]
+fn replay_under_gdb_stops_at_a_breakpoint_and_runs_to_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("longmode.nyxtrace");
+    let rec = Command::new(env!("CARGO_BIN_EXE_nyx"))
+        .args(["record", "--out"])
+        .arg(&trace)
+        .arg("--kernel")
+        .arg(nyx_guests::path("longmode").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(rec.status.code(), Some(0), "{}", String::from_utf8_lossy(&rec.stderr));
+    let args: Vec<std::ffi::OsString> = vec![
+        "replay".into(),
+        trace.into_os_string(),
+        "--gdb".into(),
+        "127.0.0.1:0".into(),
+    ];
+    let nyx = Nyx::start_with(&args);
+    let out = gdb(
+        &nyx,
+        "longmode",
+        &[
+            "break higher_half_entry",
+            "continue",
+            "info registers rip",
+            "monitor when",
+            "continue",
+        ],
+    );
+    assert!(out.contains("Breakpoint 1, higher_half_entry"), "{out}");
+    assert!(out.contains("0xc0109000"), "{out}");
+    assert!(out.contains("position "), "{out}");
+    assert!(out.contains("exited normally"), "{out}");
+    let (code, _) = nyx.finish();
+    assert_eq!(code, Some(0));
 }
