@@ -66,6 +66,19 @@ pub struct HookCtx<'a> {
 }
 
 impl HookCtx<'_> {
+    /// The vCPU's general and special registers now.
+    pub fn registers(&self) -> Result<(kvm_bindings::kvm_regs, kvm_bindings::kvm_sregs), HookError> {
+        let regs = self.vcpu.get_regs().map_err(|source| HookError::Kvm {
+            what: "KVM_GET_REGS",
+            source,
+        })?;
+        let sregs = self.vcpu.get_sregs().map_err(|source| HookError::Kvm {
+            what: "KVM_GET_SREGS",
+            source,
+        })?;
+        Ok((regs, sregs))
+    }
+
     /// Takes KVM's dirty log into `dirty_since_landing`.
     pub fn collect_dirty(&mut self) -> Result<(), HookError> {
         if let Some(d) = self.dirty.as_mut() {
@@ -81,14 +94,7 @@ impl HookCtx<'_> {
     /// digest, and the digest of the pages written since the previous
     /// landing (collecting the dirty log first).
     pub fn landing_here(&mut self) -> Result<crate::events::Landing, HookError> {
-        let regs = self.vcpu.get_regs().map_err(|source| HookError::Kvm {
-            what: "KVM_GET_REGS",
-            source,
-        })?;
-        let sregs = self.vcpu.get_sregs().map_err(|source| HookError::Kvm {
-            what: "KVM_GET_SREGS",
-            source,
-        })?;
+        let (regs, sregs) = self.registers()?;
         let events = self.vcpu.get_vcpu_events().map_err(|source| HookError::Kvm {
             what: "KVM_GET_VCPU_EVENTS",
             source,
@@ -112,14 +118,7 @@ impl HookCtx<'_> {
     /// or conditional branch back to RIP or before it, at most 64 bytes
     /// back, among the next four instructions.
     pub fn in_hot_loop(&mut self) -> Result<bool, HookError> {
-        let regs = self.vcpu.get_regs().map_err(|source| HookError::Kvm {
-            what: "KVM_GET_REGS",
-            source,
-        })?;
-        let sregs = self.vcpu.get_sregs().map_err(|source| HookError::Kvm {
-            what: "KVM_GET_SREGS",
-            source,
-        })?;
+        let (regs, sregs) = self.registers()?;
         let mode = crate::crash::CodeMode::of(&sregs);
         let linear = match mode {
             crate::crash::CodeMode::Bits64 => regs.rip,
@@ -202,14 +201,7 @@ impl HookCtx<'_> {
 
     /// Digest of the vCPU's registers now.
     pub fn regs_digest(&mut self) -> Result<u64, HookError> {
-        let regs = self.vcpu.get_regs().map_err(|source| HookError::Kvm {
-            what: "KVM_GET_REGS",
-            source,
-        })?;
-        let sregs = self.vcpu.get_sregs().map_err(|source| HookError::Kvm {
-            what: "KVM_GET_SREGS",
-            source,
-        })?;
+        let (regs, sregs) = self.registers()?;
         Ok(crate::vcpu_state::register_digest(&regs, &sregs))
     }
 }
