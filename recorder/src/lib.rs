@@ -26,6 +26,8 @@ use nyx_vmm::{MachineBuilder, RunOutcome, SerialIn};
 mod from_snapshot;
 pub use from_snapshot::{record_from_snapshot, SnapshotRecordOptions};
 
+/// The least host time the guest runs between two kicks, ns.
+const MIN_SLICE_NS: u64 = 200_000;
 /// Events per frame before the frame is written.
 const EVENTS_PER_FRAME: usize = 8192;
 /// Longest time events wait in memory before their frame is written, ns.
@@ -270,7 +272,12 @@ impl RunHooks for Recorder {
     }
 
     fn kick_at(&self, virt_deadline: Option<u64>) -> Option<u64> {
-        Some(self.host.host_time_of(virt_deadline?))
+        // The guest always gets a slice of its own: when recording a
+        // landing costs more than a timer period, a deadline already past
+        // would otherwise kick every entry at once and the guest would never
+        // run again.
+        let min = nyx_vmm::kick::monotonic_ns() + MIN_SLICE_NS;
+        Some(self.host.host_time_of(virt_deadline?).max(min))
     }
 
     fn poll_now(&mut self, _ctx: &mut HookCtx<'_>, requested: bool) -> Result<bool, HookError> {

@@ -73,7 +73,7 @@ pub fn run(kvm_device: &str) -> Result<ExitCode, String> {
             serial_out: Some(Box::new(recorded.clone())),
             kvm_path: kvm_device.into(),
             verify: VerifyLevel::Exits,
-            landings: nyx_recorder::LandingPolicy::Search,
+            landings: nyx_recorder::LandingPolicy::Auto,
         },
         GUEST.into(),
         image,
@@ -107,8 +107,11 @@ pub fn run(kvm_device: &str) -> Result<ExitCode, String> {
     };
     show("replayed guest output", &replayed.text());
     println!(
-        "  found all {} landings again with hardware breakpoints ({} hits in all, at most {} for one)",
-        r.landings, r.search_hits, r.max_hits
+        "  found all {} landings again: {} restored from delta keyframes (landings in the busy loop), {} by hardware-breakpoint search ({} hits)",
+        r.landings,
+        r.keyframes,
+        r.landings - r.keyframes,
+        r.search_hits
     );
     println!();
     let same_output = recorded.text() == replayed.text();
