@@ -11,7 +11,7 @@ use nyx_trace::{ContainerKind, FrameKind, GuestImage, TraceHeader, TraceWriter, 
 use nyx_vmm::config::{VerifyLevel, INITRD_IMAGE, KERNEL_IMAGE};
 use nyx_vmm::{MachineBuilder, SerialIn};
 
-use crate::{lock, trace_uuid, Error, LandingPolicy, Log, Recorder, Recording};
+use crate::{lock, new_log, run_and_finish, trace_uuid, Error, LandingPolicy, Recorder, Recording};
 
 /// Memory runs per frame of the starting state.
 const RUNS_PER_FRAME: usize = 16;
@@ -37,17 +37,7 @@ pub fn record_from_snapshot(opts: SnapshotRecordOptions) -> Result<Recording, Er
         source: std::io::Error::other(e.to_string()),
     })?;
     let position = snap.state.exit_seq;
-    let log = Arc::new(Mutex::new(Log {
-        writer: None,
-        path: opts.out.clone(),
-        buffer: Vec::new(),
-        buffer_start: position,
-        position,
-        last_flush_ns: nyx_vmm::kick::monotonic_ns(),
-        events: 0,
-        landings: 0,
-        error: None,
-    }));
+    let log = new_log(&opts.out, position);
     let wall = Arc::new(Mutex::new(0i64));
     let hooks = Recorder::new(log.clone(), VerifyLevel::Exits, wall, LandingPolicy::Auto);
     let mut b = MachineBuilder::from_snapshot(&opts.snapshot)
@@ -61,7 +51,7 @@ pub fn record_from_snapshot(opts: SnapshotRecordOptions) -> Result<Recording, Er
     if let Some(out) = opts.serial_out {
         b = b.serial_out(out);
     }
-    let mut machine = b.build()?;
+    let machine = b.build()?;
 
     let mut config = snap.config;
     config.verify = VerifyLevel::Exits;
@@ -89,30 +79,5 @@ pub fn record_from_snapshot(opts: SnapshotRecordOptions) -> Result<Recording, Er
     }
     lock(&log).writer = Some(writer);
 
-    let run = machine.run();
-    let stats = machine.stats().clone();
-    let exits = machine.exit_seq().saturating_sub(position);
-    drop(machine);
-    let mut l = lock(&log);
-    l.flush();
-    let (events, landings) = (l.events, l.landings);
-    let writer = l.writer.take();
-    let pending_error = l.error.take();
-    drop(l);
-    let outcome = run?;
-    if let Some(e) = pending_error {
-        return Err(err(e));
-    }
-    let path = match writer {
-        Some(w) => w.finish().map_err(err)?,
-        None => opts.out.clone(),
-    };
-    Ok(Recording {
-        path,
-        outcome,
-        events,
-        landings,
-        exits,
-        stats,
-    })
+    run_and_finish(machine, &log, &opts.out, position)
 }

@@ -403,17 +403,7 @@ pub fn record_image(
     image: Vec<u8>,
     initrd: Option<Vec<u8>>,
 ) -> Result<Recording, Error> {
-    let log = Arc::new(Mutex::new(Log {
-        writer: None,
-        path: opts.out.clone(),
-        buffer: Vec::new(),
-        buffer_start: 0,
-        position: 0,
-        last_flush_ns: nyx_vmm::kick::monotonic_ns(),
-        events: 0,
-        landings: 0,
-        error: None,
-    }));
+    let log = new_log(&opts.out, 0);
     let wall = Arc::new(Mutex::new(0i64));
     let hooks = Recorder::new(log.clone(), opts.verify, wall.clone(), opts.landings);
     let mut b = MachineBuilder::new()
@@ -430,7 +420,7 @@ pub fn record_image(
     if let Some(i) = &initrd {
         b = b.initrd_image(i.clone());
     }
-    let mut machine = b.build()?;
+    let machine = b.build()?;
 
     let config = MachineConfig {
         mem_mib: opts.mem_mib,
@@ -460,11 +450,42 @@ pub fn record_image(
     })?;
     lock(&log).writer = Some(writer);
 
+    run_and_finish(machine, &log, &opts.out, 0)
+}
+
+/// A log for a trace written to `out`, starting at `position`.
+pub(crate) fn new_log(out: &Path, position: u64) -> SharedLog {
+    Arc::new(Mutex::new(Log {
+        writer: None,
+        path: out.to_path_buf(),
+        buffer: Vec::new(),
+        buffer_start: position,
+        position,
+        last_flush_ns: nyx_vmm::kick::monotonic_ns(),
+        events: 0,
+        landings: 0,
+        error: None,
+    }))
+}
+
+/// Runs a recording machine whose trace writer is in `log` to its end, then
+/// writes the last events and finishes the trace at `out`. `start` is the
+/// position the recording began at.
+pub(crate) fn run_and_finish(
+    mut machine: nyx_vmm::Machine,
+    log: &SharedLog,
+    out: &Path,
+    start: u64,
+) -> Result<Recording, Error> {
+    let err = |source| Error::Trace {
+        path: out.to_path_buf(),
+        source,
+    };
     let run = machine.run();
     let stats = machine.stats().clone();
-    let exits = machine.exit_seq();
+    let exits = machine.exit_seq().saturating_sub(start);
     drop(machine);
-    let mut l = lock(&log);
+    let mut l = lock(log);
     l.flush();
     let (events, landings) = (l.events, l.landings);
     let writer = l.writer.take();
@@ -472,17 +493,11 @@ pub fn record_image(
     drop(l);
     let outcome = run?;
     if let Some(e) = pending_error {
-        return Err(Error::Trace {
-            path: opts.out.clone(),
-            source: e,
-        });
+        return Err(err(e));
     }
     let path = match writer {
-        Some(w) => w.finish().map_err(|source| Error::Trace {
-            path: opts.out.clone(),
-            source,
-        })?,
-        None => opts.out.clone(),
+        Some(w) => w.finish().map_err(err)?,
+        None => out.to_path_buf(),
     };
     Ok(Recording {
         path,
