@@ -155,7 +155,26 @@ impl Default for ServeOptions {
 /// Runs the gdb protocol over `conn` on `machine` until gdb detaches or
 /// kills it or the guest ends. Call it on the thread that runs the machine.
 pub fn serve(machine: &mut Machine, conn: TcpStream, opts: ServeOptions) -> Result<DebugEnd, Error> {
-    let mut target = NyxTarget::new(machine, opts)?;
+    let target = NyxTarget::new(machine, opts)?;
+    serve_target(target, conn)
+}
+
+/// Runs the gdb protocol over `conn` on a replayed `machine` with its
+/// `timeline`: gdb can also run it backwards (`reverse-stepi`,
+/// `reverse-continue`) and `monitor seek|checkpoint|restart` move in it.
+/// The replay stays at its end (a crash reports SIGSEGV, a trace's end
+/// "no more history") so that gdb can go back from there.
+pub fn serve_replay(
+    machine: &mut Machine,
+    timeline: &mut nyx_replayer::Timeline,
+    conn: TcpStream,
+    opts: ServeOptions,
+) -> Result<DebugEnd, Error> {
+    let target = NyxTarget::with_timeline(machine, timeline, opts)?;
+    serve_target(target, conn)
+}
+
+fn serve_target(mut target: NyxTarget<'_>, conn: TcpStream) -> Result<DebugEnd, Error> {
     let stub = GdbStub::new(conn);
     let result = stub.run_blocking::<event_loop::NyxEventLoop<'_>>(&mut target);
     let detached = match result {
@@ -176,11 +195,19 @@ pub fn serve(machine: &mut Machine, conn: TcpStream, opts: ServeOptions) -> Resu
     if let Some(end) = target.end.take() {
         return Ok(end);
     }
+    if let Some(ending) = target.timeline.as_deref().and_then(|t| t.ending().cloned()) {
+        return Ok(match ending {
+            nyx_replayer::timeline::Ending::Outcome(o) => DebugEnd::Ended(o),
+            nyx_replayer::timeline::Ending::TraceEnd => DebugEnd::Stopped(HookError::TraceEnd {
+                position: target.machine.exit_seq(),
+            }),
+        });
+    }
     if !detached {
         return Err(Error::Protocol("the guest ended without an outcome".into()));
     }
     target.clear_all()?;
-    drop(target);
+    let machine = target.machine;
     match machine.run() {
         Ok(outcome) => Ok(DebugEnd::Ended(outcome)),
         Err(nyx_vmm::machine::Error::Hook(e)) => Ok(DebugEnd::Stopped(e)),

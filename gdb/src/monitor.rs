@@ -1,5 +1,8 @@
 //! `monitor` commands: `phys ADDR LEN` dumps guest-physical memory in hex,
-//! `when` prints the position (guest-caused exits so far), `help` lists them.
+//! `when` prints the position, `help` lists them. In a replay, `seek POS`
+//! moves to a position, `checkpoint` names the current one and `restart N`
+//! goes back to checkpoint N (gdb does not know the machine moved: run
+//! `flushregs` after them, as after rr's `run`).
 
 use gdbstub::target::ext::monitor_cmd::{outputln, ConsoleOutput, MonitorCmd};
 
@@ -20,6 +23,14 @@ pub enum Command {
     },
     /// Print the position.
     When,
+    /// Go to a position of the replay (`EVENTS[:STEPS]`).
+    Seek(String),
+    /// Name the current position of the replay.
+    Checkpoint,
+    /// Go to a named position.
+    Restart(usize),
+    /// Checkpoint statistics.
+    Info,
     /// List the commands.
     Help,
 }
@@ -46,6 +57,16 @@ pub fn parse(line: &str) -> Result<Command, String> {
             }
         }
         Some("when") => Ok(Command::When),
+        Some("seek") => match (words.next(), words.next()) {
+            (Some(p), None) => Ok(Command::Seek(p.to_string())),
+            _ => Err("usage: monitor seek EVENTS[:STEPS]".into()),
+        },
+        Some("checkpoint") => Ok(Command::Checkpoint),
+        Some("restart") => match (words.next().and_then(|n| n.parse().ok()), words.next()) {
+            (Some(n), None) => Ok(Command::Restart(n)),
+            _ => Err("usage: monitor restart N".into()),
+        },
+        Some("info") => Ok(Command::Info),
         Some("help") | None => Ok(Command::Help),
         Some(other) => Err(format!("unknown monitor command '{other}'; try 'monitor help'")),
     }
@@ -73,10 +94,66 @@ impl MonitorCmd for NyxTarget<'_> {
                     Err(e) => outputln!(out, "cannot read guest-physical memory: {e}"),
                 }
             }
-            Ok(Command::When) => outputln!(out, "position {}", self.machine.exit_seq()),
+            Ok(Command::When) => match self.timeline.as_deref_mut() {
+                Some(t) => match t.resolve(self.machine) {
+                    Ok(p) => outputln!(
+                        out,
+                        "position {p} (events:steps; {} guest-caused exits){}",
+                        self.machine.exit_seq(),
+                        if t.ending().is_some() {
+                            ", at the end of the replay"
+                        } else {
+                            ""
+                        }
+                    ),
+                    Err(e) => outputln!(out, "cannot tell the position: {e}"),
+                },
+                None => outputln!(out, "position {} (guest-caused exits)", self.machine.exit_seq()),
+            },
+            Ok(Command::Seek(p)) => match (self.timeline.as_deref_mut(), p.parse::<nyx_replayer::Position>()) {
+                (None, _) => outputln!(out, "seek works in a replay (nyx replay FILE --gdb)"),
+                (Some(_), Err(e)) => outputln!(out, "{e}"),
+                (Some(t), Ok(target)) => match t.goto(self.machine, target) {
+                    Ok(()) => match t.position() {
+                        Some(at) if t.ending().is_some() => outputln!(out, "at the end of the replay, {at}"),
+                        Some(at) => outputln!(out, "at {at}"),
+                        None => outputln!(out, "moved"),
+                    },
+                    Err(e) => outputln!(out, "seek failed: {e}"),
+                },
+            },
+            Ok(Command::Checkpoint) => match self.timeline.as_deref_mut() {
+                None => outputln!(out, "checkpoints work in a replay (nyx replay FILE --gdb)"),
+                Some(t) => match t.bookmark(self.machine) {
+                    Ok((n, p)) => outputln!(out, "checkpoint {n} at {p}"),
+                    Err(e) => outputln!(out, "checkpoint failed: {e}"),
+                },
+            },
+            Ok(Command::Restart(n)) => match self.timeline.as_deref_mut() {
+                None => outputln!(out, "restart works in a replay (nyx replay FILE --gdb)"),
+                Some(t) => match t.bookmarked(n) {
+                    None => outputln!(out, "no checkpoint {n}"),
+                    Some(p) => match t.goto(self.machine, p) {
+                        Ok(()) => outputln!(out, "at checkpoint {n}, {p}"),
+                        Err(e) => outputln!(out, "restart failed: {e}"),
+                    },
+                },
+            },
+            Ok(Command::Info) => match self.timeline.as_deref() {
+                Some(t) => outputln!(out, "{}", t.summary()),
+                None => outputln!(out, "a live machine: no checkpoints"),
+            },
             Ok(Command::Help) => {
                 outputln!(out, "phys ADDR [LEN]  guest-physical memory in hex (LEN default 64)");
-                outputln!(out, "when             the position: guest-caused exits so far");
+                outputln!(out, "when             the position (a replay: EVENTS:STEPS)");
+                outputln!(out, "seek POS         go to position EVENTS[:STEPS] of the replay");
+                outputln!(out, "checkpoint       name the current position (prints its number)");
+                outputln!(out, "restart N        go to checkpoint N");
+                outputln!(out, "info             checkpoints kept by the replay");
+                outputln!(
+                    out,
+                    "after seek/restart run 'flushregs' so that gdb reads the registers again"
+                );
             }
             Err(msg) => outputln!(out, "{msg}"),
         }

@@ -14,6 +14,9 @@
 
 use gdbstub::common::Signal;
 use gdbstub::stub::SingleThreadStopReason;
+use gdbstub::target::ext::base::reverse_exec::{
+    ReplayLogPosition, ReverseCont, ReverseContOps, ReverseStep, ReverseStepOps,
+};
 use gdbstub::target::ext::base::singlethread::{
     SingleThreadBase, SingleThreadResume, SingleThreadResumeOps, SingleThreadSingleStep, SingleThreadSingleStepOps,
 };
@@ -48,6 +51,10 @@ pub enum ExecMode {
     Continue,
     /// Execute one instruction.
     Step,
+    /// Back to the previous instruction (a replay).
+    ReverseStep,
+    /// Back to the latest breakpoint or watchpoint hit (a replay).
+    ReverseCont,
 }
 
 /// What a run of the machine ended with.
@@ -72,6 +79,9 @@ pub struct NyxTarget<'m> {
     pub(crate) kicker: Kicker,
     /// Write watchpoints also by single-stepping (see [`crate::ServeOptions`]).
     pub(crate) step_watchpoints: bool,
+    /// The replay's checkpoints and position, when the machine replays a
+    /// trace: reverse execution and `monitor seek` work through it.
+    pub(crate) timeline: Option<&'m mut nyx_replayer::Timeline>,
 }
 
 impl<'m> NyxTarget<'m> {
@@ -87,7 +97,20 @@ impl<'m> NyxTarget<'m> {
             int3_in_memory: opts.int3_in_memory,
             step_watchpoints: opts.step_watchpoints,
             end: None,
+            timeline: None,
         })
+    }
+
+    /// A target over a replayed `machine` that can also run backwards.
+    pub fn with_timeline(
+        machine: &'m mut Machine,
+        timeline: &'m mut nyx_replayer::Timeline,
+        opts: crate::ServeOptions,
+    ) -> Result<Self, Error> {
+        let mut t = NyxTarget::new(machine, opts)?;
+        timeline.start(t.machine).map_err(|e| Error::Protocol(e.to_string()))?;
+        t.timeline = Some(timeline);
+        Ok(t)
     }
 
     /// The guest-physical address of linear address `addr`.
@@ -154,6 +177,19 @@ impl<'m> NyxTarget<'m> {
 
     /// Runs the machine in the mode gdb asked for until it stops.
     pub fn run(&mut self) -> Result<RunStop, Error> {
+        if let Some(t) = self.timeline.as_deref() {
+            if t.ending().is_some() && matches!(self.mode, ExecMode::Continue | ExecMode::Step) {
+                // Forward at the end of the replay.
+                return Ok(RunStop::Reason(SingleThreadStopReason::ReplayLog {
+                    tid: None,
+                    pos: ReplayLogPosition::End,
+                }));
+            }
+        }
+        match self.mode {
+            ExecMode::ReverseStep | ExecMode::ReverseCont => return self.run_reverse(),
+            ExecMode::Continue | ExecMode::Step => {}
+        }
         let before = if self.step_watchpoints {
             self.watched_values()
         } else {
@@ -245,16 +281,79 @@ impl<'m> NyxTarget<'m> {
             .collect()
     }
 
+    /// Runs backwards (a replay): to the previous instruction, or to the
+    /// latest breakpoint or write-watchpoint hit before here.
+    fn run_reverse(&mut self) -> Result<RunStop, Error> {
+        let Some(t) = self.timeline.as_deref_mut() else {
+            return Ok(RunStop::Reason(SingleThreadStopReason::Signal(Signal::SIGTRAP)));
+        };
+        let reverse = |e: nyx_replayer::timeline::TimelineError| Error::Protocol(e.to_string());
+        let stop = if self.mode == ExecMode::ReverseStep {
+            t.reverse_step(self.machine).map_err(reverse)?
+        } else {
+            let mut breaks = Vec::new();
+            let mut watches = Vec::new();
+            for s in self.bps.slots.iter().flatten() {
+                match s.kind {
+                    SlotKind::Exec | SlotKind::SwExec => breaks.push(s.addr),
+                    SlotKind::Watch(_) => watches.push((s.addr, s.len)),
+                }
+            }
+            breaks.extend(self.bps.sw.keys().copied());
+            t.reverse_continue(self.machine, &breaks, &watches).map_err(reverse)?
+        };
+        use nyx_replayer::timeline::ReverseStop;
+        Ok(RunStop::Reason(match stop {
+            ReverseStop::Stepped => SingleThreadStopReason::DoneStep,
+            ReverseStop::Breakpoint(addr) => {
+                let hw = self
+                    .bps
+                    .slots
+                    .iter()
+                    .flatten()
+                    .any(|s| s.addr == addr && s.kind == SlotKind::Exec);
+                if hw {
+                    SingleThreadStopReason::HwBreak(())
+                } else {
+                    SingleThreadStopReason::SwBreak(())
+                }
+            }
+            ReverseStop::Watch(addr) => SingleThreadStopReason::Watch {
+                tid: (),
+                kind: WatchKind::Write,
+                addr,
+            },
+            ReverseStop::Begin => SingleThreadStopReason::ReplayLog {
+                tid: None,
+                pos: ReplayLogPosition::Begin,
+            },
+        }))
+    }
+
     /// One `Machine::resume`, its stop translated for gdb. A guest's own
-    /// int3 is re-injected and the run goes on.
+    /// int3 is re-injected and the run goes on. In a replay, the timeline
+    /// takes its checkpoints at the pauses and follows the position.
     fn resume_once(&mut self, stepping: bool) -> Result<RunStop, Error> {
         loop {
-            let stop = match self.machine.resume() {
+            let result = match self.timeline.as_deref_mut() {
+                Some(t) => {
+                    let single = self.machine.guest_debug().single_step;
+                    t.before_run(single);
+                    let before = t.events();
+                    let r = self.machine.resume();
+                    t.after_stop(self.machine, &r, before, single)
+                        .map_err(|e| Error::Protocol(e.to_string()))?;
+                    r
+                }
+                None => self.machine.resume(),
+            };
+            let stop = match result {
                 Ok(s) => s,
                 Err(nyx_vmm::machine::Error::Hook(e)) => return Ok(self.ended_by_hook(e)),
                 Err(e) => return Err(e.into()),
             };
             match stop {
+                Stop::Paused => continue,
                 Stop::Interrupted => return Ok(RunStop::Interrupted),
                 Stop::Ended(outcome) => return Ok(self.ended(outcome)),
                 Stop::Debug(d) => match self.debug_stop(d, stepping)? {
@@ -266,6 +365,16 @@ impl<'m> NyxTarget<'m> {
     }
 
     fn ended(&mut self, outcome: RunOutcome) -> RunStop {
+        if self.timeline.is_some() {
+            // A replay stays at its end, where gdb can go backwards from.
+            return RunStop::Reason(match &outcome {
+                RunOutcome::Crashed(_) => SingleThreadStopReason::Signal(Signal::SIGSEGV),
+                _ => SingleThreadStopReason::ReplayLog {
+                    tid: None,
+                    pos: ReplayLogPosition::End,
+                },
+            });
+        }
         let reason = match &outcome {
             // The crash report is printed when the session ends.
             RunOutcome::Crashed(_) => SingleThreadStopReason::Terminated(Signal::SIGSEGV),
@@ -276,6 +385,12 @@ impl<'m> NyxTarget<'m> {
     }
 
     fn ended_by_hook(&mut self, e: HookError) -> RunStop {
+        if self.timeline.is_some() && matches!(e, HookError::TraceEnd { .. }) {
+            return RunStop::Reason(SingleThreadStopReason::ReplayLog {
+                tid: None,
+                pos: ReplayLogPosition::End,
+            });
+        }
         let reason = match &e {
             HookError::TraceEnd { .. } => SingleThreadStopReason::Exited(4),
             HookError::Divergence(_) => SingleThreadStopReason::Terminated(Signal::SIGABRT),
@@ -424,6 +539,36 @@ impl SingleThreadResume for NyxTarget<'_> {
 
     fn support_single_step(&mut self) -> Option<SingleThreadSingleStepOps<'_, Self>> {
         Some(self)
+    }
+
+    fn support_reverse_step(&mut self) -> Option<ReverseStepOps<'_, (), Self>> {
+        if self.timeline.is_some() {
+            Some(self)
+        } else {
+            None
+        }
+    }
+
+    fn support_reverse_cont(&mut self) -> Option<ReverseContOps<'_, (), Self>> {
+        if self.timeline.is_some() {
+            Some(self)
+        } else {
+            None
+        }
+    }
+}
+
+impl ReverseStep<()> for NyxTarget<'_> {
+    fn reverse_step(&mut self, _tid: ()) -> Result<(), Self::Error> {
+        self.mode = ExecMode::ReverseStep;
+        Ok(())
+    }
+}
+
+impl ReverseCont<()> for NyxTarget<'_> {
+    fn reverse_cont(&mut self) -> Result<(), Self::Error> {
+        self.mode = ExecMode::ReverseCont;
+        Ok(())
     }
 }
 

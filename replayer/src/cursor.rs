@@ -18,12 +18,35 @@ pub enum Failure {
     Mismatch(String),
 }
 
+/// A place in the trace to come back to ([`Cursor::mark`]).
+#[derive(Debug, Clone)]
+pub struct CursorMark {
+    frame: usize,
+    taken_in_frame: usize,
+    next_frame: usize,
+    consumed: u64,
+    position: u64,
+    last_time: u64,
+    recent: VecDeque<(u64, Event)>,
+}
+
+impl CursorMark {
+    /// Events consumed at the mark.
+    pub fn consumed(&self) -> u64 {
+        self.consumed
+    }
+}
+
 /// The replay's place in the trace.
 pub struct Cursor {
     reader: TraceReader,
     path: PathBuf,
     next_frame: usize,
     pending: VecDeque<Event>,
+    /// The frame `pending` came from and how many of its events were taken.
+    frame: usize,
+    taken_in_frame: usize,
+    consumed: u64,
     position: u64,
     recent: VecDeque<(u64, Event)>,
     failure: Option<Failure>,
@@ -39,6 +62,9 @@ impl Cursor {
             path,
             next_frame: 0,
             pending: VecDeque::new(),
+            frame: 0,
+            taken_in_frame: 0,
+            consumed: 0,
             position: 0,
             recent: VecDeque::new(),
             failure: None,
@@ -61,7 +87,11 @@ impl Cursor {
             };
             self.next_frame = idx + 1;
             match self.reader.read_records::<Event>(idx) {
-                Ok(events) => self.pending.extend(events),
+                Ok(events) => {
+                    self.frame = idx;
+                    self.taken_in_frame = 0;
+                    self.pending.extend(events)
+                }
                 Err(e) => self.read_error = Some(e),
             }
         }
@@ -77,6 +107,8 @@ impl Cursor {
     pub fn advance(&mut self) -> Option<Event> {
         self.fill();
         let e = self.pending.pop_front()?;
+        self.taken_in_frame += 1;
+        self.consumed += 1;
         match &e {
             Event::Exit(_) => self.position += 1,
             Event::Time(t) => self.last_time = *t,
@@ -112,6 +144,45 @@ impl Cursor {
     /// Guest-caused exits consumed so far.
     pub fn position(&self) -> u64 {
         self.position
+    }
+
+    /// Events consumed so far (of every kind): it changes only at the
+    /// replay's sync points, so it orders them.
+    pub fn consumed(&self) -> u64 {
+        self.consumed
+    }
+
+    /// Where the cursor is, to come back to with [`Cursor::seek`].
+    pub fn mark(&self) -> CursorMark {
+        CursorMark {
+            frame: self.frame,
+            taken_in_frame: self.taken_in_frame,
+            next_frame: self.next_frame,
+            consumed: self.consumed,
+            position: self.position,
+            last_time: self.last_time,
+            recent: self.recent.clone(),
+        }
+    }
+
+    /// Puts the cursor back (or forward) to `mark`, re-reading the frame it
+    /// was in. A frame that cannot be read is kept as the read error.
+    pub fn seek(&mut self, mark: &CursorMark) {
+        self.pending.clear();
+        self.failure = None;
+        self.frame = mark.frame;
+        self.taken_in_frame = mark.taken_in_frame;
+        self.next_frame = mark.next_frame;
+        self.consumed = mark.consumed;
+        self.position = mark.position;
+        self.last_time = mark.last_time;
+        self.recent = mark.recent.clone();
+        if mark.next_frame > mark.frame {
+            match self.reader.read_records::<Event>(mark.frame) {
+                Ok(events) => self.pending.extend(events.into_iter().skip(mark.taken_in_frame)),
+                Err(e) => self.read_error = Some(e),
+            }
+        }
     }
 
     /// The last time sample served.

@@ -14,6 +14,7 @@
 mod cursor;
 mod report;
 mod search;
+pub mod timeline;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -26,7 +27,8 @@ use nyx_vmm::events::{EndKind, Event, ExitRecord};
 use nyx_vmm::hooks::{HookCtx, HookError, RunHooks};
 use nyx_vmm::{MachineBuilder, RunOutcome};
 
-pub use cursor::{Cursor, Failure};
+pub use cursor::{Cursor, CursorMark, Failure};
+pub use timeline::{Position, Timeline};
 pub use report::Divergence;
 
 /// Errors of a replay.
@@ -117,6 +119,13 @@ pub(crate) struct State {
     pub search_hits: u64,
     pub hits_per_landing: Vec<u64>,
     pub keyframes: u64,
+    /// A debugger drives the replay: the machine stops between sync
+    /// points, so an interrupt is injected only where the recording did.
+    pub debugging: bool,
+    /// A debugger single-steps: landings are reached by stepping to them.
+    pub stepping: bool,
+    /// Pause after the next exit once this instant has passed.
+    pub pause_after: Option<std::time::Instant>,
 }
 
 pub(crate) type Shared = Arc<Mutex<State>>;
@@ -178,10 +187,14 @@ impl Input for ReplayInput {
     }
 }
 
+/// Told the position (guest-caused exits replayed) after each exit.
+pub type Progress = Box<dyn FnMut(u64) + Send>;
+
 /// The replayer's run hooks.
 pub struct Replayer {
     state: Shared,
     config: MachineConfig,
+    progress: Option<Progress>,
 }
 
 impl Replayer {
@@ -248,8 +261,25 @@ impl RunHooks for Replayer {
         Ok(false)
     }
 
+    fn may_inject(&mut self) -> bool {
+        let mut s = lock(&self.state);
+        !s.debugging || matches!(s.cursor.peek(), Some(Event::Inject(_)))
+    }
+
+    fn inject_while_stepping(&self) -> bool {
+        true
+    }
+
+    fn pause_after_exit(&mut self) -> bool {
+        let s = lock(&self.state);
+        s.pause_after.is_some_and(|t| std::time::Instant::now() >= t)
+    }
+
     fn before_enter(&mut self, ctx: &mut HookCtx<'_>) -> Result<bool, HookError> {
         self.check(ctx)?;
+        if lock(&self.state).stepping {
+            return search::step_toward_landing(ctx, &self.state);
+        }
         let landing = {
             let mut s = lock(&self.state);
             match s.cursor.take_if(|e| matches!(e, Event::Landing(_))) {
@@ -259,12 +289,14 @@ impl RunHooks for Replayer {
         };
         if let Some(k) = &landing.keyframe {
             search::restore_keyframe(ctx, &landing, k, &self.state)?;
+            ctx.metrics.landing(nyx_vmm::metrics::LandingHow::Keyframe, 0);
             let mut s = lock(&self.state);
             s.landings += 1;
             s.keyframes += 1;
             return Ok(true);
         }
         let hits = search::run_to_landing(ctx, &landing, &self.state)?;
+        ctx.metrics.landing(nyx_vmm::metrics::LandingHow::Search, hits);
         let mut s = lock(&self.state);
         s.landings += 1;
         s.search_hits += hits;
@@ -298,6 +330,9 @@ impl RunHooks for Replayer {
                 let msg = format!("the trace has no more events, the guest made exit {exit}");
                 return Err(report::diverge(ctx, &s.cursor, msg, None));
             }
+        }
+        if let Some(p) = self.progress.as_mut() {
+            p(s.cursor.position());
         }
         if self.config.verify == VerifyLevel::Full {
             let want = s.cursor.take_if(|e| matches!(e, Event::Regs(_)));
@@ -440,10 +475,38 @@ pub fn open_trace(path: &Path) -> Result<OpenTrace, Error> {
 /// ready to run (or to be debugged forward): every run of it re-executes
 /// the recording, verifying each step.
 pub fn replay_machine(path: &Path, opts: ReplayOptions) -> Result<nyx_vmm::Machine, Error> {
-    build(path, opts).map(|(m, _)| m)
+    build(path, opts, None).map(|(m, _)| m)
 }
 
-fn build(path: &Path, opts: ReplayOptions) -> Result<(nyx_vmm::Machine, Shared), Error> {
+/// Builds the machine of the trace at `path` for a debugger that moves
+/// backwards too: its [`Timeline`] takes checkpoints, finds positions and
+/// re-executes; guest output is written once however often a stretch is
+/// re-executed.
+pub fn debug_replay(path: &Path, mut opts: ReplayOptions) -> Result<(nyx_vmm::Machine, Timeline), Error> {
+    let out = opts
+        .serial_out
+        .take()
+        .unwrap_or_else(|| Box::new(std::io::stdout()) as Box<dyn std::io::Write + Send>);
+    let (machine, _, timeline) = build_inner(path, opts, None, Some(out))?;
+    let timeline = timeline.ok_or_else(|| Error::NotATrace {
+        path: path.to_path_buf(),
+        why: "no timeline".into(),
+    })?;
+    Ok((machine, timeline))
+}
+
+fn build(path: &Path, opts: ReplayOptions, progress: Option<Progress>) -> Result<(nyx_vmm::Machine, Shared), Error> {
+    build_inner(path, opts, progress, None).map(|(m, s, _)| (m, s))
+}
+
+type Built = (nyx_vmm::Machine, Shared, Option<Timeline>);
+
+fn build_inner(
+    path: &Path,
+    opts: ReplayOptions,
+    progress: Option<Progress>,
+    timeline_out: Option<Box<dyn std::io::Write + Send>>,
+) -> Result<Built, Error> {
     let OpenTrace {
         reader,
         config,
@@ -459,10 +522,14 @@ fn build(path: &Path, opts: ReplayOptions) -> Result<(nyx_vmm::Machine, Shared),
         search_hits: 0,
         hits_per_landing: Vec::new(),
         keyframes: 0,
+        debugging: false,
+        stepping: false,
+        pause_after: None,
     }));
     let hooks = Replayer {
         state: state.clone(),
         config: config.clone(),
+        progress,
     };
     let mut b = MachineBuilder::new()
         .memory(config.mem_mib)
@@ -472,7 +539,12 @@ fn build(path: &Path, opts: ReplayOptions) -> Result<(nyx_vmm::Machine, Shared),
         .cpuid_table(config.cpuid.clone())
         .tsc_khz(config.tsc_khz)
         .hooks(Box::new(hooks));
-    if let Some(out) = opts.serial_out {
+    let mut timeline = None;
+    if let Some(out) = timeline_out {
+        let (t, once) = Timeline::new(state.clone(), out);
+        timeline = Some(t);
+        b = b.serial_out(Box::new(once));
+    } else if let Some(out) = opts.serial_out {
         b = b.serial_out(out);
     }
     if let Some(i) = initrd {
@@ -481,7 +553,7 @@ fn build(path: &Path, opts: ReplayOptions) -> Result<(nyx_vmm::Machine, Shared),
     if let Some((machine_state, memory)) = start {
         b = b.restore_state(machine_state, memory);
     }
-    Ok((b.build()?, state))
+    Ok((b.build()?, state, timeline))
 }
 
 /// The machine state and memory a trace recorded from a snapshot starts
@@ -521,7 +593,12 @@ fn starting_state(
 
 /// Replays the trace at `path`.
 pub fn replay(path: &Path, opts: ReplayOptions) -> Result<Replay, Error> {
-    let (mut machine, state) = build(path, opts)?;
+    replay_with_progress(path, opts, None)
+}
+
+/// Replays the trace at `path`, telling `progress` the position as it goes.
+pub fn replay_with_progress(path: &Path, opts: ReplayOptions, progress: Option<Progress>) -> Result<Replay, Error> {
+    let (mut machine, state) = build(path, opts, progress)?;
     let result = machine.run();
     let stats = machine.stats().clone();
     let exits = machine.exit_seq();

@@ -77,6 +77,32 @@ pub fn run_to_landing(ctx: &mut HookCtx<'_>, landing: &Landing, state: &Shared) 
     Ok(hits)
 }
 
+/// Single-stepping toward the next landing (a debugger steps the replay):
+/// when the vCPU is exactly at it, the landing is taken (its interrupt
+/// queued again) and true returned; until then an interrupt the recording
+/// still held undelivered there stays withdrawn, so the steps see the
+/// guest the search would.
+pub fn step_toward_landing(ctx: &mut HookCtx<'_>, state: &Shared) -> Result<bool, HookError> {
+    let landing = match lock(state).cursor.peek() {
+        Some(nyx_vmm::events::Event::Landing(l)) => l.clone(),
+        _ => return Ok(false),
+    };
+    if landing.pending_interrupt.is_some() {
+        set_queued_interrupt(ctx.vcpu, None)?;
+    }
+    if !at_landing(ctx, &landing)? {
+        return Ok(false);
+    }
+    ctx.dirty_since_landing.clear();
+    if let Some(v) = landing.pending_interrupt {
+        set_queued_interrupt(ctx.vcpu, Some(v))?;
+    }
+    let mut s = lock(state);
+    s.cursor.advance();
+    s.landings += 1;
+    Ok(true)
+}
+
 /// Hits after which a search gives up and reports a divergence: a guest that
 /// never reaches the recorded state would otherwise spin forever in a busy
 /// loop. Recorded landings in the in-tree guests take hundreds of hits.
@@ -162,10 +188,12 @@ pub fn restore_keyframe(
     let regs = ctx.vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?;
     let sregs = ctx.vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     let digest_ok = nyx_vmm::vcpu_state::register_digest(&regs, &sregs) == landing.regs_digest;
-    ctx.dirty_since_landing.extend(keyframe.pages.iter().flat_map(|r| {
+    let pages = keyframe.pages.iter().flat_map(|r| {
         let first = r.gpa / 4096;
         first..first + (r.data.len() as u64).div_ceil(4096)
-    }));
+    });
+    ctx.written.extend(pages.clone());
+    ctx.dirty_since_landing.extend(pages);
     let mem_ok = ctx.dirty_digest(&regs, &sregs) == landing.mem_digest;
     ctx.dirty_since_landing.clear();
     let full_ok = keyframe

@@ -284,7 +284,8 @@ fn random_bytes_never_make_nyx_panic() {
 }
 
 /// gdb on a replay: the recorded long-mode guest stops at a breakpoint in
-/// its higher half, reports its position, and runs on to the recorded end.
+/// its higher half, reports its position, and runs on to the recorded end,
+/// where it stays.
 #[test]
 fn replay_under_gdb_stops_at_a_breakpoint_and_runs_to_the_end() {
     let dir = tempfile::tempdir().unwrap();
@@ -313,12 +314,116 @@ fn replay_under_gdb_stops_at_a_breakpoint_and_runs_to_the_end() {
             "info registers rip",
             "monitor when",
             "continue",
+            "continue",
+            "detach",
         ],
     );
     assert!(out.contains("Breakpoint 1, higher_half_entry"), "{out}");
     assert!(out.contains("0xc0109000"), "{out}");
     assert!(out.contains("position "), "{out}");
-    assert!(out.contains("exited normally"), "{out}");
+    // The replay stays at its end (to go back from), however often gdb
+    // continues; detaching there ends nyx with the guest's status.
+    assert_eq!(out.matches("No more reverse-execution history").count(), 2, "{out}");
     let (code, _) = nyx.finish();
     assert_eq!(code, Some(0));
+}
+
+/// Records `guest` into `dir` and starts `nyx replay --gdb` on the trace.
+fn replay_nyx(dir: &std::path::Path, guest: &str) -> Nyx {
+    let trace = dir.join(format!("{guest}.nyxtrace"));
+    let rec = Command::new(env!("CARGO_BIN_EXE_nyx"))
+        .args(["record", "--out"])
+        .arg(&trace)
+        .arg("--kernel")
+        .arg(nyx_guests::path(guest).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        matches!(rec.status.code(), Some(0 | 2)),
+        "{}",
+        String::from_utf8_lossy(&rec.stderr)
+    );
+    let args: Vec<std::ffi::OsString> = vec![
+        "replay".into(),
+        trace.into_os_string(),
+        "--gdb".into(),
+        "127.0.0.1:0".into(),
+    ];
+    Nyx::start_with(&args)
+}
+
+/// The value gdb printed after `label=`.
+fn printed(out: &str, label: &str) -> u64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix(label))
+        .and_then(|v| {
+            let v = v.trim();
+            match v.strip_prefix("0x") {
+                Some(h) => u64::from_str_radix(h, 16).ok(),
+                None => v.parse().ok(),
+            }
+        })
+        .unwrap_or_else(|| panic!("no {label} in {out}"))
+}
+
+/// Reverse execution on the replay of the triple-faulting guest: continue
+/// to the crash, step back one instruction, go back to the last hit of a
+/// breakpoint, and find the instruction that last wrote a variable.
+#[test]
+fn reverse_execution_from_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let nyx = replay_nyx(dir.path(), "triple");
+    let result = symbol("triple", "result");
+    let watch = format!("watch *(int *){result:#x}");
+    let show = format!("printf \"RESULT=%d\\n\", *(int *){result:#x}");
+    let out = gdb(
+        &nyx,
+        "triple",
+        &[
+            "continue",
+            "printf \"CRASH_PC=%#lx\\n\", $pc",
+            "printf \"CRASH_EAX=%#lx\\n\", $rax",
+            "reverse-stepi",
+            "printf \"BACK_PC=%#lx\\n\", $pc",
+            "stepi",
+            "printf \"FWD_PC=%#lx\\n\", $pc",
+            "break putdec32",
+            "reverse-continue",
+            "printf \"BP_PC=%#lx\\n\", $pc",
+            "printf \"BP_EAX=%d\\n\", $eax",
+            "delete",
+            &watch,
+            "reverse-continue",
+            "printf \"WATCH_PC=%#lx\\n\", $pc",
+            &show,
+            "delete",
+            "reverse-continue",
+            "monitor when",
+            "monitor info",
+            "kill",
+        ],
+    );
+    assert!(out.contains("SIGSEGV"), "the crash stops the replay: {out}");
+    assert_eq!(
+        printed(&out, "CRASH_PC="),
+        symbol("triple", "triple_fault_here"),
+        "{out}"
+    );
+    assert_eq!(printed(&out, "BACK_PC="), symbol("triple", "load_empty_idt"), "{out}");
+    assert_eq!(printed(&out, "FWD_PC="), symbol("triple", "triple_fault_here"), "{out}");
+    // The last call of putdec32 printed 12!.
+    assert_eq!(printed(&out, "BP_PC="), symbol("triple", "putdec32"), "{out}");
+    assert_eq!(printed(&out, "BP_EAX="), 479_001_600, "{out}");
+    // Who wrote `result` last: the store of 12!, seen just before it ran.
+    assert_eq!(
+        printed(&out, "WATCH_PC="),
+        symbol("triple", "last_result_write"),
+        "{out}"
+    );
+    assert_eq!(printed(&out, "RESULT="), 832_040, "fib(30) before the write: {out}");
+    assert!(out.contains("No more reverse-execution history"), "{out}");
+    assert!(out.contains("position 0:0"), "back at the start: {out}");
+    let (code, err) = nyx.finish();
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(code.is_some(), "{err}");
 }

@@ -61,8 +61,14 @@ pub struct HookCtx<'a> {
     pub dirty: Option<&'a mut crate::mem_state::DirtyTracker>,
     /// Pages written since the previous landing (collected so far).
     pub dirty_since_landing: &'a mut std::collections::BTreeSet<u64>,
+    /// Pages written since [`crate::Machine::take_written`] last took them
+    /// (collected so far): what a checkpoint of a reverse debugger saves.
+    /// Whoever writes guest memory from the VMM side adds its pages here.
+    pub written: &'a mut std::collections::BTreeSet<u64>,
     /// The MSRs a vCPU state capture saves.
     pub msr_list: &'a [u32],
+    /// The machine's metrics (landings, trace bytes).
+    pub metrics: &'a crate::metrics::VmMetrics,
 }
 
 impl HookCtx<'_> {
@@ -85,6 +91,7 @@ impl HookCtx<'_> {
             let pages = d
                 .collect(self.vm)
                 .map_err(|e| HookError::Trace(format!("dirty log: {e}")))?;
+            self.written.extend(pages.iter().copied());
             self.dirty_since_landing.extend(pages);
         }
         Ok(())
@@ -178,6 +185,19 @@ impl HookCtx<'_> {
     /// can write an interrupt frame there for an interrupt it delivers only
     /// after the stop, and nothing architectural depends on those bytes.
     pub fn dirty_digest(&self, regs: &kvm_bindings::kvm_regs, sregs: &kvm_bindings::kvm_sregs) -> u64 {
+        live_digest(self.mem, regs, sregs, self.dirty_since_landing.iter().copied())
+    }
+}
+
+/// The digest of `pages` as [`HookCtx::dirty_digest`] computes it: their
+/// contents less the dead part of the stack page below RSP.
+pub fn live_digest(
+    mem: &GuestMemory,
+    regs: &kvm_bindings::kvm_regs,
+    sregs: &kvm_bindings::kvm_sregs,
+    pages: impl IntoIterator<Item = u64>,
+) -> u64 {
+    {
         let paging = crate::paging::PagingRegs {
             cr0: sregs.cr0,
             cr3: sregs.cr3,
@@ -192,12 +212,15 @@ impl HookCtx<'_> {
         } else {
             sregs.ss.base.wrapping_add(rsp) & 0xffff_ffff
         };
-        let dead = match crate::paging::translate(self.mem, &paging, linear) {
+        let dead = match crate::paging::translate(mem, &paging, linear) {
             Ok(t) => (t.gpa >> 12, (t.gpa & 0xfff) as usize),
             Err(_) => (u64::MAX, 0),
         };
-        crate::mem_state::pages_digest_live(self.mem, self.dirty_since_landing.iter().copied(), dead)
+        crate::mem_state::pages_digest_live(mem, pages, dead)
     }
+}
+
+impl HookCtx<'_> {
 
     /// Digest of the vCPU's registers now.
     pub fn regs_digest(&mut self) -> Result<u64, HookError> {
@@ -275,6 +298,26 @@ pub trait RunHooks: Send {
 
     /// A random value for RDRAND/RDSEED emulation.
     fn entropy(&mut self, ctx: &mut HookCtx<'_>) -> Result<u64, HookError>;
+
+    /// Whether an interrupt the devices have pending may be injected now
+    /// (the replayer injects only where the recording did).
+    fn may_inject(&mut self) -> bool {
+        true
+    }
+
+    /// Whether interrupts are injected while a debugger single-steps (a
+    /// replay must deliver them where they were recorded; a live run keeps
+    /// a step out of interrupt handlers).
+    fn inject_while_stepping(&self) -> bool {
+        false
+    }
+
+    /// Asked after each exit that the loop would simply continue from:
+    /// true makes [`crate::Machine::resume`] return [`crate::machine::Stop::Paused`]
+    /// there (a reverse debugger takes its checkpoints at such points).
+    fn pause_after_exit(&mut self) -> bool {
+        false
+    }
 
     /// The run ended with `outcome`.
     fn on_end(&mut self, _ctx: &mut HookCtx<'_>, _outcome: &RunOutcome) -> Result<(), HookError> {

@@ -319,7 +319,13 @@ impl MachineBuilder {
     /// A builder for the machine saved in the snapshot at `path`: the same
     /// configuration and images, and its state applied at build.
     pub fn from_snapshot(path: &Path) -> Result<Self, crate::snapshot::SnapshotError> {
-        let snap = crate::snapshot::read(path)?;
+        Ok(Self::from_saved(crate::snapshot::read(path)?))
+    }
+
+    /// A builder for a saved machine read from anywhere (a snapshot file,
+    /// a migration stream): its configuration and images, its state applied
+    /// at build.
+    pub fn from_saved(snap: crate::snapshot::Snapshot) -> Self {
         let c = snap.config;
         let mut b = MachineBuilder::new()
             .memory(c.mem_mib)
@@ -331,7 +337,7 @@ impl MachineBuilder {
             b = b.initrd_image(i);
         }
         b.restore = Some((snap.state, snap.memory));
-        Ok(b)
+        b
     }
 
     /// The run mode (default: a plain run).
@@ -548,6 +554,7 @@ impl MachineBuilder {
                 exit_seq,
                 dirty,
                 dirty_since_landing: BTreeSet::new(),
+                written: BTreeSet::new(),
                 kernel_name,
                 cmdline,
                 image_len: image.len(),
@@ -578,6 +585,7 @@ pub struct Core {
     exit_seq: u64,
     dirty: Option<DirtyTracker>,
     dirty_since_landing: BTreeSet<u64>,
+    written: BTreeSet<u64>,
     kernel_name: String,
     cmdline: String,
     image_len: usize,
@@ -611,7 +619,9 @@ impl Core {
             exit_seq: self.exit_seq,
             dirty: self.dirty.as_mut(),
             dirty_since_landing: &mut self.dirty_since_landing,
+            written: &mut self.written,
             msr_list: &self.msr_list,
+            metrics: &self.metrics,
         }
     }
 
@@ -664,6 +674,10 @@ pub enum Stop {
     Debug(DebugStop),
     /// Another thread kicked the vCPU ([`Machine::kicker`]).
     Interrupted,
+    /// The mode's hooks asked to pause right after an exit was handled
+    /// ([`RunHooks::pause_after_exit`]): resuming goes on exactly as if
+    /// the loop had not returned.
+    Paused,
 }
 
 /// A debug exit as KVM reports it.
@@ -830,7 +844,7 @@ impl Machine {
     fn service_interrupts(&mut self) -> Result<(), Error> {
         let pending = self.core.platform.interrupt_pending();
         let ready = self.core.vcpu.get_kvm_run().ready_for_interrupt_injection != 0;
-        if pending && ready {
+        if pending && ready && self.hooks.may_inject() {
             let vector = self.core.platform.acknowledge();
             let mut ctx = self.core.ctx();
             self.hooks.on_inject(&mut ctx, vector)?;
@@ -881,7 +895,7 @@ impl Machine {
                 Stop::Ended(outcome) => return Ok(outcome),
                 Stop::Interrupted => return Err(HookError::Stopped.into()),
                 // Debug exits only come when a debugger asked for them.
-                Stop::Debug(_) => {}
+                Stop::Debug(_) | Stop::Paused => {}
             }
         }
     }
@@ -992,6 +1006,13 @@ impl Machine {
 
     /// The machine's state and memory now (at a stop of [`Machine::resume`]).
     pub fn capture_state(&mut self) -> Result<(crate::snapshot::MachineState, Vec<crate::mem_state::PageRun>), Error> {
+        let (state, ()) = self.capture_state_without_memory()?;
+        Ok((state, crate::mem_state::capture_all(&self.core.mem)))
+    }
+
+    /// The machine's state without its memory (a checkpoint that saves
+    /// only written pages itself).
+    pub fn capture_state_without_memory(&mut self) -> Result<(crate::snapshot::MachineState, ()), Error> {
         let ge = |e: &dyn std::fmt::Display| Error::GuestMemory(e.to_string());
         // An exit KVM has not completed yet would be lost.
         crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu).map_err(|e| ge(&e))?;
@@ -1004,7 +1025,31 @@ impl Machine {
             poll_pending: self.poll_pending,
             patches: self.core.patches.clone(),
         };
-        Ok((state, crate::mem_state::capture_all(&self.core.mem)))
+        Ok((state, ()))
+    }
+
+    /// The configuration and images a saved copy of this machine carries
+    /// in its container header: configuration, kernel, initrd.
+    pub fn saved_parts(&self) -> (&crate::config::MachineConfig, &[u8], Option<&[u8]>) {
+        let c = &self.core;
+        (&c.config, &c.kernel_image, c.initrd_image.as_deref())
+    }
+
+    /// A second handle on the VM (a duplicated file descriptor), for a
+    /// thread that reads KVM's dirty log while this one runs the vCPU.
+    pub fn vm_handle(&self) -> Result<VmFd, Error> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup of a descriptor this machine owns; the copy is handed
+        // to the VmFd below, its only owner.
+        let fd = unsafe { libc::dup(self.core.vm.as_raw_fd()) };
+        if fd < 0 {
+            return Err(Error::Kvm {
+                what: "dup of the VM descriptor",
+                source: kvm_ioctls::Error::last(),
+            });
+        }
+        // SAFETY: `fd` is a fresh, valid VM descriptor that nothing else owns.
+        unsafe { self.core._kvm.create_vmfd_from_rawfd(fd) }.map_err(kvm_err("KVM_GET_VCPU_MMAP_SIZE"))
     }
 
     /// Saves the machine into a snapshot file (at a stop of [`Machine::resume`]).
@@ -1057,6 +1102,30 @@ impl Machine {
         Ok(())
     }
 
+    /// The pages written since the last call (KVM's dirty log, collected
+    /// now, plus the VMM's own writes that hooks noted): the delta a
+    /// reverse debugger's checkpoint saves. Empty when the mode does not
+    /// track dirty pages.
+    pub fn take_written(&mut self) -> Result<BTreeSet<u64>, Error> {
+        self.core
+            .ctx()
+            .collect_dirty()
+            .map_err(|e| Error::GuestMemory(e.to_string()))?;
+        Ok(std::mem::take(&mut self.core.written))
+    }
+
+    /// Pages written since the previous landing (what the next landing's
+    /// memory digest covers): part of a replay checkpoint.
+    pub fn dirty_since_landing(&self) -> &BTreeSet<u64> {
+        &self.core.dirty_since_landing
+    }
+
+    /// Sets the pages written since the previous landing (restoring a
+    /// replay checkpoint).
+    pub fn set_dirty_since_landing(&mut self, pages: BTreeSet<u64>) {
+        self.core.dirty_since_landing = pages;
+    }
+
     fn run_loop(&mut self) -> Result<Stop, Error> {
         loop {
             // A kick that led to nothing (its deadline had not passed) is not
@@ -1065,13 +1134,17 @@ impl Machine {
             if !std::mem::take(&mut self.spurious_kick) {
                 let poll = std::mem::take(&mut self.poll_pending);
                 self.step(poll)?;
-                if !self.debug.single_step {
+                if !self.debug.single_step || self.hooks.inject_while_stepping() {
                     self.service_interrupts()?;
                 }
                 let mut ctx = self.core.ctx();
                 if self.hooks.before_enter(&mut ctx)? {
                     // The mode moved the guest to a landing: a new step there.
+                    // Its search used the debug registers: put ours back.
                     self.poll_pending = true;
+                    if self.debug != GuestDebug::default() {
+                        self.set_guest_debug(self.debug)?;
+                    }
                     continue;
                 }
             }
@@ -1134,6 +1207,7 @@ impl Machine {
                     self.hooks.on_exit(&mut ctx, &rec)?;
                     self.core.metrics.exit(&rec, handled_from);
                     match next {
+                        Next::Continue if self.hooks.pause_after_exit() => return Ok(Stop::Paused),
                         Next::Continue => {}
                         Next::Hlt if self.core.vcpu.get_kvm_run().if_flag == 0 => {
                             return Ok(Stop::Ended(RunOutcome::Halted))
@@ -1174,6 +1248,9 @@ impl Machine {
                     let mut ctx = self.core.ctx();
                     self.hooks.on_exit(&mut ctx, &rec)?;
                     self.core.metrics.exit(&rec, handled_from);
+                    if self.hooks.pause_after_exit() {
+                        return Ok(Stop::Paused);
+                    }
                 }
             }
         }
