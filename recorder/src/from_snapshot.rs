@@ -11,7 +11,7 @@ use nyx_trace::{ContainerKind, FrameKind, GuestImage, TraceHeader, TraceWriter, 
 use nyx_vmm::config::{VerifyLevel, INITRD_IMAGE, KERNEL_IMAGE};
 use nyx_vmm::{MachineBuilder, SerialIn};
 
-use crate::{lock, new_log, run_and_finish, trace_uuid, Error, LandingPolicy, Recorder, Recording};
+use crate::{new_log, trace_uuid, Error, LandingPolicy, Recorder, Recording, Session};
 
 /// Memory runs per frame of the starting state.
 const RUNS_PER_FRAME: usize = 16;
@@ -32,6 +32,12 @@ pub struct SnapshotRecordOptions {
 
 /// Restores the snapshot and records its run to the end into `opts.out`.
 pub fn record_from_snapshot(opts: SnapshotRecordOptions) -> Result<Recording, Error> {
+    start_from_snapshot(opts)?.run()
+}
+
+/// Restores the snapshot under the recorder and opens its trace, with the
+/// snapshot's state as the trace's first frames; the caller runs it.
+pub fn start_from_snapshot(opts: SnapshotRecordOptions) -> Result<Session, Error> {
     let snap = nyx_vmm::snapshot::read(&opts.snapshot).map_err(|e| Error::Read {
         path: opts.snapshot.clone(),
         source: std::io::Error::other(e.to_string()),
@@ -77,7 +83,5 @@ pub fn record_from_snapshot(opts: SnapshotRecordOptions) -> Result<Recording, Er
     for chunk in snap.memory.chunks(RUNS_PER_FRAME) {
         writer.write_records(FrameKind::Memory, position, chunk).map_err(err)?;
     }
-    lock(&log).writer = Some(writer);
-
-    run_and_finish(machine, &log, &opts.out, position)
+    Ok(Session::new(machine, log, writer, &opts.out, position))
 }

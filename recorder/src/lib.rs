@@ -21,10 +21,11 @@ use nyx_vmm::config::{MachineConfig, VerifyLevel, INITRD_IMAGE, KERNEL_IMAGE};
 use nyx_vmm::cpuid::CpuidPolicy;
 use nyx_vmm::events::{EndKind, EndRecord, Event, ExitRecord};
 use nyx_vmm::hooks::{host_idle_wait, host_random, HookCtx, HookError, RunHooks};
+use nyx_vmm::metrics::{LandingHow, VmMetrics};
 use nyx_vmm::{MachineBuilder, RunOutcome, SerialIn};
 
 mod from_snapshot;
-pub use from_snapshot::{record_from_snapshot, SnapshotRecordOptions};
+pub use from_snapshot::{record_from_snapshot, start_from_snapshot, SnapshotRecordOptions};
 
 /// The least host time the guest runs between two kicks, ns.
 const MIN_SLICE_NS: u64 = 200_000;
@@ -126,6 +127,10 @@ struct Log {
     events: u64,
     landings: u64,
     error: Option<nyx_trace::Error>,
+    /// The machine's metrics, once it is built: trace bytes go there.
+    metrics: Option<Arc<VmMetrics>>,
+    /// Bytes of the trace file counted into `metrics` so far.
+    bytes_counted: u64,
 }
 
 impl Log {
@@ -151,12 +156,22 @@ impl Log {
             return;
         }
         if let Some(w) = self.writer.as_mut() {
-            if let Err(e) = w.write_records(FrameKind::Events, self.buffer_start, &self.buffer) {
-                self.error = Some(e);
+            match w.write_records(FrameKind::Events, self.buffer_start, &self.buffer) {
+                Ok(info) => self.count_bytes(info.end()),
+                Err(e) => self.error = Some(e),
             }
         }
         self.buffer.clear();
         self.last_flush_ns = nyx_vmm::kick::monotonic_ns();
+    }
+
+    /// Counts the trace file up to `end` (header and frames) into the
+    /// machine's metrics.
+    fn count_bytes(&mut self, end: u64) {
+        if let Some(m) = &self.metrics {
+            m.trace_bytes(end.saturating_sub(self.bytes_counted));
+            self.bytes_counted = self.bytes_counted.max(end);
+        }
     }
 
     fn flush_if_old(&mut self) {
@@ -303,6 +318,12 @@ impl RunHooks for Recorder {
         if keyframe {
             landing.keyframe = Some(Box::new(ctx.keyframe_here(self.verify == VerifyLevel::Full)?));
         }
+        let how = if keyframe {
+            LandingHow::Keyframe
+        } else {
+            LandingHow::Search
+        };
+        ctx.metrics.landing(how, 0);
         ctx.dirty_since_landing.clear();
         lock(&self.log).push(Event::Landing(Box::new(landing)));
         Ok(true)
@@ -378,6 +399,13 @@ pub fn memory_digest(mem: &nyx_vmm::memory::GuestMemory) -> u64 {
 
 /// Records a run of the machine `opts` describes into `opts.out`.
 pub fn record(opts: RecordOptions) -> Result<Recording, Error> {
+    start(opts)?.run()
+}
+
+/// Builds the machine `opts` describes under the recorder and opens its
+/// trace; the caller runs it ([`Session::run`], or its own loop and
+/// [`Session::finish`]).
+pub fn start(opts: RecordOptions) -> Result<Session, Error> {
     let image = std::fs::read(&opts.kernel).map_err(|source| Error::Read {
         path: opts.kernel.clone(),
         source,
@@ -393,7 +421,7 @@ pub fn record(opts: RecordOptions) -> Result<Recording, Error> {
         .kernel_name
         .clone()
         .unwrap_or_else(|| opts.kernel.display().to_string());
-    record_image(opts, kernel_name, image, initrd)
+    start_image(opts, kernel_name, image, initrd)
 }
 
 /// Records a run of a kernel given as bytes.
@@ -403,6 +431,16 @@ pub fn record_image(
     image: Vec<u8>,
     initrd: Option<Vec<u8>>,
 ) -> Result<Recording, Error> {
+    start_image(opts, kernel_name, image, initrd)?.run()
+}
+
+/// As [`start`], for a kernel given as bytes.
+pub fn start_image(
+    opts: RecordOptions,
+    kernel_name: String,
+    image: Vec<u8>,
+    initrd: Option<Vec<u8>>,
+) -> Result<Session, Error> {
     let log = new_log(&opts.out, 0);
     let wall = Arc::new(Mutex::new(0i64));
     let hooks = Recorder::new(log.clone(), opts.verify, wall.clone(), opts.landings);
@@ -448,9 +486,7 @@ pub fn record_image(
         path: opts.out.clone(),
         source,
     })?;
-    lock(&log).writer = Some(writer);
-
-    run_and_finish(machine, &log, &opts.out, 0)
+    Ok(Session::new(machine, log, writer, &opts.out, 0))
 }
 
 /// A log for a trace written to `out`, starting at `position`.
@@ -465,48 +501,116 @@ pub(crate) fn new_log(out: &Path, position: u64) -> SharedLog {
         events: 0,
         landings: 0,
         error: None,
+        metrics: None,
+        bytes_counted: 0,
     }))
 }
 
-/// Runs a recording machine whose trace writer is in `log` to its end, then
-/// writes the last events and finishes the trace at `out`. `start` is the
-/// position the recording began at.
-pub(crate) fn run_and_finish(
-    mut machine: nyx_vmm::Machine,
-    log: &SharedLog,
-    out: &Path,
+/// A recording under way: a machine that runs under the recorder's hooks
+/// and the trace they log into. Its machine may be run in any loop (a
+/// control socket's, for instance) before the trace is finished.
+pub struct Session {
+    machine: nyx_vmm::Machine,
+    log: SharedLog,
+    out: PathBuf,
     start: u64,
-) -> Result<Recording, Error> {
-    let err = |source| Error::Trace {
-        path: out.to_path_buf(),
-        source,
-    };
-    let run = machine.run();
-    let stats = machine.stats().clone();
-    let exits = machine.exit_seq().saturating_sub(start);
-    drop(machine);
-    let mut l = lock(log);
-    l.flush();
-    let (events, landings) = (l.events, l.landings);
-    let writer = l.writer.take();
-    let pending_error = l.error.take();
-    drop(l);
-    let outcome = run?;
-    if let Some(e) = pending_error {
-        return Err(err(e));
+}
+
+impl Session {
+    /// A session of `machine`, whose hooks log into `log`, writing the
+    /// trace with `writer` to `out` from position `start`.
+    pub(crate) fn new(machine: nyx_vmm::Machine, log: SharedLog, writer: TraceWriter, out: &Path, start: u64) -> Self {
+        let mut l = lock(&log);
+        l.metrics = Some(machine.metrics().clone());
+        // The header and any frames written before the run (a snapshot's
+        // state) are on disk already.
+        let written = std::fs::metadata(writer.partial_path()).map_or(0, |m| m.len());
+        let framed = writer.frames().last().map_or(0, |f| f.end());
+        l.count_bytes(written.max(framed));
+        l.writer = Some(writer);
+        drop(l);
+        Session {
+            machine,
+            log,
+            out: out.to_path_buf(),
+            start,
+        }
     }
-    let path = match writer {
-        Some(w) => w.finish().map_err(err)?,
-        None => out.to_path_buf(),
-    };
-    Ok(Recording {
-        path,
-        outcome,
-        events,
-        landings,
-        exits,
-        stats,
-    })
+
+    /// The machine being recorded (its metrics, its kicker, to run it).
+    pub fn machine(&mut self) -> &mut nyx_vmm::Machine {
+        &mut self.machine
+    }
+
+    /// Runs the machine to its end and finishes the trace.
+    pub fn run(mut self) -> Result<Recording, Error> {
+        let run = self.machine.run();
+        self.finish(run)
+    }
+
+    /// Finishes the trace of a machine whose run ended with `run`.
+    pub fn finish(self, run: Result<RunOutcome, nyx_vmm::machine::Error>) -> Result<Recording, Error> {
+        // A run that failed (not a guest crash: KVM or the trace) leaves its
+        // trace `.partial`, replayable up to its last frame.
+        let closed = self.close(run.is_ok());
+        let outcome = run?;
+        let path = closed.path?;
+        Ok(Recording {
+            path,
+            outcome,
+            events: closed.events,
+            landings: closed.landings,
+            exits: closed.exits,
+            stats: closed.stats,
+        })
+    }
+
+    /// Finishes the trace of a run that was stopped before its end (a
+    /// `quit` on the control socket): everything logged is kept, and a
+    /// replay of it ends where the recording stopped, as a recording that
+    /// was cut off. Returns the trace's path.
+    pub fn abandon(self) -> Result<PathBuf, Error> {
+        self.close(true).path
+    }
+
+    /// Drops the machine, writes the last events and finishes the trace
+    /// when `complete` (else leaves it `.partial`).
+    fn close(self, complete: bool) -> Closed {
+        let stats = self.machine.stats().clone();
+        let exits = self.machine.exit_seq().saturating_sub(self.start);
+        drop(self.machine);
+        let mut l = lock(&self.log);
+        l.flush();
+        let (events, landings) = (l.events, l.landings);
+        let writer = l.writer.take();
+        let pending_error = l.error.take();
+        drop(l);
+        let err = |source| Error::Trace {
+            path: self.out.clone(),
+            source,
+        };
+        let path = match (pending_error, writer) {
+            (Some(e), _) => Err(err(e)),
+            (None, Some(w)) if complete => w.finish().map_err(err),
+            (None, _) => Ok(self.out.clone()),
+        };
+        Closed {
+            path,
+            events,
+            landings,
+            exits,
+            stats,
+        }
+    }
+}
+
+/// What closing a session left.
+struct Closed {
+    path: Result<PathBuf, Error>,
+    events: u64,
+    landings: u64,
+    exits: u64,
+    stats: nyx_vmm::machine::ExitStats,
 }
 
 /// 16 random bytes for the trace's UUID (version 4 layout).

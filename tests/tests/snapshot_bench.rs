@@ -1,12 +1,15 @@
-//! Snapshot save and restore throughput for the BENCHMARKS table (ignored
-//! by default: `cargo test --release -p nyx-tests --test snapshot_bench --
-//! --ignored --nocapture`). Memory is dirtied from the host through the
-//! machine's mapping before saving.
+//! Snapshot benchmarks for the BENCHMARKS tables (ignored by default:
+//! `cargo test --release -p nyx-tests --test snapshot_bench -- --ignored
+//! --nocapture`): save and restore throughput, with memory dirtied from the
+//! host through the machine's mapping before saving; and the latency of an
+//! incremental restore (`ResetPoint::reset`) after the guest itself dirtied
+//! a given number of pages.
 
 use std::time::Instant;
 
+use nyx_vmm::reset::ResetPoint;
 use nyx_vmm::vm_memory::{Bytes, GuestAddress};
-use nyx_vmm::MachineBuilder;
+use nyx_vmm::{MachineBuilder, RunOutcome};
 
 fn one(mib: u64, dirty: bool) {
     let dir = tempfile::tempdir().unwrap();
@@ -63,5 +66,99 @@ fn snapshot_save_and_restore_throughput() {
     for mib in [64, 1024] {
         one(mib, false);
         one(mib, true);
+    }
+}
+
+/// Where [`dirty_stub`] is put, and the first page it writes.
+const STUB_GPA: u64 = 0x80_0000;
+const FIRST_DIRTY_GPA: u32 = 0x100_0000;
+
+/// Code (the same bytes in 32- and 64-bit mode) that writes one byte into
+/// each of `n` consecutive pages from 16 MiB up, then writes 0 to the
+/// debug-exit port.
+fn dirty_stub(n: u32) -> Vec<u8> {
+    let mut c = vec![0xfa]; // cli
+    c.push(0xbf); // mov edi, FIRST_DIRTY_GPA
+    c.extend(FIRST_DIRTY_GPA.to_le_bytes());
+    c.push(0xb9); // mov ecx, n
+    c.extend(n.to_le_bytes());
+    c.extend([0x88, 0x07]); // 1: mov [edi], al
+    c.extend([0x81, 0xc7, 0x00, 0x10, 0x00, 0x00]); // add edi, 4096
+    c.extend([0xff, 0xc9]); // dec ecx
+    c.extend([0x75, 0xf4]); // jnz 1b
+    c.extend([0xb0, 0x00, 0xe6, 0xf4]); // mov al, 0; out 0xf4, al
+    c
+}
+
+/// The `q` quantile (nearest rank) of sorted `v`.
+fn quantile(v: &[u64], q: f64) -> u64 {
+    let rank = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+/// Resets of a machine whose guest dirtied `pages` pages since the reset
+/// point, `reps` times: (pages rewritten, total ns, memory ns) per reset.
+fn incremental(pages: u32, reps: usize) -> Vec<(usize, u64, u64)> {
+    let image = nyx_guests::image("hello").unwrap().to_vec();
+    let mut m = MachineBuilder::new()
+        .memory(64)
+        .kernel_image("hello", image)
+        .serial_out(Box::new(std::io::sink()))
+        .build()
+        .unwrap();
+    // The reset point: hello's end (32-bit protected mode, flat segments).
+    assert_eq!(m.run().unwrap(), RunOutcome::DebugExit(0x21));
+    let (state, memory) = m.capture_state().unwrap();
+    let mut point = ResetPoint::new(&m, state, &memory).unwrap();
+    // Written from the host: not in the dirty log, so resets keep it.
+    m.memory()
+        .write_slice(&dirty_stub(pages), GuestAddress(STUB_GPA))
+        .unwrap();
+    let mut out = Vec::new();
+    for rep in 0..=reps {
+        let s = point
+            .reset(
+                &mut m,
+                Box::new(std::io::sink()),
+                Box::new(nyx_devices::io::BufferInput::new(Vec::new())),
+            )
+            .unwrap();
+        if rep > 0 {
+            out.push((s.pages, s.ns, s.memory_ns));
+        }
+        let mut regs = m.vcpu().get_regs().unwrap();
+        regs.rip = STUB_GPA;
+        regs.rflags = 2;
+        m.vcpu_mut().set_regs(&regs).unwrap();
+        assert_eq!(m.run().unwrap(), RunOutcome::DebugExit(0));
+    }
+    out
+}
+
+#[test]
+#[ignore]
+fn incremental_restore_latency() {
+    if !nyx_tests::kvm_available() {
+        return;
+    }
+    for (pages, reps) in [(50u32, 400usize), (5000, 200)] {
+        let r = incremental(pages, reps);
+        for &(n, _, _) in &r {
+            // The stub's pages, and none the guest did not write.
+            assert!(n >= pages as usize && n <= pages as usize + 4, "{n} pages reset");
+        }
+        let mut total: Vec<u64> = r.iter().map(|x| x.1).collect();
+        let mut mem: Vec<u64> = r.iter().map(|x| x.2).collect();
+        total.sort_unstable();
+        mem.sort_unstable();
+        let us = |ns: u64| ns as f64 / 1000.0;
+        println!(
+            "{pages} dirty pages, {reps} resets: total p50 {:.1} us p99 {:.1} us; memory p50 {:.1} us p99 {:.1} us; devices+vCPU p50 {:.1} us",
+            us(quantile(&total, 0.5)),
+            us(quantile(&total, 0.99)),
+            us(quantile(&mem, 0.5)),
+            us(quantile(&mem, 0.99)),
+            us(quantile(&total, 0.5).saturating_sub(quantile(&mem, 0.5)))
+        );
     }
 }

@@ -73,6 +73,8 @@ pub struct CheckOptions {
     pub trace_dir: PathBuf,
     /// The KVM device.
     pub kvm_path: String,
+    /// A bar that moves by one per repetition done.
+    pub progress: Option<indicatif::ProgressBar>,
 }
 
 /// One failing repetition.
@@ -208,6 +210,9 @@ fn worker(opts: &CheckOptions, next: &AtomicU64, report: &Mutex<CheckReport>) ->
             Ok(status) => compare(&output, status, &opts.expect, opts.expect_status),
             Err(e) => Some(e),
         };
+        if let Some(b) = &opts.progress {
+            b.inc(1);
+        }
         let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
         r.runs += 1;
         if let Some(why) = why {
@@ -388,8 +393,13 @@ pub fn main(a: &CheckArgs) -> Result<std::process::ExitCode, String> {
         timeout: Duration::try_from_secs_f64(a.timeout).map_err(|e| format!("--timeout {}: {e}", a.timeout))?,
         trace_dir: a.trace_dir.clone(),
         kvm_path: a.kvm_device.clone(),
+        progress: crate::progress::bar(a.repeat, "nyx check"),
     };
-    let r = check(&opts).map_err(|e| e.to_string())?;
+    let r = check(&opts);
+    if let Some(b) = &opts.progress {
+        b.finish_and_clear();
+    }
+    let r = r.map_err(|e| e.to_string())?;
     if let Some(p) = &a.junit {
         std::fs::write(p, junit(&a.snapshot.display().to_string(), &r)).map_err(|e| format!("{}: {e}", p.display()))?;
     }

@@ -23,6 +23,7 @@ mod api;
 mod check;
 mod demo;
 mod logging;
+mod progress;
 mod prom;
 mod report;
 mod trace_cmd;
@@ -67,9 +68,8 @@ enum Command {
 struct RestoreArgs {
     /// The snapshot file.
     snapshot: PathBuf,
-    /// Serve the control socket at PATH.
-    #[arg(long, value_name = "PATH")]
-    api: Option<PathBuf>,
+    #[command(flatten)]
+    serve: ServeArgs,
     /// Serial (COM1) input from here on: a file, or - for stdin.
     #[arg(long, value_name = "FILE|-")]
     serial_in: Option<String>,
@@ -122,8 +122,14 @@ struct RecordArgs {
     /// `full` also records a register digest after every exit.
     #[arg(long, value_name = "LEVEL", default_value = "exits", value_parser = ["exits", "full"])]
     verify: String,
+    /// Start from this snapshot instead of booting a kernel (the machine,
+    /// kernel and initrd come from the snapshot; landings `auto`, verify `exits`).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd"])]
+    from_snapshot: Option<PathBuf>,
     #[command(flatten)]
     machine: MachineArgs,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Args, Debug)]
@@ -195,9 +201,10 @@ struct LogArgs {
 /// Options that describe a machine.
 #[derive(Args, Debug, Clone)]
 pub struct MachineArgs {
-    /// Kernel: a Multiboot v1 ELF, a Linux bzImage or a vmlinux ELF.
+    /// Kernel: a Multiboot v1 ELF, a Linux bzImage or a vmlinux ELF (required,
+    /// except by `record --from-snapshot`).
     #[arg(long, value_name = "FILE")]
-    kernel: PathBuf,
+    kernel: Option<PathBuf>,
     /// Initial ramdisk (for Multiboot kernels: module 0).
     #[arg(long, value_name = "FILE")]
     initrd: Option<PathBuf>,
@@ -227,7 +234,14 @@ struct RunArgs {
     machine: MachineArgs,
     #[command(flatten)]
     gdb: GdbArgs,
-    /// Serve the control socket (pause, resume, snapshot, status, metrics, quit) at PATH.
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// The control socket and the metrics of a running machine.
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Serve the control socket (pause, resume, snapshot, status, metrics, logs, quit) at PATH.
     #[arg(long, value_name = "PATH")]
     api: Option<PathBuf>,
     /// Serve Prometheus metrics over HTTP at ADDR (127.0.0.1:PORT, or :PORT).
@@ -239,6 +253,19 @@ struct RunArgs {
     /// Do not collect per-exit metrics (counts, latencies, ports).
     #[arg(long)]
     no_metrics: bool,
+}
+
+impl ServeArgs {
+    /// Switches per-exit metrics on or off and serves --metrics.
+    fn start_metrics(&self, machine: &nyx_vmm::Machine) -> Result<(), String> {
+        machine.metrics().set_enabled(!self.no_metrics);
+        if let Some(spec) = &self.metrics {
+            let addr = prom::parse_addr(spec, self.metrics_allow_remote).map_err(|e| e.to_string())?;
+            let local = prom::serve(addr, machine.metrics().clone()).map_err(|e| e.to_string())?;
+            eprintln!("nyx: metrics at http://{local}/metrics");
+        }
+        Ok(())
+    }
 }
 
 /// Debugging with gdb. The guest does not run before gdb attaches (with or
@@ -314,7 +341,14 @@ struct DemoArgs {
 }
 
 impl MachineArgs {
-    fn builder(&self) -> MachineBuilder {
+    /// The kernel, which every command but `record --from-snapshot` needs.
+    fn kernel(&self) -> Result<&PathBuf, String> {
+        self.kernel
+            .as_ref()
+            .ok_or_else(|| "give the kernel to boot (--kernel FILE), or for `record` a snapshot to start from (--from-snapshot FILE)".to_string())
+    }
+
+    fn builder(&self) -> Result<MachineBuilder, String> {
         let serial_in = match self.serial_in.as_deref() {
             None => SerialIn::None,
             Some("-") => SerialIn::Stdin,
@@ -322,14 +356,14 @@ impl MachineArgs {
         };
         let mut b = MachineBuilder::new()
             .memory(self.mem)
-            .kernel(&self.kernel)
+            .kernel(self.kernel()?)
             .cmdline(&self.cmdline)
             .serial_in(serial_in)
             .kvm_path(&self.kvm_device);
         if let Some(i) = &self.initrd {
             b = b.initrd(i);
         }
-        b
+        Ok(b)
     }
 }
 
@@ -346,34 +380,53 @@ pub fn finish(outcome: &RunOutcome) -> ExitCode {
     ExitCode::from(outcome.exit_status() as u8)
 }
 
-fn record(args: &RecordArgs) -> Result<ExitCode, nyx_recorder::Error> {
+fn record(args: &RecordArgs) -> Result<ExitCode, String> {
     let m = &args.machine;
-    let serial_in = match m.serial_in.as_deref() {
-        None => SerialIn::None,
-        Some("-") => SerialIn::Stdin,
-        Some(p) => SerialIn::File(PathBuf::from(p)),
+    let started = match &args.from_snapshot {
+        Some(snapshot) => nyx_recorder::start_from_snapshot(nyx_recorder::SnapshotRecordOptions {
+            snapshot: snapshot.clone(),
+            out: args.out.clone(),
+            serial_in: serial_in_arg(m.serial_in.as_deref()),
+            serial_out: None,
+            kvm_path: m.kvm_device.clone(),
+        }),
+        None => nyx_recorder::start(nyx_recorder::RecordOptions {
+            out: args.out.clone(),
+            kernel: m.kernel()?.clone(),
+            kernel_name: None,
+            initrd: m.initrd.clone(),
+            cmdline: m.cmdline.clone(),
+            mem_mib: m.mem,
+            serial_in: serial_in_arg(m.serial_in.as_deref()),
+            serial_out: None,
+            kvm_path: m.kvm_device.clone(),
+            verify: if args.verify == "full" {
+                VerifyLevel::Full
+            } else {
+                VerifyLevel::Exits
+            },
+            landings: match args.landings.as_str() {
+                "search" => nyx_recorder::LandingPolicy::Search,
+                "keyframe" => nyx_recorder::LandingPolicy::Keyframe,
+                _ => nyx_recorder::LandingPolicy::Auto,
+            },
+        }),
     };
-    let rec = nyx_recorder::record(nyx_recorder::RecordOptions {
-        out: args.out.clone(),
-        kernel: m.kernel.clone(),
-        kernel_name: None,
-        initrd: m.initrd.clone(),
-        cmdline: m.cmdline.clone(),
-        mem_mib: m.mem,
-        serial_in,
-        serial_out: None,
-        kvm_path: m.kvm_device.clone(),
-        verify: if args.verify == "full" {
-            VerifyLevel::Full
-        } else {
-            VerifyLevel::Exits
-        },
-        landings: match args.landings.as_str() {
-            "search" => nyx_recorder::LandingPolicy::Search,
-            "keyframe" => nyx_recorder::LandingPolicy::Keyframe,
-            _ => nyx_recorder::LandingPolicy::Auto,
-        },
-    })?;
+    let mut session = started.map_err(|e| e.to_string())?;
+    args.serve.start_metrics(session.machine())?;
+    let run = match run_machine(session.machine(), args.serve.api.as_deref()) {
+        Ok(Some(outcome)) => Ok(outcome),
+        Ok(None) => {
+            let path = session.abandon().map_err(|e| e.to_string())?;
+            eprintln!(
+                "nyx: recording stopped through the control socket; {} replays up to there",
+                path.display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => Err(std::io::Error::other(e).into()),
+    };
+    let rec = session.finish(run).map_err(|e| e.to_string())?;
     eprintln!(
         "nyx: recorded {} events ({} exits, {} landings) into {}",
         rec.events,
@@ -388,13 +441,18 @@ fn replay(args: &ReplayArgs) -> Result<ExitCode, nyx_replayer::Error> {
     if args.gdb.gdb.is_some() {
         return replay_gdb(args);
     }
-    let r = nyx_replayer::replay(
+    let (bar, progress) = progress::replay(&args.trace).unzip();
+    let r = nyx_replayer::replay_with_progress(
         &args.trace,
         nyx_replayer::ReplayOptions {
             serial_out: None,
             kvm_path: args.kvm_device.clone(),
         },
+        progress,
     );
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
     match r {
         Ok(rep) => {
             tracing::info!(
@@ -443,31 +501,27 @@ fn serial_in_arg(arg: Option<&str>) -> SerialIn {
 }
 
 fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
-    let mut machine = MachineBuilder::from_snapshot(&args.snapshot)
+    let mut machine = progress::restore_builder(&args.snapshot)
         .map_err(|e| e.to_string())?
         .serial_in(serial_in_arg(args.serial_in.as_deref()))
         .kvm_path(&args.kvm_device)
         .build()
         .map_err(|e| e.to_string())?;
-    match run_machine(&mut machine, args.api.as_deref())? {
+    args.serve.start_metrics(&machine)?;
+    match run_machine(&mut machine, args.serve.api.as_deref())? {
         Some(outcome) => Ok(finish(&outcome)),
         None => Ok(ExitCode::SUCCESS),
     }
 }
 
 fn run(args: &RunArgs) -> Result<ExitCode, String> {
-    let mut machine = args.machine.builder().build().map_err(|e| e.to_string())?;
-    tracing::info!(target: "nyx::vmm", "machine built: kernel {}, {} MiB", args.machine.kernel.display(), args.machine.mem);
-    machine.metrics().set_enabled(!args.no_metrics);
-    if let Some(spec) = &args.metrics {
-        let addr = prom::parse_addr(spec, args.metrics_allow_remote).map_err(|e| e.to_string())?;
-        let local = prom::serve(addr, machine.metrics().clone()).map_err(|e| e.to_string())?;
-        eprintln!("nyx: metrics at http://{local}/metrics");
-    }
+    let mut machine = args.machine.builder()?.build().map_err(|e| e.to_string())?;
+    tracing::info!(target: "nyx::vmm", "machine built: kernel {}, {} MiB", args.machine.kernel()?.display(), args.machine.mem);
+    args.serve.start_metrics(&machine)?;
     if let Some(code) = gdb_session(&args.gdb, &mut machine) {
         return Ok(code);
     }
-    let Some(outcome) = run_machine(&mut machine, args.api.as_deref())? else {
+    let Some(outcome) = run_machine(&mut machine, args.serve.api.as_deref())? else {
         return Ok(ExitCode::SUCCESS);
     };
     let s = machine.stats();
@@ -519,7 +573,7 @@ fn main() -> ExitCode {
         })
         .map_err(|e| e.to_string()),
         Command::Check(a) => check::main(a),
-        Command::Record(a) => record(a).map_err(|e| e.to_string()),
+        Command::Record(a) => record(a),
         Command::Replay(a) => replay(a).map_err(|e| e.to_string()),
         Command::Trace(TraceCommand::Info { trace }) => trace_cmd::info(trace).map_err(|e| e.to_string()),
         Command::Trace(TraceCommand::Dump { trace, from, kind }) => {

@@ -112,22 +112,27 @@ pub fn encode_snapshot(s: &MetricsSnapshot) -> String {
         "Interrupts injected by vector",
         &vectors,
     );
-    plain_counter(
+    let how = |h: &str| vec![("how".to_string(), h.to_string())];
+    let landings = [
+        (how("search"), s.landings.saturating_sub(s.landings_keyframe)),
+        (how("keyframe"), s.landings_keyframe),
+    ];
+    counter_family(
         &mut reg,
-        "replay_landings",
-        "Landings found by the replayer",
-        s.landings,
+        "landings",
+        "Landings the recorder logged or the replayer reached, by how they are stored",
+        &landings,
     );
     plain_counter(
         &mut reg,
-        "replay_landing_search_hits",
-        "Breakpoint hits spent finding landings",
+        "landing_search_hits",
+        "Breakpoint hits the replayer spent finding searched landings",
         s.landing_search_hits,
     );
     plain_counter(
         &mut reg,
-        "record_trace_bytes",
-        "Bytes written to the trace",
+        "trace_bytes",
+        "Bytes the recorder wrote to its trace",
         s.trace_bytes,
     );
     plain_counter(&mut reg, "snapshots", "Snapshots taken", s.snapshots);
@@ -246,6 +251,10 @@ mod tests {
             m.exit_ns(&rec, ns);
         }
         m.inject(0x20);
+        m.landing(nyx_vmm::metrics::LandingHow::Search, 40);
+        m.landing(nyx_vmm::metrics::LandingHow::Keyframe, 0);
+        m.landing(nyx_vmm::metrics::LandingHow::Keyframe, 0);
+        m.trace_bytes(4096);
         let addr = serve(parse_addr(":0", false).unwrap(), m.clone()).unwrap();
         let resp = scrape(addr, "/metrics");
         let (head, body) = resp.split_once("\r\n\r\n").unwrap();
@@ -268,6 +277,17 @@ mod tests {
         assert_eq!(find("nyx_io_operations_total", "port", "0x3fd"), Some(3.0));
         assert_eq!(find("nyx_vm_exit_latency_max_ns", "kind", "pio-in"), Some(400.0));
         assert!(find("nyx_interrupts_injected_total", "vector", "0x20").is_some());
+        assert_eq!(find("nyx_landings_total", "how", "search"), Some(1.0));
+        assert_eq!(find("nyx_landings_total", "how", "keyframe"), Some(2.0));
+        // prometheus-parse reads OpenMetrics `_total` samples as untyped.
+        let plain = |name: &str| {
+            parsed.samples.iter().find(|s| s.metric == name).map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+        };
+        assert_eq!(plain("nyx_landing_search_hits_total"), Some(40.0));
+        assert_eq!(plain("nyx_trace_bytes_total"), Some(4096.0));
         assert!(scrape(addr, "/nope").starts_with("HTTP/1.1 404"));
     }
 

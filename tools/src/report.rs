@@ -93,6 +93,8 @@ pub struct Profile {
     pub duration_ns: u64,
     /// Landings.
     pub landings: u64,
+    /// Of those, landings stored as delta keyframes (never searched).
+    pub keyframes: u64,
     /// Breakpoint hits finding them (live replays only).
     pub search_hits: Option<u64>,
     /// Worst p99 handling latency and its exit kind (live only).
@@ -146,7 +148,10 @@ pub fn profile_trace(path: &Path) -> Result<Profile, ReportError> {
                         .min(MAX_WINDOWS);
                 }
                 Event::Exit(x) => p.add_exit(x.kind, x.addr, window),
-                Event::Landing(_) => p.landings += 1,
+                Event::Landing(l) => {
+                    p.landings += 1;
+                    p.keyframes += u64::from(l.keyframe.is_some());
+                }
                 _ => {}
             }
         }
@@ -187,6 +192,7 @@ pub fn profile_samples(samples: &[MetricsSnapshot]) -> Profile {
         .collect();
     p.duration_ns = p.windows.len() as u64 * WINDOW_NS;
     p.landings = last.landings.saturating_sub(first.landings);
+    p.keyframes = last.landings_keyframe.saturating_sub(first.landings_keyframe);
     p.search_hits = Some(last.landing_search_hits.saturating_sub(first.landing_search_hits));
     p
 }
@@ -293,15 +299,13 @@ pub fn analyze(p: &Profile, t: &Thresholds) -> Vec<Finding> {
             });
         }
     }
-    if let Some(hits) = p.search_hits.filter(|_| p.landings > 0) {
-        let per = hits as f64 / p.landings as f64;
+    let searched = p.landings.saturating_sub(p.keyframes);
+    if let Some(hits) = p.search_hits.filter(|_| searched > 0) {
+        let per = hits as f64 / searched as f64;
         if per > t.hits_per_landing {
             out.push(Finding {
                 severity: Severity::Warning,
-                what: format!(
-                    "{per:.0} breakpoint hits per landing ({hits} for {} landings)",
-                    p.landings
-                ),
+                what: format!("{per:.0} breakpoint hits per landing ({hits} for {searched} searched landings)"),
                 recommendation: "landings inside hot loops are expensive to find; store keyframes for them".into(),
             });
         }
@@ -361,7 +365,7 @@ pub fn render(p: &Profile, findings: &[Finding]) -> String {
         let _ = writeln!(s, "rate         unknown (no time samples)");
     }
     if p.landings > 0 {
-        let _ = write!(s, "landings     {}", p.landings);
+        let _ = write!(s, "landings     {} ({} keyframes)", p.landings, p.keyframes);
         if let Some(h) = p.search_hits {
             let _ = write!(s, " ({h} breakpoint hits)");
         }

@@ -414,3 +414,99 @@ fn control_socket_snapshot_and_restore() {
         "{text}"
     );
 }
+
+/// Takes a snapshot of the echo guest through the control socket after it
+/// has echoed "AB", then lets that run end.
+fn echo_snapshot(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let sock = dir.join("snap-api.sock");
+    let snap = dir.join("echo-ab.nyxsnap");
+    let mut child = nyx()
+        .arg("run")
+        .arg("--kernel")
+        .arg(guest("echo"))
+        .args(["--serial-in", "-", "--api"])
+        .arg(&sock)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"ab").unwrap();
+    stdin.flush().unwrap();
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, reply) = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{reply}");
+    stdin.write_all(b".").unwrap();
+    drop(stdin);
+    assert_eq!(child.wait().unwrap().code(), Some(0x33));
+    snap
+}
+
+/// `nyx record --from-snapshot` records the continuation of a snapshot;
+/// its replay gives the same output and status without the snapshot.
+#[test]
+fn record_from_a_snapshot_and_replay_it() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = echo_snapshot(dir.path());
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, b"xy.").unwrap();
+    let trace = dir.path().join("cont.nyxtrace");
+    let rec = nyx()
+        .args(["record", "--from-snapshot"])
+        .arg(&snap)
+        .arg("--out")
+        .arg(&trace)
+        .arg("--serial-in")
+        .arg(&input)
+        .output()
+        .unwrap();
+    let recorded = String::from_utf8_lossy(&rec.stdout).into_owned();
+    assert_eq!(
+        rec.status.code(),
+        Some(0x33),
+        "{recorded}{}",
+        String::from_utf8_lossy(&rec.stderr)
+    );
+    // The snapshot had echoed "AB" already: only the continuation is here.
+    assert!(recorded.contains("XY.") && recorded.contains("bye"), "{recorded}");
+    assert!(!recorded.contains("echo:") && !recorded.contains("AB"), "{recorded}");
+    std::fs::remove_file(&snap).unwrap();
+    let rep = nyx().arg("replay").arg(&trace).output().unwrap();
+    assert_eq!(
+        rep.status.code(),
+        Some(0x33),
+        "{}",
+        String::from_utf8_lossy(&rep.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&rep.stdout), recorded);
+}
+
+#[test]
+fn record_needs_a_kernel_or_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = nyx()
+        .args(["record", "--out"])
+        .arg(dir.path().join("t.nyxtrace"))
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "--from-snapshot FILE");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--kernel FILE"), "{err}");
+    let both = nyx()
+        .args(["record", "--out", "t", "--kernel", "k", "--from-snapshot", "s"])
+        .output()
+        .unwrap();
+    assert_eq!(both.status.code(), Some(2), "clap refuses the combination");
+    let run = nyx().arg("run").output().unwrap();
+    assert_one_line_error(&run, "--kernel FILE");
+}

@@ -226,3 +226,165 @@ fn report_on_a_hello_trace_names_the_uart() {
         "{text}"
     );
 }
+
+/// Reads nyx's "metrics at" line from `err` and returns HOST:PORT.
+fn metrics_addr(err: &mut impl BufRead) -> String {
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    line.trim()
+        .strip_prefix("nyx: metrics at http://")
+        .and_then(|x| x.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("no metrics address in {line:?}"))
+        .to_string()
+}
+
+/// A scrape, or None when the endpoint is gone (the process ended).
+fn try_scrape(addr: &str) -> Option<prometheus_parse::Scrape> {
+    let mut c = TcpStream::connect(addr).ok()?;
+    write!(c, "GET /metrics HTTP/1.1\r\nHost: nyx\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).ok()?;
+    let body = resp.split_once("\r\n\r\n")?.1.to_string();
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).ok()
+}
+
+fn plain(s: &prometheus_parse::Scrape, metric: &str) -> f64 {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == metric)
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// Records the counter guest with --metrics and scrapes as fast as it can
+/// until nyx exits: the largest (landings, trace bytes, keyframed
+/// landings) seen, and the recorder's own count of landings.
+fn scrape_a_counter_recording(dir: &Path) -> ((f64, f64, f64), u64) {
+    let trace = dir.join("counter.nyxtrace");
+    let mut child = nyx()
+        .args(["record", "--metrics", "127.0.0.1:0", "--out"])
+        .arg(&trace)
+        .arg("--kernel")
+        .arg(guest("counter"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let addr = metrics_addr(&mut err);
+    let mut best = (0.0f64, 0.0f64, 0.0f64);
+    while child.try_wait().unwrap().is_none() {
+        if let Some(s) = try_scrape(&addr) {
+            let landings =
+                value(&s, "nyx_landings_total", "how", "search") + value(&s, "nyx_landings_total", "how", "keyframe");
+            let keyframes = value(&s, "nyx_landings_total", "how", "keyframe");
+            best.0 = best.0.max(landings);
+            best.1 = best.1.max(plain(&s, "nyx_trace_bytes_total"));
+            best.2 = best.2.max(keyframes);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0x44), "{rest}");
+    // "nyx: recorded N events (E exits, L landings) into ..."
+    let recorded = rest
+        .split_once(" exits, ")
+        .and_then(|x| x.1.split_once(" landings"))
+        .and_then(|x| x.0.parse().ok())
+        .unwrap_or_else(|| panic!("no landing count in {rest}"));
+    (best, recorded)
+}
+
+#[test]
+fn prometheus_endpoint_is_scraped_during_a_recording() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The counter guest runs for about 50 ms of timer ticks: a scrape may
+    // miss all of its landings on a loaded host, so it gets a few tries.
+    for attempt in 1..=4 {
+        let ((landings, bytes, keyframes), recorded) = scrape_a_counter_recording(dir.path());
+        // The trace header (with the kernel in it) is written before the run.
+        assert!(bytes > 0.0, "no trace bytes while recording");
+        assert!(
+            landings <= recorded as f64,
+            "{landings} landings scraped, {recorded} recorded"
+        );
+        assert!(keyframes <= landings);
+        if landings > 0.0 {
+            return;
+        }
+        eprintln!("attempt {attempt}: the recording ended before a scrape saw a landing");
+    }
+    panic!("no scrape during four counter recordings saw a landing");
+}
+
+#[test]
+fn prometheus_endpoint_is_scraped_during_a_restore() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let snap = dir.path().join("echo.nyxsnap");
+    let mut child = nyx()
+        .args(["run", "--serial-in", "-", "--api"])
+        .arg(&sock)
+        .arg("--kernel")
+        .arg(guest("echo"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(30), "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ctl = nyx().arg("ctl").arg(&sock).arg("snapshot").arg(&snap).output().unwrap();
+    assert!(ctl.status.success(), "{}", String::from_utf8_lossy(&ctl.stdout));
+    drop(child.stdin.take());
+    let quit = nyx().arg("ctl").arg(&sock).arg("quit").output().unwrap();
+    assert!(quit.status.success());
+    child.wait().unwrap();
+
+    let restore_sock = dir.path().join("restore.sock");
+    let mut child = nyx()
+        .args(["restore", "--metrics", ":0", "--serial-in", "-", "--api"])
+        .arg(&restore_sock)
+        .arg(&snap)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let addr = metrics_addr(&mut err);
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"hi").unwrap();
+    stdin.flush().unwrap();
+    let s = loop {
+        let s = scrape(&addr);
+        if value(&s, "nyx_interrupts_injected_total", "vector", "0x24") >= 2.0 {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no echo in {:?}", s.samples);
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(value(&s, "nyx_io_operations_total", "device", "uart") >= 4.0);
+    assert_eq!(plain(&s, "nyx_trace_bytes_total"), 0.0, "a restore writes no trace");
+    // The restored machine also answers on its control socket.
+    let status = nyx().arg("ctl").arg(&restore_sock).arg("status").output().unwrap();
+    assert!(String::from_utf8_lossy(&status.stdout).contains("running"));
+    stdin.write_all(b".").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0x33));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("HI."));
+}

@@ -122,6 +122,7 @@ pub struct VmMetrics {
     ports: Box<[AtomicU64]>,
     vectors: Box<[AtomicU64]>,
     landings: AtomicU64,
+    landings_keyframe: AtomicU64,
     landing_search_hits: AtomicU64,
     landing_max_hits: AtomicU64,
     trace_bytes: AtomicU64,
@@ -154,6 +155,7 @@ impl VmMetrics {
             ports: (0..=u16::MAX as usize).map(|_| AtomicU64::new(0)).collect(),
             vectors: (0..256).map(|_| AtomicU64::new(0)).collect(),
             landings: AtomicU64::new(0),
+            landings_keyframe: AtomicU64::new(0),
             landing_search_hits: AtomicU64::new(0),
             landing_max_hits: AtomicU64::new(0),
             trace_bytes: AtomicU64::new(0),
@@ -213,11 +215,21 @@ impl VmMetrics {
         }
     }
 
-    /// Counts a landing that the replayer found after `hits` breakpoint hits.
-    pub fn landing(&self, hits: u64) {
+    /// Counts a landing: one the recorder logged (`hits` 0) or one the
+    /// replayer reached, by a search that took `hits` breakpoint hits or by
+    /// restoring its keyframe. Counted whether or not per-exit collection
+    /// is on (landings are rare).
+    pub fn landing(&self, how: LandingHow, hits: u64) {
         self.landings.fetch_add(1, Relaxed);
-        self.landing_search_hits.fetch_add(hits, Relaxed);
-        self.landing_max_hits.fetch_max(hits, Relaxed);
+        match how {
+            LandingHow::Keyframe => {
+                self.landings_keyframe.fetch_add(1, Relaxed);
+            }
+            LandingHow::Search => {
+                self.landing_search_hits.fetch_add(hits, Relaxed);
+                self.landing_max_hits.fetch_max(hits, Relaxed);
+            }
+        }
     }
 
     /// Counts bytes the recorder wrote to its trace.
@@ -286,6 +298,7 @@ impl VmMetrics {
             ports,
             vectors,
             landings: self.landings.load(Relaxed),
+            landings_keyframe: self.landings_keyframe.load(Relaxed),
             landing_search_hits: self.landing_search_hits.load(Relaxed),
             landing_max_hits: self.landing_max_hits.load(Relaxed),
             trace_bytes: self.trace_bytes.load(Relaxed),
@@ -294,6 +307,15 @@ impl VmMetrics {
             snapshot_bytes: self.snapshot_bytes.load(Relaxed),
         }
     }
+}
+
+/// How a landing is stored in a trace and reached in a replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LandingHow {
+    /// Register and memory digests: the replayer searches with a breakpoint.
+    Search,
+    /// A delta keyframe: the replayer restores it.
+    Keyframe,
 }
 
 /// Exits of one kind.
@@ -339,13 +361,17 @@ pub struct MetricsSnapshot {
     pub ports: Vec<PortMetrics>,
     /// Interrupt injections by vector.
     pub vectors: Vec<(u8, u64)>,
-    /// Landings the replayer found.
+    /// Landings the recorder logged or the replayer reached, all kinds.
     pub landings: u64,
-    /// Breakpoint hits spent finding them.
+    /// Of those, landings stored as (or restored from) a delta keyframe;
+    /// the others are searched.
+    #[serde(default)]
+    pub landings_keyframe: u64,
+    /// Breakpoint hits spent finding searched landings.
     pub landing_search_hits: u64,
     /// Most hits for one landing.
     pub landing_max_hits: u64,
-    /// Bytes the recorder wrote.
+    /// Bytes the recorder wrote to its trace.
     pub trace_bytes: u64,
     /// Snapshots taken.
     pub snapshots: u64,
@@ -385,8 +411,11 @@ mod tests {
         m.exit_ns(&rec(ExitKind::PioIn, 0x3fd), 500);
         m.exit_ns(&rec(ExitKind::Hlt, 0), 7);
         m.inject(0x20);
-        m.landing(5);
-        m.landing(9);
+        m.landing(LandingHow::Search, 5);
+        m.landing(LandingHow::Search, 9);
+        m.landing(LandingHow::Keyframe, 0);
+        m.trace_bytes(100);
+        m.trace_bytes(23);
         let s = m.snapshot_now();
         assert_eq!(s.total_exits(), 4);
         let pin = s.exits.iter().find(|e| e.kind == "pio-in").unwrap();
@@ -396,7 +425,9 @@ mod tests {
         let lsr = s.ports.iter().find(|p| p.port == 0x3fd).unwrap();
         assert_eq!((lsr.count, lsr.device.as_str()), (2, "uart"));
         assert_eq!(s.vectors, vec![(0x20, 1)]);
-        assert_eq!((s.landings, s.landing_search_hits, s.landing_max_hits), (2, 14, 9));
+        assert_eq!((s.landings, s.landings_keyframe), (3, 1));
+        assert_eq!((s.landing_search_hits, s.landing_max_hits), (14, 9));
+        assert_eq!(s.trace_bytes, 123);
     }
 
     #[test]
@@ -406,6 +437,11 @@ mod tests {
         assert_eq!(m.start(), 0);
         m.exit(&rec(ExitKind::Hlt, 0), 0);
         assert_eq!(m.snapshot_now().total_exits(), 0);
+        // Landings and trace bytes are not per-exit figures: still counted.
+        m.landing(LandingHow::Keyframe, 0);
+        m.trace_bytes(7);
+        let s = m.snapshot_now();
+        assert_eq!((s.landings, s.landings_keyframe, s.trace_bytes), (1, 1, 7));
     }
 
     #[test]

@@ -1,0 +1,227 @@
+//! Progress bars on stderr for the long operations of `nyx`: replaying a
+//! trace, loading a snapshot's memory, the repetitions of `nyx check` (and
+//! migration, through [`bar`]). A bar is drawn only when stderr is a
+//! terminal and `CI` is not set, so tests and CI logs never see one; every
+//! helper returns `None` otherwise and the caller carries on without.
+
+use std::io::IsTerminal;
+use std::path::Path;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use nyx_trace::{ContainerKind, FrameKind, TraceReader};
+use nyx_vmm::config::{MachineConfig, INITRD_IMAGE, KERNEL_IMAGE};
+use nyx_vmm::events::Event;
+use nyx_vmm::mem_state::PageRun;
+use nyx_vmm::snapshot::{MachineState, Snapshot, SnapshotError};
+
+/// Positions between two updates of a replay's bar.
+const REPLAY_STEP: u64 = 256;
+
+/// Whether bars are drawn: stderr is a terminal and this is not CI.
+pub fn wanted() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("CI").is_none()
+}
+
+/// A bar of `total` steps labelled `what` on stderr, or None when stderr
+/// is not a terminal (see [`wanted`]). Finish it with
+/// `finish_and_clear()`.
+pub fn bar(total: u64, what: &str) -> Option<ProgressBar> {
+    wanted().then(|| styled(total, what, ProgressDrawTarget::stderr()))
+}
+
+fn styled(total: u64, what: &str, target: ProgressDrawTarget) -> ProgressBar {
+    let style = ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({elapsed}, {eta} left)")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    ProgressBar::with_draw_target(Some(total), target)
+        .with_style(style)
+        .with_message(what.to_string())
+}
+
+/// The first and last position of a trace's events: the first events
+/// frame's first position, and the last one's plus the exits in it. None
+/// when the trace cannot be read (the replay then says why).
+pub fn trace_positions(path: &Path) -> Option<(u64, u64)> {
+    let mut r = TraceReader::open(path).ok()?;
+    let events: Vec<usize> = (0..r.frames().len())
+        .filter(|&i| r.frames()[i].kind == FrameKind::Events)
+        .collect();
+    let (&first, &last) = events.first().zip(events.last())?;
+    let start = r.frames()[first].first_position;
+    let last_start = r.frames()[last].first_position;
+    let tail: Vec<Event> = r.read_records(last).ok()?;
+    let exits = tail.iter().filter(|e| matches!(e, Event::Exit(_))).count() as u64;
+    Some((start, last_start.saturating_add(exits).max(start)))
+}
+
+/// A bar for replaying `trace` and the replayer's progress callback that
+/// moves it; None when no bar is wanted or the trace cannot be read.
+pub fn replay(trace: &Path) -> Option<(ProgressBar, nyx_replayer::Progress)> {
+    if !wanted() {
+        return None;
+    }
+    let (start, end) = trace_positions(trace)?;
+    let bar = bar(end - start, "replaying")?;
+    let b = bar.clone();
+    let mut next = 0u64;
+    let progress: nyx_replayer::Progress = Box::new(move |pos| {
+        let done = pos.saturating_sub(start);
+        if done >= next {
+            b.set_position(done);
+            next = done + REPLAY_STEP;
+        }
+    });
+    Some((bar, progress))
+}
+
+/// Reads a snapshot as [`nyx_vmm::snapshot::read`] does, moving `bar` (when
+/// given) by one for each of its frames; [`snapshot_frames`] says how many.
+pub fn read_snapshot(path: &Path, bar: Option<&ProgressBar>) -> Result<Snapshot, SnapshotError> {
+    let err = |source| SnapshotError::Container {
+        path: path.to_path_buf(),
+        source,
+    };
+    let not = |why: &str| SnapshotError::NotASnapshot {
+        path: path.to_path_buf(),
+        why: why.to_string(),
+    };
+    let mut r = TraceReader::open(path).map_err(err)?;
+    if !r.is_complete() {
+        return Err(not("it is incomplete (the writer did not finish it)"));
+    }
+    let h = r.header().clone();
+    if h.kind != ContainerKind::Snapshot {
+        return Err(not(&format!("it is a {:?} container", h.kind)));
+    }
+    let config =
+        MachineConfig::from_bytes(&h.machine_config).map_err(|e| not(&format!("machine configuration: {e}")))?;
+    let image = |name: &str| h.images.iter().find(|i| i.name == name).and_then(|i| i.data.clone());
+    let kernel = image(KERNEL_IMAGE).ok_or_else(|| not("the kernel image is not embedded"))?;
+    let initrd = if config.has_initrd {
+        Some(image(INITRD_IMAGE).ok_or_else(|| not("the initrd image is not embedded"))?)
+    } else {
+        None
+    };
+    let mut state = None;
+    let mut memory = Vec::new();
+    for i in 0..r.frames().len() {
+        match r.frames()[i].kind {
+            FrameKind::MachineState => {
+                let mut v: Vec<MachineState> = r.read_records(i).map_err(err)?;
+                if v.len() != 1 || state.is_some() {
+                    return Err(not("it must hold exactly one machine state"));
+                }
+                state = v.pop();
+            }
+            FrameKind::Memory => memory.extend(r.read_records::<PageRun>(i).map_err(err)?),
+            _ => {}
+        }
+        if let Some(b) = bar {
+            b.inc(1);
+        }
+    }
+    let state = state.ok_or_else(|| not("it holds no machine state"))?;
+    Ok(Snapshot {
+        config,
+        kernel,
+        initrd,
+        state,
+        memory,
+    })
+}
+
+/// How many frames [`read_snapshot`] goes through (0 when unreadable).
+pub fn snapshot_frames(path: &Path) -> u64 {
+    TraceReader::open(path).map_or(0, |r| r.frames().len() as u64)
+}
+
+/// A builder of the machine saved in `path`, as
+/// `MachineBuilder::from_snapshot`, with a bar while its memory is read.
+pub fn restore_builder(path: &Path) -> Result<nyx_vmm::MachineBuilder, SnapshotError> {
+    let bar = if wanted() {
+        bar(snapshot_frames(path), "loading the snapshot")
+    } else {
+        None
+    };
+    let snap = read_snapshot(path, bar.as_ref());
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let snap = snap?;
+    let c = snap.config;
+    let mut b = nyx_vmm::MachineBuilder::new()
+        .memory(c.mem_mib)
+        .kernel_image(&c.kernel_name, snap.kernel)
+        .cmdline(&c.cmdline)
+        .cpuid_table(c.cpuid)
+        .tsc_khz(c.tsc_khz)
+        .restore_state(snap.state, snap.memory);
+    if let Some(i) = snap.initrd {
+        b = b.initrd_image(i);
+    }
+    Ok(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nyx_trace::{GuestImage, TraceHeader, TraceWriter};
+    use nyx_vmm::events::ExitRecord;
+
+    fn header(kind: ContainerKind) -> TraceHeader {
+        TraceHeader {
+            uuid: [7; 16],
+            nyx_version: "test".into(),
+            kind,
+            machine_config: Vec::new(),
+            images: vec![GuestImage::embedded(KERNEL_IMAGE, vec![1, 2, 3])],
+        }
+    }
+
+    fn exit() -> Event {
+        Event::Exit(ExitRecord {
+            kind: nyx_vmm::events::ExitKind::Hlt,
+            addr: 0,
+            size: 0,
+            data: 0,
+            rip: 0,
+        })
+    }
+
+    #[test]
+    fn trace_positions_count_the_last_frames_exits() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.nyxtrace");
+        let mut w = TraceWriter::create(&p, &header(ContainerKind::Trace)).unwrap();
+        w.write_records(FrameKind::Events, 10, &[exit(), Event::Poll, exit()])
+            .unwrap();
+        w.write_records(FrameKind::Events, 12, &[exit(), Event::Time(5), exit(), exit()])
+            .unwrap();
+        w.finish().unwrap();
+        assert_eq!(trace_positions(&p), Some((10, 15)));
+        assert_eq!(trace_positions(&dir.path().join("none")), None);
+    }
+
+    #[test]
+    fn a_bar_moves_only_when_drawn_and_never_for_tests() {
+        // Tests run with stderr captured or piped: no bar.
+        if !std::io::stderr().is_terminal() {
+            assert!(bar(10, "x").is_none());
+        }
+        let b = styled(10, "x", ProgressDrawTarget::hidden());
+        b.inc(3);
+        assert_eq!((b.position(), b.length()), (3, Some(10)));
+    }
+
+    #[test]
+    fn a_trace_is_not_a_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.nyxtrace");
+        let w = TraceWriter::create(&p, &header(ContainerKind::Trace)).unwrap();
+        w.finish().unwrap();
+        let e = read_snapshot(&p, None).unwrap_err().to_string();
+        assert!(e.contains("not a Nyx snapshot"), "{e}");
+        let missing = read_snapshot(&dir.path().join("none"), None).unwrap_err();
+        assert!(matches!(missing, SnapshotError::Container { .. }));
+    }
+}
