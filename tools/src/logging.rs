@@ -399,7 +399,7 @@ pub fn init(opts: &LogOptions) -> Result<(), LogError> {
     let ring = LogRing::new(opts.ring);
     let _ = RING.set(ring.clone());
     let stderr = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(|| crate::progress::Stderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()

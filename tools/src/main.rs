@@ -445,7 +445,7 @@ fn replay(args: &ReplayArgs) -> Result<ExitCode, nyx_replayer::Error> {
     let r = nyx_replayer::replay_with_progress(
         &args.trace,
         nyx_replayer::ReplayOptions {
-            serial_out: None,
+            serial_out: progress::serial_out(bar.as_ref()),
             kvm_path: args.kvm_device.clone(),
         },
         progress,

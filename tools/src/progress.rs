@@ -3,9 +3,12 @@
 //! migration, through [`bar`]). A bar is drawn only when stderr is a
 //! terminal and `CI` is not set, so tests and CI logs never see one; every
 //! helper returns `None` otherwise and the caller carries on without.
+//! While a bar is drawn, Nyx's log lines ([`Stderr`]) and the guest's
+//! serial output ([`LineOut`]) are written above it, not through it.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
+use std::sync::Mutex;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nyx_trace::{ContainerKind, FrameKind, TraceReader};
@@ -17,6 +20,9 @@ use nyx_vmm::snapshot::{MachineState, Snapshot, SnapshotError};
 /// Positions between two updates of a replay's bar.
 const REPLAY_STEP: u64 = 256;
 
+/// The bar drawn last: what [`suspend`] hides while something else writes.
+static ACTIVE: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
 /// Whether bars are drawn: stderr is a terminal and this is not CI.
 pub fn wanted() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("CI").is_none()
@@ -26,7 +32,94 @@ pub fn wanted() -> bool {
 /// is not a terminal (see [`wanted`]). Finish it with
 /// `finish_and_clear()`.
 pub fn bar(total: u64, what: &str) -> Option<ProgressBar> {
-    wanted().then(|| styled(total, what, ProgressDrawTarget::stderr()))
+    let bar = wanted().then(|| styled(total, what, ProgressDrawTarget::stderr()))?;
+    *ACTIVE.lock().unwrap_or_else(|e| e.into_inner()) = Some(bar.clone());
+    Some(bar)
+}
+
+/// Runs `f` with the bar being drawn (if any) hidden, then draws it again.
+pub fn suspend<R>(f: impl FnOnce() -> R) -> R {
+    let bar = ACTIVE.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    match bar {
+        Some(b) if !b.is_finished() => b.suspend(f),
+        _ => f(),
+    }
+}
+
+/// Stderr for log lines: each write goes above the bar being drawn.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stderr;
+
+impl Write for Stderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        suspend(|| std::io::stderr().write_all(buf))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// Stdout for a guest's serial output while a bar is drawn on the same
+/// terminal: whole lines go above the bar; a partial line waits for its
+/// end or for the writer's drop (the UART flushes after every byte, so
+/// `flush` does not force it out).
+#[derive(Debug)]
+pub struct LineOut<W: Write = std::io::Stdout> {
+    inner: W,
+    pending: Vec<u8>,
+}
+
+impl LineOut {
+    /// Whole lines to stdout.
+    pub fn stdout() -> Self {
+        LineOut {
+            inner: std::io::stdout(),
+            pending: Vec::new(),
+        }
+    }
+}
+
+impl<W: Write> LineOut<W> {
+    fn emit(&mut self, upto: usize) -> std::io::Result<()> {
+        let line: Vec<u8> = self.pending.drain(..upto).collect();
+        let inner = &mut self.inner;
+        suspend(|| {
+            inner.write_all(&line)?;
+            inner.flush()
+        })
+    }
+}
+
+impl<W: Write> Write for LineOut<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        if let Some(last) = self.pending.iter().rposition(|&b| b == b'\n') {
+            self.emit(last + 1)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<W: Write> Drop for LineOut<W> {
+    fn drop(&mut self) {
+        let n = self.pending.len();
+        let _ = self.emit(n);
+    }
+}
+
+/// Where a guest's serial output goes while `bar` is drawn: a [`LineOut`]
+/// when stdout is a terminal too, else None (the default, plain stdout).
+pub fn serial_out(bar: Option<&ProgressBar>) -> Option<Box<dyn Write + Send>> {
+    bar?;
+    std::io::stdout()
+        .is_terminal()
+        .then(|| Box::new(LineOut::stdout()) as Box<dyn Write + Send>)
 }
 
 fn styled(total: u64, what: &str, target: ProgressDrawTarget) -> ProgressBar {
@@ -211,6 +304,29 @@ mod tests {
         let b = styled(10, "x", ProgressDrawTarget::hidden());
         b.inc(3);
         assert_eq!((b.position(), b.length()), (3, Some(10)));
+    }
+
+    #[test]
+    fn guest_output_goes_out_in_whole_lines() {
+        let mut out = LineOut {
+            inner: Vec::new(),
+            pending: Vec::new(),
+        };
+        out.write_all(b"ab").unwrap();
+        assert!(out.inner.is_empty());
+        out.write_all(b"c\nd\ne").unwrap();
+        out.flush().unwrap();
+        assert_eq!(out.inner, b"abc\nd\n");
+        let mut inner = Vec::new();
+        {
+            let mut last = LineOut {
+                inner: &mut inner,
+                pending: Vec::new(),
+            };
+            last.write_all(b"x\ny").unwrap();
+        }
+        assert_eq!(inner, b"x\ny", "the partial line comes out at the end");
+        assert!(serial_out(None).is_none(), "no bar, plain stdout");
     }
 
     #[test]
