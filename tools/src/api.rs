@@ -3,9 +3,14 @@
 //!
 //! A unix socket, mode 0600, one JSON request and one JSON reply per line:
 //! `{"cmd":"pause"}`, `resume`, `snapshot` (with `"path"`), `status`,
-//! `metrics`, `logs` (with `"n"`), `quit`. A listener thread takes requests, hands each to the
-//! vCPU thread and kicks the vCPU; the vCPU thread answers at its next stop
-//! (a machine is only ever touched by the thread that runs it).
+//! `metrics`, `logs` (with `"n"`), `migrate` (with `"addr"`, optional
+//! `"max_iterations"` and `"threshold_pages"`), `quit`. A listener thread
+//! takes requests, hands each to the vCPU thread and kicks the vCPU; the
+//! vCPU thread answers at its next stop (a machine is only ever touched by
+//! the thread that runs it). `migrate` is answered when the migration is
+//! over: after the destination confirms that it runs the machine (this
+//! process then ends with status 0), or with the reason it failed (the
+//! guest then goes on here).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -16,13 +21,14 @@ use std::sync::mpsc::{self, Receiver, Sender};
 
 use nyx_vmm::kick::Kicker;
 use nyx_vmm::machine::Stop;
+use nyx_vmm::migration::{MigrateOptions, Outgoing};
 use nyx_vmm::{Machine, RunOutcome};
 use serde::{Deserialize, Serialize};
 
 /// A request on the control socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
-    /// pause, resume, snapshot, status, metrics, quit.
+    /// pause, resume, snapshot, status, metrics, logs, migrate, quit.
     pub cmd: String,
     /// The file for `snapshot`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -30,6 +36,15 @@ pub struct Request {
     /// How many entries `logs` returns (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<usize>,
+    /// The destination of `migrate`: `tcp:HOST:PORT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    /// `migrate`: the most pre-copy passes over dirty pages after the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_iterations: Option<u32>,
+    /// `migrate`: stop pre-copying once a pass has fewer dirty pages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold_pages: Option<u64>,
 }
 
 /// The reply to a request.
@@ -43,6 +58,23 @@ pub struct Reply {
     /// The answer's data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<serde_json::Value>,
+}
+
+impl Request {
+    /// The request `nyx ctl SOCK CMD [ARG]` sends: ARG is the file of
+    /// `snapshot` and the address of `migrate`.
+    pub fn new(cmd: &str, arg: Option<&str>) -> Self {
+        let arg = arg.map(str::to_string);
+        let migrate = cmd == "migrate";
+        Request {
+            cmd: cmd.to_string(),
+            path: if migrate { None } else { arg.clone() },
+            n: None,
+            addr: if migrate { arg } else { None },
+            max_iterations: None,
+            threshold_pages: None,
+        }
+    }
 }
 
 impl Reply {
@@ -62,11 +94,19 @@ impl Reply {
     }
 }
 
-type Job = (Request, Sender<Reply>);
+/// What reaches the vCPU thread.
+enum Msg {
+    /// A request and where its reply goes.
+    Job(Request, Sender<Reply>),
+    /// A migration's pre-copy is over: time for its stop-and-copy.
+    MigrationReady,
+}
 
 /// The vCPU thread's end of the control socket.
 pub struct Api {
-    rx: Receiver<Job>,
+    rx: Receiver<Msg>,
+    tx: Sender<Msg>,
+    kicker: Kicker,
     path: PathBuf,
 }
 
@@ -82,24 +122,27 @@ pub fn listen(path: &Path, kicker: Kicker) -> Result<Api, String> {
     let listener = UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("cannot make {} private: {e}", path.display()))?;
-    let (tx, rx) = mpsc::channel::<Job>();
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let (tx2, kicker2) = (tx.clone(), kicker.clone());
     std::thread::Builder::new()
         .name("nyx-api".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
-                let tx = tx.clone();
-                let kicker = kicker.clone();
+                let tx = tx2.clone();
+                let kicker = kicker2.clone();
                 std::thread::spawn(move || serve(conn, tx, kicker));
             }
         })
         .map_err(|e| format!("cannot start the API thread: {e}"))?;
     Ok(Api {
         rx,
+        tx,
+        kicker,
         path: path.to_path_buf(),
     })
 }
 
-fn serve(conn: UnixStream, tx: Sender<Job>, kicker: Kicker) {
+fn serve(conn: UnixStream, tx: Sender<Msg>, kicker: Kicker) {
     let Ok(mut out) = conn.try_clone() else { return };
     for line in BufReader::new(conn).lines() {
         let Ok(line) = line else { return };
@@ -110,7 +153,7 @@ fn serve(conn: UnixStream, tx: Sender<Job>, kicker: Kicker) {
             Err(e) => Reply::err(format!("not a request: {e}")),
             Ok(req) => {
                 let (rtx, rrx) = mpsc::channel();
-                if tx.send((req, rtx)).is_err() {
+                if tx.send(Msg::Job(req, rtx)).is_err() {
                     Reply::err("the machine has ended")
                 } else {
                     kicker.kick();
@@ -180,44 +223,127 @@ fn handle(m: &mut Machine, req: &Request, paused: bool) -> (Reply, After) {
         "quit" => (Reply::ok(None), After::Quit),
         other => (
             Reply::err(format!(
-                "unknown command {other:?}: use pause, resume, snapshot, status, metrics, logs or quit"
+                "unknown command {other:?}: use pause, resume, snapshot, status, metrics, logs, migrate or quit"
             )),
             keep,
         ),
     }
 }
 
+/// A migration under way and the request that asked for it.
+struct Migrating {
+    out: Outgoing,
+    reply: Sender<Reply>,
+}
+
+/// Starts the migration `req` asks for; the reply waits for its end.
+fn start_migration(m: &mut Machine, api: &Api, req: &Request) -> Result<Outgoing, String> {
+    let addr = req.addr.as_deref().ok_or("migrate needs an address: tcp:HOST:PORT")?;
+    let d = MigrateOptions::default();
+    let opts = MigrateOptions {
+        max_iterations: req.max_iterations.unwrap_or(d.max_iterations),
+        threshold_pages: req.threshold_pages.unwrap_or(d.threshold_pages),
+        ..d
+    };
+    let (tx, kicker) = (api.tx.clone(), api.kicker.clone());
+    let ready = Box::new(move || {
+        let _ = tx.send(Msg::MigrationReady);
+        kicker.kick();
+    });
+    Outgoing::start(m, addr, opts, ready).map_err(|e| e.to_string())
+}
+
+/// The stop-and-copy of `mig` (the vCPU is stopped). `true`: the machine
+/// now runs at the destination and must not run here again.
+fn finish_migration(m: &mut Machine, mig: Migrating) -> bool {
+    let addr = mig.out.addr().to_string();
+    match mig.out.finish(m) {
+        Ok(stats) => {
+            eprintln!(
+                "nyx: migrated to {addr}: downtime {:.2} ms, total {:.1} ms, {} pre-copy passes{}, {} + {} pages, {:.2} MiB sent",
+                stats.downtime_ms,
+                stats.total_ms,
+                stats.iterations,
+                if stats.converged { "" } else { " (not converged)" },
+                stats.precopy_pages,
+                stats.final_pages,
+                stats.bytes_sent as f64 / f64::from(1 << 20),
+            );
+            let _ = mig.reply.send(Reply::ok(serde_json::to_value(&stats).ok()));
+            true
+        }
+        Err(e) => {
+            eprintln!("nyx: migration to {addr} failed: {e}; the guest goes on here");
+            let _ = mig.reply.send(Reply::err(format!("migration to {addr} failed: {e}")));
+            false
+        }
+    }
+}
+
 /// Runs `m` to its end, serving the control socket at its stops. `None`:
-/// the user quit through the socket.
+/// the user quit through the socket, or the machine migrated away.
 pub fn run(m: &mut Machine, api: &Api) -> Result<Option<RunOutcome>, nyx_vmm::machine::Error> {
     let mut paused = false;
+    let mut migrating: Option<Migrating> = None;
     loop {
         if !paused {
-            match m.resume()? {
-                Stop::Ended(o) => return Ok(Some(o)),
-                Stop::Debug(_) | Stop::Interrupted => {}
+            if let Stop::Ended(o) = m.resume()? {
+                if let Some(mig) = migrating.take() {
+                    mig.out.abort(m);
+                    let _ = mig.reply.send(Reply::err("the guest ended during the migration"));
+                }
+                return Ok(Some(o));
             }
         }
         // Serve what is queued; while paused, wait for the next request.
         loop {
-            let job = if paused {
+            let msg = if paused {
                 api.rx.recv().ok()
             } else {
                 api.rx.try_recv().ok()
             };
-            let Some((req, reply)) = job else {
+            let Some(msg) = msg else {
                 if paused {
                     // Nobody can resume it any more.
                     return Ok(None);
                 }
                 break;
             };
-            let (r, after) = handle(m, &req, paused);
-            let _ = reply.send(r);
-            match after {
-                After::Quit => return Ok(None),
-                After::Pause => paused = true,
-                After::Run => paused = false,
+            match msg {
+                Msg::MigrationReady => {
+                    if let Some(mig) = migrating.take() {
+                        if finish_migration(m, mig) {
+                            return Ok(None);
+                        }
+                    }
+                }
+                Msg::Job(req, reply) if req.cmd == "migrate" => {
+                    if migrating.is_some() {
+                        let _ = reply.send(Reply::err("a migration is already under way"));
+                    } else {
+                        match start_migration(m, api, &req) {
+                            Ok(out) => migrating = Some(Migrating { out, reply }),
+                            Err(e) => {
+                                let _ = reply.send(Reply::err(e));
+                            }
+                        }
+                    }
+                }
+                Msg::Job(req, reply) => {
+                    let (r, after) = handle(m, &req, paused);
+                    let _ = reply.send(r);
+                    match after {
+                        After::Quit => {
+                            if let Some(mig) = migrating.take() {
+                                mig.out.abort(m);
+                                let _ = mig.reply.send(Reply::err("nyx quit during the migration"));
+                            }
+                            return Ok(None);
+                        }
+                        After::Pause => paused = true,
+                        After::Run => paused = false,
+                    }
+                }
             }
             if !paused {
                 break;
@@ -227,14 +353,9 @@ pub fn run(m: &mut Machine, api: &Api) -> Result<Option<RunOutcome>, nyx_vmm::ma
 }
 
 /// `nyx ctl PATH COMMAND [ARG]`.
-pub fn ctl(path: &Path, cmd: &str, arg: Option<&str>) -> Result<ExitCode, String> {
+pub fn ctl(path: &Path, req: &Request) -> Result<ExitCode, String> {
     let mut conn = UnixStream::connect(path).map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
-    let req = Request {
-        cmd: cmd.to_string(),
-        path: arg.map(str::to_string),
-        n: None,
-    };
-    let text = serde_json::to_string(&req).map_err(|e| e.to_string())?;
+    let text = serde_json::to_string(req).map_err(|e| e.to_string())?;
     writeln!(conn, "{text}").map_err(|e| format!("{}: {e}", path.display()))?;
     let mut line = String::new();
     BufReader::new(conn)

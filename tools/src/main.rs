@@ -101,10 +101,16 @@ struct ReportArgs {
 struct CtlArgs {
     /// The control socket.
     socket: PathBuf,
-    /// pause, resume, snapshot, status, metrics or quit.
+    /// pause, resume, snapshot, status, metrics, logs, migrate or quit.
     command: String,
-    /// The file for `snapshot`.
+    /// The file for `snapshot`; the destination (tcp:HOST:PORT) for `migrate`.
     arg: Option<String>,
+    /// `migrate`: the most pre-copy passes over dirty pages after the first.
+    #[arg(long, value_name = "N")]
+    max_iterations: Option<u32>,
+    /// `migrate`: stop pre-copying once a pass finds fewer dirty pages than N.
+    #[arg(long, value_name = "N")]
+    threshold_pages: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -236,6 +242,10 @@ struct RunArgs {
     gdb: GdbArgs,
     #[command(flatten)]
     serve: ServeArgs,
+    /// Receive a migrating machine on tcp:HOST:PORT (port 0 picks a free
+    /// one) and run it; machine, kernel and state come from the source.
+    #[arg(long, value_name = "tcp:HOST:PORT", conflicts_with_all = ["kernel", "initrd", "gdb"])]
+    incoming: Option<String>,
 }
 
 /// The control socket and the metrics of a running machine.
@@ -480,6 +490,38 @@ fn replay(args: &ReplayArgs) -> Result<ExitCode, nyx_replayer::Error> {
     }
 }
 
+/// `nyx run --incoming tcp:HOST:PORT`: receives a migrating machine, tells
+/// the source that it runs, and runs it as `nyx restore` would.
+fn incoming(args: &RunArgs, spec: &str) -> Result<ExitCode, String> {
+    use nyx_vmm::migration;
+    let listener = migration::listen(spec).map_err(|e| e.to_string())?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    eprintln!("nyx: waiting for a migration on tcp:{local}");
+    let (received, confirm) = migration::accept(&listener).map_err(|e| format!("migration rejected: {e}"))?;
+    let peer = confirm.peer;
+    let (frames, runs) = (received.frames, received.runs);
+    let built = MachineBuilder::from_saved(received.machine)
+        .serial_in(serial_in_arg(args.machine.serial_in.as_deref()))
+        .kvm_path(&args.machine.kvm_device)
+        .build();
+    let mut machine = match built {
+        Ok(m) => m,
+        Err(e) => {
+            confirm.refuse(&e.to_string());
+            return Err(format!("migration rejected: cannot build the machine: {e}"));
+        }
+    };
+    args.serve.start_metrics(&machine)?;
+    confirm
+        .running()
+        .map_err(|e| format!("migration from {peer}: the source did not hear that the machine runs here: {e}"))?;
+    eprintln!("nyx: machine migrated in from {peer} ({frames} frames, {runs} memory runs); running");
+    match run_machine(&mut machine, args.serve.api.as_deref())? {
+        Some(outcome) => Ok(finish(&outcome)),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
 /// Runs a built machine to its end, serving the control socket if asked.
 fn run_machine(machine: &mut nyx_vmm::Machine, api: Option<&std::path::Path>) -> Result<Option<RunOutcome>, String> {
     match api {
@@ -515,6 +557,9 @@ fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
 }
 
 fn run(args: &RunArgs) -> Result<ExitCode, String> {
+    if let Some(spec) = &args.incoming {
+        return incoming(args, spec);
+    }
     let mut machine = args.machine.builder()?.build().map_err(|e| e.to_string())?;
     tracing::info!(target: "nyx::vmm", "machine built: kernel {}, {} MiB", args.machine.kernel()?.display(), args.machine.mem);
     args.serve.start_metrics(&machine)?;
@@ -561,7 +606,14 @@ fn main() -> ExitCode {
     let result: Result<ExitCode, String> = match &cli.command {
         Command::Run(a) => run(a),
         Command::Restore(a) => restore(a),
-        Command::Ctl(a) => api::ctl(&a.socket, &a.command, a.arg.as_deref()),
+        Command::Ctl(a) => api::ctl(
+            &a.socket,
+            &api::Request {
+                max_iterations: a.max_iterations,
+                threshold_pages: a.threshold_pages,
+                ..api::Request::new(&a.command, a.arg.as_deref())
+            },
+        ),
         Command::Report(a) => match (&a.trace, &a.api) {
             (_, Some(sock)) => report::report_live(sock, a.windows.max(1)),
             (Some(t), None) => report::report_trace(t),

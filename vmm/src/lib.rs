@@ -15,6 +15,7 @@ pub mod machine;
 pub mod mem_state;
 pub mod memory;
 pub mod metrics;
+pub mod migration;
 pub mod msr;
 pub mod paging;
 pub mod patch;

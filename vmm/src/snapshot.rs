@@ -19,7 +19,7 @@ use crate::platform::PlatformState;
 use crate::vcpu_state::VcpuState;
 
 /// Page runs per memory frame (runs are at most 1 MiB).
-const RUNS_PER_FRAME: usize = 16;
+pub const RUNS_PER_FRAME: usize = 16;
 
 /// Everything of a machine but its memory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,21 +87,7 @@ pub fn write(
         path: path.to_path_buf(),
         source,
     };
-    let mut images = vec![GuestImage::embedded(KERNEL_IMAGE, kernel.to_vec())];
-    if let Some(i) = initrd {
-        images.push(GuestImage::embedded(INITRD_IMAGE, i.to_vec()));
-    }
-    let header = TraceHeader {
-        uuid: crate::hooks::host_random()
-            .to_le_bytes()
-            .repeat(2)
-            .try_into()
-            .unwrap_or([0; 16]),
-        nyx_version: env!("CARGO_PKG_VERSION").to_string(),
-        kind: ContainerKind::Snapshot,
-        machine_config: config.to_bytes(),
-        images,
-    };
+    let header = container_header(ContainerKind::Snapshot, config, kernel, initrd);
     let mut w = TraceWriter::create(path, &header).map_err(err)?;
     w.write_records(FrameKind::MachineState, state.exit_seq, std::slice::from_ref(state))
         .map_err(err)?;
@@ -109,6 +95,48 @@ pub fn write(
         w.write_records(FrameKind::Memory, state.exit_seq, chunk).map_err(err)?;
     }
     w.finish().map_err(err)
+}
+
+/// The header of a container that holds a whole machine (a snapshot or a
+/// migration stream): its configuration, kernel and initrd embedded.
+pub fn container_header(
+    kind: ContainerKind,
+    config: &MachineConfig,
+    kernel: &[u8],
+    initrd: Option<&[u8]>,
+) -> TraceHeader {
+    let mut images = vec![GuestImage::embedded(KERNEL_IMAGE, kernel.to_vec())];
+    if let Some(i) = initrd {
+        images.push(GuestImage::embedded(INITRD_IMAGE, i.to_vec()));
+    }
+    TraceHeader {
+        uuid: crate::hooks::host_random()
+            .to_le_bytes()
+            .repeat(2)
+            .try_into()
+            .unwrap_or([0; 16]),
+        nyx_version: env!("CARGO_PKG_VERSION").to_string(),
+        kind,
+        machine_config: config.to_bytes(),
+        images,
+    }
+}
+
+/// A saved machine's configuration, kernel and initrd.
+pub type SavedParts = (MachineConfig, Vec<u8>, Option<Vec<u8>>);
+
+/// The configuration, kernel and initrd from the header of a container that
+/// holds a whole machine; `Err` says what is missing or damaged.
+pub fn parse_header(h: &TraceHeader) -> Result<SavedParts, String> {
+    let config = MachineConfig::from_bytes(&h.machine_config).map_err(|e| format!("machine configuration: {e}"))?;
+    let image = |name: &str| h.images.iter().find(|i| i.name == name).and_then(|i| i.data.clone());
+    let kernel = image(KERNEL_IMAGE).ok_or("the kernel image is not embedded")?;
+    let initrd = if config.has_initrd {
+        Some(image(INITRD_IMAGE).ok_or("the initrd image is not embedded")?)
+    } else {
+        None
+    };
+    Ok((config, kernel, initrd))
 }
 
 /// Reads a snapshot container.
@@ -129,15 +157,7 @@ pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
     if h.kind != ContainerKind::Snapshot {
         return Err(not(format!("it is a {:?} container", h.kind)));
     }
-    let config =
-        MachineConfig::from_bytes(&h.machine_config).map_err(|e| not(format!("machine configuration: {e}")))?;
-    let image = |name: &str| h.images.iter().find(|i| i.name == name).and_then(|i| i.data.clone());
-    let kernel = image(KERNEL_IMAGE).ok_or_else(|| not("the kernel image is not embedded".into()))?;
-    let initrd = if config.has_initrd {
-        Some(image(INITRD_IMAGE).ok_or_else(|| not("the initrd image is not embedded".into()))?)
-    } else {
-        None
-    };
+    let (config, kernel, initrd) = parse_header(&h).map_err(not)?;
     let mut state = None;
     let mut memory = Vec::new();
     for i in 0..r.frames().len() {

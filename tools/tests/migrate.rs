@@ -1,0 +1,413 @@
+//! End-to-end tests of live migration between two `nyx` processes on
+//! loopback: the guest's serial output continues at the destination with
+//! nothing lost or duplicated; a destination that goes away, refuses or
+//! never answers leaves the source running its guest; cut, damaged and
+//! wrong-version streams are refused by the destination with one line and
+//! status 1. An ignored test measures downtime and total time for the
+//! BENCHMARKS table.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn nyx() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nyx"));
+    c.env_remove("NYX_LOG").env_remove("NYX_KVM_DEVICE");
+    c
+}
+
+fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert_ne!(
+            std::env::var("NYX_REQUIRE_KVM").as_deref(),
+            Ok("1"),
+            "NYX_REQUIRE_KVM=1 but /dev/kvm cannot be opened read-write"
+        );
+        eprintln!("skipped: /dev/kvm is not usable");
+    }
+    ok
+}
+
+fn guest(name: &str) -> PathBuf {
+    nyx_guests::path(name).unwrap_or_else(|| panic!("no in-tree guest {name}"))
+}
+
+/// Collects a pipe's bytes on a thread.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn spawn(mut r: impl Read + Send + 'static) -> Self {
+        let c = Captured::default();
+        let buf = c.0.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = r.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                buf.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        c
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the text contains `needle`.
+    fn wait_for(&self, needle: &str, what: &str) {
+        let start = Instant::now();
+        while !self.text().contains(needle) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{what}: no {needle:?} in {:?}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// A running `nyx` with its stdin, stdout and stderr.
+struct Proc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: Captured,
+    err: Captured,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nyx starts");
+        let out = Captured::spawn(child.stdout.take().unwrap());
+        let err = Captured::spawn(child.stderr.take().unwrap());
+        Proc {
+            stdin: child.stdin.take(),
+            child,
+            out,
+            err,
+        }
+    }
+
+    fn input(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("stdin is open");
+        stdin.write_all(bytes).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Waits for the exit status (killing the process after 30 s).
+    fn wait(&mut self) -> Option<i32> {
+        self.stdin = None;
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                // Let the reader threads drain the pipes.
+                std::thread::sleep(Duration::from_millis(50));
+                return s.code();
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = self.child.kill();
+                panic!("nyx did not end; stderr: {}", self.err.text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `nyx run --incoming tcp:127.0.0.1:0` and the port it listens on.
+fn destination() -> (Proc, u16) {
+    let mut cmd = nyx();
+    cmd.args(["run", "--incoming", "tcp:127.0.0.1:0", "--serial-in", "-"]);
+    let p = Proc::spawn(cmd);
+    p.err
+        .wait_for("waiting for a migration on tcp:127.0.0.1:", "destination");
+    let text = p.err.text();
+    let port = text
+        .split("tcp:127.0.0.1:")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .expect("a port");
+    (p, port)
+}
+
+/// The echo guest with the control socket at `sock`, stdin as serial input.
+fn echo_source(sock: &Path, mem: &str) -> Proc {
+    let mut cmd = nyx();
+    cmd.arg("run")
+        .arg("--kernel")
+        .arg(guest("echo"))
+        .args(["--serial-in", "-", "--mem", mem, "--api"])
+        .arg(sock);
+    let p = Proc::spawn(cmd);
+    p.out.wait_for("end with '.'\n", "source");
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no control socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    p
+}
+
+/// `nyx ctl SOCK ARGS...`: status and the reply line.
+fn ctl(sock: &Path, args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let out = nyx().arg("ctl").arg(sock).args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let reply = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("reply {text:?}: {e}"));
+    (out.status.code(), reply)
+}
+
+const FIRST: &[u8] = b"hello, nyx!\n";
+const SECOND: &[u8] = b"serial input works.\nthis line is never read\n";
+
+#[test]
+fn echo_output_continues_at_the_destination_with_nothing_lost_or_duplicated() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let (mut dst, port) = destination();
+    let mut src = echo_source(&sock, "64");
+    src.input(FIRST);
+    src.out.wait_for("HELLO, NYX!\n", "source");
+
+    let addr = format!("tcp:127.0.0.1:{port}");
+    let (code, reply) = ctl(
+        &sock,
+        &["migrate", &addr, "--max-iterations", "3", "--threshold-pages", "1"],
+    );
+    assert_eq!(code, Some(0), "{reply}");
+    assert_eq!(reply["ok"], true, "{reply}");
+    let data = &reply["data"];
+    let (downtime, total) = (
+        data["downtime_ms"].as_f64().unwrap(),
+        data["total_ms"].as_f64().unwrap(),
+    );
+    assert!(downtime > 0.0 && downtime <= total, "{reply}");
+    assert!(data["precopy_pages"].as_u64().unwrap() > 0, "{reply}");
+    assert!(data["iterations"].as_u64().unwrap() >= 1, "{reply}");
+
+    assert_eq!(src.wait(), Some(0), "source stderr: {}", src.err.text());
+    assert!(src.err.text().contains("migrated to"), "{}", src.err.text());
+    dst.err.wait_for("running", "destination");
+    dst.input(SECOND);
+    let status = dst.wait();
+    let expected = nyx_guests::expected("echo").unwrap();
+    assert_eq!(
+        status,
+        expected.exit_value.map(|v| v as i32),
+        "destination stderr: {}",
+        dst.err.text()
+    );
+    let both = src.out.text() + &dst.out.text();
+    assert_eq!(both, expected.golden.unwrap(), "source + destination output");
+    assert!(src.out.text().ends_with("HELLO, NYX!\n"));
+    assert!(dst.out.text().starts_with("SERIAL INPUT WORKS.\n"));
+}
+
+/// Reads one whole migration stream from `conn` (up to its end marker)
+/// and returns its bytes.
+fn read_stream(conn: &TcpStream) -> Vec<u8> {
+    struct Tee<'a>(&'a TcpStream, Vec<u8>);
+    impl Read for Tee<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = (&*self.0).read(buf)?;
+            self.1.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+    }
+    let mut tee = Tee(conn, Vec::new());
+    let mut r = nyx_trace::StreamReader::new(&mut tee).expect("a stream header");
+    while r.next_frame().expect("a valid frame").is_some() {}
+    assert_eq!(r.completeness(), Some(nyx_trace::Completeness::Complete));
+    tee.1
+}
+
+/// A fake destination on a free port: `serve` gets each connection.
+fn fake_destination(
+    serve: impl FnOnce(TcpStream) -> Vec<u8> + Send + 'static,
+) -> (u16, std::thread::JoinHandle<Vec<u8>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        let (conn, _) = l.accept().unwrap();
+        serve(conn)
+    });
+    (port, t)
+}
+
+/// The source answers `migrate` with ok:false and a reason containing
+/// `why`, then keeps running: the echo guest still echoes and exits.
+fn assert_failed_and_still_running(sock: &Path, port: u16, why: &str) {
+    let (code, reply) = ctl(sock, &["migrate", &format!("tcp:127.0.0.1:{port}")]);
+    assert_eq!(code, Some(1), "{reply}");
+    assert_eq!(reply["ok"], false, "{reply}");
+    let e = reply["error"].as_str().unwrap();
+    assert!(e.contains(why), "want {why:?} in {e:?}");
+    let (_, status) = ctl(sock, &["status"]);
+    assert_eq!(status["data"]["state"], "running", "{status}");
+}
+
+#[test]
+fn the_source_keeps_running_when_the_destination_fails() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut src = echo_source(&sock, "16");
+    src.input(FIRST);
+    src.out.wait_for("HELLO, NYX!\n", "source");
+
+    // Nobody listens.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    assert_failed_and_still_running(&sock, port, "cannot connect");
+    // Closes early, after a few bytes.
+    let (port, t) = fake_destination(|mut c| {
+        let mut b = [0u8; 100];
+        let _ = c.read_exact(&mut b);
+        Vec::new()
+    });
+    assert_failed_and_still_running(&sock, port, "migration to");
+    t.join().unwrap();
+    // Reads everything, then closes without an answer.
+    let (port, t) = fake_destination(|c| read_stream(&c));
+    assert_failed_and_still_running(&sock, port, "closed the connection");
+    assert!(!t.join().unwrap().is_empty());
+    // Reads everything and refuses.
+    let (port, t) = fake_destination(|mut c| {
+        let s = read_stream(&c);
+        c.write_all(b"error: no room here\n").unwrap();
+        s
+    });
+    assert_failed_and_still_running(&sock, port, "refused the machine: no room here");
+    t.join().unwrap();
+
+    src.input(SECOND);
+    assert_eq!(
+        src.wait().map(|s| s as u32),
+        nyx_guests::expected("echo").unwrap().exit_value,
+        "{}",
+        src.err.text()
+    );
+    assert_eq!(src.out.text(), nyx_guests::expected("echo").unwrap().golden.unwrap());
+    assert!(src.err.text().contains("the guest goes on here"), "{}", src.err.text());
+}
+
+/// Sends `bytes` to a fresh destination; its status and stderr.
+fn feed_destination(bytes: &[u8]) -> (Option<i32>, String) {
+    let (mut dst, port) = destination();
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let _ = c.write_all(bytes);
+    let _ = c.shutdown(std::net::Shutdown::Write);
+    let mut answer = String::new();
+    let _ = BufReader::new(&c).read_line(&mut answer);
+    let code = dst.wait();
+    assert!(answer.is_empty() || answer.starts_with("error: "), "{answer:?}");
+    (code, dst.err.text())
+}
+
+#[test]
+fn cut_damaged_and_wrong_version_streams_are_refused_with_one_line() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut src = echo_source(&sock, "16");
+    let (port, t) = fake_destination(|c| read_stream(&c));
+    let _ = ctl(&sock, &["migrate", &format!("tcp:127.0.0.1:{port}")]);
+    let stream = t.join().unwrap();
+    drop(src.stdin.take());
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("cut", stream[..stream.len() / 2].to_vec(), "cut off"),
+        (
+            "cut before the end marker",
+            stream[..stream.len() - 25].to_vec(),
+            "cut off",
+        ),
+        ("empty", Vec::new(), "header is cut short"),
+    ];
+    let mut flipped = stream.clone();
+    let mid = flipped.len() * 2 / 3;
+    flipped[mid] ^= 0x10;
+    cases.push(("flipped", flipped, "rejected"));
+    let mut version = stream.clone();
+    version[8..12].copy_from_slice(&(nyx_trace::FORMAT_VERSION + 1).to_le_bytes());
+    cases.push(("version", version, "unsupported format version"));
+    for (what, bytes, needle) in cases {
+        let (code, err) = feed_destination(&bytes);
+        assert_eq!(code, Some(1), "{what}: {err}");
+        let lines: Vec<&str> = err.lines().filter(|l| !l.contains("waiting for a migration")).collect();
+        assert_eq!(lines.len(), 1, "{what}: {err}");
+        assert!(lines[0].starts_with("nyx: migration rejected: "), "{what}: {err}");
+        assert!(lines[0].contains(needle), "{what}: want {needle:?} in {err}");
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Downtime and total time for an idle 256 MiB guest on loopback, median of
+/// five migrations (`cargo test --release -p nyx-cli --test migrate --
+/// --ignored --nocapture`).
+#[test]
+#[ignore]
+fn migration_benchmark_256_mib_idle() {
+    if !kvm_available() {
+        return;
+    }
+    let (mut downtime, mut total, mut iterations, mut bytes) = (vec![], vec![], vec![], vec![]);
+    for run in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let (mut dst, port) = destination();
+        let mut src = echo_source(&sock, "256");
+        let (code, reply) = ctl(&sock, &["migrate", &format!("tcp:127.0.0.1:{port}")]);
+        assert_eq!(code, Some(0), "{reply}");
+        let d = &reply["data"];
+        println!("run {run}: {d}");
+        downtime.push(d["downtime_ms"].as_f64().unwrap());
+        total.push(d["total_ms"].as_f64().unwrap());
+        iterations.push(d["iterations"].as_f64().unwrap());
+        bytes.push(d["bytes_sent"].as_f64().unwrap());
+        assert_eq!(src.wait(), Some(0));
+        dst.input(b".");
+        assert_eq!(
+            dst.wait().map(|s| s as u32),
+            nyx_guests::expected("echo").unwrap().exit_value
+        );
+    }
+    println!(
+        "256 MiB idle echo guest, median of 5: downtime {:.2} ms, total {:.1} ms, {} pre-copy passes, {:.0} bytes sent",
+        median(&mut downtime),
+        median(&mut total),
+        median(&mut iterations),
+        median(&mut bytes)
+    );
+}

@@ -1,0 +1,786 @@
+//! Live migration: a running machine moves to another Nyx process over TCP
+//! in the one container format (design §5), the same header, memory frames
+//! (page runs) and machine-state frame as a snapshot, then the footer.
+//!
+//! The source ([`Outgoing`]) writes the header, then pre-copies memory while
+//! the guest keeps running: a first pass with every non-zero page, then
+//! passes with the pages KVM's dirty log reports, until a pass has fewer
+//! dirty pages than the convergence threshold or the maximum number of
+//! passes is reached. Then stop-and-copy: with the vCPU stopped it sends the
+//! last dirty pages and the machine state, finishes the container (index
+//! frame and trailer: the end marker) and waits for the destination's one
+//! line of acknowledgement, `running` or `error: WHY`. Downtime runs from
+//! the stop to that acknowledgement.
+//!
+//! Pre-copy runs on its own thread, not on the vCPU thread between short
+//! runs: guest memory is a shared mapping and KVM's dirty log can be read
+//! through a second VM descriptor ([`Machine::vm_handle`]), so the guest
+//! runs at full speed on one core while the copy (reading, zstd, the
+//! socket) uses another, and the vCPU thread only stops once, for the
+//! final pass. A page the guest writes while it is being read is in the
+//! next dirty set, so it is sent again. The dirty log misses guest writes
+//! in real mode on some emulated KVMs: a guest seen in real mode when the
+//! migration starts or stops has all of its memory sent again in the stop.
+//!
+//! The destination ([`accept`], [`receive`]) reads the stream with the
+//! container's own checks (magic, version, checksums, bounded lengths) and
+//! accepts it only if it is a complete migration container with exactly
+//! one machine state after its memory. Memory runs are applied in order
+//! at build, so a page sent again replaces its earlier copy.
+
+use std::collections::BTreeSet;
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VmFd;
+use nyx_trace::{decode_records, Completeness, ContainerKind, FrameKind, StreamReader, StreamWriter};
+use serde::Serialize;
+use vm_memory::{Bytes, GuestAddress, GuestMemory as _, GuestMemoryRegion};
+
+use crate::machine::Machine;
+use crate::mem_state::{capture_pages, DirtyTracker, MemStateError, PageRun, MAX_RUN_BYTES, PAGE_SIZE};
+use crate::memory::GuestMemory;
+use crate::snapshot::{MachineState, Snapshot, RUNS_PER_FRAME};
+
+/// Default for [`MigrateOptions::max_iterations`].
+pub const DEFAULT_MAX_ITERATIONS: u32 = 10;
+/// Default for [`MigrateOptions::threshold_pages`] (1 MiB).
+pub const DEFAULT_THRESHOLD_PAGES: u64 = 256;
+/// Dirty pages per memory frame in the later passes (4 MiB).
+const PAGES_PER_FRAME: usize = 1024;
+/// zstd level of the stream: speed matters more than size on a link.
+const ZSTD_LEVEL: i32 = 1;
+/// The destination's acknowledgement that the machine runs.
+const ACK_RUNNING: &str = "running";
+/// How long the destination waits for the next bytes of a stream.
+const RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How a migration pre-copies and how long it waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigrateOptions {
+    /// The most passes over dirty pages after the first full pass; the
+    /// stop-and-copy follows the last one.
+    pub max_iterations: u32,
+    /// Stop pre-copying once a pass finds fewer dirty pages than this.
+    pub threshold_pages: u64,
+    /// How long the source waits for the destination to confirm.
+    pub ack_timeout: Duration,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            max_iterations: DEFAULT_MAX_ITERATIONS,
+            threshold_pages: DEFAULT_THRESHOLD_PAGES,
+            ack_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a migration did, for the reply to `migrate` and the log.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct MigrationStats {
+    /// Where the machine went.
+    pub addr: String,
+    /// Pre-copy passes, the first full one included.
+    pub iterations: u32,
+    /// Whether pre-copy stopped below the threshold (not at the maximum).
+    pub converged: bool,
+    /// Pages sent while the guest ran.
+    pub precopy_pages: u64,
+    /// Pages sent with the vCPU stopped.
+    pub final_pages: u64,
+    /// Bytes on the wire, header and footer included.
+    pub bytes_sent: u64,
+    /// From the stop on the source to the destination's confirmation, ms.
+    pub downtime_ms: f64,
+    /// From the request to the confirmation, ms.
+    pub total_ms: f64,
+}
+
+/// Errors of migrating a machine out or in.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The address is not `tcp:HOST:PORT`.
+    #[error("bad migration address {0:?}: use tcp:HOST:PORT (for example tcp:127.0.0.1:4444)")]
+    BadAddress(String),
+    /// The destination cannot be reached.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The address to listen on cannot be bound.
+    #[error("cannot listen for a migration on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The stream is not a valid container, or writing it failed.
+    #[error("{0}")]
+    Stream(#[from] nyx_trace::Error),
+    /// The connection failed.
+    #[error("the migration connection failed: {0}")]
+    Io(#[from] io::Error),
+    /// The machine could not be stopped, read or resumed.
+    #[error("{0}")]
+    Machine(#[from] crate::machine::Error),
+    /// KVM's dirty log could not be started or read.
+    #[error("dirty page tracking: {0}")]
+    Dirty(#[from] MemStateError),
+    /// A valid container that is not a usable migration stream.
+    #[error("not a usable migration stream: {0}")]
+    Invalid(String),
+    /// The stream ended before its end marker.
+    #[error("the migration stream was cut off after {frames} complete frames: the source stopped sending")]
+    CutOff {
+        /// Complete frames received.
+        frames: usize,
+    },
+    /// The destination said no.
+    #[error("the destination refused the machine: {0}")]
+    Refused(String),
+    /// The destination did not say that it runs the machine.
+    #[error("the destination did not confirm that it runs the machine: {0}")]
+    NoAck(String),
+    /// Another migration is already under way, or the pre-copy thread failed.
+    #[error("{0}")]
+    State(String),
+}
+
+/// The socket address of `tcp:HOST:PORT`.
+pub fn parse_addr(spec: &str) -> Result<SocketAddr, MigrationError> {
+    let bad = || MigrationError::BadAddress(spec.to_string());
+    let rest = spec.strip_prefix("tcp:").ok_or_else(bad)?;
+    rest.to_socket_addrs().ok().and_then(|mut a| a.next()).ok_or_else(bad)
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // A slice comparison is a memcmp, fast in every build profile.
+    static ZEROS: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+    page.len() <= ZEROS.len() && page == &ZEROS[..page.len()]
+}
+
+/// Appends the page at `gpa` to `runs` (to the last run when contiguous).
+fn push_page(runs: &mut Vec<PageRun>, gpa: u64, page: &[u8]) {
+    if let Some(last) = runs.last_mut() {
+        if last.gpa.checked_add(last.data.len() as u64) == Some(gpa) && last.data.len() + page.len() <= MAX_RUN_BYTES {
+            last.data.extend_from_slice(page);
+            return;
+        }
+    }
+    runs.push(PageRun {
+        gpa,
+        data: page.to_vec(),
+    });
+}
+
+/// Sends every non-zero page of `mem` as memory frames at `position`;
+/// returns the pages sent. Checks `cancel` between frames.
+pub fn send_nonzero<W: Write>(
+    out: &mut StreamWriter<W>,
+    mem: &GuestMemory,
+    position: u64,
+    cancel: &AtomicBool,
+) -> Result<u64, MigrationError> {
+    let mut runs = Vec::new();
+    let mut pages = 0u64;
+    let mut buf = [0u8; PAGE_SIZE as usize];
+    for region in mem.iter() {
+        let start = region.start_addr().0;
+        let mut off = 0u64;
+        while off + PAGE_SIZE <= region.len() {
+            let gpa = start + off;
+            off += PAGE_SIZE;
+            if mem.read_slice(&mut buf, GuestAddress(gpa)).is_err() || is_zero(&buf) {
+                continue;
+            }
+            push_page(&mut runs, gpa, &buf);
+            pages += 1;
+            if runs.len() > RUNS_PER_FRAME {
+                let last = runs.pop().unwrap_or_default();
+                out.write_records(FrameKind::Memory, position, &runs)?;
+                runs.clear();
+                runs.push(last);
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(MigrationError::State("the migration was cancelled".into()));
+                }
+            }
+        }
+    }
+    if !runs.is_empty() {
+        out.write_records(FrameKind::Memory, position, &runs)?;
+    }
+    Ok(pages)
+}
+
+/// Sends the pages `gfns` (zero or not) as memory frames at `position`;
+/// returns the pages sent.
+pub fn send_pages<W: Write>(
+    out: &mut StreamWriter<W>,
+    mem: &GuestMemory,
+    gfns: &BTreeSet<u64>,
+    position: u64,
+) -> Result<u64, MigrationError> {
+    let all: Vec<u64> = gfns.iter().copied().collect();
+    let mut pages = 0u64;
+    for chunk in all.chunks(PAGES_PER_FRAME) {
+        let runs = capture_pages(mem, chunk.iter().copied());
+        pages += runs.iter().map(|r| r.data.len() as u64 / PAGE_SIZE).sum::<u64>();
+        if !runs.is_empty() {
+            out.write_records(FrameKind::Memory, position, &runs)?;
+        }
+    }
+    Ok(pages)
+}
+
+/// Every guest frame number of `mem`.
+fn all_gfns(mem: &GuestMemory) -> BTreeSet<u64> {
+    mem.iter()
+        .flat_map(|r| {
+            let first = r.start_addr().0 / PAGE_SIZE;
+            first..first + r.len() / PAGE_SIZE
+        })
+        .collect()
+}
+
+type Sink = StreamWriter<BufWriter<TcpStream>>;
+
+/// What the pre-copy thread hands back to the vCPU thread.
+struct Precopied {
+    /// The stream; taken by the stop-and-copy.
+    out: Option<Sink>,
+    tracker: DirtyTracker,
+    /// Pages collected from the dirty log but not sent yet.
+    pending: Result<BTreeSet<u64>, MigrationError>,
+    iterations: u32,
+    converged: bool,
+    pages: u64,
+}
+
+fn precopy(
+    mut out: Sink,
+    mut tracker: DirtyTracker,
+    vm: VmFd,
+    mem: GuestMemory,
+    opts: MigrateOptions,
+    cancel: &AtomicBool,
+) -> Precopied {
+    let mut pages = 0u64;
+    let mut iterations = 0u32;
+    let mut converged = false;
+    let mut pass = |out: &mut Sink, tracker: &mut DirtyTracker| -> Result<BTreeSet<u64>, MigrationError> {
+        pages += send_nonzero(out, &mem, 0, cancel)?;
+        out.flush()?;
+        iterations = 1;
+        loop {
+            let dirty = tracker.collect(&vm)?;
+            if (dirty.len() as u64) < opts.threshold_pages {
+                converged = true;
+                return Ok(dirty);
+            }
+            if iterations > opts.max_iterations || cancel.load(Ordering::Relaxed) {
+                return Ok(dirty);
+            }
+            pages += send_pages(out, &mem, &dirty, 0)?;
+            out.flush()?;
+            iterations += 1;
+        }
+    };
+    let pending = pass(&mut out, &mut tracker);
+    Precopied {
+        out: Some(out),
+        tracker,
+        pending,
+        iterations,
+        converged,
+        pages,
+    }
+}
+
+/// Whether the vCPU is in real mode (CR0.PE clear), where the dirty log may
+/// miss guest writes.
+fn real_mode(m: &Machine) -> Result<bool, MigrationError> {
+    Ok(m.paging_regs()?.cr0 & 1 == 0)
+}
+
+/// A migration under way on the source: pre-copy runs on its own thread
+/// while the caller keeps running the guest; [`Outgoing::finish`] then does
+/// the stop-and-copy.
+pub struct Outgoing {
+    addr: String,
+    started: Instant,
+    real_mode: bool,
+    cancel: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Precopied>>,
+    opts: MigrateOptions,
+}
+
+impl std::fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outgoing")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outgoing {
+    /// Connects to `addr` (`tcp:HOST:PORT`), starts KVM's dirty log, sends
+    /// the header and starts pre-copy on a new thread; `ready` is called on
+    /// that thread when pre-copy is over (or failed): the caller should then
+    /// stop the vCPU and call [`finish`](Self::finish). Call on the thread
+    /// that runs `m`, at a stop.
+    pub fn start(
+        m: &mut Machine,
+        addr: &str,
+        opts: MigrateOptions,
+        ready: Box<dyn FnOnce() + Send>,
+    ) -> Result<Self, MigrationError> {
+        let started = Instant::now();
+        let sock_addr = parse_addr(addr)?;
+        let conn = TcpStream::connect_timeout(&sock_addr, Duration::from_secs(5)).map_err(|source| {
+            MigrationError::Connect {
+                addr: addr.to_string(),
+                source,
+            }
+        })?;
+        conn.set_nodelay(true)?;
+        let (config, kernel, initrd) = m.saved_parts();
+        let header = crate::snapshot::container_header(ContainerKind::Migration, config, kernel, initrd);
+        let out = StreamWriter::with_level(BufWriter::with_capacity(1 << 20, conn), &header, ZSTD_LEVEL)?;
+        let real_mode = real_mode(m)?;
+        let vm = m.vm_handle()?;
+        // SAFETY: the memory is the one registered with this VM, one slot per
+        // region, and the machine keeps both for the VM's whole life.
+        let tracker = unsafe { DirtyTracker::enable(m.vm(), m.memory()) }?;
+        let mem = m.memory().clone();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let (c, d) = (cancel.clone(), done.clone());
+        let thread = std::thread::Builder::new().name("nyx-migrate".into()).spawn(move || {
+            let p = precopy(out, tracker, vm, mem, opts, &c);
+            d.store(true, Ordering::SeqCst);
+            ready();
+            p
+        })?;
+        tracing::info!(target: "nyx::migration", "migrating to {addr}: pre-copy started");
+        Ok(Outgoing {
+            addr: addr.to_string(),
+            started,
+            real_mode,
+            cancel,
+            done,
+            thread: Some(thread),
+            opts,
+        })
+    }
+
+    /// Whether pre-copy is over (`finish` will not wait for it).
+    pub fn precopy_done(&self) -> bool {
+        self.done.load(Ordering::SeqCst)
+    }
+
+    /// Where the machine is going.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn join(&mut self) -> Result<Precopied, MigrationError> {
+        self.thread
+            .take()
+            .ok_or_else(|| MigrationError::State("the migration has already ended".into()))?
+            .join()
+            .map_err(|_| MigrationError::State("the pre-copy thread panicked".into()))
+    }
+
+    /// Stop-and-copy, with the vCPU stopped (call at a stop of
+    /// [`Machine::resume`], on its thread): the last dirty pages, the
+    /// machine state, the end marker, then the destination's confirmation.
+    /// `Ok`: the destination runs the machine; this one must not run again.
+    /// `Err`: dirty logging is off again and the machine can go on here.
+    pub fn finish(mut self, m: &mut Machine) -> Result<MigrationStats, MigrationError> {
+        let paused = Instant::now();
+        let mut p = self.join()?;
+        let result = self.stop_and_copy(m, &mut p, paused);
+        if result.is_err() {
+            if let Err(e) = p.tracker.disable(m.vm()) {
+                tracing::warn!(target: "nyx::migration", "stopping the dirty log: {e}");
+            }
+        }
+        result
+    }
+
+    fn stop_and_copy(
+        &mut self,
+        m: &mut Machine,
+        p: &mut Precopied,
+        paused: Instant,
+    ) -> Result<MigrationStats, MigrationError> {
+        let mut dirty = std::mem::replace(&mut p.pending, Ok(BTreeSet::new()))?;
+        // The state first: completing a pending exit may still write memory.
+        let (state, ()) = m.capture_state_without_memory()?;
+        dirty.extend(p.tracker.collect(m.vm())?);
+        if self.real_mode || real_mode(m)? {
+            dirty = all_gfns(m.memory());
+        }
+        let mut out = p
+            .out
+            .take()
+            .ok_or_else(|| MigrationError::State("the migration stream is gone".into()))?;
+        let final_pages = send_pages(&mut out, m.memory(), &dirty, state.exit_seq)?;
+        out.write_records(FrameKind::MachineState, state.exit_seq, std::slice::from_ref(&state))?;
+        let bytes_sent = out.bytes_written();
+        let sink = out.finish()?;
+        let conn = sink.into_inner().map_err(|e| MigrationError::Io(e.into_error()))?;
+        wait_ack(&conn, self.opts.ack_timeout)?;
+        let now = Instant::now();
+        let stats = MigrationStats {
+            addr: self.addr.clone(),
+            iterations: p.iterations,
+            converged: p.converged,
+            precopy_pages: p.pages,
+            final_pages,
+            bytes_sent,
+            downtime_ms: (now - paused).as_secs_f64() * 1e3,
+            total_ms: (now - self.started).as_secs_f64() * 1e3,
+        };
+        Ok(stats)
+    }
+
+    /// Gives up: stops pre-copy, closes the connection (the destination
+    /// sees a cut stream) and turns the dirty log off.
+    pub fn abort(mut self, m: &mut Machine) {
+        self.cancel.store(true, Ordering::SeqCst);
+        if let Ok(p) = self.join() {
+            if let Some(out) = &p.out {
+                let _ = out.get_ref().get_ref().shutdown(std::net::Shutdown::Both);
+            }
+            if let Err(e) = p.tracker.disable(m.vm()) {
+                tracing::warn!(target: "nyx::migration", "stopping the dirty log: {e}");
+            }
+        }
+    }
+}
+
+/// Reads the destination's one-line answer.
+fn wait_ack(conn: &TcpStream, timeout: Duration) -> Result<(), MigrationError> {
+    conn.set_read_timeout(Some(timeout))?;
+    let mut line = String::new();
+    let mut r = BufReader::new(conn).take(4096);
+    match r.read_line(&mut line) {
+        Ok(0) => Err(MigrationError::NoAck("it closed the connection".into())),
+        Ok(_) => {
+            let line = line.trim_end();
+            if line == ACK_RUNNING {
+                Ok(())
+            } else if let Some(why) = line.strip_prefix("error: ") {
+                Err(MigrationError::Refused(why.to_string()))
+            } else {
+                Err(MigrationError::NoAck(format!("unexpected answer {line:?}")))
+            }
+        }
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Err(
+            MigrationError::NoAck(format!("no answer within {} s", timeout.as_secs_f64())),
+        ),
+        Err(e) => Err(MigrationError::NoAck(e.to_string())),
+    }
+}
+
+/// A machine received from a migration stream.
+#[derive(Debug)]
+pub struct Received {
+    /// Configuration, images, state and memory, as a snapshot holds them.
+    pub machine: Snapshot,
+    /// Data frames received.
+    pub frames: usize,
+    /// Memory runs received (pages sent again count again).
+    pub runs: usize,
+}
+
+/// Reads one whole migration stream from `input`: a complete migration
+/// container whose memory frames come before exactly one machine state.
+/// Anything else (cut, damaged, another format version, another kind of
+/// container) is an error; nothing here panics on its input.
+pub fn receive<R: Read>(input: R) -> Result<Received, MigrationError> {
+    let mut r = StreamReader::new(input)?;
+    let h = r.header().clone();
+    if h.kind != ContainerKind::Migration {
+        return Err(MigrationError::Invalid(format!(
+            "it is a {:?} container, not a migration",
+            h.kind
+        )));
+    }
+    let (config, kernel, initrd) = crate::snapshot::parse_header(&h).map_err(MigrationError::Invalid)?;
+    let mut memory: Vec<PageRun> = Vec::new();
+    let mut state: Option<MachineState> = None;
+    while let Some(frame) = r.next_frame()? {
+        match frame.info.kind {
+            FrameKind::Memory if state.is_none() => memory.extend(decode_records::<PageRun>(&frame)?),
+            FrameKind::MachineState if state.is_none() => {
+                let mut v: Vec<MachineState> = decode_records(&frame)?;
+                if v.len() != 1 {
+                    return Err(MigrationError::Invalid(format!(
+                        "a machine-state frame holds {} states, not one",
+                        v.len()
+                    )));
+                }
+                state = v.pop();
+            }
+            kind => {
+                return Err(MigrationError::Invalid(format!(
+                    "a {kind:?} frame at byte {} where {} was expected",
+                    frame.info.offset,
+                    if state.is_some() {
+                        "the end"
+                    } else {
+                        "memory or the machine state"
+                    }
+                )))
+            }
+        }
+    }
+    if r.completeness() != Some(Completeness::Complete) {
+        return Err(MigrationError::CutOff {
+            frames: r.frames().len(),
+        });
+    }
+    let state = state.ok_or_else(|| MigrationError::Invalid("it holds no machine state".into()))?;
+    Ok(Received {
+        frames: r.frames().len(),
+        runs: memory.len(),
+        machine: Snapshot {
+            config,
+            kernel,
+            initrd,
+            state,
+            memory,
+        },
+    })
+}
+
+/// Listens on `spec` (`tcp:HOST:PORT`; port 0 picks a free one).
+pub fn listen(spec: &str) -> Result<TcpListener, MigrationError> {
+    let addr = parse_addr(spec)?;
+    TcpListener::bind(addr).map_err(|source| MigrationError::Listen {
+        addr: spec.to_string(),
+        source,
+    })
+}
+
+/// The destination's answer to the source, given once the machine is built.
+#[derive(Debug)]
+pub struct Confirm {
+    conn: TcpStream,
+    /// The source's address.
+    pub peer: SocketAddr,
+}
+
+impl Confirm {
+    /// Tells the source that the machine runs here (it then ends). An
+    /// error means the source may not have heard it and may resume the
+    /// guest itself: do not run the machine then.
+    pub fn running(mut self) -> io::Result<()> {
+        self.conn.write_all(format!("{ACK_RUNNING}\n").as_bytes())?;
+        self.conn.flush()
+    }
+
+    /// Tells the source that the machine will not run here (it resumes it).
+    pub fn refuse(mut self, why: &str) {
+        let line = why.replace('\n', " ");
+        let _ = self.conn.write_all(format!("error: {line}\n").as_bytes());
+    }
+}
+
+/// Accepts one migration on `listener` and reads it whole. A stream that
+/// is rejected is answered with `error: WHY` (when the connection still
+/// works) and returned as the error.
+pub fn accept(listener: &TcpListener) -> Result<(Received, Confirm), MigrationError> {
+    let (conn, peer) = listener.accept()?;
+    conn.set_read_timeout(Some(RECEIVE_TIMEOUT))?;
+    conn.set_nodelay(true)?;
+    let confirm = Confirm {
+        conn: conn.try_clone()?,
+        peer,
+    };
+    match receive(BufReader::with_capacity(1 << 20, conn)) {
+        Ok(r) => Ok((r, confirm)),
+        Err(e) => {
+            confirm.refuse(&e.to_string());
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    /// A real machine state (from a machine built on KVM), or `None`
+    /// without /dev/kvm.
+    fn sample_state() -> Option<MachineState> {
+        static STATE: OnceLock<Option<MachineState>> = OnceLock::new();
+        STATE
+            .get_or_init(|| {
+                if !std::path::Path::new("/dev/kvm").exists() {
+                    return None;
+                }
+                let mut m = crate::MachineBuilder::new()
+                    .memory(4)
+                    .kernel_image("echo", nyx_guests::ECHO.to_vec())
+                    .serial_out(Box::new(io::sink()))
+                    .build()
+                    .ok()?;
+                m.capture_state_without_memory().ok().map(|(s, ())| s)
+            })
+            .clone()
+    }
+
+    fn config(mem_mib: u64) -> crate::config::MachineConfig {
+        crate::config::MachineConfig {
+            mem_mib,
+            kernel_name: "k".into(),
+            cmdline: String::new(),
+            has_initrd: false,
+            cpuid: vec![],
+            tsc_khz: 1_000_000,
+            wall_seconds: 0,
+            verify: crate::config::VerifyLevel::Exits,
+        }
+    }
+
+    /// A migration stream of `mem` (two passes: all non-zero pages, then
+    /// `dirty`) and `state`.
+    fn stream(mem: &GuestMemory, dirty: &BTreeSet<u64>, state: &MachineState) -> Vec<u8> {
+        let header = crate::snapshot::container_header(ContainerKind::Migration, &config(4), b"kernel", None);
+        let mut out = StreamWriter::with_level(Vec::new(), &header, ZSTD_LEVEL).unwrap();
+        send_nonzero(&mut out, mem, 0, &AtomicBool::new(false)).unwrap();
+        send_pages(&mut out, mem, dirty, 0).unwrap();
+        out.write_records(FrameKind::MachineState, 0, std::slice::from_ref(state))
+            .unwrap();
+        out.finish().unwrap()
+    }
+
+    fn dump(mem: &GuestMemory) -> Vec<u8> {
+        let mut v = vec![0u8; 4 << 20];
+        mem.read_slice(&mut v, GuestAddress(0)).unwrap();
+        v
+    }
+
+    #[test]
+    fn addresses_must_be_tcp() {
+        assert_eq!(parse_addr("tcp:127.0.0.1:4444").unwrap().port(), 4444);
+        for bad in [
+            "127.0.0.1:4444",
+            "tcp:",
+            "tcp:127.0.0.1",
+            "unix:/x",
+            "tcp:1.2.3.4:99999",
+        ] {
+            assert!(matches!(parse_addr(bad), Err(MigrationError::BadAddress(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_stream_round_trips_and_later_pages_win() {
+        let Some(state) = sample_state() else { return };
+        let mem = memory::create(4).unwrap();
+        mem.write_slice(&[1; 5000], GuestAddress(0x3000)).unwrap();
+        mem.write_slice(&[2; 10], GuestAddress(0x20_0000)).unwrap();
+        // Pre-copy sees the first contents; the page is then rewritten and
+        // another one zeroed, and the dirty pass carries both changes.
+        let header = crate::snapshot::container_header(ContainerKind::Migration, &config(4), b"kernel", None);
+        let mut out = StreamWriter::with_level(Vec::new(), &header, ZSTD_LEVEL).unwrap();
+        let pages = send_nonzero(&mut out, &mem, 0, &AtomicBool::new(false)).unwrap();
+        assert_eq!(pages, 3);
+        mem.write_slice(&[9; 3], GuestAddress(0x3ffd)).unwrap();
+        mem.write_slice(&[0; 10], GuestAddress(0x20_0000)).unwrap();
+        let sent = send_pages(&mut out, &mem, &BTreeSet::from([3, 0x200]), 0).unwrap();
+        assert_eq!(sent, 2);
+        out.write_records(FrameKind::MachineState, 7, std::slice::from_ref(&state))
+            .unwrap();
+        let bytes = out.finish().unwrap();
+
+        let got = receive(bytes.as_slice()).unwrap();
+        assert_eq!(got.machine.state, state);
+        assert_eq!(got.machine.kernel, b"kernel");
+        assert_eq!(got.runs, 4);
+        let fresh = memory::create(4).unwrap();
+        crate::mem_state::restore_full(&fresh, &got.machine.memory).unwrap();
+        assert!(dump(&fresh) == dump(&mem));
+    }
+
+    #[test]
+    fn a_snapshot_is_not_a_migration_and_a_stream_without_state_is_refused() {
+        let header = crate::snapshot::container_header(ContainerKind::Snapshot, &config(4), b"k", None);
+        let bytes = StreamWriter::new(Vec::new(), &header).unwrap().finish().unwrap();
+        let e = receive(bytes.as_slice()).unwrap_err();
+        assert!(e.to_string().contains("Snapshot container"), "{e}");
+        let header = crate::snapshot::container_header(ContainerKind::Migration, &config(4), b"k", None);
+        let bytes = StreamWriter::new(Vec::new(), &header).unwrap().finish().unwrap();
+        assert!(matches!(receive(bytes.as_slice()), Err(MigrationError::Invalid(_))));
+    }
+
+    #[test]
+    fn another_format_version_is_refused() {
+        let Some(state) = sample_state() else { return };
+        let mut bytes = stream(&memory::create(4).unwrap(), &BTreeSet::new(), &state);
+        bytes[8..12].copy_from_slice(&(nyx_trace::FORMAT_VERSION + 1).to_le_bytes());
+        let e = receive(bytes.as_slice()).unwrap_err();
+        assert!(matches!(
+            e,
+            MigrationError::Stream(nyx_trace::Error::UnsupportedVersion { .. })
+        ));
+        assert!(e.to_string().contains("format version"), "{e}");
+    }
+
+    #[test]
+    fn every_truncation_is_refused() {
+        let Some(state) = sample_state() else { return };
+        let mem = memory::create(4).unwrap();
+        mem.write_slice(&[5; 9000], GuestAddress(0x1000)).unwrap();
+        let bytes = stream(&mem, &BTreeSet::from([1, 2]), &state);
+        assert!(receive(bytes.as_slice()).is_ok());
+        for cut in 0..bytes.len() {
+            assert!(
+                receive(&bytes[..cut]).is_err(),
+                "a stream cut at byte {cut} was accepted"
+            );
+        }
+        assert!(matches!(
+            receive(&bytes[..bytes.len() - 30]),
+            Err(MigrationError::CutOff { .. })
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn flipped_bytes_are_refused(at in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let Some(state) = sample_state() else { return Ok(()) };
+            let mem = memory::create(4).unwrap();
+            mem.write_slice(&[7; 3000], GuestAddress(0x5000)).unwrap();
+            let mut bytes = stream(&mem, &BTreeSet::from([5]), &state);
+            let i = at.index(bytes.len());
+            bytes[i] ^= 1 << bit;
+            prop_assert!(receive(bytes.as_slice()).is_err(), "byte {} flipped was accepted", i);
+        }
+
+        #[test]
+        fn garbage_is_refused_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            prop_assert!(receive(bytes.as_slice()).is_err());
+        }
+    }
+}
