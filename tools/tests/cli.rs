@@ -510,3 +510,57 @@ fn record_needs_a_kernel_or_a_snapshot() {
     let run = nyx().arg("run").output().unwrap();
     assert_one_line_error(&run, "--kernel FILE");
 }
+
+/// A recording served on a control socket: requests while the guest idles
+/// leave no trace, and one stopped with `quit` keeps what it logged (the
+/// trace is finished and replays up to there, status 4).
+#[test]
+fn recording_quit_through_the_api_replays_up_to_there() {
+    use std::io::Write;
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("rec.sock");
+    let trace = dir.path().join("quit.nyxtrace");
+    let mut child = nyx()
+        .args(["record", "--serial-in", "-", "--out"])
+        .arg(&trace)
+        .arg("--api")
+        .arg(&sock)
+        .arg("--kernel")
+        .arg(guest("echo"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"ok").unwrap();
+    stdin.flush().unwrap();
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // Requests stop the idling guest: the trace must not show those stops.
+    let (code, status) = ctl(&sock, &["status"]);
+    assert_eq!(code, Some(0), "{status}");
+    assert!(status.contains("\"mode\":\"record\""), "{status}");
+    for cmd in ["pause", "status", "resume", "metrics", "pause", "resume"] {
+        assert_eq!(ctl(&sock, &[cmd]).0, Some(0), "{cmd}");
+    }
+    assert_eq!(ctl(&sock, &["quit"]).0, Some(0));
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("replays up to there"), "{err}");
+    let recorded = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(recorded.contains("OK"), "{recorded}");
+    let rep = nyx().arg("replay").arg(&trace).output().unwrap();
+    let rerr = String::from_utf8_lossy(&rep.stderr);
+    assert_eq!(rep.status.code(), Some(4), "{rerr}");
+    assert!(rerr.contains("cut off"), "{rerr}");
+    assert_eq!(String::from_utf8_lossy(&rep.stdout), recorded);
+}

@@ -535,6 +535,7 @@ impl MachineBuilder {
             timer: None,
             poll_pending,
             spurious_kick: false,
+            idle_stopped: false,
             debug: GuestDebug::default(),
             hooks,
             core: Core {
@@ -604,6 +605,11 @@ pub struct Machine {
     timer: Option<VcpuTimer>,
     poll_pending: bool,
     spurious_kick: bool,
+    /// Another thread stopped the machine while the guest idled in HLT:
+    /// resuming goes on idling there. Re-entering the guest instead would
+    /// make it execute HLT again, an exit that a recording would log and
+    /// its replay (never stopped there) would not make.
+    idle_stopped: bool,
     debug: GuestDebug,
     hooks: Box<dyn RunHooks>,
     core: Core,
@@ -1098,6 +1104,7 @@ impl Machine {
         self.core.clock.set_last(state.virtual_ns);
         self.core.exit_seq = state.exit_seq;
         self.poll_pending = state.poll_pending;
+        self.idle_stopped = false;
         self.core.patches = state.patches.clone();
         Ok(())
     }
@@ -1127,6 +1134,16 @@ impl Machine {
     }
 
     fn run_loop(&mut self) -> Result<Stop, Error> {
+        if std::mem::take(&mut self.idle_stopped) {
+            match self.idle()? {
+                Idle::Interrupt => {}
+                Idle::Never => return Ok(Stop::Ended(RunOutcome::Halted)),
+                Idle::Stopped => {
+                    self.idle_stopped = true;
+                    return Ok(Stop::Interrupted);
+                }
+            }
+        }
         loop {
             // A kick that led to nothing (its deadline had not passed) is not
             // a step: the replay never sees it, so it must not start a new
@@ -1215,7 +1232,10 @@ impl Machine {
                         Next::Hlt => match self.idle()? {
                             Idle::Interrupt => {}
                             Idle::Never => return Ok(Stop::Ended(RunOutcome::Halted)),
-                            Idle::Stopped => return Ok(Stop::Interrupted),
+                            Idle::Stopped => {
+                                self.idle_stopped = true;
+                                return Ok(Stop::Interrupted);
+                            }
                         },
                         Next::Debug(d) => return Ok(Stop::Debug(d)),
                         Next::InternalError => {
