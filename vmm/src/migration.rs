@@ -252,12 +252,10 @@ fn all_gfns(mem: &GuestMemory) -> BTreeSet<u64> {
         .collect()
 }
 
-type Sink = StreamWriter<BufWriter<TcpStream>>;
-
 /// What the pre-copy thread hands back to the vCPU thread.
-struct Precopied {
+struct Precopied<W: Write> {
     /// The stream; taken by the stop-and-copy.
-    out: Option<Sink>,
+    out: Option<StreamWriter<W>>,
     tracker: DirtyTracker,
     /// Pages collected from the dirty log but not sent yet.
     pending: Result<BTreeSet<u64>, MigrationError>,
@@ -266,18 +264,18 @@ struct Precopied {
     pages: u64,
 }
 
-fn precopy(
-    mut out: Sink,
+fn precopy<W: Write>(
+    mut out: StreamWriter<W>,
     mut tracker: DirtyTracker,
     vm: VmFd,
     mem: GuestMemory,
     opts: MigrateOptions,
     cancel: &AtomicBool,
-) -> Precopied {
+) -> Precopied<W> {
     let mut pages = 0u64;
     let mut iterations = 0u32;
     let mut converged = false;
-    let mut pass = |out: &mut Sink, tracker: &mut DirtyTracker| -> Result<BTreeSet<u64>, MigrationError> {
+    let mut pass = |out: &mut StreamWriter<W>, tracker: &mut DirtyTracker| -> Result<BTreeSet<u64>, MigrationError> {
         pages += send_nonzero(out, &mem, 0, cancel)?;
         out.flush()?;
         iterations = 1;
@@ -321,7 +319,7 @@ pub struct Outgoing {
     real_mode: bool,
     cancel: Arc<AtomicBool>,
     done: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Precopied>>,
+    thread: Option<JoinHandle<Precopied<BufWriter<TcpStream>>>>,
     opts: MigrateOptions,
 }
 
@@ -394,7 +392,7 @@ impl Outgoing {
         &self.addr
     }
 
-    fn join(&mut self) -> Result<Precopied, MigrationError> {
+    fn join(&mut self) -> Result<Precopied<BufWriter<TcpStream>>, MigrationError> {
         self.thread
             .take()
             .ok_or_else(|| MigrationError::State("the migration has already ended".into()))?
@@ -422,7 +420,7 @@ impl Outgoing {
     fn stop_and_copy(
         &mut self,
         m: &mut Machine,
-        p: &mut Precopied,
+        p: &mut Precopied<BufWriter<TcpStream>>,
         paused: Instant,
     ) -> Result<MigrationStats, MigrationError> {
         let mut dirty = std::mem::replace(&mut p.pending, Ok(BTreeSet::new()))?;
@@ -762,6 +760,77 @@ mod tests {
             receive(&bytes[..bytes.len() - 30]),
             Err(MigrationError::CutOff { .. })
         ));
+    }
+
+    /// Pre-copy on its own thread while a guest on this thread rewrites a
+    /// counter and cycles through 512 pages: after the stop-and-copy the
+    /// received memory equals the guest's memory exactly.
+    #[test]
+    fn precopy_keeps_up_with_a_guest_that_writes_while_it_runs() {
+        use std::os::fd::AsRawFd;
+        let Some(state) = sample_state() else { return };
+        let Some(mut t) = crate::vcpu_state::tests::test_vm(4) else {
+            return;
+        };
+        let code: &[u8] = &[
+            0x40, // inc eax
+            0x89, 0x83, 0x00, 0x00, 0x10, 0x00, // mov [ebx+0x100000], eax
+            0x81, 0xc3, 0x00, 0x10, 0x00, 0x00, // add ebx, 0x1000
+            0x81, 0xe3, 0x00, 0xf0, 0x1f, 0x00, // and ebx, 0x1ff000
+            0xff, 0x05, 0x00, 0x00, 0x01, 0x00, // inc dword [0x10000]
+            0xe6, 0x80, // out 0x80, al
+            0xeb, 0xe3, // jmp back to the start (-29)
+        ];
+        assert_eq!(code.len(), 29);
+        t.mem.write_slice(code, GuestAddress(0x1000)).unwrap();
+        crate::vcpu_state::tests::protected_mode(&t.vcpu, 0x1000);
+        // SAFETY: `t.mem` is registered with `t.vm` as slot 0 and outlives it.
+        let mut tracker = unsafe { DirtyTracker::enable(&t.vm, &t.mem) }.unwrap();
+        // SAFETY: a fresh duplicate of the VM descriptor, owned by `vm` only.
+        let vm = unsafe { t.kvm.create_vmfd_from_rawfd(libc::dup(t.vm.as_raw_fd())) }.unwrap();
+        let header = crate::snapshot::container_header(ContainerKind::Migration, &config(4), b"kernel", None);
+        let out = StreamWriter::with_level(Vec::new(), &header, ZSTD_LEVEL).unwrap();
+        let opts = MigrateOptions {
+            max_iterations: 3,
+            threshold_pages: 1,
+            ..MigrateOptions::default()
+        };
+        let done = Arc::new(AtomicBool::new(false));
+        let (mem, d) = (t.mem.clone(), done.clone());
+        let copier = std::thread::spawn(move || {
+            let p = precopy(out, tracker, vm, mem, opts, &AtomicBool::new(false));
+            d.store(true, Ordering::SeqCst);
+            p
+        });
+        let mut exits = 0u64;
+        while !done.load(Ordering::SeqCst) || exits < 2000 {
+            assert!(matches!(t.vcpu.run().unwrap(), kvm_ioctls::VcpuExit::IoOut(0x80, _)));
+            exits += 1;
+        }
+        // Stop-and-copy: the guest no longer runs.
+        let mut p = copier.join().unwrap();
+        // One full pass and the three dirty passes allowed (unless a pass
+        // happened to find no page written: the host may not run the vCPU
+        // thread for a while).
+        assert!(p.iterations == 4 || p.converged, "{} passes", p.iterations);
+        let mut last = p.pending.unwrap();
+        tracker = p.tracker;
+        last.extend(tracker.collect(&t.vm).unwrap());
+        assert!(last.contains(&0x10), "the counter page is dirty at the stop");
+        let mut out = p.out.take().unwrap();
+        send_pages(&mut out, &t.mem, &last, 0).unwrap();
+        out.write_records(FrameKind::MachineState, 0, std::slice::from_ref(&state))
+            .unwrap();
+        let got = receive(out.finish().unwrap().as_slice()).unwrap();
+        let fresh = memory::create(4).unwrap();
+        crate::mem_state::restore_full(&fresh, &got.machine.memory).unwrap();
+        assert_eq!(
+            fresh.read_obj::<u32>(GuestAddress(0x10000)).unwrap() as u64,
+            exits,
+            "the counter counts every loop"
+        );
+        assert!(dump(&fresh) == dump(&t.mem), "received memory differs from the guest's");
+        tracker.disable(&t.vm).unwrap();
     }
 
     proptest! {
