@@ -12,7 +12,6 @@ use std::sync::Mutex;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nyx_trace::{ContainerKind, FrameKind, TraceReader};
-use nyx_vmm::config::{MachineConfig, INITRD_IMAGE, KERNEL_IMAGE};
 use nyx_vmm::events::Event;
 use nyx_vmm::mem_state::PageRun;
 use nyx_vmm::snapshot::{MachineState, Snapshot, SnapshotError};
@@ -186,15 +185,7 @@ pub fn read_snapshot(path: &Path, bar: Option<&ProgressBar>) -> Result<Snapshot,
     if h.kind != ContainerKind::Snapshot {
         return Err(not(&format!("it is a {:?} container", h.kind)));
     }
-    let config =
-        MachineConfig::from_bytes(&h.machine_config).map_err(|e| not(&format!("machine configuration: {e}")))?;
-    let image = |name: &str| h.images.iter().find(|i| i.name == name).and_then(|i| i.data.clone());
-    let kernel = image(KERNEL_IMAGE).ok_or_else(|| not("the kernel image is not embedded"))?;
-    let initrd = if config.has_initrd {
-        Some(image(INITRD_IMAGE).ok_or_else(|| not("the initrd image is not embedded"))?)
-    } else {
-        None
-    };
+    let (config, kernel, initrd) = nyx_vmm::snapshot::parse_header(&h).map_err(|e| not(&e))?;
     let mut state = None;
     let mut memory = Vec::new();
     for i in 0..r.frames().len() {
@@ -240,19 +231,7 @@ pub fn restore_builder(path: &Path) -> Result<nyx_vmm::MachineBuilder, SnapshotE
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let snap = snap?;
-    let c = snap.config;
-    let mut b = nyx_vmm::MachineBuilder::new()
-        .memory(c.mem_mib)
-        .kernel_image(&c.kernel_name, snap.kernel)
-        .cmdline(&c.cmdline)
-        .cpuid_table(c.cpuid)
-        .tsc_khz(c.tsc_khz)
-        .restore_state(snap.state, snap.memory);
-    if let Some(i) = snap.initrd {
-        b = b.initrd_image(i);
-    }
-    Ok(b)
+    Ok(nyx_vmm::MachineBuilder::from_saved(snap?))
 }
 
 #[cfg(test)]
@@ -267,7 +246,7 @@ mod tests {
             nyx_version: "test".into(),
             kind,
             machine_config: Vec::new(),
-            images: vec![GuestImage::embedded(KERNEL_IMAGE, vec![1, 2, 3])],
+            images: vec![GuestImage::embedded(nyx_vmm::config::KERNEL_IMAGE, vec![1, 2, 3])],
         }
     }
 
