@@ -188,6 +188,7 @@ impl<'m> NyxTarget<'m> {
         }
         match self.mode {
             ExecMode::ReverseStep | ExecMode::ReverseCont => return self.run_reverse(),
+            ExecMode::Step if self.timeline.is_some() => return self.replay_step(),
             ExecMode::Continue | ExecMode::Step => {}
         }
         let before = if self.step_watchpoints {
@@ -279,6 +280,28 @@ impl<'m> NyxTarget<'m> {
                 (s.addr, ok.then_some(buf))
             })
             .collect()
+    }
+
+    /// One instruction forward in a replay, as the timeline steps.
+    fn replay_step(&mut self) -> Result<RunStop, Error> {
+        let before = self.watched_values();
+        let Some(t) = self.timeline.as_deref_mut() else {
+            return Ok(RunStop::Reason(SingleThreadStopReason::Signal(Signal::SIGTRAP)));
+        };
+        let stepped = t
+            .step_forward(self.machine)
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        let ending = t.ending().cloned();
+        match (stepped, ending) {
+            (nyx_replayer::timeline::Stepped::Instruction, _) => Ok(self
+                .changed_watch(&before)
+                .unwrap_or(RunStop::Reason(SingleThreadStopReason::DoneStep))),
+            (_, Some(nyx_replayer::timeline::Ending::Outcome(o))) => Ok(self.ended(o)),
+            _ => Ok(RunStop::Reason(SingleThreadStopReason::ReplayLog {
+                tid: None,
+                pos: ReplayLogPosition::End,
+            })),
+        }
     }
 
     /// Runs backwards (a replay): to the previous instruction, or to the

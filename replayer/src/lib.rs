@@ -28,8 +28,8 @@ use nyx_vmm::hooks::{HookCtx, HookError, RunHooks};
 use nyx_vmm::{MachineBuilder, RunOutcome};
 
 pub use cursor::{Cursor, CursorMark, Failure};
-pub use timeline::{Position, Timeline};
 pub use report::Divergence;
+pub use timeline::{Position, Timeline};
 
 /// Errors of a replay.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +126,8 @@ pub(crate) struct State {
     pub stepping: bool,
     /// Pause after the next exit once this instant has passed.
     pub pause_after: Option<std::time::Instant>,
+    /// The handler a step's injected interrupt enters (the step stops there).
+    pub injected_handler: Option<u64>,
 }
 
 pub(crate) type Shared = Arc<Mutex<State>>;
@@ -352,7 +354,13 @@ impl RunHooks for Replayer {
     fn on_inject(&mut self, ctx: &mut HookCtx<'_>, vector: u8) -> Result<(), HookError> {
         let mut s = lock(&self.state);
         match s.cursor.take_if(|e| matches!(e, Event::Inject(_))) {
-            Some(Event::Inject(v)) if v == vector => Ok(()),
+            Some(Event::Inject(v)) if v == vector => {
+                if s.stepping {
+                    drop(s);
+                    search::stop_at_handler(ctx, vector, &self.state)?;
+                }
+                Ok(())
+            }
             Some(Event::Inject(v)) => {
                 let msg = format!("expected interrupt vector {v:#x} to be injected, got {vector:#x}");
                 Err(report::diverge(ctx, &s.cursor, msg, None))
@@ -525,6 +533,7 @@ fn build_inner(
         debugging: false,
         stepping: false,
         pause_after: None,
+        injected_handler: None,
     }));
     let hooks = Replayer {
         state: state.clone(),

@@ -96,11 +96,72 @@ pub fn step_toward_landing(ctx: &mut HookCtx<'_>, state: &Shared) -> Result<bool
     ctx.dirty_since_landing.clear();
     if let Some(v) = landing.pending_interrupt {
         set_queued_interrupt(ctx.vcpu, Some(v))?;
+        stop_at_handler(ctx, v, state)?;
     }
     let mut s = lock(state);
     s.cursor.advance();
     s.landings += 1;
     Ok(true)
+}
+
+/// The linear address of the handler of interrupt `vector` in the guest's
+/// IDT (long mode, protected mode, real mode), if it can be read.
+fn handler_of(ctx: &HookCtx<'_>, vector: u8) -> Result<Option<u64>, HookError> {
+    let sregs = ctx.vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+    let paging = nyx_vmm::paging::PagingRegs {
+        cr0: sregs.cr0,
+        cr3: sregs.cr3,
+        cr4: sregs.cr4,
+        efer: sregs.efer,
+    };
+    let read = |addr: u64, buf: &mut [u8]| nyx_vmm::paging::read_virt(ctx.mem, &paging, addr, buf).is_ok();
+    let v = u64::from(vector);
+    let base = sregs.idt.base;
+    if sregs.efer & (1 << 10) != 0 {
+        let mut g = [0u8; 16];
+        if !read(base + v * 16, &mut g) {
+            return Ok(None);
+        }
+        let lo = u64::from(u16::from_le_bytes([g[0], g[1]]));
+        let mid = u64::from(u16::from_le_bytes([g[6], g[7]]));
+        let hi = u64::from(u32::from_le_bytes([g[8], g[9], g[10], g[11]]));
+        Ok(Some(lo | mid << 16 | hi << 32))
+    } else if sregs.cr0 & 1 != 0 {
+        let mut g = [0u8; 8];
+        if !read(base + v * 8, &mut g) {
+            return Ok(None);
+        }
+        let off = u64::from(u16::from_le_bytes([g[0], g[1]])) | u64::from(u16::from_le_bytes([g[6], g[7]])) << 16;
+        let sel = u16::from_le_bytes([g[2], g[3]]);
+        // Flat code segments are what Nyx's guests use; another base would
+        // need the GDT (the stop then comes one instruction later).
+        let _ = sel;
+        Ok(Some(off & 0xffff_ffff))
+    } else {
+        let mut g = [0u8; 4];
+        if !read(base + v * 4, &mut g) {
+            return Ok(None);
+        }
+        let off = u64::from(u16::from_le_bytes([g[0], g[1]]));
+        let seg = u64::from(u16::from_le_bytes([g[2], g[3]]));
+        Ok(Some(seg * 16 + off))
+    }
+}
+
+/// While a debugger single-steps a replay and an interrupt is injected, a
+/// step would deliver it and run the handler's first instruction at once;
+/// an execution breakpoint at the handler stops the vCPU at its entry
+/// instead, where a breakpoint of a free run stops too.
+pub fn stop_at_handler(ctx: &mut HookCtx<'_>, vector: u8, state: &Shared) -> Result<(), HookError> {
+    if let Some(addr) = handler_of(ctx, vector)? {
+        set_debug(
+            ctx,
+            KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_USE_HW_BP,
+            Some(addr),
+        )?;
+        lock(state).injected_handler = Some(addr);
+    }
+    Ok(())
 }
 
 /// Hits after which a search gives up and reports a divergence: a guest that

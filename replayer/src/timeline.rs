@@ -36,6 +36,10 @@ use nyx_vmm::{Machine, RunOutcome};
 use crate::cursor::CursorMark;
 use crate::{lock, Shared};
 
+/// The most single steps one command re-executes (about 20 s here) before
+/// it gives up with an error instead of leaving gdb waiting.
+pub const MAX_STEPS: u64 = 2_000_000;
+
 /// Steps between the checkpoints a stepping pass leaves behind.
 pub const STEP_CHECKPOINT: u64 = 1000;
 
@@ -89,6 +93,9 @@ pub enum TimelineError {
     /// The replay diverged or its trace failed while re-executing.
     #[error("re-executing the replay failed: {0}")]
     Replay(String),
+    /// A command would re-execute more than this many steps.
+    #[error("gave up after re-executing {0} single steps (no checkpoint near enough)")]
+    TooFar(u64),
     /// The current point could not be found again from its checkpoint.
     #[error("cannot find the current point again from checkpoint {0}: the re-execution passed it")]
     Lost(Position),
@@ -149,7 +156,10 @@ struct Checkpoint {
 /// Saved page contents by position: a page's contents at a position are
 /// those of its latest version at or before it (zero without one).
 #[derive(Default)]
-pub struct PageHistory(BTreeMap<u64, Vec<(Position, Arc<[u8]>)>>);
+pub struct PageHistory(BTreeMap<u64, Versions>);
+
+/// One page's saved versions, in position order.
+type Versions = Vec<(Position, Arc<[u8]>)>;
 
 impl PageHistory {
     /// Records `data` as page `gfn` at `pos`.
@@ -237,6 +247,8 @@ pub struct Timeline {
     bookmarks: Vec<Position>,
     /// Steps single-stepped by re-executions (for the benchmark).
     pub steps_reexecuted: u64,
+    /// Steps left to the current command ([`MAX_STEPS`]).
+    budget: u64,
 }
 
 impl Timeline {
@@ -259,6 +271,7 @@ impl Timeline {
             ending: None,
             bookmarks: Vec::new(),
             steps_reexecuted: 0,
+            budget: MAX_STEPS,
         };
         (t, OnceOutput(out))
     }
@@ -380,6 +393,9 @@ impl Timeline {
         let out = Box::new(OnceOutput(self.out.clone()));
         let input = Box::new(crate::ReplayInput(self.shared.clone()));
         m.reset_state(&ck.state, out, input)?;
+        // What KVM logged since the last collection belongs to the run
+        // being left, not to the checkpoint's landing accounting.
+        m.take_written()?;
         m.set_dirty_since_landing(ck.dirty_since_landing.clone());
         {
             let mut s = lock(&self.shared);
@@ -387,8 +403,6 @@ impl Timeline {
             s.pause_after = None;
         }
         self.out.lock().unwrap_or_else(|e| e.into_inner()).emitted = ck.output;
-        // The restore's own writes are not guest writes.
-        m.take_written()?;
         self.base = target;
         self.pos = Some(target);
         self.ending = None;
@@ -450,6 +464,7 @@ impl Timeline {
         if self.ending.is_some() {
             return Ok(Stepped::End);
         }
+        self.budget = self.budget.checked_sub(1).ok_or(TimelineError::TooFar(MAX_STEPS))?;
         let before = self.consumed();
         {
             let mut s = lock(&self.shared);
@@ -457,12 +472,22 @@ impl Timeline {
             s.pause_after = None;
         }
         loop {
+            // A step that injected an interrupt changed the debug registers
+            // (see `search::stop_at_handler`): single-stepping alone again.
+            m.set_guest_debug(GuestDebug {
+                single_step: true,
+                ..GuestDebug::default()
+            })?;
             let r = m.resume();
             self.steps_reexecuted += 1;
             match r {
                 Ok(Stop::Debug(_)) => {
                     let now = self.consumed();
                     self.pos = self.pos.map(|p| advance(p, before, now));
+                    let handler = lock(&self.shared).injected_handler.take();
+                    if handler.is_some_and(|h| linear_pc(m).is_ok_and(|pc| pc == h)) {
+                        clear_pushed_tf(m)?;
+                    }
                     return Ok(Stepped::Instruction);
                 }
                 Ok(Stop::Paused) | Ok(Stop::Interrupted) => continue,
@@ -479,7 +504,18 @@ impl Timeline {
         }
     }
 
-    fn single_step_mode(m: &mut Machine) -> Result<GuestDebug> {
+    /// One instruction forward (gdb's `stepi` on a replay): the same steps
+    /// re-executions take, so positions agree.
+    pub fn step_forward(&mut self, m: &mut Machine) -> Result<Stepped> {
+        let saved = self.single_step_mode(m)?;
+        let r = self.step(m);
+        m.set_guest_debug(saved)?;
+        r
+    }
+
+    /// Starts a command: single-stepping, with a fresh step budget.
+    fn single_step_mode(&mut self, m: &mut Machine) -> Result<GuestDebug> {
+        self.budget = MAX_STEPS;
         let saved = m.guest_debug();
         m.set_guest_debug(GuestDebug {
             single_step: true,
@@ -515,7 +551,7 @@ impl Timeline {
     /// Goes to `target` exactly (or to the first point after it, for a
     /// point no step stops at): the checkpoint before it, then steps.
     pub fn goto(&mut self, m: &mut Machine, target: Position) -> Result<()> {
-        let saved = Self::single_step_mode(m)?;
+        let saved = self.single_step_mode(m)?;
         let r = self.goto_inner(m, target);
         m.set_guest_debug(saved)?;
         r
@@ -557,7 +593,7 @@ impl Timeline {
         if let Some(p) = self.pos {
             return Ok(p);
         }
-        let saved = Self::single_step_mode(m)?;
+        let saved = self.single_step_mode(m)?;
         let r = self.resolve_inner(m);
         m.set_guest_debug(saved)?;
         r
@@ -632,7 +668,7 @@ impl Timeline {
 
     /// `reverse-stepi`: back to the point before the last instruction.
     pub fn reverse_step(&mut self, m: &mut Machine) -> Result<ReverseStop> {
-        let saved = Self::single_step_mode(m)?;
+        let saved = self.single_step_mode(m)?;
         let r = (|| {
             let target = self.resolve_inner_or_known(m)?;
             match self.step_before(m, target)? {
@@ -665,7 +701,7 @@ impl Timeline {
         breakpoints: &[u64],
         watches: &[(u64, u64)],
     ) -> Result<ReverseStop> {
-        let saved = Self::single_step_mode(m)?;
+        let saved = self.single_step_mode(m)?;
         let r = self.reverse_continue_inner(m, breakpoints, watches);
         m.set_guest_debug(saved)?;
         r
@@ -783,6 +819,28 @@ fn linear_pc(m: &Machine) -> Result<u64> {
     } else {
         s.cs.base.wrapping_add(rip) & 0xffff_ffff
     })
+}
+
+/// Clears the trap flag in the RFLAGS image an interrupt delivered during a
+/// single step pushed (KVM steps with TF set): the frame then holds what a
+/// free run pushes, and the handler's `iret` does not turn stepping on.
+fn clear_pushed_tf(m: &Machine) -> Result<()> {
+    let kvm = |what| move |source| nyx_vmm::machine::Error::Kvm { what, source };
+    let regs = m.vcpu().get_regs().map_err(kvm("KVM_GET_REGS"))?;
+    let s = m.vcpu().get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+    let (addr, len) = if s.efer & (1 << 10) != 0 && s.cs.l != 0 {
+        (regs.rsp + 16, 8)
+    } else if s.cr0 & 1 != 0 {
+        (s.ss.base.wrapping_add(regs.rsp + 8) & 0xffff_ffff, 4)
+    } else {
+        (s.ss.base.wrapping_add((regs.rsp + 4) & 0xffff), 2)
+    };
+    let mut buf = [0u8; 8];
+    if m.read_virt(addr, &mut buf[..len]).is_ok() && buf[1] & 1 != 0 {
+        buf[1] &= !1;
+        m.write_virt(addr, &buf[..len])?;
+    }
+    Ok(())
 }
 
 /// The watched bytes now (None where unmapped).

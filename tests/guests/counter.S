@@ -67,7 +67,7 @@ print_samples:
 
     .section .data
     .balign 8
-    .globl counter, samples
+    .globl counter, samples, ticks
     .type counter, @object
     .size counter, 8
 counter: .quad 0

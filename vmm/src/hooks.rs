@@ -189,8 +189,12 @@ impl HookCtx<'_> {
     }
 }
 
+/// Bytes below RSP that count as dead stack even on the page before RSP's:
+/// the red zone and an interrupt frame.
+const DEAD_BELOW_RSP: usize = 256;
+
 /// The digest of `pages` as [`HookCtx::dirty_digest`] computes it: their
-/// contents less the dead part of the stack page below RSP.
+/// contents less the dead part of the stack below RSP.
 pub fn live_digest(
     mem: &GuestMemory,
     regs: &kvm_bindings::kvm_regs,
@@ -212,16 +216,25 @@ pub fn live_digest(
         } else {
             sregs.ss.base.wrapping_add(rsp) & 0xffff_ffff
         };
-        let dead = match crate::paging::translate(mem, &paging, linear) {
-            Ok(t) => (t.gpa >> 12, (t.gpa & 0xfff) as usize),
-            Err(_) => (u64::MAX, 0),
-        };
-        crate::mem_state::pages_digest_live(mem, pages, dead)
+        // Below RSP on its page, and the end of the page before when RSP
+        // is near its start: an interrupt frame pushed there (with RFLAGS as
+        // KVM saw them, TF included while a debugger single-steps) is dead
+        // as soon as the handler returns.
+        let mut dead = Vec::with_capacity(2);
+        if let Ok(t) = crate::paging::translate(mem, &paging, linear) {
+            let off = (t.gpa & 0xfff) as usize;
+            dead.push((t.gpa >> 12, 0, off));
+            if off < DEAD_BELOW_RSP {
+                if let Ok(prev) = crate::paging::translate(mem, &paging, linear.wrapping_sub(off as u64 + 1)) {
+                    dead.push((prev.gpa >> 12, 4096 - (DEAD_BELOW_RSP - off), 4096));
+                }
+            }
+        }
+        crate::mem_state::pages_digest_live(mem, pages, &dead)
     }
 }
 
 impl HookCtx<'_> {
-
     /// Digest of the vCPU's registers now.
     pub fn regs_digest(&mut self) -> Result<u64, HookError> {
         let (regs, sregs) = self.registers()?;

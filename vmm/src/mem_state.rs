@@ -256,10 +256,10 @@ pub fn pages_digest(mem: &GuestMemory, gfns: impl IntoIterator<Item = u64>) -> u
     finish(h)
 }
 
-/// As [`pages_digest`], except that in the page `dead.0` the bytes before
-/// offset `dead.1` are left out (the dead part of the stack below RSP, which
-/// an interrupt may scribble on at any time).
-pub fn pages_digest_live(mem: &GuestMemory, gfns: impl IntoIterator<Item = u64>, dead: (u64, usize)) -> u64 {
+/// As [`pages_digest`], except that the byte ranges `dead` (page, start
+/// offset, end offset) are left out: the dead part of the stack below RSP,
+/// which an interrupt may scribble on at any time.
+pub fn pages_digest_live(mem: &GuestMemory, gfns: impl IntoIterator<Item = u64>, dead: &[(u64, usize, usize)]) -> u64 {
     let mut buf = [0u8; PAGE];
     let mut h = 0x7061_6765_7321_6e79;
     for gfn in gfns {
@@ -267,8 +267,10 @@ pub fn pages_digest_live(mem: &GuestMemory, gfns: impl IntoIterator<Item = u64>,
         let ok = gfn
             .checked_mul(PAGE_SIZE)
             .is_some_and(|gpa| mem.read_slice(&mut buf, GuestAddress(gpa)).is_ok());
-        if gfn == dead.0 {
-            buf[..dead.1.min(PAGE)].fill(0);
+        for &(page, from, to) in dead {
+            if page == gfn && from < to {
+                buf[from.min(PAGE)..to.min(PAGE)].fill(0);
+            }
         }
         h = mix(h, if ok { page_digest(&buf) } else { u64::MAX });
     }
