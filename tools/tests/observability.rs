@@ -261,8 +261,9 @@ fn plain(s: &prometheus_parse::Scrape, metric: &str) -> f64 {
 
 /// Records the counter guest with --metrics and scrapes as fast as it can
 /// until nyx exits: the largest (landings, trace bytes, keyframed
-/// landings) seen, and the recorder's own count of landings.
-fn scrape_a_counter_recording(dir: &Path) -> ((f64, f64, f64), u64) {
+/// landings) seen, the recorder's own count of landings and the size of
+/// the finished trace.
+fn scrape_a_counter_recording(dir: &Path) -> ((f64, f64, f64), u64, u64) {
     let trace = dir.join("counter.nyxtrace");
     let mut child = nyx()
         .args(["record", "--metrics", "127.0.0.1:0", "--out"])
@@ -296,7 +297,7 @@ fn scrape_a_counter_recording(dir: &Path) -> ((f64, f64, f64), u64) {
         .and_then(|x| x.1.split_once(" landings"))
         .and_then(|x| x.0.parse().ok())
         .unwrap_or_else(|| panic!("no landing count in {rest}"));
-    (best, recorded)
+    (best, recorded, std::fs::metadata(&trace).unwrap().len())
 }
 
 #[test]
@@ -308,9 +309,10 @@ fn prometheus_endpoint_is_scraped_during_a_recording() {
     // The counter guest runs for about 50 ms of timer ticks: a scrape may
     // miss all of its landings on a loaded host, so it gets a few tries.
     for attempt in 1..=4 {
-        let ((landings, bytes, keyframes), recorded) = scrape_a_counter_recording(dir.path());
+        let ((landings, bytes, keyframes), recorded, size) = scrape_a_counter_recording(dir.path());
         // The trace header (with the kernel in it) is written before the run.
         assert!(bytes > 0.0, "no trace bytes while recording");
+        assert!(bytes <= size as f64, "{bytes} bytes counted, the trace has {size}");
         assert!(
             landings <= recorded as f64,
             "{landings} landings scraped, {recorded} recorded"
