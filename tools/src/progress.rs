@@ -122,7 +122,7 @@ pub fn serial_out(bar: Option<&ProgressBar>) -> Option<Box<dyn Write + Send>> {
 }
 
 fn styled(total: u64, what: &str, target: ProgressDrawTarget) -> ProgressBar {
-    let style = ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({elapsed}, {eta} left)")
+    let style = ProgressStyle::with_template("{msg} [{wide_bar}] {pos}/{len} ({elapsed}, {eta} left)")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
     ProgressBar::with_draw_target(Some(total), target)
