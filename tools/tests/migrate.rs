@@ -373,41 +373,43 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Downtime and total time for an idle 256 MiB guest on loopback, median of
-/// five migrations (`cargo test --release -p nyx-cli --test migrate --
-/// --ignored --nocapture`).
+/// Downtime and total time for an idle guest of 64 and 256 MiB on
+/// loopback, median of five migrations each (`cargo test --release -p
+/// nyx-cli --test migrate -- --ignored --nocapture`).
 #[test]
 #[ignore]
-fn migration_benchmark_256_mib_idle() {
+fn migration_benchmark_idle() {
     if !kvm_available() {
         return;
     }
-    let (mut downtime, mut total, mut iterations, mut bytes) = (vec![], vec![], vec![], vec![]);
-    for run in 0..5 {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("api.sock");
-        let (mut dst, port) = destination();
-        let mut src = echo_source(&sock, "256");
-        let (code, reply) = ctl(&sock, &["migrate", &format!("tcp:127.0.0.1:{port}")]);
-        assert_eq!(code, Some(0), "{reply}");
-        let d = &reply["data"];
-        println!("run {run}: {d}");
-        downtime.push(d["downtime_ms"].as_f64().unwrap());
-        total.push(d["total_ms"].as_f64().unwrap());
-        iterations.push(d["iterations"].as_f64().unwrap());
-        bytes.push(d["bytes_sent"].as_f64().unwrap());
-        assert_eq!(src.wait(), Some(0));
-        dst.input(b".");
-        assert_eq!(
-            dst.wait().map(|s| s as u32),
-            nyx_guests::expected("echo").unwrap().exit_value
+    for mem in ["64", "256"] {
+        let (mut downtime, mut total, mut iterations, mut bytes) = (vec![], vec![], vec![], vec![]);
+        for run in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let sock = dir.path().join("api.sock");
+            let (mut dst, port) = destination();
+            let mut src = echo_source(&sock, mem);
+            let (code, reply) = ctl(&sock, &["migrate", &format!("tcp:127.0.0.1:{port}")]);
+            assert_eq!(code, Some(0), "{reply}");
+            let d = &reply["data"];
+            println!("{mem} MiB run {run}: {d}");
+            downtime.push(d["downtime_ms"].as_f64().unwrap());
+            total.push(d["total_ms"].as_f64().unwrap());
+            iterations.push(d["iterations"].as_f64().unwrap());
+            bytes.push(d["bytes_sent"].as_f64().unwrap());
+            assert_eq!(src.wait(), Some(0));
+            dst.input(b".");
+            assert_eq!(
+                dst.wait().map(|s| s as u32),
+                nyx_guests::expected("echo").unwrap().exit_value
+            );
+        }
+        println!(
+            "{mem} MiB idle echo guest, median of 5: downtime {:.2} ms, total {:.1} ms, {} pre-copy passes, {:.0} bytes sent",
+            median(&mut downtime),
+            median(&mut total),
+            median(&mut iterations),
+            median(&mut bytes)
         );
     }
-    println!(
-        "256 MiB idle echo guest, median of 5: downtime {:.2} ms, total {:.1} ms, {} pre-copy passes, {:.0} bytes sent",
-        median(&mut downtime),
-        median(&mut total),
-        median(&mut iterations),
-        median(&mut bytes)
-    );
 }
