@@ -452,6 +452,28 @@ mod tests {
     }
 
     #[test]
+    fn hits_per_landing_count_only_searched_landings() {
+        let p = Profile {
+            by_kind: BTreeMap::from([("hlt".to_string(), 1000)]),
+            landings: 10,
+            keyframes: 8,
+            search_hits: Some(300),
+            ..Profile::default()
+        };
+        let f = analyze(&p, &Thresholds::default());
+        let hits = f.iter().find(|x| x.what.contains("breakpoint hits per landing"));
+        let hits = hits.unwrap_or_else(|| panic!("{f:?}"));
+        assert!(
+            hits.what
+                .contains("150 breakpoint hits per landing (300 for 2 searched landings)"),
+            "{f:?}"
+        );
+        let all_keyframes = Profile { keyframes: 10, ..p };
+        let f = analyze(&all_keyframes, &Thresholds::default());
+        assert!(!f.iter().any(|x| x.what.contains("per landing")), "{f:?}");
+    }
+
+    #[test]
     fn live_samples_become_windows() {
         let m = VmMetrics::new();
         let rec = |addr| ExitRecord {
