@@ -136,10 +136,11 @@ impl Drop for Proc {
     }
 }
 
-/// `nyx run --incoming tcp:127.0.0.1:0` and the port it listens on.
-fn destination() -> (Proc, u16) {
+/// `nyx run --incoming tcp:127.0.0.1:0 EXTRA...` and the port it listens on.
+fn destination_with(extra: &[&std::ffi::OsStr]) -> (Proc, u16) {
     let mut cmd = nyx();
-    cmd.args(["run", "--incoming", "tcp:127.0.0.1:0", "--serial-in", "-"]);
+    cmd.args(["run", "--incoming", "tcp:127.0.0.1:0", "--serial-in", "-"])
+        .args(extra);
     let p = Proc::spawn(cmd);
     p.err
         .wait_for("waiting for a migration on tcp:127.0.0.1:", "destination");
@@ -151,6 +152,10 @@ fn destination() -> (Proc, u16) {
         .and_then(|s| s.parse().ok())
         .expect("a port");
     (p, port)
+}
+
+fn destination() -> (Proc, u16) {
+    destination_with(&[])
 }
 
 /// The echo guest with the control socket at `sock`, stdin as serial input.
@@ -189,7 +194,8 @@ fn echo_output_continues_at_the_destination_with_nothing_lost_or_duplicated() {
     }
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    let (mut dst, port) = destination();
+    let dst_sock = dir.path().join("dst.sock");
+    let (mut dst, port) = destination_with(&["--api".as_ref(), dst_sock.as_os_str()]);
     let mut src = echo_source(&sock, "64");
     src.input(FIRST);
     src.out.wait_for("HELLO, NYX!\n", "source");
@@ -213,6 +219,12 @@ fn echo_output_continues_at_the_destination_with_nothing_lost_or_duplicated() {
     assert_eq!(src.wait(), Some(0), "source stderr: {}", src.err.text());
     assert!(src.err.text().contains("migrated to"), "{}", src.err.text());
     dst.err.wait_for("running", "destination");
+    let (code, status) = ctl(&dst_sock, &["status"]);
+    assert_eq!(
+        (code, &status["data"]["state"]),
+        (Some(0), &"running".into()),
+        "{status}"
+    );
     dst.input(SECOND);
     let status = dst.wait();
     let expected = nyx_guests::expected("echo").unwrap();
@@ -315,6 +327,39 @@ fn the_source_keeps_running_when_the_destination_fails() {
     );
     assert_eq!(src.out.text(), nyx_guests::expected("echo").unwrap().golden.unwrap());
     assert!(src.err.text().contains("the guest goes on here"), "{}", src.err.text());
+}
+
+#[test]
+fn only_a_plain_run_migrates() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut cmd = nyx();
+    cmd.arg("record")
+        .arg("--out")
+        .arg(dir.path().join("echo.nyxtrace"))
+        .arg("--kernel")
+        .arg(guest("echo"))
+        .args(["--serial-in", "-", "--api"])
+        .arg(&sock);
+    let mut rec = Proc::spawn(cmd);
+    rec.out.wait_for("end with '.'\n", "recorder");
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no control socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    assert_failed_and_still_running(&sock, port, "only a plain run can migrate");
+    rec.input(b"abc.");
+    assert_eq!(
+        rec.wait().map(|s| s as u32),
+        nyx_guests::expected("echo").unwrap().exit_value
+    );
+    assert!(rec.out.text().ends_with("ABC.\nbye\n"), "{}", rec.out.text());
 }
 
 /// Sends `bytes` to a fresh destination; its status and stderr.

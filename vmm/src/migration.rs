@@ -316,6 +316,8 @@ fn real_mode(m: &Machine) -> Result<bool, MigrationError> {
 pub struct Outgoing {
     addr: String,
     started: Instant,
+    /// The connection, to cut it from this thread on abort.
+    control: TcpStream,
     real_mode: bool,
     cancel: Arc<AtomicBool>,
     done: Arc<AtomicBool>,
@@ -344,6 +346,13 @@ impl Outgoing {
         ready: Box<dyn FnOnce() + Send>,
     ) -> Result<Self, MigrationError> {
         let started = Instant::now();
+        if m.mode_name() != "run" {
+            // A recording or replay owns the dirty log and its inputs.
+            return Err(MigrationError::State(format!(
+                "only a plain run can migrate; this machine is in a {} session",
+                m.mode_name()
+            )));
+        }
         let sock_addr = parse_addr(addr)?;
         let conn = TcpStream::connect_timeout(&sock_addr, Duration::from_secs(5)).map_err(|source| {
             MigrationError::Connect {
@@ -352,6 +361,9 @@ impl Outgoing {
             }
         })?;
         conn.set_nodelay(true)?;
+        // A destination that stops reading must not block pre-copy forever.
+        conn.set_write_timeout(Some(opts.ack_timeout))?;
+        let control = conn.try_clone()?;
         let (config, kernel, initrd) = m.saved_parts();
         let header = crate::snapshot::container_header(ContainerKind::Migration, config, kernel, initrd);
         let out = StreamWriter::with_level(BufWriter::with_capacity(1 << 20, conn), &header, ZSTD_LEVEL)?;
@@ -374,6 +386,7 @@ impl Outgoing {
         Ok(Outgoing {
             addr: addr.to_string(),
             started,
+            control,
             real_mode,
             cancel,
             done,
@@ -458,10 +471,9 @@ impl Outgoing {
     /// sees a cut stream) and turns the dirty log off.
     pub fn abort(mut self, m: &mut Machine) {
         self.cancel.store(true, Ordering::SeqCst);
+        // Unblocks a pre-copy thread stuck in a write.
+        let _ = self.control.shutdown(std::net::Shutdown::Both);
         if let Ok(p) = self.join() {
-            if let Some(out) = &p.out {
-                let _ = out.get_ref().get_ref().shutdown(std::net::Shutdown::Both);
-            }
             if let Err(e) = p.tracker.disable(m.vm()) {
                 tracing::warn!(target: "nyx::migration", "stopping the dirty log: {e}");
             }
