@@ -28,6 +28,10 @@ pub struct SnapshotRecordOptions {
     pub serial_out: Option<Box<dyn std::io::Write + Send>>,
     /// The KVM device.
     pub kvm_path: String,
+    /// How much to verify.
+    pub verify: VerifyLevel,
+    /// How landings are stored.
+    pub landings: LandingPolicy,
 }
 
 /// Restores the snapshot and records its run to the end into `opts.out`.
@@ -45,7 +49,7 @@ pub fn start_from_snapshot(opts: SnapshotRecordOptions) -> Result<Session, Error
     let position = snap.state.exit_seq;
     let log = new_log(&opts.out, position);
     let wall = Arc::new(Mutex::new(0i64));
-    let hooks = Recorder::new(log.clone(), VerifyLevel::Exits, wall, LandingPolicy::Auto);
+    let hooks = Recorder::new(log.clone(), opts.verify, wall, opts.landings);
     let mut b = MachineBuilder::from_snapshot(&opts.snapshot)
         .map_err(|e| Error::Read {
             path: opts.snapshot.clone(),
@@ -60,7 +64,7 @@ pub fn start_from_snapshot(opts: SnapshotRecordOptions) -> Result<Session, Error
     let machine = b.build()?;
 
     let mut config = snap.config;
-    config.verify = VerifyLevel::Exits;
+    config.verify = opts.verify;
     let mut images = vec![GuestImage::embedded(KERNEL_IMAGE, snap.kernel)];
     if let Some(i) = snap.initrd {
         images.push(GuestImage::embedded(INITRD_IMAGE, i));

@@ -239,6 +239,8 @@ fn record_failure(opts: &CheckOptions, rep: u64) -> Option<PathBuf> {
         serial_in: SerialIn::Bytes(opts.input.clone()),
         serial_out: Some(Box::new(std::io::sink())),
         kvm_path: opts.kvm_path.clone(),
+        verify: nyx_vmm::config::VerifyLevel::Exits,
+        landings: nyx_recorder::LandingPolicy::Auto,
     });
     match r {
         Ok(rec) => Some(rec.path),

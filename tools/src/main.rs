@@ -129,7 +129,7 @@ struct RecordArgs {
     #[arg(long, value_name = "LEVEL", default_value = "exits", value_parser = ["exits", "full"])]
     verify: String,
     /// Start from this snapshot instead of booting a kernel (the machine,
-    /// kernel and initrd come from the snapshot; landings `auto`, verify `exits`).
+    /// kernel and initrd come from the snapshot).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd"])]
     from_snapshot: Option<PathBuf>,
     #[command(flatten)]
@@ -392,6 +392,16 @@ pub fn finish(outcome: &RunOutcome) -> ExitCode {
 
 fn record(args: &RecordArgs) -> Result<ExitCode, String> {
     let m = &args.machine;
+    let verify = if args.verify == "full" {
+        VerifyLevel::Full
+    } else {
+        VerifyLevel::Exits
+    };
+    let landings = match args.landings.as_str() {
+        "search" => nyx_recorder::LandingPolicy::Search,
+        "keyframe" => nyx_recorder::LandingPolicy::Keyframe,
+        _ => nyx_recorder::LandingPolicy::Auto,
+    };
     let started = match &args.from_snapshot {
         Some(snapshot) => nyx_recorder::start_from_snapshot(nyx_recorder::SnapshotRecordOptions {
             snapshot: snapshot.clone(),
@@ -399,6 +409,8 @@ fn record(args: &RecordArgs) -> Result<ExitCode, String> {
             serial_in: serial_in_arg(m.serial_in.as_deref()),
             serial_out: None,
             kvm_path: m.kvm_device.clone(),
+            verify,
+            landings,
         }),
         None => nyx_recorder::start(nyx_recorder::RecordOptions {
             out: args.out.clone(),
@@ -410,16 +422,8 @@ fn record(args: &RecordArgs) -> Result<ExitCode, String> {
             serial_in: serial_in_arg(m.serial_in.as_deref()),
             serial_out: None,
             kvm_path: m.kvm_device.clone(),
-            verify: if args.verify == "full" {
-                VerifyLevel::Full
-            } else {
-                VerifyLevel::Exits
-            },
-            landings: match args.landings.as_str() {
-                "search" => nyx_recorder::LandingPolicy::Search,
-                "keyframe" => nyx_recorder::LandingPolicy::Keyframe,
-                _ => nyx_recorder::LandingPolicy::Auto,
-            },
+            verify,
+            landings,
         }),
     };
     let mut session = started.map_err(|e| e.to_string())?;

@@ -462,7 +462,7 @@ fn record_from_a_snapshot_and_replay_it() {
     std::fs::write(&input, b"xy.").unwrap();
     let trace = dir.path().join("cont.nyxtrace");
     let rec = nyx()
-        .args(["record", "--from-snapshot"])
+        .args(["record", "--verify", "full", "--from-snapshot"])
         .arg(&snap)
         .arg("--out")
         .arg(&trace)
@@ -480,6 +480,12 @@ fn record_from_a_snapshot_and_replay_it() {
     // The snapshot had echoed "AB" already: only the continuation is here.
     assert!(recorded.contains("XY.") && recorded.contains("bye"), "{recorded}");
     assert!(!recorded.contains("echo:") && !recorded.contains("AB"), "{recorded}");
+    let info = nyx().args(["trace", "info"]).arg(&trace).output().unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        info.contains("verify       Full"),
+        "the options apply from a snapshot too: {info}"
+    );
     std::fs::remove_file(&snap).unwrap();
     let rep = nyx().arg("replay").arg(&trace).output().unwrap();
     assert_eq!(
