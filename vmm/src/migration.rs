@@ -18,9 +18,12 @@
 //! runs at full speed on one core while the copy (reading, zstd, the
 //! socket) uses another, and the vCPU thread only stops once, for the
 //! final pass. A page the guest writes while it is being read is in the
-//! next dirty set, so it is sent again. The dirty log misses guest writes
-//! in real mode on some emulated KVMs: a guest seen in real mode when the
-//! migration starts or stops has all of its memory sent again in the stop.
+//! next dirty set, so it is sent again. Only a plain run migrates: there
+//! Nyx itself writes no guest memory once the guest runs (a recording or a
+//! replay also reads the dirty log, and they would steal each other's
+//! pages). The dirty log misses guest writes in real mode on some emulated
+//! KVMs: a guest seen in real mode when the migration starts or stops has
+//! all of its memory sent again in the stop.
 //!
 //! The destination ([`accept`], [`receive`]) reads the stream with the
 //! container's own checks (magic, version, checksums, bounded lengths) and
