@@ -524,6 +524,20 @@ impl Timeline {
         Ok(saved)
     }
 
+    /// A step of a re-execution pass; every [`STEP_CHECKPOINT`] steps of
+    /// the pass (`n` counts them) the point becomes a checkpoint, so that
+    /// the next command near here re-executes little.
+    fn pass_step(&mut self, m: &mut Machine, n: &mut u64) -> Result<Stepped> {
+        let r = self.step(m)?;
+        *n += 1;
+        if r == Stepped::Instruction && *n % STEP_CHECKPOINT == 0 {
+            if let Some(p) = self.pos {
+                self.checkpoint(m, p, Kind::Step)?;
+            }
+        }
+        Ok(r)
+    }
+
     /// The latest checkpoint at or before `pos` (the first one at worst).
     fn checkpoint_before(&self, pos: Position) -> usize {
         self.checkpoints.partition_point(|c| c.pos <= pos).saturating_sub(1)
@@ -535,14 +549,8 @@ impl Timeline {
     fn step_to(&mut self, m: &mut Machine, target: Position) -> Result<bool> {
         let mut n = 0u64;
         while self.pos.is_some_and(|p| p < target) {
-            if self.step(m)? == Stepped::End {
+            if self.pass_step(m, &mut n)? == Stepped::End {
                 return Ok(true);
-            }
-            n += 1;
-            if n % STEP_CHECKPOINT == 0 {
-                if let Some(p) = self.pos {
-                    self.checkpoint(m, p, Kind::Step)?;
-                }
             }
         }
         Ok(false)
@@ -607,6 +615,7 @@ impl Timeline {
         let from = self.checkpoints[i].pos;
         self.restore(m, i)?;
         let mut last = from;
+        let mut n = 0u64;
         loop {
             let p = self.pos.unwrap_or(last);
             if ended.is_none() && p.events == events {
@@ -619,7 +628,7 @@ impl Timeline {
                 return Err(TimelineError::Lost(from));
             }
             last = p;
-            if self.step(m)? == Stepped::End {
+            if self.pass_step(m, &mut n)? == Stepped::End {
                 // The end is where the last step left the machine.
                 if ended.is_some() {
                     self.pos = Some(last);
@@ -644,8 +653,9 @@ impl Timeline {
             }
             self.restore(m, i)?;
             let mut best = (self.checkpoints[i].kind == Kind::Step).then_some(self.checkpoints[i].pos);
+            let mut n = 0u64;
             loop {
-                if self.step(m)? == Stepped::End {
+                if self.pass_step(m, &mut n)? == Stepped::End {
                     break;
                 }
                 match self.pos {
@@ -728,8 +738,9 @@ impl Timeline {
             let mut hit = None;
             let mut prev = start;
             let mut values = watched(m, watches);
+            let mut n = 0u64;
             loop {
-                if self.step(m)? == Stepped::End {
+                if self.pass_step(m, &mut n)? == Stepped::End {
                     break;
                 }
                 let Some(p) = self.pos else { break };

@@ -144,6 +144,10 @@ struct ReplayArgs {
     trace: PathBuf,
     #[command(flatten)]
     gdb: GdbArgs,
+    /// Under gdb: milliseconds of run time between the checkpoints reverse
+    /// execution restarts from (smaller: faster reverse steps, more memory).
+    #[arg(long, value_name = "MS", default_value_t = 5)]
+    checkpoint_interval: u64,
     /// The KVM device to open.
     #[arg(
         long,
@@ -296,11 +300,23 @@ struct GdbArgs {
 
 /// Serves gdb on `machine` when --gdb was given: Some(exit code) then.
 fn gdb_session(args: &GdbArgs, machine: &mut nyx_vmm::Machine) -> Option<ExitCode> {
+    gdb_session_with(args, machine, None)
+}
+
+/// A gdb session; with a replay's timeline gdb can also go backwards.
+fn gdb_session_with(
+    args: &GdbArgs,
+    machine: &mut nyx_vmm::Machine,
+    timeline: Option<&mut nyx_replayer::Timeline>,
+) -> Option<ExitCode> {
     let spec = args.gdb.as_ref()?;
     let opts = nyx_gdb::ServeOptions::default();
     let end = nyx_gdb::listen(spec, args.gdb_allow_remote).and_then(|server| {
         eprintln!("nyx: waiting for gdb on {}", server.local_addr()?);
-        nyx_gdb::serve(machine, server.accept()?, opts)
+        match timeline {
+            Some(t) => nyx_gdb::serve_replay(machine, t, server.accept()?, opts),
+            None => nyx_gdb::serve(machine, server.accept()?, opts),
+        }
     });
     Some(match end {
         Ok(nyx_gdb::DebugEnd::Ended(outcome)) => finish(&outcome),
@@ -327,14 +343,15 @@ fn gdb_session(args: &GdbArgs, machine: &mut nyx_vmm::Machine) -> Option<ExitCod
     })
 }
 
-/// `nyx replay FILE --gdb ADDR`: forward debugging of a replay.
+/// `nyx replay FILE --gdb ADDR`: debugging a replay, forward and backward.
 fn replay_gdb(args: &ReplayArgs) -> Result<ExitCode, nyx_replayer::Error> {
     let opts = nyx_replayer::ReplayOptions {
         serial_out: None,
         kvm_path: args.kvm_device.clone(),
     };
-    let mut machine = nyx_replayer::replay_machine(&args.trace, opts)?;
-    Ok(gdb_session(&args.gdb, &mut machine).unwrap_or(ExitCode::SUCCESS))
+    let (mut machine, mut timeline) = nyx_replayer::debug_replay(&args.trace, opts)?;
+    timeline.set_interval(std::time::Duration::from_millis(args.checkpoint_interval.max(1)));
+    Ok(gdb_session_with(&args.gdb, &mut machine, Some(&mut timeline)).unwrap_or(ExitCode::SUCCESS))
 }
 
 #[derive(Args, Debug)]
