@@ -96,8 +96,9 @@ impl Reply {
 
 /// What reaches the vCPU thread.
 enum Msg {
-    /// A request and where its reply goes.
-    Job(Request, Sender<Reply>),
+    /// A request, where its reply goes, and word that the reply has been
+    /// written to the socket (before this process may end).
+    Job(Request, Sender<Reply>, Receiver<()>),
     /// A migration's pre-copy is over: time for its stop-and-copy.
     MigrationReady,
 }
@@ -149,11 +150,12 @@ fn serve(conn: UnixStream, tx: Sender<Msg>, kicker: Kicker) {
         if line.trim().is_empty() {
             continue;
         }
+        let (wtx, wrx) = mpsc::channel();
         let reply = match serde_json::from_str::<Request>(&line) {
             Err(e) => Reply::err(format!("not a request: {e}")),
             Ok(req) => {
                 let (rtx, rrx) = mpsc::channel();
-                if tx.send(Msg::Job(req, rtx)).is_err() {
+                if tx.send(Msg::Job(req, rtx, wrx)).is_err() {
                     Reply::err("the machine has ended")
                 } else {
                     kicker.kick();
@@ -165,6 +167,15 @@ fn serve(conn: UnixStream, tx: Sender<Msg>, kicker: Kicker) {
         if writeln!(out, "{text}").is_err() {
             return;
         }
+        let _ = wtx.send(());
+    }
+}
+
+/// Sends `reply` and waits (briefly) until it is on the socket: for the
+/// last reply before this process ends.
+fn reply_last(reply: &Sender<Reply>, written: &Receiver<()>, r: Reply) {
+    if reply.send(r).is_ok() {
+        let _ = written.recv_timeout(std::time::Duration::from_secs(2));
     }
 }
 
@@ -234,6 +245,7 @@ fn handle(m: &mut Machine, req: &Request, paused: bool) -> (Reply, After) {
 struct Migrating {
     out: Outgoing,
     reply: Sender<Reply>,
+    written: Receiver<()>,
 }
 
 /// Starts the migration `req` asks for; the reply waits for its end.
@@ -269,7 +281,7 @@ fn finish_migration(m: &mut Machine, mig: Migrating) -> bool {
                 stats.final_pages,
                 stats.bytes_sent as f64 / f64::from(1 << 20),
             );
-            let _ = mig.reply.send(Reply::ok(serde_json::to_value(&stats).ok()));
+            reply_last(&mig.reply, &mig.written, Reply::ok(serde_json::to_value(&stats).ok()));
             true
         }
         Err(e) => {
@@ -317,31 +329,37 @@ pub fn run(m: &mut Machine, api: &Api) -> Result<Option<RunOutcome>, nyx_vmm::ma
                         }
                     }
                 }
-                Msg::Job(req, reply) if req.cmd == "migrate" => {
+                Msg::Job(req, reply, written) if req.cmd == "migrate" => {
                     if migrating.is_some() {
                         let _ = reply.send(Reply::err("a migration is already under way"));
                     } else {
                         match start_migration(m, api, &req) {
-                            Ok(out) => migrating = Some(Migrating { out, reply }),
+                            Ok(out) => migrating = Some(Migrating { out, reply, written }),
                             Err(e) => {
                                 let _ = reply.send(Reply::err(e));
                             }
                         }
                     }
                 }
-                Msg::Job(req, reply) => {
+                Msg::Job(req, reply, written) => {
                     let (r, after) = handle(m, &req, paused);
-                    let _ = reply.send(r);
                     match after {
                         After::Quit => {
                             if let Some(mig) = migrating.take() {
                                 mig.out.abort(m);
-                                let _ = mig.reply.send(Reply::err("nyx quit during the migration"));
+                                reply_last(&mig.reply, &mig.written, Reply::err("nyx quit during the migration"));
                             }
+                            reply_last(&reply, &written, r);
                             return Ok(None);
                         }
-                        After::Pause => paused = true,
-                        After::Run => paused = false,
+                        After::Pause => {
+                            let _ = reply.send(r);
+                            paused = true;
+                        }
+                        After::Run => {
+                            let _ = reply.send(r);
+                            paused = false;
+                        }
                     }
                 }
             }
