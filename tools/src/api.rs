@@ -399,3 +399,35 @@ pub fn fetch_metrics(path: &Path) -> Result<nyx_vmm::metrics::MetricsSnapshot, S
         .ok_or_else(|| reply.error.unwrap_or_else(|| "no metrics in the reply".into()))?;
     serde_json::from_value(detail).map_err(|e| format!("bad metrics: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_argument_is_a_path_or_an_address() {
+        let s = Request::new("snapshot", Some("vm.nyxsnap"));
+        assert_eq!((s.path.as_deref(), s.addr.as_deref()), (Some("vm.nyxsnap"), None));
+        let m = Request::new("migrate", Some("tcp:127.0.0.1:4444"));
+        assert_eq!(
+            (m.path.as_deref(), m.addr.as_deref()),
+            (None, Some("tcp:127.0.0.1:4444"))
+        );
+    }
+
+    #[test]
+    fn migrate_requests_read_as_documented() {
+        let r: Request = serde_json::from_str(
+            r#"{"cmd":"migrate","addr":"tcp:127.0.0.1:9","max_iterations":2,"threshold_pages":64}"#,
+        )
+        .unwrap();
+        assert_eq!(r.addr.as_deref(), Some("tcp:127.0.0.1:9"));
+        assert_eq!((r.max_iterations, r.threshold_pages), (Some(2), Some(64)));
+        let plain: Request = serde_json::from_str(r#"{"cmd":"migrate","addr":"tcp:h:1"}"#).unwrap();
+        assert_eq!((plain.max_iterations, plain.threshold_pages), (None, None));
+        // Options left out are left out on the wire too.
+        let text = serde_json::to_string(&Request::new("status", None)).unwrap();
+        assert_eq!(text, r#"{"cmd":"status"}"#);
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"migrate","max_iterations":-1}"#).is_err());
+    }
+}
