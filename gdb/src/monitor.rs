@@ -174,7 +174,13 @@ mod tests {
         assert!(parse("phys").is_err());
         assert!(parse("phys 0x10 0x100000").is_err());
         assert!(parse("phys zz").is_err());
-        assert!(parse("seek 5").is_err());
+        assert_eq!(parse("seek 5:12"), Ok(Command::Seek("5:12".into())));
+        assert!(parse("seek").is_err());
+        assert!(parse("seek 1 2").is_err());
+        assert_eq!(parse("checkpoint"), Ok(Command::Checkpoint));
+        assert_eq!(parse("restart 2"), Ok(Command::Restart(2)));
+        assert!(parse("restart x").is_err());
+        assert!(parse("frobnicate").is_err());
     }
 
     #[test]
