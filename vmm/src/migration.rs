@@ -848,6 +848,91 @@ mod tests {
         tracker.disable(&t.vm).unwrap();
     }
 
+    /// Pre-copy cost against a busy guest: 256 MiB, 90% of it filled with
+    /// poorly compressible data, the guest rewriting a counter and cycling
+    /// through 512 pages; default options; five runs (`cargo test --release
+    /// -p nyx-vmm --lib precopy_benchmark -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn precopy_benchmark_256_mib_busy_guest() {
+        use std::os::fd::AsRawFd;
+        let mut rows = Vec::new();
+        for _ in 0..5 {
+            let Some(mut t) = crate::vcpu_state::tests::test_vm(256) else {
+                return;
+            };
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let mut page = vec![0u8; 4096];
+            for gfn in 0x300..(256u64 << 8) * 9 / 10 {
+                for w in page.chunks_exact_mut(8) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    w.copy_from_slice(&x.to_le_bytes());
+                }
+                t.mem.write_slice(&page, GuestAddress(gfn << 12)).unwrap();
+            }
+            let code: &[u8] = &[
+                0x40, 0x89, 0x83, 0x00, 0x00, 0x10, 0x00, 0x81, 0xc3, 0x00, 0x10, 0x00, 0x00, 0x81, 0xe3, 0x00, 0xf0,
+                0x1f, 0x00, 0xff, 0x05, 0x00, 0x00, 0x01, 0x00, 0xe6, 0x80, 0xeb, 0xe3,
+            ];
+            t.mem.write_slice(code, GuestAddress(0x1000)).unwrap();
+            crate::vcpu_state::tests::protected_mode(&t.vcpu, 0x1000);
+            let start = Instant::now();
+            // SAFETY: as in the test above.
+            let tracker = unsafe { DirtyTracker::enable(&t.vm, &t.mem) }.unwrap();
+            // SAFETY: a fresh duplicate of the VM descriptor, owned by `vm` only.
+            let vm = unsafe { t.kvm.create_vmfd_from_rawfd(libc::dup(t.vm.as_raw_fd())) }.unwrap();
+            let header = crate::snapshot::container_header(ContainerKind::Migration, &config(256), b"k", None);
+            let out = StreamWriter::with_level(io::sink(), &header, ZSTD_LEVEL).unwrap();
+            let done = Arc::new(AtomicBool::new(false));
+            let (mem, d) = (t.mem.clone(), done.clone());
+            let copier = std::thread::spawn(move || {
+                let p = precopy(
+                    out,
+                    tracker,
+                    vm,
+                    mem,
+                    MigrateOptions::default(),
+                    &AtomicBool::new(false),
+                );
+                d.store(true, Ordering::SeqCst);
+                p
+            });
+            while !done.load(Ordering::SeqCst) {
+                t.vcpu.run().unwrap();
+            }
+            let precopy_ms = start.elapsed().as_secs_f64() * 1e3;
+            let stop = Instant::now();
+            let mut p = copier.join().unwrap();
+            let mut last = p.pending.unwrap();
+            last.extend(p.tracker.collect(&t.vm).unwrap());
+            let mut out = p.out.take().unwrap();
+            let final_pages = send_pages(&mut out, &t.mem, &last, 0).unwrap();
+            out.flush().unwrap();
+            let stop_ms = stop.elapsed().as_secs_f64() * 1e3;
+            rows.push((
+                precopy_ms,
+                stop_ms,
+                p.iterations,
+                p.pages,
+                final_pages,
+                out.bytes_written(),
+            ));
+            println!(
+                "pre-copy {precopy_ms:.0} ms ({} passes, {} pages), stop-and-copy send {stop_ms:.2} ms ({final_pages} pages), {:.1} MiB sent",
+                p.iterations,
+                p.pages,
+                out.bytes_written() as f64 / f64::from(1 << 20)
+            );
+            p.tracker.disable(&t.vm).unwrap();
+        }
+        rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let pre = rows[2].0;
+        rows.sort_by(|a, b| a.1.total_cmp(&b.1));
+        println!("median: pre-copy {pre:.0} ms, stop-and-copy send {:.2} ms", rows[2].1);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
