@@ -24,7 +24,7 @@ use nyx_trace::TraceReader;
 use nyx_vmm::clock::{TimeSource, VirtualClock};
 use nyx_vmm::config::{MachineConfig, VerifyLevel, INITRD_IMAGE, KERNEL_IMAGE};
 use nyx_vmm::events::{EndKind, Event, ExitRecord};
-use nyx_vmm::hooks::{HookCtx, HookError, RunHooks};
+use nyx_vmm::hooks::{Enter, HookCtx, HookError, RunHooks};
 use nyx_vmm::{MachineBuilder, RunOutcome};
 
 pub use cursor::{Cursor, CursorMark, Failure};
@@ -277,16 +277,24 @@ impl RunHooks for Replayer {
         s.pause_after.is_some_and(|t| std::time::Instant::now() >= t)
     }
 
-    fn before_enter(&mut self, ctx: &mut HookCtx<'_>) -> Result<bool, HookError> {
+    fn before_enter(&mut self, ctx: &mut HookCtx<'_>) -> Result<Enter, HookError> {
         self.check(ctx)?;
         if lock(&self.state).stepping {
-            return search::step_toward_landing(ctx, &self.state);
+            let moved = search::step_toward_landing(ctx, &self.state)?;
+            return Ok(if moved { Enter::Moved } else { Enter::Guest });
         }
+        // A keyframed landing is taken at once; a searched one stays in the
+        // trace until it is found (a debugger's breakpoint may stop the
+        // search, which then goes on when the guest is resumed).
         let landing = {
             let mut s = lock(&self.state);
-            match s.cursor.take_if(|e| matches!(e, Event::Landing(_))) {
-                Some(Event::Landing(l)) => l,
-                _ => return Ok(false),
+            match s.cursor.peek() {
+                Some(Event::Landing(l)) if l.keyframe.is_some() => match s.cursor.advance() {
+                    Some(Event::Landing(l)) => l,
+                    _ => return Ok(Enter::Guest),
+                },
+                Some(Event::Landing(l)) => l.clone(),
+                _ => return Ok(Enter::Guest),
             }
         };
         if let Some(k) = &landing.keyframe {
@@ -295,15 +303,20 @@ impl RunHooks for Replayer {
             let mut s = lock(&self.state);
             s.landings += 1;
             s.keyframes += 1;
-            return Ok(true);
+            return Ok(Enter::Moved);
         }
-        let hits = search::run_to_landing(ctx, &landing, &self.state)?;
+        let hits = match search::run_to_landing(ctx, &landing, &self.state)? {
+            search::SearchEnd::Landed(hits) => hits,
+            search::SearchEnd::Breakpoint(d) => return Ok(Enter::Stop(d)),
+            search::SearchEnd::Kicked => return Ok(Enter::Kicked),
+        };
         ctx.metrics.landing(nyx_vmm::metrics::LandingHow::Search, hits);
         let mut s = lock(&self.state);
+        s.cursor.advance();
         s.landings += 1;
         s.search_hits += hits;
         s.hits_per_landing.push(hits);
-        Ok(true)
+        Ok(Enter::Moved)
     }
 
     fn on_kick(&mut self, _ctx: &mut HookCtx<'_>, _deadline_passed: bool) -> Result<bool, HookError> {

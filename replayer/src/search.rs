@@ -63,18 +63,31 @@ fn unexpected(ctx: &mut HookCtx<'_>, state: &Shared, landing: &Landing, what: St
     crate::report::diverge(ctx, &s.cursor, msg, Some(&landing.regs))
 }
 
-/// Runs the guest to `landing`. Returns the number of breakpoint hits and
-/// single steps it took. An interrupt the recording still held undelivered
-/// at the landing is withdrawn for the search and queued again after it.
-pub fn run_to_landing(ctx: &mut HookCtx<'_>, landing: &Landing, state: &Shared) -> Result<u64, HookError> {
+/// How a search ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SearchEnd {
+    /// At the landing, after this many breakpoint hits and single steps.
+    Landed(u64),
+    /// A debugger's breakpoint stopped the guest first (the landing is
+    /// still ahead; the search goes on when the guest is resumed).
+    Breakpoint(nyx_vmm::machine::DebugStop),
+    /// Another thread kicked the vCPU (a debugger's Ctrl-C).
+    Kicked,
+}
+
+/// Runs the guest to `landing`. An interrupt the recording still held
+/// undelivered at the landing is withdrawn for the search and queued again
+/// after it. A debugger's breakpoints stay armed in the debug registers the
+/// landing's does not need.
+pub fn run_to_landing(ctx: &mut HookCtx<'_>, landing: &Landing, state: &Shared) -> Result<SearchEnd, HookError> {
     if landing.pending_interrupt.is_some() {
         set_queued_interrupt(ctx.vcpu, None)?;
     }
-    let hits = search(ctx, landing, state)?;
-    if let Some(v) = landing.pending_interrupt {
+    let end = search(ctx, landing, state)?;
+    if let (SearchEnd::Landed(_), Some(v)) = (end, landing.pending_interrupt) {
         set_queued_interrupt(ctx.vcpu, Some(v))?;
     }
-    Ok(hits)
+    Ok(end)
 }
 
 /// Single-stepping toward the next landing (a debugger steps the replay):
@@ -169,11 +182,42 @@ pub fn stop_at_handler(ctx: &mut HookCtx<'_>, vector: u8, state: &Shared) -> Res
 /// loop. Recorded landings in the in-tree guests take hundreds of hits.
 const MAX_HITS: u64 = 200_000;
 
-fn search(ctx: &mut HookCtx<'_>, landing: &Landing, state: &Shared) -> Result<u64, HookError> {
+/// The debug registers for a search: a debugger's breakpoints where it put
+/// them, the landing's RIP in a free slot. With no free slot the search
+/// single-steps (slow, but it misses nothing).
+struct Arming {
+    control: u32,
+    arch: kvm_guest_debug_arch,
+    /// The debugger's enabled slots.
+    theirs: u8,
+}
+
+fn arming(ctx: &HookCtx<'_>, linear: u64) -> Arming {
+    let g = ctx.guest_debug;
+    let mut arch = kvm_guest_debug_arch::default();
+    arch.debugreg[..4].copy_from_slice(&g.dr);
+    let theirs = (0..4)
+        .filter(|i| g.dr7 & (3 << (2 * i)) != 0)
+        .fold(0u8, |m, i| m | 1 << i);
+    let mut dr7 = g.dr7 & !0xff00 & !(0xffff_u64 << 32);
+    let mut control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
+    match (0..4).find(|i| theirs & (1 << i) == 0) {
+        Some(k) => {
+            arch.debugreg[k] = linear;
+            // Local enable, execution (RW = 00, LEN = 00).
+            dr7 = (dr7 | 1 << (2 * k)) & !(0xf << (16 + 4 * k));
+        }
+        None => control |= KVM_GUESTDBG_SINGLESTEP,
+    }
+    arch.debugreg[7] = dr7;
+    Arming { control, arch, theirs }
+}
+
+fn search(ctx: &mut HookCtx<'_>, landing: &Landing, state: &Shared) -> Result<SearchEnd, HookError> {
     // A landing without progress (the kick came before the guest ran).
     if at_landing(ctx, landing)? {
         ctx.dirty_since_landing.clear();
-        return Ok(0);
+        return Ok(SearchEnd::Landed(0));
     }
     let sregs = ctx.vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     let long = sregs.efer & (1 << 10) != 0 && sregs.cs.l != 0;
@@ -182,9 +226,17 @@ fn search(ctx: &mut HookCtx<'_>, landing: &Landing, state: &Shared) -> Result<u6
     } else {
         sregs.cs.base.wrapping_add(landing.regs.rip) & 0xffff_ffff
     };
-    let armed = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
+    let armed = arming(ctx, linear);
+    let arm = |ctx: &mut HookCtx<'_>| {
+        let dbg = kvm_guest_debug {
+            control: armed.control,
+            pad: 0,
+            arch: armed.arch,
+        };
+        ctx.vcpu.set_guest_debug(&dbg).map_err(kvm("KVM_SET_GUEST_DEBUG"))
+    };
     let mut hits = 0u64;
-    set_debug(ctx, armed, Some(linear))?;
+    arm(ctx)?;
     loop {
         if hits >= MAX_HITS {
             let what = format!(
@@ -192,31 +244,43 @@ fn search(ctx: &mut HookCtx<'_>, landing: &Landing, state: &Shared) -> Result<u6
             );
             return Err(unexpected(ctx, state, landing, what));
         }
-        match ctx.vcpu.run() {
-            Ok(VcpuExit::Debug(_)) => {}
+        let (dr6, pc) = match ctx.vcpu.run() {
+            Ok(VcpuExit::Debug(d)) => (d.dr6, d.pc),
             Ok(other) => {
                 let what = format!("the guest made exit {other:?}");
                 return Err(unexpected(ctx, state, landing, what));
             }
             Err(e) if e.errno() == libc::EINTR => {
                 ctx.vcpu.set_kvm_immediate_exit(0);
-                let _ = set_debug(ctx, 0, None);
-                return Err(HookError::Stopped);
+                set_debug(ctx, 0, None)?;
+                return Ok(SearchEnd::Kicked);
             }
             Err(e) => return Err(kvm("KVM_RUN")(e)),
-        }
+        };
         hits += 1;
-        // At the breakpoint (or still inside a REP instruction there).
+        let rip = ctx.vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?.rip;
+        // The landing comes first where both are here: the recorded
+        // interrupt is taken before the instruction a breakpoint is on.
+        let at_rip = rip == landing.regs.rip;
+        if at_rip && at_landing(ctx, landing)? {
+            set_debug(ctx, 0, None)?;
+            ctx.dirty_since_landing.clear();
+            return Ok(SearchEnd::Landed(hits));
+        }
+        if dr6 & u64::from(armed.theirs) != 0 {
+            set_debug(ctx, 0, None)?;
+            return Ok(SearchEnd::Breakpoint(nyx_vmm::machine::DebugStop {
+                exception: 1,
+                pc,
+                dr6,
+            }));
+        }
+        if !at_rip {
+            continue;
+        }
+        // At the landing's RIP but not its state: step past (or through
+        // the iterations of a REP instruction there).
         loop {
-            let rip = ctx.vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?.rip;
-            if rip != landing.regs.rip {
-                break;
-            }
-            if at_landing(ctx, landing)? {
-                set_debug(ctx, 0, None)?;
-                ctx.dirty_since_landing.clear();
-                return Ok(hits);
-            }
             set_debug(ctx, KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, None)?;
             match ctx.vcpu.run() {
                 Ok(VcpuExit::Debug(_)) => hits += 1,
@@ -226,8 +290,17 @@ fn search(ctx: &mut HookCtx<'_>, landing: &Landing, state: &Shared) -> Result<u6
                 }
                 Err(e) => return Err(kvm("KVM_RUN (single step)")(e)),
             }
+            let rip = ctx.vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?.rip;
+            if rip != landing.regs.rip {
+                break;
+            }
+            if at_landing(ctx, landing)? {
+                set_debug(ctx, 0, None)?;
+                ctx.dirty_since_landing.clear();
+                return Ok(SearchEnd::Landed(hits));
+            }
         }
-        set_debug(ctx, armed, Some(linear))?;
+        arm(ctx)?;
     }
 }
 

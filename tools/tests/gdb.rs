@@ -334,9 +334,16 @@ fn replay_under_gdb_stops_at_a_breakpoint_and_runs_to_the_end() {
 
 /// Records `guest` into `dir` and starts `nyx replay --gdb` on the trace.
 fn replay_nyx(dir: &std::path::Path, guest: &str) -> Nyx {
+    replay_nyx_with(dir, guest, &[])
+}
+
+/// As [`replay_nyx`], with more `nyx record` options.
+fn replay_nyx_with(dir: &std::path::Path, guest: &str, record_args: &[&str]) -> Nyx {
     let trace = dir.join(format!("{guest}.nyxtrace"));
     let rec = Command::new(env!("CARGO_BIN_EXE_nyx"))
-        .args(["record", "--out"])
+        .arg("record")
+        .args(record_args)
+        .arg("--out")
         .arg(&trace)
         .arg("--kernel")
         .arg(nyx_guests::path(guest).unwrap())
@@ -483,5 +490,47 @@ fn reverse_execution_across_interrupts() {
     assert!(out.contains("No more reverse-execution history"), "{out}");
     let (code, err) = nyx.finish();
     assert!(!err.contains("panicked"), "{err}");
+    assert!(code.is_some(), "{err}");
+}
+
+/// A breakpoint the guest reaches while the replay searches for a landing
+/// (the loop between a timer interrupt's exit and the next recorded stop)
+/// stops it, and the replay goes on from there to its recorded end.
+#[test]
+fn breakpoints_hit_while_the_replay_searches_a_landing() {
+    let dir = tempfile::tempdir().unwrap();
+    let nyx = replay_nyx_with(dir.path(), "counter", &["--landings", "search"]);
+    let counter = symbol("counter", "counter");
+    let show = format!("printf \"COUNTER=%ld\\n\", *(long *){counter:#x}");
+    let out = gdb(
+        &nyx,
+        "counter",
+        &[
+            "hbreak irq0",
+            "continue",
+            "continue",
+            "hbreak count_loop",
+            "continue",
+            &show,
+            "continue",
+            &show,
+            "delete",
+            "continue",
+            "kill",
+        ],
+    );
+    assert_eq!(out.matches("Breakpoint 2, count_loop").count(), 2, "{out}");
+    let values: Vec<u64> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("COUNTER=")?.trim().parse().ok())
+        .collect();
+    assert_eq!(values.len(), 2, "{out}");
+    assert_eq!(values[1], values[0] + 1, "one loop iteration apart: {out}");
+    assert!(
+        out.contains("No more reverse-execution history"),
+        "ran to the recorded end: {out}"
+    );
+    let (code, err) = nyx.finish();
+    assert!(!err.contains("panicked") && !err.contains("diverge"), "{err}");
     assert!(code.is_some(), "{err}");
 }

@@ -45,6 +45,20 @@ pub enum HookError {
     Stopped,
 }
 
+/// What [`RunHooks::before_enter`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enter {
+    /// Nothing: the loop enters the guest.
+    Guest,
+    /// The guest was moved to a landing: the loop starts a new step there.
+    Moved,
+    /// A debugger's breakpoint stopped the guest on its way to a landing.
+    Stop(crate::machine::DebugStop),
+    /// Another thread kicked the vCPU while the hook ran it: a stop
+    /// request (or a late kick) for the loop to look at.
+    Kicked,
+}
+
 /// What hooks may look at and touch.
 pub struct HookCtx<'a> {
     /// The vCPU.
@@ -65,6 +79,9 @@ pub struct HookCtx<'a> {
     /// (collected so far): what a checkpoint of a reverse debugger saves.
     /// Whoever writes guest memory from the VMM side adds its pages here.
     pub written: &'a mut std::collections::BTreeSet<u64>,
+    /// What a debugger asked the vCPU to stop for (hooks that run the
+    /// guest themselves keep these breakpoints armed).
+    pub guest_debug: crate::machine::GuestDebug,
     /// The MSRs a vCPU state capture saves.
     pub msr_list: &'a [u32],
     /// The machine's metrics (landings, trace bytes).
@@ -285,11 +302,11 @@ pub trait RunHooks: Send {
     /// guest is idle in HLT).
     fn poll_now(&mut self, ctx: &mut HookCtx<'_>, requested: bool) -> Result<bool, HookError>;
 
-    /// Just before entering the guest. Returns true when the hook has moved
-    /// the guest to a landing itself (the replayer does): the loop then
-    /// starts a new step there.
-    fn before_enter(&mut self, _ctx: &mut HookCtx<'_>) -> Result<bool, HookError> {
-        Ok(false)
+    /// Just before entering the guest: the hook may move the guest to a
+    /// landing itself (the replayer does), and a debugger's breakpoint may
+    /// stop it on the way.
+    fn before_enter(&mut self, _ctx: &mut HookCtx<'_>) -> Result<Enter, HookError> {
+        Ok(Enter::Guest)
     }
 
     /// KVM_RUN was interrupted. `deadline_passed` says whether the device

@@ -26,7 +26,7 @@ use crate::clock::VirtualClock;
 use crate::cpuid::{self, CpuidPolicy};
 use crate::crash::CrashReport;
 use crate::events::{ExitKind, ExitRecord};
-use crate::hooks::{HookCtx, HookError, PlainRun, RunHooks};
+use crate::hooks::{Enter, HookCtx, HookError, PlainRun, RunHooks};
 use crate::host::{HostWallClock, StdoutSink, ThreadInput};
 use crate::kick::{Kicker, VcpuTimer};
 use crate::loader::{self, BootSetup, LoadError};
@@ -556,6 +556,7 @@ impl MachineBuilder {
                 dirty,
                 dirty_since_landing: BTreeSet::new(),
                 written: BTreeSet::new(),
+                debug: GuestDebug::default(),
                 kernel_name,
                 cmdline,
                 image_len: image.len(),
@@ -587,6 +588,8 @@ pub struct Core {
     dirty: Option<DirtyTracker>,
     dirty_since_landing: BTreeSet<u64>,
     written: BTreeSet<u64>,
+    /// A copy of [`Machine`]'s debug configuration, for the hooks.
+    debug: GuestDebug,
     kernel_name: String,
     cmdline: String,
     image_len: usize,
@@ -626,6 +629,7 @@ impl Core {
             dirty: self.dirty.as_mut(),
             dirty_since_landing: &mut self.dirty_since_landing,
             written: &mut self.written,
+            guest_debug: self.debug,
             msr_list: &self.msr_list,
             metrics: &self.metrics,
         }
@@ -958,6 +962,7 @@ impl Machine {
             .set_guest_debug(&k)
             .map_err(kvm_err("KVM_SET_GUEST_DEBUG"))?;
         self.debug = dbg;
+        self.core.debug = dbg;
         Ok(())
     }
 
@@ -1155,14 +1160,32 @@ impl Machine {
                     self.service_interrupts()?;
                 }
                 let mut ctx = self.core.ctx();
-                if self.hooks.before_enter(&mut ctx)? {
-                    // The mode moved the guest to a landing: a new step there.
-                    // Its search used the debug registers: put ours back.
-                    self.poll_pending = true;
-                    if self.debug != GuestDebug::default() {
-                        self.set_guest_debug(self.debug)?;
+                match self.hooks.before_enter(&mut ctx)? {
+                    Enter::Guest => {}
+                    Enter::Moved => {
+                        // The mode moved the guest to a landing: a new step
+                        // there. Its search used the debug registers: put
+                        // ours back.
+                        self.poll_pending = true;
+                        if self.debug != GuestDebug::default() {
+                            self.set_guest_debug(self.debug)?;
+                        }
+                        continue;
                     }
-                    continue;
+                    Enter::Stop(d) => {
+                        self.set_guest_debug(self.debug)?;
+                        return Ok(Stop::Debug(d));
+                    }
+                    Enter::Kicked => {
+                        self.set_guest_debug(self.debug)?;
+                        self.core.stats.kicks += 1;
+                        if self.timer.as_ref().is_some_and(|t| t.take_request()) {
+                            return Ok(Stop::Interrupted);
+                        }
+                        // A late kick nothing asked for: the hook goes on
+                        // where it stopped.
+                        continue;
+                    }
                 }
             }
             let kick = self.hooks.kick_at(self.core.platform.next_deadline_ns());
