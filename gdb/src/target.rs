@@ -196,10 +196,18 @@ impl<'m> NyxTarget<'m> {
         } else {
             Vec::new()
         };
+        let read = if self.mode == ExecMode::Step {
+            self.read_hit()
+        } else {
+            None
+        };
         let stop = self.run_mode(&before)?;
         if stop == RunStop::Reason(SingleThreadStopReason::DoneStep) {
             if let Some(w) = self.changed_watch(&before) {
                 return Ok(w);
+            }
+            if let Some((kind, addr)) = read {
+                return Ok(RunStop::Reason(SingleThreadStopReason::Watch { tid: (), kind, addr }));
             }
         }
         Ok(stop)
@@ -224,7 +232,13 @@ impl<'m> NyxTarget<'m> {
             }
         }
         let step = self.mode == ExecMode::Step;
-        if !step && self.step_watchpoints && self.bps.slots.iter().flatten().any(|s| is_write_watch(s.kind)) {
+        let watching = self
+            .bps
+            .slots
+            .iter()
+            .flatten()
+            .any(|s| matches!(s.kind, SlotKind::Watch(_)));
+        if !step && self.step_watchpoints && watching {
             return self.run_watching();
         }
         self.arm(step, None)?;
@@ -236,23 +250,70 @@ impl<'m> NyxTarget<'m> {
         }
     }
 
-    /// Continues by single steps, comparing the watched memory after each:
-    /// write watchpoints for a KVM whose debug registers do not report
-    /// data accesses. Interrupts are not injected while stepping.
+    /// Continues by single steps, checking the watchpoints at each: for a
+    /// KVM whose debug registers do not report data accesses. A write
+    /// watchpoint stops when the watched bytes change; a read or access
+    /// watchpoint when the instruction just run named them as a memory
+    /// operand ([`nyx_vmm::access`]). A live run injects no interrupts while
+    /// stepping; a replay delivers them where they were recorded.
     fn run_watching(&mut self) -> Result<RunStop, Error> {
-        self.arm(true, None)?;
-        let mut before = self.watched_values();
         loop {
-            match self.resume_once(true)? {
+            let read = self.read_hit();
+            let before = self.watched_values();
+            let stop = match self.timeline.is_some() {
+                true => self.replay_step_once()?,
+                false => {
+                    self.arm(true, None)?;
+                    self.resume_once(true)?
+                }
+            };
+            match stop {
                 RunStop::Reason(SingleThreadStopReason::DoneStep) => {
                     if let Some(w) = self.changed_watch(&before) {
                         return Ok(w);
                     }
-                    before = self.watched_values();
+                    if let Some((kind, addr)) = read {
+                        return Ok(RunStop::Reason(SingleThreadStopReason::Watch { tid: (), kind, addr }));
+                    }
+                    // Stepping with the timeline arms no debug registers.
+                    if self.timeline.is_some() && self.bps.breaks_at(self.pc()?) {
+                        let hw = self.bps.slots.iter().flatten().any(|s| s.kind == SlotKind::Exec);
+                        return Ok(RunStop::Reason(if hw {
+                            SingleThreadStopReason::HwBreak(())
+                        } else {
+                            SingleThreadStopReason::SwBreak(())
+                        }));
+                    }
                 }
                 other => return Ok(other),
             }
         }
+    }
+
+    /// The read or access watchpoint the instruction at RIP would trigger.
+    fn read_hit(&self) -> Option<(WatchKind, u64)> {
+        let watches: Vec<(WatchKind, u64, u64)> = self
+            .bps
+            .slots
+            .iter()
+            .flatten()
+            .filter_map(|s| match s.kind {
+                SlotKind::Watch(k @ (WatchKind::Read | WatchKind::ReadWrite)) => Some((k, s.addr, s.len)),
+                _ => None,
+            })
+            .collect();
+        if watches.is_empty() {
+            return None;
+        }
+        let regs = self.machine.vcpu().get_regs().ok()?;
+        let sregs = self.machine.vcpu().get_sregs().ok()?;
+        let accesses = nyx_vmm::access::at_rip(self.machine.memory(), &regs, &sregs);
+        watches.into_iter().find_map(|(kind, addr, len)| {
+            accesses
+                .iter()
+                .any(|a| a.overlaps(addr, len) && (a.read || (kind == WatchKind::ReadWrite && a.write)))
+                .then_some((kind, addr))
+        })
     }
 
     /// A watch stop if a watched range differs from `before`.
@@ -284,7 +345,23 @@ impl<'m> NyxTarget<'m> {
 
     /// One instruction forward in a replay, as the timeline steps.
     fn replay_step(&mut self) -> Result<RunStop, Error> {
+        let read = self.read_hit();
         let before = self.watched_values();
+        let stop = self.replay_step_once()?;
+        if stop != RunStop::Reason(SingleThreadStopReason::DoneStep) {
+            return Ok(stop);
+        }
+        if let Some(w) = self.changed_watch(&before) {
+            return Ok(w);
+        }
+        Ok(match read {
+            Some((kind, addr)) => RunStop::Reason(SingleThreadStopReason::Watch { tid: (), kind, addr }),
+            None => stop,
+        })
+    }
+
+    /// One instruction forward in a replay, as the timeline steps.
+    fn replay_step_once(&mut self) -> Result<RunStop, Error> {
         let Some(t) = self.timeline.as_deref_mut() else {
             return Ok(RunStop::Reason(SingleThreadStopReason::Signal(Signal::SIGTRAP)));
         };
@@ -293,9 +370,7 @@ impl<'m> NyxTarget<'m> {
             .map_err(|e| Error::Protocol(e.to_string()))?;
         let ending = t.ending().cloned();
         match (stepped, ending) {
-            (nyx_replayer::timeline::Stepped::Instruction, _) => Ok(self
-                .changed_watch(&before)
-                .unwrap_or(RunStop::Reason(SingleThreadStopReason::DoneStep))),
+            (nyx_replayer::timeline::Stepped::Instruction, _) => Ok(RunStop::Reason(SingleThreadStopReason::DoneStep)),
             (_, Some(nyx_replayer::timeline::Ending::Outcome(o))) => Ok(self.ended(o)),
             _ => Ok(RunStop::Reason(SingleThreadStopReason::ReplayLog {
                 tid: None,
@@ -316,14 +391,18 @@ impl<'m> NyxTarget<'m> {
         } else {
             let mut breaks = Vec::new();
             let mut watches = Vec::new();
+            let mut reads = Vec::new();
             for s in self.bps.slots.iter().flatten() {
                 match s.kind {
                     SlotKind::Exec | SlotKind::SwExec => breaks.push(s.addr),
-                    SlotKind::Watch(_) => watches.push((s.addr, s.len)),
+                    SlotKind::Watch(WatchKind::Write) => watches.push((s.addr, s.len)),
+                    SlotKind::Watch(WatchKind::Read) => reads.push((s.addr, s.len, false)),
+                    SlotKind::Watch(WatchKind::ReadWrite) => reads.push((s.addr, s.len, true)),
                 }
             }
             breaks.extend(self.bps.sw.keys().copied());
-            t.reverse_continue(self.machine, &breaks, &watches).map_err(reverse)?
+            t.reverse_continue(self.machine, &breaks, &watches, &reads)
+                .map_err(reverse)?
         };
         use nyx_replayer::timeline::ReverseStop;
         Ok(RunStop::Reason(match stop {
@@ -343,7 +422,16 @@ impl<'m> NyxTarget<'m> {
             }
             ReverseStop::Watch(addr) => SingleThreadStopReason::Watch {
                 tid: (),
-                kind: WatchKind::Write,
+                kind: self
+                    .bps
+                    .slots
+                    .iter()
+                    .flatten()
+                    .find_map(|s| match s.kind {
+                        SlotKind::Watch(k) if s.addr == addr => Some(k),
+                        _ => None,
+                    })
+                    .unwrap_or(WatchKind::Write),
                 addr,
             },
             ReverseStop::Begin => SingleThreadStopReason::ReplayLog {

@@ -704,15 +704,17 @@ impl Timeline {
     /// `reverse-continue`: back to the latest point before this one where
     /// a single step stopped at one of `breakpoints` (linear addresses), or
     /// just before an instruction that changed one of `watches` (linear
-    /// address, length); the start of the replay if there is none.
+    /// address, length) or accessed one of `reads` (address, length, and
+    /// whether a write counts too); the start of the replay if there is none.
     pub fn reverse_continue(
         &mut self,
         m: &mut Machine,
         breakpoints: &[u64],
         watches: &[(u64, u64)],
+        reads: &[(u64, u64, bool)],
     ) -> Result<ReverseStop> {
         let saved = self.single_step_mode(m)?;
-        let r = self.reverse_continue_inner(m, breakpoints, watches);
+        let r = self.reverse_continue_inner(m, breakpoints, watches, reads);
         m.set_guest_debug(saved)?;
         r
     }
@@ -722,6 +724,7 @@ impl Timeline {
         m: &mut Machine,
         breakpoints: &[u64],
         watches: &[(u64, u64)],
+        reads: &[(u64, u64, bool)],
     ) -> Result<ReverseStop> {
         let mut upper = self.resolve_inner_or_known(m)?;
         let mut i = self.checkpoint_before(upper);
@@ -740,12 +743,16 @@ impl Timeline {
             let mut values = watched(m, watches);
             let mut n = 0u64;
             loop {
+                let read = read_hit(m, reads);
                 if self.pass_step(m, &mut n)? == Stepped::End {
                     break;
                 }
                 let Some(p) = self.pos else { break };
                 if p >= upper {
                     break;
+                }
+                if let Some(addr) = read {
+                    hit = Some((prev, ReverseStop::Watch(addr)));
                 }
                 let now = watched(m, watches);
                 if let Some(k) = (0..watches.len()).find(|&k| now[k] != values[k]) {
@@ -852,6 +859,23 @@ fn clear_pushed_tf(m: &Machine) -> Result<()> {
         m.write_virt(addr, &buf[..len])?;
     }
     Ok(())
+}
+
+/// The first of `reads` (address, length, writes count too) that the
+/// instruction at RIP accesses.
+fn read_hit(m: &Machine, reads: &[(u64, u64, bool)]) -> Option<u64> {
+    if reads.is_empty() {
+        return None;
+    }
+    let regs = m.vcpu().get_regs().ok()?;
+    let sregs = m.vcpu().get_sregs().ok()?;
+    let accesses = nyx_vmm::access::at_rip(m.memory(), &regs, &sregs);
+    reads.iter().find_map(|&(addr, len, writes)| {
+        accesses
+            .iter()
+            .any(|a| a.overlaps(addr, len) && (a.read || (writes && a.write)))
+            .then_some(addr)
+    })
 }
 
 /// The watched bytes now (None where unmapped).

@@ -534,3 +534,63 @@ fn breakpoints_hit_while_the_replay_searches_a_landing() {
     assert!(!err.contains("panicked") && !err.contains("diverge"), "{err}");
     assert!(code.is_some(), "{err}");
 }
+
+/// Read and access watchpoints, checked by stepping (the debug registers of
+/// emulated KVM report no data accesses): live, the loop's `incq` reads
+/// `counter`; on a replay, IRQ0's load of `ticks`, forward and backward.
+#[test]
+fn read_and_access_watchpoints() {
+    let counter = symbol("counter", "counter");
+    let ticks = symbol("counter", "ticks");
+    let live = Nyx::start("counter");
+    let out = gdb(
+        &live,
+        "counter",
+        &[
+            &format!("rwatch *(long *){counter:#x}"),
+            "continue",
+            "printf \"LIVE_PC=%#lx\\n\", $pc",
+            "kill",
+        ],
+    );
+    assert!(out.contains("read watchpoint 1"), "{out}");
+    let lp = symbol("counter", "count_loop");
+    assert_eq!(printed(&out, "LIVE_PC="), lp + 7, "after the incq: {out}");
+    drop(live);
+
+    let dir = tempfile::tempdir().unwrap();
+    let nyx = replay_nyx(dir.path(), "counter");
+    let out = gdb(
+        &nyx,
+        "counter",
+        &[
+            &format!("rwatch *(int *){ticks:#x}"),
+            "continue",
+            "continue",
+            "printf \"READ_PC=%#lx\\n\", $pc",
+            "reverse-continue",
+            "printf \"BACK_PC=%#lx\\n\", $pc",
+            "delete",
+            &format!("awatch *(int *){ticks:#x}"),
+            "reverse-continue",
+            "kill",
+        ],
+    );
+    let irq0 = symbol("counter", "irq0");
+    // `mov ticks(%rip),%ecx` is irq0's fourth byte (after push %rax, %rcx,
+    // %rdx) and is 6 bytes long.
+    assert!(out.contains("Value = 1"), "the second tick read ticks = 1: {out}");
+    assert_eq!(printed(&out, "READ_PC="), irq0 + 9, "{out}");
+    assert_eq!(
+        printed(&out, "BACK_PC="),
+        irq0 + 3,
+        "just before the first tick's read: {out}"
+    );
+    assert!(
+        out.contains("No more reverse-execution history"),
+        "no access before it: {out}"
+    );
+    let (code, err) = nyx.finish();
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(code.is_some(), "{err}");
+}

@@ -2,6 +2,7 @@
 //! loaders, the CPUID/MSR policy, vCPU state capture and the run loop that
 //! hands every exit to the user-space devices.
 
+pub mod access;
 pub mod clock;
 pub mod config;
 pub mod cpuid;
