@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc::{self, Receiver, Sender};
 
+use indicatif::ProgressBar;
 use nyx_vmm::kick::Kicker;
 use nyx_vmm::machine::Stop;
 use nyx_vmm::migration::{MigrateOptions, Outgoing};
@@ -246,10 +247,28 @@ struct Migrating {
     out: Outgoing,
     reply: Sender<Reply>,
     written: Receiver<()>,
+    /// Its progress bar on stderr, when stderr is a terminal.
+    bar: Option<ProgressBar>,
+}
+
+impl Migrating {
+    /// Gives up on the migration (taking its bar off the terminal), telling
+    /// its requester why; `last`: this process ends next.
+    fn abort(self, m: &mut Machine, why: &str, last: bool) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+        self.out.abort(m);
+        if last {
+            reply_last(&self.reply, &self.written, Reply::err(why));
+        } else {
+            let _ = self.reply.send(Reply::err(why));
+        }
+    }
 }
 
 /// Starts the migration `req` asks for; the reply waits for its end.
-fn start_migration(m: &mut Machine, api: &Api, req: &Request) -> Result<Outgoing, String> {
+fn start_migration(m: &mut Machine, api: &Api, req: &Request) -> Result<(Outgoing, Option<ProgressBar>), String> {
     let addr = req.addr.as_deref().ok_or("migrate needs an address: tcp:HOST:PORT")?;
     let d = MigrateOptions::default();
     let opts = MigrateOptions {
@@ -262,14 +281,27 @@ fn start_migration(m: &mut Machine, api: &Api, req: &Request) -> Result<Outgoing
         let _ = tx.send(Msg::MigrationReady);
         kicker.kick();
     });
-    Outgoing::start(m, addr, opts, ready).map_err(|e| e.to_string())
+    let (bar, progress) = crate::progress::migration_out(addr).unzip();
+    match Outgoing::start(m, addr, opts, ready, progress) {
+        Ok(out) => Ok((out, bar)),
+        Err(e) => {
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            Err(e.to_string())
+        }
+    }
 }
 
 /// The stop-and-copy of `mig` (the vCPU is stopped). `true`: the machine
 /// now runs at the destination and must not run here again.
 fn finish_migration(m: &mut Machine, mig: Migrating) -> bool {
     let addr = mig.out.addr().to_string();
-    match mig.out.finish(m) {
+    let result = mig.out.finish(m);
+    if let Some(b) = &mig.bar {
+        b.finish_and_clear();
+    }
+    match result {
         Ok(stats) => {
             eprintln!(
                 "nyx: migrated to {addr}: downtime {:.2} ms, total {:.1} ms, {} pre-copy passes{}, {} + {} pages, {:.2} MiB sent",
@@ -301,8 +333,7 @@ pub fn run(m: &mut Machine, api: &Api) -> Result<Option<RunOutcome>, nyx_vmm::ma
         if !paused {
             if let Stop::Ended(o) = m.resume()? {
                 if let Some(mig) = migrating.take() {
-                    mig.out.abort(m);
-                    let _ = mig.reply.send(Reply::err("the guest ended during the migration"));
+                    mig.abort(m, "the guest ended during the migration", false);
                 }
                 return Ok(Some(o));
             }
@@ -334,7 +365,14 @@ pub fn run(m: &mut Machine, api: &Api) -> Result<Option<RunOutcome>, nyx_vmm::ma
                         let _ = reply.send(Reply::err("a migration is already under way"));
                     } else {
                         match start_migration(m, api, &req) {
-                            Ok(out) => migrating = Some(Migrating { out, reply, written }),
+                            Ok((out, bar)) => {
+                                migrating = Some(Migrating {
+                                    out,
+                                    reply,
+                                    written,
+                                    bar,
+                                })
+                            }
                             Err(e) => {
                                 let _ = reply.send(Reply::err(e));
                             }
@@ -346,8 +384,7 @@ pub fn run(m: &mut Machine, api: &Api) -> Result<Option<RunOutcome>, nyx_vmm::ma
                     match after {
                         After::Quit => {
                             if let Some(mig) = migrating.take() {
-                                mig.out.abort(m);
-                                reply_last(&mig.reply, &mig.written, Reply::err("nyx quit during the migration"));
+                                mig.abort(m, "nyx quit during the migration", true);
                             }
                             reply_last(&reply, &written, r);
                             return Ok(None);

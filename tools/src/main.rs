@@ -518,7 +518,10 @@ fn incoming(args: &RunArgs, spec: &str) -> Result<ExitCode, String> {
     let listener = migration::listen(spec).map_err(|e| e.to_string())?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     eprintln!("nyx: waiting for a migration on tcp:{local}");
-    let (received, confirm) = migration::accept(&listener).map_err(|e| format!("migration rejected: {e}"))?;
+    let mut shown = progress::Receiving::new();
+    let accepted = migration::accept(&listener, &mut |p| shown.update(p));
+    shown.finish();
+    let (received, confirm) = accepted.map_err(|e| format!("migration rejected: {e}"))?;
     let peer = confirm.peer;
     let (frames, runs) = (received.frames, received.runs);
     let built = MachineBuilder::from_saved(received.machine)

@@ -1,6 +1,8 @@
 //! Progress bars on stderr for the long operations of `nyx`: replaying a
-//! trace, loading a snapshot's memory, the repetitions of `nyx check` (and
-//! migration, through [`bar`]). A bar is drawn only when stderr is a
+//! trace, loading a snapshot's memory, the repetitions of `nyx check`, and
+//! live migration (on the source the pages of each pre-copy pass and of
+//! the stop-and-copy, on the destination the bytes and pages received so
+//! far: the stream does not say its size in advance). A bar is drawn only when stderr is a
 //! terminal and `CI` is not set, so tests and CI logs never see one; every
 //! helper returns `None` otherwise and the caller carries on without.
 //! While a bar is drawn, Nyx's log lines ([`Stderr`]) and the guest's
@@ -14,6 +16,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use nyx_trace::{ContainerKind, FrameKind, TraceReader};
 use nyx_vmm::events::Event;
 use nyx_vmm::mem_state::PageRun;
+use nyx_vmm::migration::{CopyProgress, CopyProgressFn, ReceiveProgress};
 use nyx_vmm::snapshot::{MachineState, Snapshot, SnapshotError};
 
 /// Positions between two updates of a replay's bar.
@@ -32,8 +35,13 @@ pub fn wanted() -> bool {
 /// `finish_and_clear()`.
 pub fn bar(total: u64, what: &str) -> Option<ProgressBar> {
     let bar = wanted().then(|| styled(total, what, ProgressDrawTarget::stderr()))?;
+    Some(activate(bar))
+}
+
+/// Makes `bar` the one [`suspend`] hides.
+fn activate(bar: ProgressBar) -> ProgressBar {
     *ACTIVE.lock().unwrap_or_else(|e| e.into_inner()) = Some(bar.clone());
-    Some(bar)
+    bar
 }
 
 /// Runs `f` with the bar being drawn (if any) hidden, then draws it again.
@@ -128,6 +136,77 @@ fn styled(total: u64, what: &str, target: ProgressDrawTarget) -> ProgressBar {
     ProgressBar::with_draw_target(Some(total), target)
         .with_style(style)
         .with_message(what.to_string())
+}
+
+/// A bar for a migration's copy to `addr` and the source's progress
+/// callback that moves it, one pass at a time; None when no bar is wanted.
+/// Finish the bar with `finish_and_clear()` when the migration is over.
+pub fn migration_out(addr: &str) -> Option<(ProgressBar, CopyProgressFn)> {
+    let bar = bar(0, &format!("migrating to {addr}"))?;
+    Some((bar.clone(), copy_mover(bar, addr.to_string())))
+}
+
+/// Moves `bar` by a migration's [`CopyProgress`]: each pass starts the bar
+/// afresh with that pass's pages as its length.
+fn copy_mover(bar: ProgressBar, addr: String) -> CopyProgressFn {
+    let mut pass = None;
+    Box::new(move |p: CopyProgress| {
+        if pass != Some((p.pass, p.stop_and_copy)) {
+            pass = Some((p.pass, p.stop_and_copy));
+            bar.reset();
+            bar.set_length(p.total);
+            bar.set_message(if p.stop_and_copy {
+                format!("migrating to {addr}: stop-and-copy, pages")
+            } else {
+                format!("migrating to {addr}: pass {}, pages", p.pass)
+            });
+        }
+        bar.set_position(p.done);
+    })
+}
+
+/// The destination's display of a migration coming in: a spinner with the
+/// bytes and pages received, drawn from the first frame on (not while
+/// nothing has connected yet).
+#[derive(Debug)]
+pub struct Receiving {
+    wanted: bool,
+    bar: Option<ProgressBar>,
+}
+
+impl Receiving {
+    /// Draws only when [`wanted`].
+    pub fn new() -> Self {
+        Receiving {
+            wanted: wanted(),
+            bar: None,
+        }
+    }
+
+    /// What has arrived so far.
+    pub fn update(&mut self, p: ReceiveProgress) {
+        if !self.wanted {
+            return;
+        }
+        let bar = self
+            .bar
+            .get_or_insert_with(|| activate(spinner(ProgressDrawTarget::stderr())));
+        bar.set_message(format!("receiving a migration: {} pages, {} frames", p.pages, p.frames));
+        bar.set_position(p.bytes);
+    }
+
+    /// Takes the display off the terminal.
+    pub fn finish(self) {
+        if let Some(b) = self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn spinner(target: ProgressDrawTarget) -> ProgressBar {
+    let style = ProgressStyle::with_template("{spinner} {msg}, {binary_bytes} ({binary_bytes_per_sec}, {elapsed})")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    ProgressBar::with_draw_target(None, target).with_style(style)
 }
 
 /// The first and last position of a trace's events: the first events
@@ -306,6 +385,57 @@ mod tests {
         }
         assert_eq!(inner, b"x\ny", "the partial line comes out at the end");
         assert!(serial_out(None).is_none(), "no bar, plain stdout");
+    }
+
+    #[test]
+    fn a_migration_bar_follows_each_pass() {
+        let bar = styled(0, "m", ProgressDrawTarget::hidden());
+        let mut f = copy_mover(bar.clone(), "tcp:127.0.0.1:1".into());
+        let p = |pass, stop_and_copy, done, total| CopyProgress {
+            pass,
+            stop_and_copy,
+            done,
+            total,
+        };
+        f(p(1, false, 0, 1024));
+        f(p(1, false, 512, 1024));
+        assert_eq!((bar.position(), bar.length()), (512, Some(1024)));
+        assert!(bar.message().contains("pass 1"), "{}", bar.message());
+        f(p(1, false, 1024, 1024));
+        f(p(2, false, 0, 40));
+        assert_eq!((bar.position(), bar.length()), (0, Some(40)));
+        assert!(bar.message().contains("pass 2"), "{}", bar.message());
+        f(p(3, true, 7, 9));
+        assert_eq!((bar.position(), bar.length()), (7, Some(9)));
+        assert!(bar.message().contains("stop-and-copy"), "{}", bar.message());
+        // Tests run without a terminal: no bar, no callback.
+        if !wanted() {
+            assert!(migration_out("tcp:127.0.0.1:1").is_none());
+        }
+    }
+
+    #[test]
+    fn the_incoming_display_shows_bytes_and_pages() {
+        let mut r = Receiving {
+            wanted: true,
+            bar: Some(spinner(ProgressDrawTarget::hidden())),
+        };
+        r.update(ReceiveProgress {
+            bytes: 5000,
+            pages: 12,
+            frames: 3,
+        });
+        let bar = r.bar.clone().unwrap();
+        assert_eq!((bar.position(), bar.length()), (5000, None));
+        assert!(bar.message().contains("12 pages, 3 frames"), "{}", bar.message());
+        r.finish();
+        assert!(bar.is_finished());
+        let mut quiet = Receiving {
+            wanted: false,
+            bar: None,
+        };
+        quiet.update(ReceiveProgress::default());
+        assert!(quiet.bar.is_none(), "no terminal, no bar");
     }
 
     #[test]

@@ -1,6 +1,16 @@
 //! `nyx trace info|dump|verify`: looking into a trace file.
+//!
+//! The reports go to stdout through a buffered writer. When the reader
+//! of stdout goes away early (`nyx trace dump T | head`), the command
+//! stops reading the trace and ends quietly with status 0: the reader had
+//! all it wanted. Nyx ignores SIGPIPE, as every Rust program does, and
+//! keeps it ignored: the same process writes to control, migration and
+//! gdb sockets, and a peer that hangs up must never kill a running
+//! machine. So a closed stdout arrives here as an `EPIPE` error, and
+//! [`Error::Output`] turns into success at the command's edge.
 
 use std::collections::BTreeMap;
+use std::io::{self, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -22,6 +32,28 @@ pub enum Error {
     /// The header does not describe a Nyx machine.
     #[error("{0}")]
     Config(String),
+    /// Writing the report to stdout failed.
+    #[error("writing to stdout: {0}")]
+    Output(#[from] io::Error),
+}
+
+/// Runs `report` with a buffered stdout; a reader that closed the pipe
+/// early ends the command with success and no message.
+fn to_stdout(report: impl FnOnce(&mut dyn Write) -> Result<ExitCode, Error>) -> Result<ExitCode, Error> {
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    quiet_broken_pipe(report(&mut out).and_then(|code| {
+        out.flush()?;
+        Ok(code)
+    }))
+}
+
+/// `Ok(SUCCESS)` for an [`Error::Output`] of a closed pipe; anything else
+/// as it is.
+fn quiet_broken_pipe(r: Result<ExitCode, Error>) -> Result<ExitCode, Error> {
+    match r {
+        Err(Error::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        r => r,
+    }
 }
 
 fn open(path: &Path) -> Result<TraceReader, Error> {
@@ -39,8 +71,8 @@ fn trace_err(path: &Path) -> impl Fn(nyx_trace::Error) -> Error + '_ {
 }
 
 /// Every event of the trace with its position, in order; stops at the first
-/// unreadable frame (reported as the error).
-fn events(r: &mut TraceReader, path: &Path, mut f: impl FnMut(u64, &Event)) -> Result<(), Error> {
+/// unreadable frame (reported as the error) or the first error of `f`.
+fn events(r: &mut TraceReader, path: &Path, mut f: impl FnMut(u64, &Event) -> io::Result<()>) -> Result<(), Error> {
     let mut pos = 0u64;
     for i in 0..r.frames().len() {
         if r.frames()[i].kind != FrameKind::Events {
@@ -50,7 +82,7 @@ fn events(r: &mut TraceReader, path: &Path, mut f: impl FnMut(u64, &Event)) -> R
             if let Event::Exit(_) = e {
                 pos += 1;
             }
-            f(pos, &e);
+            f(pos, &e)?;
         }
     }
     Ok(())
@@ -58,36 +90,43 @@ fn events(r: &mut TraceReader, path: &Path, mut f: impl FnMut(u64, &Event)) -> R
 
 /// `nyx trace info FILE`.
 pub fn info(path: &Path) -> Result<ExitCode, Error> {
+    to_stdout(|out| write_info(path, out))
+}
+
+fn write_info(path: &Path, out: &mut dyn Write) -> Result<ExitCode, Error> {
     let mut r = open(path)?;
     let h = r.header().clone();
     let config = MachineConfig::from_bytes(&h.machine_config)
         .map_err(|e| Error::Config(format!("machine configuration: {e}")))?;
     let uuid: String = h.uuid.iter().map(|b| format!("{b:02x}")).collect();
-    println!("trace        {}", path.display());
-    println!("uuid         {uuid}");
-    println!("nyx version  {}", h.nyx_version);
-    println!("kind         {:?}", h.kind);
-    println!(
+    writeln!(out, "trace        {}", path.display())?;
+    writeln!(out, "uuid         {uuid}")?;
+    writeln!(out, "nyx version  {}", h.nyx_version)?;
+    writeln!(out, "kind         {:?}", h.kind)?;
+    writeln!(
+        out,
         "machine      {} MiB, kernel {:?}, cmdline {:?}, initrd: {}",
         config.mem_mib,
         config.kernel_name,
         config.cmdline,
         if config.has_initrd { "yes" } else { "no" }
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "cpu          {} CPUID entries, virtual TSC {} kHz, date {}",
         config.cpuid.len(),
         config.tsc_khz,
         config.wall_seconds
-    );
-    println!("verify       {:?}", config.verify);
+    )?;
+    writeln!(out, "verify       {:?}", config.verify)?;
     for i in &h.images {
         let sha: String = i.sha256.iter().take(8).map(|b| format!("{b:02x}")).collect();
-        println!(
+        writeln!(
+            out,
             "image        {} ({} bytes, sha256 {sha}…)",
             i.name,
             i.data.as_ref().map_or(0, Vec::len)
-        );
+        )?;
     }
     let info = r.info();
     let mut by_kind: BTreeMap<&'static str, u64> = BTreeMap::new();
@@ -104,76 +143,173 @@ pub fn info(path: &Path) -> Result<ExitCode, Error> {
             last_time = x.virtual_ns;
             end = Some(format!("{:?}", x.kind));
         }
+        Ok(())
     })?;
     let total: u64 = by_kind.values().sum();
-    println!("events       {total} ({positions} guest-caused exits)");
+    writeln!(out, "events       {total} ({positions} guest-caused exits)")?;
     for (k, n) in &by_kind {
-        println!("  {k:<12} {n}");
+        writeln!(out, "  {k:<12} {n}")?;
     }
     let t = &info.total;
-    println!(
+    writeln!(
+        out,
         "frames       {} ({} bytes compressed, {} bytes raw, ratio {:.1}); file {} bytes",
         t.frames,
         t.compressed_bytes,
         t.uncompressed_bytes,
         t.uncompressed_bytes as f64 / t.compressed_bytes.max(1) as f64,
         info.file_bytes
-    );
+    )?;
     for (kind, k) in &info.by_kind {
-        println!(
+        writeln!(
+            out,
             "  {:<12} {} frames, {} bytes compressed, {} raw",
             format!("{kind:?}"),
             k.frames,
             k.compressed_bytes,
             k.uncompressed_bytes
-        );
+        )?;
     }
-    println!("guest time   {:.3} s (virtual)", last_time as f64 / 1e9);
+    writeln!(out, "guest time   {:.3} s (virtual)", last_time as f64 / 1e9)?;
     match (r.is_complete(), end) {
-        (true, Some(e)) => println!("complete     yes, ended {e}"),
-        (true, None) => println!("complete     yes (no end event)"),
-        (false, _) => println!("complete     NO: the recording was cut off; it replays up to position {positions}"),
-    }
+        (true, Some(e)) => writeln!(out, "complete     yes, ended {e}"),
+        (true, None) => writeln!(out, "complete     yes (no end event)"),
+        (false, _) => writeln!(
+            out,
+            "complete     NO: the recording was cut off; it replays up to position {positions}"
+        ),
+    }?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `nyx trace dump FILE [--from POS] [--kind K]`.
 pub fn dump(path: &Path, from: u64, kind: Option<&str>) -> Result<ExitCode, Error> {
+    to_stdout(|out| write_dump(path, from, kind, out))
+}
+
+fn write_dump(path: &Path, from: u64, kind: Option<&str>, out: &mut dyn Write) -> Result<ExitCode, Error> {
     let mut r = open(path)?;
-    use std::io::Write as _;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut broken = false;
     events(&mut r, path, |pos, e| {
-        if broken || pos < from || kind.is_some_and(|k| k != e.kind_name()) {
-            return;
+        if pos < from || kind.is_some_and(|k| k != e.kind_name()) {
+            return Ok(());
         }
-        if writeln!(out, "{pos:>10} {e}").is_err() {
-            broken = true;
-        }
+        writeln!(out, "{pos:>10} {e}")
     })?;
-    let _ = out.flush();
     Ok(ExitCode::SUCCESS)
 }
 
 /// `nyx trace verify FILE`.
 pub fn verify(path: &Path) -> Result<ExitCode, Error> {
+    to_stdout(|out| write_verify(path, out))
+}
+
+fn write_verify(path: &Path, out: &mut dyn Write) -> Result<ExitCode, Error> {
     let mut r = open(path)?;
     let info = r.verify().map_err(trace_err(path))?;
     let mut n = 0u64;
-    events(&mut r, path, |_, _| n += 1)?;
+    events(&mut r, path, |_, _| {
+        n += 1;
+        Ok(())
+    })?;
     if r.is_complete() {
-        println!(
+        writeln!(
+            out,
             "{}: OK: {} frames, {n} events, every checksum and the index verified",
             path.display(),
             info.total.frames
-        );
+        )?;
         Ok(ExitCode::SUCCESS)
     } else {
-        println!(
+        writeln!(
+            out,
             "{}: INCOMPLETE: {} complete frames, {n} events readable; the recording was cut off (no index/footer)",
             path.display(),
             info.total.frames
-        );
+        )?;
         Ok(ExitCode::from(4))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nyx_trace::{ContainerKind, GuestImage, TraceHeader, TraceWriter};
+    use nyx_vmm::events::{ExitKind, ExitRecord};
+
+    /// A writer that takes `room` bytes, then fails as a closed pipe does.
+    struct ClosesAfter {
+        room: usize,
+        got: Vec<u8>,
+    }
+
+    impl Write for ClosesAfter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            self.got.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn trace(dir: &Path, exits: u64) -> std::path::PathBuf {
+        let p = dir.join("t.nyxtrace");
+        let header = TraceHeader {
+            uuid: [1; 16],
+            nyx_version: "test".into(),
+            kind: ContainerKind::Trace,
+            machine_config: Vec::new(),
+            images: vec![GuestImage::embedded(nyx_vmm::config::KERNEL_IMAGE, vec![1])],
+        };
+        let mut w = TraceWriter::create(&p, &header).unwrap();
+        let events: Vec<Event> = (0..exits)
+            .map(|i| {
+                Event::Exit(ExitRecord {
+                    kind: ExitKind::PioOut,
+                    addr: 0x3f8,
+                    size: 1,
+                    data: i,
+                    rip: 0x1000 + i,
+                })
+            })
+            .collect();
+        w.write_records(FrameKind::Events, 0, &events).unwrap();
+        w.finish().unwrap();
+        p
+    }
+
+    #[test]
+    fn a_closed_pipe_stops_the_dump_and_is_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = trace(dir.path(), 1000);
+        let mut all = Vec::new();
+        write_dump(&p, 0, None, &mut all).unwrap();
+        assert_eq!(all.iter().filter(|&&b| b == b'\n').count(), 1000);
+        let mut early = ClosesAfter {
+            room: 100,
+            got: Vec::new(),
+        };
+        let r = write_dump(&p, 0, None, &mut early);
+        assert!(matches!(&r, Err(Error::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe));
+        assert_eq!(early.got, all[..100], "what fitted was written, in order");
+        assert_eq!(quiet_broken_pipe(r).unwrap(), ExitCode::SUCCESS);
+    }
+
+    #[test]
+    fn other_errors_stay_errors() {
+        let full = Err(Error::Output(io::Error::new(io::ErrorKind::StorageFull, "disk full")));
+        assert!(matches!(quiet_broken_pipe(full), Err(Error::Output(_))));
+        let dir = tempfile::tempdir().unwrap();
+        let r = quiet_broken_pipe(write_verify(&dir.path().join("none"), &mut Vec::new()));
+        assert!(matches!(r, Err(Error::Trace { .. })));
+        let mut out = Vec::new();
+        write_verify(&trace(dir.path(), 3), &mut out).unwrap();
+        assert!(String::from_utf8_lossy(&out).contains("OK: "), "{out:?}");
     }
 }

@@ -30,6 +30,11 @@
 //! accepts it only if it is a complete migration container with exactly
 //! one machine state after its memory. Memory runs are applied in order
 //! at build, so a page sent again replaces its earlier copy.
+//!
+//! Both ends report how far they have got through callbacks
+//! ([`CopyProgressFn`] on the source, [`accept`]'s `progress` on the
+//! destination), so a front end can draw a progress bar without this
+//! crate knowing how.
 
 use std::collections::BTreeSet;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
@@ -61,6 +66,91 @@ const ZSTD_LEVEL: i32 = 1;
 const ACK_RUNNING: &str = "running";
 /// How long the destination waits for the next bytes of a stream.
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pages between two calls of a source's progress callback (1 MiB).
+const PROGRESS_STEP: u64 = 256;
+
+/// How far one pass of a migration's copy has got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyProgress {
+    /// The pass: 1 is the first pass over all memory, then come the passes
+    /// over dirty pages, and the stop-and-copy is the last.
+    pub pass: u32,
+    /// Whether this pass is the stop-and-copy (the vCPU is stopped).
+    pub stop_and_copy: bool,
+    /// Pages of this pass handled so far: sent, or in the first pass also
+    /// found to be zero and skipped. Never more than `total`.
+    pub done: u64,
+    /// Pages this pass handles.
+    pub total: u64,
+}
+
+/// A source's progress callback: called with `done == 0` when a pass
+/// starts, every few hundred pages, and with `done == total` when it ends;
+/// on the pre-copy thread, then on the vCPU thread for the stop-and-copy.
+pub type CopyProgressFn = Box<dyn FnMut(CopyProgress) + Send>;
+
+/// What a destination has received so far, after each frame.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiveProgress {
+    /// Bytes of the stream read, header included.
+    pub bytes: u64,
+    /// Memory pages received (a page sent again counts again).
+    pub pages: u64,
+    /// Frames received.
+    pub frames: usize,
+}
+
+/// Moves a [`CopyProgressFn`] along, calling it only every
+/// [`PROGRESS_STEP`] pages and at the ends of a pass.
+#[derive(Default)]
+struct Reporter {
+    f: Option<CopyProgressFn>,
+    now: CopyProgress,
+    reported: u64,
+}
+
+impl Reporter {
+    fn new(f: Option<CopyProgressFn>) -> Self {
+        Reporter {
+            f,
+            ..Reporter::default()
+        }
+    }
+
+    fn call(&mut self) {
+        if let Some(f) = self.f.as_mut() {
+            f(self.now);
+        }
+        self.reported = self.now.done;
+    }
+
+    /// A new pass of `total` pages begins.
+    fn pass(&mut self, pass: u32, stop_and_copy: bool, total: u64) {
+        self.now = CopyProgress {
+            pass,
+            stop_and_copy,
+            done: 0,
+            total,
+        };
+        self.call();
+    }
+
+    /// `n` more pages of the pass are handled.
+    fn advance(&mut self, n: u64) {
+        self.now.done = self.now.done.saturating_add(n).min(self.now.total);
+        if self.now.done == self.now.total || self.now.done - self.reported >= PROGRESS_STEP {
+            self.call();
+        }
+    }
+
+    /// The pass is over: reports it complete if it was not yet.
+    fn end_pass(&mut self) {
+        if self.reported != self.now.total {
+            self.now.done = self.now.total;
+            self.call();
+        }
+    }
+}
 
 /// How a migration pre-copies and how long it waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,6 +284,16 @@ pub fn send_nonzero<W: Write>(
     position: u64,
     cancel: &AtomicBool,
 ) -> Result<u64, MigrationError> {
+    send_nonzero_reporting(out, mem, position, cancel, &mut Reporter::default())
+}
+
+fn send_nonzero_reporting<W: Write>(
+    out: &mut StreamWriter<W>,
+    mem: &GuestMemory,
+    position: u64,
+    cancel: &AtomicBool,
+    progress: &mut Reporter,
+) -> Result<u64, MigrationError> {
     let mut runs = Vec::new();
     let mut pages = 0u64;
     let mut buf = [0u8; PAGE_SIZE as usize];
@@ -203,6 +303,7 @@ pub fn send_nonzero<W: Write>(
         while off + PAGE_SIZE <= region.len() {
             let gpa = start + off;
             off += PAGE_SIZE;
+            progress.advance(1);
             if mem.read_slice(&mut buf, GuestAddress(gpa)).is_err() || is_zero(&buf) {
                 continue;
             }
@@ -233,6 +334,16 @@ pub fn send_pages<W: Write>(
     gfns: &BTreeSet<u64>,
     position: u64,
 ) -> Result<u64, MigrationError> {
+    send_pages_reporting(out, mem, gfns, position, &mut Reporter::default())
+}
+
+fn send_pages_reporting<W: Write>(
+    out: &mut StreamWriter<W>,
+    mem: &GuestMemory,
+    gfns: &BTreeSet<u64>,
+    position: u64,
+    progress: &mut Reporter,
+) -> Result<u64, MigrationError> {
     let all: Vec<u64> = gfns.iter().copied().collect();
     let mut pages = 0u64;
     for chunk in all.chunks(PAGES_PER_FRAME) {
@@ -241,6 +352,7 @@ pub fn send_pages<W: Write>(
         if !runs.is_empty() {
             out.write_records(FrameKind::Memory, position, &runs)?;
         }
+        progress.advance(chunk.len() as u64);
     }
     Ok(pages)
 }
@@ -265,6 +377,8 @@ struct Precopied<W: Write> {
     iterations: u32,
     converged: bool,
     pages: u64,
+    /// The progress callback, for the stop-and-copy.
+    progress: Reporter,
 }
 
 fn precopy<W: Write>(
@@ -274,13 +388,17 @@ fn precopy<W: Write>(
     mem: GuestMemory,
     opts: MigrateOptions,
     cancel: &AtomicBool,
+    mut progress: Reporter,
 ) -> Precopied<W> {
     let mut pages = 0u64;
     let mut iterations = 0u32;
     let mut converged = false;
     let mut pass = |out: &mut StreamWriter<W>, tracker: &mut DirtyTracker| -> Result<BTreeSet<u64>, MigrationError> {
-        pages += send_nonzero(out, &mem, 0, cancel)?;
+        let total = mem.iter().map(|r| r.len() / PAGE_SIZE).sum();
+        progress.pass(1, false, total);
+        pages += send_nonzero_reporting(out, &mem, 0, cancel, &mut progress)?;
         out.flush()?;
+        progress.end_pass();
         iterations = 1;
         loop {
             let dirty = tracker.collect(&vm)?;
@@ -291,8 +409,10 @@ fn precopy<W: Write>(
             if iterations > opts.max_iterations || cancel.load(Ordering::Relaxed) {
                 return Ok(dirty);
             }
-            pages += send_pages(out, &mem, &dirty, 0)?;
+            progress.pass(iterations + 1, false, dirty.len() as u64);
+            pages += send_pages_reporting(out, &mem, &dirty, 0, &mut progress)?;
             out.flush()?;
+            progress.end_pass();
             iterations += 1;
         }
     };
@@ -304,6 +424,7 @@ fn precopy<W: Write>(
         iterations,
         converged,
         pages,
+        progress,
     }
 }
 
@@ -340,13 +461,15 @@ impl Outgoing {
     /// Connects to `addr` (`tcp:HOST:PORT`), starts KVM's dirty log, sends
     /// the header and starts pre-copy on a new thread; `ready` is called on
     /// that thread when pre-copy is over (or failed): the caller should then
-    /// stop the vCPU and call [`finish`](Self::finish). Call on the thread
-    /// that runs `m`, at a stop.
+    /// stop the vCPU and call [`finish`](Self::finish). `progress`, when
+    /// given, hears how far each pass has got, the stop-and-copy included.
+    /// Call on the thread that runs `m`, at a stop.
     pub fn start(
         m: &mut Machine,
         addr: &str,
         opts: MigrateOptions,
         ready: Box<dyn FnOnce() + Send>,
+        progress: Option<CopyProgressFn>,
     ) -> Result<Self, MigrationError> {
         let started = Instant::now();
         if m.mode_name() != "run" {
@@ -380,7 +503,7 @@ impl Outgoing {
         let done = Arc::new(AtomicBool::new(false));
         let (c, d) = (cancel.clone(), done.clone());
         let thread = std::thread::Builder::new().name("nyx-migrate".into()).spawn(move || {
-            let p = precopy(out, tracker, vm, mem, opts, &c);
+            let p = precopy(out, tracker, vm, mem, opts, &c, Reporter::new(progress));
             d.store(true, Ordering::SeqCst);
             ready();
             p
@@ -450,7 +573,9 @@ impl Outgoing {
             .out
             .take()
             .ok_or_else(|| MigrationError::State("the migration stream is gone".into()))?;
-        let final_pages = send_pages(&mut out, m.memory(), &dirty, state.exit_seq)?;
+        p.progress.pass(p.iterations + 1, true, dirty.len() as u64);
+        let final_pages = send_pages_reporting(&mut out, m.memory(), &dirty, state.exit_seq, &mut p.progress)?;
+        p.progress.end_pass();
         out.write_records(FrameKind::MachineState, state.exit_seq, std::slice::from_ref(&state))?;
         let bytes_sent = out.bytes_written();
         let sink = out.finish()?;
@@ -524,7 +649,16 @@ pub struct Received {
 /// Anything else (cut, damaged, another format version, another kind of
 /// container) is an error; nothing here panics on its input.
 pub fn receive<R: Read>(input: R) -> Result<Received, MigrationError> {
+    receive_with_progress(input, &mut |_| {})
+}
+
+/// [`receive`], calling `progress` after each frame.
+pub fn receive_with_progress<R: Read>(
+    input: R,
+    progress: &mut dyn FnMut(ReceiveProgress),
+) -> Result<Received, MigrationError> {
     let mut r = StreamReader::new(input)?;
+    let mut so_far = ReceiveProgress::default();
     let h = r.header().clone();
     if h.kind != ContainerKind::Migration {
         return Err(MigrationError::Invalid(format!(
@@ -536,8 +670,15 @@ pub fn receive<R: Read>(input: R) -> Result<Received, MigrationError> {
     let mut memory: Vec<PageRun> = Vec::new();
     let mut state: Option<MachineState> = None;
     while let Some(frame) = r.next_frame()? {
+        so_far.bytes = frame.info.end();
+        so_far.frames += 1;
         match frame.info.kind {
-            FrameKind::Memory if state.is_none() => memory.extend(decode_records::<PageRun>(&frame)?),
+            FrameKind::Memory if state.is_none() => {
+                let runs = decode_records::<PageRun>(&frame)?;
+                let bytes: u64 = runs.iter().map(|run| run.data.len() as u64).sum();
+                so_far.pages = so_far.pages.saturating_add(bytes / PAGE_SIZE);
+                memory.extend(runs);
+            }
             FrameKind::MachineState if state.is_none() => {
                 let mut v: Vec<MachineState> = decode_records(&frame)?;
                 if v.len() != 1 {
@@ -560,6 +701,7 @@ pub fn receive<R: Read>(input: R) -> Result<Received, MigrationError> {
                 )))
             }
         }
+        progress(so_far);
     }
     if r.completeness() != Some(Completeness::Complete) {
         return Err(MigrationError::CutOff {
@@ -613,10 +755,14 @@ impl Confirm {
     }
 }
 
-/// Accepts one migration on `listener` and reads it whole. A stream that
-/// is rejected is answered with `error: WHY` (when the connection still
-/// works) and returned as the error.
-pub fn accept(listener: &TcpListener) -> Result<(Received, Confirm), MigrationError> {
+/// Accepts one migration on `listener` and reads it whole, calling
+/// `progress` after each frame. A stream that is rejected is answered with
+/// `error: WHY` (when the connection still works) and returned as the
+/// error.
+pub fn accept(
+    listener: &TcpListener,
+    progress: &mut dyn FnMut(ReceiveProgress),
+) -> Result<(Received, Confirm), MigrationError> {
     let (conn, peer) = listener.accept()?;
     conn.set_read_timeout(Some(RECEIVE_TIMEOUT))?;
     conn.set_nodelay(true)?;
@@ -624,7 +770,7 @@ pub fn accept(listener: &TcpListener) -> Result<(Received, Confirm), MigrationEr
         conn: conn.try_clone()?,
         peer,
     };
-    match receive(BufReader::with_capacity(1 << 20, conn)) {
+    match receive_with_progress(BufReader::with_capacity(1 << 20, conn), progress) {
         Ok(r) => Ok((r, confirm)),
         Err(e) => {
             confirm.refuse(&e.to_string());
@@ -689,6 +835,73 @@ mod tests {
         let mut v = vec![0u8; 4 << 20];
         mem.read_slice(&mut v, GuestAddress(0)).unwrap();
         v
+    }
+
+    /// `reports` start each pass at 0, count up within it to its total, and
+    /// go through passes 1..=`passes` in order, the last the stop-and-copy;
+    /// the first pass covers all `first_total` pages.
+    fn check_copy_reports(reports: &[CopyProgress], passes: u32, first_total: u64) {
+        assert_eq!(
+            reports.first().map(|r| (r.pass, r.done, r.total)),
+            Some((1, 0, first_total))
+        );
+        for w in reports.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            if b.pass == a.pass {
+                assert!(b.done > a.done && b.total == a.total, "{a:?} then {b:?}");
+            } else {
+                assert_eq!(b.pass, a.pass + 1, "{a:?} then {b:?}");
+                assert_eq!((a.done, b.done), (a.total, 0), "{a:?} then {b:?}");
+            }
+            assert!(b.done <= b.total);
+        }
+        let last = reports.last().copied().unwrap_or_default();
+        assert_eq!((last.pass, last.stop_and_copy, last.done), (passes, true, last.total));
+        assert!(reports.iter().filter(|r| r.stop_and_copy).all(|r| r.pass == passes));
+    }
+
+    #[test]
+    fn progress_is_reported_every_step_and_at_the_ends_of_a_pass() {
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let c = calls.clone();
+        let mut r = Reporter::new(Some(Box::new(move |p: CopyProgress| c.lock().unwrap().push(p.done))));
+        r.pass(1, false, 1000);
+        for _ in 0..1000 {
+            r.advance(1);
+        }
+        r.end_pass();
+        r.pass(2, false, 0);
+        r.end_pass();
+        r.pass(3, true, 10);
+        r.advance(4);
+        r.advance(u64::MAX);
+        assert_eq!(*calls.lock().unwrap(), [0, 256, 512, 768, 1000, 0, 0, 10]);
+        // A pass cut short (a cancelled one) is reported whole at its end.
+        r.pass(4, false, 600);
+        r.advance(300);
+        r.end_pass();
+        assert_eq!(calls.lock().unwrap()[8..], [0, 300, 600]);
+    }
+
+    #[test]
+    fn the_first_pass_reports_every_page_it_looks_at() {
+        let mem = memory::create(4).unwrap();
+        mem.write_slice(&[3; 8192], GuestAddress(0x10_0000)).unwrap();
+        let header = crate::snapshot::container_header(ContainerKind::Migration, &config(4), b"k", None);
+        let mut out = StreamWriter::with_level(Vec::new(), &header, ZSTD_LEVEL).unwrap();
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let c = calls.clone();
+        let mut r = Reporter::new(Some(Box::new(move |p: CopyProgress| c.lock().unwrap().push(p))));
+        r.pass(1, false, 1024);
+        let sent = send_nonzero_reporting(&mut out, &mem, 0, &AtomicBool::new(false), &mut r).unwrap();
+        assert_eq!(sent, 2);
+        r.pass(2, true, 3);
+        send_pages_reporting(&mut out, &mem, &BTreeSet::from([0, 7, 0x100]), 0, &mut r).unwrap();
+        r.end_pass();
+        let calls = calls.lock().unwrap();
+        let dones: Vec<u64> = calls.iter().map(|p| p.done).collect();
+        assert_eq!(dones, [0, 256, 512, 768, 1024, 0, 3]);
+        check_copy_reports(&calls, 2, 1024);
     }
 
     #[test]
@@ -812,8 +1025,19 @@ mod tests {
         };
         let done = Arc::new(AtomicBool::new(false));
         let (mem, d) = (t.mem.clone(), done.clone());
+        let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let r = reports.clone();
+        let seen: CopyProgressFn = Box::new(move |p| r.lock().unwrap().push(p));
         let copier = std::thread::spawn(move || {
-            let p = precopy(out, tracker, vm, mem, opts, &AtomicBool::new(false));
+            let p = precopy(
+                out,
+                tracker,
+                vm,
+                mem,
+                opts,
+                &AtomicBool::new(false),
+                Reporter::new(Some(seen)),
+            );
             d.store(true, Ordering::SeqCst);
             p
         });
@@ -833,10 +1057,19 @@ mod tests {
         last.extend(tracker.collect(&t.vm).unwrap());
         assert!(last.contains(&0x10), "the counter page is dirty at the stop");
         let mut out = p.out.take().unwrap();
-        send_pages(&mut out, &t.mem, &last, 0).unwrap();
+        p.progress.pass(p.iterations + 1, true, last.len() as u64);
+        send_pages_reporting(&mut out, &t.mem, &last, 0, &mut p.progress).unwrap();
+        p.progress.end_pass();
         out.write_records(FrameKind::MachineState, 0, std::slice::from_ref(&state))
             .unwrap();
-        let got = receive(out.finish().unwrap().as_slice()).unwrap();
+        let mut received = Vec::new();
+        let got = receive_with_progress(out.finish().unwrap().as_slice(), &mut |r| received.push(r)).unwrap();
+        check_copy_reports(&reports.lock().unwrap(), p.iterations + 1, 1024);
+        let last_seen = received.last().copied().unwrap_or_default();
+        assert_eq!(last_seen.frames, got.frames);
+        assert!(received
+            .windows(2)
+            .all(|w| w[0].bytes < w[1].bytes && w[0].pages <= w[1].pages));
         let fresh = memory::create(4).unwrap();
         crate::mem_state::restore_full(&fresh, &got.machine.memory).unwrap();
         assert_eq!(
@@ -895,6 +1128,7 @@ mod tests {
                     mem,
                     MigrateOptions::default(),
                     &AtomicBool::new(false),
+                    Reporter::default(),
                 );
                 d.store(true, Ordering::SeqCst);
                 p
