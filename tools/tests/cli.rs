@@ -570,3 +570,53 @@ fn recording_quit_through_the_api_replays_up_to_there() {
     assert!(rerr.contains("cut off"), "{rerr}");
     assert_eq!(String::from_utf8_lossy(&rep.stdout), recorded);
 }
+
+/// `nyx trace info T | head -1` and the like: when the reader of stdout
+/// goes away early, nyx ends quietly with status 0 and no panic message.
+#[test]
+fn trace_tools_end_quietly_when_stdout_closes_early() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let trace = record_hello(dir.path());
+    for cmd in [["trace", "info"], ["trace", "dump"], ["trace", "verify"]] {
+        // The reader is gone before nyx writes a byte: every write fails.
+        let mut child = nyx()
+            .args(cmd)
+            .arg(&trace)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{cmd:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{cmd:?}: {err}");
+        assert!(err.is_empty(), "{cmd:?} printed {err:?}");
+    }
+    // The shell's way: the first line, then the pipe closes.
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            r#""$NYX" trace dump "$TRACE" | head -1; "$NYX" trace info "$TRACE" | head -c 10"#,
+        ])
+        .env("NYX", env!("CARGO_BIN_EXE_nyx"))
+        .env("TRACE", &trace)
+        .env_remove("NYX_LOG")
+        .output()
+        .unwrap();
+    let (text, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let parts: Vec<&str> = text.split('\n').collect();
+    assert_eq!(parts.len(), 2, "one line of the dump, then 10 bytes of info: {text:?}");
+    assert!(
+        parts[0].trim_start().starts_with(|c: char| c.is_ascii_digit()),
+        "{text:?}"
+    );
+    assert_eq!(parts[1], "trace     ");
+}
