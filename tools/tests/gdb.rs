@@ -594,3 +594,78 @@ fn read_and_access_watchpoints() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(code.is_some(), "{err}");
 }
+
+/// A gdb packet with its checksum.
+fn packet(body: &str) -> String {
+    let sum = body.bytes().fold(0u8, |a, b| a.wrapping_add(b));
+    format!("${body}#{sum:02x}")
+}
+
+/// A replay's stub under random and hostile packets: reverse steps and
+/// continues, monitor commands with random arguments, breakpoints at random
+/// addresses, garbage between them. nyx never panics.
+#[test]
+fn random_packets_to_a_replay_never_make_nyx_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("hello.nyxtrace");
+    let rec = Command::new(env!("CARGO_BIN_EXE_nyx"))
+        .args(["record", "--out"])
+        .arg(&trace)
+        .arg("--kernel")
+        .arg(nyx_guests::path("hello").unwrap())
+        .output()
+        .unwrap();
+    assert!(trace.exists(), "{}", String::from_utf8_lossy(&rec.stderr));
+    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..5 {
+        let args: Vec<std::ffi::OsString> = vec![
+            "replay".into(),
+            trace.clone().into_os_string(),
+            "--gdb".into(),
+            "127.0.0.1:0".into(),
+        ];
+        let nyx = Nyx::start_with(&args);
+        let mut s = TcpStream::connect(("127.0.0.1", nyx.port)).expect("connect");
+        let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+        let mut stream = String::from("+");
+        for _ in 0..12 {
+            let r = xorshift(&mut seed);
+            let body = match r % 9 {
+                0 => "bs".to_string(),
+                1 => "bc".to_string(),
+                2 => format!("qRcmd,{}", hex(&format!("seek {}:{}", r % 500, (r >> 20) % 50))),
+                3 => format!("qRcmd,{}", hex(&format!("restart {}", r % 4))),
+                4 => format!("qRcmd,{}", hex("checkpoint")),
+                5 => format!("Z1,{:x},1", r >> 8),
+                6 => format!("Z2,{:x},{}", r >> 8, 1 << (r % 5)),
+                7 => "vCont;s".to_string(),
+                _ => (0..(r % 40)).map(|i| (b'!' + ((r >> i) % 90) as u8) as char).collect(),
+            };
+            stream.push_str(&packet(&body.replace(['$', '#'], "")));
+        }
+        let _ = s.write_all(stream.as_bytes());
+        // Give the stub time to act on them before the connection closes.
+        let mut sink = [0u8; 4096];
+        let mut replied = 0usize;
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < until {
+            match std::io::Read::read(&mut s, &mut sink) {
+                Ok(0) => break,
+                Ok(n) => replied += n,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    if replied > 0 {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        drop(s);
+        let (code, err) = nyx.finish();
+        assert!(replied > 0, "round {round}: the stub answered nothing: {err}");
+        assert!(!err.contains("panicked"), "round {round}: {err}");
+        assert!(code != Some(101), "round {round}: status {code:?}: {err}");
+    }
+}
