@@ -142,17 +142,25 @@ fn styled(total: u64, what: &str, target: ProgressDrawTarget) -> ProgressBar {
 /// callback that moves it, one pass at a time; None when no bar is wanted.
 /// Finish the bar with `finish_and_clear()` when the migration is over.
 pub fn migration_out(addr: &str) -> Option<(ProgressBar, CopyProgressFn)> {
-    let bar = bar(0, &format!("migrating to {addr}"))?;
-    Some((bar.clone(), copy_mover(bar, addr.to_string())))
+    if !wanted() {
+        return None;
+    }
+    // Hidden until the first pass says how long it is.
+    let bar = activate(styled(0, "migrating", ProgressDrawTarget::hidden()));
+    let mover = copy_mover(bar.clone(), addr.to_string(), ProgressDrawTarget::stderr);
+    Some((bar, mover))
 }
 
 /// Moves `bar` by a migration's [`CopyProgress`]: each pass starts the bar
-/// afresh with that pass's pages as its length.
-fn copy_mover(bar: ProgressBar, addr: String) -> CopyProgressFn {
+/// afresh with that pass's pages as its length, drawn on a new `target`
+/// (so that the pass's first state is drawn at once, however short the
+/// previous one was, and no mix of two passes is ever drawn).
+fn copy_mover(bar: ProgressBar, addr: String, target: fn() -> ProgressDrawTarget) -> CopyProgressFn {
     let mut pass = None;
     Box::new(move |p: CopyProgress| {
         if pass != Some((p.pass, p.stop_and_copy)) {
             pass = Some((p.pass, p.stop_and_copy));
+            bar.set_draw_target(ProgressDrawTarget::hidden());
             bar.reset();
             bar.set_length(p.total);
             bar.set_message(if p.stop_and_copy {
@@ -160,6 +168,7 @@ fn copy_mover(bar: ProgressBar, addr: String) -> CopyProgressFn {
             } else {
                 format!("migrating to {addr}: pass {}, pages", p.pass)
             });
+            bar.set_draw_target(target());
         }
         bar.set_position(p.done);
     })
@@ -390,7 +399,7 @@ mod tests {
     #[test]
     fn a_migration_bar_follows_each_pass() {
         let bar = styled(0, "m", ProgressDrawTarget::hidden());
-        let mut f = copy_mover(bar.clone(), "tcp:127.0.0.1:1".into());
+        let mut f = copy_mover(bar.clone(), "tcp:127.0.0.1:1".into(), ProgressDrawTarget::hidden);
         let p = |pass, stop_and_copy, done, total| CopyProgress {
             pass,
             stop_and_copy,

@@ -3,11 +3,12 @@
 //! nothing lost or duplicated; a destination that goes away, refuses or
 //! never answers leaves the source running its guest; cut, damaged and
 //! wrong-version streams are refused by the destination with one line and
-//! status 1. An ignored test measures downtime and total time for the
-//! BENCHMARKS table.
+//! status 1; with stderr on a terminal both ends draw progress bars. An
+//! ignored test measures downtime and total time for the BENCHMARKS table.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -104,6 +105,47 @@ impl Proc {
         }
     }
 
+    /// As [`Proc::spawn`], with stderr on a new pseudo-terminal (and `CI`
+    /// unset), so that nyx draws its progress bars; `err` is what the
+    /// terminal shows.
+    fn spawn_on_terminal(mut cmd: Command) -> Proc {
+        let (mut master, mut slave) = (-1, -1);
+        let size = libc::winsize {
+            ws_row: 24,
+            ws_col: 120,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty stores two new descriptors in `master` and
+        // `slave`; the name and termios arguments may be null.
+        let rc = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &size) };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        for fd in [master, slave] {
+            // SAFETY: a descriptor just opened; other children must not
+            // inherit it (the master would never see the terminal close).
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+        // SAFETY: both descriptors are new and owned here only.
+        let (master, slave) = unsafe { (std::fs::File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        let mut child = cmd
+            .env_remove("CI")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(slave))
+            .spawn()
+            .expect("nyx starts");
+        // `cmd` still holds the slave until dropped: the master reads until
+        // the child's last descriptor of it closes.
+        drop(cmd);
+        let out = Captured::spawn(child.stdout.take().unwrap());
+        Proc {
+            stdin: child.stdin.take(),
+            child,
+            out,
+            err: Captured::spawn(master),
+        }
+    }
+
     fn input(&mut self, bytes: &[u8]) {
         let stdin = self.stdin.as_mut().expect("stdin is open");
         stdin.write_all(bytes).unwrap();
@@ -138,10 +180,14 @@ impl Drop for Proc {
 
 /// `nyx run --incoming tcp:127.0.0.1:0 EXTRA...` and the port it listens on.
 fn destination_with(extra: &[&std::ffi::OsStr]) -> (Proc, u16) {
+    destination_spawned(extra, Proc::spawn)
+}
+
+fn destination_spawned(extra: &[&std::ffi::OsStr], spawn: fn(Command) -> Proc) -> (Proc, u16) {
     let mut cmd = nyx();
     cmd.args(["run", "--incoming", "tcp:127.0.0.1:0", "--serial-in", "-"])
         .args(extra);
-    let p = Proc::spawn(cmd);
+    let p = spawn(cmd);
     p.err
         .wait_for("waiting for a migration on tcp:127.0.0.1:", "destination");
     let text = p.err.text();
@@ -160,13 +206,17 @@ fn destination() -> (Proc, u16) {
 
 /// The echo guest with the control socket at `sock`, stdin as serial input.
 fn echo_source(sock: &Path, mem: &str) -> Proc {
+    echo_source_spawned(sock, mem, Proc::spawn)
+}
+
+fn echo_source_spawned(sock: &Path, mem: &str, spawn: fn(Command) -> Proc) -> Proc {
     let mut cmd = nyx();
     cmd.arg("run")
         .arg("--kernel")
         .arg(guest("echo"))
         .args(["--serial-in", "-", "--mem", mem, "--api"])
         .arg(sock);
-    let p = Proc::spawn(cmd);
+    let p = spawn(cmd);
     p.out.wait_for("end with '.'\n", "source");
     let start = Instant::now();
     while !sock.exists() {
@@ -218,6 +268,7 @@ fn echo_output_continues_at_the_destination_with_nothing_lost_or_duplicated() {
 
     assert_eq!(src.wait(), Some(0), "source stderr: {}", src.err.text());
     assert!(src.err.text().contains("migrated to"), "{}", src.err.text());
+    assert!(!src.err.text().contains("pass 1"), "a bar without a terminal");
     dst.err.wait_for("running", "destination");
     let (code, status) = ctl(&dst_sock, &["status"]);
     assert_eq!(
@@ -238,6 +289,43 @@ fn echo_output_continues_at_the_destination_with_nothing_lost_or_duplicated() {
     assert_eq!(both, expected.golden.unwrap(), "source + destination output");
     assert!(src.out.text().ends_with("HELLO, NYX!\n"));
     assert!(dst.out.text().starts_with("SERIAL INPUT WORKS.\n"));
+}
+
+/// With stderr on a terminal, the source draws the pages of each pass and
+/// the destination the bytes and pages received; neither bar gets in the
+/// way of the guest's output or of the closing lines.
+#[test]
+fn both_ends_draw_progress_bars_on_a_terminal() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let (mut dst, port) = destination_spawned(&[], Proc::spawn_on_terminal);
+    let mut src = echo_source_spawned(&sock, "16", Proc::spawn_on_terminal);
+    src.input(FIRST);
+    src.out.wait_for("HELLO, NYX!\n", "source");
+    let addr = format!("tcp:127.0.0.1:{port}");
+    let (code, reply) = ctl(&sock, &["migrate", &addr]);
+    assert_eq!((code, &reply["ok"]), (Some(0), &true.into()), "{reply}");
+    assert_eq!(src.wait(), Some(0), "{}", src.err.text());
+    let shown = src.err.text();
+    assert!(
+        shown.contains(&format!("migrating to {addr}: pass 1, pages")),
+        "{shown:?}"
+    );
+    // 16 MiB: the first pass looks at 4096 pages.
+    assert!(shown.contains("/4096"), "{shown:?}");
+    assert!(shown.contains("stop-and-copy"), "{shown:?}");
+    assert!(shown.contains("nyx: migrated to"), "{shown:?}");
+    dst.err.wait_for("running", "destination");
+    let shown = dst.err.text();
+    assert!(shown.contains("receiving a migration: "), "{shown:?}");
+    assert!(shown.contains(" pages, "), "{shown:?}");
+    dst.input(SECOND);
+    let expected = nyx_guests::expected("echo").unwrap();
+    assert_eq!(dst.wait().map(|s| s as u32), expected.exit_value, "{}", dst.err.text());
+    assert_eq!(src.out.text() + &dst.out.text(), expected.golden.unwrap());
 }
 
 /// Reads one whole migration stream from `conn` (up to its end marker)
