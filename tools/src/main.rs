@@ -255,7 +255,7 @@ struct RunArgs {
 /// The control socket and the metrics of a running machine.
 #[derive(Args, Debug)]
 struct ServeArgs {
-    /// Serve the control socket (pause, resume, snapshot, status, metrics, logs, quit) at PATH.
+    /// Serve the control socket (pause, resume, snapshot, status, metrics, logs, migrate, quit) at PATH.
     #[arg(long, value_name = "PATH")]
     api: Option<PathBuf>,
     /// Serve Prometheus metrics over HTTP at ADDR (127.0.0.1:PORT, or :PORT).

@@ -1167,6 +1167,58 @@ mod tests {
         println!("median: pre-copy {pre:.0} ms, stop-and-copy send {:.2} ms", rows[2].1);
     }
 
+    /// What the progress callback costs the first pre-copy pass: 256 MiB,
+    /// 90% of it poorly compressible, sent to a sink without and with a
+    /// callback, alternating, five runs each (`cargo test --release -p
+    /// nyx-vmm --lib progress_cost -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn progress_cost_of_the_first_pass() {
+        use std::sync::atomic::AtomicU64;
+        let mem = memory::create(256).unwrap();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut page = vec![0u8; 4096];
+        for gfn in 0..(256u64 << 8) * 9 / 10 {
+            for w in page.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+            mem.write_slice(&page, GuestAddress(gfn << 12)).unwrap();
+        }
+        let mut ms = [Vec::new(), Vec::new()];
+        for run in 0..10 {
+            let with = run % 2 == 1;
+            let seen = Arc::new(AtomicU64::new(0));
+            let s = seen.clone();
+            let f: Option<CopyProgressFn> = with.then(|| {
+                let f: CopyProgressFn = Box::new(move |p| s.store(p.done, Ordering::Relaxed));
+                f
+            });
+            let mut r = Reporter::new(f);
+            let header = crate::snapshot::container_header(ContainerKind::Migration, &config(256), b"k", None);
+            let mut out = StreamWriter::with_level(io::sink(), &header, ZSTD_LEVEL).unwrap();
+            let t = Instant::now();
+            r.pass(1, false, 256 << 8);
+            send_nonzero_reporting(&mut out, &mem, 0, &AtomicBool::new(false), &mut r).unwrap();
+            r.end_pass();
+            ms[usize::from(with)].push(t.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(seen.load(Ordering::Relaxed), if with { 256 << 8 } else { 0 });
+        }
+        for v in &mut ms {
+            v.sort_by(f64::total_cmp);
+        }
+        println!(
+            "first pass of 256 MiB: without a callback {:?} ms, with {:?} ms; medians {:.1} / {:.1} ms, ratio {:.3}",
+            ms[0],
+            ms[1],
+            ms[0][2],
+            ms[1][2],
+            ms[1][2] / ms[0][2]
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
