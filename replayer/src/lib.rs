@@ -124,8 +124,13 @@ pub(crate) struct State {
     pub debugging: bool,
     /// A debugger single-steps: landings are reached by stepping to them.
     pub stepping: bool,
-    /// Pause after the next exit once this instant has passed.
+    /// Pause after the next exit once this instant has passed (or after
+    /// `pause_exits` exits, whichever comes first).
     pub pause_after: Option<std::time::Instant>,
+    /// Exits between pauses at most.
+    pub pause_exits: u64,
+    /// Exits since the last pause.
+    pub exits_since_pause: u64,
     /// The handler a step's injected interrupt enters (the step stops there).
     pub injected_handler: Option<u64>,
 }
@@ -273,8 +278,16 @@ impl RunHooks for Replayer {
     }
 
     fn pause_after_exit(&mut self) -> bool {
-        let s = lock(&self.state);
-        s.pause_after.is_some_and(|t| std::time::Instant::now() >= t)
+        let mut s = lock(&self.state);
+        let Some(t) = s.pause_after else {
+            return false;
+        };
+        s.exits_since_pause += 1;
+        if s.exits_since_pause >= s.pause_exits || std::time::Instant::now() >= t {
+            s.exits_since_pause = 0;
+            return true;
+        }
+        false
     }
 
     fn before_enter(&mut self, ctx: &mut HookCtx<'_>) -> Result<Enter, HookError> {
@@ -546,6 +559,8 @@ fn build_inner(
         debugging: false,
         stepping: false,
         pause_after: None,
+        pause_exits: u64::MAX,
+        exits_since_pause: 0,
         injected_handler: None,
     }));
     let hooks = Replayer {

@@ -12,7 +12,8 @@
 //! before it until registers and written memory equal the stop's.
 //!
 //! Checkpoints are taken at exits during free runs (every
-//! [`Timeline::interval`] of run time) and every [`STEP_CHECKPOINT`] steps
+//! [`Timeline::interval`] of run time or [`PAUSE_EXITS`] exits, whichever
+//! comes first) and every [`STEP_CHECKPOINT`] steps
 //! while stepping, so that reaching any position re-executes a bounded
 //! stretch. A checkpoint holds the machine state (vCPU, devices, virtual
 //! time, position in the trace) and only the pages written since the one
@@ -39,6 +40,10 @@ use crate::{lock, Shared};
 /// The most single steps one command re-executes (about 20 s here) before
 /// it gives up with an error instead of leaving gdb waiting.
 pub const MAX_STEPS: u64 = 2_000_000;
+
+/// Exits between the checkpoints of a free run at most (a cheap stand-in
+/// for distance: a guest that exits often runs few instructions between).
+pub const PAUSE_EXITS: u64 = 256;
 
 /// Steps between the checkpoints a stepping pass leaves behind.
 pub const STEP_CHECKPOINT: u64 = 1000;
@@ -258,7 +263,11 @@ impl Timeline {
             high: 0,
             inner: out,
         }));
-        lock(&shared).debugging = true;
+        {
+            let mut s = lock(&shared);
+            s.debugging = true;
+            s.pause_exits = PAUSE_EXITS;
+        }
         let t = Timeline {
             shared,
             out: out.clone(),
@@ -728,6 +737,15 @@ impl Timeline {
     ) -> Result<ReverseStop> {
         let mut upper = self.resolve_inner_or_known(m)?;
         let mut i = self.checkpoint_before(upper);
+        // With write watchpoints alone, a stretch between two checkpoints
+        // in which no watched page was written cannot hold a hit: it is
+        // skipped without re-executing it.
+        let watched_pages = if breakpoints.is_empty() && reads.is_empty() {
+            watched_gfns(m, watches)
+        } else {
+            None
+        };
+        let mut first = true;
         loop {
             if self.checkpoints[i].pos >= upper {
                 if i == 0 {
@@ -737,6 +755,30 @@ impl Timeline {
                 continue;
             }
             let start = self.checkpoints[i].pos;
+            if let Some(gfns) = &watched_pages {
+                // The stretch from the last checkpoint to here: the pages
+                // written since it, if it is where they are counted from.
+                let unwritten = if first {
+                    if self.base == start {
+                        self.written.extend(m.take_written()?);
+                        !self.written.iter().any(|g| gfns.contains(g))
+                    } else {
+                        false
+                    }
+                } else {
+                    !self.pages.changed_between(start, upper).any(|g| gfns.contains(&g))
+                };
+                if unwritten {
+                    first = false;
+                    if i == 0 {
+                        return self.go_to_start(m);
+                    }
+                    upper = start;
+                    i -= 1;
+                    continue;
+                }
+            }
+            first = false;
             self.restore(m, i)?;
             let mut hit = None;
             let mut prev = start;
@@ -876,6 +918,20 @@ fn read_hit(m: &Machine, reads: &[(u64, u64, bool)]) -> Option<u64> {
             .any(|a| a.overlaps(addr, len) && (a.read || (writes && a.write)))
             .then_some(addr)
     })
+}
+
+/// The guest-physical pages of the watched ranges, or None where one does
+/// not translate now (then no stretch may be skipped).
+fn watched_gfns(m: &Machine, watches: &[(u64, u64)]) -> Option<BTreeSet<u64>> {
+    let regs = m.paging_regs().ok()?;
+    let mut out = BTreeSet::new();
+    for &(addr, len) in watches {
+        for a in [addr, addr.saturating_add(len.max(1) - 1)] {
+            let t = nyx_vmm::paging::translate(m.memory(), &regs, a).ok()?;
+            out.insert(t.gpa / PAGE as u64);
+        }
+    }
+    Some(out)
 }
 
 /// The watched bytes now (None where unmapped).

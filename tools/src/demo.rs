@@ -1,5 +1,7 @@
-//! `nyx demo`: records the bundled guest, replays the recording, and shows
-//! that the two runs agree byte for byte.
+//! `nyx demo`: records the bundled guest, replays the recording, shows
+//! that the two runs agree byte for byte, and runs the replay backwards to
+//! the instruction that wrote the guest's last sample (what gdb's
+//! `reverse-continue` with a watchpoint does).
 //!
 //! The bundled guest counts in a busy loop while a 1 kHz timer interrupts
 //! it, and at each tick stores the count: its output depends on exactly
@@ -122,8 +124,17 @@ pub fn run(kvm_device: &str) -> Result<ExitCode, String> {
         println!("3. The runs DIFFER (output identical: {same_output}, same end: {same_end}).");
     }
     println!();
+    println!("4. Going backwards, as gdb's reverse-continue does: who wrote the last sample?");
+    if let Err(e) = backwards(&rec.path, kvm_device) {
+        println!("  could not: {e}");
+    }
+    println!();
     println!("The trace is {}. Try:", rec.path.display());
     println!("  nyx replay {}          # replay it again", rec.path.display());
+    println!(
+        "  nyx replay {} --gdb :1234   # then gdb: target remote :1234, watch, reverse-continue",
+        rec.path.display()
+    );
     println!("  nyx trace info {}      # what is in it", rec.path.display());
     println!("  nyx trace dump --kind landing {}", rec.path.display());
     Ok(if same_output && same_end {
@@ -131,4 +142,82 @@ pub fn run(kvm_device: &str) -> Result<ExitCode, String> {
     } else {
         ExitCode::from(3)
     })
+}
+
+/// Replays the trace to its end under a timeline, then runs backwards to
+/// the instruction that last wrote the guest's last sample and one
+/// instruction further back, printing where and what it cost.
+fn backwards(trace: &std::path::Path, kvm_device: &str) -> Result<(), String> {
+    use nyx_vmm::machine::Stop;
+    let image = nyx_guests::image(GUEST).ok_or("the bundled guest is missing")?;
+    let samples = nyx_guests::symbol(image, "samples").ok_or("the guest has no `samples`")?;
+    let last = u64::from(samples) + 8 * 49;
+    let opts = ReplayOptions {
+        serial_out: Some(Box::new(std::io::sink())),
+        kvm_path: kvm_device.into(),
+    };
+    let (mut m, mut t) = nyx_replayer::debug_replay(trace, opts).map_err(|e| e.to_string())?;
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    t.start(&mut m).map_err(|e| err(&e))?;
+    let forward = std::time::Instant::now();
+    loop {
+        t.before_run(false);
+        let before = t.events();
+        let r = m.resume();
+        t.after_stop(&mut m, &r, before, false).map_err(|e| err(&e))?;
+        match r {
+            Ok(Stop::Ended(_)) => break,
+            Ok(_) => {}
+            Err(nyx_vmm::machine::Error::Hook(nyx_vmm::hooks::HookError::TraceEnd { .. })) => break,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    println!(
+        "  replayed to the end in {:.0} ms, keeping {} checkpoints",
+        forward.elapsed().as_secs_f64() * 1e3,
+        t.checkpoints()
+    );
+    let began = std::time::Instant::now();
+    let steps = t.steps_reexecuted;
+    let stop = t
+        .reverse_continue(&mut m, &[], &[(last, 8)], &[])
+        .map_err(|e| err(&e))?;
+    let took = began.elapsed();
+    let here = where_is(&mut m, &mut t)?;
+    let what = match stop {
+        nyx_replayer::timeline::ReverseStop::Watch(_) => {
+            "stopped just before the instruction that wrote it".to_string()
+        }
+        other => format!("stopped: {other:?}"),
+    };
+    println!(
+        "  watch samples[49] ({last:#x}), reverse-continue from the end: {what}, {:.0} ms ({} single steps re-executed)",
+        took.as_secs_f64() * 1e3,
+        t.steps_reexecuted - steps
+    );
+    println!("    {here}");
+    let began = std::time::Instant::now();
+    t.reverse_step(&mut m).map_err(|e| err(&e))?;
+    let took = began.elapsed();
+    println!(
+        "  reverse-stepi ({:.0} ms): the instruction before it",
+        took.as_secs_f64() * 1e3
+    );
+    println!("    {}", where_is(&mut m, &mut t)?);
+    Ok(())
+}
+
+/// The position, RIP and instruction of the replayed machine now.
+fn where_is(m: &mut nyx_vmm::Machine, t: &mut nyx_replayer::Timeline) -> Result<String, String> {
+    let pos = t.resolve(m).map_err(|e| e.to_string())?;
+    let regs = m.vcpu().get_regs().map_err(|e| e.to_string())?;
+    let sregs = m.vcpu().get_sregs().map_err(|e| e.to_string())?;
+    let mut code = [0u8; 16];
+    m.read_virt(regs.rip, &mut code).map_err(|e| e.to_string())?;
+    let mode = nyx_vmm::crash::CodeMode::of(&sregs);
+    let insn = nyx_vmm::crash::disassemble(&code, regs.rip, mode, 1)
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    Ok(format!("at position {pos}: {}", insn.trim()))
 }
