@@ -235,6 +235,44 @@ pub struct Recorder {
     verify: VerifyLevel,
     wall: Arc<Mutex<i64>>,
     landings: LandingPolicy,
+    hot_loops: HotLoops,
+}
+
+/// The recorder's judgements of where the guest stopped in a short loop
+/// ([`HookCtx::in_hot_loop`]), by RIP: a busy guest lands at the same few
+/// places again and again, and the judgement reads the registers and
+/// decodes code at each. Only the choice between a keyframe and a search
+/// depends on it (both replay exactly), so code that changes under a RIP
+/// costs at most a slower replay.
+#[derive(Debug, Default)]
+struct HotLoops {
+    by_rip: std::collections::HashMap<u64, bool>,
+}
+
+impl HotLoops {
+    /// The most RIPs remembered; the guest decides how many there are.
+    const MAX: usize = 4096;
+
+    /// Whether the guest stopped in a short loop.
+    fn judge(&mut self, ctx: &mut HookCtx<'_>) -> Result<bool, HookError> {
+        let rip = ctx
+            .vcpu
+            .get_regs()
+            .map_err(|source| HookError::Kvm {
+                what: "KVM_GET_REGS",
+                source,
+            })?
+            .rip;
+        if let Some(&hot) = self.by_rip.get(&rip) {
+            return Ok(hot);
+        }
+        let hot = ctx.in_hot_loop()?;
+        if self.by_rip.len() >= Self::MAX {
+            self.by_rip.clear();
+        }
+        self.by_rip.insert(rip, hot);
+        Ok(hot)
+    }
 }
 
 impl Recorder {
@@ -245,6 +283,7 @@ impl Recorder {
             verify,
             wall,
             landings,
+            hot_loops: HotLoops::default(),
         }
     }
 }
@@ -309,15 +348,16 @@ impl RunHooks for Recorder {
         if !deadline_passed {
             return Ok(false);
         }
-        let mut landing = ctx.landing_here()?;
         let keyframe = match self.landings {
             LandingPolicy::Search => false,
             LandingPolicy::Keyframe => true,
-            LandingPolicy::Auto => ctx.in_hot_loop()?,
+            LandingPolicy::Auto => self.hot_loops.judge(ctx)?,
         };
-        if keyframe {
-            landing.keyframe = Some(Box::new(ctx.keyframe_here(self.verify == VerifyLevel::Full)?));
-        }
+        let landing = if keyframe {
+            ctx.keyframe_here(self.verify == VerifyLevel::Full)?
+        } else {
+            ctx.landing_here()?
+        };
         let how = if keyframe {
             LandingHow::Keyframe
         } else {

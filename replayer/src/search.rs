@@ -305,8 +305,11 @@ fn search(ctx: &mut HookCtx<'_>, landing: &Landing, state: &Shared) -> Result<Se
 }
 
 /// Moves the guest to a landing the recorder stored as a delta keyframe:
-/// the pages written since the previous landing and the whole vCPU are
-/// restored, then checked against the landing's digests.
+/// the pages written since the previous landing and the part of the vCPU
+/// a guest changes without an exit are restored over the replay's own vCPU
+/// (see [`Keyframe`]), then checked against the landing's digests: a replay
+/// that had diverged before in state the keyframe does not hold shows up
+/// here or at a later sync point.
 pub fn restore_keyframe(
     ctx: &mut HookCtx<'_>,
     landing: &Landing,

@@ -276,3 +276,88 @@ fn a_changed_serial_byte_is_a_divergence_at_its_position() {
     assert!(d.text.contains("pio-in port 0x3f8 size 1 data 0x61"), "{d}");
     assert!(d.text.contains("pio-in port 0x3f8 size 1 data 0x78"), "{d}");
 }
+
+/// The keyframed landings of a trace, in order.
+fn keyframed_landings(path: &Path) -> Vec<nyx_vmm::events::Landing> {
+    let mut r = TraceReader::open(path).unwrap();
+    let mut out = Vec::new();
+    for i in 0..r.frames().len() {
+        if r.frames()[i].kind == FrameKind::Events {
+            let events: Vec<Event> = r.read_records(i).unwrap();
+            out.extend(events.into_iter().filter_map(|e| match e {
+                Event::Landing(l) if l.keyframe.is_some() => Some(*l),
+                _ => None,
+            }));
+        }
+    }
+    out
+}
+
+#[test]
+fn counter_keyframes_hold_the_landing_registers_and_are_checked() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rec = record_guest(dir.path(), "counter", "t.nyxtrace", None, VerifyLevel::Exits);
+    let landings = keyframed_landings(&rec.path);
+    assert!(landings.len() >= 5, "only {} keyframed landings", landings.len());
+    for l in &landings {
+        let k = l.keyframe.as_deref().expect("keyframed");
+        let v = &k.vcpu;
+        assert_eq!(v.regs.rip, l.regs.rip);
+        assert_eq!(nyx_vmm::vcpu_state::register_digest(&v.regs, &v.sregs), l.regs_digest);
+        assert!(v.xsave.len() >= 4096, "{}", v.xsave.len());
+        assert!(v.msrs.iter().all(|m| nyx_vmm::vcpu_state::NO_EXIT_MSRS.contains(&m.0)));
+    }
+    // A keyframe whose registers disagree with its landing's digest is a
+    // divergence at that landing, not a replay that carries on.
+    let nth = landings.len() / 2;
+    let mut seen = 0;
+    let pos = position_of(&rec.path, |events, j| {
+        if matches!(&events[j], Event::Landing(l) if l.keyframe.is_some()) {
+            seen += 1;
+            return seen == nth + 1;
+        }
+        false
+    });
+    let bad = dir.path().join("bad.nyxtrace");
+    let mut seen = 0;
+    rewrite(&rec.path, &bad, |events| {
+        for e in events.iter_mut() {
+            if let Event::Landing(l) = e {
+                if let Some(k) = l.keyframe.as_mut() {
+                    if seen == nth {
+                        k.vcpu.regs.rbx ^= 0x40;
+                    }
+                    seen += 1;
+                }
+            }
+        }
+    });
+    assert_diverges_at(&bad, pos);
+}
+
+#[test]
+fn a_trace_of_the_previous_format_version_is_refused_by_name() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rec = record_guest(dir.path(), "hello", "t.nyxtrace", None, VerifyLevel::Exits);
+    let mut bytes = std::fs::read(&rec.path).unwrap();
+    let old = nyx_trace::FORMAT_VERSION - 1;
+    bytes[8..12].copy_from_slice(&old.to_le_bytes());
+    let path = dir.path().join("old.nyxtrace");
+    std::fs::write(&path, &bytes).unwrap();
+    match replay_guest(&path) {
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("version {old}")) && msg.contains(&format!("version {}", old + 1)),
+                "{msg}"
+            );
+        }
+        Ok((_, end)) => panic!("a version-{old} trace replayed: {end:?}"),
+    }
+}

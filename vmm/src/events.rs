@@ -156,10 +156,52 @@ pub struct Landing {
 
 /// The state at a landing the recorder judged hot (a breakpoint search
 /// would hit its RIP many times): the replayer restores it instead.
+///
+/// A delta keyframe replaces the guest instructions between the exit
+/// before the landing and the landing itself: the replayer does not run
+/// them. It holds what those instructions can change, which is what a
+/// guest can change without an exit to Nyx; everything else the replayer's
+/// vCPU already holds as the recording's did, because the replay made the
+/// same exits with the same values up to here (or it had already
+/// diverged, and the register and page digests checked after the restore
+/// say so). Each part, and what stays out:
+///
+/// - **In: general registers** (`kvm_regs`, RIP and RFLAGS included): every
+///   instruction changes them.
+/// - **In: special registers** (`kvm_sregs`): MOV to a segment register,
+///   WRFSBASE/WRGSBASE, SWAPGS, LGDT/LIDT, LTR/LLDT, and CR2 (a page fault
+///   handled inside the guest) change without an exit; so does CR0.TS
+///   (CLTS) and, on hardware KVM, CR3 with EPT. One ioctl covers them all.
+/// - **In: the XSAVE area**, not `kvm_fpu`: every x87/SSE/AVX instruction
+///   changes it. `kvm_fpu` holds only x87, XMM0-15 and MXCSR, misses the
+///   upper halves of YMM (and AVX-512) when XCR0 enables them, and
+///   `KVM_SET_FPU` leaves XSTATE_BV alone, so XMM values written through it
+///   can read back as the init state. It is cheaper (about 2 µs against
+///   8.5 µs each way on the development host), but it is not exact.
+/// - **In: the MSRs of [`crate::vcpu_state::NO_EXIT_MSRS`]**: SWAPGS
+///   exchanges IA32_KERNEL_GS_BASE without an exit, and KVM lets guests
+///   write the SYSCALL/SYSENTER MSRs directly on some CPUs. One
+///   `KVM_GET_MSRS` of eight entries, against one of every MSR (~70).
+/// - **In: vCPU events**: an injected interrupt not yet delivered, a
+///   pending exception, the interrupt shadow (STI, MOV SS) and NMI masking
+///   all change as the guest runs.
+/// - **Out: the other MSRs** (EFER is in the special registers): WRMSR
+///   exits to KVM, which Nyx sees through its MSR filter for the time MSRs
+///   and which otherwise yields the same value in the replay as the
+///   recording wrote, since the replay executes every WRMSR that comes
+///   before an exit. The TSC itself is Nyx's virtual clock (RDTSC patched,
+///   IA32_TSC filtered), not KVM's.
+/// - **In: the debug registers**: MOV DR exits to KVM, but on Intel CPUs KVM
+///   stops intercepting it after the guest's first access (while no host
+///   debugger uses them) and reads DR0-DR3 and DR6 back only at the next
+///   exit. One ioctl, about 2 µs; the register digest does not cover them.
+/// - **Out: XCR0**: only XSETBV changes it, and XSETBV always exits to KVM.
+/// - **Out: the MP state**: without an in-kernel local APIC, HLT exits to
+///   Nyx and the vCPU is always runnable at a landing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Keyframe {
-    /// The vCPU.
-    pub vcpu: crate::vcpu_state::VcpuState,
+    /// The vCPU state the guest can change without an exit.
+    pub vcpu: crate::vcpu_state::VcpuDelta,
     /// The pages written since the previous landing, as they were.
     pub pages: Vec<crate::mem_state::PageRun>,
     /// Digest of all of guest memory (`--verify full`).
@@ -298,6 +340,38 @@ mod tests {
                 }))
             }),
             any::<u8>().prop_map(Event::Inject),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                prop::collection::vec(any::<u8>(), 4096..4200),
+                any::<u8>()
+            )
+                .prop_map(|(rax, gs_base, xsave, vector)| {
+                    let mut vcpu = crate::vcpu_state::VcpuDelta {
+                        xsave,
+                        msrs: vec![(0xc000_0102, gs_base)],
+                        ..Default::default()
+                    };
+                    vcpu.regs.rax = rax;
+                    vcpu.sregs.gs.base = gs_base;
+                    vcpu.events.interrupt.injected = 1;
+                    vcpu.events.interrupt.nr = vector;
+                    Event::Landing(Box::new(Landing {
+                        regs: GprSnapshot::default(),
+                        regs_digest: rax,
+                        dirty_pages: 1,
+                        mem_digest: gs_base,
+                        pending_interrupt: Some(vector),
+                        keyframe: Some(Box::new(Keyframe {
+                            vcpu,
+                            pages: vec![crate::mem_state::PageRun {
+                                gpa: 0x1000,
+                                data: vec![vector; 4096],
+                            }],
+                            memory_digest: Some(rax),
+                        })),
+                    }))
+                }),
         ]
     }
 

@@ -332,8 +332,15 @@ fn write_msrs(vcpu: &VcpuFd, msrs: &[(u32, u64)]) -> Result<(), StateError> {
 /// host: CPUID.(EAX=0Dh,ECX=0):ECX, the XSAVE size of every feature the
 /// CPU supports, which bounds the vCPU's own size (KVM's
 /// `KVM_CAP_XSAVE2` value, a VM-level query that a bare vCPU handle cannot
-/// make), and never less than the legacy 4096 bytes.
+/// make), and never less than the legacy 4096 bytes. Asked once: CPUID
+/// is an exit to the hypervisor when Nyx itself runs in a VM, several
+/// microseconds each on the development host.
 fn xsave_room() -> usize {
+    static ROOM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROOM.get_or_init(host_xsave_room)
+}
+
+fn host_xsave_room() -> usize {
     use std::arch::x86_64::__cpuid_count;
     #[allow(unused_unsafe)]
     // SAFETY: CPUID is available on every x86_64 CPU.
@@ -360,18 +367,24 @@ fn xsave_buffer(room: usize) -> Result<Xsave, StateError> {
 fn get_xsave(vcpu: &VcpuFd) -> Result<Vec<u8>, StateError> {
     let room = xsave_room();
     let mut x = xsave_buffer(room)?;
-    let ne = |w: &u32| w.to_ne_bytes();
+    let bytes_of = |words: &mut dyn Iterator<Item = &u32>| {
+        let mut v = Vec::with_capacity(room);
+        for w in words {
+            v.extend_from_slice(&w.to_ne_bytes());
+        }
+        v
+    };
     // SAFETY: `x` holds `room` bytes, at least as many as KVM copies (see
     // `xsave_room`).
     let mut bytes: Vec<u8> = match unsafe { vcpu.get_xsave2(&mut x) } {
         Ok(()) => {
             let region = &x.as_fam_struct_ref().xsave.region;
-            region.iter().chain(x.as_slice()).flat_map(ne).collect()
+            bytes_of(&mut region.iter().chain(x.as_slice()))
         }
         // Kernels before 5.17 know only KVM_GET_XSAVE (at most 4096 bytes).
         Err(e) if e.errno() == libc::EINVAL || e.errno() == libc::ENOTTY => {
             let legacy = vcpu.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?;
-            legacy.region.iter().flat_map(ne).collect()
+            bytes_of(&mut legacy.region.iter())
         }
         Err(e) => return Err(kvm_err("KVM_GET_XSAVE2")(e)),
     };
@@ -490,6 +503,84 @@ pub fn restore(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
     write_msrs(vcpu, &msrs)?;
     // 8. Pending events last: earlier SETs may clear them.
     vcpu.set_vcpu_events(&state.events)
+        .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+    Ok(())
+}
+
+/// MSRs that a guest can write without an exit on some KVM host: SWAPGS
+/// exchanges GS base with IA32_KERNEL_GS_BASE, and KVM passes the
+/// SYSCALL/SYSENTER MSRs (and KERNEL_GS_BASE) through to the guest on AMD
+/// (VMLOAD/VMSAVE) and the SYSENTER ones and KERNEL_GS_BASE on Intel. FS
+/// and GS base are in the special registers.
+pub const NO_EXIT_MSRS: [u32; 8] = [
+    0x174,       // IA32_SYSENTER_CS
+    0x175,       // IA32_SYSENTER_ESP
+    0x176,       // IA32_SYSENTER_EIP
+    0xc000_0081, // STAR
+    0xc000_0082, // LSTAR
+    0xc000_0083, // CSTAR
+    0xc000_0084, // SFMASK
+    0xc000_0102, // IA32_KERNEL_GS_BASE
+];
+
+/// The part of a vCPU's state that its guest can change while it runs
+/// without an exit to Nyx (see [`crate::events::Keyframe`] for why each
+/// part is in or out). Restored over a vCPU that agrees with the saved one
+/// in everything else, it gives the saved vCPU.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VcpuDelta {
+    /// General registers, RIP and RFLAGS.
+    pub regs: Raw<kvm_regs>,
+    /// Segment, descriptor-table and control registers, EFER and the
+    /// pending external interrupt.
+    pub sregs: Raw<kvm_sregs>,
+    /// The XSAVE area as in [`VcpuState::xsave`].
+    pub xsave: Vec<u8>,
+    /// DR0-DR3, DR6, DR7.
+    pub debugregs: Raw<kvm_debugregs>,
+    /// `(index, value)` of the [`NO_EXIT_MSRs`](NO_EXIT_MSRS) the vCPU has.
+    pub msrs: Vec<(u32, u64)>,
+    /// Pending exception, interrupt and NMI, interrupt shadow.
+    pub events: Raw<kvm_vcpu_events>,
+}
+
+/// The MSRs of [`NO_EXIT_MSRS`] that are in `msr_list` (the MSRs this
+/// vCPU accepts), in that order.
+pub fn no_exit_msrs(msr_list: &[u32]) -> Vec<u32> {
+    NO_EXIT_MSRS.into_iter().filter(|m| msr_list.contains(m)).collect()
+}
+
+/// Captures the [`VcpuDelta`] of `vcpu`; `msrs` is [`no_exit_msrs`] of its
+/// MSR list. Six ioctls; the vCPU events last, as in [`capture`].
+pub fn capture_delta(vcpu: &VcpuFd, msrs: &[u32]) -> Result<VcpuDelta, StateError> {
+    let regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+    let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    let xsave = get_xsave(vcpu)?;
+    let debugregs = vcpu.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
+    let msrs = read_msrs(vcpu, msrs)?;
+    let events = vcpu.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+    Ok(VcpuDelta {
+        regs: Raw(regs),
+        sregs: Raw(sregs),
+        xsave,
+        debugregs: Raw(debugregs),
+        msrs,
+        events: Raw(events),
+    })
+}
+
+/// Restores `delta` into `vcpu`, in [`restore`]'s order: registers (which
+/// clear a pending exception), special registers (CR0/CR4/EFER decide
+/// what the XSAVE area may hold), XSAVE, debug registers, the MSRs, the
+/// events last.
+pub fn restore_delta(vcpu: &VcpuFd, delta: &VcpuDelta) -> Result<(), StateError> {
+    vcpu.set_regs(&delta.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+    vcpu.set_sregs(&delta.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+    set_xsave(vcpu, &delta.xsave)?;
+    vcpu.set_debug_regs(&delta.debugregs)
+        .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+    write_msrs(vcpu, &delta.msrs)?;
+    vcpu.set_vcpu_events(&delta.events)
         .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
     Ok(())
 }
@@ -1061,5 +1152,138 @@ pub(crate) mod tests {
         assert_eq!(ra.rdx, product >> 32);
         assert_eq!(ra.rcx, (product * 3) & 0xffff_ffff);
         assert_eq!(u64::from(ma), product & 0xffff_ffff);
+    }
+
+    #[test]
+    fn delta_round_trips_and_restores_what_it_holds() {
+        let bytes = postcard::to_allocvec(&VcpuDelta {
+            xsave: vec![3; 4100],
+            msrs: vec![(0xc000_0102, 7)],
+            ..Default::default()
+        })
+        .unwrap();
+        let back: VcpuDelta = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!((back.xsave.len(), back.msrs[0]), (4100, (0xc000_0102, 7)));
+        // A full state's encoding is no delta: it must not decode as one.
+        assert!(postcard::from_bytes::<VcpuDelta>(&postcard::to_allocvec(&sample()).unwrap()).is_err());
+
+        let Some(a) = test_vm(2) else { return };
+        let list = accepted_msrs(&a.vcpu, &supported_msrs(&a.kvm)).unwrap();
+        let msrs = no_exit_msrs(&list);
+        assert!(msrs.contains(&KERNEL_GS_BASE) && msrs.contains(&LSTAR), "{msrs:x?}");
+        let Some(b) = test_vm(2) else { return };
+        set_odd_state(&a.vcpu);
+        set_odd_state(&b.vcpu);
+        let delta = capture_delta(&a.vcpu, &msrs).unwrap();
+        let full = capture(&a.vcpu, &list).unwrap();
+        assert_eq!(
+            (delta.regs, delta.sregs, &delta.xsave),
+            (full.regs, full.sregs, &full.xsave)
+        );
+        assert_eq!(delta.msrs.len(), msrs.len());
+        // Change on `b` what a guest can change between exits, restore.
+        let mut r = b.vcpu.get_regs().unwrap();
+        r.rax = !r.rax;
+        r.rip += 3;
+        b.vcpu.set_regs(&r).unwrap();
+        let mut s = b.vcpu.get_sregs().unwrap();
+        s.gs.base = 0x4242_0000;
+        b.vcpu.set_sregs(&s).unwrap();
+        write_msrs(&b.vcpu, &[(KERNEL_GS_BASE, 0x99_9000)]).unwrap();
+        let mut xs = get_xsave(&b.vcpu).unwrap();
+        xs[160 + 5 * 16] ^= 0xff;
+        set_xsave(&b.vcpu, &xs).unwrap();
+        let mut d = b.vcpu.get_debug_regs().unwrap();
+        d.db[1] = 0x7777;
+        b.vcpu.set_debug_regs(&d).unwrap();
+        let mut e = b.vcpu.get_vcpu_events().unwrap();
+        e.interrupt.injected = 1;
+        e.interrupt.nr = 0x20;
+        b.vcpu.set_vcpu_events(&e).unwrap();
+        assert_ne!(capture_delta(&b.vcpu, &msrs).unwrap(), delta);
+        restore_delta(&b.vcpu, &delta).unwrap();
+        assert_eq!(capture_delta(&b.vcpu, &msrs).unwrap(), delta);
+        let strip = |s: VcpuState| VcpuState {
+            msrs: s.msrs.into_iter().filter(|m| m.0 != IA32_TSC).collect(),
+            ..s
+        };
+        assert_eq!(strip(capture(&b.vcpu, &list).unwrap()), strip(full));
+    }
+
+    /// Mean ns of `f` over `n` calls, best of three rounds.
+    fn time_ns<T>(n: u32, mut f: impl FnMut() -> T) -> f64 {
+        (0..3)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                for _ in 0..n {
+                    std::hint::black_box(f());
+                }
+                t.elapsed().as_nanos() as f64 / f64::from(n)
+            })
+            .fold(f64::MAX, f64::min)
+    }
+
+    /// What each part of a vCPU capture and restore costs on this host.
+    /// `cargo test --release -p nyx-vmm --lib vcpu_state::tests::capture_cost_by_part -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, run by hand"]
+    fn capture_cost_by_part() {
+        let Some(mut t) = test_vm(2) else { return };
+        use vm_memory::Bytes;
+        // A vCPU that has run (out 0x80 in protected mode), as at a landing.
+        t.mem
+            .write_slice(&[0xe7, 0x80, 0xf4], vm_memory::GuestAddress(0x1000))
+            .unwrap();
+        protected_mode(&t.vcpu, 0x1000);
+        assert!(matches!(t.vcpu.run().unwrap(), kvm_ioctls::VcpuExit::IoOut(0x80, _)));
+        complete_pending_exit(&mut t.vcpu).unwrap();
+        set_odd_state(&t.vcpu);
+        let v = &t.vcpu;
+        let list = accepted_msrs(v, &supported_msrs(&t.kvm)).unwrap();
+        let few = no_exit_msrs(&list);
+        let n = 3000;
+        let full = capture(v, &list).unwrap();
+        let delta = capture_delta(v, &few).unwrap();
+        let fpu = v.get_fpu().unwrap();
+        let rows: Vec<(String, f64)> = vec![
+            ("get mp_state".into(), time_ns(n, || v.get_mp_state().unwrap())),
+            ("get regs".into(), time_ns(n, || v.get_regs().unwrap())),
+            ("get sregs".into(), time_ns(n, || v.get_sregs().unwrap())),
+            (
+                format!("get xsave ({} B kept)", full.xsave.len()),
+                time_ns(n, || get_xsave(v).unwrap()),
+            ),
+            ("get fpu (kvm_fpu)".into(), time_ns(n, || v.get_fpu().unwrap())),
+            ("host CPUID for the XSAVE size".into(), time_ns(n, host_xsave_room)),
+            ("get xcrs".into(), time_ns(n, || v.get_xcrs().unwrap())),
+            ("get debugregs".into(), time_ns(n, || v.get_debug_regs().unwrap())),
+            ("get tsc_khz".into(), time_ns(n, || v.get_tsc_khz())),
+            (
+                format!("get all {} MSRs", list.len()),
+                time_ns(n, || read_msrs(v, &list).unwrap()),
+            ),
+            (
+                format!("get {} no-exit MSRs", few.len()),
+                time_ns(n, || read_msrs(v, &few).unwrap()),
+            ),
+            ("get vcpu events".into(), time_ns(n, || v.get_vcpu_events().unwrap())),
+            ("capture (full)".into(), time_ns(n, || capture(v, &list).unwrap())),
+            ("capture_delta".into(), time_ns(n, || capture_delta(v, &few).unwrap())),
+            ("set regs".into(), time_ns(n, || v.set_regs(&full.regs).unwrap())),
+            ("set sregs".into(), time_ns(n, || v.set_sregs(&full.sregs).unwrap())),
+            ("set xsave".into(), time_ns(n, || set_xsave(v, &full.xsave).unwrap())),
+            ("set fpu (kvm_fpu)".into(), time_ns(n, || v.set_fpu(&fpu).unwrap())),
+            (
+                "set vcpu events".into(),
+                time_ns(n, || v.set_vcpu_events(&full.events).unwrap()),
+            ),
+            ("restore (full)".into(), time_ns(n / 3, || restore(v, &full).unwrap())),
+            ("restore_delta".into(), time_ns(n, || restore_delta(v, &delta).unwrap())),
+        ];
+        for (what, ns) in &rows {
+            println!("COST {what:<32} {:>9.2} us", ns / 1000.0);
+        }
+        let get = |k: &str| rows.iter().find(|r| r.0 == k).map_or(0.0, |r| r.1);
+        assert!(get("capture_delta") < get("capture (full)"), "{rows:?}");
     }
 }
