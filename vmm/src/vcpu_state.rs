@@ -4,6 +4,8 @@
 //! vector registers, XCRs, debug registers, MSRs, pending events, the MP
 //! state and the TSC). The CPUID table is not part of it: it lives in the
 //! machine configuration and must be set on the vCPU before [`restore`].
+//! [`VcpuDelta`] is the smaller part a landing's keyframe holds: what a
+//! guest can change without an exit ([`capture_delta`], [`restore_delta`]).
 //!
 //! Also the register digest that the replayer compares at each breakpoint
 //! hit, and the per-register difference list of divergence reports.
