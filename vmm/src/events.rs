@@ -160,42 +160,38 @@ pub struct Landing {
 /// A delta keyframe replaces the guest instructions between the exit
 /// before the landing and the landing itself: the replayer does not run
 /// them. It holds what those instructions can change, which is what a
-/// guest can change without an exit to Nyx; everything else the replayer's
-/// vCPU already holds as the recording's did, because the replay made the
-/// same exits with the same values up to here (or it had already
+/// guest can change without an exit *to Nyx*; everything else the
+/// replayer's vCPU already holds as the recording's did, because the replay
+/// made the same exits with the same values up to here (or it had already
 /// diverged, and the register and page digests checked after the restore
-/// say so). Each part, and what stays out:
+/// say so). Exits that KVM handles itself (WRMSR of most MSRs, XSETBV, MOV
+/// DR, CPUID) are invisible to Nyx, so what they change is in. Each part:
 ///
-/// - **In: general registers** (`kvm_regs`, RIP and RFLAGS included): every
-///   instruction changes them.
-/// - **In: special registers** (`kvm_sregs`): MOV to a segment register,
-///   WRFSBASE/WRGSBASE, SWAPGS, LGDT/LIDT, LTR/LLDT, and CR2 (a page fault
-///   handled inside the guest) change without an exit; so does CR0.TS
-///   (CLTS) and, on hardware KVM, CR3 with EPT. One ioctl covers them all.
+/// - **In: general registers** (`kvm_regs`, RIP and RFLAGS included).
+/// - **In: special registers** (`kvm_sregs`): segment loads, WRFSBASE,
+///   SWAPGS, LGDT/LIDT, LTR/LLDT, CR2 (a page fault the guest handles), CR0,
+///   CR3 and CR4 writes, EFER (WRMSR handled by KVM).
 /// - **In: the XSAVE area**, not `kvm_fpu`: every x87/SSE/AVX instruction
 ///   changes it. `kvm_fpu` holds only x87, XMM0-15 and MXCSR, misses the
 ///   upper halves of YMM (and AVX-512) when XCR0 enables them, and
 ///   `KVM_SET_FPU` leaves XSTATE_BV alone, so XMM values written through it
 ///   can read back as the init state. It is cheaper (about 2 µs against
-///   8.5 µs each way on the development host), but it is not exact.
-/// - **In: the MSRs of [`crate::vcpu_state::NO_EXIT_MSRS`]**: SWAPGS
-///   exchanges IA32_KERNEL_GS_BASE without an exit, and KVM lets guests
-///   write the SYSCALL/SYSENTER MSRs directly on some CPUs. One
-///   `KVM_GET_MSRS` of eight entries, against one of every MSR (~70).
+///   6 µs each way on the development host), but it is not exact.
+/// - **In: XCR0**: XSETBV exits to KVM, not to Nyx. One ioctl, ~2 µs.
+/// - **In: the debug registers**: MOV DR exits to KVM at most (on Intel CPUs
+///   KVM even stops intercepting it after the guest's first access). One
+///   ioctl, ~2 µs; the register digest does not cover them.
+/// - **In: the MSRs of [`crate::vcpu_state::keyframe_msrs`]**, every MSR the
+///   vCPU accepts but the TSC-related ones: WRMSR exits to KVM, and only the
+///   time MSRs go on to Nyx (its MSR filter); SWAPGS changes
+///   IA32_KERNEL_GS_BASE with no exit at all. One `KVM_GET_MSRS` of all ~70
+///   costs ~6 µs against ~3 µs for eight.
 /// - **In: vCPU events**: an injected interrupt not yet delivered, a
-///   pending exception, the interrupt shadow (STI, MOV SS) and NMI masking
-///   all change as the guest runs.
-/// - **Out: the other MSRs** (EFER is in the special registers): WRMSR
-///   exits to KVM, which Nyx sees through its MSR filter for the time MSRs
-///   and which otherwise yields the same value in the replay as the
-///   recording wrote, since the replay executes every WRMSR that comes
-///   before an exit. The TSC itself is Nyx's virtual clock (RDTSC patched,
-///   IA32_TSC filtered), not KVM's.
-/// - **In: the debug registers**: MOV DR exits to KVM, but on Intel CPUs KVM
-///   stops intercepting it after the guest's first access (while no host
-///   debugger uses them) and reads DR0-DR3 and DR6 back only at the next
-///   exit. One ioctl, about 2 µs; the register digest does not cover them.
-/// - **Out: XCR0**: only XSETBV changes it, and XSETBV always exits to KVM.
+///   pending exception, the interrupt shadow (STI, MOV SS) and NMI masking.
+/// - **Out: the TSC MSRs and the TSC rate**: the guest's time is Nyx's
+///   virtual clock (RDTSC patched into a trap, the TSC MSRs filtered to
+///   Nyx), so KVM's TSC is never seen by the guest; writing IA32_TSC back
+///   would only move KVM's TSC offset.
 /// - **Out: the MP state**: without an in-kernel local APIC, HLT exits to
 ///   Nyx and the vCPU is always runnable at a landing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -168,7 +168,7 @@ impl HookCtx<'_> {
     /// registers, digests and pending interrupt and the keyframe, so a
     /// keyframed landing costs no more ioctls than its keyframe.
     pub fn keyframe_here(&mut self, full_memory_digest: bool) -> Result<crate::events::Landing, HookError> {
-        let msrs = crate::vcpu_state::no_exit_msrs(self.msr_list);
+        let msrs = crate::vcpu_state::keyframe_msrs(self.msr_list);
         let vcpu = crate::vcpu_state::capture_delta(self.vcpu, &msrs)
             .map_err(|e| HookError::Trace(format!("vCPU state at a landing: {e}")))?;
         self.collect_dirty()?;

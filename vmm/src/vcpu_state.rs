@@ -509,22 +509,6 @@ pub fn restore(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
     Ok(())
 }
 
-/// MSRs that a guest can write without an exit on some KVM host: SWAPGS
-/// exchanges GS base with IA32_KERNEL_GS_BASE, and KVM passes the
-/// SYSCALL/SYSENTER MSRs (and KERNEL_GS_BASE) through to the guest on AMD
-/// (VMLOAD/VMSAVE) and the SYSENTER ones and KERNEL_GS_BASE on Intel. FS
-/// and GS base are in the special registers.
-pub const NO_EXIT_MSRS: [u32; 8] = [
-    0x174,       // IA32_SYSENTER_CS
-    0x175,       // IA32_SYSENTER_ESP
-    0x176,       // IA32_SYSENTER_EIP
-    0xc000_0081, // STAR
-    0xc000_0082, // LSTAR
-    0xc000_0083, // CSTAR
-    0xc000_0084, // SFMASK
-    0xc000_0102, // IA32_KERNEL_GS_BASE
-];
-
 /// The part of a vCPU's state that its guest can change while it runs
 /// without an exit to Nyx (see [`crate::events::Keyframe`] for why each
 /// part is in or out). Restored over a vCPU that agrees with the saved one
@@ -538,26 +522,31 @@ pub struct VcpuDelta {
     pub sregs: Raw<kvm_sregs>,
     /// The XSAVE area as in [`VcpuState::xsave`].
     pub xsave: Vec<u8>,
+    /// Extended control registers (XCR0).
+    pub xcrs: Raw<kvm_xcrs>,
     /// DR0-DR3, DR6, DR7.
     pub debugregs: Raw<kvm_debugregs>,
-    /// `(index, value)` of the [`NO_EXIT_MSRs`](NO_EXIT_MSRS) the vCPU has.
+    /// `(index, value)` of the [`keyframe_msrs`], in capture order.
     pub msrs: Vec<(u32, u64)>,
     /// Pending exception, interrupt and NMI, interrupt shadow.
     pub events: Raw<kvm_vcpu_events>,
 }
 
-/// The MSRs of [`NO_EXIT_MSRS`] that are in `msr_list` (the MSRs this
-/// vCPU accepts), in that order.
-pub fn no_exit_msrs(msr_list: &[u32]) -> Vec<u32> {
-    NO_EXIT_MSRS.into_iter().filter(|m| msr_list.contains(m)).collect()
+/// The MSRs a keyframe holds: those of `msr_list` (the MSRs this vCPU
+/// accepts) but the TSC-related ones, which Nyx's MSR filter sends to Nyx
+/// (they never change without an exit Nyx sees) and which a restore would
+/// use to move the vCPU's TSC offset. One `KVM_GET_MSRS` reads them all.
+pub fn keyframe_msrs(msr_list: &[u32]) -> Vec<u32> {
+    msr_list.iter().copied().filter(|m| !LATE_MSRS.contains(m)).collect()
 }
 
-/// Captures the [`VcpuDelta`] of `vcpu`; `msrs` is [`no_exit_msrs`] of its
-/// MSR list. Six ioctls; the vCPU events last, as in [`capture`].
+/// Captures the [`VcpuDelta`] of `vcpu`; `msrs` is [`keyframe_msrs`] of its
+/// MSR list. Seven ioctls; the vCPU events last, as in [`capture`].
 pub fn capture_delta(vcpu: &VcpuFd, msrs: &[u32]) -> Result<VcpuDelta, StateError> {
     let regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
     let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
     let xsave = get_xsave(vcpu)?;
+    let xcrs = vcpu.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?;
     let debugregs = vcpu.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
     let msrs = read_msrs(vcpu, msrs)?;
     let events = vcpu.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
@@ -565,6 +554,7 @@ pub fn capture_delta(vcpu: &VcpuFd, msrs: &[u32]) -> Result<VcpuDelta, StateErro
         regs: Raw(regs),
         sregs: Raw(sregs),
         xsave,
+        xcrs: Raw(xcrs),
         debugregs: Raw(debugregs),
         msrs,
         events: Raw(events),
@@ -573,12 +563,13 @@ pub fn capture_delta(vcpu: &VcpuFd, msrs: &[u32]) -> Result<VcpuDelta, StateErro
 
 /// Restores `delta` into `vcpu`, in [`restore`]'s order: registers (which
 /// clear a pending exception), special registers (CR0/CR4/EFER decide
-/// what the XSAVE area may hold), XSAVE, debug registers, the MSRs, the
-/// events last.
+/// what the XSAVE area may hold), XSAVE then XCR0, debug registers, the
+/// MSRs, the events last.
 pub fn restore_delta(vcpu: &VcpuFd, delta: &VcpuDelta) -> Result<(), StateError> {
     vcpu.set_regs(&delta.regs).map_err(kvm_err("KVM_SET_REGS"))?;
     vcpu.set_sregs(&delta.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
     set_xsave(vcpu, &delta.xsave)?;
+    vcpu.set_xcrs(&delta.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
     vcpu.set_debug_regs(&delta.debugregs)
         .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
     write_msrs(vcpu, &delta.msrs)?;
@@ -1171,8 +1162,9 @@ pub(crate) mod tests {
 
         let Some(a) = test_vm(2) else { return };
         let list = accepted_msrs(&a.vcpu, &supported_msrs(&a.kvm)).unwrap();
-        let msrs = no_exit_msrs(&list);
+        let msrs = keyframe_msrs(&list);
         assert!(msrs.contains(&KERNEL_GS_BASE) && msrs.contains(&LSTAR), "{msrs:x?}");
+        assert!(!msrs.contains(&IA32_TSC) && msrs.contains(&IA32_PAT), "{msrs:x?}");
         let Some(b) = test_vm(2) else { return };
         set_odd_state(&a.vcpu);
         set_odd_state(&b.vcpu);
@@ -1191,7 +1183,11 @@ pub(crate) mod tests {
         let mut s = b.vcpu.get_sregs().unwrap();
         s.gs.base = 0x4242_0000;
         b.vcpu.set_sregs(&s).unwrap();
-        write_msrs(&b.vcpu, &[(KERNEL_GS_BASE, 0x99_9000)]).unwrap();
+        write_msrs(
+            &b.vcpu,
+            &[(KERNEL_GS_BASE, 0x99_9000), (IA32_PAT, 0x0606_0606_0606_0606)],
+        )
+        .unwrap();
         let mut xs = get_xsave(&b.vcpu).unwrap();
         xs[160 + 5 * 16] ^= 0xff;
         set_xsave(&b.vcpu, &xs).unwrap();
@@ -1242,7 +1238,7 @@ pub(crate) mod tests {
         set_odd_state(&t.vcpu);
         let v = &t.vcpu;
         let list = accepted_msrs(v, &supported_msrs(&t.kvm)).unwrap();
-        let few = no_exit_msrs(&list);
+        let few = keyframe_msrs(&list);
         let n = 3000;
         let full = capture(v, &list).unwrap();
         let delta = capture_delta(v, &few).unwrap();
@@ -1265,7 +1261,7 @@ pub(crate) mod tests {
                 time_ns(n, || read_msrs(v, &list).unwrap()),
             ),
             (
-                format!("get {} no-exit MSRs", few.len()),
+                format!("get {} keyframe MSRs (no TSC)", few.len()),
                 time_ns(n, || read_msrs(v, &few).unwrap()),
             ),
             ("get vcpu events".into(), time_ns(n, || v.get_vcpu_events().unwrap())),
