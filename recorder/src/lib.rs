@@ -375,10 +375,19 @@ impl RunHooks for Recorder {
         } else {
             None
         };
-        let mut log = lock(&self.log);
-        log.push(Event::Exit(*exit));
-        if let Some(d) = regs {
-            log.push(Event::Regs(d));
+        {
+            let mut log = lock(&self.log);
+            log.push(Event::Exit(*exit));
+            if let Some(d) = regs {
+                log.push(Event::Regs(d));
+            }
+        }
+        // An emulated KVM reports an interrupt window a varying number of
+        // instructions after it opened: where the guest really was is
+        // logged as a landing, which the replay reaches exactly instead of
+        // waiting for its own window exit.
+        if exit.kind == nyx_vmm::events::ExitKind::IrqWindow {
+            self.on_kick(ctx, true)?;
         }
         Ok(())
     }

@@ -103,6 +103,29 @@ impl Cursor {
         self.pending.front()
     }
 
+    /// The event after the next one (reading ahead into the next frame
+    /// when the next event ends this one), without consuming anything.
+    pub fn peek_second(&mut self) -> Option<Event> {
+        self.fill();
+        match self.pending.len() {
+            0 => None,
+            1 => {
+                let frames = self.reader.frames();
+                let idx = (self.next_frame..frames.len()).find(|&i| frames[i].kind == FrameKind::Events)?;
+                self.reader
+                    .read_records::<Event>(idx)
+                    .ok()
+                    .and_then(|v| v.into_iter().next())
+            }
+            _ => self.pending.get(1).cloned(),
+        }
+    }
+
+    /// Whether the event after the next one is a landing.
+    pub fn second_is_landing(&mut self) -> bool {
+        matches!(self.peek_second(), Some(Event::Landing(_)))
+    }
+
     /// Consumes the next event.
     pub fn advance(&mut self) -> Option<Event> {
         self.fill();

@@ -277,6 +277,10 @@ impl RunHooks for Replayer {
         true
     }
 
+    fn requests_interrupt_window(&self) -> bool {
+        false
+    }
+
     fn pause_after_exit(&mut self) -> bool {
         let mut s = lock(&self.state);
         let Some(t) = s.pause_after else {
@@ -293,14 +297,19 @@ impl RunHooks for Replayer {
     fn before_enter(&mut self, ctx: &mut HookCtx<'_>) -> Result<Enter, HookError> {
         self.check(ctx)?;
         if lock(&self.state).stepping {
-            let moved = search::step_toward_landing(ctx, &self.state)?;
-            return Ok(if moved { Enter::Moved } else { Enter::Guest });
+            return Ok(match search::step_toward_landing(ctx, &self.state)? {
+                Some(window) => Enter::Moved { poll: !window },
+                None => Enter::Guest,
+            });
         }
         // A keyframed landing is taken at once; a searched one stays in the
         // trace until it is found (a debugger's breakpoint may stop the
-        // search, which then goes on when the guest is resumed).
+        // search, which then goes on when the guest is resumed). The
+        // recorded interrupt window is such a landing too.
+        let window;
         let landing = {
             let mut s = lock(&self.state);
+            window = take_window_exit(&mut s.cursor);
             match s.cursor.peek() {
                 Some(Event::Landing(l)) if l.keyframe.is_some() => match s.cursor.advance() {
                     Some(Event::Landing(l)) => l,
@@ -316,7 +325,7 @@ impl RunHooks for Replayer {
             let mut s = lock(&self.state);
             s.landings += 1;
             s.keyframes += 1;
-            return Ok(Enter::Moved);
+            return Ok(Enter::Moved { poll: !window });
         }
         let hits = match search::run_to_landing(ctx, &landing, &self.state)? {
             search::SearchEnd::Landed(hits) => hits,
@@ -329,7 +338,7 @@ impl RunHooks for Replayer {
         s.landings += 1;
         s.search_hits += hits;
         s.hits_per_landing.push(hits);
-        Ok(Enter::Moved)
+        Ok(Enter::Moved { poll: !window })
     }
 
     fn on_kick(&mut self, _ctx: &mut HookCtx<'_>, _deadline_passed: bool) -> Result<bool, HookError> {
@@ -450,6 +459,17 @@ impl RunHooks for Replayer {
         }
         Ok(())
     }
+}
+
+/// Consumes a recorded interrupt-window exit that a landing follows: the
+/// replay asks KVM for no window exit and reaches the landing instead.
+pub(crate) fn take_window_exit(cursor: &mut Cursor) -> bool {
+    let window = matches!(cursor.peek(), Some(Event::Exit(r)) if r.kind == nyx_vmm::events::ExitKind::IrqWindow);
+    if window && cursor.second_is_landing() {
+        cursor.advance();
+        return true;
+    }
+    false
 }
 
 /// Whether two exit records describe the same exit. RIP is compared where

@@ -16,7 +16,7 @@ use kvm_bindings::{
     kvm_guest_debug, kvm_guest_debug_arch, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
 };
 use kvm_ioctls::VcpuExit;
-use nyx_vmm::events::{GprSnapshot, Keyframe, Landing};
+use nyx_vmm::events::{Event, ExitKind, GprSnapshot, Keyframe, Landing};
 use nyx_vmm::hooks::{set_queued_interrupt, HookCtx, HookError};
 
 use crate::{lock, Shared};
@@ -92,19 +92,30 @@ pub fn run_to_landing(ctx: &mut HookCtx<'_>, landing: &Landing, state: &Shared) 
 
 /// Single-stepping toward the next landing (a debugger steps the replay):
 /// when the vCPU is exactly at it, the landing is taken (its interrupt
-/// queued again) and true returned; until then an interrupt the recording
+/// queued again) and `Some(whether it was a recorded interrupt window)`
+/// returned; until then an interrupt the recording
 /// still held undelivered there stays withdrawn, so the steps see the
 /// guest the search would.
-pub fn step_toward_landing(ctx: &mut HookCtx<'_>, state: &Shared) -> Result<bool, HookError> {
-    let landing = match lock(state).cursor.peek() {
-        Some(nyx_vmm::events::Event::Landing(l)) => l.clone(),
-        _ => return Ok(false),
+pub fn step_toward_landing(ctx: &mut HookCtx<'_>, state: &Shared) -> Result<Option<bool>, HookError> {
+    let landing = {
+        let mut s = lock(state);
+        // A recorded interrupt window is reached as its landing.
+        let window = matches!(s.cursor.peek(), Some(Event::Exit(r)) if r.kind == ExitKind::IrqWindow);
+        let next = if window {
+            s.cursor.peek_second()
+        } else {
+            s.cursor.peek().cloned()
+        };
+        match next {
+            Some(Event::Landing(l)) => l,
+            _ => return Ok(None),
+        }
     };
     if landing.pending_interrupt.is_some() {
         set_queued_interrupt(ctx.vcpu, None)?;
     }
     if !at_landing(ctx, &landing)? {
-        return Ok(false);
+        return Ok(None);
     }
     ctx.dirty_since_landing.clear();
     if let Some(v) = landing.pending_interrupt {
@@ -112,9 +123,10 @@ pub fn step_toward_landing(ctx: &mut HookCtx<'_>, state: &Shared) -> Result<bool
         stop_at_handler(ctx, v, state)?;
     }
     let mut s = lock(state);
+    let window = crate::take_window_exit(&mut s.cursor);
     s.cursor.advance();
     s.landings += 1;
-    Ok(true)
+    Ok(Some(window))
 }
 
 /// The linear address of the handler of interrupt `vector` in the guest's

@@ -50,8 +50,13 @@ pub enum HookError {
 pub enum Enter {
     /// Nothing: the loop enters the guest.
     Guest,
-    /// The guest was moved to a landing: the loop starts a new step there.
-    Moved,
+    /// The guest was moved to a landing: the loop starts a new step there,
+    /// polling the devices if `poll` (as the recording did after a kick;
+    /// not after a recorded interrupt window).
+    Moved {
+        /// Poll the devices in the new step.
+        poll: bool,
+    },
     /// A debugger's breakpoint stopped the guest on its way to a landing.
     Stop(crate::machine::DebugStop),
     /// Another thread kicked the vCPU while the hook ran it: a stop
@@ -348,6 +353,15 @@ pub trait RunHooks: Send {
     /// Whether an interrupt the devices have pending may be injected now
     /// (the replayer injects only where the recording did).
     fn may_inject(&mut self) -> bool {
+        true
+    }
+
+    /// Whether the loop asks KVM for an interrupt-window exit when an
+    /// interrupt waits for the guest to enable interrupts. A replay does
+    /// not: it reaches the recorded window as a landing instead, because
+    /// an emulated KVM reports the window a varying number of instructions
+    /// late.
+    fn requests_interrupt_window(&self) -> bool {
         true
     }
 

@@ -871,7 +871,7 @@ impl Machine {
             self.core.metrics.inject(vector);
         }
         // More may be pending behind this one.
-        let still = self.core.platform.interrupt_pending();
+        let still = self.core.platform.interrupt_pending() && self.hooks.requests_interrupt_window();
         self.core.vcpu.get_kvm_run().request_interrupt_window = u8::from(still);
         Ok(())
     }
@@ -1162,11 +1162,11 @@ impl Machine {
                 let mut ctx = self.core.ctx();
                 match self.hooks.before_enter(&mut ctx)? {
                     Enter::Guest => {}
-                    Enter::Moved => {
+                    Enter::Moved { poll } => {
                         // The mode moved the guest to a landing: a new step
                         // there. Its search used the debug registers: put
                         // ours back.
-                        self.poll_pending = true;
+                        self.poll_pending = poll;
                         if self.debug != GuestDebug::default() {
                             self.set_guest_debug(self.debug)?;
                         }
