@@ -483,8 +483,12 @@ impl Timeline {
         loop {
             // A step that injected an interrupt changed the debug registers
             // (see `search::stop_at_handler`): single-stepping alone again.
+            // HLT is not single-stepped: this emulated KVM steps over it as
+            // if it were a NOP, without the HLT exit the recording has. It
+            // runs as in a free run instead: the guest idles until the
+            // recorded interrupt, whose handler entry ends the step.
             m.set_guest_debug(GuestDebug {
-                single_step: true,
+                single_step: !at_hlt(m),
                 ..GuestDebug::default()
             })?;
             let r = m.resume();
@@ -866,6 +870,12 @@ fn same_regs(a: &kvm_bindings::kvm_regs, b: &kvm_bindings::kvm_regs) -> bool {
         ]
     };
     f(a) == f(b)
+}
+
+/// Whether the vCPU's next instruction is HLT.
+fn at_hlt(m: &Machine) -> bool {
+    let mut b = [0u8; 1];
+    linear_pc(m).is_ok_and(|pc| m.read_virt(pc, &mut b).is_ok() && b[0] == 0xf4)
 }
 
 /// The linear address of the vCPU's next instruction.

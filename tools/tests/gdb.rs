@@ -669,3 +669,48 @@ fn random_packets_to_a_replay_never_make_nyx_panic() {
         assert!(code != Some(101), "round {round}: status {code:?}: {err}");
     }
 }
+
+/// Reverse execution across HLT: the pit guest idles in `sti; hlt` between
+/// ticks. Stepping back from a tick's handler lands on the HLT it woke from,
+/// stepping forward idles again and takes the same tick, and
+/// reverse-continue finds the previous tick.
+#[test]
+fn reverse_execution_across_hlt() {
+    let dir = tempfile::tempdir().unwrap();
+    let nyx = replay_nyx(dir.path(), "pit");
+    let ticks = symbol("pit", "ticks");
+    let show = format!("printf \"TICKS=%d\\n\", *(int *){ticks:#x}");
+    let out = gdb(
+        &nyx,
+        "pit",
+        &[
+            "hbreak irq0",
+            "continue",
+            "continue",
+            "continue",
+            &show,
+            "reverse-stepi",
+            "printf \"BACK_PC=%#lx\\n\", $pc",
+            "x/1i $pc",
+            "stepi",
+            "printf \"FWD_PC=%#lx\\n\", $pc",
+            "reverse-continue",
+            &show.replace("TICKS=", "PREV_TICKS="),
+            "kill",
+        ],
+    );
+    let irq0 = symbol("pit", "irq0");
+    let wait = symbol("pit", "wait_tick");
+    assert_eq!(printed(&out, "TICKS="), 2, "{out}");
+    let back = printed(&out, "BACK_PC=");
+    assert!(
+        (wait..wait + 32).contains(&back),
+        "back in the idle loop at {back:#x}: {out}"
+    );
+    assert!(out.contains("hlt"), "the instruction before the tick is the HLT: {out}");
+    assert_eq!(printed(&out, "FWD_PC="), irq0, "the same tick again: {out}");
+    assert_eq!(printed(&out, "PREV_TICKS="), 1, "{out}");
+    let (code, err) = nyx.finish();
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(code.is_some(), "{err}");
+}
