@@ -120,10 +120,23 @@ impl Drop for Api {
 
 /// Opens the socket at `path` and starts its listener thread.
 pub fn listen(path: &Path, kicker: Kicker) -> Result<Api, String> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("cannot make {} private: {e}", path.display()))?;
+    // The socket appears at `path` only once it is private: it is bound
+    // under a temporary name beside it, made 0600, then renamed (atomic),
+    // so no other user can connect in between.
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    let private = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot make {} private: {e}", path.display()))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| format!("cannot listen on {}: {e}", path.display())));
+    if let Err(e) = private {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     let (tx, rx) = mpsc::channel::<Msg>();
     let (tx2, kicker2) = (tx.clone(), kicker.clone());
     std::thread::Builder::new()
