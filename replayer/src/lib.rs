@@ -131,6 +131,8 @@ pub(crate) struct State {
     pub pause_exits: u64,
     /// Exits since the last pause.
     pub exits_since_pause: u64,
+    /// Pause after every exit once this many events are consumed.
+    pub pause_near: Option<u64>,
     /// The handler a step's injected interrupt enters (the step stops there).
     pub injected_handler: Option<u64>,
 }
@@ -287,7 +289,8 @@ impl RunHooks for Replayer {
             return false;
         };
         s.exits_since_pause += 1;
-        if s.exits_since_pause >= s.pause_exits || std::time::Instant::now() >= t {
+        let near = s.pause_near.is_some_and(|n| s.cursor.consumed() >= n);
+        if near || s.exits_since_pause >= s.pause_exits || std::time::Instant::now() >= t {
             s.exits_since_pause = 0;
             return true;
         }
@@ -581,6 +584,7 @@ fn build_inner(
         pause_after: None,
         pause_exits: u64::MAX,
         exits_since_pause: 0,
+        pause_near: None,
         injected_handler: None,
     }));
     let hooks = Replayer {

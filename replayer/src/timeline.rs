@@ -41,6 +41,10 @@ use crate::{lock, Shared};
 /// it gives up with an error instead of leaving gdb waiting.
 pub const MAX_STEPS: u64 = 2_000_000;
 
+/// A target this many events past the nearest checkpoint is reached by a
+/// free run first, not by single steps all the way.
+pub const FAR_EVENTS: u64 = 64;
+
 /// Exits between the checkpoints of a free run at most (a cheap stand-in
 /// for distance: a guest that exits often runs few instructions between).
 pub const PAUSE_EXITS: u64 = 256;
@@ -583,12 +587,49 @@ impl Timeline {
             let cur = self.pos.filter(|p| *p <= target && self.ending.is_none());
             let i = self.checkpoint_before(target);
             // From here if no checkpoint lies between.
-            if cur.is_none_or(|c| self.checkpoints[i].pos > c) {
-                self.restore(m, i)?;
+            let from = match cur {
+                Some(c) if self.checkpoints[i].pos <= c => c,
+                _ => {
+                    self.restore(m, i)?;
+                    self.checkpoints[i].pos
+                }
+            };
+            // Far ahead: a free run leaves checkpoints up to the target's
+            // events (one at every exit near it), then steps finish.
+            if target.events > from.events + FAR_EVENTS && self.run_near(m, target.events)? {
+                let i = self.checkpoint_before(target);
+                if self.pos.is_none_or(|p| p > target || self.checkpoints[i].pos > p) {
+                    self.restore(m, i)?;
+                }
             }
             self.step_to(m, target)?;
         }
         Ok(())
+    }
+
+    /// Runs freely (no single steps) until the events consumed reach
+    /// `events`, pausing for a checkpoint at every exit within
+    /// [`FAR_EVENTS`] of it. Returns false if the run ended first.
+    fn run_near(&mut self, m: &mut Machine, events: u64) -> Result<bool> {
+        let saved = m.guest_debug();
+        m.set_guest_debug(GuestDebug::default())?;
+        lock(&self.shared).pause_near = Some(events.saturating_sub(FAR_EVENTS / 4));
+        let r = (|| loop {
+            self.before_run(false);
+            let before = self.events();
+            let r = m.resume();
+            self.after_stop(m, &r, before, false)?;
+            match r {
+                Ok(Stop::Paused) if self.consumed() >= events => return Ok(true),
+                Ok(Stop::Paused) | Ok(Stop::Interrupted) | Ok(Stop::Debug(_)) => {}
+                Ok(Stop::Ended(_)) => return Ok(false),
+                Err(nyx_vmm::machine::Error::Hook(nyx_vmm::hooks::HookError::TraceEnd { .. })) => return Ok(false),
+                Err(e) => return Err(TimelineError::Replay(e.to_string())),
+            }
+        })();
+        lock(&self.shared).pause_near = None;
+        m.set_guest_debug(saved)?;
+        r
     }
 
     /// A signature of the machine now: events, registers and the contents

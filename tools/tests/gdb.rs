@@ -472,10 +472,21 @@ fn reverse_execution_across_interrupts() {
             "reverse-continue",
             "printf \"WATCH_PC=%#lx\\n\", $pc",
             "delete",
+            "monitor seek 1200:2",
+            "monitor when",
             "continue",
             "kill",
         ],
     );
+    // Far ahead: a free run to near the target, then single steps.
+    let at = out
+        .lines()
+        .find_map(|l| l.strip_prefix("position "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|p| p.split_once(':'))
+        .map(|(e, s)| (e.parse::<u64>().unwrap_or(0), s.parse::<u64>().unwrap_or(0)))
+        .unwrap_or_else(|| panic!("no position after the seek: {out}"));
+    assert!(at >= (1200, 2) && at < (1300, 0), "seek 1200:2 went to {at:?}: {out}");
     let irq0 = symbol("counter", "irq0");
     let lp = symbol("counter", "count_loop");
     assert_eq!(printed(&out, "TICKS="), 2, "{out}");
