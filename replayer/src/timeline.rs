@@ -256,6 +256,9 @@ pub struct Timeline {
     bookmarks: Vec<Position>,
     /// Steps single-stepped by re-executions (for the benchmark).
     pub steps_reexecuted: u64,
+    /// Stretches between checkpoints a reverse-continue ruled out without
+    /// stepping them.
+    pub stretches_skipped: u64,
     /// Steps left to the current command ([`MAX_STEPS`]).
     budget: u64,
 }
@@ -284,6 +287,7 @@ impl Timeline {
             ending: None,
             bookmarks: Vec::new(),
             steps_reexecuted: 0,
+            stretches_skipped: 0,
             budget: MAX_STEPS,
         };
         (t, OnceOutput(out))
@@ -814,6 +818,7 @@ impl Timeline {
                     !self.pages.changed_between(start, upper).any(|g| gfns.contains(&g))
                 };
                 if unwritten {
+                    self.stretches_skipped += 1;
                     first = false;
                     if i == 0 {
                         return self.go_to_start(m);
@@ -823,7 +828,25 @@ impl Timeline {
                     continue;
                 }
             }
-            first = false;
+            let was_first = std::mem::replace(&mut first, false);
+            // With breakpoints alone, a free run with them in the debug
+            // registers tells whether a stretch ending at a pause checkpoint
+            // holds a hit at all; only one that does is single-stepped.
+            let free_check = !was_first
+                && watches.is_empty()
+                && reads.is_empty()
+                && !breakpoints.is_empty()
+                && breakpoints.len() <= 4
+                && upper.steps == 0;
+            if free_check && !self.hit_before(m, i, upper, breakpoints)? {
+                self.stretches_skipped += 1;
+                if i == 0 {
+                    return self.go_to_start(m);
+                }
+                upper = start;
+                i -= 1;
+                continue;
+            }
             self.restore(m, i)?;
             let mut hit = None;
             let mut prev = start;
@@ -864,6 +887,39 @@ impl Timeline {
         }
     }
 
+    /// Whether a free run from checkpoint `i` meets one of `breakpoints`
+    /// before the pause checkpoint `upper` (true also when it cannot tell).
+    fn hit_before(&mut self, m: &mut Machine, i: usize, upper: Position, breakpoints: &[u64]) -> Result<bool> {
+        self.restore(m, i)?;
+        // The restored point itself is not a hit: the stepping pass starts
+        // past it too.
+        let mut dbg = GuestDebug::default();
+        for (k, &addr) in breakpoints.iter().enumerate().take(4) {
+            dbg.dr[k] = addr;
+            dbg.dr7 |= 1 << (2 * k);
+        }
+        let saved = m.guest_debug();
+        m.set_guest_debug(dbg)?;
+        lock(&self.shared).pause_near = Some(upper.events);
+        let r = (|| loop {
+            self.before_run(false);
+            let before = self.events();
+            let r = m.resume();
+            self.after_stop(m, &r, before, false)?;
+            match r {
+                Ok(Stop::Paused) if self.consumed() >= upper.events => return Ok(self.consumed() != upper.events),
+                Ok(Stop::Paused) | Ok(Stop::Interrupted) => {}
+                Ok(Stop::Debug(_)) => return Ok(true),
+                Ok(Stop::Ended(_)) => return Ok(true),
+                Err(nyx_vmm::machine::Error::Hook(nyx_vmm::hooks::HookError::TraceEnd { .. })) => return Ok(true),
+                Err(e) => return Err(TimelineError::Replay(e.to_string())),
+            }
+        })();
+        lock(&self.shared).pause_near = None;
+        m.set_guest_debug(saved)?;
+        r
+    }
+
     /// Names the current point (`monitor checkpoint`); returns its number.
     pub fn bookmark(&mut self, m: &mut Machine) -> Result<(usize, Position)> {
         let p = self.resolve(m)?;
@@ -882,10 +938,11 @@ impl Timeline {
     /// Checkpoints and saved page versions, for `monitor info`.
     pub fn summary(&self) -> String {
         format!(
-            "{} checkpoints, {} saved page versions, {} steps re-executed",
+            "{} checkpoints, {} saved page versions, {} steps re-executed, {} stretches skipped",
             self.checkpoints.len(),
             self.pages.versions(),
-            self.steps_reexecuted
+            self.steps_reexecuted,
+            self.stretches_skipped
         )
     }
 }

@@ -474,9 +474,18 @@ fn reverse_execution_across_interrupts() {
             "delete",
             "monitor seek 1200:2",
             "monitor when",
+            // Back over many ticks to code run once at the start: the
+            // stretches without a hit are checked by free runs.
+            "hbreak long_entry",
+            "reverse-continue",
+            "delete",
             "continue",
             "kill",
         ],
+    );
+    assert!(
+        out.contains(", long_entry ()"),
+        "reverse-continue back to the start's code: {out}"
     );
     // Far ahead: a free run to near the target, then single steps.
     let at = out
