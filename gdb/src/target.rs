@@ -121,31 +121,9 @@ impl<'m> NyxTarget<'m> {
             .map_err(|e| Error::Protocol(e.to_string()))
     }
 
-    fn rip(&self) -> Result<u64, Error> {
-        Ok(self
-            .machine
-            .vcpu()
-            .get_regs()
-            .map_err(|source| Error::Kvm {
-                what: "KVM_GET_REGS",
-                source,
-            })?
-            .rip)
-    }
-
     /// The linear address of the next instruction.
     fn pc(&self) -> Result<u64, Error> {
-        let rip = self.rip()?;
-        let s = self.machine.vcpu().get_sregs().map_err(|source| Error::Kvm {
-            what: "KVM_GET_SREGS",
-            source,
-        })?;
-        let long = s.efer & (1 << 10) != 0 && s.cs.l != 0;
-        Ok(if long {
-            rip
-        } else {
-            s.cs.base.wrapping_add(rip) & 0xffff_ffff
-        })
+        Ok(self.machine.linear_pc()?)
     }
 
     /// Writes or removes the int3 bytes in memory.
@@ -302,18 +280,11 @@ impl<'m> NyxTarget<'m> {
                 _ => None,
             })
             .collect();
-        if watches.is_empty() {
-            return None;
-        }
-        let regs = self.machine.vcpu().get_regs().ok()?;
-        let sregs = self.machine.vcpu().get_sregs().ok()?;
-        let accesses = nyx_vmm::access::at_rip(self.machine.memory(), &regs, &sregs);
-        watches.into_iter().find_map(|(kind, addr, len)| {
-            accesses
-                .iter()
-                .any(|a| a.overlaps(addr, len) && (a.read || (kind == WatchKind::ReadWrite && a.write)))
-                .then_some((kind, addr))
-        })
+        let ranges: Vec<(u64, u64, bool)> = watches
+            .iter()
+            .map(|&(k, addr, len)| (addr, len, k == WatchKind::ReadWrite))
+            .collect();
+        nyx_vmm::access::first_accessed(self.machine, &ranges).map(|i| (watches[i].0, watches[i].1))
     }
 
     /// A watch stop if a watched range differs from `before`.
@@ -447,15 +418,7 @@ impl<'m> NyxTarget<'m> {
     fn resume_once(&mut self, stepping: bool) -> Result<RunStop, Error> {
         loop {
             let result = match self.timeline.as_deref_mut() {
-                Some(t) => {
-                    let single = self.machine.guest_debug().single_step;
-                    t.before_run(single);
-                    let before = t.events();
-                    let r = self.machine.resume();
-                    t.after_stop(self.machine, &r, before, single)
-                        .map_err(|e| Error::Protocol(e.to_string()))?;
-                    r
-                }
+                Some(t) => t.resume(self.machine).map_err(|e| Error::Protocol(e.to_string()))?,
                 None => self.machine.resume(),
             };
             let stop = match result {

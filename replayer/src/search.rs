@@ -133,12 +133,7 @@ pub fn step_toward_landing(ctx: &mut HookCtx<'_>, state: &Shared) -> Result<Opti
 /// IDT (long mode, protected mode, real mode), if it can be read.
 fn handler_of(ctx: &HookCtx<'_>, vector: u8) -> Result<Option<u64>, HookError> {
     let sregs = ctx.vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
-    let paging = nyx_vmm::paging::PagingRegs {
-        cr0: sregs.cr0,
-        cr3: sregs.cr3,
-        cr4: sregs.cr4,
-        efer: sregs.efer,
-    };
+    let paging = nyx_vmm::paging::PagingRegs::of(&sregs);
     let read = |addr: u64, buf: &mut [u8]| nyx_vmm::paging::read_virt(ctx.mem, &paging, addr, buf).is_ok();
     let v = u64::from(vector);
     let base = sregs.idt.base;
@@ -232,12 +227,7 @@ fn search(ctx: &mut HookCtx<'_>, landing: &Landing, state: &Shared) -> Result<Se
         return Ok(SearchEnd::Landed(0));
     }
     let sregs = ctx.vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
-    let long = sregs.efer & (1 << 10) != 0 && sregs.cs.l != 0;
-    let linear = if long {
-        landing.regs.rip
-    } else {
-        sregs.cs.base.wrapping_add(landing.regs.rip) & 0xffff_ffff
-    };
+    let linear = nyx_vmm::crash::CodeMode::linear(&sregs, landing.regs.rip);
     let armed = arming(ctx, linear);
     let arm = |ctx: &mut HookCtx<'_>| {
         let dbg = kvm_guest_debug {

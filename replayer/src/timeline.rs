@@ -143,6 +143,17 @@ pub enum ReverseStop {
     Begin,
 }
 
+/// How a free run toward an event count ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FreeEnd {
+    /// Paused after an exit with this many events consumed.
+    Reached(u64),
+    /// A debug register stopped it.
+    Breakpoint,
+    /// The replay ended.
+    Ended,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     /// Power-on or the trace's starting snapshot.
@@ -343,11 +354,6 @@ impl Timeline {
         lock(&self.shared).cursor.consumed()
     }
 
-    /// Trace events consumed so far (pass it to [`Timeline::after_stop`]).
-    pub fn events(&self) -> u64 {
-        self.consumed()
-    }
-
     fn push(&mut self, pos: Position, kind: Kind, state: MachineState, m: &Machine) {
         let cursor = lock(&self.shared).cursor.mark();
         let output = self.out.lock().unwrap_or_else(|e| e.into_inner()).emitted;
@@ -426,10 +432,21 @@ impl Timeline {
         Ok(())
     }
 
-    /// Prepares a run the debugger asked for: `stepping` a single step
-    /// (landings reached by stepping), otherwise a free run that pauses
-    /// for checkpoints.
-    pub fn before_run(&mut self, stepping: bool) {
+    /// Runs the machine once ([`Machine::resume`]) under the timeline: a
+    /// single step when the machine single-steps (landings reached by
+    /// stepping), otherwise a free run that pauses for checkpoints, which
+    /// are taken here (the caller resumes again after a pause). The
+    /// position follows the stop.
+    pub fn resume(&mut self, m: &mut Machine) -> Result<std::result::Result<Stop, nyx_vmm::machine::Error>> {
+        let stepping = m.guest_debug().single_step;
+        self.before_run(stepping);
+        let before = self.consumed();
+        let r = m.resume();
+        self.after_stop(m, &r, before, stepping)?;
+        Ok(r)
+    }
+
+    fn before_run(&mut self, stepping: bool) {
         let mut s = lock(&self.shared);
         s.stepping = stepping;
         s.pause_after = (!stepping).then(|| Instant::now() + self.interval);
@@ -437,8 +454,8 @@ impl Timeline {
 
     /// Notes how a run of the machine stopped (`events_before`: the events
     /// consumed when it started; `stepping`: a single step). A pause is
-    /// turned into a checkpoint here; the caller then resumes.
-    pub fn after_stop(
+    /// turned into a checkpoint here.
+    fn after_stop(
         &mut self,
         m: &mut Machine,
         stop: &std::result::Result<Stop, nyx_vmm::machine::Error>,
@@ -506,7 +523,7 @@ impl Timeline {
                     let now = self.consumed();
                     self.pos = self.pos.map(|p| advance(p, before, now));
                     let handler = lock(&self.shared).injected_handler.take();
-                    if handler.is_some_and(|h| linear_pc(m).is_ok_and(|pc| pc == h)) {
+                    if handler.is_some_and(|h| m.linear_pc().is_ok_and(|pc| pc == h)) {
                         clear_pushed_tf(m)?;
                     }
                     return Ok(Stepped::Instruction);
@@ -615,19 +632,26 @@ impl Timeline {
     /// `events`, pausing for a checkpoint at every exit within
     /// [`FAR_EVENTS`] of it. Returns false if the run ended first.
     fn run_near(&mut self, m: &mut Machine, events: u64) -> Result<bool> {
+        let end = self.run_free(m, GuestDebug::default(), events.saturating_sub(FAR_EVENTS / 4), events)?;
+        Ok(!matches!(end, FreeEnd::Ended))
+    }
+
+    /// Runs freely with the debug registers of `dbg` until a pause with at
+    /// least `events` consumed (pausing for a checkpoint at every exit once
+    /// `pause_from` are), a breakpoint, or the end of the replay.
+    fn run_free(&mut self, m: &mut Machine, dbg: GuestDebug, pause_from: u64, events: u64) -> Result<FreeEnd> {
         let saved = m.guest_debug();
-        m.set_guest_debug(GuestDebug::default())?;
-        lock(&self.shared).pause_near = Some(events.saturating_sub(FAR_EVENTS / 4));
+        m.set_guest_debug(dbg)?;
+        lock(&self.shared).pause_near = Some(pause_from);
         let r = (|| loop {
-            self.before_run(false);
-            let before = self.events();
-            let r = m.resume();
-            self.after_stop(m, &r, before, false)?;
-            match r {
-                Ok(Stop::Paused) if self.consumed() >= events => return Ok(true),
-                Ok(Stop::Paused) | Ok(Stop::Interrupted) | Ok(Stop::Debug(_)) => {}
-                Ok(Stop::Ended(_)) => return Ok(false),
-                Err(nyx_vmm::machine::Error::Hook(nyx_vmm::hooks::HookError::TraceEnd { .. })) => return Ok(false),
+            match self.resume(m)? {
+                Ok(Stop::Paused) if self.consumed() >= events => return Ok(FreeEnd::Reached(self.consumed())),
+                Ok(Stop::Paused) | Ok(Stop::Interrupted) => {}
+                Ok(Stop::Debug(_)) => return Ok(FreeEnd::Breakpoint),
+                Ok(Stop::Ended(_)) => return Ok(FreeEnd::Ended),
+                Err(nyx_vmm::machine::Error::Hook(nyx_vmm::hooks::HookError::TraceEnd { .. })) => {
+                    return Ok(FreeEnd::Ended)
+                }
                 Err(e) => return Err(TimelineError::Replay(e.to_string())),
             }
         })();
@@ -753,7 +777,6 @@ impl Timeline {
 
     fn resolve_inner_or_known(&mut self, m: &mut Machine) -> Result<Position> {
         match self.pos {
-            Some(p) if self.ending.is_none() => Ok(p),
             Some(p) => Ok(p),
             None => self.resolve_inner(m),
         }
@@ -853,7 +876,7 @@ impl Timeline {
             let mut values = watched(m, watches);
             let mut n = 0u64;
             loop {
-                let read = read_hit(m, reads);
+                let read = nyx_vmm::access::first_accessed(m, reads).map(|k| reads[k].0);
                 if self.pass_step(m, &mut n)? == Stepped::End {
                     break;
                 }
@@ -869,7 +892,7 @@ impl Timeline {
                     hit = Some((prev, ReverseStop::Watch(watches[k].0)));
                 }
                 values = now;
-                let pc = linear_pc(m)?;
+                let pc = m.linear_pc()?;
                 if breakpoints.contains(&pc) {
                     hit = Some((p, ReverseStop::Breakpoint(pc)));
                 }
@@ -898,26 +921,8 @@ impl Timeline {
             dbg.dr[k] = addr;
             dbg.dr7 |= 1 << (2 * k);
         }
-        let saved = m.guest_debug();
-        m.set_guest_debug(dbg)?;
-        lock(&self.shared).pause_near = Some(upper.events);
-        let r = (|| loop {
-            self.before_run(false);
-            let before = self.events();
-            let r = m.resume();
-            self.after_stop(m, &r, before, false)?;
-            match r {
-                Ok(Stop::Paused) if self.consumed() >= upper.events => return Ok(self.consumed() != upper.events),
-                Ok(Stop::Paused) | Ok(Stop::Interrupted) => {}
-                Ok(Stop::Debug(_)) => return Ok(true),
-                Ok(Stop::Ended(_)) => return Ok(true),
-                Err(nyx_vmm::machine::Error::Hook(nyx_vmm::hooks::HookError::TraceEnd { .. })) => return Ok(true),
-                Err(e) => return Err(TimelineError::Replay(e.to_string())),
-            }
-        })();
-        lock(&self.shared).pause_near = None;
-        m.set_guest_debug(saved)?;
-        r
+        let end = self.run_free(m, dbg, upper.events, upper.events)?;
+        Ok(end != FreeEnd::Reached(upper.events))
     }
 
     /// Names the current point (`monitor checkpoint`); returns its number.
@@ -973,20 +978,8 @@ fn same_regs(a: &kvm_bindings::kvm_regs, b: &kvm_bindings::kvm_regs) -> bool {
 /// Whether the vCPU's next instruction is HLT.
 fn at_hlt(m: &Machine) -> bool {
     let mut b = [0u8; 1];
-    linear_pc(m).is_ok_and(|pc| m.read_virt(pc, &mut b).is_ok() && b[0] == 0xf4)
-}
-
-/// The linear address of the vCPU's next instruction.
-fn linear_pc(m: &Machine) -> Result<u64> {
-    let kvm = |what| move |source| nyx_vmm::machine::Error::Kvm { what, source };
-    let rip = m.vcpu().get_regs().map_err(kvm("KVM_GET_REGS"))?.rip;
-    let s = m.vcpu().get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
-    let long = s.efer & (1 << 10) != 0 && s.cs.l != 0;
-    Ok(if long {
-        rip
-    } else {
-        s.cs.base.wrapping_add(rip) & 0xffff_ffff
-    })
+    m.linear_pc()
+        .is_ok_and(|pc| m.read_virt(pc, &mut b).is_ok() && b[0] == 0xf4)
 }
 
 /// Clears the trap flag in the RFLAGS image an interrupt delivered during a
@@ -1009,23 +1002,6 @@ fn clear_pushed_tf(m: &Machine) -> Result<()> {
         m.write_virt(addr, &buf[..len])?;
     }
     Ok(())
-}
-
-/// The first of `reads` (address, length, writes count too) that the
-/// instruction at RIP accesses.
-fn read_hit(m: &Machine, reads: &[(u64, u64, bool)]) -> Option<u64> {
-    if reads.is_empty() {
-        return None;
-    }
-    let regs = m.vcpu().get_regs().ok()?;
-    let sregs = m.vcpu().get_sregs().ok()?;
-    let accesses = nyx_vmm::access::at_rip(m.memory(), &regs, &sregs);
-    reads.iter().find_map(|&(addr, len, writes)| {
-        accesses
-            .iter()
-            .any(|a| a.overlaps(addr, len) && (a.read || (writes && a.write)))
-            .then_some(addr)
-    })
 }
 
 /// The guest-physical pages of the watched ranges, or None where one does

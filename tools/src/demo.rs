@@ -161,11 +161,7 @@ fn backwards(trace: &std::path::Path, kvm_device: &str) -> Result<(), String> {
     t.start(&mut m).map_err(|e| err(&e))?;
     let forward = std::time::Instant::now();
     loop {
-        t.before_run(false);
-        let before = t.events();
-        let r = m.resume();
-        t.after_stop(&mut m, &r, before, false).map_err(|e| err(&e))?;
-        match r {
+        match t.resume(&mut m).map_err(|e| err(&e))? {
             Ok(Stop::Ended(_)) => break,
             Ok(_) => {}
             Err(nyx_vmm::machine::Error::Hook(nyx_vmm::hooks::HookError::TraceEnd { .. })) => break,

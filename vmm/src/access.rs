@@ -160,19 +160,29 @@ pub fn decode(code: &[u8], regs: &kvm_regs, sregs: &kvm_sregs, mode: CodeMode) -
     out
 }
 
+/// Which of `ranges` (linear address, length, whether a write counts too)
+/// the instruction at `m`'s RIP reads (or writes, where that counts): the
+/// index of the first, or None (none, no ranges, or no registers). Read and
+/// access watchpoints checked by stepping ask this before each step.
+pub fn first_accessed(m: &crate::Machine, ranges: &[(u64, u64, bool)]) -> Option<usize> {
+    if ranges.is_empty() {
+        return None;
+    }
+    let regs = m.vcpu().get_regs().ok()?;
+    let sregs = m.vcpu().get_sregs().ok()?;
+    let accesses = at_rip(m.memory(), &regs, &sregs);
+    ranges.iter().position(|&(addr, len, writes)| {
+        accesses
+            .iter()
+            .any(|a| a.overlaps(addr, len) && (a.read || (writes && a.write)))
+    })
+}
+
 /// The memory accesses of the instruction at the vCPU's RIP.
 pub fn at_rip(mem: &GuestMemory, regs: &kvm_regs, sregs: &kvm_sregs) -> Vec<Access> {
     let mode = CodeMode::of(sregs);
-    let linear = match mode {
-        CodeMode::Bits64 => regs.rip,
-        _ => sregs.cs.base.wrapping_add(regs.rip) & 0xffff_ffff,
-    };
-    let paging = crate::paging::PagingRegs {
-        cr0: sregs.cr0,
-        cr3: sregs.cr3,
-        cr4: sregs.cr4,
-        efer: sregs.efer,
-    };
+    let linear = CodeMode::linear(sregs, regs.rip);
+    let paging = crate::paging::PagingRegs::of(sregs);
     // An instruction is at most 15 bytes; it may end before an unmapped page.
     let mut code = [0u8; 15];
     let mut n = code.len();

@@ -35,6 +35,16 @@ impl CodeMode {
             CodeMode::Bits16
         }
     }
+
+    /// The linear address of instruction pointer `ip` in the code segment
+    /// of `sregs`: CS's base counts outside 64-bit mode, where addresses
+    /// wrap at 4 GiB.
+    pub fn linear(sregs: &kvm_sregs, ip: u64) -> u64 {
+        match CodeMode::of(sregs) {
+            CodeMode::Bits64 => ip,
+            _ => sregs.cs.base.wrapping_add(ip) & 0xffff_ffff,
+        }
+    }
 }
 
 /// Disassembles `code` located at `addr`, at most `max` instructions, one
@@ -227,16 +237,8 @@ impl CrashReport {
     /// Builds a report for `reason` from the vCPU registers and guest memory.
     pub fn new(reason: String, regs: &kvm_regs, sregs: &kvm_sregs, mem: &GuestMemory) -> Self {
         let mode = CodeMode::of(sregs);
-        let linear = match mode {
-            CodeMode::Bits64 => regs.rip,
-            _ => sregs.cs.base.wrapping_add(regs.rip) & 0xffff_ffff,
-        };
-        let pr = PagingRegs {
-            cr0: sregs.cr0,
-            cr3: sregs.cr3,
-            cr4: sregs.cr4,
-            efer: sregs.efer,
-        };
+        let linear = CodeMode::linear(sregs, regs.rip);
+        let pr = PagingRegs::of(sregs);
         let mut code = [0u8; 48];
         let code = match paging::read_virt(mem, &pr, linear, &mut code) {
             Ok(()) => disassemble(&code, regs.rip, mode, 6),

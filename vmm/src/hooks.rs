@@ -149,16 +149,8 @@ impl HookCtx<'_> {
     pub fn in_hot_loop(&mut self) -> Result<bool, HookError> {
         let (regs, sregs) = self.registers()?;
         let mode = crate::crash::CodeMode::of(&sregs);
-        let linear = match mode {
-            crate::crash::CodeMode::Bits64 => regs.rip,
-            _ => sregs.cs.base.wrapping_add(regs.rip) & 0xffff_ffff,
-        };
-        let paging = crate::paging::PagingRegs {
-            cr0: sregs.cr0,
-            cr3: sregs.cr3,
-            cr4: sregs.cr4,
-            efer: sregs.efer,
-        };
+        let linear = crate::crash::CodeMode::linear(&sregs, regs.rip);
+        let paging = crate::paging::PagingRegs::of(&sregs);
         let mut code = [0u8; 48];
         if crate::paging::read_virt(self.mem, &paging, linear, &mut code).is_err() {
             return Ok(false);
@@ -240,12 +232,7 @@ pub fn live_digest(
     pages: impl IntoIterator<Item = u64>,
 ) -> u64 {
     {
-        let paging = crate::paging::PagingRegs {
-            cr0: sregs.cr0,
-            cr3: sregs.cr3,
-            cr4: sregs.cr4,
-            efer: sregs.efer,
-        };
+        let paging = crate::paging::PagingRegs::of(sregs);
         let long = sregs.efer & (1 << 10) != 0 && sregs.cs.l != 0;
         let red_zone = if sregs.cs.selector & 3 == 3 { 128 } else { 0 };
         let rsp = regs.rsp.wrapping_sub(red_zone);

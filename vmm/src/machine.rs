@@ -974,12 +974,14 @@ impl Machine {
     /// The vCPU's paging registers now.
     pub fn paging_regs(&self) -> Result<crate::paging::PagingRegs, Error> {
         let s = self.core.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        Ok(crate::paging::PagingRegs {
-            cr0: s.cr0,
-            cr3: s.cr3,
-            cr4: s.cr4,
-            efer: s.efer,
-        })
+        Ok(crate::paging::PagingRegs::of(&s))
+    }
+
+    /// The linear address of the vCPU's next instruction.
+    pub fn linear_pc(&self) -> Result<u64, Error> {
+        let rip = self.core.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?.rip;
+        let s = self.core.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        Ok(crate::crash::CodeMode::linear(&s, rip))
     }
 
     /// Reads guest-virtual memory through the guest's page tables; patched
@@ -1532,12 +1534,7 @@ impl Machine {
                 }
                 let mut regs = self.core.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
                 let sregs = self.core.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                let paging = crate::paging::PagingRegs {
-                    cr0: sregs.cr0,
-                    cr3: sregs.cr3,
-                    cr4: sregs.cr4,
-                    efer: sregs.efer,
-                };
+                let paging = crate::paging::PagingRegs::of(&sregs);
                 let cs_base = if sregs.efer & (1 << 10) != 0 && sregs.cs.l != 0 {
                     0
                 } else {

@@ -33,6 +33,16 @@ pub struct PagingRegs {
 }
 
 impl PagingRegs {
+    /// The paging registers among a vCPU's special registers.
+    pub fn of(s: &kvm_bindings::kvm_sregs) -> Self {
+        PagingRegs {
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer,
+        }
+    }
+
     /// The paging mode these registers select.
     pub fn mode(&self) -> PagingMode {
         if self.cr0 & CR0_PG == 0 {
