@@ -5,31 +5,11 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn nyx() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_nyx"));
-    c.env_remove("NYX_LOG").env_remove("NYX_KVM_DEVICE");
-    c
-}
-
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        assert_ne!(
-            std::env::var("NYX_REQUIRE_KVM").as_deref(),
-            Ok("1"),
-            "NYX_REQUIRE_KVM=1 but /dev/kvm cannot be opened read-write"
-        );
-        eprintln!("skipped: /dev/kvm is not usable");
-    }
-    ok
-}
+mod common;
+use common::{kvm_available, nyx};
 
 fn ctl(sock: &Path, args: &[&str]) -> (Option<i32>, String) {
     let out = nyx().arg("ctl").arg(sock).args(args).output().unwrap();

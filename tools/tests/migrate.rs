@@ -9,37 +9,13 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn nyx() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_nyx"));
-    c.env_remove("NYX_LOG").env_remove("NYX_KVM_DEVICE");
-    c
-}
-
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        assert_ne!(
-            std::env::var("NYX_REQUIRE_KVM").as_deref(),
-            Ok("1"),
-            "NYX_REQUIRE_KVM=1 but /dev/kvm cannot be opened read-write"
-        );
-        eprintln!("skipped: /dev/kvm is not usable");
-    }
-    ok
-}
-
-fn guest(name: &str) -> PathBuf {
-    nyx_guests::path(name).unwrap_or_else(|| panic!("no in-tree guest {name}"))
-}
+mod common;
+use common::{guest, kvm_available, nyx};
 
 /// Collects a pipe's bytes on a thread.
 #[derive(Clone, Default)]
