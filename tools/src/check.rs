@@ -30,6 +30,8 @@ use nyx_devices::io::BufferInput;
 use nyx_vmm::reset::{CheckControl, CheckRun, ResetPoint};
 use nyx_vmm::{MachineBuilder, RunOutcome, SerialIn};
 
+use crate::KvmArgs;
+
 /// Errors that stop `nyx check` before it can give an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
@@ -367,15 +369,8 @@ pub struct CheckArgs {
     /// Where the traces of failing runs go (default: the current directory).
     #[arg(long, value_name = "DIR", default_value = ".")]
     trace_dir: PathBuf,
-    /// The KVM device to open.
-    #[arg(
-        long,
-        value_name = "PATH",
-        env = "NYX_KVM_DEVICE",
-        default_value = "/dev/kvm",
-        hide = true
-    )]
-    kvm_device: String,
+    #[command(flatten)]
+    kvm: KvmArgs,
 }
 
 /// Runs `nyx check`: exit status 0 when every repetition passed, 5 when
@@ -394,7 +389,7 @@ pub fn main(a: &CheckArgs) -> Result<std::process::ExitCode, String> {
         jobs: a.jobs,
         timeout: Duration::try_from_secs_f64(a.timeout).map_err(|e| format!("--timeout {}: {e}", a.timeout))?,
         trace_dir: a.trace_dir.clone(),
-        kvm_path: a.kvm_device.clone(),
+        kvm_path: a.kvm.kvm_device.clone(),
         progress: crate::progress::bar(a.repeat, "nyx check"),
     };
     let r = check(&opts);

@@ -73,6 +73,13 @@ struct RestoreArgs {
     /// Serial (COM1) input from here on: a file, or - for stdin.
     #[arg(long, value_name = "FILE|-")]
     serial_in: Option<String>,
+    #[command(flatten)]
+    kvm: KvmArgs,
+}
+
+/// The KVM device option every command that builds a machine takes.
+#[derive(Args, Debug, Clone)]
+pub struct KvmArgs {
     /// The KVM device to open.
     #[arg(
         long,
@@ -81,7 +88,7 @@ struct RestoreArgs {
         default_value = "/dev/kvm",
         hide = true
     )]
-    kvm_device: String,
+    pub kvm_device: String,
 }
 
 #[derive(Args, Debug)]
@@ -148,15 +155,8 @@ struct ReplayArgs {
     /// execution restarts from (smaller: faster reverse steps, more memory).
     #[arg(long, value_name = "MS", default_value_t = 5)]
     checkpoint_interval: u64,
-    /// The KVM device to open.
-    #[arg(
-        long,
-        value_name = "PATH",
-        env = "NYX_KVM_DEVICE",
-        default_value = "/dev/kvm",
-        hide = true
-    )]
-    kvm_device: String,
+    #[command(flatten)]
+    kvm: KvmArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -227,15 +227,8 @@ pub struct MachineArgs {
     /// Serial (COM1) input: a file, or - for stdin.
     #[arg(long, value_name = "FILE|-")]
     serial_in: Option<String>,
-    /// The KVM device to open.
-    #[arg(
-        long,
-        value_name = "PATH",
-        env = "NYX_KVM_DEVICE",
-        default_value = "/dev/kvm",
-        hide = true
-    )]
-    kvm_device: String,
+    #[command(flatten)]
+    kvm: KvmArgs,
 }
 
 #[derive(Args, Debug)]
@@ -347,7 +340,7 @@ fn gdb_session_with(
 fn replay_gdb(args: &ReplayArgs) -> Result<ExitCode, nyx_replayer::Error> {
     let opts = nyx_replayer::ReplayOptions {
         serial_out: None,
-        kvm_path: args.kvm_device.clone(),
+        kvm_path: args.kvm.kvm_device.clone(),
     };
     let (mut machine, mut timeline) = nyx_replayer::debug_replay(&args.trace, opts)?;
     timeline.set_interval(std::time::Duration::from_millis(args.checkpoint_interval.max(1)));
@@ -356,15 +349,8 @@ fn replay_gdb(args: &ReplayArgs) -> Result<ExitCode, nyx_replayer::Error> {
 
 #[derive(Args, Debug)]
 struct DemoArgs {
-    /// The KVM device to open.
-    #[arg(
-        long,
-        value_name = "PATH",
-        env = "NYX_KVM_DEVICE",
-        default_value = "/dev/kvm",
-        hide = true
-    )]
-    kvm_device: String,
+    #[command(flatten)]
+    kvm: KvmArgs,
 }
 
 impl MachineArgs {
@@ -386,7 +372,7 @@ impl MachineArgs {
             .kernel(self.kernel()?)
             .cmdline(&self.cmdline)
             .serial_in(serial_in)
-            .kvm_path(&self.kvm_device);
+            .kvm_path(&self.kvm.kvm_device);
         if let Some(i) = &self.initrd {
             b = b.initrd(i);
         }
@@ -425,7 +411,7 @@ fn record(args: &RecordArgs) -> Result<ExitCode, String> {
             out: args.out.clone(),
             serial_in: serial_in_arg(m.serial_in.as_deref()),
             serial_out: None,
-            kvm_path: m.kvm_device.clone(),
+            kvm_path: m.kvm.kvm_device.clone(),
             verify,
             landings,
         }),
@@ -438,7 +424,7 @@ fn record(args: &RecordArgs) -> Result<ExitCode, String> {
             mem_mib: m.mem,
             serial_in: serial_in_arg(m.serial_in.as_deref()),
             serial_out: None,
-            kvm_path: m.kvm_device.clone(),
+            kvm_path: m.kvm.kvm_device.clone(),
             verify,
             landings,
         }),
@@ -477,7 +463,7 @@ fn replay(args: &ReplayArgs) -> Result<ExitCode, nyx_replayer::Error> {
         &args.trace,
         nyx_replayer::ReplayOptions {
             serial_out: progress::serial_out(bar.as_ref()),
-            kvm_path: args.kvm_device.clone(),
+            kvm_path: args.kvm.kvm_device.clone(),
         },
         progress,
     );
@@ -526,7 +512,7 @@ fn incoming(args: &RunArgs, spec: &str) -> Result<ExitCode, String> {
     let (frames, runs) = (received.frames, received.runs);
     let built = MachineBuilder::from_saved(received.machine)
         .serial_in(serial_in_arg(args.machine.serial_in.as_deref()))
-        .kvm_path(&args.machine.kvm_device)
+        .kvm_path(&args.machine.kvm.kvm_device)
         .build();
     let mut machine = match built {
         Ok(m) => m,
@@ -570,7 +556,7 @@ fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
     let mut machine = progress::restore_builder(&args.snapshot)
         .map_err(|e| e.to_string())?
         .serial_in(serial_in_arg(args.serial_in.as_deref()))
-        .kvm_path(&args.kvm_device)
+        .kvm_path(&args.kvm.kvm_device)
         .build()
         .map_err(|e| e.to_string())?;
     args.serve.start_metrics(&machine)?;
@@ -656,7 +642,7 @@ fn main() -> ExitCode {
             trace_cmd::dump(trace, *from, kind.as_deref()).map_err(|e| e.to_string())
         }
         Command::Trace(TraceCommand::Verify { trace }) => trace_cmd::verify(trace).map_err(|e| e.to_string()),
-        Command::Demo(a) => demo::run(&a.kvm_device),
+        Command::Demo(a) => demo::run(&a.kvm.kvm_device),
     };
     match result {
         Ok(code) => code,
