@@ -71,6 +71,17 @@ impl Nyx {
     }
 }
 
+impl Nyx {
+    /// [`Nyx::finish`], asserting that nyx exited without a panic; its
+    /// remaining stderr.
+    fn finish_cleanly(self) -> String {
+        let (code, err) = self.finish();
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(code.is_some(), "{err}");
+        err
+    }
+}
+
 impl Drop for Nyx {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -435,9 +446,7 @@ fn reverse_execution_from_a_crash() {
     assert_eq!(printed(&out, "RESULT="), 832_040, "fib(30) before the write: {out}");
     assert!(out.contains("No more reverse-execution history"), "{out}");
     assert!(out.contains("position 0:0"), "back at the start: {out}");
-    let (code, err) = nyx.finish();
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(code.is_some(), "{err}");
+    nyx.finish_cleanly();
 }
 
 /// Reverse execution across timer interrupts and keyframed landings: the
@@ -511,9 +520,7 @@ fn reverse_execution_across_interrupts() {
     assert!((irq0..irq0 + 64).contains(&store), "the handler wrote ticks: {out}");
     assert!(out.contains("Old value = 1") && out.contains("New value = 0"), "{out}");
     assert!(out.contains("No more reverse-execution history"), "{out}");
-    let (code, err) = nyx.finish();
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(code.is_some(), "{err}");
+    nyx.finish_cleanly();
 }
 
 /// A breakpoint the guest reaches while the replay searches for a landing
@@ -553,9 +560,8 @@ fn breakpoints_hit_while_the_replay_searches_a_landing() {
         out.contains("No more reverse-execution history"),
         "ran to the recorded end: {out}"
     );
-    let (code, err) = nyx.finish();
-    assert!(!err.contains("panicked") && !err.contains("diverge"), "{err}");
-    assert!(code.is_some(), "{err}");
+    let err = nyx.finish_cleanly();
+    assert!(!err.contains("diverge"), "{err}");
 }
 
 /// Read and access watchpoints, checked by stepping (the debug registers of
@@ -613,9 +619,7 @@ fn read_and_access_watchpoints() {
         out.contains("No more reverse-execution history"),
         "no access before it: {out}"
     );
-    let (code, err) = nyx.finish();
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(code.is_some(), "{err}");
+    nyx.finish_cleanly();
 }
 
 /// A gdb packet with its checksum.
@@ -733,7 +737,5 @@ fn reverse_execution_across_hlt() {
     assert!(out.contains("hlt"), "the instruction before the tick is the HLT: {out}");
     assert_eq!(printed(&out, "FWD_PC="), irq0, "the same tick again: {out}");
     assert_eq!(printed(&out, "PREV_TICKS="), 1, "{out}");
-    let (code, err) = nyx.finish();
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(code.is_some(), "{err}");
+    nyx.finish_cleanly();
 }
