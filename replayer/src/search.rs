@@ -101,13 +101,22 @@ pub fn step_toward_landing(ctx: &mut HookCtx<'_>, state: &Shared) -> Result<Opti
         let mut s = lock(state);
         // A recorded interrupt window is reached as its landing.
         let window = matches!(s.cursor.peek(), Some(Event::Exit(r)) if r.kind == ExitKind::IrqWindow);
-        let next = if window {
-            s.cursor.peek_second()
-        } else {
-            s.cursor.peek().cloned()
+        // Only what the check compares is copied: this runs before every
+        // step, and a keyframe holds pages.
+        let state_of = |l: &Landing| Landing {
+            keyframe: None,
+            regs: l.regs,
+            regs_digest: l.regs_digest,
+            dirty_pages: l.dirty_pages,
+            mem_digest: l.mem_digest,
+            pending_interrupt: l.pending_interrupt,
         };
-        match next {
-            Some(Event::Landing(l)) => l,
+        match (window, s.cursor.peek()) {
+            (false, Some(Event::Landing(l))) => state_of(l),
+            (true, _) => match s.cursor.peek_second() {
+                Some(Event::Landing(l)) => state_of(&l),
+                _ => return Ok(None),
+            },
             _ => return Ok(None),
         }
     };
