@@ -1,0 +1,386 @@
+//! Building a machine: [`MachineBuilder`] opens KVM, creates the VM and its
+//! vCPU, lays out memory, loads the kernel and wires the platform.
+
+use super::*;
+
+/// Builds a [`Machine`]; the CLI is a thin layer over it.
+pub struct MachineBuilder {
+    mem_mib: u64,
+    kernel: Option<(String, Vec<u8>)>,
+    kernel_path: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    initrd_image: Option<Vec<u8>>,
+    cmdline: String,
+    serial_in: SerialIn,
+    serial_out: Option<Box<dyn Write + Send>>,
+    kvm_path: String,
+    cpuid_policy: CpuidPolicy,
+    cpuid_table: Option<Vec<cpuid::CpuidEntry>>,
+    tsc_khz: Option<u32>,
+    hooks: Option<Box<dyn RunHooks>>,
+    restore: Option<(crate::snapshot::MachineState, Vec<crate::mem_state::PageRun>)>,
+}
+
+impl Default for MachineBuilder {
+    fn default() -> Self {
+        MachineBuilder {
+            mem_mib: DEFAULT_MEM_MIB,
+            kernel: None,
+            kernel_path: None,
+            initrd: None,
+            initrd_image: None,
+            cmdline: String::new(),
+            serial_in: SerialIn::None,
+            serial_out: None,
+            kvm_path: "/dev/kvm".into(),
+            cpuid_policy: CpuidPolicy::Run,
+            cpuid_table: None,
+            tsc_khz: None,
+            hooks: None,
+            restore: None,
+        }
+    }
+}
+
+impl MachineBuilder {
+    /// A builder with the defaults: 64 MiB, no input, output to stdout.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Guest RAM in MiB.
+    pub fn memory(mut self, mib: u64) -> Self {
+        self.mem_mib = mib;
+        self
+    }
+
+    /// The kernel file to boot.
+    pub fn kernel(mut self, path: impl AsRef<Path>) -> Self {
+        self.kernel_path = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// A kernel image given as bytes, with a name for messages.
+    pub fn kernel_image(mut self, name: &str, image: Vec<u8>) -> Self {
+        self.kernel = Some((name.to_string(), image));
+        self
+    }
+
+    /// An initrd (a Multiboot module for Multiboot kernels).
+    pub fn initrd(mut self, path: impl AsRef<Path>) -> Self {
+        self.initrd = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// An initrd given as bytes.
+    pub fn initrd_image(mut self, image: Vec<u8>) -> Self {
+        self.initrd_image = Some(image);
+        self
+    }
+
+    /// The kernel command line.
+    pub fn cmdline(mut self, cmdline: &str) -> Self {
+        self.cmdline = cmdline.to_string();
+        self
+    }
+
+    /// Where COM1's input comes from.
+    pub fn serial_in(mut self, input: SerialIn) -> Self {
+        self.serial_in = input;
+        self
+    }
+
+    /// Where COM1's output goes (default: stdout).
+    pub fn serial_out(mut self, out: Box<dyn Write + Send>) -> Self {
+        self.serial_out = Some(out);
+        self
+    }
+
+    /// The KVM device (default /dev/kvm).
+    pub fn kvm_path(mut self, path: &str) -> Self {
+        self.kvm_path = path.to_string();
+        self
+    }
+
+    /// The CPUID policy.
+    pub fn cpuid_policy(mut self, policy: CpuidPolicy) -> Self {
+        self.cpuid_policy = policy;
+        self
+    }
+
+    /// Uses exactly this CPUID table (a replay uses the recording's).
+    pub fn cpuid_table(mut self, table: Vec<cpuid::CpuidEntry>) -> Self {
+        self.cpuid_table = Some(table);
+        self
+    }
+
+    /// The guest's TSC frequency in kHz for the virtual TSC (default: KVM's).
+    pub fn tsc_khz(mut self, khz: u32) -> Self {
+        self.tsc_khz = Some(khz);
+        self
+    }
+
+    /// Applies `state` and `memory` at build (a trace that starts from a
+    /// snapshot carries them in its first frames).
+    pub fn restore_state(
+        mut self,
+        state: crate::snapshot::MachineState,
+        memory: Vec<crate::mem_state::PageRun>,
+    ) -> Self {
+        self.restore = Some((state, memory));
+        self
+    }
+
+    /// A builder for the machine saved in the snapshot at `path`: the same
+    /// configuration and images, and its state applied at build.
+    pub fn from_snapshot(path: &Path) -> Result<Self, crate::snapshot::SnapshotError> {
+        Ok(Self::from_saved(crate::snapshot::read(path)?))
+    }
+
+    /// A builder for a saved machine read from anywhere (a snapshot file,
+    /// a migration stream): its configuration and images, its state applied
+    /// at build.
+    pub fn from_saved(snap: crate::snapshot::Snapshot) -> Self {
+        let c = snap.config;
+        let mut b = MachineBuilder::new()
+            .memory(c.mem_mib)
+            .kernel_image(&c.kernel_name, snap.kernel)
+            .cmdline(&c.cmdline)
+            .cpuid_table(c.cpuid)
+            .tsc_khz(c.tsc_khz);
+        if let Some(i) = snap.initrd {
+            b = b.initrd_image(i);
+        }
+        b.restore = Some((snap.state, snap.memory));
+        b
+    }
+
+    /// The run mode (default: a plain run).
+    pub fn hooks(mut self, hooks: Box<dyn RunHooks>) -> Self {
+        self.hooks = Some(hooks);
+        self
+    }
+
+    /// The command line the guest will see for `kernel_name`: a Multiboot
+    /// loader (QEMU's, GRUB's) passes the kernel's file name in front of it.
+    pub fn effective_cmdline(image: &[u8], kernel_name: &str, cmdline: &str) -> String {
+        match loader::detect(image) {
+            Ok(loader::KernelFormat::Multiboot) if cmdline.is_empty() => kernel_name.to_string(),
+            Ok(loader::KernelFormat::Multiboot) => format!("{kernel_name} {cmdline}"),
+            _ => cmdline.to_string(),
+        }
+    }
+
+    /// Opens KVM, creates memory and vCPU, loads the kernel and wires the
+    /// devices.
+    pub fn build(mut self) -> Result<Machine, Error> {
+        let (kernel_name, image) = match (self.kernel, &self.kernel_path) {
+            (Some(k), _) => k,
+            (None, Some(p)) => {
+                let image = std::fs::read(p).map_err(|source| Error::Read {
+                    what: "kernel",
+                    path: p.clone(),
+                    source,
+                })?;
+                (p.display().to_string(), image)
+            }
+            (None, None) => return Err(Error::NoKernel),
+        };
+        let initrd = match &self.initrd {
+            _ if self.initrd_image.is_some() => self.initrd_image.take(),
+            Some(p) => Some(std::fs::read(p).map_err(|source| Error::Read {
+                what: "initrd",
+                path: p.clone(),
+                source,
+            })?),
+            None => None,
+        };
+        let serial_in: Box<dyn Input> = match self.serial_in {
+            SerialIn::None => Box::new(NoInput),
+            SerialIn::Stdin => Box::new(ThreadInput::spawn(std::io::stdin())),
+            SerialIn::File(p) => {
+                let data = std::fs::read(&p).map_err(|source| Error::Read {
+                    what: "serial input",
+                    path: p,
+                    source,
+                })?;
+                Box::new(BufferInput::new(data))
+            }
+            SerialIn::Bytes(b) => Box::new(BufferInput::new(b)),
+        };
+
+        // KVM first: a machine without it is the commonest user error.
+        let path = CString::new(self.kvm_path.clone()).map_err(|_| Error::KvmOpen {
+            path: self.kvm_path.clone(),
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        let kvm = Kvm::new_with_path(path.as_c_str()).map_err(|source| Error::KvmOpen {
+            path: self.kvm_path.clone(),
+            source,
+        })?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        if let Err(e) = vm.set_tss_address(TSS_ADDRESS) {
+            tracing::debug!("KVM_SET_TSS_ADDR: {e}");
+        }
+
+        let mem = memory::create(self.mem_mib)?;
+        for (slot, region) in mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which the
+            // Machine keeps for as long as the VM exists.
+            unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        let cmdline = Self::effective_cmdline(&image, &kernel_name, &self.cmdline);
+        let setup = loader::load(&mem, &image, initrd.as_deref(), &cmdline).map_err(|source| Error::Load {
+            path: kernel_name.clone(),
+            source,
+        })?;
+
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let table = match self.cpuid_table {
+            Some(t) => t,
+            None => cpuid::filter(self.cpuid_policy, &cpuid::from_kvm(&supported)),
+        };
+        let mut vcpu = vcpu;
+        let sync_rip = vm.check_extension(kvm_ioctls::Cap::SyncRegs) && std::env::var_os("NYX_NO_SYNC").is_none();
+        if sync_rip {
+            vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+        }
+        let kcpuid = cpuid::to_kvm(&table).map_err(|_| Error::Kvm {
+            what: "the CPUID table size",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        vcpu.set_cpuid2(&kcpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        msr::install_filter(&vm).map_err(kvm_err("KVM_X86_SET_MSR_FILTER"))?;
+
+        let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        loader::configure_vcpu(&setup, &mut regs, &mut sregs);
+        vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        let fpu = kvm_bindings::kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+
+        let mut hooks = self.hooks.unwrap_or_else(|| Box::new(PlainRun::new()));
+        let restore = self.restore.take();
+        let patches = if let Some((state, _)) = &restore {
+            state.patches.clone()
+        } else if hooks.patches_instructions() {
+            let table = if setup.format == loader::KernelFormat::LinuxBzImage {
+                PatchTable::default()
+            } else {
+                crate::patch::scan_elf(&image).map_err(|e| Error::GuestMemory(e.to_string()))?
+            };
+            table.apply(&mem).map_err(|e| Error::GuestMemory(e.to_string()))?;
+            table
+        } else {
+            PatchTable::default()
+        };
+        let tsc_khz = match self.tsc_khz {
+            Some(k) => k,
+            None => vcpu.get_tsc_khz().unwrap_or(1_000_000),
+        };
+        let start_ns = restore.as_ref().map_or(0, |r| r.0.virtual_ns);
+        let clock = Arc::new(VirtualClock::new(hooks.time_source(start_ns)));
+        clock.set_last(start_ns);
+        let serial_in = hooks.serial_input(serial_in);
+        let wall_seconds = hooks.wall_seconds(HostWallClock.unix_seconds());
+        let ram = self.mem_mib << 20;
+        let io = PlatformIo {
+            clock: clock.clone(),
+            wall: Box::new(nyx_devices::io::FixedWallClock(wall_seconds)),
+            serial_out: self.serial_out.unwrap_or_else(|| Box::new(StdoutSink)),
+            serial_in,
+        };
+        let msr_list = crate::vcpu_state::accepted_msrs(&vcpu, &crate::vcpu_state::supported_msrs(&kvm))
+            .map_err(|e| Error::GuestMemory(format!("MSR list: {e}")))?;
+        let (platform, exit_seq, poll_pending) = match &restore {
+            Some((state, memory)) => {
+                // Memory first (it replaces what the loader wrote), then the
+                // devices, then the vCPU (its CPUID is set above, as KVM
+                // requires; vcpu_state::restore documents its own order).
+                crate::mem_state::restore_full(&mem, memory).map_err(|e| Error::GuestMemory(e.to_string()))?;
+                let platform =
+                    Platform::from_state(io, &state.platform).map_err(|e| Error::GuestMemory(e.to_string()))?;
+                crate::vcpu_state::restore(&vcpu, &state.vcpu).map_err(|e| Error::GuestMemory(e.to_string()))?;
+                // Let KVM refresh kvm_run's view of the restored vCPU (IF,
+                // readiness for injection) with a KVM_RUN that exits at once.
+                crate::vcpu_state::complete_pending_exit(&mut vcpu).map_err(|e| Error::GuestMemory(e.to_string()))?;
+                (platform, state.exit_seq, state.poll_pending)
+            }
+            None => (
+                Platform::new(io, ram.min(MMIO_HOLE_START), ram.saturating_sub(MMIO_HOLE_START))?,
+                0,
+                false,
+            ),
+        };
+        let config = crate::config::MachineConfig {
+            mem_mib: self.mem_mib,
+            kernel_name: kernel_name.clone(),
+            cmdline: self.cmdline.clone(),
+            has_initrd: initrd.is_some(),
+            cpuid: table.clone(),
+            tsc_khz,
+            wall_seconds,
+            verify: crate::config::VerifyLevel::Exits,
+        };
+        let dirty = if hooks.tracks_dirty_pages() {
+            // SAFETY: `mem` is the memory registered above, slot = region
+            // index, and the Machine keeps it for the VM's whole life.
+            Some(unsafe { DirtyTracker::enable(&vm, &mem) }.map_err(|e| Error::GuestMemory(e.to_string()))?)
+        } else {
+            None
+        };
+
+        Ok(Machine {
+            timer: None,
+            poll_pending,
+            spurious_kick: false,
+            idle_stopped: false,
+            debug: GuestDebug::default(),
+            hooks,
+            core: Core {
+                _kvm: kvm,
+                vm,
+                vcpu,
+                mem,
+                platform,
+                clock,
+                setup,
+                cpuid: table,
+                stats: ExitStats::default(),
+                metrics: Arc::new(crate::metrics::VmMetrics::new()),
+                unknown: HashMap::new(),
+                patches,
+                tsc_khz,
+                exit_seq,
+                dirty,
+                dirty_since_landing: BTreeSet::new(),
+                written: BTreeSet::new(),
+                debug: GuestDebug::default(),
+                kernel_name,
+                cmdline,
+                image_len: image.len(),
+                config,
+                kernel_image: image,
+                initrd_image: initrd,
+                msr_list,
+                sync_rip,
+            },
+        })
+    }
+}

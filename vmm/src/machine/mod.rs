@@ -1,0 +1,462 @@
+//! The machine: a KVM VM with one vCPU and guest memory, the PC platform in
+//! user space, and the run loop. The design of the whole is in the
+//! project's ARCHITECTURE.md.
+//!
+//! There is no in-kernel irqchip, PIT or kvmclock: every port and MMIO
+//! access exits to [`Machine::run`], which dispatches it on the platform's
+//! buses; every interrupt is injected by Nyx with `KVM_INTERRUPT` when KVM
+//! says the guest can take one, or after an interrupt-window exit. HLT sleeps
+//! until the next device deadline in virtual time; a guest that computes
+//! past a deadline without exiting is kicked by the vCPU timer.
+//!
+//! This file holds the types and accessors; `builder` assembles a machine,
+//! `run_loop` runs it, `exit` decodes and completes exits, `guest_view`
+//! sets the debug registers and reads and writes the guest through its page
+//! tables, `state` captures and restores it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::CString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_interrupt, kvm_userspace_memory_region, KVMIO, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use nyx_devices::io::{BufferInput, NoInput};
+use nyx_devices::{BusEvent, Clock, Input, WallClock};
+use vm_memory::{GuestMemory as _, GuestMemoryRegion};
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_iow_nr;
+
+use crate::clock::VirtualClock;
+use crate::cpuid::{self, CpuidPolicy};
+use crate::crash::CrashReport;
+use crate::events::{ExitKind, ExitRecord};
+use crate::hooks::{Enter, HookCtx, HookError, PlainRun, RunHooks};
+use crate::host::{HostWallClock, StdoutSink, ThreadInput};
+use crate::kick::{Kicker, VcpuTimer};
+use crate::loader::{self, BootSetup, LoadError};
+use crate::mem_state::DirtyTracker;
+use crate::memory::{self, GuestMemory, MemoryError, MMIO_HOLE_START};
+use crate::msr;
+use crate::patch::PatchTable;
+use crate::platform::{Platform, PlatformIo};
+
+ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
+
+/// The default guest RAM in MiB.
+pub const DEFAULT_MEM_MIB: u64 = 64;
+/// Where the TSS of VMX real-mode emulation lives (three pages, in the hole).
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Errors of building or running a machine. Each says what is wrong and
+/// what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open {path}: {source}; Nyx needs KVM: check that the kvm module is loaded and that you may read and write {path}")]
+    KvmOpen {
+        /// The device path.
+        path: String,
+        /// What the kernel said.
+        source: kvm_ioctls::Error,
+    },
+    /// A KVM call failed.
+    #[error("KVM refused {what}: {source}")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// What the kernel said.
+        source: kvm_ioctls::Error,
+    },
+    /// No kernel was given.
+    #[error("no kernel given: pass --kernel FILE")]
+    NoKernel,
+    /// A file the user named cannot be read.
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        /// Kernel, initrd or serial input.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The kernel file is not something Nyx can boot.
+    #[error("cannot load kernel {path}: {source}")]
+    Load {
+        /// The path.
+        path: String,
+        /// Why.
+        source: LoadError,
+    },
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The device layout is inconsistent (a bug in Nyx).
+    #[error("device layout: {0}")]
+    Bus(#[from] nyx_devices::BusError),
+    /// A host facility (timer, signal) failed.
+    #[error("host: {0}")]
+    Host(#[from] std::io::Error),
+    /// The run mode stopped the run (a replay diverged or its trace ended).
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    /// Guest memory could not be tracked or patched.
+    #[error("guest memory: {0}")]
+    GuestMemory(String),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+/// Where COM1's input comes from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SerialIn {
+    /// No input.
+    #[default]
+    None,
+    /// The host's stdin.
+    Stdin,
+    /// A file, read whole at start.
+    File(PathBuf),
+    /// Bytes given by the caller.
+    Bytes(Vec<u8>),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The guest wrote `value` to the debug-exit port.
+    DebugExit(u32),
+    /// The guest halted with interrupts disabled (or waits for an interrupt
+    /// that nothing can raise any more).
+    Halted,
+    /// The guest asked for a reset.
+    Reset,
+    /// The guest powered off.
+    PowerOff,
+    /// The guest crashed.
+    Crashed(Box<CrashReport>),
+}
+
+impl RunOutcome {
+    /// The exit status of `nyx run` for this outcome.
+    pub fn exit_status(&self) -> i32 {
+        match self {
+            RunOutcome::DebugExit(v) => (*v & 0xff) as i32,
+            RunOutcome::Halted | RunOutcome::Reset | RunOutcome::PowerOff => 0,
+            RunOutcome::Crashed(_) => 2,
+        }
+    }
+}
+
+/// Exit counters of a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExitStats {
+    /// Port reads and writes.
+    pub pio: u64,
+    /// MMIO reads and writes.
+    pub mmio: u64,
+    /// HLT exits.
+    pub hlt: u64,
+    /// Interrupt-window exits.
+    pub irq_window: u64,
+    /// MSR exits.
+    pub msr: u64,
+    /// Kicks (KVM_RUN interrupted by the deadline timer or another thread).
+    pub kicks: u64,
+    /// Interrupts injected.
+    pub injected: u64,
+    /// Wall time spent in [`Machine::run`], ns.
+    pub wall_ns: u64,
+    /// User CPU time of the vCPU thread in [`Machine::run`] (Nyx's own work), ns.
+    pub user_ns: u64,
+    /// System CPU time of the vCPU thread in [`Machine::run`] (KVM, and on
+    /// emulated KVM the guest's execution), ns.
+    pub sys_ns: u64,
+}
+
+fn thread_cpu_ns() -> (u64, u64) {
+    // SAFETY: getrusage writes into the zeroed struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
+    (ns(ru.ru_utime), ns(ru.ru_stime))
+}
+
+impl ExitStats {
+    /// Guest-caused exits (kicks are not).
+    pub fn exits(&self) -> u64 {
+        self.pio + self.mmio + self.hlt + self.irq_window + self.msr
+    }
+}
+
+/// Everything of a machine but its run mode.
+pub struct Core {
+    _kvm: Kvm,
+    vm: VmFd,
+    vcpu: VcpuFd,
+    mem: GuestMemory,
+    platform: Platform,
+    clock: Arc<VirtualClock>,
+    setup: BootSetup,
+    cpuid: Vec<cpuid::CpuidEntry>,
+    stats: ExitStats,
+    metrics: Arc<crate::metrics::VmMetrics>,
+    unknown: HashMap<(bool, u64), u64>,
+    patches: PatchTable,
+    tsc_khz: u32,
+    exit_seq: u64,
+    dirty: Option<DirtyTracker>,
+    dirty_since_landing: BTreeSet<u64>,
+    written: BTreeSet<u64>,
+    /// A copy of [`Machine`]'s debug configuration, for the hooks.
+    debug: GuestDebug,
+    kernel_name: String,
+    cmdline: String,
+    image_len: usize,
+    config: crate::config::MachineConfig,
+    kernel_image: Vec<u8>,
+    initrd_image: Option<Vec<u8>>,
+    msr_list: Vec<u32>,
+    /// Whether KVM mirrors the registers into kvm_run at every exit
+    /// (KVM_CAP_SYNC_REGS): then every exit record carries RIP for free.
+    sync_rip: bool,
+}
+
+/// A machine ready to run.
+pub struct Machine {
+    // Dropped first: its signal handler writes to the vCPU's kvm_run.
+    timer: Option<VcpuTimer>,
+    poll_pending: bool,
+    spurious_kick: bool,
+    /// Another thread stopped the machine while the guest idled in HLT:
+    /// resuming goes on idling there. Re-entering the guest instead would
+    /// make it execute HLT again, an exit that a recording would log and
+    /// its replay (never stopped there) would not make.
+    idle_stopped: bool,
+    debug: GuestDebug,
+    hooks: Box<dyn RunHooks>,
+    core: Core,
+}
+
+impl Core {
+    fn ctx(&mut self) -> HookCtx<'_> {
+        HookCtx {
+            vcpu: &mut self.vcpu,
+            vm: &self.vm,
+            mem: &self.mem,
+            clock: &self.clock,
+            exit_seq: self.exit_seq,
+            dirty: self.dirty.as_mut(),
+            dirty_since_landing: &mut self.dirty_since_landing,
+            written: &mut self.written,
+            guest_debug: self.debug,
+            msr_list: &self.msr_list,
+            metrics: &self.metrics,
+        }
+    }
+
+    /// The guest's TSC at virtual time `ns` (the virtual TSC of record and
+    /// replay): starts at 0 at power-on and runs at `tsc_khz`.
+    fn virtual_tsc(&self, ns: u64) -> u64 {
+        ((u128::from(ns) * u128::from(self.tsc_khz)) / 1_000_000) as u64
+    }
+
+    fn note_unknown(&mut self, mmio: bool, addr: u64, write: bool, size: usize) {
+        note_unknown(&mut self.unknown, mmio, addr, write, size);
+    }
+}
+
+/// Counts an access to an address no device decodes, logging the first.
+fn note_unknown(unknown: &mut HashMap<(bool, u64), u64>, mmio: bool, addr: u64, write: bool, size: usize) {
+    {
+        let n = unknown.entry((mmio, addr)).or_insert(0);
+        if *n == 0 {
+            tracing::info!(
+                "guest {} unknown {} {addr:#x} (size {size}); reads return all-ones, writes are dropped",
+                if write { "wrote" } else { "read" },
+                if mmio { "MMIO address" } else { "port" },
+            );
+        }
+        *n += 1;
+    }
+}
+
+fn le_value(data: &[u8]) -> u64 {
+    let mut v = [0u8; 8];
+    let n = data.len().min(8);
+    v[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(v)
+}
+
+/// How [`Machine::idle`] ended.
+enum Idle {
+    Interrupt,
+    Never,
+    Stopped,
+}
+
+/// Why [`Machine::resume`] returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// The run ended.
+    Ended(RunOutcome),
+    /// A debug exit: breakpoint, watchpoint or single step.
+    Debug(DebugStop),
+    /// Another thread kicked the vCPU ([`Machine::kicker`]).
+    Interrupted,
+    /// The mode's hooks asked to pause right after an exit was handled
+    /// ([`RunHooks::pause_after_exit`]): resuming goes on exactly as if
+    /// the loop had not returned.
+    Paused,
+}
+
+/// A debug exit as KVM reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DebugStop {
+    /// The exception vector (1: #DB, 3: #BP).
+    pub exception: u32,
+    /// RIP (linear) at the stop.
+    pub pc: u64,
+    /// DR6: which breakpoint or watchpoint fired, or BS for a single step.
+    pub dr6: u64,
+}
+
+/// What the vCPU stops for (see [`Machine::set_guest_debug`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GuestDebug {
+    /// #BP exits to Nyx (software breakpoints written into guest memory).
+    pub sw_breakpoints: bool,
+    /// Single-step.
+    pub single_step: bool,
+    /// DR0..DR3.
+    pub dr: [u64; 4],
+    /// DR7 (enable bits, kinds and lengths of DR0..DR3).
+    pub dr7: u64,
+}
+
+/// What a handled exit asks of the loop.
+enum Next {
+    Debug(DebugStop),
+    Continue,
+    Hlt,
+    InternalError,
+    End(RunOutcome),
+    Crash(String),
+}
+
+impl Machine {
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.core.mem
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &VmFd {
+        &self.core.vm
+    }
+
+    /// The vCPU.
+    pub fn vcpu(&self) -> &VcpuFd {
+        &self.core.vcpu
+    }
+
+    /// The devices.
+    pub fn platform(&self) -> &Platform {
+        &self.core.platform
+    }
+
+    /// The virtual clock.
+    pub fn clock(&self) -> &Arc<VirtualClock> {
+        &self.core.clock
+    }
+
+    /// What the loader did.
+    pub fn boot_setup(&self) -> &BootSetup {
+        &self.core.setup
+    }
+
+    /// The CPUID table the guest sees.
+    pub fn cpuid(&self) -> &[cpuid::CpuidEntry] {
+        &self.core.cpuid
+    }
+
+    /// The patched instruction sites.
+    pub fn patches(&self) -> &PatchTable {
+        &self.core.patches
+    }
+
+    /// The TSC frequency of the virtual TSC, kHz.
+    pub fn tsc_khz(&self) -> u32 {
+        self.core.tsc_khz
+    }
+
+    /// The kernel's name as given and the command line the guest received.
+    pub fn kernel_and_cmdline(&self) -> (&str, &str) {
+        (&self.core.kernel_name, &self.core.cmdline)
+    }
+
+    /// The position: guest-caused exits so far.
+    pub fn exit_seq(&self) -> u64 {
+        self.core.exit_seq
+    }
+
+    /// Exit counters so far.
+    pub fn stats(&self) -> &ExitStats {
+        &self.core.stats
+    }
+
+    /// The machine's metrics; clone the `Arc` to read them from another thread.
+    pub fn metrics(&self) -> &Arc<crate::metrics::VmMetrics> {
+        &self.core.metrics
+    }
+
+    /// The run mode's name.
+    pub fn mode_name(&self) -> &'static str {
+        self.hooks.name()
+    }
+
+    /// Unknown port (false) and MMIO (true) addresses the guest touched, with
+    /// access counts.
+    pub fn unknown_accesses(&self) -> &HashMap<(bool, u64), u64> {
+        &self.core.unknown
+    }
+
+    /// Size of the kernel image in bytes.
+    pub fn image_len(&self) -> usize {
+        self.core.image_len
+    }
+
+    /// A handle to interrupt a running [`Machine::run`] from another thread
+    /// (binds the vCPU timer to the calling thread, which must then run).
+    pub fn kicker(&mut self) -> Result<Kicker, Error> {
+        self.prepare_thread()?;
+        Ok(self
+            .timer
+            .as_ref()
+            .map(VcpuTimer::kicker)
+            .ok_or_else(|| std::io::Error::other("no vCPU timer"))?)
+    }
+
+    /// Binds the vCPU timer to the calling thread; `run` must then be called
+    /// on this thread.
+    pub fn prepare_thread(&mut self) -> Result<(), Error> {
+        if self.timer.is_none() {
+            let run: *mut kvm_bindings::kvm_run = self.core.vcpu.get_kvm_run();
+            self.timer = Some(VcpuTimer::new(run)?);
+        }
+        Ok(())
+    }
+}
+
+mod builder;
+mod exit;
+mod guest_view;
+mod run_loop;
+mod state;
+
+pub use builder::MachineBuilder;

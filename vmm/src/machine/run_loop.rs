@@ -1,0 +1,290 @@
+//! The run loop: enter the guest, handle its exit, let the mode's hooks
+//! see it, inject interrupts, idle in HLT until the next deadline.
+
+use super::exit::ExitIo;
+use super::*;
+
+impl Machine {
+    fn crash(&mut self, reason: String) -> Result<RunOutcome, Error> {
+        let regs = self.core.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let sregs = self.core.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        Ok(RunOutcome::Crashed(Box::new(CrashReport::new(
+            reason,
+            &regs,
+            &sregs,
+            &self.core.mem,
+        ))))
+    }
+
+    /// Starts a step: a new clock sample for whatever reads time in it, and
+    /// a device poll when the mode says so.
+    fn step(&mut self, requested: bool) -> Result<(), Error> {
+        self.core.clock.next_step();
+        let mut ctx = self.core.ctx();
+        if self.hooks.poll_now(&mut ctx, requested)? {
+            self.core.platform.poll();
+        }
+        Ok(())
+    }
+
+    /// Injects a pending interrupt if the guest can take it, or asks KVM for
+    /// an interrupt-window exit.
+    fn service_interrupts(&mut self) -> Result<(), Error> {
+        let pending = self.core.platform.interrupt_pending();
+        let ready = self.core.vcpu.get_kvm_run().ready_for_interrupt_injection != 0;
+        if pending && ready && self.hooks.may_inject() {
+            let vector = self.core.platform.acknowledge();
+            let mut ctx = self.core.ctx();
+            self.hooks.on_inject(&mut ctx, vector)?;
+            let irq = kvm_interrupt { irq: u32::from(vector) };
+            // SAFETY: KVM_INTERRUPT on a vCPU fd with a valid kvm_interrupt.
+            let ret = unsafe { ioctl_with_ref(&self.core.vcpu, KVM_INTERRUPT(), &irq) };
+            if ret != 0 {
+                return Err(Error::Kvm {
+                    what: "KVM_INTERRUPT",
+                    source: kvm_ioctls::Error::last(),
+                });
+            }
+            self.core.stats.injected += 1;
+            self.core.metrics.inject(vector);
+        }
+        // More may be pending behind this one.
+        let still = self.core.platform.interrupt_pending() && self.hooks.requests_interrupt_window();
+        self.core.vcpu.get_kvm_run().request_interrupt_window = u8::from(still);
+        Ok(())
+    }
+
+    /// Waits in HLT until an interrupt is pending, nothing can raise one any
+    /// more (no deadline and no more input), or another thread kicks.
+    fn idle(&mut self) -> Result<Idle, Error> {
+        loop {
+            let deadline = self.core.platform.next_deadline_ns();
+            let input = self.core.platform.serial_may_receive();
+            if deadline.is_none() && !input {
+                return Ok(Idle::Never);
+            }
+            if let Some(t) = &self.timer {
+                if t.take_request() {
+                    return Ok(Idle::Stopped);
+                }
+            }
+            self.hooks.idle_wait(&self.core.clock, deadline, input);
+            self.step(true)?;
+            if self.core.platform.interrupt_pending() {
+                return Ok(Idle::Interrupt);
+            }
+        }
+    }
+
+    /// Runs the guest until it exits, halts for good, resets or crashes.
+    pub fn run(&mut self) -> Result<RunOutcome, Error> {
+        loop {
+            match self.resume()? {
+                Stop::Ended(outcome) => return Ok(outcome),
+                Stop::Interrupted => return Err(HookError::Stopped.into()),
+                // Debug exits only come when a debugger asked for them.
+                Stop::Debug(_) | Stop::Paused => {}
+            }
+        }
+    }
+
+    /// Runs the guest until it ends, a debug exit (breakpoint, watchpoint,
+    /// single step) stops it, or another thread kicks it ([`Machine::kicker`]).
+    /// The machine can be resumed after a `Debug` or `Interrupted` stop.
+    pub fn resume(&mut self) -> Result<Stop, Error> {
+        self.prepare_thread()?;
+        let wall = std::time::Instant::now();
+        let (user, sys) = thread_cpu_ns();
+        let result = self.run_loop();
+        let (user2, sys2) = thread_cpu_ns();
+        self.core.stats.wall_ns += wall.elapsed().as_nanos() as u64;
+        self.core.stats.user_ns += user2.saturating_sub(user);
+        self.core.stats.sys_ns += sys2.saturating_sub(sys);
+        // No kicks while the machine is not running.
+        if let Some(t) = self.timer.as_mut() {
+            t.arm(None)?;
+        }
+        self.core.vcpu.set_kvm_immediate_exit(0);
+        let stop = result?;
+        if let Stop::Ended(outcome) = &stop {
+            let mut ctx = self.core.ctx();
+            self.hooks.on_end(&mut ctx, outcome)?;
+        }
+        Ok(stop)
+    }
+}
+
+impl Machine {
+    fn run_loop(&mut self) -> Result<Stop, Error> {
+        if std::mem::take(&mut self.idle_stopped) {
+            match self.idle()? {
+                Idle::Interrupt => {}
+                Idle::Never => return Ok(Stop::Ended(RunOutcome::Halted)),
+                Idle::Stopped => {
+                    self.idle_stopped = true;
+                    return Ok(Stop::Interrupted);
+                }
+            }
+        }
+        loop {
+            // A kick that led to nothing (its deadline had not passed) is not
+            // a step: the replay never sees it, so it must not start a new
+            // clock sample or an injection decision here either.
+            if !std::mem::take(&mut self.spurious_kick) {
+                let poll = std::mem::take(&mut self.poll_pending);
+                self.step(poll)?;
+                if !self.debug.single_step || self.hooks.inject_while_stepping() {
+                    self.service_interrupts()?;
+                }
+                let mut ctx = self.core.ctx();
+                match self.hooks.before_enter(&mut ctx)? {
+                    Enter::Guest => {}
+                    Enter::Moved { poll } => {
+                        // The mode moved the guest to a landing: a new step
+                        // there. Its search used the debug registers: put
+                        // ours back.
+                        self.poll_pending = poll;
+                        if self.debug != GuestDebug::default() {
+                            self.set_guest_debug(self.debug)?;
+                        }
+                        continue;
+                    }
+                    Enter::Stop(d) => {
+                        self.set_guest_debug(self.debug)?;
+                        return Ok(Stop::Debug(d));
+                    }
+                    Enter::Kicked => {
+                        self.set_guest_debug(self.debug)?;
+                        self.core.stats.kicks += 1;
+                        if self.timer.as_ref().is_some_and(|t| t.take_request()) {
+                            return Ok(Stop::Interrupted);
+                        }
+                        // A late kick nothing asked for: the hook goes on
+                        // where it stopped.
+                        continue;
+                    }
+                }
+            }
+            let kick = self.hooks.kick_at(self.core.platform.next_deadline_ns());
+            if let Some(t) = self.timer.as_mut() {
+                t.arm(kick)?;
+            }
+            let c = &mut self.core;
+            let handled_from;
+            let mut io = ExitIo {
+                platform: &c.platform,
+                stats: &mut c.stats,
+                unknown: &mut c.unknown,
+                patched: !c.patches.is_empty(),
+            };
+            let next = match c.vcpu.run() {
+                Ok(exit) => {
+                    handled_from = c.metrics.start();
+                    io.handle(exit)
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.core.vcpu.set_kvm_immediate_exit(0);
+                    self.core.stats.kicks += 1;
+                    let passed = kick.is_some_and(|k| crate::kick::monotonic_ns() >= k);
+                    let mut ctx = self.core.ctx();
+                    self.poll_pending = self.hooks.on_kick(&mut ctx, passed)?;
+                    self.spurious_kick = !self.poll_pending;
+                    if let Some(t) = &self.timer {
+                        if t.take_request() {
+                            return Ok(Stop::Interrupted);
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    return Err(Error::Kvm {
+                        what: "KVM_RUN",
+                        source: e,
+                    })
+                }
+            };
+            match next {
+                Ok((_, Next::Debug(d))) => return Ok(Stop::Debug(d)),
+                Ok((rec, next)) => {
+                    self.core.exit_seq += 1;
+                    let rec = match rec {
+                        Some(mut r) => {
+                            // Not for interrupt-window exits: an emulated KVM
+                            // may report the window a few instructions late,
+                            // at the end of an emulation batch, so their RIP
+                            // is not part of the guest's deterministic path.
+                            if self.core.sync_rip && r.kind != ExitKind::IrqWindow {
+                                r.rip = self.core.vcpu.sync_regs().regs.rip;
+                            }
+                            r
+                        }
+                        None => self.finish_special_exit()?,
+                    };
+                    let mut ctx = self.core.ctx();
+                    self.hooks.on_exit(&mut ctx, &rec)?;
+                    self.core.metrics.exit(&rec, handled_from);
+                    match next {
+                        Next::Continue if self.hooks.pause_after_exit() => return Ok(Stop::Paused),
+                        Next::Continue => {}
+                        Next::Hlt if self.core.vcpu.get_kvm_run().if_flag == 0 => {
+                            return Ok(Stop::Ended(RunOutcome::Halted))
+                        }
+                        Next::Hlt => match self.idle()? {
+                            Idle::Interrupt => {}
+                            Idle::Never => return Ok(Stop::Ended(RunOutcome::Halted)),
+                            Idle::Stopped => {
+                                self.idle_stopped = true;
+                                return Ok(Stop::Interrupted);
+                            }
+                        },
+                        Next::Debug(d) => return Ok(Stop::Debug(d)),
+                        Next::InternalError => {
+                            let run = self.core.vcpu.get_kvm_run();
+                            // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so
+                            // the `internal` member of the union is the valid one.
+                            let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                            let what = match suberror {
+                                1 => "emulation failure (a triple fault shows up this way on emulated KVM)",
+                                2 => "simultaneous exceptions",
+                                3 => "delivery event",
+                                _ => "internal error",
+                            };
+                            return self
+                                .crash(format!("KVM internal error, suberror {suberror}: {what}"))
+                                .map(Stop::Ended);
+                        }
+                        Next::End(outcome) => return Ok(Stop::Ended(outcome)),
+                        Next::Crash(reason) => return self.crash(reason).map(Stop::Ended),
+                    }
+                }
+                Err(pending) => {
+                    // An exit whose completion needs the vCPU (MSR, patched
+                    // instruction): complete it now.
+                    self.core.exit_seq += 1;
+                    let mut rec = self.complete(pending)?;
+                    if self.core.sync_rip && rec.rip == 0 {
+                        rec.rip = self.core.vcpu.sync_regs().regs.rip;
+                    }
+                    let mut ctx = self.core.ctx();
+                    self.hooks.on_exit(&mut ctx, &rec)?;
+                    self.core.metrics.exit(&rec, handled_from);
+                    if self.hooks.pause_after_exit() {
+                        return Ok(Stop::Paused);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A special exit (crash) has no data beyond RIP.
+    fn finish_special_exit(&mut self) -> Result<ExitRecord, Error> {
+        let rip = self.core.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+        Ok(ExitRecord {
+            kind: ExitKind::Crash,
+            addr: 0,
+            size: 0,
+            data: 0,
+            rip,
+        })
+    }
+}
