@@ -18,6 +18,7 @@ use nyx_devices::Input;
 use nyx_trace::{ContainerKind, FrameKind, GuestImage, TraceHeader, TraceWriter, WriterOptions};
 use nyx_vmm::clock::{HostTime, TimeSource, VirtualClock};
 use nyx_vmm::config::{MachineConfig, VerifyLevel, INITRD_IMAGE, KERNEL_IMAGE};
+use nyx_vmm::cpu_model::CpuModel;
 use nyx_vmm::cpuid::CpuidPolicy;
 use nyx_vmm::events::{EndKind, EndRecord, Event, ExitRecord};
 use nyx_vmm::hooks::{host_idle_wait, host_random, HookCtx, HookError, RunHooks};
@@ -97,6 +98,8 @@ pub struct RecordOptions {
     pub verify: VerifyLevel,
     /// How landings are stored.
     pub landings: LandingPolicy,
+    /// The CPU model the guest sees.
+    pub cpu: CpuModel,
 }
 
 /// What a recording produced.
@@ -500,6 +503,7 @@ pub fn start_image(
         .serial_in(opts.serial_in)
         .kvm_path(&opts.kvm_path)
         .cpuid_policy(CpuidPolicy::RecordReplay)
+        .cpu_model(opts.cpu)
         .hooks(Box::new(hooks));
     if let Some(out) = opts.serial_out {
         b = b.serial_out(out);
@@ -515,6 +519,7 @@ pub fn start_image(
         cmdline: opts.cmdline.clone(),
         has_initrd: initrd.is_some(),
         cpuid: machine.cpuid().to_vec(),
+        cpu_model: opts.cpu.name().to_string(),
         tsc_khz: machine.tsc_khz(),
         wall_seconds: *wall.lock().unwrap_or_else(|e| e.into_inner()),
         verify: opts.verify,

@@ -438,7 +438,7 @@ impl RunHooks for Replayer {
                     })
                 }
                 _ => {
-                    let msg = format!("the guest ended ({outcome:?}) where the recording goes on");
+                    let msg = format!("the guest ended ({outcome}) where the recording goes on");
                     return Err(report::diverge(ctx, &s.cursor, msg, None));
                 }
             }
@@ -450,7 +450,7 @@ impl RunHooks for Replayer {
             (a, b) => a == b,
         };
         if !kinds_match {
-            let msg = format!("the recording ended {:?}, the replay {:?}", end.kind, actual.kind);
+            let msg = format!("the recording ended ({}), the replay ({})", end.kind, actual.kind);
             return Err(report::diverge(ctx, &s.cursor, msg, None));
         }
         if end.regs_digest != actual.regs_digest || end.mem_digest != actual.mem_digest {
@@ -598,6 +598,7 @@ fn build_inner(
         .cmdline(&config.cmdline)
         .kvm_path(&opts.kvm_path)
         .cpuid_table(config.cpuid.clone())
+        .cpu_model_name(&config.cpu_model)
         .tsc_khz(config.tsc_khz)
         .hooks(Box::new(hooks));
     let mut timeline = None;

@@ -157,6 +157,7 @@ fn round_trip(dir: &Path, name: &str, rep: usize) -> Res<Trip> {
             kvm_path: "/dev/kvm".into(),
             verify: VerifyLevel::Exits,
             landings: nyx_recorder::LandingPolicy::Auto,
+            cpu: Default::default(),
         },
         name.to_string(),
         image.to_vec(),

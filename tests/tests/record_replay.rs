@@ -37,6 +37,7 @@ fn record_guest(dir: &Path, name: &str, file: &str, input: Option<&[u8]>, verify
             kvm_path: "/dev/kvm".into(),
             verify,
             landings: nyx_recorder::LandingPolicy::Auto,
+            cpu: Default::default(),
         },
         name.to_string(),
         image,

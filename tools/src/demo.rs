@@ -76,6 +76,7 @@ pub fn run(kvm_device: &str) -> Result<ExitCode, String> {
             kvm_path: kvm_device.into(),
             verify: VerifyLevel::Exits,
             landings: nyx_recorder::LandingPolicy::Auto,
+            cpu: Default::default(),
         },
         GUEST.into(),
         image,

@@ -17,6 +17,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use nyx_vmm::config::VerifyLevel;
+use nyx_vmm::cpu_model::CpuModel;
 use nyx_vmm::{MachineBuilder, RunOutcome, SerialIn};
 
 mod api;
@@ -137,7 +138,7 @@ struct RecordArgs {
     verify: String,
     /// Start from this snapshot instead of booting a kernel (the machine,
     /// kernel and initrd come from the snapshot).
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cpu"])]
     from_snapshot: Option<PathBuf>,
     #[command(flatten)]
     machine: MachineArgs,
@@ -227,6 +228,11 @@ pub struct MachineArgs {
     /// Serial (COM1) input: a file, or - for stdin.
     #[arg(long, value_name = "FILE|-")]
     serial_in: Option<String>,
+    /// The CPU model the guest sees: baseline (the default; runs on any
+    /// x86-64 KVM, hardware or emulated) or host (what KVM reports); `help`
+    /// lists them. A snapshot, trace or migrated machine keeps its own.
+    #[arg(long, value_name = "MODEL", default_value = "baseline")]
+    cpu: String,
     #[command(flatten)]
     kvm: KvmArgs,
 }
@@ -241,7 +247,7 @@ struct RunArgs {
     serve: ServeArgs,
     /// Receive a migrating machine on tcp:HOST:PORT (port 0 picks a free
     /// one) and run it; machine, kernel and state come from the source.
-    #[arg(long, value_name = "tcp:HOST:PORT", conflicts_with_all = ["kernel", "initrd", "gdb"])]
+    #[arg(long, value_name = "tcp:HOST:PORT", conflicts_with_all = ["kernel", "initrd", "gdb", "cpu"])]
     incoming: Option<String>,
 }
 
@@ -361,7 +367,15 @@ impl MachineArgs {
             .ok_or_else(|| "give the kernel to boot (--kernel FILE), or for `record` a snapshot to start from (--from-snapshot FILE)".to_string())
     }
 
-    fn builder(&self) -> Result<MachineBuilder, String> {
+    /// The `--cpu` model; None for `--cpu help` (the caller prints the list).
+    fn cpu_model(&self) -> Result<Option<CpuModel>, String> {
+        match self.cpu.as_str() {
+            "help" => Ok(None),
+            name => CpuModel::parse(name).map(Some).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn builder(&self, cpu: CpuModel) -> Result<MachineBuilder, String> {
         let serial_in = match self.serial_in.as_deref() {
             None => SerialIn::None,
             Some("-") => SerialIn::Stdin,
@@ -371,6 +385,7 @@ impl MachineArgs {
             .memory(self.mem)
             .kernel(self.kernel()?)
             .cmdline(&self.cmdline)
+            .cpu_model(cpu)
             .serial_in(serial_in)
             .kvm_path(&self.kvm.kvm_device);
         if let Some(i) = &self.initrd {
@@ -405,6 +420,10 @@ fn record(args: &RecordArgs) -> Result<ExitCode, String> {
         "keyframe" => nyx_recorder::LandingPolicy::Keyframe,
         _ => nyx_recorder::LandingPolicy::Auto,
     };
+    let Some(cpu) = m.cpu_model()? else {
+        print!("{}", CpuModel::help());
+        return Ok(ExitCode::SUCCESS);
+    };
     let started = match &args.from_snapshot {
         Some(snapshot) => nyx_recorder::start_from_snapshot(nyx_recorder::SnapshotRecordOptions {
             snapshot: snapshot.clone(),
@@ -427,6 +446,7 @@ fn record(args: &RecordArgs) -> Result<ExitCode, String> {
             kvm_path: m.kvm.kvm_device.clone(),
             verify,
             landings,
+            cpu,
         }),
     };
     let mut session = started.map_err(|e| e.to_string())?;
@@ -570,7 +590,11 @@ fn run(args: &RunArgs) -> Result<ExitCode, String> {
     if let Some(spec) = &args.incoming {
         return incoming(args, spec);
     }
-    let mut machine = args.machine.builder()?.build().map_err(|e| e.to_string())?;
+    let Some(cpu) = args.machine.cpu_model()? else {
+        print!("{}", CpuModel::help());
+        return Ok(ExitCode::SUCCESS);
+    };
+    let mut machine = args.machine.builder(cpu)?.build().map_err(|e| e.to_string())?;
     tracing::info!(target: "nyx::vmm", "machine built: kernel {}, {} MiB", args.machine.kernel()?.display(), args.machine.mem);
     args.serve.start_metrics(&machine)?;
     if let Some(code) = gdb_session(&args.gdb, &mut machine) {

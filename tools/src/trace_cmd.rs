@@ -113,10 +113,16 @@ fn write_info(path: &Path, out: &mut dyn Write) -> Result<ExitCode, Error> {
     )?;
     writeln!(
         out,
-        "cpu          {} CPUID entries, virtual TSC {} kHz, date {}",
+        "cpu          model {}, {} CPUID entries, virtual TSC {} kHz, date {}",
+        config.cpu_model,
         config.cpuid.len(),
         config.tsc_khz,
         config.wall_seconds
+    )?;
+    writeln!(
+        out,
+        "cpu features {}",
+        nyx_vmm::cpu_model::feature_names(&config.cpuid).join(" ")
     )?;
     writeln!(out, "verify       {:?}", config.verify)?;
     for i in &h.images {
@@ -141,7 +147,7 @@ fn write_info(path: &Path, out: &mut dyn Write) -> Result<ExitCode, Error> {
         }
         if let Event::End(x) = e {
             last_time = x.virtual_ns;
-            end = Some(format!("{:?}", x.kind));
+            end = Some(x.kind.to_string());
         }
         Ok(())
     })?;
@@ -172,7 +178,7 @@ fn write_info(path: &Path, out: &mut dyn Write) -> Result<ExitCode, Error> {
     }
     writeln!(out, "guest time   {:.3} s (virtual)", last_time as f64 / 1e9)?;
     match (r.is_complete(), end) {
-        (true, Some(e)) => writeln!(out, "complete     yes, ended {e}"),
+        (true, Some(e)) => writeln!(out, "complete     yes\nended        {e}"),
         (true, None) => writeln!(out, "complete     yes (no end event)"),
         (false, _) => writeln!(
             out,

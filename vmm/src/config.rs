@@ -35,6 +35,8 @@ pub struct MachineConfig {
     pub has_initrd: bool,
     /// The exact CPUID table.
     pub cpuid: Vec<CpuidEntry>,
+    /// The name of the CPU model the table was made from (`--cpu`).
+    pub cpu_model: String,
     /// The virtual TSC's frequency, kHz.
     pub tsc_khz: u32,
     /// The date at power-on, seconds since the Unix epoch.
@@ -76,6 +78,7 @@ mod tests {
                 ecx: 3,
                 edx: 4,
             }],
+            cpu_model: "baseline".into(),
             tsc_khz: 2_000_000,
             wall_seconds: 1_800_000_000,
             verify: VerifyLevel::Full,

@@ -75,6 +75,10 @@ const L1_ECX_X2APIC: u32 = 1 << 21;
 const L1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const L1_ECX_RDRAND: u32 = 1 << 30;
 const L1_EDX_APIC: u32 = 1 << 9;
+const L1_ECX_XSAVE: u32 = 1 << 26;
+const L1_ECX_OSXSAVE: u32 = 1 << 27;
+const L7_ECX_PKU: u32 = 1 << 3;
+const L7_ECX_OSPKE: u32 = 1 << 4;
 // Leaf 7 subleaf 0.
 const L7_EBX_TSC_ADJUST: u32 = 1 << 1;
 const L7_EBX_RDSEED: u32 = 1 << 18;
@@ -128,6 +132,44 @@ pub fn filter(policy: CpuidPolicy, entries: &[CpuidEntry]) -> Vec<CpuidEntry> {
             _ => {}
         }
         out.push(e);
+    }
+    out
+}
+
+/// What the `cpuid` instruction returns for `leaf` and `subleaf` on a
+/// machine with `table`, as KVM computes it (for a patched `cpuid`): the
+/// entry for the leaf (and the subleaf, where the entry says it matters),
+/// zeros where the table has none; OSXSAVE and OSPKE follow CR4, and leaf
+/// 0xD's EBX is the XSAVE area size of the features `xcr0` enables.
+pub fn lookup(table: &[CpuidEntry], leaf: u32, subleaf: u32, cr4: u64, xcr0: u64) -> [u32; 4] {
+    let find = |leaf: u32, subleaf: u32| {
+        table.iter().find(|e| {
+            e.function == leaf && (e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == subleaf)
+        })
+    };
+    let Some(e) = find(leaf, subleaf) else {
+        return [0; 4];
+    };
+    let mut out = [e.eax, e.ebx, e.ecx, e.edx];
+    const CR4_OSXSAVE: u64 = 1 << 18;
+    const CR4_PKE: u64 = 1 << 22;
+    match (leaf, subleaf) {
+        (1, _) => {
+            let osxsave = out[2] & L1_ECX_XSAVE != 0 && cr4 & CR4_OSXSAVE != 0;
+            out[2] = (out[2] & !L1_ECX_OSXSAVE) | if osxsave { L1_ECX_OSXSAVE } else { 0 };
+        }
+        (7, 0) => {
+            let ospke = out[2] & L7_ECX_PKU != 0 && cr4 & CR4_PKE != 0;
+            out[2] = (out[2] & !L7_ECX_OSPKE) | if ospke { L7_ECX_OSPKE } else { 0 };
+        }
+        (0xd, 0) => {
+            // Legacy area and header, then each enabled component's end.
+            out[1] = (2..63)
+                .filter(|i| xcr0 & (1 << i) != 0)
+                .filter_map(|i| find(0xd, i).map(|c| c.eax.saturating_add(c.ebx)))
+                .fold(576, u32::max);
+        }
+        _ => {}
     }
     out
 }
@@ -202,6 +244,40 @@ mod tests {
         assert_eq!(find(&t, 0x15).ebx, 0);
         // Unrelated bits survive.
         assert_ne!(find(&t, 7).ebx & 1, 0);
+    }
+
+    #[test]
+    fn lookup_answers_as_kvm_does() {
+        let mut t = host_like();
+        t.push(CpuidEntry {
+            function: 0xd,
+            index: 0,
+            flags: kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            eax: 7,
+            ebx: 0,
+            ecx: 0x340,
+            edx: 0,
+        });
+        t.push(CpuidEntry {
+            function: 0xd,
+            index: 2,
+            flags: kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            eax: 0x100,
+            ebx: 0x240,
+            ecx: 0,
+            edx: 0,
+        });
+        // A leaf the table lacks reads as zeros; a subleaf that does not
+        // matter is ignored.
+        assert_eq!(lookup(&t, 0x8000_0008, 0, 0, 0), [0; 4]);
+        assert_eq!(lookup(&t, 0xa, 5, 0, 0), [0, 1, 1, 1]);
+        assert_eq!(lookup(&t, 0xd, 1, 0, 0), [0; 4], "subleaf 1 is not in the table");
+        // OSXSAVE follows CR4.OSXSAVE; the XSAVE size follows XCR0.
+        assert_eq!(lookup(&t, 1, 0, 0, 0)[2] & L1_ECX_OSXSAVE, 0);
+        assert_ne!(lookup(&t, 1, 0, 1 << 18, 0)[2] & L1_ECX_OSXSAVE, 0);
+        assert_eq!(lookup(&t, 0xd, 0, 0, 3)[1], 576);
+        assert_eq!(lookup(&t, 0xd, 0, 0, 7)[1], 0x340);
+        assert_ne!(lookup(&t, 7, 0, 1 << 22, 0)[2] & L7_ECX_OSPKE, 0);
     }
 
     #[test]

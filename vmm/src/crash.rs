@@ -255,6 +255,13 @@ impl CrashReport {
     }
 }
 
+impl CrashReport {
+    /// One line: the reason and where (`... at rip 0x...`).
+    pub fn summary(&self) -> String {
+        format!("{} at rip {:#x}", self.reason, self.cpu.rip)
+    }
+}
+
 impl fmt::Display for CrashReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "guest crashed: {}", self.reason)?;

@@ -221,6 +221,20 @@ pub enum EndKind {
     Stopped,
 }
 
+/// One line for a user, as [`crate::RunOutcome`] prints itself.
+impl std::fmt::Display for EndKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndKind::DebugExit(v) => crate::RunOutcome::DebugExit(*v).fmt(f),
+            EndKind::Halted => crate::RunOutcome::Halted.fmt(f),
+            EndKind::Reset => crate::RunOutcome::Reset.fmt(f),
+            EndKind::PowerOff => crate::RunOutcome::PowerOff.fmt(f),
+            EndKind::Crashed(r) => write!(f, "crashed: {}", r.summary()),
+            EndKind::Stopped => f.write_str("stopped from outside (Ctrl-C, the control socket or a limit)"),
+        }
+    }
+}
+
 /// The last event of a finished recording.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndRecord {
@@ -298,7 +312,7 @@ impl std::fmt::Display for Event {
             Event::Regs(d) => write!(f, "regs {d:#018x}"),
             Event::End(e) => write!(
                 f,
-                "end {:?} regs {:#018x} mem {:#018x}",
+                "end ({}) regs {:#018x} mem {:#018x}",
                 e.kind, e.regs_digest, e.mem_digest
             ),
         }

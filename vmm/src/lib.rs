@@ -5,6 +5,7 @@
 pub mod access;
 pub mod clock;
 pub mod config;
+pub mod cpu_model;
 pub mod cpuid;
 pub mod crash;
 pub mod events;

@@ -1,5 +1,6 @@
 //! The instruction patcher: KVM gives user space no way to intercept `rdtsc`,
-//! `rdtscp`, `rdrand` or `rdseed`, so Nyx finds them in the executable
+//! `rdtscp`, `rdrand` or `rdseed` (nor `cpuid`, which an emulated KVM answers
+//! from the host CPU instead of the machine's table), so Nyx finds them in the executable
 //! segments of the guest images it loads and replaces each one with a
 //! trapping instruction of the same length. The [`PatchTable`] remembers every
 //! site (its original bytes, length and instruction kind) so that the run loop
@@ -99,6 +100,8 @@ pub enum TrapKind {
         /// Operand size in bytes: 2, 4 or 8.
         size: u8,
     },
+    /// `cpuid`: EAX, EBX, ECX, EDX from the machine's CPUID table.
+    Cpuid,
 }
 
 impl TrapKind {
@@ -109,13 +112,14 @@ impl TrapKind {
             TrapKind::Rdtscp => "rdtscp",
             TrapKind::Rdrand { .. } => "rdrand",
             TrapKind::Rdseed { .. } => "rdseed",
+            TrapKind::Cpuid => "cpuid",
         }
     }
 
     /// Whether the kind names a register and size Nyx can write.
     fn is_valid(&self) -> bool {
         match *self {
-            TrapKind::Rdtsc | TrapKind::Rdtscp => true,
+            TrapKind::Rdtsc | TrapKind::Rdtscp | TrapKind::Cpuid => true,
             TrapKind::Rdrand { reg, size } | TrapKind::Rdseed { reg, size } => reg < 16 && matches!(size, 2 | 4 | 8),
         }
     }
@@ -137,7 +141,7 @@ fn reg_name(reg: u8, size: u8) -> String {
 impl fmt::Display for TrapKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            TrapKind::Rdtsc | TrapKind::Rdtscp => f.write_str(self.mnemonic()),
+            TrapKind::Rdtsc | TrapKind::Rdtscp | TrapKind::Cpuid => f.write_str(self.mnemonic()),
             TrapKind::Rdrand { reg, size } | TrapKind::Rdseed { reg, size } => {
                 write!(f, "{} {}", self.mnemonic(), reg_name(reg, size))
             }
@@ -256,6 +260,7 @@ fn classify(bytes: &[u8], bits64: bool) -> Option<TrapKind> {
     let rex_b = (rex & 0x01) << 3;
     match bytes.get(at..)? {
         [0x0f, 0x31] => Some(TrapKind::Rdtsc),
+        [0x0f, 0xa2] => Some(TrapKind::Cpuid),
         [0x0f, 0x01, 0xf9] => Some(TrapKind::Rdtscp),
         [0x0f, 0xc7, modrm] if modrm >> 6 == 3 => {
             let reg = (modrm & 7) | rex_b;
@@ -534,6 +539,11 @@ impl PatchTable {
     pub fn sites(&self) -> &[PatchSite] {
         &self.sites
     }
+
+    /// Keeps only the sites whose kind `keep` accepts.
+    pub fn retain(&mut self, mut keep: impl FnMut(&TrapKind) -> bool) {
+        self.sites.retain(|s| keep(&s.kind));
+    }
 }
 
 /// The general-purpose register `reg` (x86 encoding order).
@@ -569,6 +579,8 @@ fn gpr(regs: &mut kvm_regs, reg: u8) -> Option<&mut u64> {
 /// once per exit.
 pub fn emulate(site: &PatchSite, value: u64, tsc_aux: u32, regs: &mut kvm_regs) {
     match site.kind {
+        // Not a single value: see emulate_cpuid.
+        TrapKind::Cpuid => {}
         TrapKind::Rdtsc | TrapKind::Rdtscp => {
             regs.rax = value & 0xffff_ffff;
             regs.rdx = value >> 32;
@@ -588,6 +600,20 @@ pub fn emulate(site: &PatchSite, value: u64, tsc_aux: u32, regs: &mut kvm_regs) 
             regs.rflags |= RFLAGS_CF;
         }
     }
+    regs.rip = regs
+        .rip
+        .wrapping_sub(u64::from(TRAP_LEN))
+        .wrapping_add(u64::from(site.len));
+}
+
+/// Performs a patched `cpuid` on `regs` (as [`emulate`]): `out` is EAX, EBX,
+/// ECX and EDX as the machine's table answers the leaf and subleaf the guest
+/// asked for (EAX and ECX before the trap); each is zero-extended.
+pub fn emulate_cpuid(site: &PatchSite, out: [u32; 4], regs: &mut kvm_regs) {
+    regs.rax = u64::from(out[0]);
+    regs.rbx = u64::from(out[1]);
+    regs.rcx = u64::from(out[2]);
+    regs.rdx = u64::from(out[3]);
     regs.rip = regs
         .rip
         .wrapping_sub(u64::from(TRAP_LEN))

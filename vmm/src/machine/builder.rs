@@ -16,6 +16,8 @@ pub struct MachineBuilder {
     kvm_path: String,
     cpuid_policy: CpuidPolicy,
     cpuid_table: Option<Vec<cpuid::CpuidEntry>>,
+    cpu_model: CpuModel,
+    cpu_model_name: Option<String>,
     tsc_khz: Option<u32>,
     hooks: Option<Box<dyn RunHooks>>,
     restore: Option<(crate::snapshot::MachineState, Vec<crate::mem_state::PageRun>)>,
@@ -35,6 +37,8 @@ impl Default for MachineBuilder {
             kvm_path: "/dev/kvm".into(),
             cpuid_policy: CpuidPolicy::Run,
             cpuid_table: None,
+            cpu_model: CpuModel::default(),
+            cpu_model_name: None,
             tsc_khz: None,
             hooks: None,
             restore: None,
@@ -109,8 +113,24 @@ impl MachineBuilder {
     }
 
     /// Uses exactly this CPUID table (a replay uses the recording's).
+    /// The build fails if it offers a feature this host's KVM does not.
     pub fn cpuid_table(mut self, table: Vec<cpuid::CpuidEntry>) -> Self {
         self.cpuid_table = Some(table);
+        self
+    }
+
+    /// The CPU model a new machine shows (default: baseline). A machine
+    /// with a [`MachineBuilder::cpuid_table`] keeps that table instead.
+    pub fn cpu_model(mut self, model: CpuModel) -> Self {
+        self.cpu_model = model;
+        self
+    }
+
+    /// The model name stored with a [`MachineBuilder::cpuid_table`] (a
+    /// trace's or snapshot's), carried into the new machine's
+    /// configuration and messages.
+    pub fn cpu_model_name(mut self, name: &str) -> Self {
+        self.cpu_model_name = Some(name.to_string());
         self
     }
 
@@ -147,6 +167,7 @@ impl MachineBuilder {
             .kernel_image(&c.kernel_name, snap.kernel)
             .cmdline(&c.cmdline)
             .cpuid_table(c.cpuid)
+            .cpu_model_name(&c.cpu_model)
             .tsc_khz(c.tsc_khz);
         if let Some(i) = snap.initrd {
             b = b.initrd_image(i);
@@ -247,10 +268,22 @@ impl MachineBuilder {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let supported = cpuid::from_kvm(&supported);
+        let cpu_model = self
+            .cpu_model_name
+            .take()
+            .unwrap_or_else(|| self.cpu_model.name().to_string());
         let table = match self.cpuid_table {
             Some(t) => t,
-            None => cpuid::filter(self.cpuid_policy, &cpuid::from_kvm(&supported)),
+            None => cpuid::filter(self.cpuid_policy, &self.cpu_model.table(&supported)),
         };
+        let missing = crate::cpu_model::missing_features(&table, &supported);
+        if !missing.is_empty() {
+            return Err(Error::CpuUnsupported {
+                model: cpu_model,
+                missing,
+            });
+        }
         let mut vcpu = vcpu;
         let sync_rip = vm.check_extension(kvm_ioctls::Cap::SyncRegs) && std::env::var_os("NYX_NO_SYNC").is_none();
         if sync_rip {
@@ -279,12 +312,17 @@ impl MachineBuilder {
         let restore = self.restore.take();
         let patches = if let Some((state, _)) = &restore {
             state.patches.clone()
-        } else if hooks.patches_instructions() {
-            let table = if setup.format == loader::KernelFormat::LinuxBzImage {
+        } else if hooks.patches_instructions() || !crate::cpu_model::cpuid_follows_table(&kvm) {
+            // Record and replay patch every kind (cpuid too, so a trace
+            // replays alike whether or not KVM follows the table); a plain
+            // run only cpuid, where KVM does not follow the table.
+            let all = hooks.patches_instructions();
+            let mut table = if setup.format == loader::KernelFormat::LinuxBzImage {
                 PatchTable::default()
             } else {
                 crate::patch::scan_elf(&image).map_err(|e| Error::GuestMemory(e.to_string()))?
             };
+            table.retain(|k| all || *k == crate::patch::TrapKind::Cpuid);
             table.apply(&mem).map_err(|e| Error::GuestMemory(e.to_string()))?;
             table
         } else {
@@ -334,6 +372,7 @@ impl MachineBuilder {
             cmdline: self.cmdline.clone(),
             has_initrd: initrd.is_some(),
             cpuid: table.clone(),
+            cpu_model,
             tsc_khz,
             wall_seconds,
             verify: crate::config::VerifyLevel::Exits,

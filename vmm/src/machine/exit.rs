@@ -246,6 +246,25 @@ impl Machine {
                         rip: regs.rip,
                     });
                 };
+                if site.kind == crate::patch::TrapKind::Cpuid {
+                    // Deterministic: the answer comes from the machine's table.
+                    let (leaf, subleaf) = (regs.rax as u32, regs.rcx as u32);
+                    let xcr0 = if leaf == 0xd {
+                        self.core.vcpu.get_xcrs().map_or(1, |x| x.xcrs[0].value)
+                    } else {
+                        0
+                    };
+                    let out = cpuid::lookup(&self.core.cpuid, leaf, subleaf, sregs.cr4, xcr0);
+                    crate::patch::emulate_cpuid(&site, out, &mut regs);
+                    self.core.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+                    return Ok(ExitRecord {
+                        kind: ExitKind::Patched,
+                        addr: site.gpa,
+                        size: site.len,
+                        data: u64::from(subleaf) << 32 | u64::from(leaf),
+                        rip: regs.rip,
+                    });
+                }
                 let value = match site.kind {
                     crate::patch::TrapKind::Rdtsc | crate::patch::TrapKind::Rdtscp => {
                         self.core.virtual_tsc(self.core.clock.now_ns())

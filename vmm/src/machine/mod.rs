@@ -29,6 +29,7 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
 
 use crate::clock::VirtualClock;
+use crate::cpu_model::CpuModel;
 use crate::cpuid::{self, CpuidPolicy};
 use crate::crash::CrashReport;
 use crate::events::{ExitKind, ExitRecord};
@@ -105,6 +106,19 @@ pub enum Error {
     /// Guest memory could not be tracked or patched.
     #[error("guest memory: {0}")]
     GuestMemory(String),
+    /// The CPUID table (a trace's or snapshot's) offers features this
+    /// host's KVM does not.
+    #[error(
+        "the machine's CPU model `{model}` needs CPU features this host's KVM does not offer: {}; \
+         replay or restore it on a host that offers them, or record it again here (--cpu baseline runs on any x86-64 host)",
+        missing.join(", ")
+    )]
+    CpuUnsupported {
+        /// The model's name.
+        model: String,
+        /// The features KVM lacks.
+        missing: Vec<String>,
+    },
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -148,6 +162,23 @@ impl RunOutcome {
             RunOutcome::DebugExit(v) => (*v & 0xff) as i32,
             RunOutcome::Halted | RunOutcome::Reset | RunOutcome::PowerOff => 0,
             RunOutcome::Crashed(_) => 2,
+        }
+    }
+}
+
+/// One line for a user: "crashed: <reason> at rip 0x...", "halted", ...
+impl std::fmt::Display for RunOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunOutcome::DebugExit(v) => write!(
+                f,
+                "the guest wrote {v:#x} to the debug-exit port (exit status {})",
+                v & 0xff
+            ),
+            RunOutcome::Halted => f.write_str("halted with interrupts disabled"),
+            RunOutcome::Reset => f.write_str("the guest asked for a reset"),
+            RunOutcome::PowerOff => f.write_str("powered off"),
+            RunOutcome::Crashed(r) => write!(f, "crashed: {}", r.summary()),
         }
     }
 }
