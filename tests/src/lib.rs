@@ -26,6 +26,31 @@ pub fn kvm_available() -> bool {
     ok
 }
 
+/// The test kernel fixture (`tools/scripts/build-test-kernel.sh` prints
+/// both paths): `(vmlinux, initramfs)` from `NYX_TEST_VMLINUX` and
+/// `NYX_TEST_INITRD`. None when they are unset (the test is skipped, with a
+/// message on stderr); with `NYX_REQUIRE_TEST_KERNEL=1` unset or missing
+/// files are a test failure (panic).
+pub fn test_kernel() -> Option<(PathBuf, PathBuf)> {
+    let require = std::env::var("NYX_REQUIRE_TEST_KERNEL").as_deref() == Ok("1");
+    let paths = std::env::var_os("NYX_TEST_VMLINUX").zip(std::env::var_os("NYX_TEST_INITRD"));
+    match paths.map(|(k, i)| (PathBuf::from(k), PathBuf::from(i))) {
+        Some((k, i)) if k.is_file() && i.is_file() => Some((k, i)),
+        Some((k, i)) => panic!(
+            "NYX_TEST_VMLINUX ({}) or NYX_TEST_INITRD ({}) is not a file: build them with tools/scripts/build-test-kernel.sh",
+            k.display(),
+            i.display()
+        ),
+        None if require => panic!("NYX_REQUIRE_TEST_KERNEL=1 but NYX_TEST_VMLINUX and NYX_TEST_INITRD are not both set"),
+        None => {
+            eprintln!(
+                "skipped: no test kernel (set NYX_TEST_VMLINUX and NYX_TEST_INITRD to the paths tools/scripts/build-test-kernel.sh prints)"
+            );
+            None
+        }
+    }
+}
+
 /// A `Write` that collects into a shared buffer.
 #[derive(Clone, Default)]
 pub struct Capture(pub Arc<Mutex<Vec<u8>>>);

@@ -333,6 +333,15 @@ pub fn feature_names(table: &[CpuidEntry]) -> Vec<&'static str> {
     v
 }
 
+/// The table `KVM_GET_SUPPORTED_CPUID` reports on the KVM at `kvm_path`.
+pub fn host_supported(kvm_path: &str) -> Result<Vec<CpuidEntry>, String> {
+    let path = std::ffi::CString::new(kvm_path).map_err(|_| format!("{kvm_path:?}: not a path"))?;
+    let kvm = Kvm::new_with_path(path.as_c_str()).map_err(|e| format!("cannot open {kvm_path}: {e}"))?;
+    kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map(|c| crate::cpuid::from_kvm(&c))
+        .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))
+}
+
 /// Whether this host's KVM answers a guest's `cpuid` from the table set
 /// with `KVM_SET_CPUID2` (the probe described above; asked once, on the
 /// first machine's KVM). A probe that cannot run says no: patching `cpuid`
