@@ -227,3 +227,44 @@ fn trace_info_prints_the_cpu_model_and_a_readable_ending() {
         "{dump}"
     );
 }
+
+#[test]
+fn a_snapshot_claiming_features_the_host_lacks_is_not_restored() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("hello.nyxsnap");
+    let mut m = nyx_vmm::MachineBuilder::new()
+        .kernel(guest("hello"))
+        .serial_out(Box::new(std::io::sink()))
+        .build()
+        .unwrap();
+    m.save_snapshot(&snap).unwrap();
+    drop(m);
+    let out = nyx().arg("restore").arg(&snap).output().unwrap();
+    assert_eq!(out.status.code(), Some(0x21), "{}", text(&out.stderr));
+
+    let mut s = nyx_vmm::snapshot::read(&snap).unwrap();
+    assert_eq!(s.config.cpu_model, "baseline");
+    entry_mut(&mut s.config.cpuid, 1, 0).ecx |= 1 << 16;
+    let tampered = dir.path().join("tampered.nyxsnap");
+    nyx_vmm::snapshot::write(
+        &tampered,
+        &s.config,
+        &s.kernel,
+        s.initrd.as_deref(),
+        &s.state,
+        &s.memory,
+    )
+    .unwrap();
+    let expect = dir.path().join("expect.txt");
+    std::fs::write(&expect, "").unwrap();
+    let expect = expect.to_str().unwrap();
+    for args in [vec!["restore"], vec!["check", "--repeat", "1", "--expect", expect]] {
+        let out = nyx().args(&args).arg(&tampered).output().unwrap();
+        let err = text(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.contains("does not offer: CPUID.(0x1,0).ECX[16]"), "{args:?}: {err}");
+    }
+}
