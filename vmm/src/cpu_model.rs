@@ -80,8 +80,8 @@ impl CpuModel {
             }
             CpuModel::Host => {
                 "everything this host's KVM reports, less what Nyx's machine lacks (local APIC, PMU, \
-                 kvmclock). For hardware KVM: an emulated KVM fails on XSAVE, SMAP and POPCNT, so Linux \
-                 dies in its FPU init; traces replay only where KVM offers the same features"
+                 kvmclock): the CPU's features on hardware KVM; traces and snapshots then replay and \
+                 restore only where KVM offers the same features"
             }
         }
     }
