@@ -37,6 +37,14 @@ pub const RDTSC: &[u8] = guest_image!("rdtsc");
 /// Timing-dependent.
 pub const RTC: &[u8] = guest_image!("rtc");
 
+/// Prints what `cpuid` answers for leaves 0, 1, 7, 0xD and 0x8000_0001
+/// ("LEAF SUBLEAF REG VALUE" lines); exits with [`CPUID_EXIT`]. Its output
+/// depends on the CPU model and the host, so it is not in [`ALL`] (no golden
+/// output).
+pub const CPUID: &[u8] = guest_image!("cpuid");
+/// Debug-exit value of [`CPUID`].
+pub const CPUID_EXIT: u32 = 0x47;
+
 /// Debug-exit values (the value written to port 0xF4; QEMU exits with
 /// `(value << 1) | 1`, see [`qemu_exit_code`]).
 pub const HELLO_EXIT: u32 = 0x21;
