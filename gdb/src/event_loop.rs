@@ -21,7 +21,7 @@ use crate::target::{NyxTarget, RunStop};
 const WATCH_POLL_MS: i32 = 20;
 
 /// Whether `fd` has data (or a hang-up) within `timeout_ms`.
-fn readable(fd: i32, timeout_ms: i32) -> bool {
+pub(crate) fn readable(fd: i32, timeout_ms: i32) -> bool {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLIN,

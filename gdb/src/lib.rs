@@ -1,26 +1,35 @@
 //! nyx-gdb: the gdb remote-protocol stub of Nyx, over a live machine or a
-//! replayed one (forward execution only).
+//! replayed one; on a replay gdb also runs backwards (`reverse-stepi`,
+//! `reverse-continue`) through the replayer's timeline. How it fits with
+//! the other crates: ARCHITECTURE.md at the repository root.
 //!
 //! `listen` opens the TCP socket (loopback only unless remote access is
-//! allowed), `GdbServer::accept` waits for gdb, and `serve` runs the
-//! gdbstub protocol loop until gdb detaches, kills or the guest ends. The
-//! target is built from one file per protocol feature: `arch.rs` (the
-//! x86-64 register set and target description), `regs.rs` (registers to and
-//! from KVM), `breakpoints.rs`, `monitor.rs`, and `event_loop.rs` (running
-//! the machine, Ctrl-C).
+//! allowed), `GdbServer::accept` waits for gdb (or
+//! `GdbServer::run_until_attach` runs a live guest until gdb comes), and
+//! `serve`/`serve_replay` run the gdbstub protocol loop until gdb
+//! detaches, kills or the guest ends. The target is built from one file per
+//! protocol feature: `arch.rs` (the x86-64 register set and target
+//! description), `regs.rs` (registers to and from KVM), `breakpoints.rs`,
+//! `monitor.rs` (`monitor when|seek|checkpoint|restart`), and
+//! `event_loop.rs` (running the machine, Ctrl-C).
 //!
 //! After a detach the guest runs on without breakpoints to its end. A kill
-//! ends the session at once.
+//! ends the session at once. A replay stays at its end so that gdb can go
+//! back from there.
 //!
 //! Notes: addresses are linear (RIP where CS's base is 0). Registers are
 //! always the 64-bit set; gdb's `i386:x86-64` disassembles 32-bit code as
 //! 64-bit (`set architecture i386` for `x/i` there). By default software
 //! breakpoints use debug registers, because `int3` with KVM's software
 //! breakpoints fails as an emulation failure on emulated KVM
-//! ([`ServeOptions::int3_in_memory`] turns int3 on). In a replay the
-//! replayer's landing search uses the debug registers itself, so a
-//! breakpoint can be missed while a landing is searched; reverse execution
-//! and `monitor seek` are not part of this stub yet.
+//! ([`ServeOptions::int3_in_memory`] turns int3 on), so at most four
+//! breakpoints and watchpoints together. Emulated KVM never reports data
+//! breakpoints, so watchpoints are checked by single-stepping
+//! ([`ServeOptions::step_watchpoints`]): a write watchpoint stops when the
+//! watched bytes change, a read or access watchpoint after an instruction
+//! whose decoded memory operand touches them (implicit stack accesses are
+//! not seen). The replayer's landing search shares the debug registers;
+//! the stub re-arms gdb's breakpoints around it.
 
 mod arch;
 mod breakpoints;
@@ -30,9 +39,13 @@ mod regs;
 mod target;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use gdbstub::stub::{DisconnectReason, GdbStub};
 use nyx_vmm::hooks::HookError;
+use nyx_vmm::machine::Stop;
 use nyx_vmm::{Machine, RunOutcome};
 
 pub use arch::{NyxX86_64, X86Regs, REG_NAMES, TARGET_XML};
@@ -120,11 +133,64 @@ impl GdbServer {
 
     /// Waits for gdb to connect.
     pub fn accept(&self) -> Result<TcpStream, Error> {
-        let (s, peer) = self.listener.accept().map_err(|e| Error::Connection(e.to_string()))?;
-        tracing::info!("gdb connected from {peer}");
-        s.set_nodelay(true).map_err(|e| Error::Connection(e.to_string()))?;
-        Ok(s)
+        accept_on(&self.listener)
     }
+}
+
+/// What [`GdbServer::run_until_attach`] ended with.
+#[derive(Debug)]
+pub enum Attach {
+    /// gdb connected; the machine is stopped where it was.
+    Connected(TcpStream),
+    /// The guest ended (or its run mode stopped it) before gdb came.
+    Ended(DebugEnd),
+}
+
+impl GdbServer {
+    /// Runs a live `machine` until gdb connects, then stops it where it is
+    /// (the next stop after a kick) and hands over the connection; or
+    /// until the guest ends. Call it on the thread that runs the machine.
+    pub fn run_until_attach(&self, machine: &mut Machine) -> Result<Attach, Error> {
+        let kicker = machine.kicker()?;
+        let listener = self
+            .listener
+            .try_clone()
+            .map_err(|e| Error::Connection(e.to_string()))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                if event_loop::readable(listener.as_raw_fd(), 20) {
+                    let conn = accept_on(&listener);
+                    let _ = tx.send(conn);
+                    kicker.kick();
+                    return;
+                }
+            }
+        });
+        let end = loop {
+            if let Ok(conn) = rx.try_recv() {
+                break conn.map(Attach::Connected);
+            }
+            match machine.resume() {
+                Ok(Stop::Ended(outcome)) => break Ok(Attach::Ended(DebugEnd::Ended(outcome))),
+                Ok(Stop::Debug(_) | Stop::Paused | Stop::Interrupted) => {}
+                Err(nyx_vmm::machine::Error::Hook(e)) => break Ok(Attach::Ended(DebugEnd::Stopped(e))),
+                Err(e) => break Err(e.into()),
+            }
+        };
+        stop.store(true, Ordering::SeqCst);
+        let _ = waiter.join();
+        end
+    }
+}
+
+fn accept_on(listener: &TcpListener) -> Result<TcpStream, Error> {
+    let (s, peer) = listener.accept().map_err(|e| Error::Connection(e.to_string()))?;
+    tracing::info!("gdb connected from {peer}");
+    s.set_nodelay(true).map_err(|e| Error::Connection(e.to_string()))?;
+    Ok(s)
 }
 
 /// Options of a session.
@@ -134,10 +200,12 @@ pub struct ServeOptions {
     /// whose memory must stay as recorded): they use debug registers, at
     /// most four breakpoints and watchpoints together.
     pub int3_in_memory: bool,
-    /// Write watchpoints are also checked by single-stepping and comparing
-    /// the watched bytes (slow: interrupts wait while a watchpoint is set).
+    /// Watchpoints are also checked by single-stepping (slow: a live guest
+    /// takes no interrupts while a watchpoint is set): a write watchpoint
+    /// by comparing the watched bytes after each instruction, a read or
+    /// access watchpoint by decoding each instruction's memory operands.
     /// Needed where KVM's debug registers do not report data accesses, as
-    /// on emulated KVM; read watchpoints rely on the hardware alone.
+    /// on emulated KVM.
     pub step_watchpoints: bool,
 }
 

@@ -11,7 +11,7 @@ use nyx_trace::{ContainerKind, FrameKind, GuestImage, TraceHeader, TraceWriter, 
 use nyx_vmm::config::{VerifyLevel, INITRD_IMAGE, KERNEL_IMAGE};
 use nyx_vmm::{MachineBuilder, SerialIn};
 
-use crate::{new_log, trace_uuid, Error, LandingPolicy, Recorder, Recording, Session};
+use crate::{new_log, Error, LandingPolicy, Recorder, Recording, Session};
 
 /// Memory runs per frame of the starting state.
 const RUNS_PER_FRAME: usize = 16;
@@ -70,7 +70,7 @@ pub fn start_from_snapshot(opts: SnapshotRecordOptions) -> Result<Session, Error
         images.push(GuestImage::embedded(INITRD_IMAGE, i));
     }
     let header = TraceHeader {
-        uuid: trace_uuid(),
+        uuid: nyx_vmm::hooks::uuid_v4(),
         nyx_version: env!("CARGO_PKG_VERSION").to_string(),
         kind: ContainerKind::Trace,
         machine_config: config.to_bytes(),

@@ -430,23 +430,13 @@ pub fn end_record(ctx: &mut HookCtx<'_>, outcome: &RunOutcome) -> Result<EndReco
         RunOutcome::Crashed(r) => EndKind::Crashed(r.clone()),
     };
     let regs_digest = ctx.regs_digest()?;
-    let mem_digest = memory_digest(ctx.mem);
+    let mem_digest = nyx_vmm::mem_state::memory_digest(ctx.mem);
     Ok(EndRecord {
         kind,
         regs_digest,
         mem_digest,
         virtual_ns: ctx.clock.last(),
     })
-}
-
-/// Digest of all of guest memory.
-pub fn memory_digest(mem: &nyx_vmm::memory::GuestMemory) -> u64 {
-    use nyx_vmm::vm_memory::{GuestMemory as _, GuestMemoryRegion as _};
-    let gfns = mem.iter().flat_map(|r| {
-        let first = r.start_addr().0 >> 12;
-        first..first + (r.len() >> 12)
-    });
-    nyx_vmm::mem_state::pages_digest(mem, gfns)
 }
 
 /// Records a run of the machine `opts` describes into `opts.out`.
@@ -529,7 +519,7 @@ pub fn start_image(
         images.push(GuestImage::embedded(INITRD_IMAGE, i));
     }
     let header = TraceHeader {
-        uuid: trace_uuid(),
+        uuid: nyx_vmm::hooks::uuid_v4(),
         nyx_version: env!("CARGO_PKG_VERSION").to_string(),
         kind: ContainerKind::Trace,
         machine_config: config.to_bytes(),
@@ -665,16 +655,6 @@ struct Closed {
     landings: u64,
     exits: u64,
     stats: nyx_vmm::machine::ExitStats,
-}
-
-/// 16 random bytes for the trace's UUID (version 4 layout).
-fn trace_uuid() -> [u8; 16] {
-    let mut u = [0u8; 16];
-    u[..8].copy_from_slice(&host_random().to_le_bytes());
-    u[8..].copy_from_slice(&host_random().to_le_bytes());
-    u[6] = (u[6] & 0x0f) | 0x40;
-    u[8] = (u[8] & 0x3f) | 0x80;
-    u
 }
 
 /// Where a recording of `kernel` goes by default.

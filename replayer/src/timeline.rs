@@ -405,13 +405,10 @@ impl Timeline {
         };
         let mut fix: BTreeSet<u64> = std::mem::take(&mut self.written);
         fix.extend(self.pages.changed_between(lo, hi));
-        let zero = [0u8; PAGE];
-        for gfn in fix {
-            let data: &[u8] = self.pages.at(gfn, target).map_or(&zero[..], |d| &d[..]);
-            m.memory()
-                .write_slice(data, GuestAddress(gfn * PAGE as u64))
-                .map_err(|e| TimelineError::Replay(format!("restoring page {gfn:#x}: {e}")))?;
-        }
+        let pages = &self.pages;
+        // The machine is stopped: this thread drives it.
+        nyx_vmm::mem_state::rollback_pages(m.memory(), fix, |gfn| pages.at(gfn, target).map(|d| &d[..]))
+            .map_err(|e| TimelineError::Replay(format!("restoring a checkpoint's pages: {e}")))?;
         let ck = &self.checkpoints[i];
         let out = Box::new(OnceOutput(self.out.clone()));
         let input = Box::new(crate::ReplayInput(self.shared.clone()));

@@ -2,7 +2,8 @@
 //! the crates: `run` builds a machine with `MachineBuilder` and runs it,
 //! `record` and `replay` run it under the recorder's and the replayer's
 //! hooks, `trace` looks into trace files, `demo` shows it all on a bundled
-//! guest.
+//! guest, `completions` and `man` print what shells and `man` need. How the
+//! crates fit together: ARCHITECTURE.md at the repository root.
 //!
 //! Exit status of `run`, `record` and `replay`: the value the guest wrote to
 //! the debug-exit port; 0 when it halts with interrupts disabled, resets or
@@ -15,7 +16,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use nyx_vmm::config::VerifyLevel;
 use nyx_vmm::cpu_model::CpuModel;
 use nyx_vmm::{MachineBuilder, RunOutcome, SerialIn};
@@ -24,6 +25,7 @@ mod api;
 mod check;
 mod demo;
 mod logging;
+mod manual;
 mod progress;
 mod prom;
 mod report;
@@ -63,6 +65,17 @@ enum Command {
     Report(ReportArgs),
     /// Restore a snapshot, feed input, compare output and exit status; repeatedly.
     Check(check::CheckArgs),
+    /// Print a shell completion script (e.g. `nyx completions bash > /etc/bash_completion.d/nyx`).
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page nyx(1), or with --out-dir write it and one page per subcommand there.
+    Man {
+        /// Write nyx.1, nyx-run.1, ... into this folder instead.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -243,6 +256,10 @@ struct RunArgs {
     machine: MachineArgs,
     #[command(flatten)]
     gdb: GdbArgs,
+    /// With --gdb: hold the guest before its first instruction until gdb
+    /// attaches (without it the guest runs, and gdb may attach at any time).
+    #[arg(long, requires = "gdb")]
+    gdb_wait: bool,
     #[command(flatten)]
     serve: ServeArgs,
     /// Receive a migrating machine on tcp:HOST:PORT (port 0 picks a free
@@ -281,43 +298,60 @@ impl ServeArgs {
     }
 }
 
-/// Debugging with gdb. The guest does not run before gdb attaches (with or
-/// without --gdb-wait); after gdb detaches it runs on to its end; a kill
-/// from gdb ends nyx with status 0.
+/// Debugging with gdb. A live guest (`run`) runs until gdb attaches and
+/// stops where it is then, unless --gdb-wait holds it before its first
+/// instruction; a replay always waits for gdb at its start. After gdb
+/// detaches the guest runs on to its end; a kill from gdb ends nyx with
+/// status 0.
 #[derive(Args, Debug)]
 struct GdbArgs {
     /// Listen for gdb on ADDR (HOST:PORT, or :PORT for 127.0.0.1; port 0 picks a free one).
     #[arg(long, value_name = "ADDR")]
     gdb: Option<String>,
-    /// Do not start the guest before gdb attaches (at present it never does).
-    #[arg(long, requires = "gdb")]
-    gdb_wait: bool,
     /// Allow a gdb address that is not loopback.
     #[arg(long, requires = "gdb")]
     gdb_allow_remote: bool,
 }
 
-/// Serves gdb on `machine` when --gdb was given: Some(exit code) then.
-fn gdb_session(args: &GdbArgs, machine: &mut nyx_vmm::Machine) -> Option<ExitCode> {
-    gdb_session_with(args, machine, None)
+/// Serves gdb on a live `machine` when --gdb was given: Some(exit code)
+/// then. Without `wait` the guest runs until gdb attaches.
+fn gdb_session(args: &GdbArgs, wait: bool, machine: &mut nyx_vmm::Machine) -> Option<ExitCode> {
+    let spec = args.gdb.as_ref()?;
+    let opts = nyx_gdb::ServeOptions::default();
+    let end = nyx_gdb::listen(spec, args.gdb_allow_remote).and_then(|server| {
+        let addr = server.local_addr()?;
+        if wait {
+            eprintln!("nyx: waiting for gdb on {addr}");
+            return nyx_gdb::serve(machine, server.accept()?, opts);
+        }
+        eprintln!("nyx: gdb can attach on {addr}; the guest runs");
+        match server.run_until_attach(machine)? {
+            nyx_gdb::Attach::Connected(conn) => nyx_gdb::serve(machine, conn, opts),
+            nyx_gdb::Attach::Ended(end) => Ok(end),
+        }
+    });
+    Some(debug_end(end))
 }
 
-/// A gdb session; with a replay's timeline gdb can also go backwards.
-fn gdb_session_with(
+/// A gdb session on a replay: it waits for gdb at its start, and gdb can
+/// also go backwards.
+fn gdb_replay_session(
     args: &GdbArgs,
     machine: &mut nyx_vmm::Machine,
-    timeline: Option<&mut nyx_replayer::Timeline>,
+    timeline: &mut nyx_replayer::Timeline,
 ) -> Option<ExitCode> {
     let spec = args.gdb.as_ref()?;
     let opts = nyx_gdb::ServeOptions::default();
     let end = nyx_gdb::listen(spec, args.gdb_allow_remote).and_then(|server| {
         eprintln!("nyx: waiting for gdb on {}", server.local_addr()?);
-        match timeline {
-            Some(t) => nyx_gdb::serve_replay(machine, t, server.accept()?, opts),
-            None => nyx_gdb::serve(machine, server.accept()?, opts),
-        }
+        nyx_gdb::serve_replay(machine, timeline, server.accept()?, opts)
     });
-    Some(match end {
+    Some(debug_end(end))
+}
+
+/// The exit code of a finished gdb session.
+fn debug_end(end: Result<nyx_gdb::DebugEnd, nyx_gdb::Error>) -> ExitCode {
+    match end {
         Ok(nyx_gdb::DebugEnd::Ended(outcome)) => finish(&outcome),
         Ok(nyx_gdb::DebugEnd::Killed) => {
             eprintln!("nyx: killed by gdb");
@@ -339,7 +373,7 @@ fn gdb_session_with(
             eprintln!("nyx: {e}");
             ExitCode::from(1)
         }
-    })
+    }
 }
 
 /// `nyx replay FILE --gdb ADDR`: debugging a replay, forward and backward.
@@ -350,7 +384,7 @@ fn replay_gdb(args: &ReplayArgs) -> Result<ExitCode, nyx_replayer::Error> {
     };
     let (mut machine, mut timeline) = nyx_replayer::debug_replay(&args.trace, opts)?;
     timeline.set_interval(std::time::Duration::from_millis(args.checkpoint_interval.max(1)));
-    Ok(gdb_session_with(&args.gdb, &mut machine, Some(&mut timeline)).unwrap_or(ExitCode::SUCCESS))
+    Ok(gdb_replay_session(&args.gdb, &mut machine, &mut timeline).unwrap_or(ExitCode::SUCCESS))
 }
 
 #[derive(Args, Debug)]
@@ -597,7 +631,7 @@ fn run(args: &RunArgs) -> Result<ExitCode, String> {
     let mut machine = args.machine.builder(cpu)?.build().map_err(|e| e.to_string())?;
     tracing::info!(target: "nyx::vmm", "machine built: kernel {}, {} MiB", args.machine.kernel()?.display(), args.machine.mem);
     args.serve.start_metrics(&machine)?;
-    if let Some(code) = gdb_session(&args.gdb, &mut machine) {
+    if let Some(code) = gdb_session(&args.gdb, args.gdb_wait, &mut machine) {
         return Ok(code);
     }
     let Some(outcome) = run_machine(&mut machine, args.serve.api.as_deref())? else {
@@ -667,6 +701,17 @@ fn main() -> ExitCode {
         }
         Command::Trace(TraceCommand::Verify { trace }) => trace_cmd::verify(trace).map_err(|e| e.to_string()),
         Command::Demo(a) => demo::run(&a.kvm.kvm_device),
+        Command::Completions { shell } => {
+            manual::completions(Cli::command(), *shell, &mut std::io::stdout().lock());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { out_dir } => match out_dir {
+            None => manual::man(Cli::command(), &mut std::io::stdout().lock()),
+            Some(dir) => manual::man_pages(Cli::command(), dir)
+                .map(|n| eprintln!("nyx: wrote {n} man pages into {}", dir.display())),
+        }
+        .map(|()| ExitCode::SUCCESS)
+        .map_err(|e| format!("cannot write the man page: {e}")),
     };
     match result {
         Ok(code) => code,

@@ -457,6 +457,17 @@ pub fn host_random() -> u64 {
     u64::from_le_bytes(v)
 }
 
+/// A random UUID (version 4, RFC 9562 layout): the identity of a trace,
+/// snapshot or migration stream.
+pub fn uuid_v4() -> [u8; 16] {
+    let mut u = [0u8; 16];
+    u[..8].copy_from_slice(&host_random().to_le_bytes());
+    u[8..].copy_from_slice(&host_random().to_le_bytes());
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    u
+}
+
 /// Shared handle type for hooks that share state with their clock and input.
 pub type Shared<T> = Arc<std::sync::Mutex<T>>;
 
@@ -483,4 +494,20 @@ pub fn queued_interrupt(vcpu: &VcpuFd) -> Result<Option<u8>, HookError> {
         source,
     })?;
     Ok((ev.interrupt.injected != 0).then_some(ev.interrupt.nr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_have_the_version_4_layout_and_differ() {
+        let a = uuid_v4();
+        let b = uuid_v4();
+        assert_ne!(a, b);
+        for u in [a, b] {
+            assert_eq!(u[6] >> 4, 4, "version");
+            assert_eq!(u[8] >> 6, 0b10, "variant");
+        }
+    }
 }

@@ -72,8 +72,10 @@ pub enum MemStateError {
 }
 
 /// Appends `page`, the contents at `gpa`, to `runs`: to the last run when
-/// that ends at `gpa` and has room, else as a new run.
-fn push_page(runs: &mut Vec<PageRun>, gpa: u64, page: &[u8]) {
+/// that ends at `gpa` and has room (runs stay within [`MAX_RUN_BYTES`]),
+/// else as a new run. The one page-run writer of snapshots, keyframes and
+/// migration.
+pub fn push_page(runs: &mut Vec<PageRun>, gpa: u64, page: &[u8]) {
     if let Some(last) = runs.last_mut() {
         let end = last.gpa.checked_add(last.data.len() as u64);
         if end == Some(gpa) && last.data.len() + page.len() <= MAX_RUN_BYTES {
@@ -86,13 +88,14 @@ fn push_page(runs: &mut Vec<PageRun>, gpa: u64, page: &[u8]) {
     runs.push(PageRun { gpa, data });
 }
 
-fn is_zero(page: &[u8]) -> bool {
-    // OR-folding whole words lets the compiler vectorize the scan.
-    page.chunks(8).fold(0u64, |acc, c| {
-        let mut w = [0u8; 8];
-        w[..c.len()].copy_from_slice(c);
-        acc | u64::from_ne_bytes(w)
-    }) == 0
+/// Whether `page` (at most a page long) holds only zero bytes.
+pub fn is_zero(page: &[u8]) -> bool {
+    // A slice comparison is a memcmp, fast in every build profile.
+    static ZEROS: [u8; PAGE] = [0; PAGE];
+    match ZEROS.get(..page.len()) {
+        Some(zeros) => page == zeros,
+        None => page.iter().all(|&b| b == 0),
+    }
 }
 
 /// Every non-zero page of guest RAM, neighbours merged into runs of at most
@@ -205,6 +208,40 @@ pub fn restore_full(mem: &GuestMemory, runs: &[PageRun]) -> Result<(), MemStateE
     check_runs(mem, runs)?;
     zero_all(mem)?;
     restore_runs(mem, runs)
+}
+
+/// Rolls the pages `gfns` (guest frame numbers) back to saved contents:
+/// each gets the page `saved` returns for it, or zeros where it returns
+/// None (the page was zero then). The one rollback of a fast reset
+/// (`nyx check`) and of the replay timeline's checkpoints; returns the
+/// pages written. A frame outside guest RAM is an error. Call it while no
+/// vCPU of `mem` runs (the thread that drives the machine).
+pub fn rollback_pages<'a>(
+    mem: &GuestMemory,
+    gfns: impl IntoIterator<Item = u64>,
+    saved: impl Fn(u64) -> Option<&'a [u8]>,
+) -> Result<usize, MemStateError> {
+    static ZERO: [u8; PAGE] = [0; PAGE];
+    let mut n = 0;
+    for gfn in gfns {
+        let data = saved(gfn).unwrap_or(&ZERO[..]);
+        let len = data.len().min(PAGE);
+        let gpa = gfn.saturating_mul(PAGE_SIZE);
+        let page = mem
+            .get_slice(GuestAddress(gpa), PAGE)
+            .map_err(|source| MemStateError::Write { gpa, source })?;
+        let dst = page.ptr_guard_mut();
+        // SAFETY: `get_slice` checked that the page lies in guest RAM,
+        // which stays mapped while `mem` lives; no vCPU runs (the caller's
+        // contract), and `data` is host memory outside guest RAM. A plain
+        // copy, not vm-memory's volatile word loop: a reset is bound by it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), dst.as_ptr(), len);
+            std::ptr::write_bytes(dst.as_ptr().add(len), 0, PAGE - len);
+        }
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// Digest of one page: four independent lanes over its 64-bit words

@@ -47,21 +47,10 @@ fn kind_index(kind: ExitKind) -> usize {
 /// ns (bucket 0 also holds 0), the last one everything above.
 pub const LATENCY_BUCKETS: usize = 40;
 
-/// The device model that decodes `port` on the Nyx platform (the same
-/// ranges `platform.rs` registers), or `"none"`.
+/// The name of the device model that decodes `port` on the Nyx platform
+/// ([`crate::platform::PORT_MAP`]), or `"none"`.
 pub fn device_of_port(port: u16) -> &'static str {
-    match port {
-        0x20..=0x21 | 0xa0..=0xa1 | 0x4d0..=0x4d1 => "pic",
-        0x40..=0x43 | 0x61 => "pit",
-        0x3f8..=0x3ff => "uart",
-        0x70..=0x71 => "cmos",
-        0x60 | 0x64 => "i8042",
-        0x80 => "port80",
-        0x92 => "port92",
-        0xf4..=0xf7 => "debug-exit",
-        0xcf8..=0xcff => "pci",
-        _ => "none",
-    }
+    crate::platform::device_of_port(port).map_or("none", crate::platform::PortDevice::name)
 }
 
 /// A latency histogram that one thread writes and any thread reads.

@@ -50,7 +50,7 @@ use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress, GuestMemory as _, GuestMemoryRegion};
 
 use crate::machine::Machine;
-use crate::mem_state::{capture_pages, DirtyTracker, MemStateError, PageRun, MAX_RUN_BYTES, PAGE_SIZE};
+use crate::mem_state::{capture_pages, is_zero, push_page, DirtyTracker, MemStateError, PageRun, PAGE_SIZE};
 use crate::memory::GuestMemory;
 use crate::snapshot::{MachineState, Snapshot, RUNS_PER_FRAME};
 
@@ -254,26 +254,6 @@ pub fn parse_addr(spec: &str) -> Result<SocketAddr, MigrationError> {
     let bad = || MigrationError::BadAddress(spec.to_string());
     let rest = spec.strip_prefix("tcp:").ok_or_else(bad)?;
     rest.to_socket_addrs().ok().and_then(|mut a| a.next()).ok_or_else(bad)
-}
-
-fn is_zero(page: &[u8]) -> bool {
-    // A slice comparison is a memcmp, fast in every build profile.
-    static ZEROS: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
-    page.len() <= ZEROS.len() && page == &ZEROS[..page.len()]
-}
-
-/// Appends the page at `gpa` to `runs` (to the last run when contiguous).
-fn push_page(runs: &mut Vec<PageRun>, gpa: u64, page: &[u8]) {
-    if let Some(last) = runs.last_mut() {
-        if last.gpa.checked_add(last.data.len() as u64) == Some(gpa) && last.data.len() + page.len() <= MAX_RUN_BYTES {
-            last.data.extend_from_slice(page);
-            return;
-        }
-    }
-    runs.push(PageRun {
-        gpa,
-        data: page.to_vec(),
-    });
 }
 
 /// Sends every non-zero page of `mem` as memory frames at `position`;

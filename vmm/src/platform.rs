@@ -6,6 +6,7 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use nyx_devices::bus::SharedDevice;
 use nyx_devices::cmos::Cmos;
 use nyx_devices::debug_exit::DebugExit;
 use nyx_devices::i8042::{Port92, I8042};
@@ -20,6 +21,72 @@ use nyx_devices::{Bus, BusError, Clock, Input, InterruptSink, WallClock};
 pub const COM1_IRQ: u8 = 4;
 /// The RTC's IRQ line.
 pub const RTC_IRQ: u8 = 8;
+
+/// A device on the port I/O bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortDevice {
+    /// The 8259A PIC pair (and its ELCR).
+    Pic,
+    /// The 8254 PIT (and port 0x61).
+    Pit,
+    /// COM1.
+    Uart,
+    /// The CMOS RTC.
+    Cmos,
+    /// The keyboard controller.
+    I8042,
+    /// The POST/delay port.
+    Port80,
+    /// System control port A (fast A20, reset).
+    Port92,
+    /// QEMU's isa-debug-exit.
+    DebugExit,
+    /// The PCI host bridge's configuration ports.
+    Pci,
+}
+
+impl PortDevice {
+    /// Its name in metrics and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            PortDevice::Pic => "pic",
+            PortDevice::Pit => "pit",
+            PortDevice::Uart => "uart",
+            PortDevice::Cmos => "cmos",
+            PortDevice::I8042 => "i8042",
+            PortDevice::Port80 => "port80",
+            PortDevice::Port92 => "port92",
+            PortDevice::DebugExit => "debug-exit",
+            PortDevice::Pci => "pci",
+        }
+    }
+}
+
+/// Every port range of the platform: first port, number of ports, device.
+/// The one map the port bus is built from and ports are named by.
+pub const PORT_MAP: &[(u16, u16, PortDevice)] = &[
+    (0x20, 2, PortDevice::Pic),
+    (0xa0, 2, PortDevice::Pic),
+    (0x4d0, 2, PortDevice::Pic),
+    (0x40, 4, PortDevice::Pit),
+    (0x61, 1, PortDevice::Pit),
+    (0x3f8, 8, PortDevice::Uart),
+    (0x70, 2, PortDevice::Cmos),
+    (0x60, 1, PortDevice::I8042),
+    (0x64, 1, PortDevice::I8042),
+    (0x80, 1, PortDevice::Port80),
+    (0x92, 1, PortDevice::Port92),
+    (0xf4, 4, PortDevice::DebugExit),
+    (0xcf8, 8, PortDevice::Pci),
+];
+
+/// The device that decodes `port`, if any.
+pub fn device_of_port(port: u16) -> Option<PortDevice> {
+    PORT_MAP
+        .iter()
+        .find(|&&(base, len, _)| port >= base && u32::from(port) < u32::from(base) + u32::from(len))
+        .map(|&(_, _, d)| d)
+}
 
 /// The outside world as the platform's devices see it.
 pub struct PlatformIo {
@@ -165,19 +232,20 @@ impl Platform {
         let debug_exit = Arc::new(Mutex::new(debug_exit));
         let pci = Arc::new(Mutex::new(pci));
         let mut pio = Bus::new();
-        pio.insert(0x20, 2, pic.clone())?;
-        pio.insert(0xa0, 2, pic.clone())?;
-        pio.insert(0x4d0, 2, pic.clone())?;
-        pio.insert(0x40, 4, pit.clone())?;
-        pio.insert(0x61, 1, pit.clone())?;
-        pio.insert(0x3f8, 8, serial.clone())?;
-        pio.insert(0x70, 2, cmos.clone())?;
-        pio.insert(0x60, 1, i8042.clone())?;
-        pio.insert(0x64, 1, i8042.clone())?;
-        pio.insert(0x80, 1, port80.clone())?;
-        pio.insert(0x92, 1, port92.clone())?;
-        pio.insert(0xf4, 4, debug_exit.clone())?;
-        pio.insert(0xcf8, 8, pci.clone())?;
+        for &(base, len, device) in PORT_MAP {
+            let d: SharedDevice = match device {
+                PortDevice::Pic => pic.clone(),
+                PortDevice::Pit => pit.clone(),
+                PortDevice::Uart => serial.clone(),
+                PortDevice::Cmos => cmos.clone(),
+                PortDevice::I8042 => i8042.clone(),
+                PortDevice::Port80 => port80.clone(),
+                PortDevice::Port92 => port92.clone(),
+                PortDevice::DebugExit => debug_exit.clone(),
+                PortDevice::Pci => pci.clone(),
+            };
+            pio.insert(u64::from(base), u64::from(len), d)?;
+        }
         Ok(Platform {
             pio,
             mmio: Bus::new(),
@@ -245,5 +313,35 @@ impl Platform {
     /// The INTA cycle: the vector to inject.
     pub fn acknowledge(&self) -> u8 {
         lock(&self.pic).acknowledge()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_port_of_the_map_names_its_device() {
+        assert_eq!(device_of_port(0x3f8), Some(PortDevice::Uart));
+        assert_eq!(device_of_port(0x3ff), Some(PortDevice::Uart));
+        assert_eq!(device_of_port(0x400), None);
+        assert_eq!(device_of_port(0x43), Some(PortDevice::Pit));
+        assert_eq!(device_of_port(0x44), None);
+        assert_eq!(device_of_port(0xcff), Some(PortDevice::Pci));
+        assert_eq!(device_of_port(0xffff), None);
+        for &(base, len, device) in PORT_MAP {
+            for port in base..base + len {
+                assert_eq!(device_of_port(port), Some(device), "{port:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_map_has_no_overlaps() {
+        let mut bus = Bus::new();
+        for &(base, len, _) in PORT_MAP {
+            let dev: SharedDevice = Arc::new(Mutex::new(Port80::new()));
+            bus.insert(u64::from(base), u64::from(len), dev).unwrap();
+        }
     }
 }

@@ -12,13 +12,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use nyx_devices::Input;
-use vm_memory::{GuestAddress, GuestMemory as _};
 
 use crate::clock::{TimeSource, VirtualClock};
 use crate::events::ExitRecord;
 use crate::hooks::{HookCtx, HookError, RunHooks};
 use crate::machine::Machine;
-use crate::mem_state::{DirtyTracker, MemStateError, PageRun, PAGE_SIZE};
+use crate::mem_state::{rollback_pages, DirtyTracker, MemStateError, PageRun, PAGE_SIZE};
 use crate::snapshot::MachineState;
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -29,14 +28,6 @@ pub enum ResetError {
     /// Dirty tracking or a page write failed.
     #[error("guest memory: {0}")]
     Memory(#[from] MemStateError),
-    /// A page of the snapshot lies outside this machine's RAM.
-    #[error("cannot rewrite guest page {gfn:#x}: {source}")]
-    Write {
-        /// The guest frame number.
-        gfn: u64,
-        /// Why.
-        source: vm_memory::GuestMemoryError,
-    },
     /// The devices or the vCPU could not be put back.
     #[error(transparent)]
     Machine(#[from] crate::machine::Error),
@@ -110,23 +101,12 @@ impl ResetPoint {
     /// Rewrites the pages dirtied since the last call from the snapshot;
     /// returns how many.
     pub fn reset_memory(&mut self, machine: &Machine) -> Result<usize, ResetError> {
-        static ZERO: [u8; PAGE] = [0; PAGE];
         let dirty = self.tracker.collect(machine.vm())?;
-        let mem = machine.memory();
-        for &gfn in &dirty {
-            let data = self.pages.get(&gfn).map_or(&ZERO[..], |p| &p[..]);
-            let page = mem
-                .get_slice(GuestAddress(gfn * PAGE_SIZE), PAGE)
-                .map_err(|source| ResetError::Write { gfn, source })?;
-            let dst = page.ptr_guard_mut();
-            // SAFETY: `get_slice` checked that the page lies in guest RAM,
-            // which stays mapped while `machine` lives; the vCPU does not
-            // run during a reset (it is driven by the thread resetting it),
-            // and `data` is host memory outside guest RAM. A plain copy, not
-            // vm-memory's volatile word loop: a reset is bound by this copy.
-            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst.as_ptr(), PAGE) };
-        }
-        Ok(dirty.len())
+        // The vCPU does not run during a reset: it is driven by this thread.
+        let pages = &self.pages;
+        Ok(rollback_pages(machine.memory(), dirty, |gfn| {
+            pages.get(&gfn).map(|p| &p[..])
+        })?)
     }
 
     /// Resets the whole machine: dirtied pages, devices (COM1 then talks to
@@ -294,6 +274,7 @@ impl RunHooks for CheckRun {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use vm_memory::GuestAddress;
 
     #[test]
     fn pages_of_splits_unaligned_runs_and_drops_zero_pages() {

@@ -110,11 +110,7 @@ pub fn container_header(
         images.push(GuestImage::embedded(INITRD_IMAGE, i.to_vec()));
     }
     TraceHeader {
-        uuid: crate::hooks::host_random()
-            .to_le_bytes()
-            .repeat(2)
-            .try_into()
-            .unwrap_or([0; 16]),
+        uuid: crate::hooks::uuid_v4(),
         nyx_version: env!("CARGO_PKG_VERSION").to_string(),
         kind,
         machine_config: config.to_bytes(),

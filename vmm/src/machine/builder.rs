@@ -320,10 +320,10 @@ impl MachineBuilder {
             let mut table = if setup.format == loader::KernelFormat::LinuxBzImage {
                 PatchTable::default()
             } else {
-                crate::patch::scan_elf(&image).map_err(|e| Error::GuestMemory(e.to_string()))?
+                crate::patch::scan_elf(&image)?
             };
             table.retain(|k| all || *k == crate::patch::TrapKind::Cpuid);
-            table.apply(&mem).map_err(|e| Error::GuestMemory(e.to_string()))?;
+            table.apply(&mem)?;
             table
         } else {
             PatchTable::default()
@@ -345,19 +345,19 @@ impl MachineBuilder {
             serial_in,
         };
         let msr_list = crate::vcpu_state::accepted_msrs(&vcpu, &crate::vcpu_state::supported_msrs(&kvm))
-            .map_err(|e| Error::GuestMemory(format!("MSR list: {e}")))?;
+            .map_err(Error::MsrList)?;
         let (platform, exit_seq, poll_pending) = match &restore {
             Some((state, memory)) => {
                 // Memory first (it replaces what the loader wrote), then the
                 // devices, then the vCPU (its CPUID is set above, as KVM
                 // requires; vcpu_state::restore documents its own order).
-                crate::mem_state::restore_full(&mem, memory).map_err(|e| Error::GuestMemory(e.to_string()))?;
-                let platform =
-                    Platform::from_state(io, &state.platform).map_err(|e| Error::GuestMemory(e.to_string()))?;
-                crate::vcpu_state::restore(&vcpu, &state.vcpu).map_err(|e| Error::GuestMemory(e.to_string()))?;
+                crate::mem_state::restore_full(&mem, memory)?;
+                let platform = Platform::from_state(io, &state.platform)?;
+                crate::vcpu_state::restore(&vcpu, &state.vcpu).map_err(vcpu_err("restore"))?;
                 // Let KVM refresh kvm_run's view of the restored vCPU (IF,
                 // readiness for injection) with a KVM_RUN that exits at once.
-                crate::vcpu_state::complete_pending_exit(&mut vcpu).map_err(|e| Error::GuestMemory(e.to_string()))?;
+                crate::vcpu_state::complete_pending_exit(&mut vcpu)
+                    .map_err(vcpu_err("complete the pending exit of"))?;
                 (platform, state.exit_seq, state.poll_pending)
             }
             None => (
@@ -380,7 +380,7 @@ impl MachineBuilder {
         let dirty = if hooks.tracks_dirty_pages() {
             // SAFETY: `mem` is the memory registered above, slot = region
             // index, and the Machine keeps it for the VM's whole life.
-            Some(unsafe { DirtyTracker::enable(&vm, &mem) }.map_err(|e| Error::GuestMemory(e.to_string()))?)
+            Some(unsafe { DirtyTracker::enable(&vm, &mem) }?)
         } else {
             None
         };

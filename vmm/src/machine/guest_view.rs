@@ -60,8 +60,7 @@ impl Machine {
         let mut done = 0usize;
         while done < buf.len() {
             let addr = gva.wrapping_add(done as u64);
-            let t =
-                crate::paging::translate(&self.core.mem, &regs, addr).map_err(|e| Error::GuestMemory(e.to_string()))?;
+            let t = crate::paging::translate(&self.core.mem, &regs, addr)?;
             let n = (buf.len() - done).min(t.remaining_in_page as usize);
             self.read_phys(t.gpa, &mut buf[done..done + n])?;
             done += n;
@@ -75,7 +74,7 @@ impl Machine {
         self.core
             .mem
             .read_slice(buf, vm_memory::GuestAddress(gpa))
-            .map_err(|e| Error::GuestMemory(format!("{gpa:#x}: {e}")))?;
+            .map_err(|source| Error::PhysRead { gpa, source })?;
         self.core.patches.unpatch_view(gpa, buf);
         Ok(())
     }
@@ -83,6 +82,6 @@ impl Machine {
     /// Writes guest-virtual memory through the guest's page tables.
     pub fn write_virt(&self, gva: u64, buf: &[u8]) -> Result<(), Error> {
         let regs = self.paging_regs()?;
-        crate::paging::write_virt(&self.core.mem, &regs, gva, buf).map_err(|e| Error::GuestMemory(e.to_string()))
+        Ok(crate::paging::write_virt(&self.core.mem, &regs, gva, buf)?)
     }
 }

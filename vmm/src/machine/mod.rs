@@ -103,9 +103,43 @@ pub enum Error {
     /// The run mode stopped the run (a replay diverged or its trace ended).
     #[error(transparent)]
     Hook(#[from] HookError),
-    /// Guest memory could not be tracked or patched.
+    /// Capturing, restoring or settling the vCPU's state failed.
+    #[error("cannot {what} the vCPU state: {source}")]
+    VcpuState {
+        /// capture, restore, complete the pending exit of.
+        what: &'static str,
+        /// Why.
+        source: crate::vcpu_state::StateError,
+    },
+    /// KVM's list of the MSRs to save and restore could not be had.
+    #[error("cannot list the MSRs a snapshot saves: {0}")]
+    MsrList(#[source] crate::vcpu_state::StateError),
+    /// The devices could not be rebuilt from a saved state.
+    #[error("cannot restore the devices: {0}")]
+    Platform(#[from] crate::platform::PlatformError),
+    /// Saving a snapshot failed.
+    #[error("cannot save the snapshot: {0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// Patching instruction sites (RDTSC, RDRAND, CPUID) into traps failed.
+    #[error("cannot patch the kernel's trapped instructions: {0}")]
+    Patch(#[from] crate::patch::PatchError),
+    /// Restoring guest memory or its dirty-page tracking failed.
     #[error("guest memory: {0}")]
-    GuestMemory(String),
+    MemState(#[from] crate::mem_state::MemStateError),
+    /// KVM's dirty log could not be collected.
+    #[error("cannot collect the pages the guest wrote: {0}")]
+    DirtyLog(#[source] HookError),
+    /// A guest-virtual address does not translate.
+    #[error(transparent)]
+    Translate(#[from] crate::paging::TranslateError),
+    /// Guest-physical memory could not be read.
+    #[error("cannot read guest-physical memory at {gpa:#x}: {source}")]
+    PhysRead {
+        /// Where.
+        gpa: u64,
+        /// Why.
+        source: vm_memory::GuestMemoryError,
+    },
     /// The CPUID table (a trace's or snapshot's) offers features this
     /// host's KVM does not.
     #[error(
@@ -119,6 +153,11 @@ pub enum Error {
         /// The features KVM lacks.
         missing: Vec<String>,
     },
+}
+
+/// The [`Error::VcpuState`] of `what` (capture, restore, ...).
+fn vcpu_err(what: &'static str) -> impl FnOnce(crate::vcpu_state::StateError) -> Error {
+    move |source| Error::VcpuState { what, source }
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {

@@ -13,10 +13,10 @@ impl Machine {
     /// The machine's state without its memory (a checkpoint that saves
     /// only written pages itself).
     pub fn capture_state_without_memory(&mut self) -> Result<(crate::snapshot::MachineState, ()), Error> {
-        let ge = |e: &dyn std::fmt::Display| Error::GuestMemory(e.to_string());
         // An exit KVM has not completed yet would be lost.
-        crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu).map_err(|e| ge(&e))?;
-        let vcpu = crate::vcpu_state::capture(&self.core.vcpu, &self.core.msr_list).map_err(|e| ge(&e))?;
+        crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu)
+            .map_err(vcpu_err("complete the pending exit of"))?;
+        let vcpu = crate::vcpu_state::capture(&self.core.vcpu, &self.core.msr_list).map_err(vcpu_err("capture"))?;
         let state = crate::snapshot::MachineState {
             vcpu,
             platform: self.core.platform.state(),
@@ -56,15 +56,14 @@ impl Machine {
     pub fn save_snapshot(&mut self, path: &Path) -> Result<PathBuf, Error> {
         let (state, memory) = self.capture_state()?;
         let c = &self.core;
-        crate::snapshot::write(
+        Ok(crate::snapshot::write(
             path,
             &c.config,
             &c.kernel_image,
             c.initrd_image.as_deref(),
             &state,
             &memory,
-        )
-        .map_err(|e| Error::GuestMemory(e.to_string()))
+        )?)
     }
 
     /// The vCPU, for register access by a debugger.
@@ -85,16 +84,16 @@ impl Machine {
         serial_out: Box<dyn Write + Send>,
         serial_in: Box<dyn Input>,
     ) -> Result<(), Error> {
-        let ge = |e: &dyn std::fmt::Display| Error::GuestMemory(e.to_string());
-        crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu).map_err(|e| ge(&e))?;
+        crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu)
+            .map_err(vcpu_err("complete the pending exit of"))?;
         let io = PlatformIo {
             clock: self.core.clock.clone(),
             wall: Box::new(nyx_devices::io::FixedWallClock(self.core.config.wall_seconds)),
             serial_out,
             serial_in,
         };
-        self.core.platform = Platform::from_state(io, &state.platform).map_err(|e| ge(&e))?;
-        crate::vcpu_state::restore(&self.core.vcpu, &state.vcpu).map_err(|e| ge(&e))?;
+        self.core.platform = Platform::from_state(io, &state.platform)?;
+        crate::vcpu_state::restore(&self.core.vcpu, &state.vcpu).map_err(vcpu_err("restore"))?;
         self.core.clock.set_last(state.virtual_ns);
         self.core.exit_seq = state.exit_seq;
         self.poll_pending = state.poll_pending;
@@ -108,10 +107,7 @@ impl Machine {
     /// reverse debugger's checkpoint saves. Empty when the mode does not
     /// track dirty pages.
     pub fn take_written(&mut self) -> Result<BTreeSet<u64>, Error> {
-        self.core
-            .ctx()
-            .collect_dirty()
-            .map_err(|e| Error::GuestMemory(e.to_string()))?;
+        self.core.ctx().collect_dirty().map_err(Error::DirtyLog)?;
         Ok(std::mem::take(&mut self.core.written))
     }
 
