@@ -3,7 +3,8 @@
 //! socket: time, input, entropy and interrupt lines come in through the traits
 //! in [`io`], and every device keeps its snapshot-relevant state in a plain
 //! serde `State` type, so the recorder, the replayer and the tests can drive
-//! the same code with logging or fake implementations.
+//! the same code with logging or fake implementations. Where the devices
+//! sit in the whole: ARCHITECTURE.md at the repository root.
 
 pub mod bus;
 pub mod cmos;

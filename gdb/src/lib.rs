@@ -28,8 +28,9 @@
 //! ([`ServeOptions::step_watchpoints`]): a write watchpoint stops when the
 //! watched bytes change, a read or access watchpoint after an instruction
 //! whose decoded memory operand touches them (implicit stack accesses are
-//! not seen). The replayer's landing search shares the debug registers;
-//! the stub re-arms gdb's breakpoints around it.
+//! not seen). In a replay the landing search keeps gdb's breakpoints armed
+//! and takes a free debug register for itself (or single-steps when none
+//! is free), so a breakpoint is not missed while a landing is searched.
 
 mod arch;
 mod breakpoints;

@@ -9,7 +9,8 @@
 //! replayer needs to find the same point again. Events go to the trace in
 //! frames of bounded size; the trace is `NAME.partial` until the run ends,
 //! so a recorder that is killed leaves a trace that replays up to its last
-//! complete frame.
+//! complete frame. The data flow from run loop to trace, and what a
+//! landing is: ARCHITECTURE.md at the repository root.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

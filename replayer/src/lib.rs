@@ -9,7 +9,9 @@
 //! hardware breakpoint at the landing's RIP, comparing the register digest
 //! and the digest of the pages written since the previous landing at every
 //! hit (see `search.rs`). The first mismatch stops the replay with a
-//! [`Divergence`] report.
+//! [`Divergence`] report. Positions, keyframes, the timeline and the
+//! emulated-KVM quirks a replay works around: ARCHITECTURE.md at the
+//! repository root.
 
 mod cursor;
 mod report;

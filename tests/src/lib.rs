@@ -1,6 +1,7 @@
 //! Shared helpers of Nyx's integration tests: deciding whether KVM tests run,
 //! running an in-tree guest in-process with its serial output captured, and
-//! finding golden files.
+//! finding golden files. What the crates under test do: ARCHITECTURE.md at
+//! the repository root.
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -324,7 +324,7 @@ fn gdb_session(args: &GdbArgs, wait: bool, machine: &mut nyx_vmm::Machine) -> Op
             eprintln!("nyx: waiting for gdb on {addr}");
             return nyx_gdb::serve(machine, server.accept()?, opts);
         }
-        eprintln!("nyx: gdb can attach on {addr}; the guest runs");
+        eprintln!("nyx: the guest runs; gdb can attach on {addr}");
         match server.run_until_attach(machine)? {
             nyx_gdb::Attach::Connected(conn) => nyx_gdb::serve(machine, conn, opts),
             nyx_gdb::Attach::Ended(end) => Ok(end),

@@ -247,6 +247,70 @@ fn interrupt_stops_a_running_guest() {
     assert_eq!(code, Some(0), "{err}");
 }
 
+/// Without --gdb-wait the guest runs at once and gdb attaches later: the
+/// echo guest prints its prompt and waits for input before gdb comes, gdb
+/// stops it where it is, and after gdb detaches the guest takes its input
+/// and ends with its own status.
+#[test]
+fn gdb_attaches_to_a_guest_that_already_runs() {
+    let kernel = nyx_guests::path("echo").expect("in-tree guest");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nyx"))
+        .args(["run", "--gdb", "127.0.0.1:0", "--serial-in", "-", "--kernel"])
+        .arg(&kernel)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn nyx");
+    let (tx, rx) = mpsc::channel();
+    let err = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (out_tx, out_rx) = mpsc::channel();
+    let out = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = out_tx.send(line);
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("nyx says where it listens");
+    assert!(line.contains("the guest runs"), "{line}");
+    let port: u16 = line
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    let nyx = Nyx {
+        child,
+        port,
+        stderr: rx,
+    };
+    // The guest ran before anyone attached: its prompt is out.
+    let prompt = out_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the guest's prompt");
+    assert!(prompt.contains("echo: type"), "{prompt}");
+    let text = gdb(&nyx, "echo", &["printf \"PC=%#lx\\n\", $pc", "detach"]);
+    assert!(text.contains("PC=0x"), "{text}");
+    assert!(text.contains("etached"), "{text}");
+    let mut nyx = nyx;
+    let mut stdin = nyx.child.stdin.take().expect("stdin");
+    stdin.write_all(b"ok.").expect("input");
+    drop(stdin);
+    let echoed: String = out_rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+    assert!(echoed.contains("OK."), "{echoed}");
+    let (code, err) = nyx.finish();
+    let want = nyx_guests::expected("echo")
+        .and_then(|e| e.exit_value)
+        .expect("exit value");
+    assert_eq!(code, Some(want as i32 & 0xff), "{err}");
+}
+
 #[test]
 fn detach_lets_the_guest_run_to_its_end() {
     let nyx = Nyx::start("hello");

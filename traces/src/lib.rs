@@ -5,6 +5,8 @@
 //! `FORMAT.md` in this crate is the format's description; `format` holds
 //! its encoders and decoders, `writer` and `reader` the two directions,
 //! `inspect` the summaries behind `nyx trace info` and `nyx trace verify`.
+//! Who writes and reads which container: ARCHITECTURE.md at the repository
+//! root.
 
 mod error;
 mod format;

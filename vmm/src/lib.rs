@@ -1,6 +1,8 @@
 //! nyx-vmm: the machine. A KVM VM with one vCPU, guest memory, the boot
 //! loaders, the CPUID/MSR policy, vCPU state capture and the run loop that
-//! hands every exit to the user-space devices.
+//! hands every exit to the user-space devices. How the run loop, its hooks
+//! and the other crates fit together, and the emulated-KVM quirks the
+//! machine works around: ARCHITECTURE.md at the repository root.
 
 pub mod access;
 pub mod clock;

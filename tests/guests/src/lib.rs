@@ -3,7 +3,9 @@
 //! (its debug-exit value, its serial input and, where the output does not
 //! depend on timing, its golden serial output recorded under QEMU; see
 //! `tests/golden/README.md`). A small ELF symbol lookup lets debugger tests
-//! find the addresses of the guests' global symbols.
+//! find the addresses of the guests' global symbols. Why guests that take
+//! interrupts switch to long mode first: ARCHITECTURE.md at the repository
+//! root (the emulated-KVM quirks).
 
 use std::path::PathBuf;
 
