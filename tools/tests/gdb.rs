@@ -28,12 +28,15 @@ impl Nyx {
     }
 
     fn start_with(args: &[std::ffi::OsString]) -> Nyx {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nyx"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nyx");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nyx"));
+        cmd.args(args).stdout(Stdio::null());
+        Self::spawn(cmd)
+    }
+
+    /// Spawns `cmd` (a nyx command line that listens for gdb) with its
+    /// stderr read here, and waits for the line that says where it listens.
+    fn spawn(mut cmd: Command) -> Nyx {
+        let mut child = cmd.stderr(Stdio::piped()).spawn().expect("spawn nyx");
         let (tx, rx) = mpsc::channel();
         let err = child.stderr.take().expect("stderr");
         std::thread::spawn(move || {
@@ -254,42 +257,19 @@ fn interrupt_stops_a_running_guest() {
 #[test]
 fn gdb_attaches_to_a_guest_that_already_runs() {
     let kernel = nyx_guests::path("echo").expect("in-tree guest");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nyx"))
-        .args(["run", "--gdb", "127.0.0.1:0", "--serial-in", "-", "--kernel"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nyx"));
+    cmd.args(["run", "--gdb", "127.0.0.1:0", "--serial-in", "-", "--kernel"])
         .arg(&kernel)
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn nyx");
-    let (tx, rx) = mpsc::channel();
-    let err = child.stderr.take().expect("stderr");
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+        .stdout(Stdio::piped());
+    let mut nyx = Nyx::spawn(cmd);
     let (out_tx, out_rx) = mpsc::channel();
-    let out = child.stdout.take().expect("stdout");
+    let out = nyx.child.stdout.take().expect("stdout");
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             let _ = out_tx.send(line);
         }
     });
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("nyx says where it listens");
-    assert!(line.contains("the guest runs"), "{line}");
-    let port: u16 = line
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no port in {line:?}"));
-    let nyx = Nyx {
-        child,
-        port,
-        stderr: rx,
-    };
     // The guest ran before anyone attached: its prompt is out.
     let prompt = out_rx
         .recv_timeout(Duration::from_secs(60))
@@ -298,7 +278,6 @@ fn gdb_attaches_to_a_guest_that_already_runs() {
     let text = gdb(&nyx, "echo", &["printf \"PC=%#lx\\n\", $pc", "detach"]);
     assert!(text.contains("PC=0x"), "{text}");
     assert!(text.contains("etached"), "{text}");
-    let mut nyx = nyx;
     let mut stdin = nyx.child.stdin.take().expect("stdin");
     stdin.write_all(b"ok.").expect("input");
     drop(stdin);
