@@ -136,18 +136,7 @@ impl GdbServer {
     pub fn accept(&self) -> Result<TcpStream, Error> {
         accept_on(&self.listener)
     }
-}
 
-/// What [`GdbServer::run_until_attach`] ended with.
-#[derive(Debug)]
-pub enum Attach {
-    /// gdb connected; the machine is stopped where it was.
-    Connected(TcpStream),
-    /// The guest ended (or its run mode stopped it) before gdb came.
-    Ended(DebugEnd),
-}
-
-impl GdbServer {
     /// Runs a live `machine` until gdb connects, then stops it where it is
     /// (the next stop after a kick) and hands over the connection; or
     /// until the guest ends. Call it on the thread that runs the machine.
@@ -185,6 +174,15 @@ impl GdbServer {
         let _ = waiter.join();
         end
     }
+}
+
+/// What [`GdbServer::run_until_attach`] ended with.
+#[derive(Debug)]
+pub enum Attach {
+    /// gdb connected; the machine is stopped where it was.
+    Connected(TcpStream),
+    /// The guest ended (or its run mode stopped it) before gdb came.
+    Ended(DebugEnd),
 }
 
 fn accept_on(listener: &TcpListener) -> Result<TcpStream, Error> {
