@@ -17,7 +17,7 @@ use crate::clock::{TimeSource, VirtualClock};
 use crate::events::ExitRecord;
 use crate::hooks::{HookCtx, HookError, RunHooks};
 use crate::machine::Machine;
-use crate::mem_state::{rollback_pages, DirtyTracker, MemStateError, PageRun, PAGE_SIZE};
+use crate::mem_state::{is_zero, rollback_pages, DirtyTracker, MemStateError, PageRun, PAGE_SIZE};
 use crate::snapshot::MachineState;
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -74,7 +74,7 @@ pub fn pages_of(memory: &[PageRun]) -> HashMap<u64, Box<[u8]>> {
             done += n;
         }
     }
-    pages.retain(|_, p| p.iter().any(|&b| b != 0));
+    pages.retain(|_, p| !is_zero(p));
     pages
 }
 
