@@ -1,12 +1,12 @@
 //! CPUID policy: what the guest is told about the CPU.
 //!
-//! The table starts from `KVM_GET_SUPPORTED_CPUID` and is filtered by a
-//! [`CpuidPolicy`]. Every policy hides what a machine without an in-kernel
+//! The table starts from `KVM_GET_SUPPORTED_CPUID`, shaped by the CPU model
+//! ([`crate::cpu_model`]), and is filtered by a [`CpuidPolicy`]. Every policy hides what a machine without an in-kernel
 //! irqchip, kvmclock or PMU does not have (local APIC, x2APIC, TSC-deadline,
 //! the KVM paravirtual leaves, the architectural PMU). The record/replay
 //! policy (design §4) also hides every instruction and feature whose result
 //! Nyx could not log: RDRAND, RDSEED, RDPID, RDTSCP, the invariant TSC and the
-//! TSC frequency leaves.
+//! TSC frequency leaves. [`lookup`] answers a patched `cpuid` from the table.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 use serde::{Deserialize, Serialize};
