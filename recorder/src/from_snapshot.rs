@@ -32,6 +32,9 @@ pub struct SnapshotRecordOptions {
     pub verify: VerifyLevel,
     /// How landings are stored.
     pub landings: LandingPolicy,
+    /// Record under the check clock of these hooks (the deterministic clock
+    /// of `nyx check`), not the host's.
+    pub check: Option<nyx_vmm::reset::CheckRun>,
 }
 
 /// Restores the snapshot and records its run to the end into `opts.out`.
@@ -49,7 +52,8 @@ pub fn start_from_snapshot(opts: SnapshotRecordOptions) -> Result<Session, Error
     let position = snap.state.exit_seq;
     let log = new_log(&opts.out, position);
     let wall = Arc::new(Mutex::new(0i64));
-    let hooks = Recorder::new(log.clone(), opts.verify, wall, opts.landings);
+    let mut hooks = Recorder::new(log.clone(), opts.verify, wall.clone(), opts.landings);
+    hooks.check = opts.check;
     let mut b = MachineBuilder::from_snapshot(&opts.snapshot)
         .map_err(|e| Error::Read {
             path: opts.snapshot.clone(),
@@ -65,6 +69,8 @@ pub fn start_from_snapshot(opts: SnapshotRecordOptions) -> Result<Session, Error
 
     let mut config = snap.config;
     config.verify = opts.verify;
+    // The date the machine was given (the host's, or the check clock's).
+    config.wall_seconds = *wall.lock().unwrap_or_else(|e| e.into_inner());
     let mut images = vec![GuestImage::embedded(KERNEL_IMAGE, snap.kernel)];
     if let Some(i) = snap.initrd {
         images.push(GuestImage::embedded(INITRD_IMAGE, i));

@@ -24,6 +24,7 @@ use nyx_vmm::cpuid::CpuidPolicy;
 use nyx_vmm::events::{EndKind, EndRecord, Event, ExitRecord};
 use nyx_vmm::hooks::{host_idle_wait, host_random, HookCtx, HookError, RunHooks};
 use nyx_vmm::metrics::{LandingHow, VmMetrics};
+use nyx_vmm::reset::CheckRun;
 use nyx_vmm::{MachineBuilder, RunOutcome, SerialIn};
 
 mod from_snapshot;
@@ -198,15 +199,15 @@ fn lock(log: &SharedLog) -> std::sync::MutexGuard<'_, Log> {
     log.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The host clock, each sample logged.
+/// The host clock (or the check clock), each sample logged.
 struct RecordTime {
-    host: HostTime,
+    source: Box<dyn TimeSource>,
     log: SharedLog,
 }
 
 impl TimeSource for RecordTime {
     fn sample(&mut self) -> u64 {
-        let v = self.host.sample();
+        let v = self.source.sample();
         lock(&self.log).push(Event::Time(v));
         v
     }
@@ -240,6 +241,9 @@ pub struct Recorder {
     wall: Arc<Mutex<i64>>,
     landings: LandingPolicy,
     hot_loops: HotLoops,
+    /// The check clock's hooks, when recording under it: time, polls,
+    /// entropy, the date and the time limit are theirs.
+    check: Option<CheckRun>,
 }
 
 /// The recorder's judgements of where the guest stopped in a short loop
@@ -288,70 +292,12 @@ impl Recorder {
             wall,
             landings,
             hot_loops: HotLoops::default(),
+            check: None,
         }
     }
-}
 
-impl RunHooks for Recorder {
-    fn name(&self) -> &'static str {
-        "record"
-    }
-
-    fn time_source(&mut self, start_ns: u64) -> Box<dyn TimeSource> {
-        self.host = HostTime::starting_at(start_ns);
-        Box::new(RecordTime {
-            host: self.host,
-            log: self.log.clone(),
-        })
-    }
-
-    fn serial_input(&mut self, requested: Box<dyn Input>) -> Box<dyn Input> {
-        Box::new(RecordInput {
-            inner: requested,
-            log: self.log.clone(),
-        })
-    }
-
-    fn wall_seconds(&mut self, host: i64) -> i64 {
-        *self.wall.lock().unwrap_or_else(|e| e.into_inner()) = host;
-        host
-    }
-
-    fn patches_instructions(&self) -> bool {
-        true
-    }
-
-    fn virtual_tsc(&self) -> bool {
-        true
-    }
-
-    fn tracks_dirty_pages(&self) -> bool {
-        true
-    }
-
-    fn kick_at(&self, virt_deadline: Option<u64>) -> Option<u64> {
-        // The guest always gets a slice of its own: when recording a
-        // landing costs more than a timer period, a deadline already past
-        // would otherwise kick every entry at once and the guest would never
-        // run again.
-        let min = nyx_vmm::kick::monotonic_ns() + MIN_SLICE_NS;
-        Some(self.host.host_time_of(virt_deadline?).max(min))
-    }
-
-    fn poll_now(&mut self, _ctx: &mut HookCtx<'_>, requested: bool) -> Result<bool, HookError> {
-        let mut log = lock(&self.log);
-        if requested {
-            log.push(Event::Poll);
-            log.flush_if_old();
-        }
-        log.check()?;
-        Ok(requested)
-    }
-
-    fn on_kick(&mut self, ctx: &mut HookCtx<'_>, deadline_passed: bool) -> Result<bool, HookError> {
-        if !deadline_passed {
-            return Ok(false);
-        }
+    /// Logs a landing where the guest stopped.
+    fn landing(&mut self, ctx: &mut HookCtx<'_>) -> Result<(), HookError> {
         let keyframe = match self.landings {
             LandingPolicy::Search => false,
             LandingPolicy::Keyframe => true,
@@ -370,6 +316,91 @@ impl RunHooks for Recorder {
         ctx.metrics.landing(how, 0);
         ctx.dirty_since_landing.clear();
         lock(&self.log).push(Event::Landing(Box::new(landing)));
+        Ok(())
+    }
+}
+
+impl RunHooks for Recorder {
+    fn name(&self) -> &'static str {
+        "record"
+    }
+
+    fn time_source(&mut self, start_ns: u64) -> Box<dyn TimeSource> {
+        self.host = HostTime::starting_at(start_ns);
+        let source: Box<dyn TimeSource> = match self.check.as_mut() {
+            Some(c) => c.time_source(start_ns),
+            None => Box::new(self.host),
+        };
+        Box::new(RecordTime {
+            source,
+            log: self.log.clone(),
+        })
+    }
+
+    fn serial_input(&mut self, requested: Box<dyn Input>) -> Box<dyn Input> {
+        Box::new(RecordInput {
+            inner: requested,
+            log: self.log.clone(),
+        })
+    }
+
+    fn wall_seconds(&mut self, host: i64) -> i64 {
+        let secs = match self.check.as_mut() {
+            Some(c) => c.wall_seconds(host),
+            None => host,
+        };
+        *self.wall.lock().unwrap_or_else(|e| e.into_inner()) = secs;
+        secs
+    }
+
+    fn patches_instructions(&self) -> bool {
+        true
+    }
+
+    fn virtual_tsc(&self) -> bool {
+        true
+    }
+
+    fn tracks_dirty_pages(&self) -> bool {
+        true
+    }
+
+    fn kick_at(&self, virt_deadline: Option<u64>) -> Option<u64> {
+        if let Some(c) = &self.check {
+            // Only the time limit: the check clock moves at exits.
+            return c.kick_at(virt_deadline);
+        }
+        // The guest always gets a slice of its own: when recording a
+        // landing costs more than a timer period, a deadline already past
+        // would otherwise kick every entry at once and the guest would never
+        // run again.
+        let min = nyx_vmm::kick::monotonic_ns() + MIN_SLICE_NS;
+        Some(self.host.host_time_of(virt_deadline?).max(min))
+    }
+
+    fn poll_now(&mut self, ctx: &mut HookCtx<'_>, requested: bool) -> Result<bool, HookError> {
+        let requested = match self.check.as_mut() {
+            Some(c) => c.poll_now(ctx, requested)?,
+            None => requested,
+        };
+        let mut log = lock(&self.log);
+        if requested {
+            log.push(Event::Poll);
+            log.flush_if_old();
+        }
+        log.check()?;
+        Ok(requested)
+    }
+
+    fn on_kick(&mut self, ctx: &mut HookCtx<'_>, deadline_passed: bool) -> Result<bool, HookError> {
+        if !deadline_passed {
+            return Ok(false);
+        }
+        if let Some(c) = self.check.as_mut() {
+            // The check clock's only kick is its time limit.
+            return c.on_kick(ctx, deadline_passed);
+        }
+        self.landing(ctx)?;
         Ok(true)
     }
 
@@ -391,7 +422,10 @@ impl RunHooks for Recorder {
         // logged as a landing, which the replay reaches exactly instead of
         // waiting for its own window exit.
         if exit.kind == nyx_vmm::events::ExitKind::IrqWindow {
-            self.on_kick(ctx, true)?;
+            self.landing(ctx)?;
+        }
+        if let Some(c) = self.check.as_mut() {
+            c.on_exit(ctx, exit)?;
         }
         Ok(())
     }
@@ -403,11 +437,17 @@ impl RunHooks for Recorder {
 
     fn idle_wait(&mut self, clock: &VirtualClock, virt_deadline: Option<u64>, input_possible: bool) {
         lock(&self.log).flush_if_old();
-        host_idle_wait(&self.host, clock, virt_deadline, input_possible);
+        match self.check.as_mut() {
+            Some(c) => c.idle_wait(clock, virt_deadline, input_possible),
+            None => host_idle_wait(&self.host, clock, virt_deadline, input_possible),
+        }
     }
 
-    fn entropy(&mut self, _ctx: &mut HookCtx<'_>) -> Result<u64, HookError> {
-        let v = host_random();
+    fn entropy(&mut self, ctx: &mut HookCtx<'_>) -> Result<u64, HookError> {
+        let v = match self.check.as_mut() {
+            Some(c) => c.entropy(ctx)?,
+            None => host_random(),
+        };
         lock(&self.log).push(Event::Entropy(v));
         Ok(v)
     }
@@ -449,6 +489,13 @@ pub fn record(opts: RecordOptions) -> Result<Recording, Error> {
 /// trace; the caller runs it ([`Session::run`], or its own loop and
 /// [`Session::finish`]).
 pub fn start(opts: RecordOptions) -> Result<Session, Error> {
+    start_with_clock(opts, None)
+}
+
+/// As [`start`], under the check clock of `check` when given (the
+/// deterministic clock of `nyx check`; see [`CheckRun`]) instead of the
+/// host's.
+pub fn start_with_clock(opts: RecordOptions, check: Option<CheckRun>) -> Result<Session, Error> {
     let image = std::fs::read(&opts.kernel).map_err(|source| Error::Read {
         path: opts.kernel.clone(),
         source,
@@ -464,7 +511,7 @@ pub fn start(opts: RecordOptions) -> Result<Session, Error> {
         .kernel_name
         .clone()
         .unwrap_or_else(|| opts.kernel.display().to_string());
-    start_image(opts, kernel_name, image, initrd)
+    start_image_with_clock(opts, kernel_name, image, initrd, check)
 }
 
 /// Records a run of a kernel given as bytes.
@@ -484,9 +531,20 @@ pub fn start_image(
     image: Vec<u8>,
     initrd: Option<Vec<u8>>,
 ) -> Result<Session, Error> {
+    start_image_with_clock(opts, kernel_name, image, initrd, None)
+}
+
+fn start_image_with_clock(
+    opts: RecordOptions,
+    kernel_name: String,
+    image: Vec<u8>,
+    initrd: Option<Vec<u8>>,
+    check: Option<CheckRun>,
+) -> Result<Session, Error> {
     let log = new_log(&opts.out, 0);
     let wall = Arc::new(Mutex::new(0i64));
-    let hooks = Recorder::new(log.clone(), opts.verify, wall.clone(), opts.landings);
+    let mut hooks = Recorder::new(log.clone(), opts.verify, wall.clone(), opts.landings);
+    hooks.check = check;
     let mut b = MachineBuilder::new()
         .memory(opts.mem_mib)
         .kernel_image(&kernel_name, image.clone())

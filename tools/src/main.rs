@@ -88,6 +88,8 @@ struct RestoreArgs {
     #[arg(long, value_name = "FILE|-")]
     serial_in: Option<String>,
     #[command(flatten)]
+    clock: check::ClockArgs,
+    #[command(flatten)]
     kvm: KvmArgs,
 }
 
@@ -157,6 +159,8 @@ struct RecordArgs {
     machine: MachineArgs,
     #[command(flatten)]
     serve: ServeArgs,
+    #[command(flatten)]
+    clock: check::ClockArgs,
 }
 
 #[derive(Args, Debug)]
@@ -266,6 +270,8 @@ struct RunArgs {
     /// one) and run it; machine, kernel and state come from the source.
     #[arg(long, value_name = "tcp:HOST:PORT", conflicts_with_all = ["kernel", "initrd", "gdb", "cpu"])]
     incoming: Option<String>,
+    #[command(flatten)]
+    clock: check::ClockArgs,
 }
 
 /// The control socket and the metrics of a running machine.
@@ -467,21 +473,25 @@ fn record(args: &RecordArgs) -> Result<ExitCode, String> {
             kvm_path: m.kvm.kvm_device.clone(),
             verify,
             landings,
+            check: args.clock.check_hooks().map(|(h, _)| h),
         }),
-        None => nyx_recorder::start(nyx_recorder::RecordOptions {
-            out: args.out.clone(),
-            kernel: m.kernel()?.clone(),
-            kernel_name: None,
-            initrd: m.initrd.clone(),
-            cmdline: m.cmdline.clone(),
-            mem_mib: m.mem,
-            serial_in: serial_in_arg(m.serial_in.as_deref()),
-            serial_out: None,
-            kvm_path: m.kvm.kvm_device.clone(),
-            verify,
-            landings,
-            cpu,
-        }),
+        None => nyx_recorder::start_with_clock(
+            nyx_recorder::RecordOptions {
+                out: args.out.clone(),
+                kernel: m.kernel()?.clone(),
+                kernel_name: None,
+                initrd: m.initrd.clone(),
+                cmdline: m.cmdline.clone(),
+                mem_mib: m.mem,
+                serial_in: serial_in_arg(m.serial_in.as_deref()),
+                serial_out: None,
+                kvm_path: m.kvm.kvm_device.clone(),
+                verify,
+                landings,
+                cpu,
+            },
+            args.clock.check_hooks().map(|(h, _)| h),
+        ),
     };
     let mut session = started.map_err(|e| e.to_string())?;
     args.serve.start_metrics(session.machine())?;
@@ -607,12 +617,14 @@ fn serial_in_arg(arg: Option<&str>) -> SerialIn {
 }
 
 fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
-    let mut machine = progress::restore_builder(&args.snapshot)
+    let mut b = progress::restore_builder(&args.snapshot)
         .map_err(|e| e.to_string())?
         .serial_in(serial_in_arg(args.serial_in.as_deref()))
-        .kvm_path(&args.kvm.kvm_device)
-        .build()
-        .map_err(|e| e.to_string())?;
+        .kvm_path(&args.kvm.kvm_device);
+    if let Some((hooks, _)) = args.clock.check_hooks() {
+        b = b.hooks(Box::new(hooks));
+    }
+    let mut machine = b.build().map_err(|e| e.to_string())?;
     args.serve.start_metrics(&machine)?;
     match run_machine(&mut machine, args.serve.api.as_deref())? {
         Some(outcome) => Ok(finish(&outcome)),
@@ -628,7 +640,11 @@ fn run(args: &RunArgs) -> Result<ExitCode, String> {
         print!("{}", CpuModel::help());
         return Ok(ExitCode::SUCCESS);
     };
-    let mut machine = args.machine.builder(cpu)?.build().map_err(|e| e.to_string())?;
+    let mut b = args.machine.builder(cpu)?;
+    if let Some((hooks, _)) = args.clock.check_hooks() {
+        b = b.hooks(Box::new(hooks));
+    }
+    let mut machine = b.build().map_err(|e| e.to_string())?;
     tracing::info!(target: "nyx::vmm", "machine built: kernel {}, {} MiB", args.machine.kernel()?.display(), args.machine.mem);
     args.serve.start_metrics(&machine)?;
     if let Some(code) = gdb_session(&args.gdb, args.gdb_wait, &mut machine) {

@@ -1,7 +1,9 @@
 //! End-to-end tests of `nyx check`: a snapshot of the `echo` guest waiting
-//! for input, taken through the control socket, checked many times with
-//! fast resets; and a wrong expectation that fails with a trace that
-//! `nyx replay` replays.
+//! for input, taken through the control socket; blessed, checked many times
+//! with fast resets, agreeing with `nyx restore --clock check`; a wrong
+//! expectation that fails once, with one trace that replays the failing
+//! repetition's output and status byte for byte; and a suite run whole and
+//! in shards whose merged JUnit report equals the whole run's.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -48,56 +50,212 @@ fn echo_snapshot(dir: &Path) -> PathBuf {
     snap
 }
 
-fn check(snap: &Path, dir: &Path, expect: &[u8], extra: &[&str]) -> std::process::Output {
-    let input = dir.join("in.txt");
-    let expect_file = dir.join("expect.txt");
-    std::fs::write(&input, b"abc.").unwrap();
-    std::fs::write(&expect_file, expect).unwrap();
-    nyx()
-        .arg("check")
-        .arg(snap)
-        .arg("--input")
-        .arg(&input)
-        .arg("--expect")
-        .arg(&expect_file)
-        .args(["--expect-status", "51", "--trace-dir"])
-        .arg(dir)
-        .args(extra)
-        .output()
-        .unwrap()
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `nyx check` in `cwd` with `args`.
+fn check(cwd: &Path, args: &[&str]) -> std::process::Output {
+    let out = nyx().current_dir(cwd).arg("check").args(args).output().unwrap();
+    eprintln!("nyx check {}:\n{}", args.join(" "), text(&out.stderr));
+    out
 }
 
 #[test]
-fn check_passes_a_thousand_repetitions_and_fails_with_a_replayable_trace() {
+fn blessed_check_passes_and_a_failure_leaves_one_trace_that_replays_it() {
     if !kvm_available() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let snap = echo_snapshot(dir.path());
-    let junit = dir.path().join("junit.xml");
+    let d = dir.path();
+    let snap = echo_snapshot(d);
+    std::fs::write(d.join("in.txt"), b"abc.").unwrap();
+    let base = ["echo.nyxsnap", "--input", "in.txt", "--expect", "expect.txt"];
 
+    // Bless from one run, then 200 repetitions agree with it.
+    let out = check(d, &[&base[..], &["--bless", "--repeat", "200", "--jobs", "2"]].concat());
+    assert_eq!(out.status.code(), Some(0));
+    let err = text(&out.stderr);
+    assert!(err.contains("200 of 200 repetitions passed"), "{err}");
+    assert!(err.contains("repetitions/s") && err.contains("us on average"), "{err}");
+    let expect = std::fs::read(d.join("expect.txt")).unwrap();
+    assert_eq!(text(&expect), "ABC.\nbye\n");
+    assert_eq!(std::fs::read_to_string(d.join("expect.txt.status")).unwrap(), "51\n");
+
+    // `nyx restore --clock check` prints exactly what `nyx check` compares.
+    let r = nyx()
+        .arg("restore")
+        .arg(&snap)
+        .args(["--clock", "check", "--serial-in"])
+        .arg(d.join("in.txt"))
+        .output()
+        .unwrap();
+    assert_eq!(r.stdout, expect, "{}", text(&r.stderr));
+    assert_eq!(r.status.code(), Some(51));
+
+    // A wrong expectation: one report and one trace for 20 identical
+    // failures, in the default trace directory.
+    std::fs::write(d.join("expect.txt"), b"ABD.\nbye\n").unwrap();
     let out = check(
-        &snap,
-        dir.path(),
-        b"ABC.\nbye\n",
-        &["--repeat", "1000", "--jobs", "2", "--junit", junit.to_str().unwrap()],
+        d,
+        &[&base[..], &["--expect-status", "0", "--repeat", "20", "--keep-going"]].concat(),
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{err}");
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    assert!(err.contains("1000 of 1000 repetitions passed"), "{err}");
-    let xml = std::fs::read_to_string(&junit).unwrap();
-    assert!(xml.contains("tests=\"1000\" failures=\"0\""), "{xml}");
-
-    let out = check(&snap, dir.path(), b"ABD.\nbye\n", &["--repeat", "3"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{err}");
-    assert_eq!(out.status.code(), Some(5), "{err}");
-    assert!(err.contains("0 of 3 repetitions passed"), "{err}");
+    assert_eq!(out.status.code(), Some(5));
+    let err = text(&out.stderr);
+    assert!(err.contains("0 of 20 repetitions passed (1 distinct failure)"), "{err}");
     assert!(err.contains("output differs at byte 2"), "{err}");
-    let trace = dir.path().join("check-fail-0.nyxtrace");
-    assert!(err.contains(&format!("nyx replay {}", trace.display())), "{err}");
+    assert!(err.contains("exit status 51, expected 0"), "{err}");
+    assert!(
+        err.contains("20 repetitions ended this way, the first being repetition 0"),
+        "{err}"
+    );
+    assert_eq!(err.matches("FAILED").count(), 1, "{err}");
+    assert!(
+        !err.contains("note:"),
+        "the recorded run ended as the failure did: {err}"
+    );
+    let failures = d.join("nyx-check-failures");
+    let mut files: Vec<String> = std::fs::read_dir(&failures)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["echo-0.nyxtrace", "echo-0.out"]);
+    let trace = failures.join("echo-0.nyxtrace");
+    assert!(
+        err.contains(&format!(
+            "nyx replay {}",
+            Path::new("nyx-check-failures/echo-0.nyxtrace").display()
+        )),
+        "{err}"
+    );
+
+    // The trace replays the failing repetition: its output and its status.
+    let failed_output = std::fs::read(failures.join("echo-0.out")).unwrap();
     let r = nyx().arg("replay").arg(&trace).output().unwrap();
-    assert_eq!(r.status.code(), Some(0x33), "{}", String::from_utf8_lossy(&r.stderr));
-    assert_eq!(String::from_utf8_lossy(&r.stdout), "ABC.\nbye\n");
+    assert_eq!(r.stdout, failed_output, "{}", text(&r.stderr));
+    assert_eq!(r.status.code(), Some(51), "{}", text(&r.stderr));
+
+    // Without --keep-going the check stops at the first failure.
+    let out = check(d, &[&base[..], &["--repeat", "20", "--trace-dir", "f2"]].concat());
+    assert_eq!(out.status.code(), Some(5));
+    let err = text(&out.stderr);
+    assert!(err.contains("0 of 1 repetitions passed"), "{err}");
+    assert!(err.contains("19 repetitions not run"), "{err}");
+}
+
+/// (name, repetitions, failure count) of each testcase of a report of
+/// `nyx check`, and the report's tests and failures.
+fn junit_counts(xml: &str) -> (String, Vec<(String, u64, usize)>) {
+    let attr = |s: &str, name: &str| -> String {
+        let key = format!("{name}=\"");
+        let at = s
+            .find(&key)
+            .map(|i| i + key.len())
+            .unwrap_or_else(|| panic!("no {name} in {s}"));
+        s[at..at + s[at..].find('"').unwrap()].to_string()
+    };
+    let head = &xml[xml.find("<testsuites").expect("no testsuites")..];
+    let head = &head[..head.find('>').unwrap()];
+    let totals = format!("tests={} failures={}", attr(head, "tests"), attr(head, "failures"));
+    let mut cases: Vec<(String, u64, usize)> = xml
+        .split("<testcase ")
+        .skip(1)
+        .map(|c| {
+            let c = &c[..c.find("</testcase>").unwrap()];
+            let reps = attr(&c[c.find("name=\"repetitions\"").unwrap()..], "value");
+            (attr(c, "name"), reps.parse().unwrap(), c.matches("<failure ").count())
+        })
+        .collect();
+    cases.sort();
+    (totals, cases)
+}
+
+#[test]
+fn suite_in_shards_runs_every_repetition_once_and_merges_to_the_whole() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    echo_snapshot(d);
+    let inputs = [
+        ("abc", "abc.", 3),
+        ("xy", "xy.", 2),
+        ("q", "q.", 1),
+        ("hello", "Hello.", 4),
+        ("wrong", "w.", 2),
+    ];
+    let mut suite = String::from("# echo cases\n[defaults]\nsnapshot = \"echo.nyxsnap\"\nclock = \"check\"\n");
+    for (name, input, repeat) in inputs {
+        std::fs::write(d.join(format!("{name}.in")), input).unwrap();
+        suite += &format!(
+            "\n[[case]]\nname = \"{name}\"\ninput = \"{name}.in\"\nexpect = \"out/{name}.out\"\nrepeat = {repeat}\n"
+        );
+    }
+    std::fs::write(d.join("suite.toml"), &suite).unwrap();
+
+    let out = check(d, &["--suite", "suite.toml", "--bless"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(d.join("out/hello.out")).unwrap(),
+        "HELLO.\nbye\n"
+    );
+    let blessed = std::fs::read_to_string(d.join("suite.toml")).unwrap();
+    assert!(
+        blessed.starts_with("# echo cases") && blessed.matches("expect_status = 51").count() == 5,
+        "{blessed}"
+    );
+    std::fs::write(d.join("out/wrong.out"), b"nope").unwrap();
+
+    let out = check(d, &["--suite", "suite.toml", "--keep-going", "--junit", "all.xml"]);
+    assert_eq!(out.status.code(), Some(5));
+    assert!(text(&out.stderr).contains("10 of 12 repetitions passed (1 distinct failure)"));
+    let whole = junit_counts(&std::fs::read_to_string(d.join("all.xml")).unwrap());
+    assert_eq!(whole.0, "tests=5 failures=1");
+    assert!(std::fs::read_to_string(d.join("all.xml"))
+        .unwrap()
+        .contains("<property name=\"trace\" value=\"nyx-check-failures/wrong-0.nyxtrace\"/>"));
+
+    let n = 3;
+    let mut parts = Vec::new();
+    let mut ran = 0;
+    for i in 0..n {
+        let junit = format!("shard{i}.xml");
+        let shard = format!("{i}/{n}");
+        let out = check(
+            d,
+            &[
+                "--suite",
+                "suite.toml",
+                "--keep-going",
+                "--shard",
+                &shard,
+                "--junit",
+                &junit,
+                "--trace-dir",
+                &format!("f{i}"),
+            ],
+        );
+        assert!(out.status.code() == Some(0) || out.status.code() == Some(5));
+        let (_, cases) = junit_counts(&std::fs::read_to_string(d.join(&junit)).unwrap());
+        ran += cases.iter().map(|c| c.1).sum::<u64>();
+        parts.push(junit);
+    }
+    assert_eq!(ran, 12, "every repetition ran in exactly one shard");
+    let merged = nyx()
+        .current_dir(d)
+        .args(["check", "merge-junit"])
+        .args(&parts)
+        .output()
+        .unwrap();
+    assert_eq!(merged.status.code(), Some(0), "{}", text(&merged.stderr));
+    let merged = junit_counts(&text(&merged.stdout));
+    let strip = |c: &[(String, u64, usize)]| {
+        c.iter()
+            .map(|(n, r, f)| (n.clone(), *r, (*f).min(1)))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(merged.0, whole.0);
+    assert_eq!(strip(&merged.1), strip(&whole.1));
 }

@@ -135,6 +135,42 @@ impl ResetPoint {
 /// Virtual time per guest-caused exit under [`CheckRun`], ns.
 pub const CHECK_STEP_NS: u64 = 1_000;
 
+/// The date a machine booted under the check clock sees (2024-01-01
+/// 00:00:00 UTC); a restored machine sees its snapshot's.
+pub const CHECK_WALL_SECONDS: i64 = 1_704_067_200;
+
+/// Which clock a [`CheckRun`] serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClockKind {
+    /// The host's monotonic clock, as in a plain run: for guests that wait
+    /// for a timer in a compute loop, whose output must then not depend on
+    /// timing.
+    Host,
+    /// The deterministic check clock.
+    #[default]
+    Check,
+}
+
+impl std::str::FromStr for ClockKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "host" => Ok(ClockKind::Host),
+            "check" => Ok(ClockKind::Check),
+            _ => Err(format!("unknown clock {s:?}: give host or check")),
+        }
+    }
+}
+
+impl std::fmt::Display for ClockKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClockKind::Host => "host",
+            ClockKind::Check => "check",
+        })
+    }
+}
+
 /// The state [`CheckRun`] shares with its clock and its owner.
 #[derive(Debug, Default)]
 struct CheckShared {
@@ -143,6 +179,10 @@ struct CheckShared {
     wall_limit_ns: AtomicU64,
     timed_out: AtomicBool,
     entropy: AtomicU64,
+    /// Serve the host's clock instead (see [`ClockKind::Host`]).
+    host: AtomicBool,
+    /// Host monotonic ns of virtual time 0, with the host clock.
+    host_origin_ns: AtomicU64,
 }
 
 impl CheckShared {
@@ -155,6 +195,20 @@ impl CheckShared {
         self.entropy.store(x, Ordering::SeqCst);
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
+
+    fn host(&self) -> Option<crate::clock::HostTime> {
+        self.host.load(Ordering::SeqCst).then(|| {
+            let origin = self.host_origin_ns.load(Ordering::SeqCst);
+            crate::clock::HostTime::starting_at(crate::kick::monotonic_ns().saturating_sub(origin))
+        })
+    }
+
+    fn wall_limit(&self) -> Option<u64> {
+        match self.wall_limit_ns.load(Ordering::SeqCst) {
+            0 => None,
+            t => Some(t),
+        }
+    }
 }
 
 /// The deterministic time source of [`CheckRun`].
@@ -162,7 +216,11 @@ struct CheckTime(Arc<CheckShared>);
 
 impl TimeSource for CheckTime {
     fn sample(&mut self) -> u64 {
-        self.0.now_ns.load(Ordering::SeqCst)
+        let s = &self.0;
+        if s.host.load(Ordering::SeqCst) {
+            return crate::kick::monotonic_ns().saturating_sub(s.host_origin_ns.load(Ordering::SeqCst));
+        }
+        s.now_ns.load(Ordering::SeqCst)
     }
 }
 
@@ -173,14 +231,35 @@ pub struct CheckControl(Arc<CheckShared>);
 
 impl CheckControl {
     /// Starts a repetition: virtual time `start_ns`, a fresh entropy
-    /// sequence, and a wall-clock limit of `limit` from now.
-    pub fn reset(&self, start_ns: u64, limit: std::time::Duration) {
+    /// sequence, and a wall-clock limit of `limit` from now (None: no limit).
+    pub fn reset(&self, start_ns: u64, limit: Option<std::time::Duration>) {
         let s = &self.0;
+        let now = crate::kick::monotonic_ns();
         s.now_ns.store(start_ns, Ordering::SeqCst);
+        s.host_origin_ns.store(now.saturating_sub(start_ns), Ordering::SeqCst);
         s.entropy.store(0x6e79_7863_6865_636b, Ordering::SeqCst);
         s.timed_out.store(false, Ordering::SeqCst);
-        let limit = crate::kick::monotonic_ns().saturating_add(limit.as_nanos().min(u128::from(u64::MAX)) as u64);
+        let limit = limit.map_or(0, |l| {
+            now.saturating_add(l.as_nanos().min(u128::from(u64::MAX)) as u64).max(1)
+        });
         s.wall_limit_ns.store(limit, Ordering::SeqCst);
+    }
+
+    /// Sets the wall-clock limit of the run under way to `limit` from now
+    /// (None: no limit), leaving its time alone.
+    pub fn set_limit(&self, limit: Option<std::time::Duration>) {
+        let now = crate::kick::monotonic_ns();
+        let limit = limit.map_or(0, |l| {
+            now.saturating_add(l.as_nanos().min(u128::from(u64::MAX)) as u64).max(1)
+        });
+        self.0.timed_out.store(false, Ordering::SeqCst);
+        self.0.wall_limit_ns.store(limit, Ordering::SeqCst);
+    }
+
+    /// Serves `clock` from the next sample on (set it before
+    /// [`CheckControl::reset`], which starts the host clock's origin).
+    pub fn set_clock(&self, clock: ClockKind) {
+        self.0.host.store(clock == ClockKind::Host, Ordering::SeqCst);
     }
 
     /// Whether the last run was stopped by the wall-clock limit.
@@ -194,25 +273,46 @@ impl CheckControl {
     }
 }
 
-/// The run mode of `nyx check`: the same guest state and input give the
-/// same run, whatever the host's timing. Virtual time advances by
-/// [`CHECK_STEP_NS`] per guest-caused exit and jumps to the next device
-/// deadline when the guest halts; devices are polled at every step;
-/// RDRAND-style entropy is a fixed sequence. A guest that computes without
-/// exits never sees time pass: the wall-clock limit stops it, and the run
-/// fails with [`HookError::Stopped`] and [`CheckControl::timed_out`] set.
+/// What a guest that the check clock cannot serve is told (the run was
+/// stopped at its wall-clock limit).
+pub const TIMED_OUT: &str = "the time limit passed with the check clock, which only moves when the guest exits \
+     (or halts): the guest computes or busy-waits for a timer without exits. Give it the host clock \
+     (--clock host, or clock = \"host\" in a suite) if its output does not depend on timing, or record it \
+     (nyx record --from-snapshot) to debug it";
+
+/// The run mode of `nyx check` and of `--clock check`: the same guest state
+/// and input give the same run, whatever the host's timing. Virtual time
+/// advances by [`CHECK_STEP_NS`] per guest-caused exit and jumps to the next
+/// device deadline when the guest halts; devices are polled at every step
+/// (never at an asynchronous kick); RDRAND-style entropy is a fixed
+/// sequence; RDTSC (patched) and the TSC MSRs follow the virtual clock; the
+/// date is fixed. A guest that computes without exits never sees time pass:
+/// the wall-clock limit stops it, and the run fails with
+/// [`HookError::Stopped`] and [`CheckControl::timed_out`] set.
+///
+/// With [`ClockKind::Host`] (see [`CheckControl::set_clock`]) it serves the
+/// host's clock instead, and keeps the limit and the fast resets.
 #[derive(Debug)]
 pub struct CheckRun {
     shared: Arc<CheckShared>,
+    wall: Option<i64>,
 }
 
 impl CheckRun {
-    /// Hooks and the handle that resets them.
+    /// Hooks (check clock, no time limit) and the handle that resets them.
     pub fn new() -> (Self, CheckControl) {
         let shared = Arc::new(CheckShared::default());
         let control = CheckControl(shared.clone());
-        control.reset(0, std::time::Duration::from_secs(60));
-        (CheckRun { shared }, control)
+        control.reset(0, None);
+        (CheckRun { shared, wall: None }, control)
+    }
+
+    /// The date the guest sees, in seconds since 1970 (default
+    /// [`CHECK_WALL_SECONDS`]; a restored machine's should be its
+    /// snapshot's).
+    pub fn with_wall_seconds(mut self, secs: i64) -> Self {
+        self.wall = Some(secs);
+        self
     }
 }
 
@@ -223,6 +323,10 @@ impl RunHooks for CheckRun {
 
     fn time_source(&mut self, start_ns: u64) -> Box<dyn TimeSource> {
         self.shared.now_ns.store(start_ns, Ordering::SeqCst);
+        let now = crate::kick::monotonic_ns();
+        self.shared
+            .host_origin_ns
+            .store(now.saturating_sub(start_ns), Ordering::SeqCst);
         Box::new(CheckTime(self.shared.clone()))
     }
 
@@ -230,23 +334,51 @@ impl RunHooks for CheckRun {
         requested
     }
 
-    fn kick_at(&self, _virt_deadline: Option<u64>) -> Option<u64> {
-        match self.shared.wall_limit_ns.load(Ordering::SeqCst) {
-            0 => None,
-            t => Some(t),
+    fn wall_seconds(&mut self, host: i64) -> i64 {
+        if self.shared.host.load(Ordering::SeqCst) {
+            return host;
+        }
+        self.wall.unwrap_or(CHECK_WALL_SECONDS)
+    }
+
+    fn patches_instructions(&self) -> bool {
+        true
+    }
+
+    fn virtual_tsc(&self) -> bool {
+        true
+    }
+
+    fn kick_at(&self, virt_deadline: Option<u64>) -> Option<u64> {
+        let limit = self.shared.wall_limit();
+        let deadline = self
+            .shared
+            .host()
+            .and_then(|h| virt_deadline.map(|d| h.host_time_of(d)));
+        match (limit, deadline) {
+            (Some(l), Some(d)) => Some(l.min(d)),
+            (l, d) => l.or(d),
         }
     }
 
-    fn poll_now(&mut self, _ctx: &mut HookCtx<'_>, _requested: bool) -> Result<bool, HookError> {
-        Ok(true)
+    fn poll_now(&mut self, _ctx: &mut HookCtx<'_>, requested: bool) -> Result<bool, HookError> {
+        Ok(requested || !self.shared.host.load(Ordering::SeqCst))
     }
 
     fn on_kick(&mut self, _ctx: &mut HookCtx<'_>, deadline_passed: bool) -> Result<bool, HookError> {
-        if deadline_passed {
+        if !deadline_passed {
+            return Ok(false);
+        }
+        if self
+            .shared
+            .wall_limit()
+            .is_some_and(|l| crate::kick::monotonic_ns() >= l)
+        {
             self.shared.timed_out.store(true, Ordering::SeqCst);
             return Err(HookError::Stopped);
         }
-        Ok(true)
+        // A device deadline of the host clock.
+        Ok(self.shared.host.load(Ordering::SeqCst))
     }
 
     fn on_exit(&mut self, _ctx: &mut HookCtx<'_>, _exit: &ExitRecord) -> Result<(), HookError> {
@@ -254,11 +386,19 @@ impl RunHooks for CheckRun {
         Ok(())
     }
 
-    fn idle_wait(&mut self, _clock: &VirtualClock, virt_deadline: Option<u64>, _input_possible: bool) {
+    fn idle_wait(&mut self, clock: &VirtualClock, virt_deadline: Option<u64>, input_possible: bool) {
+        if let Some(host) = self.shared.host() {
+            crate::hooks::host_idle_wait(&host, clock, virt_deadline, input_possible);
+            return;
+        }
         if let Some(d) = virt_deadline {
             self.shared.now_ns.fetch_max(d, Ordering::SeqCst);
         }
-        if crate::kick::monotonic_ns() > self.shared.wall_limit_ns.load(Ordering::SeqCst) {
+        if self
+            .shared
+            .wall_limit()
+            .is_some_and(|l| crate::kick::monotonic_ns() > l)
+        {
             // A guest idling on input that never comes: end the wait loop
             // slowly enough not to spin a core.
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -266,6 +406,9 @@ impl RunHooks for CheckRun {
     }
 
     fn entropy(&mut self, _ctx: &mut HookCtx<'_>) -> Result<u64, HookError> {
+        if self.shared.host.load(Ordering::SeqCst) {
+            return Ok(crate::hooks::host_random());
+        }
         Ok(self.shared.next_entropy())
     }
 }
@@ -326,7 +469,7 @@ mod tests {
         assert_eq!(src.sample(), 10_000);
         hooks.idle_wait(&clock, Some(20), false);
         assert_eq!(src.sample(), 10_000, "time never goes back");
-        control.reset(7, std::time::Duration::from_secs(1));
+        control.reset(7, Some(std::time::Duration::from_secs(1)));
         assert_eq!(control.now_ns(), 7);
         assert!(!control.timed_out());
     }
@@ -335,7 +478,7 @@ mod tests {
     fn check_entropy_repeats_after_reset() {
         let (hooks, control) = CheckRun::new();
         let a: Vec<u64> = (0..4).map(|_| hooks.shared.next_entropy()).collect();
-        control.reset(0, std::time::Duration::from_secs(1));
+        control.reset(0, Some(std::time::Duration::from_secs(1)));
         let b: Vec<u64> = (0..4).map(|_| hooks.shared.next_entropy()).collect();
         assert_eq!(a, b);
         assert!(a.windows(2).all(|w| w[0] != w[1]));
