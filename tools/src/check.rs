@@ -355,7 +355,7 @@ struct Run<'a> {
     stopped: Vec<AtomicBool>,
     report: Mutex<CheckReport>,
     /// Outcomes by (case, repetition), when a caller wants them (blessing).
-    outcomes: Option<Mutex<Vec<(usize, u64, Outcome)>>>,
+    outcomes: Option<Mutex<Outcomes>>,
 }
 
 impl Run<'_> {
@@ -591,7 +591,10 @@ pub fn check(opts: &CheckOptions) -> Result<CheckReport, CheckError> {
     run_items(opts, false).map(|(r, _)| r)
 }
 
-fn run_items(opts: &CheckOptions, keep: bool) -> Result<(CheckReport, Vec<(usize, u64, Outcome)>), CheckError> {
+/// Outcomes by case and repetition.
+type Outcomes = Vec<(usize, u64, Outcome)>;
+
+fn run_items(opts: &CheckOptions, keep: bool) -> Result<(CheckReport, Outcomes), CheckError> {
     let mut items = Vec::new();
     let mut global = 0u64;
     for (c, case) in opts.cases.iter().enumerate() {
