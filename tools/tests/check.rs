@@ -20,12 +20,18 @@ fn ctl(sock: &Path, args: &[&str]) -> (Option<i32>, String) {
 
 /// A snapshot of `echo` idling in HLT for its first byte of input.
 fn echo_snapshot(dir: &Path) -> PathBuf {
-    let sock = dir.join("api.sock");
-    let snap = dir.join("echo.nyxsnap");
+    snapshot(dir, "echo")
+}
+
+/// A snapshot of the guest `name` (`echo` or `ticks`) idling in HLT for its
+/// first byte of input: NAME.nyxsnap in `dir`.
+fn snapshot(dir: &Path, name: &str) -> PathBuf {
+    let sock = dir.join(format!("{name}.sock"));
+    let snap = dir.join(format!("{name}.nyxsnap"));
     let mut child = nyx()
         .arg("run")
         .arg("--kernel")
-        .arg(nyx_guests::path("echo").unwrap())
+        .arg(nyx_guests::path(name).unwrap())
         .args(["--serial-in", "-", "--api"])
         .arg(&sock)
         .stdin(Stdio::piped())
@@ -258,4 +264,52 @@ fn suite_in_shards_runs_every_repetition_once_and_merges_to_the_whole() {
     };
     assert_eq!(merged.0, whole.0);
     assert_eq!(strip(&merged.1), strip(&whole.1));
+}
+
+#[test]
+fn a_timer_guest_is_repeatable_under_the_check_clock_and_its_failure_replays() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let snap = snapshot(d, "ticks");
+    std::fs::write(d.join("in.txt"), b"abc.").unwrap();
+    let base = ["ticks.nyxsnap", "--input", "in.txt", "--expect", "expect.txt"];
+
+    let out = check(d, &[&base[..], &["--bless", "--repeat", "30"]].concat());
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stderr).contains("30 of 30 repetitions passed"));
+    let expect = std::fs::read(d.join("expect.txt")).unwrap();
+    assert!(text(&expect).starts_with("ABC.\nticks="), "{}", text(&expect));
+
+    let r = nyx()
+        .arg("restore")
+        .arg(&snap)
+        .args(["--clock", "check", "--serial-in"])
+        .arg(d.join("in.txt"))
+        .output()
+        .unwrap();
+    assert_eq!(text(&r.stdout), text(&expect), "{}", text(&r.stderr));
+    assert_eq!(r.status.code(), Some(0x34));
+
+    // Expect another tick count: the failure's trace replays the count the
+    // failing repetition printed, and its status.
+    let wrong = text(&expect).replace("ticks=", "ticks=1");
+    std::fs::write(d.join("expect.txt"), wrong).unwrap();
+    let out = check(d, &[&base[..], &["--repeat", "5", "--keep-going"]].concat());
+    assert_eq!(out.status.code(), Some(5));
+    let err = text(&out.stderr);
+    assert!(err.contains("5 repetitions ended this way"), "{err}");
+    assert!(!err.contains("note:"), "{err}");
+    let failures = d.join("nyx-check-failures");
+    let failed_output = std::fs::read(failures.join("ticks-0.out")).unwrap();
+    assert_eq!(failed_output, expect);
+    let r = nyx()
+        .arg("replay")
+        .arg(failures.join("ticks-0.nyxtrace"))
+        .output()
+        .unwrap();
+    assert_eq!(r.stdout, failed_output, "{}", text(&r.stderr));
+    assert_eq!(r.status.code(), Some(0x34), "{}", text(&r.stderr));
 }

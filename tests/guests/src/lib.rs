@@ -38,6 +38,10 @@ pub const RDTSC: &[u8] = guest_image!("rdtsc");
 /// CMOS RTC date and a hash of 100 PIT latches; exits with [`RTC_EXIT`].
 /// Timing-dependent.
 pub const RTC: &[u8] = guest_image!("rtc");
+/// Echo with a 1 kHz PIT: echoes input upper-cased up to a '.', then prints
+/// the ticks counted; exits with [`TICKS_EXIT`]. Timing-dependent (not under
+/// the check clock).
+pub const TICKS: &[u8] = guest_image!("ticks");
 
 /// Prints what `cpuid` answers for leaves 0, 1, 7, 0xD and 0x8000_0001
 /// ("LEAF SUBLEAF REG VALUE" lines); exits with [`CPUID_EXIT`]. Its output
@@ -64,6 +68,8 @@ pub const COUNTER_EXIT: u32 = 0x44;
 pub const RDTSC_EXIT: u32 = 0x45;
 /// Debug-exit value of [`RTC`].
 pub const RTC_EXIT: u32 = 0x46;
+/// Debug-exit value of [`TICKS`].
+pub const TICKS_EXIT: u32 = 0x34;
 /// Debug-exit value any guest writes when something unexpected happened
 /// (an exception, a stray interrupt, a failed self-check).
 pub const UNEXPECTED_EXIT: u32 = 0x7f;
@@ -87,6 +93,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("counter", COUNTER),
     ("rdtsc", RDTSC),
     ("rtc", RTC),
+    ("ticks", TICKS),
 ];
 
 /// What a guest is expected to do.
@@ -158,6 +165,12 @@ pub const EXPECTED: &[Expected] = &[
         exit_value: Some(RTC_EXIT),
         golden: None,
         input: None,
+    },
+    Expected {
+        name: "ticks",
+        exit_value: Some(TICKS_EXIT),
+        golden: None,
+        input: Some(b"abc."),
     },
 ];
 

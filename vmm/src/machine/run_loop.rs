@@ -57,6 +57,13 @@ impl Machine {
     /// Waits in HLT until an interrupt is pending, nothing can raise one any
     /// more (no deadline and no more input), or another thread kicks.
     fn idle(&mut self) -> Result<Idle, Error> {
+        // An interrupt that waited for the guest to enable interrupts (an
+        // emulated KVM may run `sti; hlt` without reporting the window)
+        // wakes it at once, before time passes or another device raises a
+        // higher-priority one in its place.
+        if self.core.platform.interrupt_pending() {
+            return Ok(Idle::Interrupt);
+        }
         loop {
             let deadline = self.core.platform.next_deadline_ns();
             let input = self.core.platform.serial_may_receive();
