@@ -38,9 +38,9 @@ pub const RDTSC: &[u8] = guest_image!("rdtsc");
 /// CMOS RTC date and a hash of 100 PIT latches; exits with [`RTC_EXIT`].
 /// Timing-dependent.
 pub const RTC: &[u8] = guest_image!("rtc");
-/// Echo with a 1 kHz PIT: echoes input upper-cased up to a '.', then prints
-/// the ticks counted; exits with [`TICKS_EXIT`]. Timing-dependent (not under
-/// the check clock).
+/// Echo that idles with a 1 kHz PIT between bytes: every 10 ticks echoes one
+/// byte of input upper-cased, at a '.' prints the ticks counted; exits with
+/// [`TICKS_EXIT`]. Timing-dependent (not under the check clock).
 pub const TICKS: &[u8] = guest_image!("ticks");
 
 /// Prints what `cpuid` answers for leaves 0, 1, 7, 0xD and 0x8000_0001
