@@ -8,10 +8,10 @@
 set -eu
 cd "$(dirname "$0")/../.."
 if [ $# -ge 1 ]; then
-    NYX=$1
+    NYX=$(realpath "$1")
 else
     cargo build --release -q -p nyx-cli
-    NYX=target/release/nyx
+    NYX=$(realpath target/release/nyx)
 fi
 GUESTS=$(dirname "$(ls -t target/*/build/nyx-guests-*/out/echo.elf | head -1)")
 W=$(mktemp -d)

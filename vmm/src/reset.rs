@@ -475,6 +475,27 @@ mod tests {
     }
 
     #[test]
+    fn host_clock_follows_the_host_from_each_reset() {
+        let (mut hooks, control) = CheckRun::new();
+        control.set_clock(ClockKind::Host);
+        control.reset(1_000_000_000, None);
+        let mut src = hooks.time_source(1_000_000_000);
+        let a = src.sample();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let b = src.sample();
+        assert!(a >= 1_000_000_000 && b >= a + 5_000_000, "{a} {b}");
+        assert_eq!(hooks.kick_at(None), None, "no limit, no deadline: no kick");
+        control.reset(7, Some(std::time::Duration::from_secs(1)));
+        assert!(src.sample() < 1_000_000_000, "a reset starts the host clock again");
+        assert!(hooks.kick_at(Some(u64::MAX)).is_some(), "the limit comes first");
+        control.set_clock(ClockKind::Check);
+        control.reset(7, None);
+        assert_eq!(src.sample(), 7);
+        assert_eq!("host".parse::<ClockKind>(), Ok(ClockKind::Host));
+        assert!("wall".parse::<ClockKind>().is_err());
+    }
+
+    #[test]
     fn check_entropy_repeats_after_reset() {
         let (hooks, control) = CheckRun::new();
         let a: Vec<u64> = (0..4).map(|_| hooks.shared.next_entropy()).collect();
