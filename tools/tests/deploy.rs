@@ -7,8 +7,10 @@ use std::path::PathBuf;
 
 use serde_yaml::Value;
 
-mod common;
-use common::nyx;
+/// The `nyx` binary.
+fn nyx() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_nyx"))
+}
 
 fn load(rel: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(rel);
