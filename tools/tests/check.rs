@@ -2,8 +2,10 @@
 //! for input, taken through the control socket; blessed, checked many times
 //! with fast resets, agreeing with `nyx restore --clock check`; a wrong
 //! expectation that fails once, with one trace that replays the failing
-//! repetition's output and status byte for byte; and a suite run whole and
-//! in shards whose merged JUnit report equals the whole run's.
+//! repetition's output and status byte for byte; a guest that busy-waits
+//! for time, which the check clock cannot serve, stopped with the message
+//! that says so; and a suite run whole and in shards whose merged JUnit
+//! report equals the whole run's.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,6 +28,12 @@ fn echo_snapshot(dir: &Path) -> PathBuf {
 /// A snapshot of the guest `name` (`echo` or `ticks`) idling in HLT for its
 /// first byte of input: NAME.nyxsnap in `dir`.
 fn snapshot(dir: &Path, name: &str) -> PathBuf {
+    snapshot_with(dir, name, &[])
+}
+
+/// A snapshot of the guest `name` run with `extra` options, 300 ms after
+/// its start.
+fn snapshot_with(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
     let sock = dir.join(format!("{name}.sock"));
     let snap = dir.join(format!("{name}.nyxsnap"));
     let mut child = nyx()
@@ -34,6 +42,7 @@ fn snapshot(dir: &Path, name: &str) -> PathBuf {
         .arg(nyx_guests::path(name).unwrap())
         .args(["--serial-in", "-", "--api"])
         .arg(&sock)
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -312,4 +321,42 @@ fn a_timer_guest_is_repeatable_under_the_check_clock_and_its_failure_replays() {
         .unwrap();
     assert_eq!(r.stdout, failed_output, "{}", text(&r.stderr));
     assert_eq!(r.status.code(), Some(0x34), "{}", text(&r.stderr));
+}
+
+#[test]
+fn a_guest_busy_waiting_for_time_is_stopped_with_the_message_that_says_why() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // `counter` spins without exits until 50 timer ticks have passed: under
+    // the check clock no time passes, so it is still spinning 300 ms later.
+    snapshot_with(d, "counter", &["--clock", "check"]);
+    std::fs::write(d.join("expect.txt"), b"").unwrap();
+    let out = check(
+        d,
+        &[
+            "counter.nyxsnap",
+            "--expect",
+            "expect.txt",
+            "--timeout",
+            "0.5",
+            "--repeat",
+            "3",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(5));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("counter FAILED: the time limit passed with the check clock"),
+        "{err}"
+    );
+    assert!(err.contains("--clock host"), "{err}");
+    assert!(err.contains("0 of 1 repetitions passed"), "{err}");
+    assert!(!err.contains("note:"), "its recording stopped the same way: {err}");
+    assert!(
+        d.join("nyx-check-failures/counter-0.nyxtrace.partial").exists(),
+        "{err}"
+    );
 }
