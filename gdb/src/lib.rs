@@ -39,7 +39,7 @@ mod monitor;
 mod regs;
 mod target;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -103,15 +103,8 @@ pub enum DebugEnd {
 /// Parses a listen address: `HOST:PORT`, or `:PORT` for 127.0.0.1. A
 /// non-loopback host is refused unless `allow_remote`.
 pub fn parse_addr(spec: &str, allow_remote: bool) -> Result<SocketAddr, Error> {
-    let bad = || Error::BadAddress(spec.to_string());
-    let addr = match spec.strip_prefix(':') {
-        Some(port) => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port.parse().map_err(|_| bad())?),
-        None => spec.parse::<SocketAddr>().map_err(|_| bad())?,
-    };
-    if !allow_remote && !addr.ip().is_loopback() {
-        return Err(Error::NotLoopback(addr));
-    }
-    Ok(addr)
+    let addr = nyx_vmm::net::parse_addr(spec).ok_or_else(|| Error::BadAddress(spec.to_string()))?;
+    nyx_vmm::net::check_local(addr, allow_remote, "--gdb-allow-remote").map_err(|e| Error::NotLoopback(e.addr))
 }
 
 /// A socket gdb can connect to.

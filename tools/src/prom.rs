@@ -157,16 +157,8 @@ pub fn encode_snapshot(s: &MetricsSnapshot) -> String {
 /// Parses ADDR (`HOST:PORT`, `:PORT` for 127.0.0.1) and refuses non-loopback
 /// addresses unless `allow_remote`.
 pub fn parse_addr(spec: &str, allow_remote: bool) -> Result<SocketAddr, PromError> {
-    let full = if spec.starts_with(':') {
-        format!("127.0.0.1{spec}")
-    } else {
-        spec.to_string()
-    };
-    let addr: SocketAddr = full.parse().map_err(|_| PromError::Addr(spec.to_string()))?;
-    if !allow_remote && !addr.ip().is_loopback() {
-        return Err(PromError::Remote(addr));
-    }
-    Ok(addr)
+    let addr = nyx_vmm::net::parse_addr(spec).ok_or_else(|| PromError::Addr(spec.to_string()))?;
+    nyx_vmm::net::check_local(addr, allow_remote, "--metrics-allow-remote").map_err(|e| PromError::Remote(e.addr))
 }
 
 /// Listens on `addr` and serves `metrics` from a background thread; returns

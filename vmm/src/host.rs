@@ -66,22 +66,31 @@ pub struct ThreadInput {
 
 impl ThreadInput {
     /// Starts a thread that reads `reader` until end of file.
-    pub fn spawn<R: Read + Send + 'static>(mut reader: R) -> Self {
+    pub fn spawn<R: Read + Send + 'static>(reader: R) -> Self {
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("nyx-serial-in".into())
-            .spawn(move || {
-                let mut buf = [0u8; 4096];
-                loop {
-                    match reader.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if tx.send(buf[..n].to_vec()).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
+            .spawn(move || pump(reader, &tx))
+            .map(|_| ())
+            .unwrap_or_else(|e| tracing::warn!("serial input thread not started: {e}"));
+        ThreadInput {
+            rx,
+            pending: Vec::new(),
+            closed: false,
+        }
+    }
+}
+
+impl ThreadInput {
+    /// Starts a thread that opens `path` (a FIFO waits there for its
+    /// writer) and reads it until end of file; the guest runs meanwhile.
+    pub fn open(path: std::path::PathBuf) -> Self {
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("nyx-serial-in".into())
+            .spawn(move || match std::fs::File::open(&path) {
+                Ok(f) => pump(f, &tx),
+                Err(e) => tracing::warn!("serial input {}: {e}; the guest gets no input", path.display()),
             })
             .map(|_| ())
             .unwrap_or_else(|e| tracing::warn!("serial input thread not started: {e}"));
@@ -89,6 +98,24 @@ impl ThreadInput {
             rx,
             pending: Vec::new(),
             closed: false,
+        }
+    }
+}
+
+/// Sends what `reader` yields to `tx` until end of file, an error or a
+/// receiver that is gone.
+fn pump<R: Read>(mut reader: R, tx: &mpsc::Sender<Vec<u8>>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+            Ok(n) => {
+                if tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
         }
     }
 }

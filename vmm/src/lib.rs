@@ -6,6 +6,7 @@
 
 pub mod access;
 pub mod clock;
+pub mod console;
 pub mod config;
 pub mod cpu_model;
 pub mod cpuid;
@@ -21,6 +22,7 @@ pub mod memory;
 pub mod metrics;
 pub mod migration;
 pub mod msr;
+pub mod net;
 pub mod paging;
 pub mod patch;
 pub mod platform;

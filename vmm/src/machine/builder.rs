@@ -220,14 +220,21 @@ impl MachineBuilder {
             SerialIn::None => Box::new(NoInput),
             SerialIn::Stdin => Box::new(ThreadInput::spawn(std::io::stdin())),
             SerialIn::File(p) => {
-                let data = std::fs::read(&p).map_err(|source| Error::Read {
+                let err = |source| Error::Read {
                     what: "serial input",
-                    path: p,
+                    path: p.clone(),
                     source,
-                })?;
-                Box::new(BufferInput::new(data))
+                };
+                // Reading a FIFO or a terminal whole would wait for its end
+                // before the guest starts: only a regular file is read here.
+                if std::fs::metadata(&p).map_err(err)?.is_file() {
+                    Box::new(BufferInput::new(std::fs::read(&p).map_err(err)?))
+                } else {
+                    Box::new(ThreadInput::open(p))
+                }
             }
             SerialIn::Bytes(b) => Box::new(BufferInput::new(b)),
+            SerialIn::Stream(input) => input,
         };
 
         // KVM first: a machine without it is the commonest user error.
@@ -403,7 +410,7 @@ impl MachineBuilder {
                 cpuid: table,
                 stats: ExitStats::default(),
                 metrics: Arc::new(crate::metrics::VmMetrics::new()),
-                unknown: HashMap::new(),
+                unknown: UnknownAccesses::default(),
                 patches,
                 tsc_khz,
                 exit_seq,

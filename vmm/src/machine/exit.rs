@@ -7,13 +7,13 @@ use super::*;
 pub(super) struct ExitIo<'a> {
     pub(super) platform: &'a Platform,
     pub(super) stats: &'a mut ExitStats,
-    pub(super) unknown: &'a mut HashMap<(bool, u64), u64>,
+    pub(super) unknown: &'a mut UnknownAccesses,
     pub(super) patched: bool,
 }
 
 impl ExitIo<'_> {
     fn note_unknown(&mut self, mmio: bool, addr: u64, write: bool, size: usize) {
-        note_unknown(self.unknown, mmio, addr, write, size);
+        self.unknown.note(mmio, addr, write, size);
     }
 
     /// Handles an exit that needs only the devices. Returns the record (None

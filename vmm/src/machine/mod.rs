@@ -165,17 +165,33 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
 }
 
 /// Where COM1's input comes from.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Default)]
 pub enum SerialIn {
     /// No input.
     #[default]
     None,
     /// The host's stdin.
     Stdin,
-    /// A file, read whole at start.
+    /// A path: a regular file is read whole at start; anything else (a
+    /// FIFO, a character device, `<(cmd)`) is opened and read by a helper
+    /// thread as its bytes arrive, as stdin is.
     File(PathBuf),
     /// Bytes given by the caller.
     Bytes(Vec<u8>),
+    /// A source already open (a console's socket or terminal).
+    Stream(Box<dyn Input>),
+}
+
+impl std::fmt::Debug for SerialIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SerialIn::None => f.write_str("None"),
+            SerialIn::Stdin => f.write_str("Stdin"),
+            SerialIn::File(p) => f.debug_tuple("File").field(p).finish(),
+            SerialIn::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            SerialIn::Stream(_) => f.write_str("Stream"),
+        }
+    }
 }
 
 /// How a run ended.
@@ -276,7 +292,7 @@ pub struct Core {
     cpuid: Vec<cpuid::CpuidEntry>,
     stats: ExitStats,
     metrics: Arc<crate::metrics::VmMetrics>,
-    unknown: HashMap<(bool, u64), u64>,
+    unknown: UnknownAccesses,
     patches: PatchTable,
     tsc_khz: u32,
     exit_seq: u64,
@@ -337,22 +353,55 @@ impl Core {
     }
 
     fn note_unknown(&mut self, mmio: bool, addr: u64, write: bool, size: usize) {
-        note_unknown(&mut self.unknown, mmio, addr, write, size);
+        self.unknown.note(mmio, addr, write, size);
     }
 }
 
-/// Counts an access to an address no device decodes, logging the first.
-fn note_unknown(unknown: &mut HashMap<(bool, u64), u64>, mmio: bool, addr: u64, write: bool, size: usize) {
-    {
-        let n = unknown.entry((mmio, addr)).or_insert(0);
-        if *n == 0 {
+/// The most distinct unknown addresses [`UnknownAccesses`] keeps apart; the
+/// guest chooses them, so accesses to further addresses are only counted.
+pub const MAX_UNKNOWN_ADDRESSES: usize = 1024;
+
+/// Accesses to port and MMIO addresses no device decodes: a count per
+/// address for the first [`MAX_UNKNOWN_ADDRESSES`] addresses, one count for
+/// all the others.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnknownAccesses {
+    by_addr: HashMap<(bool, u64), u64>,
+    others: u64,
+}
+
+impl UnknownAccesses {
+    /// Counts an access to an address no device decodes, logging the first
+    /// access to each address kept and the first one that is only counted.
+    pub fn note(&mut self, mmio: bool, addr: u64, write: bool, size: usize) {
+        let kind = if mmio { "MMIO address" } else { "port" };
+        let access = if write { "wrote" } else { "read" };
+        if let Some(n) = self.by_addr.get_mut(&(mmio, addr)) {
+            *n += 1;
+        } else if self.by_addr.len() < MAX_UNKNOWN_ADDRESSES {
             tracing::info!(
-                "guest {} unknown {} {addr:#x} (size {size}); reads return all-ones, writes are dropped",
-                if write { "wrote" } else { "read" },
-                if mmio { "MMIO address" } else { "port" },
+                "guest {access} unknown {kind} {addr:#x} (size {size}); reads return all-ones, writes are dropped"
             );
+            self.by_addr.insert((mmio, addr), 1);
+        } else {
+            if self.others == 0 {
+                tracing::info!(
+                    "guest {access} unknown {kind} {addr:#x} (size {size}); more than {MAX_UNKNOWN_ADDRESSES} unknown addresses: further ones are only counted together"
+                );
+            }
+            self.others += 1;
         }
-        *n += 1;
+    }
+
+    /// Unknown port (false) and MMIO (true) addresses with their access
+    /// counts (at most [`MAX_UNKNOWN_ADDRESSES`] of them).
+    pub fn by_addr(&self) -> &HashMap<(bool, u64), u64> {
+        &self.by_addr
+    }
+
+    /// Accesses to unknown addresses beyond those kept apart.
+    pub fn others(&self) -> u64 {
+        self.others
     }
 }
 
@@ -490,9 +539,8 @@ impl Machine {
         self.hooks.name()
     }
 
-    /// Unknown port (false) and MMIO (true) addresses the guest touched, with
-    /// access counts.
-    pub fn unknown_accesses(&self) -> &HashMap<(bool, u64), u64> {
+    /// Port and MMIO addresses no device decodes that the guest touched.
+    pub fn unknown_accesses(&self) -> &UnknownAccesses {
         &self.core.unknown
     }
 
@@ -530,3 +578,23 @@ mod run_loop;
 mod state;
 
 pub use builder::MachineBuilder;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_addresses_are_kept_apart_up_to_the_bound_then_counted() {
+        let mut u = UnknownAccesses::default();
+        for addr in 0..(MAX_UNKNOWN_ADDRESSES as u64 + 500) {
+            u.note(addr % 2 == 0, addr, false, 1);
+        }
+        u.note(true, 0, true, 4);
+        u.note(false, 1_000_000, true, 4);
+        assert_eq!(u.by_addr().len(), MAX_UNKNOWN_ADDRESSES);
+        assert_eq!(u.by_addr()[&(true, 0)], 2);
+        assert_eq!(u.others(), 501);
+        let total: u64 = u.by_addr().values().sum::<u64>() + u.others();
+        assert_eq!(total, MAX_UNKNOWN_ADDRESSES as u64 + 502);
+    }
+}
