@@ -11,13 +11,20 @@
 //! over: after the destination confirms that it runs the machine (this
 //! process then ends with status 0), or with the reason it failed (the
 //! guest then goes on here).
+//!
+//! The socket is bounded: at most [`MAX_CONNECTIONS`] clients at once (one
+//! thread each; a further client gets an error reply and is closed) and
+//! request lines of at most [`MAX_LINE`] bytes (a longer line gets an error
+//! reply and its connection is closed).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
 
 use indicatif::ProgressBar;
 use nyx_vmm::kick::Kicker;
@@ -25,6 +32,11 @@ use nyx_vmm::machine::Stop;
 use nyx_vmm::migration::{MigrateOptions, Outgoing};
 use nyx_vmm::{Machine, RunOutcome};
 use serde::{Deserialize, Serialize};
+
+/// The most clients served at once.
+pub const MAX_CONNECTIONS: usize = 16;
+/// The longest request line, newline included.
+pub const MAX_LINE: usize = 64 << 10;
 
 /// A request on the control socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +58,10 @@ pub struct Request {
     /// `migrate`: stop pre-copying once a pass has fewer dirty pages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threshold_pages: Option<u64>,
+    /// `migrate`: the file of the key shared with the destination
+    /// (absolute, read by the machine's process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
 }
 
 /// The reply to a request.
@@ -74,6 +90,7 @@ impl Request {
             addr: if migrate { arg } else { None },
             max_iterations: None,
             threshold_pages: None,
+            key: None,
         }
     }
 }
@@ -112,6 +129,9 @@ pub struct Api {
     path: PathBuf,
 }
 
+/// Wakes the vCPU thread for a request.
+type Wake = Arc<dyn Fn() + Send + Sync>;
+
 impl Drop for Api {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
@@ -138,17 +158,8 @@ pub fn listen(path: &Path, kicker: Kicker) -> Result<Api, String> {
         return Err(e);
     }
     let (tx, rx) = mpsc::channel::<Msg>();
-    let (tx2, kicker2) = (tx.clone(), kicker.clone());
-    std::thread::Builder::new()
-        .name("nyx-api".into())
-        .spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let tx = tx2.clone();
-                let kicker = kicker2.clone();
-                std::thread::spawn(move || serve(conn, tx, kicker));
-            }
-        })
-        .map_err(|e| format!("cannot start the API thread: {e}"))?;
+    let k = kicker.clone();
+    accept_loop(listener, tx.clone(), Arc::new(move || k.kick()))?;
     Ok(Api {
         rx,
         tx,
@@ -157,10 +168,81 @@ pub fn listen(path: &Path, kicker: Kicker) -> Result<Api, String> {
     })
 }
 
-fn serve(conn: UnixStream, tx: Sender<Msg>, kicker: Kicker) {
+/// Starts the thread that accepts clients, each served on a thread of its
+/// own, at most [`MAX_CONNECTIONS`] at once.
+fn accept_loop(listener: UnixListener, tx: Sender<Msg>, wake: Wake) -> Result<(), String> {
+    let busy = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("nyx-api".into())
+        .spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                if busy.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    let r = Reply::err(format!(
+                        "too many clients ({MAX_CONNECTIONS} are connected); try again when one has gone"
+                    ));
+                    let _ = writeln!(conn, "{}", serde_json::to_string(&r).unwrap_or_default());
+                    continue;
+                }
+                let (tx, wake, b) = (tx.clone(), wake.clone(), busy.clone());
+                let started = std::thread::Builder::new().name("nyx-api-client".into()).spawn(move || {
+                    serve(conn, tx, &*wake);
+                    b.fetch_sub(1, Ordering::SeqCst);
+                });
+                if started.is_err() {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the API thread: {e}"))
+}
+
+/// Reads one line of at most `max` bytes (newline included) into `line`:
+/// `Ok(false)` at the end of the stream, an `InvalidData` error for a
+/// longer line.
+fn read_bounded_line<R: BufRead>(r: &mut R, max: usize, line: &mut Vec<u8>) -> std::io::Result<bool> {
+    line.clear();
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(!line.is_empty());
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if line.len() + take > max {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("request line longer than {max} bytes"),
+            ));
+        }
+        line.extend_from_slice(&buf[..take]);
+        r.consume(take);
+        if done {
+            return Ok(true);
+        }
+    }
+}
+
+fn serve(conn: UnixStream, tx: Sender<Msg>, wake: &(dyn Fn() + Send + Sync)) {
     let Ok(mut out) = conn.try_clone() else { return };
-    for line in BufReader::new(conn).lines() {
-        let Ok(line) = line else { return };
+    let mut input = BufReader::new(conn);
+    let mut raw = Vec::new();
+    loop {
+        match read_bounded_line(&mut input, MAX_LINE, &mut raw) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    let r = Reply::err(format!("{e}: closing the connection"));
+                    let _ = writeln!(out, "{}", serde_json::to_string(&r).unwrap_or_default());
+                }
+                return;
+            }
+        }
+        let line = String::from_utf8_lossy(&raw);
         if line.trim().is_empty() {
             continue;
         }
@@ -172,7 +254,7 @@ fn serve(conn: UnixStream, tx: Sender<Msg>, kicker: Kicker) {
                 if tx.send(Msg::Job(req, rtx, wrx)).is_err() {
                     Reply::err("the machine has ended")
                 } else {
-                    kicker.kick();
+                    wake();
                     rrx.recv().unwrap_or_else(|_| Reply::err("the machine has ended"))
                 }
             }
@@ -294,8 +376,12 @@ fn start_migration(m: &mut Machine, api: &Api, req: &Request) -> Result<(Outgoin
         let _ = tx.send(Msg::MigrationReady);
         kicker.kick();
     });
+    let key = match &req.key {
+        Some(path) => Some(nyx_vmm::migration_auth::Key::from_file(path)?),
+        None => None,
+    };
     let (bar, progress) = crate::progress::migration_out(addr).unzip();
-    match Outgoing::start(m, addr, opts, ready, progress) {
+    match Outgoing::start(m, addr, opts, key, ready, progress) {
         Ok(out) => Ok((out, bar)),
         Err(e) => {
             if let Some(b) = bar {
@@ -479,5 +565,91 @@ mod tests {
         let text = serde_json::to_string(&Request::new("status", None)).unwrap();
         assert_eq!(text, r#"{"cmd":"status"}"#);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"migrate","max_iterations":-1}"#).is_err());
+    }
+
+    #[test]
+    fn request_lines_are_bounded() {
+        let mut line = Vec::new();
+        let mut r = std::io::Cursor::new(b"ab\ncd".to_vec());
+        assert!(read_bounded_line(&mut r, 8, &mut line).unwrap());
+        assert_eq!(line, b"ab\n");
+        assert!(read_bounded_line(&mut r, 8, &mut line).unwrap());
+        assert_eq!(line, b"cd");
+        assert!(!read_bounded_line(&mut r, 8, &mut line).unwrap());
+        let mut long = std::io::BufReader::with_capacity(3, std::io::Cursor::new(vec![b'x'; 100]));
+        let e = read_bounded_line(&mut long, 10, &mut line).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert!(line.len() <= 10);
+    }
+
+    /// A socket served as `listen` serves it, with a wake that does nothing.
+    fn served(dir: &Path) -> (PathBuf, Receiver<Msg>) {
+        let path = dir.join("api.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (tx, rx) = mpsc::channel();
+        accept_loop(listener, tx, Arc::new(|| {})).unwrap();
+        (path, rx)
+    }
+
+    fn reply_of(conn: &UnixStream) -> Reply {
+        let mut line = String::new();
+        BufReader::new(conn).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    #[test]
+    fn a_line_too_long_is_refused_and_closes_its_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _rx) = served(dir.path());
+        let mut c = UnixStream::connect(&path).unwrap();
+        // Written from a thread: the server stops reading at the limit.
+        let mut w = c.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            let _ = w.write_all(&vec![b'x'; MAX_LINE * 4]);
+        });
+        let r = reply_of(&c);
+        assert!(!r.ok && r.error.as_deref().unwrap_or("").contains("longer than"), "{r:?}");
+        let mut rest = Vec::new();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        assert_eq!(std::io::Read::read_to_end(&mut c, &mut rest).unwrap(), 0, "closed after the reply");
+        drop(c);
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn clients_beyond_the_limit_are_turned_away_until_one_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, rx) = served(dir.path());
+        let mut held: Vec<UnixStream> = (0..MAX_CONNECTIONS).map(|_| UnixStream::connect(&path).unwrap()).collect();
+        // Every held client is being served: each request reaches the machine.
+        for c in &mut held {
+            writeln!(c, r#"{{"cmd":"status"}}"#).unwrap();
+        }
+        for _ in 0..MAX_CONNECTIONS {
+            let Ok(Msg::Job(req, reply, _)) = rx.recv_timeout(std::time::Duration::from_secs(10)) else {
+                panic!("a held client was not served")
+            };
+            assert_eq!(req.cmd, "status");
+            reply.send(Reply::ok(None)).unwrap();
+        }
+        for c in &held {
+            assert!(reply_of(c).ok);
+        }
+        let extra = UnixStream::connect(&path).unwrap();
+        let r = reply_of(&extra);
+        assert!(r.error.as_deref().unwrap_or("").contains("too many clients"), "{r:?}");
+        drop(held.pop());
+        // The freed place is taken once its thread has ended.
+        let start = std::time::Instant::now();
+        loop {
+            let mut c = UnixStream::connect(&path).unwrap();
+            writeln!(c, r#"{{"cmd":"status"}}"#).unwrap();
+            if let Ok(Msg::Job(_, reply, _)) = rx.recv_timeout(std::time::Duration::from_millis(200)) {
+                reply.send(Reply::ok(None)).unwrap();
+                assert!(reply_of(&c).ok);
+                break;
+            }
+            assert!(start.elapsed().as_secs() < 10, "the freed place was never taken");
+        }
     }
 }

@@ -84,13 +84,49 @@ struct RestoreArgs {
     snapshot: PathBuf,
     #[command(flatten)]
     serve: ServeArgs,
-    /// Serial (COM1) input from here on: a file, or - for stdin.
-    #[arg(long, value_name = "FILE|-")]
-    serial_in: Option<String>,
+    #[command(flatten)]
+    serial: SerialArgs,
     #[command(flatten)]
     clock: check::ClockArgs,
     #[command(flatten)]
     kvm: KvmArgs,
+}
+
+/// The serial port (COM1): a console and where input comes from.
+#[derive(Args, Debug, Clone)]
+pub struct SerialArgs {
+    /// Serial (COM1) input: a file, a FIFO or other stream, or - for stdin
+    /// (it takes the place of the --serial console's input).
+    #[arg(long, value_name = "FILE|-")]
+    serial_in: Option<String>,
+    /// Serial console, input and output: stdio, file:PATH (output only),
+    /// unix:PATH[,server], tcp:HOST:PORT[,server] or pty (default: output
+    /// to stdout, no input).
+    #[arg(long, value_name = "CONSOLE")]
+    serial: Option<String>,
+    /// Allow a tcp: serial console on an address that is not loopback.
+    #[arg(long, requires = "serial")]
+    serial_allow_remote: bool,
+}
+
+impl SerialArgs {
+    /// Opens the console (waiting for a connection to a server console)
+    /// and the input: what the builder's `serial_in` and `serial_out` take.
+    fn open(&self) -> Result<(SerialIn, Option<Box<dyn std::io::Write + Send>>), String> {
+        let (mut input, output) = match &self.serial {
+            None => (SerialIn::None, None),
+            Some(spec) => {
+                let spec = nyx_vmm::console::ConsoleSpec::parse(spec).map_err(|e| e.to_string())?;
+                let c = nyx_vmm::console::open(&spec, self.serial_allow_remote, &mut |what| eprintln!("nyx: {what}"))
+                    .map_err(|e| e.to_string())?;
+                (c.input, Some(c.output))
+            }
+        };
+        if self.serial_in.is_some() {
+            input = serial_in_arg(self.serial_in.as_deref());
+        }
+        Ok((input, output))
+    }
 }
 
 /// The KVM device option every command that builds a machine takes.
@@ -134,6 +170,10 @@ struct CtlArgs {
     /// `migrate`: stop pre-copying once a pass finds fewer dirty pages than N.
     #[arg(long, value_name = "N")]
     threshold_pages: Option<u64>,
+    /// `migrate`: authenticate the stream with the key in FILE (the
+    /// destination must have the same --migration-key).
+    #[arg(long, value_name = "FILE")]
+    migration_key: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -242,9 +282,8 @@ pub struct MachineArgs {
     /// Guest RAM in MiB.
     #[arg(long, value_name = "MIB", default_value_t = nyx_vmm::machine::DEFAULT_MEM_MIB)]
     mem: u64,
-    /// Serial (COM1) input: a file, or - for stdin.
-    #[arg(long, value_name = "FILE|-")]
-    serial_in: Option<String>,
+    #[command(flatten)]
+    serial: SerialArgs,
     /// The CPU model the guest sees: baseline (the default; runs on any
     /// x86-64 KVM, hardware or emulated) or host (what KVM reports); `help`
     /// lists them. A snapshot, trace or migrated machine keeps its own.
@@ -272,6 +311,14 @@ struct RunArgs {
     incoming: Option<String>,
     #[command(flatten)]
     clock: check::ClockArgs,
+    /// Allow an --incoming address that is not loopback (give a
+    /// --migration-key too: without one anyone who reaches it can send a machine).
+    #[arg(long, requires = "incoming")]
+    incoming_allow_remote: bool,
+    /// Accept only a migration authenticated with the key in FILE (at least
+    /// 16 bytes; the source's `nyx ctl ... migrate --migration-key FILE`).
+    #[arg(long, value_name = "FILE", requires = "incoming")]
+    migration_key: Option<PathBuf>,
 }
 
 /// The control socket and the metrics of a running machine.
@@ -416,18 +463,18 @@ impl MachineArgs {
     }
 
     fn builder(&self, cpu: CpuModel) -> Result<MachineBuilder, String> {
-        let serial_in = match self.serial_in.as_deref() {
-            None => SerialIn::None,
-            Some("-") => SerialIn::Stdin,
-            Some(p) => SerialIn::File(PathBuf::from(p)),
-        };
+        let kernel = self.kernel()?;
+        let (serial_in, serial_out) = self.serial.open()?;
         let mut b = MachineBuilder::new()
             .memory(self.mem)
-            .kernel(self.kernel()?)
+            .kernel(kernel)
             .cmdline(&self.cmdline)
             .cpu_model(cpu)
             .serial_in(serial_in)
             .kvm_path(&self.kvm.kvm_device);
+        if let Some(out) = serial_out {
+            b = b.serial_out(out);
+        }
         if let Some(i) = &self.initrd {
             b = b.initrd(i);
         }
@@ -464,12 +511,16 @@ fn record(args: &RecordArgs) -> Result<ExitCode, String> {
         print!("{}", CpuModel::help());
         return Ok(ExitCode::SUCCESS);
     };
+    if args.from_snapshot.is_none() {
+        m.kernel()?;
+    }
+    let (serial_in, serial_out) = m.serial.open()?;
     let started = match &args.from_snapshot {
         Some(snapshot) => nyx_recorder::start_from_snapshot(nyx_recorder::SnapshotRecordOptions {
             snapshot: snapshot.clone(),
             out: args.out.clone(),
-            serial_in: serial_in_arg(m.serial_in.as_deref()),
-            serial_out: None,
+            serial_in,
+            serial_out,
             kvm_path: m.kvm.kvm_device.clone(),
             verify,
             landings,
@@ -483,8 +534,8 @@ fn record(args: &RecordArgs) -> Result<ExitCode, String> {
                 initrd: m.initrd.clone(),
                 cmdline: m.cmdline.clone(),
                 mem_mib: m.mem,
-                serial_in: serial_in_arg(m.serial_in.as_deref()),
-                serial_out: None,
+                serial_in,
+                serial_out,
                 kvm_path: m.kvm.kvm_device.clone(),
                 verify,
                 landings,
@@ -565,20 +616,32 @@ fn replay(args: &ReplayArgs) -> Result<ExitCode, nyx_replayer::Error> {
 /// the source that it runs, and runs it as `nyx restore` would.
 fn incoming(args: &RunArgs, spec: &str) -> Result<ExitCode, String> {
     use nyx_vmm::migration;
-    let listener = migration::listen(spec).map_err(|e| e.to_string())?;
+    let key = match &args.migration_key {
+        Some(path) => Some(nyx_vmm::migration_auth::Key::from_file(path)?),
+        None => None,
+    };
+    let listener = migration::listen(spec, args.incoming_allow_remote).map_err(|e| e.to_string())?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
+    if key.is_none() && !nyx_vmm::net::is_loopback(local.ip()) {
+        eprintln!("nyx: warning: tcp:{local} accepts a machine from anyone who reaches it; give --migration-key FILE");
+    }
+    // The console first: a server console waits for its client here, not
+    // while the source waits for the confirmation.
+    let (serial_in, serial_out) = args.machine.serial.open()?;
     eprintln!("nyx: waiting for a migration on tcp:{local}");
     let mut shown = progress::Receiving::new();
-    let accepted = migration::accept(&listener, &mut |p| shown.update(p));
+    let accepted = migration::accept(&listener, key.as_ref(), &mut |p| shown.update(p));
     shown.finish();
     let (received, confirm) = accepted.map_err(|e| format!("migration rejected: {e}"))?;
     let peer = confirm.peer;
     let (frames, runs) = (received.frames, received.runs);
-    let built = MachineBuilder::from_saved(received.machine)
-        .serial_in(serial_in_arg(args.machine.serial_in.as_deref()))
-        .kvm_path(&args.machine.kvm.kvm_device)
-        .build();
-    let mut machine = match built {
+    let mut b = MachineBuilder::from_received(received)
+        .serial_in(serial_in)
+        .kvm_path(&args.machine.kvm.kvm_device);
+    if let Some(out) = serial_out {
+        b = b.serial_out(out);
+    }
+    let mut machine = match b.build() {
         Ok(m) => m,
         Err(e) => {
             confirm.refuse(&e.to_string());
@@ -590,7 +653,7 @@ fn incoming(args: &RunArgs, spec: &str) -> Result<ExitCode, String> {
         .running()
         .map_err(|e| format!("migration from {peer}: the source did not hear that the machine runs here: {e}"))?;
     eprintln!("nyx: machine migrated in from {peer} ({frames} frames, {runs} memory runs); running");
-    match run_machine(&mut machine, args.serve.api.as_deref())? {
+    match run_machine(&mut machine, args.serve.api.as_deref()) ? {
         Some(outcome) => Ok(finish(&outcome)),
         None => Ok(ExitCode::SUCCESS),
     }
@@ -619,8 +682,12 @@ fn serial_in_arg(arg: Option<&str>) -> SerialIn {
 fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
     let mut b = progress::restore_builder(&args.snapshot)
         .map_err(|e| e.to_string())?
-        .serial_in(serial_in_arg(args.serial_in.as_deref()))
         .kvm_path(&args.kvm.kvm_device);
+    let (serial_in, serial_out) = args.serial.open()?;
+    b = b.serial_in(serial_in);
+    if let Some(out) = serial_out {
+        b = b.serial_out(out);
+    }
     if let Some((hooks, _)) = args.clock.check_hooks() {
         b = b.hooks(Box::new(hooks));
     }
@@ -695,6 +762,9 @@ fn main() -> ExitCode {
             &api::Request {
                 max_iterations: a.max_iterations,
                 threshold_pages: a.threshold_pages,
+                // The machine's process reads the key: give it a path that
+                // does not depend on this directory.
+                key: a.migration_key.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
                 ..api::Request::new(&a.command, a.arg.as_deref())
             },
         ),

@@ -13,11 +13,10 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use nyx_trace::{ContainerKind, FrameKind, TraceReader};
+use nyx_trace::{FrameKind, TraceReader};
 use nyx_vmm::events::Event;
-use nyx_vmm::mem_state::PageRun;
 use nyx_vmm::migration::{CopyProgress, CopyProgressFn, ReceiveProgress};
-use nyx_vmm::snapshot::{MachineState, Snapshot, SnapshotError};
+use nyx_vmm::snapshot::{Snapshot, SnapshotError};
 
 /// Positions between two updates of a replay's bar.
 const REPLAY_STEP: u64 = 256;
@@ -254,51 +253,14 @@ pub fn replay(trace: &Path) -> Option<(ProgressBar, nyx_replayer::Progress)> {
     Some((bar, progress))
 }
 
-/// Reads a snapshot as [`nyx_vmm::snapshot::read`] does, moving `bar` (when
-/// given) by one for each of its frames; [`snapshot_frames`] says how many.
+/// Reads a snapshot with [`nyx_vmm::snapshot::read_with_progress`] (its
+/// checks), moving `bar` (when given) by one for each of its frames;
+/// [`snapshot_frames`] says how many.
 pub fn read_snapshot(path: &Path, bar: Option<&ProgressBar>) -> Result<Snapshot, SnapshotError> {
-    let err = |source| SnapshotError::Container {
-        path: path.to_path_buf(),
-        source,
-    };
-    let not = |why: &str| SnapshotError::NotASnapshot {
-        path: path.to_path_buf(),
-        why: why.to_string(),
-    };
-    let mut r = TraceReader::open(path).map_err(err)?;
-    if !r.is_complete() {
-        return Err(not("it is incomplete (the writer did not finish it)"));
-    }
-    let h = r.header().clone();
-    if h.kind != ContainerKind::Snapshot {
-        return Err(not(&format!("it is a {:?} container", h.kind)));
-    }
-    let (config, kernel, initrd) = nyx_vmm::snapshot::parse_header(&h).map_err(|e| not(&e))?;
-    let mut state = None;
-    let mut memory = Vec::new();
-    for i in 0..r.frames().len() {
-        match r.frames()[i].kind {
-            FrameKind::MachineState => {
-                let mut v: Vec<MachineState> = r.read_records(i).map_err(err)?;
-                if v.len() != 1 || state.is_some() {
-                    return Err(not("it must hold exactly one machine state"));
-                }
-                state = v.pop();
-            }
-            FrameKind::Memory => memory.extend(r.read_records::<PageRun>(i).map_err(err)?),
-            _ => {}
-        }
+    nyx_vmm::snapshot::read_with_progress(path, &mut || {
         if let Some(b) = bar {
             b.inc(1);
         }
-    }
-    let state = state.ok_or_else(|| not("it holds no machine state"))?;
-    Ok(Snapshot {
-        config,
-        kernel,
-        initrd,
-        state,
-        memory,
     })
 }
 
@@ -325,7 +287,7 @@ pub fn restore_builder(path: &Path) -> Result<nyx_vmm::MachineBuilder, SnapshotE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nyx_trace::{GuestImage, TraceHeader, TraceWriter};
+    use nyx_trace::{ContainerKind, GuestImage, TraceHeader, TraceWriter};
     use nyx_vmm::events::ExitRecord;
 
     fn header(kind: ContainerKind) -> TraceHeader {

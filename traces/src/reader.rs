@@ -10,6 +10,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
+use crate::format::MAX_FRAME_LEN;
 use crate::format::{
     decode_trailer, decompress, has_trailer_magic, read_fully, read_header, read_up_to, Frame, FrameHeader, FrameInfo,
     FrameKind, TraceHeader, FRAME_HEADER_LEN, TRAILER_LEN,
@@ -41,6 +42,12 @@ enum Stored {
 
 /// Reads the frame at `offset` from `r`, verifying its checksum.
 fn next_stored<R: Read>(r: &mut R, offset: u64, frame_no: usize) -> Result<Stored> {
+    next_stored_within(r, offset, frame_no, MAX_FRAME_LEN)
+}
+
+/// [`next_stored`] refusing frames larger than `limit` (compressed or not)
+/// before reading them.
+fn next_stored_within<R: Read>(r: &mut R, offset: u64, frame_no: usize, limit: u32) -> Result<Stored> {
     let mut raw = [0u8; FRAME_HEADER_LEN];
     match read_fully(r, &mut raw)? {
         0 => return Ok(Stored::End),
@@ -48,6 +55,19 @@ fn next_stored<R: Read>(r: &mut R, offset: u64, frame_no: usize) -> Result<Store
         _ => return Ok(Stored::Partial),
     }
     let header = FrameHeader::decode(&raw, offset)?;
+    for (what, len) in [
+        ("frame payload", header.uncompressed_len),
+        ("compressed frame", header.compressed_len),
+    ] {
+        if len > limit {
+            return Err(Error::LengthBeyondLimit {
+                what,
+                len: len.into(),
+                limit: limit.into(),
+                offset,
+            });
+        }
+    }
     let Some(compressed) = read_up_to(r, header.compressed_len)? else {
         return Ok(Stored::Partial);
     };
@@ -391,9 +411,17 @@ pub struct StreamReader<R: Read> {
     frames: Vec<FrameInfo>,
     end: Option<Completeness>,
     failed: bool,
+    frame_limit: u32,
 }
 
 impl<R: Read> StreamReader<R> {
+    /// Refuses frames larger than `limit` bytes (compressed or not) before
+    /// reading them, for a stream whose writer never makes larger ones.
+    pub fn with_frame_limit(mut self, limit: u32) -> Self {
+        self.frame_limit = limit.min(MAX_FRAME_LEN);
+        self
+    }
+
     /// Reads and checks the header.
     pub fn new(mut input: R) -> Result<Self> {
         let (header, header_len) = read_header(&mut input)?;
@@ -405,6 +433,7 @@ impl<R: Read> StreamReader<R> {
             frames: Vec::new(),
             end: None,
             failed: false,
+            frame_limit: MAX_FRAME_LEN,
         })
     }
 
@@ -432,7 +461,8 @@ impl<R: Read> StreamReader<R> {
     }
 
     fn step(&mut self) -> Result<Option<Frame>> {
-        let (header, compressed) = match next_stored(&mut self.input, self.offset, self.frames.len())? {
+        let stored = next_stored_within(&mut self.input, self.offset, self.frames.len(), self.frame_limit)?;
+        let (header, compressed) = match stored {
             Stored::End | Stored::Partial => {
                 self.end = Some(incomplete(&self.frames, self.header_len));
                 return Ok(None);

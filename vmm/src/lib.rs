@@ -21,6 +21,7 @@ pub mod mem_state;
 pub mod memory;
 pub mod metrics;
 pub mod migration;
+pub mod migration_auth;
 pub mod msr;
 pub mod net;
 pub mod paging;

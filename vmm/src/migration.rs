@@ -25,11 +25,19 @@
 //! KVMs: a guest seen in real mode when the migration starts or stops has
 //! all of its memory sent again in the stop.
 //!
-//! The destination ([`accept`], [`receive`]) reads the stream with the
-//! container's own checks (magic, version, checksums, bounded lengths) and
-//! accepts it only if it is a complete migration container with exactly
-//! one machine state after its memory. Memory runs are applied in order
-//! at build, so a page sent again replaces its earlier copy.
+//! The destination ([`listen`], [`accept`], [`receive`]) listens on
+//! loopback unless allowed otherwise, reads the stream with the
+//! container's own checks (magic, version, checksums, frames of at most
+//! [`MAX_STREAM_FRAME`] bytes) and the saved-machine checks of
+//! [`crate::snapshot::SavedReader`] (the same as a snapshot's: RAM size,
+//! every run inside RAM, one machine state, here after all memory), and
+//! accepts it only if it is complete. Pages are written into the new
+//! machine's RAM as they arrive (a page sent again replaces its earlier
+//! copy), so the destination holds one frame at a time besides the RAM.
+//!
+//! With a pre-shared key ([`crate::migration_auth`]) both ends
+//! authenticate the stream and the confirmation: a destination open to
+//! other hosts (`--incoming-allow-remote`) should have one.
 //!
 //! Both ends report how far they have got through callbacks
 //! ([`CopyProgressFn`] on the source, [`accept`]'s `progress` on the
@@ -38,7 +46,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -52,7 +60,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory as _, GuestMemoryRegion};
 use crate::machine::Machine;
 use crate::mem_state::{capture_pages, is_zero, push_page, DirtyTracker, MemStateError, PageRun, PAGE_SIZE};
 use crate::memory::GuestMemory;
-use crate::snapshot::{MachineState, Snapshot, RUNS_PER_FRAME};
+use crate::migration_auth::{self as auth, Key, Nonce, OpenedReader, SealedWriter};
+use crate::snapshot::{MachineState, SavedParts, SavedReader, RUNS_PER_FRAME};
 
 /// Default for [`MigrateOptions::max_iterations`].
 pub const DEFAULT_MAX_ITERATIONS: u32 = 10;
@@ -68,6 +77,10 @@ const ACK_RUNNING: &str = "running";
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pages between two calls of a source's progress callback (1 MiB).
 const PROGRESS_STEP: u64 = 256;
+/// The largest frame a destination takes: the source's frames hold at most
+/// [`RUNS_PER_FRAME`] runs of 1 MiB (or 4 MiB of dirty pages), plus room
+/// for the machine state and the index.
+pub const MAX_STREAM_FRAME: u32 = 32 << 20;
 
 /// How far one pass of a migration's copy has got.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -247,13 +260,20 @@ pub enum MigrationError {
     /// Another migration is already under way, or the pre-copy thread failed.
     #[error("{0}")]
     State(String),
+    /// The listen address is not loopback and remote hosts are not allowed.
+    #[error("cannot listen for a migration: {0}")]
+    NotLoopback(#[from] crate::net::NotLoopback),
+    /// The stream or the confirmation failed authentication, or the two
+    /// ends disagree about using a key.
+    #[error("{0}")]
+    Auth(String),
 }
 
 /// The socket address of `tcp:HOST:PORT`.
 pub fn parse_addr(spec: &str) -> Result<SocketAddr, MigrationError> {
     let bad = || MigrationError::BadAddress(spec.to_string());
     let rest = spec.strip_prefix("tcp:").ok_or_else(bad)?;
-    rest.to_socket_addrs().ok().and_then(|mut a| a.next()).ok_or_else(bad)
+    crate::net::parse_addr(rest).ok_or_else(bad)
 }
 
 /// Sends every non-zero page of `mem` as memory frames at `position`;
@@ -414,6 +434,55 @@ fn real_mode(m: &Machine) -> Result<bool, MigrationError> {
     Ok(m.paging_regs()?.cr0 & 1 == 0)
 }
 
+/// The source's side of the connection: the container's bytes as they
+/// are, or in authenticated records when the migration has a key.
+enum Sink {
+    Plain(BufWriter<TcpStream>),
+    Sealed(SealedWriter<BufWriter<TcpStream>>),
+}
+
+impl Write for Sink {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Sink::Plain(w) => w.write(b),
+            Sink::Sealed(w) => w.write(b),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Plain(w) => w.flush(),
+            Sink::Sealed(w) => w.flush(),
+        }
+    }
+}
+
+impl Sink {
+    /// Sends what is buffered and returns the connection.
+    fn into_conn(self) -> io::Result<TcpStream> {
+        let buffered = match self {
+            Sink::Plain(w) => w,
+            Sink::Sealed(w) => w.into_inner()?,
+        };
+        buffered.into_inner().map_err(|e| e.into_error())
+    }
+}
+
+/// Reads one line (at most 512 bytes) byte by byte, so that nothing after
+/// it is taken from the connection.
+fn read_short_line(conn: &TcpStream) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 512 {
+        match (&*conn).read(&mut b)? {
+            0 => break,
+            _ if b[0] == b'\n' => break,
+            _ => line.push(b[0]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
 /// A migration under way on the source: pre-copy runs on its own thread
 /// while the caller keeps running the guest; [`Outgoing::finish`] then does
 /// the stop-and-copy.
@@ -425,8 +494,10 @@ pub struct Outgoing {
     real_mode: bool,
     cancel: Arc<AtomicBool>,
     done: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Precopied<BufWriter<TcpStream>>>>,
+    thread: Option<JoinHandle<Precopied<Sink>>>,
     opts: MigrateOptions,
+    /// The key and the destination's nonce, when authenticated.
+    auth: Option<(Key, Nonce)>,
 }
 
 impl std::fmt::Debug for Outgoing {
@@ -443,11 +514,14 @@ impl Outgoing {
     /// that thread when pre-copy is over (or failed): the caller should then
     /// stop the vCPU and call [`finish`](Self::finish). `progress`, when
     /// given, hears how far each pass has got, the stop-and-copy included.
-    /// Call on the thread that runs `m`, at a stop.
+    /// With `key` the stream is authenticated ([`crate::migration_auth`]);
+    /// the destination must have the same key. Call on the thread that
+    /// runs `m`, at a stop.
     pub fn start(
         m: &mut Machine,
         addr: &str,
         opts: MigrateOptions,
+        key: Option<Key>,
         ready: Box<dyn FnOnce() + Send>,
         progress: Option<CopyProgressFn>,
     ) -> Result<Self, MigrationError> {
@@ -470,9 +544,29 @@ impl Outgoing {
         // A destination that stops reading must not block pre-copy forever.
         conn.set_write_timeout(Some(opts.ack_timeout))?;
         let control = conn.try_clone()?;
+        let auth = match key {
+            None => None,
+            Some(key) => {
+                conn.set_read_timeout(Some(opts.ack_timeout))?;
+                let hello = read_short_line(&conn)?;
+                match auth::parse_hello(&hello).map_err(MigrationError::Auth)? {
+                    Some(nonce) => Some((key, nonce)),
+                    None => {
+                        return Err(MigrationError::Auth(
+                            "the destination takes no migration key: give it the same --migration-key FILE".into(),
+                        ))
+                    }
+                }
+            }
+        };
+        let buffered = BufWriter::with_capacity(1 << 20, conn);
+        let sink = match &auth {
+            Some((key, nonce)) => Sink::Sealed(SealedWriter::new(buffered, key.clone(), *nonce)),
+            None => Sink::Plain(buffered),
+        };
         let (config, kernel, initrd) = m.saved_parts();
         let header = crate::snapshot::container_header(ContainerKind::Migration, config, kernel, initrd);
-        let out = StreamWriter::with_level(BufWriter::with_capacity(1 << 20, conn), &header, ZSTD_LEVEL)?;
+        let out = StreamWriter::with_level(sink, &header, ZSTD_LEVEL)?;
         let real_mode = real_mode(m)?;
         let vm = m.vm_handle()?;
         // SAFETY: the memory is the one registered with this VM, one slot per
@@ -498,6 +592,7 @@ impl Outgoing {
             done,
             thread: Some(thread),
             opts,
+            auth,
         })
     }
 
@@ -511,7 +606,7 @@ impl Outgoing {
         &self.addr
     }
 
-    fn join(&mut self) -> Result<Precopied<BufWriter<TcpStream>>, MigrationError> {
+    fn join(&mut self) -> Result<Precopied<Sink>, MigrationError> {
         self.thread
             .take()
             .ok_or_else(|| MigrationError::State("the migration has already ended".into()))?
@@ -539,7 +634,7 @@ impl Outgoing {
     fn stop_and_copy(
         &mut self,
         m: &mut Machine,
-        p: &mut Precopied<BufWriter<TcpStream>>,
+        p: &mut Precopied<Sink>,
         paused: Instant,
     ) -> Result<MigrationStats, MigrationError> {
         let mut dirty = std::mem::replace(&mut p.pending, Ok(BTreeSet::new()))?;
@@ -559,8 +654,8 @@ impl Outgoing {
         out.write_records(FrameKind::MachineState, state.exit_seq, std::slice::from_ref(&state))?;
         let bytes_sent = out.bytes_written();
         let sink = out.finish()?;
-        let conn = sink.into_inner().map_err(|e| MigrationError::Io(e.into_error()))?;
-        wait_ack(&conn, self.opts.ack_timeout)?;
+        let conn = sink.into_conn()?;
+        wait_ack(&conn, self.opts.ack_timeout, self.auth.as_ref())?;
         let now = Instant::now();
         let stats = MigrationStats {
             addr: self.addr.clone(),
@@ -589,35 +684,53 @@ impl Outgoing {
     }
 }
 
-/// Reads the destination's one-line answer.
-fn wait_ack(conn: &TcpStream, timeout: Duration) -> Result<(), MigrationError> {
+/// Reads the destination's one-line answer (after its first line, which a
+/// source without a key has not read). With `auth`, `running` must carry
+/// the destination's tag.
+fn wait_ack(conn: &TcpStream, timeout: Duration, auth: Option<&(Key, Nonce)>) -> Result<(), MigrationError> {
     conn.set_read_timeout(Some(timeout))?;
-    let mut line = String::new();
     let mut r = BufReader::new(conn).take(4096);
-    match r.read_line(&mut line) {
-        Ok(0) => Err(MigrationError::NoAck("it closed the connection".into())),
-        Ok(_) => {
-            let line = line.trim_end();
-            if line == ACK_RUNNING {
-                Ok(())
-            } else if let Some(why) = line.strip_prefix("error: ") {
-                Err(MigrationError::Refused(why.to_string()))
-            } else {
-                Err(MigrationError::NoAck(format!("unexpected answer {line:?}")))
+    loop {
+        let mut line = String::new();
+        return match r.read_line(&mut line) {
+            Ok(0) => Err(MigrationError::NoAck("it closed the connection".into())),
+            Ok(_) => {
+                let line = line.trim_end();
+                if auth::is_hello(line) {
+                    continue;
+                }
+                let (word, tag) = line.split_once(' ').unwrap_or((line, ""));
+                if word == ACK_RUNNING {
+                    match auth {
+                        None => Ok(()),
+                        Some((key, nonce)) if key.check_ack(nonce, ACK_RUNNING, tag) => Ok(()),
+                        Some(_) => Err(MigrationError::Auth(
+                            "the destination's confirmation is not authenticated with this key".into(),
+                        )),
+                    }
+                } else if let Some(why) = line.strip_prefix("error: ") {
+                    Err(MigrationError::Refused(why.to_string()))
+                } else {
+                    Err(MigrationError::NoAck(format!("unexpected answer {line:?}")))
+                }
             }
-        }
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Err(
-            MigrationError::NoAck(format!("no answer within {} s", timeout.as_secs_f64())),
-        ),
-        Err(e) => Err(MigrationError::NoAck(e.to_string())),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Err(
+                MigrationError::NoAck(format!("no answer within {} s", timeout.as_secs_f64())),
+            ),
+            Err(e) => Err(MigrationError::NoAck(e.to_string())),
+        };
     }
 }
 
 /// A machine received from a migration stream.
 #[derive(Debug)]
 pub struct Received {
-    /// Configuration, images, state and memory, as a snapshot holds them.
-    pub machine: Snapshot,
+    /// Configuration, kernel and initrd.
+    pub parts: SavedParts,
+    /// vCPU, devices, time.
+    pub state: MachineState,
+    /// The guest's RAM, every page received written into it.
+    pub memory: GuestMemory,
     /// Data frames received.
     pub frames: usize,
     /// Memory runs received (pages sent again count again).
@@ -627,59 +740,36 @@ pub struct Received {
 /// Reads one whole migration stream from `input`: a complete migration
 /// container whose memory frames come before exactly one machine state.
 /// Anything else (cut, damaged, another format version, another kind of
-/// container) is an error; nothing here panics on its input.
+/// container, memory outside the machine's RAM) is an error; nothing here
+/// panics on its input.
 pub fn receive<R: Read>(input: R) -> Result<Received, MigrationError> {
     receive_with_progress(input, &mut |_| {})
 }
 
-/// [`receive`], calling `progress` after each frame.
+/// [`receive`], calling `progress` after each frame. The machine's RAM is
+/// created once the header has been checked and each memory frame is
+/// written into it as soon as its runs have been checked.
 pub fn receive_with_progress<R: Read>(
     input: R,
     progress: &mut dyn FnMut(ReceiveProgress),
 ) -> Result<Received, MigrationError> {
-    let mut r = StreamReader::new(input)?;
+    let mut r = StreamReader::new(input)?.with_frame_limit(MAX_STREAM_FRAME);
     let mut so_far = ReceiveProgress::default();
-    let h = r.header().clone();
-    if h.kind != ContainerKind::Migration {
-        return Err(MigrationError::Invalid(format!(
-            "it is a {:?} container, not a migration",
-            h.kind
-        )));
-    }
-    let (config, kernel, initrd) = crate::snapshot::parse_header(&h).map_err(MigrationError::Invalid)?;
-    let mut memory: Vec<PageRun> = Vec::new();
-    let mut state: Option<MachineState> = None;
+    let mut saved = SavedReader::new(ContainerKind::Migration, r.header()).map_err(MigrationError::Invalid)?;
+    let memory = crate::memory::create(saved.config().mem_mib).map_err(|e| MigrationError::Invalid(e.to_string()))?;
     while let Some(frame) = r.next_frame()? {
         so_far.bytes = frame.info.end();
         so_far.frames += 1;
         match frame.info.kind {
-            FrameKind::Memory if state.is_none() => {
+            FrameKind::Memory => {
                 let runs = decode_records::<PageRun>(&frame)?;
+                saved.memory(&runs).map_err(MigrationError::Invalid)?;
+                crate::mem_state::restore_runs(&memory, &runs)?;
                 let bytes: u64 = runs.iter().map(|run| run.data.len() as u64).sum();
                 so_far.pages = so_far.pages.saturating_add(bytes / PAGE_SIZE);
-                memory.extend(runs);
             }
-            FrameKind::MachineState if state.is_none() => {
-                let mut v: Vec<MachineState> = decode_records(&frame)?;
-                if v.len() != 1 {
-                    return Err(MigrationError::Invalid(format!(
-                        "a machine-state frame holds {} states, not one",
-                        v.len()
-                    )));
-                }
-                state = v.pop();
-            }
-            kind => {
-                return Err(MigrationError::Invalid(format!(
-                    "a {kind:?} frame at byte {} where {} was expected",
-                    frame.info.offset,
-                    if state.is_some() {
-                        "the end"
-                    } else {
-                        "memory or the machine state"
-                    }
-                )))
-            }
+            FrameKind::MachineState => saved.state(decode_records(&frame)?).map_err(MigrationError::Invalid)?,
+            kind => saved.other(kind, frame.info.offset).map_err(MigrationError::Invalid)?,
         }
         progress(so_far);
     }
@@ -688,23 +778,21 @@ pub fn receive_with_progress<R: Read>(
             frames: r.frames().len(),
         });
     }
-    let state = state.ok_or_else(|| MigrationError::Invalid("it holds no machine state".into()))?;
+    let runs = saved.runs();
+    let (parts, state) = saved.finish().map_err(MigrationError::Invalid)?;
     Ok(Received {
+        parts,
+        state,
+        memory,
         frames: r.frames().len(),
-        runs: memory.len(),
-        machine: Snapshot {
-            config,
-            kernel,
-            initrd,
-            state,
-            memory,
-        },
+        runs,
     })
 }
 
-/// Listens on `spec` (`tcp:HOST:PORT`; port 0 picks a free one).
-pub fn listen(spec: &str) -> Result<TcpListener, MigrationError> {
-    let addr = parse_addr(spec)?;
+/// Listens on `spec` (`tcp:HOST:PORT`; port 0 picks a free one): a
+/// loopback address unless `allow_remote` (`--incoming-allow-remote`).
+pub fn listen(spec: &str, allow_remote: bool) -> Result<TcpListener, MigrationError> {
+    let addr = crate::net::check_local(parse_addr(spec)?, allow_remote, "--incoming-allow-remote")?;
     TcpListener::bind(addr).map_err(|source| MigrationError::Listen {
         addr: spec.to_string(),
         source,
@@ -717,6 +805,7 @@ pub struct Confirm {
     conn: TcpStream,
     /// The source's address.
     pub peer: SocketAddr,
+    auth: Option<(Key, Nonce)>,
 }
 
 impl Confirm {
@@ -724,7 +813,11 @@ impl Confirm {
     /// error means the source may not have heard it and may resume the
     /// guest itself: do not run the machine then.
     pub fn running(mut self) -> io::Result<()> {
-        self.conn.write_all(format!("{ACK_RUNNING}\n").as_bytes())?;
+        let line = match &self.auth {
+            Some((key, nonce)) => format!("{ACK_RUNNING} {}\n", key.ack_tag(nonce, ACK_RUNNING)),
+            None => format!("{ACK_RUNNING}\n"),
+        };
+        self.conn.write_all(line.as_bytes())?;
         self.conn.flush()
     }
 
@@ -735,22 +828,59 @@ impl Confirm {
     }
 }
 
+/// The destination's side of the connection: the container's bytes as
+/// they come, or checked record by record with a key.
+enum Source {
+    Plain(BufReader<TcpStream>),
+    Opened(OpenedReader<BufReader<TcpStream>>),
+}
+
+impl Read for Source {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Source::Plain(r) => r.read(b),
+            Source::Opened(r) => r.read(b),
+        }
+    }
+}
+
 /// Accepts one migration on `listener` and reads it whole, calling
-/// `progress` after each frame. A stream that is rejected is answered with
+/// `progress` after each frame; with `key` the stream must be
+/// authenticated with it. A stream that is rejected is answered with
 /// `error: WHY` (when the connection still works) and returned as the
 /// error.
 pub fn accept(
     listener: &TcpListener,
+    key: Option<&Key>,
     progress: &mut dyn FnMut(ReceiveProgress),
 ) -> Result<(Received, Confirm), MigrationError> {
-    let (conn, peer) = listener.accept()?;
+    let (mut conn, peer) = listener.accept()?;
     conn.set_read_timeout(Some(RECEIVE_TIMEOUT))?;
     conn.set_nodelay(true)?;
+    let nonce = match key {
+        Some(_) => Some(auth::new_nonce()?),
+        None => None,
+    };
+    conn.write_all(auth::hello(nonce.as_ref()).as_bytes())?;
+    let auth = key.cloned().zip(nonce);
     let confirm = Confirm {
         conn: conn.try_clone()?,
         peer,
+        auth: auth.clone(),
     };
-    match receive_with_progress(BufReader::with_capacity(1 << 20, conn), progress) {
+    let buffered = BufReader::with_capacity(1 << 20, conn);
+    let mut source = match auth {
+        Some((key, nonce)) => Source::Opened(OpenedReader::new(buffered, key, nonce)),
+        None => Source::Plain(buffered),
+    };
+    let result = receive_with_progress(&mut source, progress);
+    let result = match (&source, result) {
+        (Source::Opened(r), Err(_)) if r.failure().is_some() => {
+            Err(MigrationError::Auth(r.failure().unwrap_or_default().to_string()))
+        }
+        (_, r) => r,
+    };
+    match result {
         Ok(r) => Ok((r, confirm)),
         Err(e) => {
             confirm.refuse(&e.to_string());
@@ -920,12 +1050,42 @@ mod tests {
         let bytes = out.finish().unwrap();
 
         let got = receive(bytes.as_slice()).unwrap();
-        assert_eq!(got.machine.state, state);
-        assert_eq!(got.machine.kernel, b"kernel");
+        assert_eq!(got.state, state);
+        assert_eq!(got.parts.1, b"kernel");
         assert_eq!(got.runs, 4);
-        let fresh = memory::create(4).unwrap();
-        crate::mem_state::restore_full(&fresh, &got.machine.memory).unwrap();
-        assert!(dump(&fresh) == dump(&mem));
+        assert!(dump(&got.memory) == dump(&mem));
+    }
+
+    #[test]
+    fn memory_outside_the_machine_and_oversized_frames_are_refused() {
+        let header = crate::snapshot::container_header(ContainerKind::Migration, &config(4), b"k", None);
+        let mut out = StreamWriter::new(Vec::new(), &header).unwrap();
+        let run = PageRun {
+            gpa: 4 << 20,
+            data: vec![1; 4096],
+        };
+        out.write_records(FrameKind::Memory, 0, &[run]).unwrap();
+        let e = receive(out.finish().unwrap().as_slice()).unwrap_err();
+        assert!(e.to_string().contains("outside the machine's 4 MiB"), "{e}");
+        // A frame larger than any the source makes is refused from its header.
+        let mut out = StreamWriter::with_level(Vec::new(), &header, 19).unwrap();
+        out.write_frame(FrameKind::Memory, 0, &vec![0; MAX_STREAM_FRAME as usize + 1])
+            .unwrap();
+        let e = receive(out.finish().unwrap().as_slice()).unwrap_err();
+        assert!(e.to_string().contains("limit"), "{e}");
+        // A machine larger than Nyx makes is refused before any RAM exists.
+        let header = crate::snapshot::container_header(ContainerKind::Migration, &config(1 << 40), b"k", None);
+        let bytes = StreamWriter::new(Vec::new(), &header).unwrap().finish().unwrap();
+        let e = receive(bytes.as_slice()).unwrap_err();
+        assert!(e.to_string().contains("MiB of RAM"), "{e}");
+    }
+
+    #[test]
+    fn a_destination_listens_on_loopback_unless_allowed() {
+        let e = listen("tcp:0.0.0.0:0", false).unwrap_err();
+        assert!(e.to_string().contains("--incoming-allow-remote"), "{e}");
+        assert!(listen("tcp:0.0.0.0:0", true).is_ok());
+        assert!(listen("tcp:127.0.0.1:0", false).is_ok());
     }
 
     #[test]
@@ -1051,8 +1211,7 @@ mod tests {
         assert!(received
             .windows(2)
             .all(|w| w[0].bytes < w[1].bytes && w[0].pages <= w[1].pages));
-        let fresh = memory::create(4).unwrap();
-        crate::mem_state::restore_full(&fresh, &got.machine.memory).unwrap();
+        let fresh = got.memory;
         assert_eq!(
             fresh.read_obj::<u32>(GuestAddress(0x10000)).unwrap() as u64,
             exits,

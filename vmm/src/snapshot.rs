@@ -135,8 +135,118 @@ pub fn parse_header(h: &TraceHeader) -> Result<SavedParts, String> {
     Ok((config, kernel, initrd))
 }
 
+/// Checks a saved machine (a snapshot file or a migration stream) frame by
+/// frame as it is read, with one set of rules for both: the container's
+/// kind, the header's configuration and embedded images, a guest RAM size
+/// Nyx can create, every memory run inside that RAM (checked before it is
+/// used, so a run cannot reach outside the machine), and exactly one
+/// machine state. In a migration stream the memory comes first and nothing
+/// may follow the state (the source sends it last).
+#[derive(Debug)]
+pub struct SavedReader {
+    kind: ContainerKind,
+    parts: SavedParts,
+    state: Option<MachineState>,
+    regions: Vec<(u64, u64)>,
+    runs: usize,
+}
+
+/// What a [`SavedReader`] read: the parts and the one machine state.
+pub type SavedMachine = (SavedParts, MachineState);
+
+impl SavedReader {
+    /// Starts reading a container of `kind` whose header is `h`.
+    pub fn new(kind: ContainerKind, h: &TraceHeader) -> Result<Self, String> {
+        if h.kind != kind {
+            return Err(format!("it is a {:?} container, not a {kind:?}", h.kind));
+        }
+        let parts = parse_header(h)?;
+        let mib = parts.0.mem_mib;
+        if !(2..=65536).contains(&mib) {
+            return Err(format!(
+                "its machine has {mib} MiB of RAM; Nyx makes machines of 2 to 65536 MiB"
+            ));
+        }
+        Ok(SavedReader {
+            kind,
+            regions: crate::memory::ram_regions(mib << 20),
+            parts,
+            state: None,
+            runs: 0,
+        })
+    }
+
+    /// The saved machine's configuration.
+    pub fn config(&self) -> &MachineConfig {
+        &self.parts.0
+    }
+
+    /// Checks the memory runs of one frame: each inside guest RAM.
+    pub fn memory(&mut self, runs: &[PageRun]) -> Result<(), String> {
+        if self.kind == ContainerKind::Migration && self.state.is_some() {
+            return Err("memory after the machine state".into());
+        }
+        for r in runs {
+            let len = r.data.len() as u64;
+            let inside = self
+                .regions
+                .iter()
+                .any(|&(start, size)| r.gpa >= start && r.gpa.checked_add(len).is_some_and(|end| end <= start + size));
+            if !inside {
+                return Err(format!(
+                    "a memory run of {len} bytes at {:#x} lies outside the machine's {} MiB of RAM",
+                    r.gpa, self.parts.0.mem_mib
+                ));
+            }
+        }
+        self.runs += runs.len();
+        Ok(())
+    }
+
+    /// Takes the records of a machine-state frame: exactly one state, once.
+    pub fn state(&mut self, mut v: Vec<MachineState>) -> Result<(), String> {
+        if v.len() != 1 || self.state.is_some() {
+            return Err("it must hold exactly one machine state".into());
+        }
+        self.state = v.pop();
+        Ok(())
+    }
+
+    /// A frame of another kind: an error in a migration stream, ignored in
+    /// a snapshot (a later format may add frames it can do without).
+    pub fn other(&mut self, kind: FrameKind, offset: u64) -> Result<(), String> {
+        if self.kind == ContainerKind::Migration {
+            return Err(format!(
+                "a {kind:?} frame at byte {offset} where {} was expected",
+                if self.state.is_some() {
+                    "the end"
+                } else {
+                    "memory or the machine state"
+                }
+            ));
+        }
+        Ok(())
+    }
+
+    /// Memory runs taken so far.
+    pub fn runs(&self) -> usize {
+        self.runs
+    }
+
+    /// The parts and the state, when there was a state.
+    pub fn finish(self) -> Result<SavedMachine, String> {
+        let state = self.state.ok_or("it holds no machine state")?;
+        Ok((self.parts, state))
+    }
+}
+
 /// Reads a snapshot container.
 pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
+    read_with_progress(path, &mut || {})
+}
+
+/// [`read`], calling `frame_done` after each frame.
+pub fn read_with_progress(path: &Path, frame_done: &mut dyn FnMut()) -> Result<Snapshot, SnapshotError> {
     let err = |source| SnapshotError::Container {
         path: path.to_path_buf(),
         source,
@@ -149,27 +259,22 @@ pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
     if !r.is_complete() {
         return Err(not("it is incomplete (the writer did not finish it)".into()));
     }
-    let h = r.header().clone();
-    if h.kind != ContainerKind::Snapshot {
-        return Err(not(format!("it is a {:?} container", h.kind)));
-    }
-    let (config, kernel, initrd) = parse_header(&h).map_err(not)?;
-    let mut state = None;
+    let mut saved = SavedReader::new(ContainerKind::Snapshot, r.header()).map_err(not)?;
     let mut memory = Vec::new();
     for i in 0..r.frames().len() {
-        match r.frames()[i].kind {
-            FrameKind::MachineState => {
-                let mut v: Vec<MachineState> = r.read_records(i).map_err(err)?;
-                if v.len() != 1 || state.is_some() {
-                    return Err(not("it must hold exactly one machine state".into()));
-                }
-                state = v.pop();
+        let info = r.frames()[i];
+        match info.kind {
+            FrameKind::MachineState => saved.state(r.read_records(i).map_err(err)?).map_err(not)?,
+            FrameKind::Memory => {
+                let runs: Vec<PageRun> = r.read_records(i).map_err(err)?;
+                saved.memory(&runs).map_err(not)?;
+                memory.extend(runs);
             }
-            FrameKind::Memory => memory.extend(r.read_records::<PageRun>(i).map_err(err)?),
-            _ => {}
+            kind => saved.other(kind, info.offset).map_err(not)?,
         }
+        frame_done();
     }
-    let state = state.ok_or_else(|| not("it holds no machine state".into()))?;
+    let ((config, kernel, initrd), state) = saved.finish().map_err(not)?;
     Ok(Snapshot {
         config,
         kernel,
@@ -177,4 +282,65 @@ pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
         state,
         memory,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(kind: ContainerKind, mem_mib: u64) -> TraceHeader {
+        let config = MachineConfig {
+            mem_mib,
+            kernel_name: "k".into(),
+            cmdline: String::new(),
+            has_initrd: false,
+            cpuid: vec![],
+            tsc_khz: 1_000_000,
+            wall_seconds: 0,
+            verify: crate::config::VerifyLevel::Exits,
+        };
+        container_header(kind, &config, b"kernel", None)
+    }
+
+    fn run(gpa: u64, len: usize) -> PageRun {
+        PageRun {
+            gpa,
+            data: vec![1; len],
+        }
+    }
+
+    #[test]
+    fn memory_runs_must_lie_inside_ram() {
+        let mut r = SavedReader::new(ContainerKind::Snapshot, &header(ContainerKind::Snapshot, 4)).unwrap();
+        r.memory(&[run(0, 4096), run((4 << 20) - 4096, 4096)]).unwrap();
+        for bad in [
+            run((4 << 20) - 4095, 4096),
+            run(4 << 20, 1),
+            run(u64::MAX - 10, 4096),
+            run(crate::memory::MMIO_HOLE_START, 4096),
+        ] {
+            assert!(r.memory(&[bad]).unwrap_err().contains("outside"));
+        }
+        assert_eq!(r.runs(), 2);
+        assert!(r.finish().unwrap_err().contains("no machine state"));
+    }
+
+    #[test]
+    fn kind_and_ram_size_are_checked_before_anything_else() {
+        let e = SavedReader::new(ContainerKind::Migration, &header(ContainerKind::Snapshot, 4)).unwrap_err();
+        assert!(e.contains("Snapshot container"), "{e}");
+        for mib in [0, 1, 65537, u64::MAX >> 20] {
+            let e = SavedReader::new(ContainerKind::Migration, &header(ContainerKind::Migration, mib)).unwrap_err();
+            assert!(e.contains("MiB of RAM"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_migration_ends_with_its_state() {
+        let mut r = SavedReader::new(ContainerKind::Migration, &header(ContainerKind::Migration, 4)).unwrap();
+        assert!(r.other(FrameKind::Events, 99).unwrap_err().contains("byte 99"));
+        assert!(r.state(vec![]).is_err());
+        let mut s = SavedReader::new(ContainerKind::Snapshot, &header(ContainerKind::Snapshot, 4)).unwrap();
+        s.other(FrameKind::Events, 99).unwrap();
+    }
 }

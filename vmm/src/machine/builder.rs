@@ -21,6 +21,7 @@ pub struct MachineBuilder {
     tsc_khz: Option<u32>,
     hooks: Option<Box<dyn RunHooks>>,
     restore: Option<(crate::snapshot::MachineState, Vec<crate::mem_state::PageRun>)>,
+    loaded_memory: Option<GuestMemory>,
 }
 
 impl Default for MachineBuilder {
@@ -42,6 +43,7 @@ impl Default for MachineBuilder {
             tsc_khz: None,
             hooks: None,
             restore: None,
+            loaded_memory: None,
         }
     }
 }
@@ -176,6 +178,22 @@ impl MachineBuilder {
         b
     }
 
+    /// A builder for a machine received by a migration: its configuration
+    /// and images, its state applied at build, and its RAM as received
+    /// (the destination wrote the pages into it as they arrived).
+    pub fn from_received(r: crate::migration::Received) -> Self {
+        let ((config, kernel, initrd), state) = (r.parts, r.state);
+        let mut b = Self::from_saved(crate::snapshot::Snapshot {
+            config,
+            kernel,
+            initrd,
+            state,
+            memory: Vec::new(),
+        });
+        b.loaded_memory = Some(r.memory);
+        b
+    }
+
     /// The run mode (default: a plain run).
     pub fn hooks(mut self, hooks: Box<dyn RunHooks>) -> Self {
         self.hooks = Some(hooks);
@@ -251,7 +269,19 @@ impl MachineBuilder {
             tracing::debug!("KVM_SET_TSS_ADDR: {e}");
         }
 
-        let mem = memory::create(self.mem_mib)?;
+        // Received RAM already holds the machine: the loader, which only
+        // computes the boot setup here, writes into a scratch copy.
+        let loaded = self.loaded_memory.take();
+        let mem = match &loaded {
+            Some(m) => {
+                let (got, want) = (m.iter().map(|r| r.len()).sum::<u64>(), self.mem_mib << 20);
+                if got != want {
+                    return Err(Error::MemorySize { got, want });
+                }
+                m.clone()
+            }
+            None => memory::create(self.mem_mib)?,
+        };
         for (slot, region) in mem.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -266,7 +296,11 @@ impl MachineBuilder {
         }
 
         let cmdline = Self::effective_cmdline(&image, &kernel_name, &self.cmdline);
-        let setup = loader::load(&mem, &image, initrd.as_deref(), &cmdline).map_err(|source| Error::Load {
+        let scratch = match loaded {
+            Some(_) => Some(memory::create(self.mem_mib)?),
+            None => None,
+        };
+        let setup = loader::load(scratch.as_ref().unwrap_or(&mem), &image, initrd.as_deref(), &cmdline).map_err(|source| Error::Load {
             path: kernel_name.clone(),
             source,
         })?;
@@ -358,7 +392,9 @@ impl MachineBuilder {
                 // Memory first (it replaces what the loader wrote), then the
                 // devices, then the vCPU (its CPUID is set above, as KVM
                 // requires; vcpu_state::restore documents its own order).
-                crate::mem_state::restore_full(&mem, memory)?;
+                if scratch.is_none() {
+                    crate::mem_state::restore_full(&mem, memory)?;
+                }
                 let platform = Platform::from_state(io, &state.platform)?;
                 crate::vcpu_state::restore(&vcpu, &state.vcpu).map_err(vcpu_err("restore"))?;
                 // Let KVM refresh kvm_run's view of the restored vCPU (IF,

@@ -126,6 +126,14 @@ pub enum Error {
     /// Restoring guest memory or its dirty-page tracking failed.
     #[error("guest memory: {0}")]
     MemState(#[from] crate::mem_state::MemStateError),
+    /// Memory given to the builder (a migration's) is not the machine's size.
+    #[error("the received guest memory holds {got} bytes, not the machine's {want}")]
+    MemorySize {
+        /// Bytes received.
+        got: u64,
+        /// Bytes of the machine.
+        want: u64,
+    },
     /// KVM's dirty log could not be collected.
     #[error("cannot collect the pages the guest wrote: {0}")]
     DirtyLog(#[source] HookError),
