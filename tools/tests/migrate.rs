@@ -3,7 +3,10 @@
 //! nothing lost or duplicated; a destination that goes away, refuses or
 //! never answers leaves the source running its guest; cut, damaged and
 //! wrong-version streams are refused by the destination with one line and
-//! status 1; with stderr on a terminal both ends draw progress bars. An
+//! status 1; with a migration key a wrong key and a byte changed on the
+//! way are refused the same way while the source runs on, and the right
+//! key carries the machine; with stderr on a terminal both ends draw
+//! progress bars. An
 //! ignored test measures downtime and total time for the BENCHMARKS table.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -429,6 +432,119 @@ fn only_a_plain_run_migrates() {
     assert!(rec.out.text().ends_with("ABC.\nbye\n"), "{}", rec.out.text());
 }
 
+/// The destination exits 1 with one line (besides "waiting") that says
+/// `needle`.
+fn assert_refused_with_one_line(dst: &mut Proc, needle: &str) {
+    let code = dst.wait();
+    let err = dst.err.text();
+    assert_eq!(code, Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.contains("waiting for a migration")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with("nyx: migration rejected: "), "{err}");
+    assert!(lines[0].contains(needle), "want {needle:?} in {err}");
+}
+
+/// Forwards connections on a free port to `to`, changing the byte at
+/// `flip` of what the source sends; the destination's answers pass as
+/// they are.
+fn man_in_the_middle(to: u16, flip: usize) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let (mut src, _) = l.accept().unwrap();
+        let mut dst = TcpStream::connect(("127.0.0.1", to)).unwrap();
+        let (mut src_r, mut dst_w) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let mut seen = 0usize;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = src_r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if (seen..seen + n).contains(&flip) {
+                    buf[flip - seen] ^= 0x01;
+                }
+                seen += n;
+                if dst_w.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = dst_w.shutdown(std::net::Shutdown::Write);
+        });
+        let _ = std::io::copy(&mut dst, &mut src);
+        let _ = src.shutdown(std::net::Shutdown::Both);
+    });
+    port
+}
+
+#[test]
+fn a_keyed_migration_refuses_a_wrong_key_and_a_changed_byte_and_takes_the_right_key() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (key, other) = (dir.path().join("key"), dir.path().join("other"));
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::write(&other, "fedcba9876543210fedcba9876543210\n").unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut src = echo_source(&sock, "16");
+    src.input(FIRST);
+    src.out.wait_for("HELLO, NYX!\n", "source");
+    let with_key = |k: &Path| destination_with(&["--migration-key".as_ref(), k.as_os_str()]);
+    let migrate = |port: u16, k: &Path| {
+        let addr = format!("tcp:127.0.0.1:{port}");
+        ctl(&sock, &["migrate", &addr, "--migration-key", k.to_str().unwrap()])
+    };
+    let still_running = || {
+        let (_, status) = ctl(&sock, &["status"]);
+        assert_eq!(status["data"]["state"], "running", "{status}");
+    };
+
+    // The wrong key.
+    let (mut dst, port) = with_key(&key);
+    let (code, reply) = migrate(port, &other);
+    assert_eq!((code, &reply["ok"]), (Some(1), &false.into()), "{reply}");
+    assert_refused_with_one_line(&mut dst, "authentication failed");
+    still_running();
+
+    // The right key, one byte changed on the way (inside the first record).
+    let (mut dst, port) = with_key(&key);
+    let (code, reply) = migrate(man_in_the_middle(port, 3000), &key);
+    assert_eq!((code, &reply["ok"]), (Some(1), &false.into()), "{reply}");
+    assert_refused_with_one_line(&mut dst, "authentication failed");
+    still_running();
+
+    // A source without a key is refused by a destination that wants one.
+    let (mut dst, port) = with_key(&key);
+    let (code, reply) = ctl(&sock, &["migrate", &format!("tcp:127.0.0.1:{port}")]);
+    assert_eq!((code, &reply["ok"]), (Some(1), &false.into()), "{reply}");
+    assert_refused_with_one_line(&mut dst, "authentication failed");
+    still_running();
+
+    // The right key, untouched: the machine moves.
+    let (mut dst, port) = with_key(&key);
+    let (code, reply) = migrate(port, &key);
+    assert_eq!((code, &reply["ok"]), (Some(0), &true.into()), "{reply}");
+    assert_eq!(src.wait(), Some(0), "{}", src.err.text());
+    dst.err.wait_for("running", "destination");
+    dst.input(SECOND);
+    let expected = nyx_guests::expected("echo").unwrap();
+    assert_eq!(dst.wait().map(|s| s as u32), expected.exit_value, "{}", dst.err.text());
+    assert_eq!(src.out.text() + &dst.out.text(), expected.golden.unwrap());
+}
+
+#[test]
+fn a_destination_listens_on_loopback_unless_allowed() {
+    let out = nyx()
+        .args(["run", "--incoming", "tcp:0.0.0.0:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--incoming-allow-remote"), "{err}");
+}
+
 /// Sends `bytes` to a fresh destination; its status and stderr.
 fn feed_destination(bytes: &[u8]) -> (Option<i32>, String) {
     let (mut dst, port) = destination();
@@ -436,7 +552,12 @@ fn feed_destination(bytes: &[u8]) -> (Option<i32>, String) {
     let _ = c.write_all(bytes);
     let _ = c.shutdown(std::net::Shutdown::Write);
     let mut answer = String::new();
-    let _ = BufReader::new(&c).read_line(&mut answer);
+    let mut r = BufReader::new(&c);
+    // The destination's first line says whether it takes a key.
+    let _ = r.read_line(&mut answer);
+    assert_eq!(answer, "nyx-migration none\n");
+    answer.clear();
+    let _ = r.read_line(&mut answer);
     let code = dst.wait();
     assert!(answer.is_empty() || answer.starts_with("error: "), "{answer:?}");
     (code, dst.err.text())
