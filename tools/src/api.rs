@@ -185,10 +185,12 @@ fn accept_loop(listener: UnixListener, tx: Sender<Msg>, wake: Wake) -> Result<()
                     continue;
                 }
                 let (tx, wake, b) = (tx.clone(), wake.clone(), busy.clone());
-                let started = std::thread::Builder::new().name("nyx-api-client".into()).spawn(move || {
-                    serve(conn, tx, &*wake);
-                    b.fetch_sub(1, Ordering::SeqCst);
-                });
+                let started = std::thread::Builder::new()
+                    .name("nyx-api-client".into())
+                    .spawn(move || {
+                        serve(conn, tx, &*wake);
+                        b.fetch_sub(1, Ordering::SeqCst);
+                    });
                 if started.is_err() {
                     busy.fetch_sub(1, Ordering::SeqCst);
                 }
@@ -608,10 +610,17 @@ mod tests {
             let _ = w.write_all(&vec![b'x'; MAX_LINE * 4]);
         });
         let r = reply_of(&c);
-        assert!(!r.ok && r.error.as_deref().unwrap_or("").contains("longer than"), "{r:?}");
+        assert!(
+            !r.ok && r.error.as_deref().unwrap_or("").contains("longer than"),
+            "{r:?}"
+        );
         let mut rest = Vec::new();
         c.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-        assert_eq!(std::io::Read::read_to_end(&mut c, &mut rest).unwrap(), 0, "closed after the reply");
+        // Closed after the reply (with unread bytes a close may be a reset).
+        match std::io::Read::read_to_end(&mut c, &mut rest) {
+            Ok(n) => assert_eq!(n, 0, "closed after the reply"),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
         drop(c);
         writer.join().unwrap();
     }
@@ -620,7 +629,9 @@ mod tests {
     fn clients_beyond_the_limit_are_turned_away_until_one_goes() {
         let dir = tempfile::tempdir().unwrap();
         let (path, rx) = served(dir.path());
-        let mut held: Vec<UnixStream> = (0..MAX_CONNECTIONS).map(|_| UnixStream::connect(&path).unwrap()).collect();
+        let mut held: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
         // Every held client is being served: each request reaches the machine.
         for c in &mut held {
             writeln!(c, r#"{{"cmd":"status"}}"#).unwrap();

@@ -653,7 +653,7 @@ fn incoming(args: &RunArgs, spec: &str) -> Result<ExitCode, String> {
         .running()
         .map_err(|e| format!("migration from {peer}: the source did not hear that the machine runs here: {e}"))?;
     eprintln!("nyx: machine migrated in from {peer} ({frames} frames, {runs} memory runs); running");
-    match run_machine(&mut machine, args.serve.api.as_deref()) ? {
+    match run_machine(&mut machine, args.serve.api.as_deref())? {
         Some(outcome) => Ok(finish(&outcome)),
         None => Ok(ExitCode::SUCCESS),
     }
@@ -764,7 +764,10 @@ fn main() -> ExitCode {
                 threshold_pages: a.threshold_pages,
                 // The machine's process reads the key: give it a path that
                 // does not depend on this directory.
-                key: a.migration_key.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+                key: a
+                    .migration_key
+                    .as_ref()
+                    .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
                 ..api::Request::new(&a.command, a.arg.as_deref())
             },
         ),

@@ -535,10 +535,7 @@ fn a_keyed_migration_refuses_a_wrong_key_and_a_changed_byte_and_takes_the_right_
 
 #[test]
 fn a_destination_listens_on_loopback_unless_allowed() {
-    let out = nyx()
-        .args(["run", "--incoming", "tcp:0.0.0.0:0"])
-        .output()
-        .unwrap();
+    let out = nyx().args(["run", "--incoming", "tcp:0.0.0.0:0"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");

@@ -161,7 +161,10 @@ fn a_file_console_takes_the_output() {
     let mut p = echo(&["--serial", &spec, "--serial-in", input.to_str().unwrap()]);
     assert_eq!(p.wait(), Some(ECHO_EXIT), "{}", p.err.text());
     let text = std::fs::read_to_string(&output).unwrap();
-    assert!(text.starts_with("echo: type") && text.ends_with("ABC.\nbye\n"), "{text:?}");
+    assert!(
+        text.starts_with("echo: type") && text.ends_with("ABC.\nbye\n"),
+        "{text:?}"
+    );
     assert_eq!(p.out.text(), "", "no guest output on stdout");
 }
 
@@ -213,7 +216,11 @@ fn a_pty_console_carries_typing_both_ways() {
     }
     let mut p = echo(&["--serial", "pty"]);
     let name = announced(&p, "serial console on ");
-    let tty = std::fs::OpenOptions::new().read(true).write(true).open(Path::new(&name)).unwrap();
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(Path::new(&name))
+        .unwrap();
     converse(tty.try_clone().unwrap(), &Captured::spawn(tty));
     assert_eq!(p.wait(), Some(ECHO_EXIT), "{}", p.err.text());
 }
@@ -238,7 +245,12 @@ fn a_recording_through_a_console_replays_without_it() {
     converse(conn.try_clone().unwrap(), &Captured::spawn(conn));
     assert_eq!(p.wait(), Some(ECHO_EXIT), "{}", p.err.text());
     let out = nyx().arg("replay").arg(&trace).output().unwrap();
-    assert_eq!(out.status.code(), Some(ECHO_EXIT), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(ECHO_EXIT),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.ends_with("ABC.\nbye\n"), "{text:?}");
 }
@@ -253,5 +265,8 @@ fn bad_consoles_are_refused_with_the_forms() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("stdio, file:PATH, unix:PATH[,server], tcp:HOST:PORT[,server] or pty"), "{err}");
+    assert!(
+        err.contains("stdio, file:PATH, unix:PATH[,server], tcp:HOST:PORT[,server] or pty"),
+        "{err}"
+    );
 }

@@ -81,10 +81,7 @@ impl ConsoleSpec {
             ("stdio", None) => ConsoleSpec::Stdio,
             ("pty", None) => ConsoleSpec::Pty,
             ("file", Some(p)) if !p.is_empty() => ConsoleSpec::File(p.into()),
-            ("unix", Some(p)) if !p.is_empty() => ConsoleSpec::Unix {
-                path: p.into(),
-                server,
-            },
+            ("unix", Some(p)) if !p.is_empty() => ConsoleSpec::Unix { path: p.into(), server },
             ("tcp", Some(a)) if crate::net::parse_addr(a).is_some() => ConsoleSpec::Tcp {
                 addr: a.to_string(),
                 server,
@@ -109,7 +106,9 @@ pub struct Console {
 
 impl std::fmt::Debug for Console {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Console").field("input", &self.input).finish_non_exhaustive()
+        f.debug_struct("Console")
+            .field("input", &self.input)
+            .finish_non_exhaustive()
     }
 }
 
@@ -214,7 +213,9 @@ impl Pty {
         }
         // SAFETY: NUL-terminated by ptsname_r.
         let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
-        let name = PathBuf::from(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(name.to_bytes()));
+        let name = PathBuf::from(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(
+            name.to_bytes(),
+        ));
         // SAFETY: a NUL-terminated path; the result is checked.
         let sfd = unsafe { libc::open(buf.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
         if sfd < 0 {
@@ -284,7 +285,10 @@ mod tests {
     fn every_form_parses() {
         assert_eq!(ConsoleSpec::parse("stdio").unwrap(), ConsoleSpec::Stdio);
         assert_eq!(ConsoleSpec::parse("pty").unwrap(), ConsoleSpec::Pty);
-        assert_eq!(ConsoleSpec::parse("file:/tmp/x").unwrap(), ConsoleSpec::File("/tmp/x".into()));
+        assert_eq!(
+            ConsoleSpec::parse("file:/tmp/x").unwrap(),
+            ConsoleSpec::File("/tmp/x".into())
+        );
         assert_eq!(
             ConsoleSpec::parse("unix:/tmp/s,server").unwrap(),
             ConsoleSpec::Unix {
@@ -300,8 +304,18 @@ mod tests {
             }
         );
         for bad in [
-            "", "std", "stdio,server", "pty,server", "file:", "file:x,server", "unix:", "tcp:", "tcp:host", "tcp:1:99999",
-            "vc", "null:",
+            "",
+            "std",
+            "stdio,server",
+            "pty,server",
+            "file:",
+            "file:x,server",
+            "unix:",
+            "tcp:",
+            "tcp:host",
+            "tcp:1:99999",
+            "vc",
+            "null:",
         ] {
             assert!(ConsoleSpec::parse(bad).is_err(), "{bad}");
         }

@@ -6,8 +6,8 @@
 
 pub mod access;
 pub mod clock;
-pub mod console;
 pub mod config;
+pub mod console;
 pub mod cpu_model;
 pub mod cpuid;
 pub mod crash;

@@ -57,13 +57,17 @@ impl Key {
     /// `head -c 32 /dev/urandom | base64 > key` works), at least
     /// [`MIN_KEY_LEN`] of them.
     pub fn from_file(path: &Path) -> Result<Self, String> {
-        let bytes = std::fs::read(path).map_err(|e| format!("cannot read the migration key {}: {e}", path.display()))?;
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read the migration key {}: {e}", path.display()))?;
         Self::from_bytes(&bytes).map_err(|e| format!("migration key {}: {e}", path.display()))
     }
 
     /// A key of these bytes (trailing white space removed).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
-        let end = bytes.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1);
+        let end = bytes
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .map_or(0, |i| i + 1);
         if end < MIN_KEY_LEN {
             return Err(format!(
                 "it holds {end} bytes; use at least {MIN_KEY_LEN} random bytes (e.g. head -c 32 /dev/urandom | base64 > FILE)"
@@ -103,7 +107,9 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 || !s.is_ascii() {
         return None;
     }
-    (0..s.len() / 2).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()).collect()
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
+        .collect()
 }
 
 /// A fresh random nonce from the host.
@@ -148,7 +154,9 @@ pub fn parse_hello(line: &str) -> Result<Option<Nonce>, String> {
             .and_then(|v| Nonce::try_from(v).ok())
             .map(Some)
             .ok_or_else(|| "the destination's nonce is malformed".to_string()),
-        _ => Err(format!("the destination is not a Nyx migration destination (it said {line:?})")),
+        _ => Err(format!(
+            "the destination is not a Nyx migration destination (it said {line:?})"
+        )),
     }
 }
 
@@ -177,7 +185,11 @@ impl<W: Write> SealedWriter<W> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let tag = self.key.mac(b"data", &self.nonce, self.seq, &self.buf).finalize().into_bytes();
+        let tag = self
+            .key
+            .mac(b"data", &self.nonce, self.seq, &self.buf)
+            .finalize()
+            .into_bytes();
         self.inner.write_all(&(self.buf.len() as u32).to_le_bytes())?;
         self.inner.write_all(&self.buf)?;
         self.inner.write_all(&tag)?;
@@ -334,13 +346,19 @@ mod tests {
         let n = [1; NONCE_LEN];
         let sealed = seal(&key(1), &n, &data);
         assert_eq!(open(&key(1), &n, &sealed).unwrap(), data);
-        assert!(open(&key(2), &n, &sealed).unwrap_err().contains("authentication failed"));
-        assert!(open(&key(1), &[2; NONCE_LEN], &sealed).unwrap_err().contains("authentication failed"));
+        assert!(open(&key(2), &n, &sealed)
+            .unwrap_err()
+            .contains("authentication failed"));
+        assert!(open(&key(1), &[2; NONCE_LEN], &sealed)
+            .unwrap_err()
+            .contains("authentication failed"));
         // A record dropped: the next one is out of sequence.
         let first = 4 + RECORD_MAX + TAG_LEN;
         let mut dropped = sealed[..first].to_vec();
         dropped.extend_from_slice(&sealed[2 * first..]);
-        assert!(open(&key(1), &n, &dropped).unwrap_err().contains("authentication failed"));
+        assert!(open(&key(1), &n, &dropped)
+            .unwrap_err()
+            .contains("authentication failed"));
         // Cut in a record: an error, never data.
         assert!(open(&key(1), &n, &sealed[..first + 10]).is_err());
     }
@@ -353,7 +371,12 @@ mod tests {
         assert_eq!(parse_hello(&hello(Some(&n))).unwrap(), Some(n));
         assert_eq!(parse_hello(&hello(None)).unwrap(), None);
         assert!(is_hello(&hello(None)) && !is_hello("running"));
-        for bad in ["", "running", "nyx-migration hmac-sha256 zz", "nyx-migration hmac-sha256 abab"] {
+        for bad in [
+            "",
+            "running",
+            "nyx-migration hmac-sha256 zz",
+            "nyx-migration hmac-sha256 abab",
+        ] {
             assert!(parse_hello(bad).is_err(), "{bad}");
         }
         let k = key(3);

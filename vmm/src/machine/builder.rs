@@ -300,10 +300,13 @@ impl MachineBuilder {
             Some(_) => Some(memory::create(self.mem_mib)?),
             None => None,
         };
-        let setup = loader::load(scratch.as_ref().unwrap_or(&mem), &image, initrd.as_deref(), &cmdline).map_err(|source| Error::Load {
-            path: kernel_name.clone(),
-            source,
-        })?;
+        let setup =
+            loader::load(scratch.as_ref().unwrap_or(&mem), &image, initrd.as_deref(), &cmdline).map_err(|source| {
+                Error::Load {
+                    path: kernel_name.clone(),
+                    source,
+                }
+            })?;
 
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let supported = kvm
