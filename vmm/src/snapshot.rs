@@ -295,6 +295,7 @@ mod tests {
             cmdline: String::new(),
             has_initrd: false,
             cpuid: vec![],
+            cpu_model: "baseline".into(),
             tsc_khz: 1_000_000,
             wall_seconds: 0,
             verify: crate::config::VerifyLevel::Exits,
