@@ -469,6 +469,7 @@ pub fn end_record(ctx: &mut HookCtx<'_>, outcome: &RunOutcome) -> Result<EndReco
         RunOutcome::Reset => EndKind::Reset,
         RunOutcome::PowerOff => EndKind::PowerOff,
         RunOutcome::Crashed(r) => EndKind::Crashed(r.clone()),
+        RunOutcome::Limit(l) => EndKind::Limit(l.clone()),
     };
     let regs_digest = ctx.regs_digest()?;
     let mem_digest = nyx_vmm::mem_state::memory_digest(ctx.mem);

@@ -391,6 +391,19 @@ impl RunHooks for Replayer {
         Ok(())
     }
 
+    fn end_here(&mut self) -> Option<RunOutcome> {
+        // A recording stopped by a limit (--until-output, --max-guest-time)
+        // ends right after an exit: the replay ends at the same one.
+        let mut s = lock(&self.state);
+        match s.cursor.peek() {
+            Some(Event::End(e)) => match &e.kind {
+                EndKind::Limit(l) => Some(RunOutcome::Limit(l.clone())),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     fn on_inject(&mut self, ctx: &mut HookCtx<'_>, vector: u8) -> Result<(), HookError> {
         let mut s = lock(&self.state);
         match s.cursor.take_if(|e| matches!(e, Event::Inject(_))) {

@@ -198,6 +198,8 @@ struct RecordArgs {
     #[command(flatten)]
     machine: MachineArgs,
     #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
     serve: ServeArgs,
     #[command(flatten)]
     clock: check::ClockArgs,
@@ -293,10 +295,34 @@ pub struct MachineArgs {
     kvm: KvmArgs,
 }
 
+/// Limits that end a run cleanly before the guest does.
+#[derive(Args, Debug, Clone, Default)]
+pub struct LimitArgs {
+    /// Stop once the guest's serial output contains TEXT (exit status 0);
+    /// a recording's replay stops at the same point.
+    #[arg(long, value_name = "TEXT")]
+    until_output: Option<String>,
+    /// Stop once the guest's virtual time reaches DURATION (10s, 250ms, 2m).
+    #[arg(long, value_name = "DURATION", value_parser = nyx_vmm::machine::limits::parse_duration)]
+    max_guest_time: Option<u64>,
+}
+
+impl LimitArgs {
+    /// The machine's limits.
+    pub fn limits(&self) -> nyx_vmm::machine::limits::Limits {
+        nyx_vmm::machine::limits::Limits {
+            until_output: self.until_output.clone().filter(|t| !t.is_empty()),
+            max_guest_ns: self.max_guest_time,
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 struct RunArgs {
     #[command(flatten)]
     machine: MachineArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
     #[command(flatten)]
     gdb: GdbArgs,
     /// With --gdb: hold the guest before its first instruction until gdb
@@ -491,6 +517,7 @@ pub fn finish(outcome: &RunOutcome) -> ExitCode {
         RunOutcome::Halted => tracing::info!("guest halted"),
         RunOutcome::Reset => tracing::info!("guest requested a reset; the run ends there"),
         RunOutcome::PowerOff => tracing::info!("guest powered off"),
+        RunOutcome::Limit(l) => eprintln!("nyx: stopped: {l}"),
     }
     ExitCode::from(outcome.exit_status() as u8)
 }
@@ -545,6 +572,7 @@ fn record(args: &RecordArgs) -> Result<ExitCode, String> {
         ),
     };
     let mut session = started.map_err(|e| e.to_string())?;
+    session.machine().set_limits(args.limits.limits());
     args.serve.start_metrics(session.machine())?;
     let run = match run_machine(session.machine(), args.serve.api.as_deref()) {
         Ok(Some(outcome)) => Ok(outcome),
@@ -712,6 +740,7 @@ fn run(args: &RunArgs) -> Result<ExitCode, String> {
         b = b.hooks(Box::new(hooks));
     }
     let mut machine = b.build().map_err(|e| e.to_string())?;
+    machine.set_limits(args.limits.limits());
     tracing::info!(target: "nyx::vmm", "machine built: kernel {}, {} MiB", args.machine.kernel()?.display(), args.machine.mem);
     args.serve.start_metrics(&machine)?;
     if let Some(code) = gdb_session(&args.gdb, args.gdb_wait, &mut machine) {

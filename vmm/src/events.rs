@@ -34,6 +34,10 @@ pub enum ExitKind {
     Patched,
     /// The guest crashed or the VM could not run (shutdown, emulation failure).
     Crash,
+    /// A software interrupt (`int3`, `int n`) that KVM could not execute
+    /// and Nyx delivered: `addr` is the vector, `size` the instruction's
+    /// length, `rip` the instruction's address.
+    SoftInt,
 }
 
 impl ExitKind {
@@ -50,6 +54,7 @@ impl ExitKind {
             ExitKind::MsrWrite => "msr-write",
             ExitKind::Patched => "patched",
             ExitKind::Crash => "crash",
+            ExitKind::SoftInt => "soft-int",
         }
     }
 }
@@ -81,6 +86,7 @@ impl std::fmt::Display for ExitRecord {
             }
             ExitKind::MsrRead | ExitKind::MsrWrite => write!(f, "msr {:#x} data {:#x}", self.addr, self.data)?,
             ExitKind::Patched => write!(f, "site {:#x} value {:#x}", self.addr, self.data)?,
+            ExitKind::SoftInt => write!(f, "vector {:#x}", self.addr)?,
             _ => {}
         }
         write!(f, " rip {:#x}", self.rip)
@@ -217,8 +223,28 @@ pub enum EndKind {
     PowerOff,
     /// Crashed, with the report.
     Crashed(Box<CrashReport>),
-    /// The recording was stopped from outside (Ctrl-C, a limit).
+    /// The recording was stopped from outside (Ctrl-C).
     Stopped,
+    /// A limit set on the recording was reached (its replay ends there too).
+    Limit(Limit),
+}
+
+/// A limit that ended a run before the guest did.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Limit {
+    /// The serial output came to contain this text (`--until-output`).
+    Output(String),
+    /// Virtual time reached this many ns (`--max-guest-time`).
+    GuestTime(u64),
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Limit::Output(t) => write!(f, "the output contains {t:?}"),
+            Limit::GuestTime(ns) => write!(f, "guest time reached {:.3} s", *ns as f64 / 1e9),
+        }
+    }
 }
 
 /// One line for a user, as [`crate::RunOutcome`] prints itself.

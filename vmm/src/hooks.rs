@@ -366,6 +366,12 @@ pub trait RunHooks: Send {
         false
     }
 
+    /// Asked after each guest-caused exit: an outcome ends the run here (a
+    /// replay ends where its recording was stopped by a limit).
+    fn end_here(&mut self) -> Option<RunOutcome> {
+        None
+    }
+
     /// The run ended with `outcome`.
     fn on_end(&mut self, _ctx: &mut HookCtx<'_>, _outcome: &RunOutcome) -> Result<(), HookError> {
         Ok(())

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::events::{ExitKind, ExitRecord};
 
 /// Every exit kind, in the order of the metrics' arrays.
-pub const EXIT_KINDS: [ExitKind; 10] = [
+pub const EXIT_KINDS: [ExitKind; 11] = [
     ExitKind::PioIn,
     ExitKind::PioOut,
     ExitKind::MmioRead,
@@ -26,6 +26,7 @@ pub const EXIT_KINDS: [ExitKind; 10] = [
     ExitKind::MsrWrite,
     ExitKind::Patched,
     ExitKind::Crash,
+    ExitKind::SoftInt,
 ];
 
 fn kind_index(kind: ExitKind) -> usize {
@@ -40,6 +41,7 @@ fn kind_index(kind: ExitKind) -> usize {
         ExitKind::MsrWrite => 7,
         ExitKind::Patched => 8,
         ExitKind::Crash => 9,
+        ExitKind::SoftInt => 10,
     }
 }
 

@@ -50,6 +50,9 @@ pub const TICKS: &[u8] = guest_image!("ticks");
 pub const CPUID: &[u8] = guest_image!("cpuid");
 /// Debug-exit value of [`CPUID`].
 pub const CPUID_EXIT: u32 = 0x47;
+/// Long mode `int3` (interrupts off) and `int $0x30` (interrupts on), each
+/// checking its handler's return address; exits with [`SOFTINT_EXIT`].
+pub const SOFTINT: &[u8] = guest_image!("softint");
 
 /// Debug-exit values (the value written to port 0xF4; QEMU exits with
 /// `(value << 1) | 1`, see [`qemu_exit_code`]).
@@ -66,6 +69,8 @@ pub const ECHO_EXIT: u32 = 0x33;
 pub const COUNTER_EXIT: u32 = 0x44;
 /// Debug-exit value of [`RDTSC`].
 pub const RDTSC_EXIT: u32 = 0x45;
+/// Debug-exit value of [`SOFTINT`].
+pub const SOFTINT_EXIT: u32 = 0x48;
 /// Debug-exit value of [`RTC`].
 pub const RTC_EXIT: u32 = 0x46;
 /// Debug-exit value of [`TICKS`].
@@ -94,6 +99,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("rdtsc", RDTSC),
     ("rtc", RTC),
     ("ticks", TICKS),
+    ("softint", SOFTINT),
 ];
 
 /// What a guest is expected to do.
@@ -171,6 +177,12 @@ pub const EXPECTED: &[Expected] = &[
         exit_value: Some(TICKS_EXIT),
         golden: None,
         input: Some(b"abc."),
+    },
+    Expected {
+        name: "softint",
+        exit_value: Some(SOFTINT_EXIT),
+        golden: Some(include_str!("../../golden/softint.out")),
+        input: None,
     },
 ];
 

@@ -11,7 +11,7 @@
 //! offset is checked, and a bad file is a [`LoadError`], never a panic.
 
 pub(crate) mod elf;
-mod gdt;
+pub(crate) mod gdt;
 #[cfg(test)]
 mod kvm_tests;
 pub mod linux;

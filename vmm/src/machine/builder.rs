@@ -382,10 +382,15 @@ impl MachineBuilder {
         let serial_in = hooks.serial_input(serial_in);
         let wall_seconds = hooks.wall_seconds(HostWallClock.unix_seconds());
         let ram = self.mem_mib << 20;
+        let output_watch = Arc::new(std::sync::Mutex::new(super::limits::WatchState::default()));
+        let serial_out = Box::new(super::limits::OutputWatch::new(
+            self.serial_out.unwrap_or_else(|| Box::new(StdoutSink)),
+            output_watch.clone(),
+        ));
         let io = PlatformIo {
             clock: clock.clone(),
             wall: Box::new(nyx_devices::io::FixedWallClock(wall_seconds)),
-            serial_out: self.serial_out.unwrap_or_else(|| Box::new(StdoutSink)),
+            serial_out,
             serial_in,
         };
         let msr_list = crate::vcpu_state::accepted_msrs(&vcpu, &crate::vcpu_state::supported_msrs(&kvm))
@@ -438,6 +443,8 @@ impl MachineBuilder {
             idle_stopped: false,
             debug: GuestDebug::default(),
             hooks,
+            limits: Default::default(),
+            output_watch,
             core: Core {
                 _kvm: kvm,
                 vm,

@@ -216,6 +216,8 @@ pub enum RunOutcome {
     PowerOff,
     /// The guest crashed.
     Crashed(Box<CrashReport>),
+    /// A limit of the run was reached ([`MachineBuilder::limits`]).
+    Limit(crate::events::Limit),
 }
 
 impl RunOutcome {
@@ -225,6 +227,7 @@ impl RunOutcome {
             RunOutcome::DebugExit(v) => (*v & 0xff) as i32,
             RunOutcome::Halted | RunOutcome::Reset | RunOutcome::PowerOff => 0,
             RunOutcome::Crashed(_) => 2,
+            RunOutcome::Limit(_) => 0,
         }
     }
 }
@@ -263,6 +266,8 @@ pub struct ExitStats {
     pub kicks: u64,
     /// Interrupts injected.
     pub injected: u64,
+    /// Software interrupts KVM could not execute, delivered by Nyx.
+    pub soft_interrupts: u64,
     /// Wall time spent in [`Machine::run`], ns.
     pub wall_ns: u64,
     /// User CPU time of the vCPU thread in [`Machine::run`] (Nyx's own work), ns.
@@ -334,6 +339,9 @@ pub struct Machine {
     idle_stopped: bool,
     debug: GuestDebug,
     hooks: Box<dyn RunHooks>,
+    /// Limits that end the run early, and whether the output one was seen.
+    limits: limits::Limits,
+    output_watch: Arc<std::sync::Mutex<limits::WatchState>>,
     core: Core,
 }
 
@@ -568,6 +576,17 @@ impl Machine {
             .ok_or_else(|| std::io::Error::other("no vCPU timer"))?)
     }
 
+    /// Limits that end the run before the guest does (a text in the serial
+    /// output, a virtual-time bound), checked after each guest-caused exit:
+    /// the run then ends with [`RunOutcome::Limit`].
+    pub fn set_limits(&mut self, limits: limits::Limits) {
+        self.output_watch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .watch(limits.until_output.as_deref());
+        self.limits = limits;
+    }
+
     /// Binds the vCPU timer to the calling thread; `run` must then be called
     /// on this thread.
     pub fn prepare_thread(&mut self) -> Result<(), Error> {
@@ -582,7 +601,9 @@ impl Machine {
 mod builder;
 mod exit;
 mod guest_view;
+pub mod limits;
 mod run_loop;
+pub mod soft_int;
 mod state;
 
 pub use builder::MachineBuilder;

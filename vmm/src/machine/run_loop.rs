@@ -16,6 +16,24 @@ impl Machine {
         ))))
     }
 
+    /// After a guest-caused exit: whether the run ends here, by one of its
+    /// limits or because the mode says so (a replay ends where its
+    /// recording was stopped).
+    fn limit_reached(&mut self) -> Option<RunOutcome> {
+        if let Some(outcome) = self.hooks.end_here() {
+            return Some(outcome);
+        }
+        if let Some(text) = &self.limits.until_output {
+            if self.output_watch.lock().unwrap_or_else(|e| e.into_inner()).seen() {
+                return Some(RunOutcome::Limit(crate::events::Limit::Output(text.clone())));
+            }
+        }
+        match self.limits.max_guest_ns {
+            Some(max) if self.core.clock.last() >= max => Some(RunOutcome::Limit(crate::events::Limit::GuestTime(max))),
+            _ => None,
+        }
+    }
+
     /// Starts a step: a new clock sample for whatever reads time in it, and
     /// a device poll when the mode says so.
     fn step(&mut self, requested: bool) -> Result<(), Error> {
@@ -210,6 +228,15 @@ impl Machine {
                     })
                 }
             };
+            // A software interrupt KVM could not execute is delivered here,
+            // and is then an exit like any other.
+            let next = match next {
+                Ok((None, Next::InternalError)) => match self.deliver_soft_interrupt()? {
+                    Some(rec) => Ok((Some(rec), Next::Continue)),
+                    None => Ok((None, Next::InternalError)),
+                },
+                other => other,
+            };
             match next {
                 Ok((_, Next::Debug(d))) => return Ok(Stop::Debug(d)),
                 Ok((rec, next)) => {
@@ -220,7 +247,7 @@ impl Machine {
                             // may report the window a few instructions late,
                             // at the end of an emulation batch, so their RIP
                             // is not part of the guest's deterministic path.
-                            if self.core.sync_rip && r.kind != ExitKind::IrqWindow {
+                            if self.core.sync_rip && !matches!(r.kind, ExitKind::IrqWindow | ExitKind::SoftInt) {
                                 r.rip = self.core.vcpu.sync_regs().regs.rip;
                             }
                             r
@@ -230,6 +257,11 @@ impl Machine {
                     let mut ctx = self.core.ctx();
                     self.hooks.on_exit(&mut ctx, &rec)?;
                     self.core.metrics.exit(&rec, handled_from);
+                    if matches!(next, Next::Continue | Next::Hlt) {
+                        if let Some(outcome) = self.limit_reached() {
+                            return Ok(Stop::Ended(outcome));
+                        }
+                    }
                     match next {
                         Next::Continue if self.hooks.pause_after_exit() => return Ok(Stop::Paused),
                         Next::Continue => {}
@@ -275,6 +307,9 @@ impl Machine {
                     let mut ctx = self.core.ctx();
                     self.hooks.on_exit(&mut ctx, &rec)?;
                     self.core.metrics.exit(&rec, handled_from);
+                    if let Some(outcome) = self.limit_reached() {
+                        return Ok(Stop::Ended(outcome));
+                    }
                     if self.hooks.pause_after_exit() {
                         return Ok(Stop::Paused);
                     }
