@@ -11,7 +11,7 @@ use nyx_replayer::{replay, ReplayEnd, ReplayOptions};
 use nyx_tests::{kvm_available, Capture};
 use nyx_trace::{FrameKind, TraceReader, TraceWriter};
 use nyx_vmm::config::VerifyLevel;
-use nyx_vmm::events::{Event, ExitKind};
+use nyx_vmm::events::{Event, ExitKind, Limit};
 use nyx_vmm::{RunOutcome, SerialIn};
 
 struct Recorded {
@@ -141,6 +141,117 @@ fn triple_fault_replays_with_the_same_crash_report() {
     }
     let rec = round_trip("triple", None, VerifyLevel::Full);
     assert!(matches!(rec.outcome, RunOutcome::Crashed(_)));
+}
+
+#[test]
+fn software_interrupts_are_exits_that_replay() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rec = record_guest(dir.path(), "softint", "s.nyxtrace", None, VerifyLevel::Full);
+    assert_eq!(rec.outcome, RunOutcome::DebugExit(nyx_guests::SOFTINT_EXIT));
+    let mut r = TraceReader::open(&rec.path).unwrap();
+    let mut soft = Vec::new();
+    for i in 0..r.frames().len() {
+        if r.frames()[i].kind == FrameKind::Events {
+            let events: Vec<Event> = r.read_records(i).unwrap();
+            soft.extend(events.iter().filter_map(|e| match e {
+                Event::Exit(x) if x.kind == ExitKind::SoftInt => Some(x.addr),
+                _ => None,
+            }));
+        }
+    }
+    // On emulated KVM both are exits Nyx delivers; on hardware KVM neither
+    // exits. Either way the replay must agree.
+    assert!(soft.is_empty() || soft == vec![3, 0x30], "{soft:?}");
+    round_trip("softint", None, VerifyLevel::Full);
+}
+
+/// Records `name` with `limits`; returns the recording and its output.
+fn record_with_limits(dir: &Path, name: &str, limits: nyx_vmm::machine::limits::Limits) -> Recorded {
+    let image = nyx_guests::image(name).expect("guest").to_vec();
+    let out = Capture::default();
+    let mut session = nyx_recorder::start_image(
+        RecordOptions {
+            out: dir.join("limit.nyxtrace"),
+            kernel: PathBuf::from(name),
+            kernel_name: Some(name.to_string()),
+            initrd: None,
+            cmdline: String::new(),
+            mem_mib: 64,
+            serial_in: SerialIn::None,
+            serial_out: Some(Box::new(out.clone())),
+            kvm_path: "/dev/kvm".into(),
+            verify: VerifyLevel::Exits,
+            landings: nyx_recorder::LandingPolicy::Auto,
+        },
+        name.to_string(),
+        image,
+        None,
+    )
+    .unwrap();
+    session.machine().set_limits(limits);
+    let rec = session.run().unwrap();
+    Recorded {
+        path: rec.path,
+        serial: out.bytes(),
+        outcome: rec.outcome,
+        landings: rec.landings,
+    }
+}
+
+#[test]
+fn a_recording_stopped_by_its_output_replays_to_the_same_point() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let text = "tick 20";
+    let rec = record_with_limits(
+        dir.path(),
+        "pit",
+        nyx_vmm::machine::limits::Limits {
+            until_output: Some(text.into()),
+            max_guest_ns: None,
+        },
+    );
+    assert_eq!(rec.outcome, RunOutcome::Limit(Limit::Output(text.into())));
+    assert_eq!(rec.outcome.exit_status(), 0);
+    let out = String::from_utf8_lossy(&rec.serial).to_string();
+    assert!(out.contains(text) && !out.contains("tick 30"), "{out}");
+    for _ in 0..2 {
+        let (serial, end) = replay_guest(&rec.path).unwrap();
+        assert_eq!(String::from_utf8_lossy(&serial), out);
+        match end {
+            ReplayEnd::Complete { outcome } => assert_eq!(outcome, rec.outcome),
+            other => panic!("replay did not complete: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_recording_stopped_by_guest_time_replays_to_the_same_point() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // pit takes 50 ticks of 1 ms: stop it after about 25.
+    let max = 25_000_000;
+    let rec = record_with_limits(
+        dir.path(),
+        "pit",
+        nyx_vmm::machine::limits::Limits {
+            until_output: None,
+            max_guest_ns: Some(max),
+        },
+    );
+    assert_eq!(rec.outcome, RunOutcome::Limit(Limit::GuestTime(max)));
+    let out = String::from_utf8_lossy(&rec.serial).to_string();
+    assert!(!out.contains("tick 50"), "{out}");
+    let (serial, end) = replay_guest(&rec.path).unwrap();
+    assert_eq!(String::from_utf8_lossy(&serial), out);
+    assert!(matches!(end, ReplayEnd::Complete { outcome } if outcome == rec.outcome));
 }
 
 #[test]
