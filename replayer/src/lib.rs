@@ -277,6 +277,10 @@ impl RunHooks for Replayer {
         !s.debugging || matches!(s.cursor.peek(), Some(Event::Inject(_)))
     }
 
+    fn injection_due(&mut self) -> bool {
+        matches!(lock(&self.state).cursor.peek(), Some(Event::Inject(_)))
+    }
+
     fn inject_while_stepping(&self) -> bool {
         true
     }

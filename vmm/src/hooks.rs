@@ -343,6 +343,12 @@ pub trait RunHooks: Send {
         true
     }
 
+    /// Whether an interrupt is due here whether or not KVM says the guest
+    /// is ready for one (a replay at a recorded injection).
+    fn injection_due(&mut self) -> bool {
+        false
+    }
+
     /// Whether the loop asks KVM for an interrupt-window exit when an
     /// interrupt waits for the guest to enable interrupts. A replay does
     /// not: it reaches the recorded window as a landing instead, because

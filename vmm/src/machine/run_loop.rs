@@ -49,7 +49,11 @@ impl Machine {
     /// an interrupt-window exit.
     fn service_interrupts(&mut self) -> Result<(), Error> {
         let pending = self.core.platform.interrupt_pending();
-        let ready = self.core.vcpu.get_kvm_run().ready_for_interrupt_injection != 0;
+        // A replay injects where its recording did, whatever kvm_run says:
+        // on emulated KVM its readiness flag after a completed trap is not
+        // always what it was in the recording (KVM_INTERRUPT queues the
+        // vector either way, and KVM delivers it at the next entry).
+        let ready = self.core.vcpu.get_kvm_run().ready_for_interrupt_injection != 0 || self.hooks.injection_due();
         if pending && ready && self.hooks.may_inject() {
             let vector = self.core.platform.acknowledge();
             let mut ctx = self.core.ctx();

@@ -116,6 +116,13 @@ impl Machine {
         }
         self.core.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         self.core.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        // kvm_run still describes the vCPU at the failure (IF as it was,
+        // so "ready for interrupt injection"): a KVM_RUN that exits at once
+        // refreshes it, so that no interrupt is injected into a handler
+        // entered through an interrupt gate. Every mode does this here, and
+        // any later capture's own refresh then changes nothing.
+        crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu)
+            .map_err(|e| Error::GuestMemory(format!("refreshing kvm_run after a software interrupt: {e}")))?;
         // The frame is a write of Nyx's, which KVM's dirty log does not see.
         for page in written {
             self.core.written.insert(page);
