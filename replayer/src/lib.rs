@@ -303,6 +303,10 @@ impl RunHooks for Replayer {
         false
     }
 
+    fn pause_after_landing(&mut self) -> bool {
+        self.pause_after_exit()
+    }
+
     fn before_enter(&mut self, ctx: &mut HookCtx<'_>) -> Result<Enter, HookError> {
         self.check(ctx)?;
         if lock(&self.state).stepping {

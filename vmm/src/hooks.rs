@@ -378,6 +378,14 @@ pub trait RunHooks: Send {
         None
     }
 
+    /// Asked after the mode moved the guest to a landing
+    /// ([`Enter::Moved`]): true makes [`crate::Machine::resume`] return
+    /// [`crate::machine::Stop::Paused`] there, as [`RunHooks::pause_after_exit`]
+    /// does after an exit.
+    fn pause_after_landing(&mut self) -> bool {
+        false
+    }
+
     /// The run ended with `outcome`.
     fn on_end(&mut self, _ctx: &mut HookCtx<'_>, _outcome: &RunOutcome) -> Result<(), HookError> {
         Ok(())

@@ -176,6 +176,12 @@ impl Machine {
                         if self.debug != GuestDebug::default() {
                             self.set_guest_debug(self.debug)?;
                         }
+                        // A landing is a position too: a reverse debugger
+                        // may take a checkpoint here (early kernel boot runs
+                        // for seconds with landings and no exits).
+                        if self.hooks.pause_after_landing() {
+                            return Ok(Stop::Paused);
+                        }
                         continue;
                     }
                     Enter::Stop(d) => {
