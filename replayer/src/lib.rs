@@ -318,13 +318,17 @@ impl RunHooks for Replayer {
         // A keyframed landing is taken at once; a searched one stays in the
         // trace until it is found (a debugger's breakpoint may stop the
         // search, which then goes on when the guest is resumed). The
-        // recorded interrupt window is such a landing too.
+        // recorded interrupt window is such a landing too. With a
+        // debugger's breakpoints armed a keyframed landing is searched too:
+        // taking it at once would skip the code before it, and a breakpoint
+        // there.
+        let breakpoints = ctx.guest_debug.dr7 & 0xff != 0;
         let window;
         let landing = {
             let mut s = lock(&self.state);
             window = take_window_exit(&mut s.cursor);
             match s.cursor.peek() {
-                Some(Event::Landing(l)) if l.keyframe.is_some() => match s.cursor.advance() {
+                Some(Event::Landing(l)) if l.keyframe.is_some() && !breakpoints => match s.cursor.advance() {
                     Some(Event::Landing(l)) => l,
                     _ => return Ok(Enter::Guest),
                 },
@@ -332,7 +336,7 @@ impl RunHooks for Replayer {
                 _ => return Ok(Enter::Guest),
             }
         };
-        if let Some(k) = &landing.keyframe {
+        if let (Some(k), false) = (&landing.keyframe, breakpoints) {
             search::restore_keyframe(ctx, &landing, k, &self.state)?;
             ctx.metrics.landing(nyx_vmm::metrics::LandingHow::Keyframe, 0);
             let mut s = lock(&self.state);

@@ -171,6 +171,7 @@ struct Checkpoint {
     cursor: CursorMark,
     dirty_since_landing: BTreeSet<u64>,
     output: u64,
+    step: nyx_vmm::machine::StepState,
 }
 
 /// Saved page contents by position: a page's contents at a position are
@@ -364,6 +365,7 @@ impl Timeline {
             cursor,
             dirty_since_landing: m.dirty_since_landing().clone(),
             output,
+            step: m.step_state(),
         };
         let i = self.checkpoints.partition_point(|c| c.pos < pos);
         if self.checkpoints.get(i).is_some_and(|c| c.pos == pos) {
@@ -417,6 +419,7 @@ impl Timeline {
         // being left, not to the checkpoint's landing accounting.
         m.take_written()?;
         m.set_dirty_since_landing(ck.dirty_since_landing.clone());
+        m.set_step_state(ck.step);
         {
             let mut s = lock(&self.shared);
             s.cursor.seek(&ck.cursor);

@@ -104,6 +104,21 @@ impl VirtualClock {
         self.lock().cached = None;
     }
 
+    /// The sample the current step took, if it took one.
+    pub fn cached(&self) -> Option<u64> {
+        self.lock().cached
+    }
+
+    /// Puts back what [`VirtualClock::cached`] returned (a reverse debugger
+    /// restoring a checkpoint taken inside a step).
+    pub fn set_cached(&self, v: Option<u64>) {
+        let mut i = self.lock();
+        i.cached = v;
+        if let Some(v) = v {
+            i.last = i.last.max(v);
+        }
+    }
+
     /// The last value served, without taking a sample.
     pub fn last(&self) -> u64 {
         self.lock().last

@@ -256,7 +256,8 @@ impl std::fmt::Display for EndKind {
             EndKind::Reset => crate::RunOutcome::Reset.fmt(f),
             EndKind::PowerOff => crate::RunOutcome::PowerOff.fmt(f),
             EndKind::Crashed(r) => write!(f, "crashed: {}", r.summary()),
-            EndKind::Stopped => f.write_str("stopped from outside (Ctrl-C, the control socket or a limit)"),
+            EndKind::Stopped => f.write_str("stopped from outside (Ctrl-C or the control socket)"),
+            EndKind::Limit(l) => write!(f, "stopped: {l}"),
         }
     }
 }

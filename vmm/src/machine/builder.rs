@@ -441,6 +441,7 @@ impl MachineBuilder {
             poll_pending,
             spurious_kick: false,
             idle_stopped: false,
+            mid_step: false,
             debug: GuestDebug::default(),
             hooks,
             limits: Default::default(),

@@ -245,6 +245,7 @@ impl std::fmt::Display for RunOutcome {
             RunOutcome::Reset => f.write_str("the guest asked for a reset"),
             RunOutcome::PowerOff => f.write_str("powered off"),
             RunOutcome::Crashed(r) => write!(f, "crashed: {}", r.summary()),
+            RunOutcome::Limit(l) => write!(f, "stopped: {l}"),
         }
     }
 }
@@ -337,6 +338,10 @@ pub struct Machine {
     /// make it execute HLT again, an exit that a recording would log and
     /// its replay (never stopped there) would not make.
     idle_stopped: bool,
+    /// The last return was a debug stop inside a step (a breakpoint, a
+    /// single step): resuming goes on in the same step, as the guest did
+    /// without the debugger (no new clock sample, no device poll).
+    mid_step: bool,
     debug: GuestDebug,
     hooks: Box<dyn RunHooks>,
     /// Limits that end the run early, and whether the output one was seen.
@@ -433,6 +438,17 @@ enum Idle {
     Interrupt,
     Never,
     Stopped,
+}
+
+/// Where inside a step of the run loop a machine stopped: what a reverse
+/// debugger saves with a checkpoint so that resuming from it takes the
+/// clock samples the recording took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StepState {
+    /// Stopped by a debug exit inside a step.
+    pub mid_step: bool,
+    /// The clock sample the step took, if any.
+    pub clock_sample: Option<u64>,
 }
 
 /// Why [`Machine::resume`] returned.

@@ -160,8 +160,11 @@ impl Machine {
             // a step: the replay never sees it, so it must not start a new
             // clock sample or an injection decision here either.
             if !std::mem::take(&mut self.spurious_kick) {
-                let poll = std::mem::take(&mut self.poll_pending);
-                self.step(poll)?;
+                // After a debug stop the guest goes on in the step it was in.
+                if !std::mem::take(&mut self.mid_step) {
+                    let poll = std::mem::take(&mut self.poll_pending);
+                    self.step(poll)?;
+                }
                 if !self.debug.single_step || self.hooks.inject_while_stepping() {
                     self.service_interrupts()?;
                 }
@@ -186,6 +189,7 @@ impl Machine {
                     }
                     Enter::Stop(d) => {
                         self.set_guest_debug(self.debug)?;
+                        self.mid_step = true;
                         return Ok(Stop::Debug(d));
                     }
                     Enter::Kicked => {
@@ -248,7 +252,10 @@ impl Machine {
                 other => other,
             };
             match next {
-                Ok((_, Next::Debug(d))) => return Ok(Stop::Debug(d)),
+                Ok((_, Next::Debug(d))) => {
+                    self.mid_step = true;
+                    return Ok(Stop::Debug(d));
+                }
                 Ok((rec, next)) => {
                     self.core.exit_seq += 1;
                     let rec = match rec {

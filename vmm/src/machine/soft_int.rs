@@ -121,8 +121,10 @@ impl Machine {
         // refreshes it, so that no interrupt is injected into a handler
         // entered through an interrupt gate. Every mode does this here, and
         // any later capture's own refresh then changes nothing.
-        crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu)
-            .map_err(|e| Error::GuestMemory(format!("refreshing kvm_run after a software interrupt: {e}")))?;
+        crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu).map_err(|source| Error::VcpuState {
+            what: "refresh (after a software interrupt)",
+            source,
+        })?;
         // The frame is a write of Nyx's, which KVM's dirty log does not see.
         for page in written {
             self.core.written.insert(page);

@@ -98,8 +98,23 @@ impl Machine {
         self.core.exit_seq = state.exit_seq;
         self.poll_pending = state.poll_pending;
         self.idle_stopped = false;
+        self.mid_step = false;
         self.core.patches = state.patches.clone();
         Ok(())
+    }
+
+    /// Where inside a step the machine stopped ([`StepState`]).
+    pub fn step_state(&self) -> StepState {
+        StepState {
+            mid_step: self.mid_step,
+            clock_sample: self.core.clock.cached(),
+        }
+    }
+
+    /// Puts back a [`Machine::step_state`] (after [`Machine::reset_state`]).
+    pub fn set_step_state(&mut self, s: StepState) {
+        self.mid_step = s.mid_step;
+        self.core.clock.set_cached(s.clock_sample);
     }
 
     /// The pages written since the last call (KVM's dirty log, collected

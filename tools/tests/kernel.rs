@@ -1,0 +1,238 @@
+//! A real kernel under Nyx: the fixture Linux 6.1 (`tinyconfig`, built by
+//! `tools/scripts/build-test-kernel.sh`) booted with nothing but
+//! `console=ttyS0 nolapic noapic`. It must get past FPU init and Linux's
+//! `int3` self-test (software interrupts Nyx delivers on emulated KVM), be
+//! recorded until an early console line, replay byte for byte, and let the
+//! real gdb go forward and backward on the replay: to `start_kernel`, to the
+//! end, back to the last write of `jiffies`, back to `start_kernel`, one
+//! instruction further back.
+//!
+//! The tests skip without the fixture (`NYX_TEST_VMLINUX`,
+//! `NYX_TEST_INITRD`) and fail without it under `NYX_REQUIRE_TEST_KERNEL=1`;
+//! they skip without KVM and fail without it under `NYX_REQUIRE_KVM=1`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::{kvm_available, nyx};
+
+/// The line the recordings stop at: printed right after FPU init and the
+/// `int3` self-test of `alternative_instructions`.
+const UNTIL: &str = "pid_max: default";
+const CMDLINE: &str = "console=ttyS0 nolapic noapic";
+
+/// One recording of the fixture kernel for every test here.
+struct Recorded {
+    dir: tempfile::TempDir,
+    trace: PathBuf,
+    vmlinux: PathBuf,
+    stdout: Vec<u8>,
+    stderr: String,
+    status: Option<i32>,
+}
+
+fn recorded() -> Option<&'static Recorded> {
+    static REC: OnceLock<Option<Recorded>> = OnceLock::new();
+    REC.get_or_init(|| {
+        if !kvm_available() {
+            return None;
+        }
+        let (vmlinux, initrd) = nyx_tests::test_kernel()?;
+        let dir = tempfile::tempdir().unwrap();
+        let trace = dir.path().join("linux.nyxtrace");
+        let out = nyx()
+            .args(["record", "--out"])
+            .arg(&trace)
+            .arg("--kernel")
+            .arg(&vmlinux)
+            .arg("--initrd")
+            .arg(&initrd)
+            .args(["--cmdline", CMDLINE, "--mem", "128", "--until-output", UNTIL])
+            .output()
+            .unwrap();
+        Some(Recorded {
+            dir,
+            trace,
+            vmlinux,
+            stdout: out.stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            status: out.status.code(),
+        })
+    })
+    .as_ref()
+}
+
+#[test]
+fn kernel_is_recorded_until_an_early_line_and_replays_byte_for_byte() {
+    let Some(rec) = recorded() else { return };
+    let out = String::from_utf8_lossy(&rec.stdout);
+    assert_eq!(rec.status, Some(0), "{out}\n{}", rec.stderr);
+    assert!(out.contains("x86/fpu:"), "FPU init: {out}");
+    assert!(out.ends_with(UNTIL), "the recording stops at the text: {out}");
+    assert!(!out.contains("invalid opcode"), "{out}");
+    assert!(rec.stderr.contains("stopped: the output contains"), "{}", rec.stderr);
+    for i in 0..2 {
+        let r = nyx().arg("replay").arg(&rec.trace).output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&r.stdout),
+            out,
+            "replay {i}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        assert_eq!(
+            r.status.code(),
+            Some(0),
+            "replay {i}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+    }
+    // The trace says why it ended.
+    let info = nyx().args(["trace", "info"]).arg(&rec.trace).output().unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("stopped: the output contains"), "{info}");
+}
+
+/// A `nyx replay --gdb` process and the port it listens on.
+struct Stub {
+    child: std::process::Child,
+    port: u16,
+    stderr: std::sync::mpsc::Receiver<String>,
+}
+
+impl Stub {
+    fn start(trace: &Path) -> Stub {
+        let mut child = nyx()
+            .arg("replay")
+            .arg(trace)
+            .args(["--gdb", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("nyx says where it listens");
+        let port = line
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        Stub {
+            child,
+            port,
+            stderr: rx,
+        }
+    }
+}
+
+impl Drop for Stub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn gdb_goes_forward_and_backward_on_a_kernel_replay() {
+    let Some(rec) = recorded() else { return };
+    assert_eq!(rec.status, Some(0), "{}", rec.stderr);
+    let stub = Stub::start(&rec.trace);
+    let cmds = [
+        "set pagination off",
+        "set remotetimeout 900",
+        "break start_kernel",
+        "continue",
+        "echo @@at-start\\n",
+        "p/x $pc",
+        "delete",
+        "continue",
+        "echo @@at-end\\n",
+        "monitor when",
+        // The timer interrupt's last write of jiffies before the end.
+        "watch *(unsigned long *)&jiffies",
+        "reverse-continue",
+        "echo @@watch\\n",
+        "p/x $pc",
+        "p *(unsigned long *)&jiffies",
+        "delete",
+        "break start_kernel",
+        "reverse-continue",
+        "echo @@back-at-start\\n",
+        "p/x $pc",
+        "monitor when",
+        "reverse-stepi",
+        "echo @@before-start\\n",
+        "p/x $pc",
+        "monitor when",
+        "monitor info",
+    ];
+    let mut c = Command::new("timeout");
+    c.args(["1500", "gdb", "-nx", "-batch"]);
+    c.args(["-ex", &format!("target remote 127.0.0.1:{}", stub.port)]);
+    for cmd in cmds {
+        c.args(["-ex", cmd]);
+    }
+    // gdb writes monitor replies to stderr: both into one file, in order.
+    let log_path = rec.dir.path().join("gdb.log");
+    let log_file = std::fs::File::create(&log_path).unwrap();
+    c.stdout(log_file.try_clone().unwrap()).stderr(log_file);
+    c.arg(&rec.vmlinux).status().expect("run gdb (install the gdb package)");
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let errs: Vec<String> = stub.stderr.try_iter().collect();
+    let log = format!("{text}\n--- nyx:\n{}", errs.join("\n"));
+    let start = nm_symbol(&rec.vmlinux, "start_kernel");
+    let section = |name: &str| -> String {
+        let from = text
+            .find(&format!("@@{name}"))
+            .unwrap_or_else(|| panic!("no {name} in:\n{log}"));
+        text[from..].lines().skip(1).take(4).collect::<Vec<_>>().join("\n")
+    };
+    let pc = |name: &str| -> u64 {
+        let s = section(name);
+        let v = s
+            .lines()
+            .find_map(|l| l.split("= 0x").nth(1))
+            .unwrap_or_else(|| panic!("no pc after {name} in:\n{log}"));
+        u64::from_str_radix(v.trim(), 16).unwrap()
+    };
+    assert!(text.contains("Breakpoint 1, "), "{log}");
+    assert_eq!(pc("at-start"), start, "{log}");
+    assert!(section("at-end").contains("at the end of the replay"), "{log}");
+    // Stopped right after the instruction that wrote jiffies.
+    let before_watch = &text[..text.find("@@watch").unwrap_or(0)];
+    assert!(
+        before_watch.contains("Old value") && before_watch.contains("New value"),
+        "the watchpoint stopped at a write:\n{log}"
+    );
+    assert_ne!(pc("watch"), start, "{log}");
+    assert_eq!(pc("back-at-start"), start, "{log}");
+    let before = pc("before-start");
+    assert_ne!(before, start, "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(!log.contains("re-executing the replay failed"), "{log}");
+}
+
+/// The address of `name` in `elf` (its symbol table, read with `nm`).
+fn nm_symbol(elf: &Path, name: &str) -> u64 {
+    let out = Command::new("nm").arg(elf).output().expect("run nm (install binutils)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (addr, _, sym) = (f.next()?, f.next()?, f.next()?);
+            (sym == name).then(|| u64::from_str_radix(addr, 16).ok())?
+        })
+        .unwrap_or_else(|| panic!("no symbol {name} in {}", elf.display()))
+}
