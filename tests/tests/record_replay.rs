@@ -185,6 +185,7 @@ fn record_with_limits(dir: &Path, name: &str, limits: nyx_vmm::machine::limits::
             kvm_path: "/dev/kvm".into(),
             verify: VerifyLevel::Exits,
             landings: nyx_recorder::LandingPolicy::Auto,
+            cpu: Default::default(),
         },
         name.to_string(),
         image,
