@@ -19,11 +19,15 @@
 //!
 //! Notes: addresses are linear (RIP where CS's base is 0). Registers are
 //! always the 64-bit set; gdb's `i386:x86-64` disassembles 32-bit code as
-//! 64-bit (`set architecture i386` for `x/i` there). By default software
-//! breakpoints use debug registers, because `int3` with KVM's software
-//! breakpoints fails as an emulation failure on emulated KVM
-//! ([`ServeOptions::int3_in_memory`] turns int3 on), so at most four
-//! breakpoints and watchpoints together. Emulated KVM never reports data
+//! 64-bit (`set architecture i386` for `x/i` there). On a live guest
+//! ([`ServeOptions::int3_in_memory`], what `nyx run --gdb` uses) software
+//! breakpoints are int3 bytes in memory, as many as wanted: on hardware KVM
+//! they exit as #BP, on emulated KVM as the emulation failure that Nyx's
+//! software-interrupt delivery turns into a debug stop; an int3 that is not
+//! gdb's is delivered to the guest. An address not mapped yet gets a debug
+//! register. In a replay, whose memory must stay as recorded, breakpoints
+//! use the debug registers: at most four breakpoints and watchpoints
+//! together. Emulated KVM never reports data
 //! breakpoints, so watchpoints are checked by single-stepping
 //! ([`ServeOptions::step_watchpoints`]): a write watchpoint stops when the
 //! watched bytes change, a read or access watchpoint after an instruction

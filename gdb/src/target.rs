@@ -512,6 +512,11 @@ impl<'m> NyxTarget<'m> {
 
     /// Queues #BP for the guest: its own int3 behaves as without gdb.
     fn reinject_int3(&mut self) -> Result<(), Error> {
+        // Emulated KVM: the guest's own int3 stopped as an emulation
+        // failure, which Nyx delivers itself.
+        if self.machine.deliver_stopped_int3()? {
+            return Ok(());
+        }
         let v = self.machine.vcpu();
         let kvm = |what| move |source| Error::Kvm { what, source };
         let mut ev = v.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?;

@@ -396,7 +396,13 @@ struct GdbArgs {
 /// then. Without `wait` the guest runs until gdb attaches.
 fn gdb_session(args: &GdbArgs, wait: bool, machine: &mut nyx_vmm::Machine) -> Option<ExitCode> {
     let spec = args.gdb.as_ref()?;
-    let opts = nyx_gdb::ServeOptions::default();
+    // A live guest's memory is the debugger's to change: software
+    // breakpoints are int3 bytes, as many as wanted (a replay's memory must
+    // stay as recorded, so it uses the four debug registers).
+    let opts = nyx_gdb::ServeOptions {
+        int3_in_memory: true,
+        ..Default::default()
+    };
     let end = nyx_gdb::listen(spec, args.gdb_allow_remote).and_then(|server| {
         let addr = server.local_addr()?;
         if wait {

@@ -224,6 +224,76 @@ fn gdb_goes_forward_and_backward_on_a_kernel_replay() {
     assert!(!log.contains("re-executing the replay failed"), "{log}");
 }
 
+#[test]
+fn gdb_on_a_live_kernel_has_more_breakpoints_than_debug_registers() {
+    if !kvm_available() {
+        return;
+    }
+    let Some((vmlinux, initrd)) = nyx_tests::test_kernel() else {
+        return;
+    };
+    // Live memory is the debugger's: `break` writes int3 bytes (software
+    // breakpoints), as many as wanted, and the kernel's own int3 (its
+    // self-test, between arch_cpu_finalize_init and pid_idr_init) still
+    // reaches the kernel.
+    let mut child = nyx()
+        .arg("run")
+        .arg("--kernel")
+        .arg(&vmlinux)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--cmdline", CMDLINE, "--mem", "128", "--until-output", UNTIL])
+        .args(["--gdb", "127.0.0.1:0", "--gdb-wait"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let port: u16 = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect(&line);
+    let funcs = [
+        "setup_arch",
+        "trap_init",
+        "sched_init",
+        "time_init",
+        "arch_cpu_finalize_init",
+        "pid_idr_init",
+    ];
+    let mut c = Command::new("timeout");
+    c.args(["600", "gdb", "-nx", "-batch", "-ex", "set remotetimeout 300"]);
+    c.args(["-ex", &format!("target remote 127.0.0.1:{port}")]);
+    c.args(["-ex", "break start_kernel", "-ex", "continue"]);
+    for f in funcs {
+        c.args(["-ex", &format!("break {f}")]);
+    }
+    for _ in funcs {
+        c.args(["-ex", "continue"]);
+    }
+    c.args(["-ex", "delete", "-ex", "continue"]);
+    let out = c.arg(&vmlinux).output().expect("run gdb (install the gdb package)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let mut from = 0;
+    for (n, f) in funcs.iter().enumerate() {
+        let hit = format!("Breakpoint {}, ", n + 2);
+        let at = text[from..]
+            .find(&hit)
+            .unwrap_or_else(|| panic!("{f} not hit in order:\n{text}"));
+        assert!(text[from + at..].lines().next().unwrap_or("").contains(f), "{text}");
+        from += at + hit.len();
+    }
+    let status = child.wait().unwrap();
+    let mut guest = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut guest).unwrap();
+    assert_eq!(status.code(), Some(0), "{text}\n{guest}");
+    assert!(guest.ends_with(UNTIL) && !guest.contains("invalid opcode"), "{guest}");
+}
+
 /// The address of `name` in `elf` (its symbol table, read with `nm`).
 fn nm_symbol(elf: &Path, name: &str) -> u64 {
     let out = Command::new("nm").arg(elf).output().expect("run nm (install binutils)");

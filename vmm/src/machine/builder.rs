@@ -442,6 +442,7 @@ impl MachineBuilder {
             spurious_kick: false,
             idle_stopped: false,
             mid_step: false,
+            stopped_int3: false,
             debug: GuestDebug::default(),
             hooks,
             limits: Default::default(),

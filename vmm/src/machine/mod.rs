@@ -342,6 +342,9 @@ pub struct Machine {
     /// single step): resuming goes on in the same step, as the guest did
     /// without the debugger (no new clock sample, no device poll).
     mid_step: bool,
+    /// The last stop was an `int3` under a debugger's software breakpoints,
+    /// not yet delivered ([`Machine::deliver_stopped_int3`]).
+    stopped_int3: bool,
     debug: GuestDebug,
     hooks: Box<dyn RunHooks>,
     /// Limits that end the run early, and whether the output one was seen.

@@ -244,9 +244,11 @@ impl Machine {
             };
             // A software interrupt KVM could not execute is delivered here,
             // and is then an exit like any other.
+            self.stopped_int3 = false;
             let next = match next {
                 Ok((None, Next::InternalError)) => match self.deliver_soft_interrupt()? {
-                    Some(rec) => Ok((Some(rec), Next::Continue)),
+                    Some(super::soft_int::SoftIntEnd::Delivered(rec)) => Ok((Some(rec), Next::Continue)),
+                    Some(super::soft_int::SoftIntEnd::Breakpoint(d)) => Ok((None, Next::Debug(d))),
                     None => Ok((None, Next::InternalError)),
                 },
                 other => other,

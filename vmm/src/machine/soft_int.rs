@@ -32,6 +32,14 @@
 
 use super::*;
 
+/// What became of a software interrupt KVM could not execute.
+pub(super) enum SoftIntEnd {
+    /// Delivered: an exit with this record.
+    Delivered(ExitRecord),
+    /// An `int3` while a debugger's software breakpoints are armed.
+    Breakpoint(DebugStop),
+}
+
 /// A software-interrupt instruction found at RIP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SoftInt {
@@ -59,7 +67,7 @@ impl Machine {
     /// After an emulation failure: if the guest stopped at a software
     /// interrupt, delivers it and returns the exit's record; None when the
     /// failure is something else (a crash).
-    pub(super) fn deliver_soft_interrupt(&mut self) -> Result<Option<ExitRecord>, Error> {
+    pub(super) fn deliver_soft_interrupt(&mut self) -> Result<Option<SoftIntEnd>, Error> {
         let run = self.core.vcpu.get_kvm_run();
         // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the
         // `internal` member of the union is the valid one.
@@ -67,7 +75,7 @@ impl Machine {
         if suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
             return Ok(None);
         }
-        let mut regs = self.core.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let regs = self.core.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
         let sregs = self.core.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         let mode = crate::crash::CodeMode::of(&sregs);
         if mode == crate::crash::CodeMode::Bits16 {
@@ -90,6 +98,45 @@ impl Machine {
         let Some(si) = decode(&code, regs.rflags, mode == crate::crash::CodeMode::Bits64) else {
             return Ok(None);
         };
+        if si.vector == 3 && self.debug.sw_breakpoints {
+            // A debugger's software breakpoints are int3 bytes in memory: a
+            // #BP debug exit on hardware KVM, this failure here. The debugger
+            // decides whether it is one of its own; if not it has Nyx
+            // deliver it ([`Machine::deliver_stopped_int3`]).
+            self.stopped_int3 = true;
+            return Ok(Some(SoftIntEnd::Breakpoint(DebugStop {
+                exception: 3,
+                pc,
+                dr6: 0,
+            })));
+        }
+        self.deliver_at(regs, sregs, si, mode)
+            .map(|r| r.map(SoftIntEnd::Delivered))
+    }
+
+    /// After a [`Stop::Debug`] at an `int3` that the debugger does not own
+    /// (its software breakpoints are on): delivers that `int3` to the guest
+    /// as the CPU would have. Returns false when the last stop was not such
+    /// an `int3` (on hardware KVM it is a #BP exit, which KVM reinjects).
+    pub fn deliver_stopped_int3(&mut self) -> Result<bool, Error> {
+        if !std::mem::take(&mut self.stopped_int3) {
+            return Ok(false);
+        }
+        let regs = self.core.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let sregs = self.core.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let mode = crate::crash::CodeMode::of(&sregs);
+        Ok(self
+            .deliver_at(regs, sregs, SoftInt { vector: 3, len: 1 }, mode)?
+            .is_some())
+    }
+
+    fn deliver_at(
+        &mut self,
+        mut regs: kvm_bindings::kvm_regs,
+        sregs: kvm_bindings::kvm_sregs,
+        si: SoftInt,
+        mode: crate::crash::CodeMode,
+    ) -> Result<Option<ExitRecord>, Error> {
         let at = regs.rip;
         let mut sregs = sregs;
         let long = mode == crate::crash::CodeMode::Bits64;
