@@ -352,7 +352,32 @@ impl<'m> NyxTarget<'m> {
 
     /// Runs backwards (a replay): to the previous instruction, or to the
     /// latest breakpoint or write-watchpoint hit before here.
+    /// A reverse command; when re-executing fails (a replay that cannot
+    /// follow its trace backwards), the machine goes back to where the
+    /// command started and gdb gets a plain stop there, with the reason on
+    /// nyx's stderr: the session stays usable.
     fn run_reverse(&mut self) -> Result<RunStop, Error> {
+        let start = match self.timeline.as_deref_mut() {
+            Some(t) => t.resolve(self.machine).ok(),
+            None => None,
+        };
+        match self.run_reverse_inner() {
+            Err(Error::Protocol(e)) => {
+                tracing::error!(target: "gdb", "{e}");
+                eprintln!("nyx: {e}");
+                if let (Some(t), Some(p)) = (self.timeline.as_deref_mut(), start) {
+                    match t.goto(self.machine, p) {
+                        Ok(()) => eprintln!("nyx: back at {p}, where the command started"),
+                        Err(e) => eprintln!("nyx: and cannot go back to {p}: {e}"),
+                    }
+                }
+                Ok(RunStop::Reason(SingleThreadStopReason::Signal(Signal::SIGTRAP)))
+            }
+            other => other,
+        }
+    }
+
+    fn run_reverse_inner(&mut self) -> Result<RunStop, Error> {
         let Some(t) = self.timeline.as_deref_mut() else {
             return Ok(RunStop::Reason(SingleThreadStopReason::Signal(Signal::SIGTRAP)));
         };
