@@ -101,7 +101,7 @@ pub struct Replay {
 pub struct ReplayOptions {
     /// Where guest serial output goes (default stdout).
     pub serial_out: Option<Box<dyn std::io::Write + Send>>,
-    /// The KVM device.
+    /// The KVM device (default `$NYX_KVM_DEVICE` or /dev/kvm).
     pub kvm_path: String,
 }
 
@@ -109,7 +109,7 @@ impl Default for ReplayOptions {
     fn default() -> Self {
         ReplayOptions {
             serial_out: None,
-            kvm_path: "/dev/kvm".into(),
+            kvm_path: nyx_vmm::kvm_device(),
         }
     }
 }

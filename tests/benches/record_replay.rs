@@ -154,7 +154,7 @@ fn round_trip(dir: &Path, name: &str, rep: usize) -> Res<Trip> {
             mem_mib: 64,
             serial_in: input_of(name).map_or(SerialIn::None, SerialIn::Bytes),
             serial_out: Some(Box::new(out.clone())),
-            kvm_path: "/dev/kvm".into(),
+            kvm_path: nyx_tests::kvm_device(),
             verify: VerifyLevel::Exits,
             landings: nyx_recorder::LandingPolicy::Auto,
             cpu: Default::default(),

@@ -9,23 +9,13 @@ use std::sync::{Arc, Mutex};
 
 use nyx_vmm::{MachineBuilder, RunOutcome, SerialIn};
 
-/// Whether KVM tests can run here. With `NYX_REQUIRE_KVM=1` an unusable
-/// /dev/kvm is a test failure (panic), otherwise the test is skipped with a
-/// message on stderr.
-pub fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        if std::env::var("NYX_REQUIRE_KVM").as_deref() == Ok("1") {
-            panic!("NYX_REQUIRE_KVM=1 but /dev/kvm cannot be opened read-write");
-        }
-        eprintln!("skipped: /dev/kvm is not usable (set NYX_REQUIRE_KVM=1 to make this a failure)");
-    }
-    ok
-}
+/// Whether KVM tests can run here: the one probe of every crate
+/// ([`nyx_vmm::probe::kvm_available`]). It opens `$NYX_KVM_DEVICE` (default
+/// /dev/kvm); where that fails the test is skipped with a message on stderr,
+/// or, with `NYX_REQUIRE_KVM=1`, fails.
+pub use nyx_vmm::probe::kvm_available;
+/// The KVM device tests open: `$NYX_KVM_DEVICE`, or /dev/kvm.
+pub use nyx_vmm::probe::kvm_device;
 
 /// The test kernel fixture (`tools/scripts/build-test-kernel.sh` prints
 /// both paths): `(vmlinux, initramfs)` from `NYX_TEST_VMLINUX` and

@@ -34,7 +34,7 @@ fn record_guest(dir: &Path, name: &str, file: &str, input: Option<&[u8]>, verify
             mem_mib: 64,
             serial_in: input.map_or(SerialIn::None, |i| SerialIn::Bytes(i.to_vec())),
             serial_out: Some(Box::new(out.clone())),
-            kvm_path: "/dev/kvm".into(),
+            kvm_path: nyx_tests::kvm_device(),
             verify,
             landings: nyx_recorder::LandingPolicy::Auto,
             cpu: Default::default(),

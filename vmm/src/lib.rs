@@ -27,9 +27,11 @@ pub mod net;
 pub mod paging;
 pub mod patch;
 pub mod platform;
+pub mod probe;
 pub mod reset;
 pub mod snapshot;
 pub mod vcpu_state;
 pub use machine::{Machine, MachineBuilder, RunOutcome, SerialIn};
+pub use probe::{kvm_available, kvm_device};
 
 pub use vm_memory;

@@ -1054,16 +1054,15 @@ mod tests {
     /// End to end on a real vCPU: a patched `rdtsc` and `rdrand ecx` trap as
     /// one-byte writes to [`TRAP_PORT`]; after completing the exit (an
     /// `immediate_exit` entry) RIP is just past the trap, and [`emulate`]
-    /// makes the guest see the values Nyx chose. Skipped without `/dev/kvm`.
+    /// makes the guest see the values Nyx chose. Needs KVM (the shared probe).
     #[test]
     fn patched_guest_traps_and_sees_emulated_values() {
         use crate::loader::elf::tests::build;
         use crate::loader::elf::EM_386;
-        use kvm_ioctls::{Kvm, VcpuExit};
+        use kvm_ioctls::VcpuExit;
         use vm_memory::{GuestMemory as _, GuestMemoryRegion as _};
 
-        let Ok(kvm) = Kvm::new() else {
-            eprintln!("skipped: /dev/kvm is not available");
+        let Some(kvm) = crate::vcpu_state::tests::test_kvm() else {
             return;
         };
         let code: &[u8] = &[

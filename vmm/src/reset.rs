@@ -505,23 +505,6 @@ mod tests {
         assert!(a.windows(2).all(|w| w[0] != w[1]));
     }
 
-    fn kvm_available() -> bool {
-        let ok = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok();
-        if !ok {
-            assert_ne!(
-                std::env::var("NYX_REQUIRE_KVM").as_deref(),
-                Ok("1"),
-                "/dev/kvm is not usable"
-            );
-            eprintln!("skipped: /dev/kvm is not usable");
-        }
-        ok
-    }
-
     /// Guest code (the same bytes in 32- and 64-bit mode): writes 0x5a into
     /// the first byte of `n` pages from `base` up, then 0 to the debug-exit port.
     fn page_writer(base: u32, n: u32) -> Vec<u8> {
@@ -540,7 +523,7 @@ mod tests {
     fn reset_rewrites_exactly_the_pages_the_guest_wrote() {
         use crate::machine::{MachineBuilder, RunOutcome};
         use vm_memory::Bytes;
-        if !kvm_available() {
+        if !crate::probe::kvm_available() {
             return;
         }
         let mut m = MachineBuilder::new()

@@ -708,7 +708,8 @@ pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn sample() -> VcpuState {
+    /// A vCPU state with a value in most parts (no KVM needed).
+    pub(crate) fn sample() -> VcpuState {
         let mut s = VcpuState {
             xsave: (0..4100u32).map(|i| (i % 251) as u8).collect(),
             msrs: vec![(0x10, 5), (0x277, 0x0007_0406_0007_0406)],
@@ -871,20 +872,23 @@ pub(crate) mod tests {
         pub mem: crate::memory::GuestMemory,
     }
 
-    /// Opens KVM, or says why not: `None` skips the test, unless
-    /// NYX_REQUIRE_KVM=1, which makes it fail.
+    /// The KVM device of the shared probe ([`crate::probe::kvm_available`]),
+    /// opened: `None` skips the test, unless NYX_REQUIRE_KVM=1, which makes
+    /// it fail.
+    pub(crate) fn test_kvm() -> Option<Kvm> {
+        if !crate::probe::kvm_available() {
+            return None;
+        }
+        let device = std::ffi::CString::new(crate::probe::kvm_device()).unwrap();
+        Some(Kvm::new_with_path(device.as_c_str()).unwrap())
+    }
+
+    /// Opens KVM, or says why not: `None` skips the test (the shared probe,
+    /// [`crate::probe::kvm_available`]), unless NYX_REQUIRE_KVM=1, which
+    /// makes it fail.
     pub(crate) fn test_vm(mib: u64) -> Option<TestVm> {
         use vm_memory::{GuestMemory as _, GuestMemoryRegion as _};
-        let kvm = match Kvm::new() {
-            Ok(k) => k,
-            Err(e) if std::env::var("NYX_REQUIRE_KVM").as_deref() == Ok("1") => {
-                panic!("NYX_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}")
-            }
-            Err(e) => {
-                eprintln!("skipped: /dev/kvm cannot be opened: {e}");
-                return None;
-            }
-        };
+        let kvm = test_kvm()?;
         let vm = kvm.create_vm().unwrap();
         let mem = crate::memory::create(mib).unwrap();
         for (slot, r) in mem.iter().enumerate() {

@@ -1,10 +1,11 @@
 //! End-to-end checks of the loaders on a real KVM vCPU: load a tiny kernel,
 //! apply [`configure_vcpu`](super::configure_vcpu), run, and watch the port
 //! writes that the kernel's first instructions make from the registers and
-//! boot information it was handed. Skipped (with a message) where `/dev/kvm`
-//! cannot be opened.
+//! boot information it was handed. Skipped (with a message) where the KVM
+//! device cannot be opened, failed then under `NYX_REQUIRE_KVM=1` (the
+//! shared probe, [`crate::probe::kvm_available`]).
 
-use kvm_ioctls::{Kvm, VcpuExit};
+use kvm_ioctls::VcpuExit;
 use vm_memory::{GuestMemory as _, GuestMemoryRegion as _};
 
 use super::elf::tests::build;
@@ -14,10 +15,7 @@ use crate::memory;
 
 /// Runs `image` until it halts, returning every `(port, bytes)` it wrote.
 fn run(image: &[u8], cmdline: &str) -> Option<Vec<(u16, Vec<u8>)>> {
-    let Ok(kvm) = Kvm::new() else {
-        eprintln!("skipped: /dev/kvm is not available");
-        return None;
-    };
+    let kvm = crate::vcpu_state::tests::test_kvm()?;
     let mem = memory::create(64).unwrap();
     let setup = load(&mem, image, None, cmdline).unwrap();
     let vm = kvm.create_vm().unwrap();

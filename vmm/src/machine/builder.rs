@@ -35,7 +35,7 @@ impl Default for MachineBuilder {
             cmdline: String::new(),
             serial_in: SerialIn::None,
             serial_out: None,
-            kvm_path: "/dev/kvm".into(),
+            kvm_path: crate::probe::kvm_device(),
             cpuid_policy: CpuidPolicy::Run,
             cpuid_table: None,
             cpu_model: CpuModel::default(),
@@ -102,7 +102,8 @@ impl MachineBuilder {
         self
     }
 
-    /// The KVM device (default /dev/kvm).
+    /// The KVM device (default [`crate::probe::kvm_device`]: `$NYX_KVM_DEVICE`
+    /// or /dev/kvm).
     pub fn kvm_path(mut self, path: &str) -> Self {
         self.kvm_path = path.to_string();
         self
