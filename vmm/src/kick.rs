@@ -7,16 +7,40 @@
 //! `KVM_RUN` is entered is not lost, and `KVM_RUN` returns `EINTR`. Other
 //! threads (gdb's Ctrl-C, the control socket) kick through a [`Kicker`].
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use kvm_bindings::kvm_run;
 
 thread_local! {
     /// The `kvm_run` of the vCPU driven by this thread, for the signal handler.
     static RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+    /// The kick targets naming this thread: cleared when the thread exits.
+    static TARGETS: RefCell<ThreadTargets> = const { RefCell::new(ThreadTargets(Vec::new())) };
+}
+
+/// Where a [`Kicker`] sends its signal: the vCPU thread while its
+/// [`VcpuTimer`] lives and the thread runs, `None` after. Kicks send the
+/// signal with the lock held, and the thread's exit takes the lock to clear
+/// it, so a signal never goes to a thread id that no longer exists.
+type Target = Arc<Mutex<Option<libc::pthread_t>>>;
+
+fn clear(target: &Mutex<Option<libc::pthread_t>>) {
+    *target.lock().unwrap_or_else(|e| e.into_inner()) = None;
+}
+
+/// The targets of the timers created on one thread.
+struct ThreadTargets(Vec<Weak<Mutex<Option<libc::pthread_t>>>>);
+
+impl Drop for ThreadTargets {
+    fn drop(&mut self) {
+        for t in self.0.drain(..).filter_map(|w| w.upgrade()) {
+            clear(&t);
+        }
+    }
 }
 
 /// The signal used for kicks.
@@ -51,29 +75,39 @@ fn install_handler() -> io::Result<()> {
     Ok(())
 }
 
-/// A handle other threads use to interrupt the vCPU thread.
+/// A handle other threads use to interrupt the vCPU thread. It may outlive
+/// the timer and the thread: a kick then only marks the request.
 #[derive(Clone, Debug)]
 pub struct Kicker {
-    thread: libc::pthread_t,
+    target: Target,
     requested: Arc<AtomicBool>,
 }
 
 impl Kicker {
     /// Interrupts the vCPU; [`VcpuTimer::take_request`] then reports it.
-    pub fn kick(&self) {
+    /// Returns whether a signal was sent (false once the vCPU's timer is
+    /// dropped or its thread has ended).
+    pub fn kick(&self) -> bool {
         self.requested.store(true, Ordering::SeqCst);
-        // SAFETY: the thread id was taken from a live thread that owns the
-        // timer; pthread_kill on an exited thread is the caller's error only
-        // in theory: the VcpuTimer outlives every run.
-        unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+        let target = self.target.lock().unwrap_or_else(|e| e.into_inner());
+        match *target {
+            // SAFETY: the id is of a live thread: it is cleared, under this
+            // lock, when the timer is dropped and when the thread exits.
+            Some(thread) => unsafe { libc::pthread_kill(thread, kick_signal()) == 0 },
+            None => false,
+        }
     }
 }
 
-/// The per-vCPU-thread deadline timer.
+/// The per-vCPU-thread deadline timer. It stays on the thread that created
+/// it (it is not `Send`): its signal handler and `kvm_run` pointer belong
+/// to that thread.
 pub struct VcpuTimer {
     timer: libc::timer_t,
     armed: Option<u64>,
     requested: Arc<AtomicBool>,
+    target: Target,
+    _not_send: PhantomData<*mut kvm_run>,
 }
 
 impl std::fmt::Debug for VcpuTimer {
@@ -85,7 +119,13 @@ impl std::fmt::Debug for VcpuTimer {
 impl VcpuTimer {
     /// Creates the timer for the calling thread, which drives the vCPU whose
     /// `kvm_run` is `run`.
-    pub fn new(run: *mut kvm_run) -> io::Result<Self> {
+    ///
+    /// # Safety
+    ///
+    /// `run` must point to a `kvm_run` that stays valid for writes (mapped)
+    /// until the returned timer is dropped: the signal handler of this
+    /// thread writes `immediate_exit` through it at any moment until then.
+    pub unsafe fn new(run: *mut kvm_run) -> io::Result<Self> {
         install_handler()?;
         RUN.with(|r| r.set(run));
         // SAFETY: sigevent is plain data; timer_create writes the id.
@@ -100,18 +140,26 @@ impl VcpuTimer {
             }
             timer
         };
+        // SAFETY: pthread_self has no preconditions.
+        let target: Target = Arc::new(Mutex::new(Some(unsafe { libc::pthread_self() })));
+        TARGETS.with(|t| {
+            let mut t = t.borrow_mut();
+            t.0.retain(|w| w.strong_count() > 0);
+            t.0.push(Arc::downgrade(&target));
+        });
         Ok(VcpuTimer {
             timer,
             armed: None,
             requested: Arc::new(AtomicBool::new(false)),
+            target,
+            _not_send: PhantomData,
         })
     }
 
     /// A handle for other threads.
     pub fn kicker(&self) -> Kicker {
-        // SAFETY: pthread_self has no preconditions.
         Kicker {
-            thread: unsafe { libc::pthread_self() },
+            target: self.target.clone(),
             requested: self.requested.clone(),
         }
     }
@@ -154,6 +202,7 @@ impl VcpuTimer {
 
 impl Drop for VcpuTimer {
     fn drop(&mut self) {
+        clear(&self.target);
         RUN.with(|r| r.set(std::ptr::null_mut()));
         // SAFETY: the timer was created by us.
         unsafe { libc::timer_delete(self.timer) };
@@ -176,7 +225,8 @@ mod tests {
     fn timer_sets_immediate_exit_of_this_thread() {
         std::thread::spawn(|| {
             let mut run: kvm_run = Default::default();
-            let mut t = VcpuTimer::new(&mut run).unwrap();
+            // SAFETY: `run` outlives `t`, dropped below.
+            let mut t = unsafe { VcpuTimer::new(&mut run) }.unwrap();
             t.arm(Some(monotonic_ns() + 2_000_000)).unwrap();
             let start = monotonic_ns();
             // SAFETY: reading a field of a live local.
@@ -195,9 +245,10 @@ mod tests {
     fn kicker_marks_a_request() {
         std::thread::spawn(|| {
             let mut run: kvm_run = Default::default();
-            let t = VcpuTimer::new(&mut run).unwrap();
+            // SAFETY: `run` outlives `t`.
+            let t = unsafe { VcpuTimer::new(&mut run) }.unwrap();
             let k = t.kicker();
-            k.kick();
+            assert!(k.kick());
             assert!(t.take_request());
             assert!(!t.take_request());
             // SAFETY: reading a field of a live local.
@@ -205,5 +256,38 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// A kicker kept after its timer was dropped, and after its thread
+    /// ended, sends no signal (a stale thread id could name another thread
+    /// or none) but still marks the request.
+    #[test]
+    fn a_kicker_outliving_its_timer_or_thread_sends_nothing() {
+        let (after_drop, requested) = std::thread::spawn(|| {
+            let mut run: kvm_run = Default::default();
+            // SAFETY: `run` outlives `t`.
+            let t = unsafe { VcpuTimer::new(&mut run) }.unwrap();
+            let k = t.kicker();
+            let requested = t.requested.clone();
+            drop(t);
+            (k, requested)
+        })
+        .join()
+        .unwrap();
+        assert!(!after_drop.kick());
+        assert!(requested.load(Ordering::SeqCst));
+
+        // The timer leaked: only the thread's end clears the target.
+        let leaked = std::thread::spawn(|| {
+            let run = Box::leak(Box::default());
+            // SAFETY: `run` is leaked, valid for ever.
+            let t = unsafe { VcpuTimer::new(run) }.unwrap();
+            let k = t.kicker();
+            std::mem::forget(t);
+            k
+        })
+        .join()
+        .unwrap();
+        assert!(!leaked.kick());
     }
 }

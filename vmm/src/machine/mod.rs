@@ -611,7 +611,10 @@ impl Machine {
     pub fn prepare_thread(&mut self) -> Result<(), Error> {
         if self.timer.is_none() {
             let run: *mut kvm_bindings::kvm_run = self.core.vcpu.get_kvm_run();
-            self.timer = Some(VcpuTimer::new(run)?);
+            // SAFETY: `run` is the vCPU's kvm_run mapping, owned by
+            // `self.core.vcpu`; `timer` is declared before `core`, so it is
+            // dropped first, while the mapping still exists.
+            self.timer = Some(unsafe { VcpuTimer::new(run) }?);
         }
         Ok(())
     }
