@@ -134,25 +134,9 @@ pub fn to_kvm(r: &X86Regs, regs: &mut kvm_regs, sregs: &mut kvm_sregs, fpu: &mut
         *d = s.to_le_bytes();
     }
     fpu.mxcsr = r.mxcsr;
-    (
-        !same_bytes(&old.0, regs),
-        !same_bytes(&old.1, sregs),
-        !same_bytes(&old.2, fpu),
-    )
-}
-
-/// Compares two plain-data KVM structures byte for byte.
-fn same_bytes<T: Copy>(a: &T, b: &T) -> bool {
-    let n = std::mem::size_of::<T>();
-    // SAFETY: T is a plain C structure of KVM's ABI (Copy, no pointers);
-    // reading its bytes is reading initialized memory of size n.
-    let (sa, sb) = unsafe {
-        (
-            std::slice::from_raw_parts(a as *const T as *const u8, n),
-            std::slice::from_raw_parts(b as *const T as *const u8, n),
-        )
-    };
-    sa == sb
+    // Field by field (kvm-bindings derives PartialEq): no padding byte is
+    // ever read.
+    (old.0 != *regs, old.1 != *sregs, old.2 != *fpu)
 }
 
 fn read_k_gs_base(m: &Machine) -> Result<u64, Error> {
@@ -248,6 +232,29 @@ mod tests {
         let (_, s, _) = to_kvm(&r, &mut regs, &mut sregs, &mut fpu);
         assert!(s);
         assert_eq!(sregs.ds.base, 0x12340);
+    }
+
+    #[test]
+    fn a_change_in_any_part_is_reported_for_that_part_only() {
+        let regs = kvm_regs {
+            rflags: 2,
+            ..Default::default()
+        };
+        let (sregs, fpu) = (kvm_sregs::default(), kvm_fpu::default());
+        let r = from_kvm(&regs, &sregs, &fpu, 0);
+        let apply = |r: &X86Regs| {
+            let (mut a, mut b, mut c) = (regs, sregs, fpu);
+            to_kvm(r, &mut a, &mut b, &mut c)
+        };
+        let mut x = r.clone();
+        x.rip = 0x1000;
+        assert_eq!(apply(&x), (true, false, false));
+        let mut x = r.clone();
+        x.cr8 = 1;
+        assert_eq!(apply(&x), (false, true, false));
+        let mut x = r.clone();
+        x.xmm[15] = 1 << 127;
+        assert_eq!(apply(&x), (false, false, true));
     }
 
     proptest! {

@@ -143,37 +143,47 @@ pub fn step_toward_landing(ctx: &mut HookCtx<'_>, state: &Shared) -> Result<Opti
 fn handler_of(ctx: &HookCtx<'_>, vector: u8) -> Result<Option<u64>, HookError> {
     let sregs = ctx.vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     let paging = nyx_vmm::paging::PagingRegs::of(&sregs);
-    let read = |addr: u64, buf: &mut [u8]| nyx_vmm::paging::read_virt(ctx.mem, &paging, addr, buf).is_ok();
+    Ok(gate_handler(&sregs, vector, |addr, buf| {
+        nyx_vmm::paging::read_virt(ctx.mem, &paging, addr, buf).is_ok()
+    }))
+}
+
+/// The handler address in the IDT gate of `vector`, reading the gate with
+/// `read` (false: it cannot be read). The IDT base is the guest's: the gate
+/// address wraps as the CPU's linear addresses do, never overflows.
+fn gate_handler(
+    sregs: &kvm_bindings::kvm_sregs,
+    vector: u8,
+    mut read: impl FnMut(u64, &mut [u8]) -> bool,
+) -> Option<u64> {
     let v = u64::from(vector);
     let base = sregs.idt.base;
     if sregs.efer & (1 << 10) != 0 {
         let mut g = [0u8; 16];
-        if !read(base + v * 16, &mut g) {
-            return Ok(None);
+        if !read(base.wrapping_add(v * 16), &mut g) {
+            return None;
         }
         let lo = u64::from(u16::from_le_bytes([g[0], g[1]]));
         let mid = u64::from(u16::from_le_bytes([g[6], g[7]]));
         let hi = u64::from(u32::from_le_bytes([g[8], g[9], g[10], g[11]]));
-        Ok(Some(lo | mid << 16 | hi << 32))
+        Some(lo | mid << 16 | hi << 32)
     } else if sregs.cr0 & 1 != 0 {
         let mut g = [0u8; 8];
-        if !read(base + v * 8, &mut g) {
-            return Ok(None);
+        if !read(base.wrapping_add(v * 8) & 0xffff_ffff, &mut g) {
+            return None;
         }
-        let off = u64::from(u16::from_le_bytes([g[0], g[1]])) | u64::from(u16::from_le_bytes([g[6], g[7]])) << 16;
-        let sel = u16::from_le_bytes([g[2], g[3]]);
         // Flat code segments are what Nyx's guests use; another base would
         // need the GDT (the stop then comes one instruction later).
-        let _ = sel;
-        Ok(Some(off & 0xffff_ffff))
+        let off = u64::from(u16::from_le_bytes([g[0], g[1]])) | u64::from(u16::from_le_bytes([g[6], g[7]])) << 16;
+        Some(off)
     } else {
         let mut g = [0u8; 4];
-        if !read(base + v * 4, &mut g) {
-            return Ok(None);
+        if !read(base.wrapping_add(v * 4), &mut g) {
+            return None;
         }
         let off = u64::from(u16::from_le_bytes([g[0], g[1]]));
         let seg = u64::from(u16::from_le_bytes([g[2], g[3]]));
-        Ok(Some(seg * 16 + off))
+        Some(seg * 16 + off)
     }
 }
 
@@ -356,4 +366,39 @@ pub fn restore_keyframe(
         landing.regs.rip
     );
     Err(crate::report::diverge(ctx, &s.cursor, msg, Some(&landing.regs)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// IDT bases at the top of the address space (the guest chooses them)
+    /// wrap instead of overflowing, in every mode.
+    #[test]
+    fn gate_addresses_wrap_at_extreme_idt_bases() {
+        let mut seen = Vec::new();
+        let mut read = |addr: u64, buf: &mut [u8]| {
+            seen.push(addr);
+            buf.fill(0x11);
+            true
+        };
+        let mut long = kvm_bindings::kvm_sregs {
+            efer: 1 << 10,
+            cr0: 1,
+            ..Default::default()
+        };
+        long.idt.base = u64::MAX;
+        assert_eq!(gate_handler(&long, 255, &mut read), Some(0x1111_1111_1111_1111));
+        let mut prot = kvm_bindings::kvm_sregs {
+            cr0: 1,
+            ..Default::default()
+        };
+        prot.idt.base = u64::MAX;
+        assert_eq!(gate_handler(&prot, 255, &mut read), Some(0x1111_1111));
+        let mut real = kvm_bindings::kvm_sregs::default();
+        real.idt.base = u64::MAX;
+        assert_eq!(gate_handler(&real, 255, &mut read), Some(0x1111 * 16 + 0x1111));
+        assert_eq!(seen, [255 * 16 - 1, (255 * 8 - 1) & 0xffff_ffff, 255 * 4 - 1]);
+        assert_eq!(gate_handler(&real, 0, |_, _| false), None);
+    }
 }

@@ -985,23 +985,30 @@ fn at_hlt(m: &Machine) -> bool {
 /// Clears the trap flag in the RFLAGS image an interrupt delivered during a
 /// single step pushed (KVM steps with TF set): the frame then holds what a
 /// free run pushes, and the handler's `iret` does not turn stepping on.
-fn clear_pushed_tf(m: &Machine) -> Result<()> {
+fn clear_pushed_tf(m: &mut Machine) -> Result<()> {
     let kvm = |what| move |source| nyx_vmm::machine::Error::Kvm { what, source };
     let regs = m.vcpu().get_regs().map_err(kvm("KVM_GET_REGS"))?;
     let s = m.vcpu().get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
-    let (addr, len) = if s.efer & (1 << 10) != 0 && s.cs.l != 0 {
-        (regs.rsp + 16, 8)
-    } else if s.cr0 & 1 != 0 {
-        (s.ss.base.wrapping_add(regs.rsp + 8) & 0xffff_ffff, 4)
-    } else {
-        (s.ss.base.wrapping_add((regs.rsp + 4) & 0xffff), 2)
-    };
+    let (addr, len) = pushed_flags_at(&s, regs.rsp);
     let mut buf = [0u8; 8];
     if m.read_virt(addr, &mut buf[..len]).is_ok() && buf[1] & 1 != 0 {
         buf[1] &= !1;
         m.write_virt(addr, &buf[..len])?;
     }
     Ok(())
+}
+
+/// Where the RFLAGS image of an interrupt frame just pushed at `rsp` is,
+/// and its size: above RIP and CS, in the stack's address size. RSP comes
+/// from the guest: the arithmetic wraps as the CPU's does.
+fn pushed_flags_at(s: &kvm_bindings::kvm_sregs, rsp: u64) -> (u64, usize) {
+    if s.efer & (1 << 10) != 0 && s.cs.l != 0 {
+        (rsp.wrapping_add(16), 8)
+    } else if s.cr0 & 1 != 0 {
+        (s.ss.base.wrapping_add(rsp.wrapping_add(8)) & 0xffff_ffff, 4)
+    } else {
+        (s.ss.base.wrapping_add(rsp.wrapping_add(4) & 0xffff), 2)
+    }
 }
 
 /// The guest-physical pages of the watched ranges, or None where one does
@@ -1079,6 +1086,31 @@ mod tests {
         st.lock().unwrap().emitted = 2; // back to after "he"
         o.write_all(b"llo world").unwrap();
         assert_eq!(&*sink.0.lock().unwrap(), b"hello world");
+    }
+
+    /// Guest-chosen RSP at the ends of the address space: the frame's
+    /// RFLAGS address wraps as the CPU's would (no overflow panic).
+    #[test]
+    fn pushed_flags_address_wraps_at_extreme_rsp() {
+        let mut long = kvm_bindings::kvm_sregs {
+            efer: 1 << 10,
+            ..Default::default()
+        };
+        long.cs.l = 1;
+        assert_eq!(pushed_flags_at(&long, u64::MAX), (15, 8));
+        assert_eq!(pushed_flags_at(&long, u64::MAX - 15), (0, 8));
+        let mut prot = kvm_bindings::kvm_sregs {
+            cr0: 1,
+            ..Default::default()
+        };
+        prot.ss.base = u64::MAX;
+        assert_eq!(pushed_flags_at(&prot, u64::MAX), (6, 4));
+        assert_eq!(pushed_flags_at(&prot, 0xffff_fff8), (0xffff_ffff, 4));
+        let mut real = kvm_bindings::kvm_sregs::default();
+        real.ss.base = u64::MAX;
+        assert_eq!(pushed_flags_at(&real, u64::MAX), (2, 2));
+        real.ss.base = 0x1_0000;
+        assert_eq!(pushed_flags_at(&real, 0xfffe), (0x1_0002, 2));
     }
 
     proptest! {

@@ -126,9 +126,13 @@ pub fn run(kvm_device: &str) -> Result<ExitCode, String> {
     }
     println!();
     println!("4. Going backwards, as gdb's reverse-continue does: who wrote the last sample?");
-    if let Err(e) = backwards(&rec.path, kvm_device) {
-        println!("  could not: {e}");
-    }
+    let went_back = match backwards(&rec.path, kvm_device) {
+        Ok(()) => true,
+        Err(e) => {
+            println!("  FAILED: {e}");
+            false
+        }
+    };
     println!();
     println!("The trace is {}. Try:", rec.path.display());
     println!("  nyx replay {}          # replay it again", rec.path.display());
@@ -138,11 +142,17 @@ pub fn run(kvm_device: &str) -> Result<ExitCode, String> {
     );
     println!("  nyx trace info {}      # what is in it", rec.path.display());
     println!("  nyx trace dump --kind landing {}", rec.path.display());
-    Ok(if same_output && same_end {
+    Ok(status(same_output && same_end, went_back))
+}
+
+/// The demo's exit status: 0 when the runs agree and going backwards
+/// worked, 3 (as a divergence) otherwise.
+fn status(runs_agree: bool, went_back: bool) -> ExitCode {
+    if runs_agree && went_back {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(3)
-    })
+    }
 }
 
 /// Replays the trace to its end under a timeline, then runs backwards to
@@ -182,10 +192,12 @@ fn backwards(trace: &std::path::Path, kvm_device: &str) -> Result<(), String> {
     let took = began.elapsed();
     let here = where_is(&mut m, &mut t)?;
     let what = match stop {
-        nyx_replayer::timeline::ReverseStop::Watch(_) => {
-            "stopped just before the instruction that wrote it".to_string()
+        nyx_replayer::timeline::ReverseStop::Watch(_) => "stopped just before the instruction that wrote it",
+        other => {
+            return Err(format!(
+                "reverse-continue did not stop at the write, it stopped: {other:?}"
+            ))
         }
-        other => format!("stopped: {other:?}"),
     };
     println!(
         "  watch samples[49] ({last:#x}), reverse-continue from the end: {what}, {:.0} ms ({} single steps re-executed)",
@@ -217,4 +229,22 @@ fn where_is(m: &mut nyx_vmm::Machine, t: &mut nyx_replayer::Timeline) -> Result<
         .next()
         .unwrap_or_default();
     Ok(format!("at position {pos}: {}", insn.trim()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_failed_stage_makes_the_status_non_zero() {
+        assert_eq!(status(true, true), ExitCode::SUCCESS);
+        assert_eq!(status(false, true), ExitCode::from(3));
+        assert_eq!(status(true, false), ExitCode::from(3));
+    }
+
+    #[test]
+    fn going_backwards_over_a_missing_trace_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(backwards(&dir.path().join("none.nyxtrace"), "/dev/kvm").is_err());
+    }
 }

@@ -35,6 +35,9 @@ pub enum Error {
     /// Writing the report to stdout failed.
     #[error("writing to stdout: {0}")]
     Output(#[from] io::Error),
+    /// `--kind` names no event kind.
+    #[error("no event kind is called {0:?}; the kinds are: {kinds}", kinds = Event::kind_names().join(", "))]
+    UnknownKind(String),
 }
 
 /// Runs `report` with a buffered stdout; a reader that closed the pipe
@@ -194,6 +197,9 @@ pub fn dump(path: &Path, from: u64, kind: Option<&str>) -> Result<ExitCode, Erro
 }
 
 fn write_dump(path: &Path, from: u64, kind: Option<&str>, out: &mut dyn Write) -> Result<ExitCode, Error> {
+    if let Some(k) = kind.filter(|k| !Event::kind_names().contains(k)) {
+        return Err(Error::UnknownKind(k.to_string()));
+    }
     let mut r = open(path)?;
     events(&mut r, path, |pos, e| {
         if pos < from || kind.is_some_and(|k| k != e.kind_name()) {
@@ -305,6 +311,21 @@ mod tests {
         assert!(matches!(&r, Err(Error::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe));
         assert_eq!(early.got, all[..100], "what fitted was written, in order");
         assert_eq!(quiet_broken_pipe(r).unwrap(), ExitCode::SUCCESS);
+    }
+
+    #[test]
+    fn an_unknown_kind_is_an_error_listing_the_kinds() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = trace(dir.path(), 3);
+        let e = write_dump(&p, 0, Some("NOSUCH"), &mut Vec::new()).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, Error::UnknownKind(_)), "{msg}");
+        for k in ["\"NOSUCH\"", "pio-out", "landing", "end"] {
+            assert!(msg.contains(k), "{msg}");
+        }
+        let mut out = Vec::new();
+        write_dump(&p, 0, Some("pio-out"), &mut out).unwrap();
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 3);
     }
 
     #[test]

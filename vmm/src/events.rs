@@ -41,6 +41,20 @@ pub enum ExitKind {
 }
 
 impl ExitKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [ExitKind; 10] = [
+        ExitKind::PioIn,
+        ExitKind::PioOut,
+        ExitKind::MmioRead,
+        ExitKind::MmioWrite,
+        ExitKind::Hlt,
+        ExitKind::IrqWindow,
+        ExitKind::MsrRead,
+        ExitKind::MsrWrite,
+        ExitKind::Patched,
+        ExitKind::Crash,
+    ];
+
     /// A short name for reports and `nyx trace dump`.
     pub fn name(self) -> &'static str {
         match self {
@@ -313,6 +327,16 @@ impl Event {
             Event::End(_) => "end",
         }
     }
+
+    /// Every name [`Event::kind_name`] can return: the exit kinds, then
+    /// the other events.
+    pub fn kind_names() -> Vec<&'static str> {
+        ExitKind::ALL
+            .iter()
+            .map(|k| k.name())
+            .chain(["poll", "time", "input", "entropy", "landing", "inject", "regs", "end"])
+            .collect()
+    }
 }
 
 impl std::fmt::Display for Event {
@@ -415,11 +439,38 @@ mod tests {
     proptest! {
         /// Events survive postcard, the encoding the trace uses.
         #[test]
+        fn every_event_kind_is_listed(e in arb_event()) {
+            prop_assert!(Event::kind_names().contains(&e.kind_name()), "{}", e.kind_name());
+        }
+
+        #[test]
         fn events_round_trip_through_postcard(events in prop::collection::vec(arb_event(), 0..50)) {
             let bytes = postcard::to_stdvec(&events).unwrap();
             let back: Vec<Event> = postcard::from_bytes(&bytes).unwrap();
             prop_assert_eq!(back, events);
         }
+    }
+
+    #[test]
+    fn every_exit_kind_is_in_all_once() {
+        // A new kind breaks this match first: then add it to ALL.
+        for k in ExitKind::ALL {
+            match k {
+                ExitKind::PioIn
+                | ExitKind::PioOut
+                | ExitKind::MmioRead
+                | ExitKind::MmioWrite
+                | ExitKind::Hlt
+                | ExitKind::IrqWindow
+                | ExitKind::MsrRead
+                | ExitKind::MsrWrite
+                | ExitKind::Patched
+                | ExitKind::Crash => {}
+            }
+        }
+        let names = Event::kind_names();
+        let unique: std::collections::BTreeSet<_> = names.iter().collect();
+        assert_eq!(unique.len(), names.len(), "{names:?}");
     }
 
     #[test]

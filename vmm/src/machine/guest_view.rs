@@ -79,9 +79,25 @@ impl Machine {
         Ok(())
     }
 
-    /// Writes guest-virtual memory through the guest's page tables.
-    pub fn write_virt(&self, gva: u64, buf: &[u8]) -> Result<(), Error> {
+    /// Writes guest-virtual memory through the guest's page tables (a
+    /// debugger's write). The pages written join the set
+    /// [`Machine::take_written`] returns, as the guest's own writes do, so
+    /// a reverse debugger's checkpoints restore them when going back.
+    pub fn write_virt(&mut self, gva: u64, buf: &[u8]) -> Result<(), Error> {
+        use vm_memory::Bytes;
         let regs = self.paging_regs()?;
-        Ok(crate::paging::write_virt(&self.core.mem, &regs, gva, buf)?)
+        let mut done = 0usize;
+        while done < buf.len() {
+            let addr = gva.wrapping_add(done as u64);
+            let t = crate::paging::translate(&self.core.mem, &regs, addr)?;
+            let n = (buf.len() - done).min(t.remaining_in_page as usize);
+            self.core
+                .mem
+                .write_slice(&buf[done..done + n], vm_memory::GuestAddress(t.gpa))
+                .map_err(|_| crate::paging::TranslateError::NotMapped(addr))?;
+            self.core.written.insert(t.gpa >> 12);
+            done += n;
+        }
+        Ok(())
     }
 }
