@@ -613,6 +613,13 @@ impl SingleThreadBase for NyxTarget<'_> {
     }
 
     fn write_addrs(&mut self, start: u64, data: &[u8]) -> TargetResult<(), Self> {
+        // In a replay, the position must be known before memory differs
+        // from the recording: finding it later compares the machine with a
+        // re-execution, which never makes this write. The written pages
+        // join the timeline's, so going back restores them.
+        if let Some(t) = self.timeline.as_deref_mut() {
+            t.resolve(self.machine).map_err(|_| TargetError::NonFatal)?;
+        }
         self.machine
             .write_virt(start, data)
             .map_err(|_| TargetError::Errno(14))?;

@@ -2,12 +2,42 @@
 //! in-tree guests through breakpoints, watchpoints, stepping, register and
 //! memory display, monitor commands and Ctrl-C; and random bytes sent to
 //! the stub never make nyx panic.
+//!
+//! Every test needs KVM and all but the random-bytes ones need gdb: without
+//! them a test is skipped with a message, or fails under
+//! `NYX_REQUIRE_KVM=1`.
+
+mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use common::{kvm_available, nyx};
+
+/// Whether the gdb tests can run: KVM (the shared probe) and a gdb to run.
+/// Without gdb the test is skipped with a message, or fails under
+/// `NYX_REQUIRE_KVM=1`.
+fn ready() -> bool {
+    if !kvm_available() {
+        return false;
+    }
+    let gdb = Command::new("gdb").arg("--version").output();
+    if gdb.as_ref().is_ok_and(|o| o.status.success()) {
+        return true;
+    }
+    assert!(
+        std::env::var("NYX_REQUIRE_KVM").as_deref() != Ok("1"),
+        "NYX_REQUIRE_KVM=1 but gdb cannot be run ({gdb:?}): install the gdb package"
+    );
+    eprintln!("skipped: gdb cannot be run (install the gdb package)");
+    false
+}
+
+/// How long nyx may take to end on its own after gdb is done with it.
+const END_WITHIN: Duration = Duration::from_secs(60);
 
 /// A nyx process listening for gdb.
 struct Nyx {
@@ -28,7 +58,7 @@ impl Nyx {
     }
 
     fn start_with(args: &[std::ffi::OsString]) -> Nyx {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nyx"));
+        let mut cmd = nyx();
         cmd.args(args).stdout(Stdio::null());
         Self::spawn(cmd)
     }
@@ -59,18 +89,36 @@ impl Nyx {
         }
     }
 
-    /// Waits (bounded) for nyx to exit; its status code and remaining stderr.
+    /// Waits (up to [`END_WITHIN`]) for nyx to exit, then reads the rest
+    /// of its stderr to the end. Its status code, `None` when it had to be
+    /// killed, and the stderr lines not read before.
     fn finish(mut self) -> (Option<i32>, String) {
-        for _ in 0..100 {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                let rest: Vec<String> = self.stderr.try_iter().collect();
-                return (s.code(), rest.join("\n"));
+        let until = Instant::now() + END_WITHIN;
+        let code = loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => break s.code(),
+                Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(50)),
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break None;
+                }
             }
-            std::thread::sleep(Duration::from_millis(100));
+        };
+        // The process is gone: its stderr reaches end of file, and the
+        // reader thread hangs up once it has passed on every line.
+        let mut rest = Vec::new();
+        loop {
+            match self.stderr.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) => rest.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    rest.push("(stderr still open 30 s after nyx ended)".into());
+                    break;
+                }
+            }
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        (None, self.stderr.try_iter().collect::<Vec<_>>().join("\n"))
+        (code, rest.join("\n"))
     }
 }
 
@@ -130,6 +178,9 @@ fn symbol(guest: &str, name: &str) -> u64 {
 
 #[test]
 fn long_mode_breakpoint_registers_stepping_and_monitor() {
+    if !ready() {
+        return;
+    }
     let entry = symbol("longmode", "higher_half_entry");
     assert!(entry >= 0xc000_0000, "a higher-half virtual address");
     let nyx = Nyx::start("longmode");
@@ -179,6 +230,9 @@ fn long_mode_breakpoint_registers_stepping_and_monitor() {
 
 #[test]
 fn watchpoint_stops_at_the_write_and_hbreak_hits() {
+    if !ready() {
+        return;
+    }
     let counter = symbol("counter", "counter");
     let nyx = Nyx::start("counter");
     let watch = format!("watch *(long *){counter:#x}");
@@ -204,6 +258,9 @@ fn watchpoint_stops_at_the_write_and_hbreak_hits() {
 
 #[test]
 fn interrupt_stops_a_running_guest() {
+    if !ready() {
+        return;
+    }
     let nyx = Nyx::start("counter");
     let kernel = nyx_guests::path("counter").expect("guest");
     // A watchpoint on bytes the loop never writes keeps the guest running
@@ -256,8 +313,11 @@ fn interrupt_stops_a_running_guest() {
 /// and ends with its own status.
 #[test]
 fn gdb_attaches_to_a_guest_that_already_runs() {
+    if !ready() {
+        return;
+    }
     let kernel = nyx_guests::path("echo").expect("in-tree guest");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nyx"));
+    let mut cmd = nyx();
     cmd.args(["run", "--gdb", "127.0.0.1:0", "--serial-in", "-", "--kernel"])
         .arg(&kernel)
         .stdin(Stdio::piped())
@@ -292,6 +352,9 @@ fn gdb_attaches_to_a_guest_that_already_runs() {
 
 #[test]
 fn detach_lets_the_guest_run_to_its_end() {
+    if !ready() {
+        return;
+    }
     let nyx = Nyx::start("hello");
     let out = gdb(&nyx, "hello", &["detach"]);
     assert!(out.contains("detached"), "{out}");
@@ -313,6 +376,9 @@ fn xorshift(state: &mut u64) -> u64 {
 
 #[test]
 fn random_bytes_never_make_nyx_panic() {
+    if !kvm_available() {
+        return;
+    }
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     for round in 0..6 {
         let nyx = Nyx::start("hello");
@@ -346,9 +412,12 @@ fn random_bytes_never_make_nyx_panic() {
 /// where it stays.
 #[test]
 fn replay_under_gdb_stops_at_a_breakpoint_and_runs_to_the_end() {
+    if !ready() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("longmode.nyxtrace");
-    let rec = Command::new(env!("CARGO_BIN_EXE_nyx"))
+    let rec = nyx()
         .args(["record", "--out"])
         .arg(&trace)
         .arg("--kernel")
@@ -394,7 +463,7 @@ fn replay_nyx(dir: &std::path::Path, guest: &str) -> Nyx {
 /// As [`replay_nyx`], with more `nyx record` options.
 fn replay_nyx_with(dir: &std::path::Path, guest: &str, record_args: &[&str]) -> Nyx {
     let trace = dir.join(format!("{guest}.nyxtrace"));
-    let rec = Command::new(env!("CARGO_BIN_EXE_nyx"))
+    let rec = nyx()
         .arg("record")
         .args(record_args)
         .arg("--out")
@@ -437,6 +506,9 @@ fn printed(out: &str, label: &str) -> u64 {
 /// breakpoint, and find the instruction that last wrote a variable.
 #[test]
 fn reverse_execution_from_a_crash() {
+    if !ready() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let nyx = replay_nyx(dir.path(), "triple");
     let result = symbol("triple", "result");
@@ -498,6 +570,9 @@ fn reverse_execution_from_a_crash() {
 /// the store that last wrote `ticks`.
 #[test]
 fn reverse_execution_across_interrupts() {
+    if !ready() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let nyx = replay_nyx(dir.path(), "counter");
     let ticks = symbol("counter", "ticks");
@@ -571,6 +646,9 @@ fn reverse_execution_across_interrupts() {
 /// stops it, and the replay goes on from there to its recorded end.
 #[test]
 fn breakpoints_hit_while_the_replay_searches_a_landing() {
+    if !ready() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let nyx = replay_nyx_with(dir.path(), "counter", &["--landings", "search"]);
     let counter = symbol("counter", "counter");
@@ -612,6 +690,9 @@ fn breakpoints_hit_while_the_replay_searches_a_landing() {
 /// `counter`; on a replay, IRQ0's load of `ticks`, forward and backward.
 #[test]
 fn read_and_access_watchpoints() {
+    if !ready() {
+        return;
+    }
     let counter = symbol("counter", "counter");
     let ticks = symbol("counter", "ticks");
     let live = Nyx::start("counter");
@@ -676,9 +757,12 @@ fn packet(body: &str) -> String {
 /// addresses, garbage between them. nyx never panics.
 #[test]
 fn random_packets_to_a_replay_never_make_nyx_panic() {
+    if !kvm_available() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("hello.nyxtrace");
-    let rec = Command::new(env!("CARGO_BIN_EXE_nyx"))
+    let rec = nyx()
         .args(["record", "--out"])
         .arg(&trace)
         .arg("--kernel")
@@ -736,7 +820,10 @@ fn random_packets_to_a_replay_never_make_nyx_panic() {
         let (code, err) = nyx.finish();
         assert!(replied > 0, "round {round}: the stub answered nothing: {err}");
         assert!(!err.contains("panicked"), "round {round}: {err}");
-        assert!(code != Some(101), "round {round}: status {code:?}: {err}");
+        assert!(
+            code.is_some_and(|c| c != 101),
+            "round {round}: nyx must end on its own without a panic, status {code:?}: {err}"
+        );
     }
 }
 
@@ -746,6 +833,9 @@ fn random_packets_to_a_replay_never_make_nyx_panic() {
 /// reverse-continue finds the previous tick.
 #[test]
 fn reverse_execution_across_hlt() {
+    if !ready() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let nyx = replay_nyx(dir.path(), "pit");
     let ticks = symbol("pit", "ticks");
@@ -781,4 +871,62 @@ fn reverse_execution_across_hlt() {
     assert_eq!(printed(&out, "FWD_PC="), irq0, "the same tick again: {out}");
     assert_eq!(printed(&out, "PREV_TICKS="), 1, "{out}");
     nyx.finish_cleanly();
+}
+
+/// Memory writes from gdb are undone by going back: the replayed counter
+/// guest stops at its loop and steps over the increment; gdb overwrites the
+/// counter and a code byte the guest never writes (so only the record of
+/// gdb's own write can bring its page back); two reverse steps later both
+/// hold what they held there before, and stepping on goes the recorded way.
+#[test]
+fn reverse_execution_undoes_a_gdb_memory_write() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let nyx = replay_nyx_with(dir.path(), "counter", &["--landings", "search"]);
+    let counter = symbol("counter", "counter");
+    let code = symbol("counter", "print_samples");
+    let show = |label: &str| {
+        format!("printf \"{label}=%ld\\n{label}_CODE=%d\\n\", *(long *){counter:#x}, *(unsigned char *){code:#x}")
+    };
+    let set_counter = format!("set var *(long *){counter:#x} = 999");
+    let set_code = format!("set var *(unsigned char *){code:#x} = 0xf4");
+    let out = gdb(
+        &nyx,
+        "counter",
+        &[
+            "break count_loop",
+            "continue",
+            &show("FIRST"),
+            "delete",
+            "stepi",
+            "stepi",
+            &show("STEPPED"),
+            &set_counter,
+            &set_code,
+            &show("WRITTEN"),
+            "reverse-stepi",
+            "reverse-stepi",
+            &show("BACK"),
+            "stepi",
+            &show("AGAIN"),
+            "kill",
+        ],
+    );
+    let err = nyx.finish_cleanly();
+    let out = format!("{out}\nnyx: {err}");
+    let first = printed(&out, "FIRST=");
+    let first_code = printed(&out, "FIRST_CODE=");
+    assert_ne!(first_code, 0xf4, "{out}");
+    assert_eq!(printed(&out, "STEPPED="), first + 1, "{out}");
+    assert_eq!(printed(&out, "WRITTEN="), 999, "{out}");
+    assert_eq!(printed(&out, "WRITTEN_CODE="), 0xf4, "{out}");
+    assert_eq!(printed(&out, "BACK="), first, "going back restores the counter: {out}");
+    assert_eq!(
+        printed(&out, "BACK_CODE="),
+        first_code,
+        "going back restores the code page gdb wrote: {out}"
+    );
+    assert_eq!(printed(&out, "AGAIN="), first + 1, "{out}");
 }
