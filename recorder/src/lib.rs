@@ -725,3 +725,244 @@ pub fn default_trace_path(kernel: &Path) -> PathBuf {
         .unwrap_or_else(|| "guest".into());
     PathBuf::from(format!("{stem}.nyxtrace"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nyx_devices::io::BufferInput;
+    use nyx_trace::TraceReader;
+    use nyx_vmm::events::{ExitKind, Landing};
+
+    fn exit(n: u64) -> Event {
+        Event::Exit(ExitRecord {
+            kind: ExitKind::PioOut,
+            addr: 0x3f8,
+            size: 1,
+            data: n,
+            rip: 0x1000 + n,
+        })
+    }
+
+    fn header() -> TraceHeader {
+        TraceHeader {
+            uuid: trace_uuid(),
+            nyx_version: "test".into(),
+            kind: ContainerKind::Trace,
+            machine_config: Vec::new(),
+            images: vec![GuestImage::embedded(KERNEL_IMAGE, vec![0x90])],
+        }
+    }
+
+    /// Every event of the trace at `path`, with each events frame's first
+    /// position.
+    fn read_back(path: &Path) -> (Vec<u64>, Vec<Event>) {
+        let mut r = TraceReader::open(path).unwrap();
+        assert!(r.is_complete());
+        let mut starts = Vec::new();
+        let mut all = Vec::new();
+        for i in 0..r.frames().len() {
+            if r.frames()[i].kind == FrameKind::Events {
+                starts.push(r.frames()[i].first_position);
+                all.extend(r.read_records::<Event>(i).unwrap());
+            }
+        }
+        (starts, all)
+    }
+
+    /// The log counts exits as positions and landings apart, writes a
+    /// frame every EVENTS_PER_FRAME events starting at the position of its
+    /// first event, and loses nothing at the last flush.
+    #[test]
+    fn the_log_frames_events_at_their_positions() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("t.nyxtrace");
+        let log = new_log(&out, 10);
+        lock(&log).writer = Some(TraceWriter::create(&out, &header()).unwrap());
+        let mut want = Vec::new();
+        for n in 0..EVENTS_PER_FRAME as u64 + 5 {
+            let e = match n % 4 {
+                0 => Event::Time(n),
+                3 => Event::Landing(Box::new(Landing {
+                    regs: Default::default(),
+                    regs_digest: n,
+                    dirty_pages: 1,
+                    mem_digest: !n,
+                    pending_interrupt: None,
+                    keyframe: None,
+                })),
+                _ => exit(n),
+            };
+            want.push(e.clone());
+            lock(&log).push(e);
+        }
+        let mut l = lock(&log);
+        assert_eq!(l.events, want.len() as u64);
+        let exits = want.iter().filter(|e| matches!(e, Event::Exit(_))).count() as u64;
+        let landings = want.iter().filter(|e| matches!(e, Event::Landing(_))).count() as u64;
+        assert_eq!((l.position, l.landings), (10 + exits, landings));
+        assert_eq!(l.buffer.len(), 5, "a full frame went to the file");
+        l.flush();
+        l.check().unwrap();
+        l.writer.take().unwrap().finish().unwrap();
+        drop(l);
+        let (starts, got) = read_back(&out);
+        let first_exits = want[..EVENTS_PER_FRAME]
+            .iter()
+            .filter(|e| matches!(e, Event::Exit(_)))
+            .count() as u64;
+        assert_eq!(starts, [10, 10 + first_exits]);
+        assert_eq!(got, want);
+    }
+
+    /// Host time and serial input reach the machine unchanged and are
+    /// logged as consumed; an empty read logs nothing.
+    #[test]
+    fn time_and_input_are_logged_where_consumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = new_log(&dir.path().join("t.nyxtrace"), 0);
+        let mut time = RecordTime {
+            host: HostTime::new(),
+            log: log.clone(),
+        };
+        let (a, b) = (time.sample(), time.sample());
+        assert!(b >= a);
+        let mut input = RecordInput {
+            inner: Box::new(BufferInput::new(b"hi".to_vec())),
+            log: log.clone(),
+        };
+        let mut buf = [0u8; 8];
+        assert_eq!(input.read_available(&mut buf[..1]), 1);
+        assert_eq!(input.read_available(&mut buf), 1);
+        assert_eq!(input.read_available(&mut buf), 0);
+        assert!(input.is_exhausted());
+        let l = lock(&log);
+        assert_eq!(
+            l.buffer,
+            [
+                Event::Time(a),
+                Event::Time(b),
+                Event::Input(b"h".to_vec()),
+                Event::Input(b"i".to_vec())
+            ]
+        );
+        assert_eq!(l.position, 0, "no exit, no position");
+    }
+
+    /// A write error is kept and reported once by `check`, naming the
+    /// trace; nothing more is written after it.
+    #[test]
+    fn a_write_error_is_reported_once_with_the_trace_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("t.nyxtrace");
+        let log = new_log(&out, 0);
+        let mut l = lock(&log);
+        l.error = Some(nyx_trace::Error::Io(std::io::Error::other("disk full")));
+        l.push(exit(1));
+        l.flush();
+        assert_eq!(l.buffer.len(), 1, "nothing is written after an error");
+        let e = l.check().unwrap_err().to_string();
+        assert!(e.contains("t.nyxtrace") && e.contains("disk full"), "{e}");
+        assert!(l.check().is_ok());
+    }
+
+    #[test]
+    fn uuids_are_version_4_and_default_paths_use_the_kernel_stem() {
+        let (a, b) = (trace_uuid(), trace_uuid());
+        assert_ne!(a, b);
+        for u in [a, b] {
+            assert_eq!((u[6] >> 4, u[8] >> 6), (4, 2));
+        }
+        assert_eq!(
+            default_trace_path(Path::new("/x/bzImage.bin")),
+            PathBuf::from("bzImage.nyxtrace")
+        );
+        assert_eq!(default_trace_path(Path::new("/")), PathBuf::from("guest.nyxtrace"));
+    }
+
+    #[test]
+    fn a_kernel_that_cannot_be_read_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("missing");
+        let opts = options(dir.path().join("t.nyxtrace"), LandingPolicy::Auto);
+        let e = start(RecordOptions {
+            kernel: kernel.clone(),
+            ..opts
+        })
+        .err()
+        .unwrap();
+        assert!(matches!(&e, Error::Read { path, .. } if *path == kernel), "{e}");
+    }
+
+    fn options(out: PathBuf, landings: LandingPolicy) -> RecordOptions {
+        RecordOptions {
+            out,
+            kernel: PathBuf::from("guest"),
+            kernel_name: None,
+            initrd: None,
+            cmdline: String::new(),
+            mem_mib: 16,
+            serial_in: SerialIn::None,
+            serial_out: Some(Box::new(std::io::sink())),
+            kvm_path: nyx_vmm::kvm_device(),
+            verify: VerifyLevel::Exits,
+            landings,
+        }
+    }
+
+    /// A recording of an in-tree guest on KVM: the finished trace (no
+    /// `.partial` left) holds the header's machine, an exit event per
+    /// guest-caused exit, the counts the recording reports, and an end
+    /// event last.
+    #[test]
+    fn a_recording_holds_every_exit_and_ends_with_the_end() {
+        if !nyx_vmm::kvm_available() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("hello.nyxtrace");
+        let image = nyx_guests::image("hello").unwrap().to_vec();
+        let rec = record_image(options(out.clone(), LandingPolicy::Auto), "hello".into(), image, None).unwrap();
+        assert_eq!(rec.path, out);
+        assert!(!dir.path().join("hello.nyxtrace.partial").exists());
+        let r = TraceReader::open(&out).unwrap();
+        let config = MachineConfig::from_bytes(&r.header().machine_config).unwrap();
+        assert_eq!((config.mem_mib, config.kernel_name.as_str()), (16, "hello"));
+        let (_, events) = read_back(&out);
+        assert_eq!(events.len() as u64, rec.events);
+        let exits = events.iter().filter(|e| matches!(e, Event::Exit(_))).count() as u64;
+        assert_eq!(exits, rec.exits);
+        assert!(exits > 0);
+        assert!(matches!(events.last(), Some(Event::End(_))), "{:?}", events.last());
+    }
+
+    /// A guest that computes between timer interrupts is stopped
+    /// asynchronously: the recording logs those stops as landings, with a
+    /// delta keyframe each under the keyframe policy.
+    #[test]
+    fn timer_stops_in_a_busy_loop_are_landings() {
+        if !nyx_vmm::kvm_available() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("counter.nyxtrace");
+        let image = nyx_guests::image("counter").unwrap().to_vec();
+        let rec = record_image(
+            options(out.clone(), LandingPolicy::Keyframe),
+            "counter".into(),
+            image,
+            None,
+        )
+        .unwrap();
+        assert!(rec.landings > 0, "{rec:?}");
+        let (_, events) = read_back(&out);
+        let landings: Vec<&Landing> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Landing(l) => Some(&**l),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(landings.len() as u64, rec.landings);
+        assert!(landings.iter().all(|l| l.keyframe.is_some()));
+    }
+}
