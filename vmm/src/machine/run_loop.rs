@@ -349,3 +349,7 @@ impl Machine {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "run_loop_tests.rs"]
+mod tests;
