@@ -596,3 +596,18 @@ fn trace_tools_end_quietly_when_stdout_closes_early() {
     );
     assert_eq!(parts[1], "trace     ");
 }
+
+#[test]
+fn trace_dump_of_an_unknown_kind_is_an_error_listing_the_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = nyx()
+        .args(["trace", "dump", "--kind", "NOSUCH"])
+        .arg(dir.path().join("any.nyxtrace"))
+        .output()
+        .unwrap();
+    assert_one_line_error(
+        &out,
+        "no event kind is called \"NOSUCH\"; the kinds are: pio-in, pio-out",
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("landing"));
+}
