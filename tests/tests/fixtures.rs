@@ -87,7 +87,10 @@ fn the_snapshot_fixture_reads_its_machine() {
     };
     assert_eq!(version, FORMAT_VERSION, "a container of another version was opened");
     assert_eq!(snap.config.kernel_name, "hello");
-    assert!(snap.kernel.starts_with(b"\x7fELF"), "the embedded kernel is an ELF image");
+    assert!(
+        snap.kernel.starts_with(b"\x7fELF"),
+        "the embedded kernel is an ELF image"
+    );
     assert!(!snap.memory.is_empty());
     assert!(snap.state.exit_seq > 0, "saved after the guest ran");
 }
