@@ -906,6 +906,7 @@ mod tests {
             kvm_path: nyx_vmm::kvm_device(),
             verify: VerifyLevel::Exits,
             landings,
+            cpu: Default::default(),
         }
     }
 

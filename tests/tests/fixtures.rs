@@ -162,6 +162,7 @@ fn regenerate() {
             kvm_path: nyx_tests::kvm_device(),
             verify: VerifyLevel::Exits,
             landings: LandingPolicy::Auto,
+            cpu: Default::default(),
         },
         "hello".into(),
         image.clone(),

@@ -160,7 +160,7 @@ fn a_trace_claiming_features_the_host_lacks_is_refused_by_name() {
     let out = nyx().arg("replay").arg(&trace).output().unwrap();
     assert_eq!(out.status.code(), Some(0x21), "{}", text(&out.stderr));
 
-    let supported = nyx_vmm::cpu_model::host_supported("/dev/kvm").unwrap();
+    let supported = nyx_vmm::cpu_model::host_supported(&nyx_tests::kvm_device()).unwrap();
     let has = |f: u32, i: u32, bit: u32| {
         supported
             .iter()
