@@ -142,7 +142,9 @@ impl VcpuTimer {
         };
         // SAFETY: pthread_self has no preconditions.
         let target: Target = Arc::new(Mutex::new(Some(unsafe { libc::pthread_self() })));
-        TARGETS.with(|t| {
+        // A thread already tearing down its thread-locals keeps no record:
+        // its timer's drop clears the target then.
+        let _ = TARGETS.try_with(|t| {
             let mut t = t.borrow_mut();
             t.0.retain(|w| w.strong_count() > 0);
             t.0.push(Arc::downgrade(&target));
