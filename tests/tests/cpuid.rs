@@ -83,7 +83,7 @@ fn the_guest_sees_the_trace_table_in_a_recording_and_its_replay() {
             mem_mib: 64,
             serial_in: nyx_vmm::SerialIn::None,
             serial_out: Some(Box::new(out.clone())),
-            kvm_path: "/dev/kvm".into(),
+            kvm_path: nyx_tests::kvm_device(),
             verify: Default::default(),
             landings: nyx_recorder::LandingPolicy::Auto,
             cpu: CpuModel::Host,
@@ -104,7 +104,7 @@ fn the_guest_sees_the_trace_table_in_a_recording_and_its_replay() {
         &rec.path,
         nyx_replayer::ReplayOptions {
             serial_out: Some(Box::new(replayed.clone())),
-            kvm_path: "/dev/kvm".into(),
+            kvm_path: nyx_tests::kvm_device(),
         },
     )
     .unwrap();
