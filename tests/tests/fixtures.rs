@@ -104,9 +104,9 @@ fn the_migration_fixture_reads_its_machine() {
         Err(e) => panic!("{MIGRATION}: {e}"),
     };
     assert_eq!(version, FORMAT_VERSION, "a container of another version was opened");
-    assert_eq!(got.machine.config.kernel_name, "hello");
+    assert_eq!(got.parts.0.kernel_name, "hello");
     assert!(got.runs > 0);
-    assert!(got.machine.state.exit_seq > 0, "sent after the guest ran");
+    assert!(got.state.exit_seq > 0, "sent after the guest ran");
 }
 
 /// Each fixture with its version field changed is refused, the message

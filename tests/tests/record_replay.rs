@@ -182,7 +182,7 @@ fn record_with_limits(dir: &Path, name: &str, limits: nyx_vmm::machine::limits::
             mem_mib: 64,
             serial_in: SerialIn::None,
             serial_out: Some(Box::new(out.clone())),
-            kvm_path: "/dev/kvm".into(),
+            kvm_path: nyx_tests::kvm_device(),
             verify: VerifyLevel::Exits,
             landings: nyx_recorder::LandingPolicy::Auto,
             cpu: Default::default(),

@@ -159,7 +159,13 @@ pub fn listen(path: &Path, kicker: Kicker) -> Result<Api, String> {
     }
     let (tx, rx) = mpsc::channel::<Msg>();
     let k = kicker.clone();
-    accept_loop(listener, tx.clone(), Arc::new(move || k.kick()))?;
+    accept_loop(
+        listener,
+        tx.clone(),
+        Arc::new(move || {
+            k.kick();
+        }),
+    )?;
     Ok(Api {
         rx,
         tx,

@@ -42,7 +42,7 @@ pub enum ExitKind {
 
 impl ExitKind {
     /// Every kind, in declaration order.
-    pub const ALL: [ExitKind; 10] = [
+    pub const ALL: [ExitKind; 11] = [
         ExitKind::PioIn,
         ExitKind::PioOut,
         ExitKind::MmioRead,
@@ -53,6 +53,7 @@ impl ExitKind {
         ExitKind::MsrWrite,
         ExitKind::Patched,
         ExitKind::Crash,
+        ExitKind::SoftInt,
     ];
 
     /// A short name for reports and `nyx trace dump`.
@@ -465,7 +466,8 @@ mod tests {
                 | ExitKind::MsrRead
                 | ExitKind::MsrWrite
                 | ExitKind::Patched
-                | ExitKind::Crash => {}
+                | ExitKind::Crash
+                | ExitKind::SoftInt => {}
             }
         }
         let names = Event::kind_names();
