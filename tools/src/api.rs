@@ -15,7 +15,9 @@
 //! The socket is bounded: at most [`MAX_CONNECTIONS`] clients at once (one
 //! thread each; a further client gets an error reply and is closed) and
 //! request lines of at most [`MAX_LINE`] bytes (a longer line gets an error
-//! reply and its connection is closed).
+//! reply and its connection is closed), and a client that sends nothing for
+//! [`IDLE_TIMEOUT`] is told so and closed, so that idle clients cannot hold
+//! every place.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -37,6 +39,8 @@ use serde::{Deserialize, Serialize};
 pub const MAX_CONNECTIONS: usize = 16;
 /// The longest request line, newline included.
 pub const MAX_LINE: usize = 64 << 10;
+/// How long a client may wait between requests before it is closed.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A request on the control socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +169,7 @@ pub fn listen(path: &Path, kicker: Kicker) -> Result<Api, String> {
         Arc::new(move || {
             k.kick();
         }),
+        IDLE_TIMEOUT,
     )?;
     Ok(Api {
         rx,
@@ -176,7 +181,7 @@ pub fn listen(path: &Path, kicker: Kicker) -> Result<Api, String> {
 
 /// Starts the thread that accepts clients, each served on a thread of its
 /// own, at most [`MAX_CONNECTIONS`] at once.
-fn accept_loop(listener: UnixListener, tx: Sender<Msg>, wake: Wake) -> Result<(), String> {
+fn accept_loop(listener: UnixListener, tx: Sender<Msg>, wake: Wake, idle: std::time::Duration) -> Result<(), String> {
     let busy = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("nyx-api".into())
@@ -194,7 +199,7 @@ fn accept_loop(listener: UnixListener, tx: Sender<Msg>, wake: Wake) -> Result<()
                 let started = std::thread::Builder::new()
                     .name("nyx-api-client".into())
                     .spawn(move || {
-                        serve(conn, tx, &*wake);
+                        serve(conn, tx, &*wake, idle);
                         b.fetch_sub(1, Ordering::SeqCst);
                     });
                 if started.is_err() {
@@ -234,8 +239,11 @@ fn read_bounded_line<R: BufRead>(r: &mut R, max: usize, line: &mut Vec<u8>) -> s
     }
 }
 
-fn serve(conn: UnixStream, tx: Sender<Msg>, wake: &(dyn Fn() + Send + Sync)) {
+fn serve(conn: UnixStream, tx: Sender<Msg>, wake: &(dyn Fn() + Send + Sync), idle: std::time::Duration) {
     let Ok(mut out) = conn.try_clone() else { return };
+    if conn.set_read_timeout(Some(idle)).is_err() {
+        return;
+    }
     let mut input = BufReader::new(conn);
     let mut raw = Vec::new();
     loop {
@@ -243,8 +251,15 @@ fn serve(conn: UnixStream, tx: Sender<Msg>, wake: &(dyn Fn() + Send + Sync)) {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
-                if e.kind() == std::io::ErrorKind::InvalidData {
-                    let r = Reply::err(format!("{e}: closing the connection"));
+                let why = match e.kind() {
+                    std::io::ErrorKind::InvalidData => Some(e.to_string()),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                        Some(format!("no request for {} s", idle.as_secs_f64()))
+                    }
+                    _ => None,
+                };
+                if let Some(why) = why {
+                    let r = Reply::err(format!("{why}: closing the connection"));
                     let _ = writeln!(out, "{}", serde_json::to_string(&r).unwrap_or_default());
                 }
                 return;
@@ -595,8 +610,40 @@ mod tests {
         let path = dir.join("api.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let (tx, rx) = mpsc::channel();
-        accept_loop(listener, tx, Arc::new(|| {})).unwrap();
+        accept_loop(listener, tx, Arc::new(|| {}), IDLE_TIMEOUT).unwrap();
         (path, rx)
+    }
+
+    #[test]
+    fn an_idle_client_is_closed_and_its_place_freed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (tx, rx) = mpsc::channel();
+        accept_loop(listener, tx, Arc::new(|| {}), std::time::Duration::from_millis(200)).unwrap();
+        // Every place taken by clients that say nothing.
+        let idle: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        for c in &idle {
+            c.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+            let r = reply_of(c);
+            assert!(r.error.as_deref().unwrap_or("").contains("no request for"), "{r:?}");
+        }
+        // Their places are free again: a new client is served.
+        let start = std::time::Instant::now();
+        loop {
+            let mut c = UnixStream::connect(&path).unwrap();
+            if writeln!(c, r#"{{"cmd":"status"}}"#).is_ok() {
+                if let Ok(Msg::Job(_, reply, _)) = rx.recv_timeout(std::time::Duration::from_millis(200)) {
+                    reply.send(Reply::ok(None)).unwrap();
+                    assert!(reply_of(&c).ok);
+                    break;
+                }
+            }
+            assert!(start.elapsed().as_secs() < 10, "no place was freed");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     fn reply_of(conn: &UnixStream) -> Reply {
