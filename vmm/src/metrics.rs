@@ -15,34 +15,12 @@ use serde::{Deserialize, Serialize};
 use crate::events::{ExitKind, ExitRecord};
 
 /// Every exit kind, in the order of the metrics' arrays.
-pub const EXIT_KINDS: [ExitKind; 11] = [
-    ExitKind::PioIn,
-    ExitKind::PioOut,
-    ExitKind::MmioRead,
-    ExitKind::MmioWrite,
-    ExitKind::Hlt,
-    ExitKind::IrqWindow,
-    ExitKind::MsrRead,
-    ExitKind::MsrWrite,
-    ExitKind::Patched,
-    ExitKind::Crash,
-    ExitKind::SoftInt,
-];
+pub const EXIT_KINDS: [ExitKind; ExitKind::ALL.len()] = ExitKind::ALL;
 
+/// A kind's place in [`EXIT_KINDS`]: its position in the enum, which
+/// [`ExitKind::ALL`] lists in declaration order.
 fn kind_index(kind: ExitKind) -> usize {
-    match kind {
-        ExitKind::PioIn => 0,
-        ExitKind::PioOut => 1,
-        ExitKind::MmioRead => 2,
-        ExitKind::MmioWrite => 3,
-        ExitKind::Hlt => 4,
-        ExitKind::IrqWindow => 5,
-        ExitKind::MsrRead => 6,
-        ExitKind::MsrWrite => 7,
-        ExitKind::Patched => 8,
-        ExitKind::Crash => 9,
-        ExitKind::SoftInt => 10,
-    }
+    kind as usize
 }
 
 /// Number of latency buckets: bucket `i` holds latencies in `[2^i, 2^(i+1))`
@@ -488,6 +466,13 @@ mod tests {
             prop_assert!(p99 < e.p99_ns, "p99 {} bound {}", p99, e.p99_ns);
             prop_assert!(e.p99_ns <= p99.max(1) * 2, "p99 {} bound {}", p99, e.p99_ns);
             prop_assert!(s.ports.is_empty());
+        }
+    }
+
+    #[test]
+    fn kind_index_is_the_position_in_exit_kinds() {
+        for (i, k) in EXIT_KINDS.iter().enumerate() {
+            assert_eq!(kind_index(*k), i, "{k:?}");
         }
     }
 }
