@@ -9,13 +9,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, nyx};
+use common::{kvm_available, lines_of, listening_port, nyx};
 
 /// Whether the gdb tests can run: KVM (the shared probe) and a gdb to run.
 /// Without gdb the test is skipped with a message, or fails under
@@ -67,21 +67,8 @@ impl Nyx {
     /// stderr read here, and waits for the line that says where it listens.
     fn spawn(mut cmd: Command) -> Nyx {
         let mut child = cmd.stderr(Stdio::piped()).spawn().expect("spawn nyx");
-        let (tx, rx) = mpsc::channel();
-        let err = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("nyx says where it listens");
-        let port = line
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        let rx = lines_of(child.stderr.take().expect("stderr"));
+        let port = listening_port(&rx, Duration::from_secs(30));
         Nyx {
             child,
             port,
@@ -323,13 +310,7 @@ fn gdb_attaches_to_a_guest_that_already_runs() {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped());
     let mut nyx = Nyx::spawn(cmd);
-    let (out_tx, out_rx) = mpsc::channel();
-    let out = nyx.child.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = out_tx.send(line);
-        }
-    });
+    let out_rx = lines_of(nyx.child.stdout.take().expect("stdout"));
     // The guest ran before anyone attached: its prompt is out.
     let prompt = out_rx
         .recv_timeout(Duration::from_secs(60))

@@ -13,13 +13,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{kvm_available, nyx};
+use common::{kvm_available, lines_of, listening_port, nyx};
 
 /// The line the recordings stop at: printed right after FPU init and the
 /// `int3` self-test of `alternative_instructions`.
@@ -114,21 +113,8 @@ impl Stub {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("nyx says where it listens");
-        let port = line
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        let rx = lines_of(child.stderr.take().unwrap());
+        let port = listening_port(&rx, Duration::from_secs(60));
         Stub {
             child,
             port,
@@ -248,15 +234,8 @@ fn gdb_on_a_live_kernel_has_more_breakpoints_than_debug_registers() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    let port: u16 = line
-        .trim()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect(&line);
+    let err = lines_of(child.stderr.take().unwrap());
+    let port = listening_port(&err, Duration::from_secs(60));
     let funcs = [
         "setup_arch",
         "trap_init",
