@@ -84,18 +84,17 @@ impl Machine {
         }
         let pc = crate::crash::CodeMode::linear(&sregs, regs.rip);
         let paging = crate::paging::PagingRegs::of(&sregs);
-        let mut code = Vec::with_capacity(2);
-        for i in 0..2u64 {
-            let Ok(t) = crate::paging::translate(&self.core.mem, &paging, pc.wrapping_add(i)) else {
-                break;
-            };
-            let mut one = [0u8; 1];
-            if vm_memory::Bytes::read_slice(&self.core.mem, &mut one, vm_memory::GuestAddress(t.gpa)).is_err() {
-                break;
-            }
-            code.push(one[0]);
-        }
-        let Some(si) = decode(&code, regs.rflags, mode == crate::crash::CodeMode::Bits64) else {
+        // Two bytes, or the one before an unmapped page (`int3` may end one).
+        let mut code = [0u8; 2];
+        let read = |buf: &mut [u8]| crate::paging::read_virt(&self.core.mem, &paging, pc, buf).is_ok();
+        let n = if read(&mut code) {
+            2
+        } else if read(&mut code[..1]) {
+            1
+        } else {
+            0
+        };
+        let Some(si) = decode(&code[..n], regs.rflags, mode == crate::crash::CodeMode::Bits64) else {
             return Ok(None);
         };
         if si.vector == 3 && self.debug.sw_breakpoints {
