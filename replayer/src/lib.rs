@@ -332,11 +332,12 @@ impl RunHooks for Replayer {
                     Some(Event::Landing(l)) => l,
                     _ => return Ok(Enter::Guest),
                 },
-                Some(Event::Landing(l)) => l.clone(),
+                // Searched: only what the search compares.
+                Some(Event::Landing(l)) => Box::new(l.digests_only()),
                 _ => return Ok(Enter::Guest),
             }
         };
-        if let (Some(k), false) = (&landing.keyframe, breakpoints) {
+        if let Some(k) = &landing.keyframe {
             search::restore_keyframe(ctx, &landing, k, &self.state)?;
             ctx.metrics.landing(nyx_vmm::metrics::LandingHow::Keyframe, 0);
             let mut s = lock(&self.state);

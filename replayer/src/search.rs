@@ -103,18 +103,10 @@ pub fn step_toward_landing(ctx: &mut HookCtx<'_>, state: &Shared) -> Result<Opti
         let window = matches!(s.cursor.peek(), Some(Event::Exit(r)) if r.kind == ExitKind::IrqWindow);
         // Only what the check compares is copied: this runs before every
         // step, and a keyframe holds pages.
-        let state_of = |l: &Landing| Landing {
-            keyframe: None,
-            regs: l.regs,
-            regs_digest: l.regs_digest,
-            dirty_pages: l.dirty_pages,
-            mem_digest: l.mem_digest,
-            pending_interrupt: l.pending_interrupt,
-        };
         match (window, s.cursor.peek()) {
-            (false, Some(Event::Landing(l))) => state_of(l),
+            (false, Some(Event::Landing(l))) => l.digests_only(),
             (true, _) => match s.cursor.peek_second() {
-                Some(Event::Landing(l)) => state_of(&l),
+                Some(Event::Landing(l)) => l.digests_only(),
                 _ => return Ok(None),
             },
             _ => return Ok(None),

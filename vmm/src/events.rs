@@ -175,6 +175,21 @@ pub struct Landing {
     pub keyframe: Option<Box<Keyframe>>,
 }
 
+impl Landing {
+    /// The landing without its keyframe: what a search or a step compares
+    /// (a keyframe holds pages, too much to copy for that).
+    pub fn digests_only(&self) -> Landing {
+        Landing {
+            keyframe: None,
+            regs: self.regs,
+            regs_digest: self.regs_digest,
+            dirty_pages: self.dirty_pages,
+            mem_digest: self.mem_digest,
+            pending_interrupt: self.pending_interrupt,
+        }
+    }
+}
+
 /// The state at a landing the recorder judged hot (a breakpoint search
 /// would hit its RIP many times): the replayer restores it instead.
 ///
