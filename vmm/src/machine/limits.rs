@@ -22,13 +22,6 @@ pub struct Limits {
     pub max_guest_ns: Option<u64>,
 }
 
-impl Limits {
-    /// Whether no limit is set.
-    pub fn is_empty(&self) -> bool {
-        self.until_output.as_deref().is_none_or(str::is_empty) && self.max_guest_ns.is_none()
-    }
-}
-
 /// What the output watch looks for and whether it has gone by.
 #[derive(Debug, Default)]
 pub struct WatchState {
