@@ -14,49 +14,13 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{guest, kvm_available, nyx};
+use common::{guest, kvm_available, nyx, Captured};
 
-/// Collects a pipe's bytes on a thread.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn spawn(mut r: impl Read + Send + 'static) -> Self {
-        let c = Captured::default();
-        let buf = c.0.clone();
-        std::thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = r.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                buf.lock().unwrap().extend_from_slice(&chunk[..n]);
-            }
-        });
-        c
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
-    /// Waits until the text contains `needle`.
-    fn wait_for(&self, needle: &str, what: &str) {
-        let start = Instant::now();
-        while !self.text().contains(needle) {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{what}: no {needle:?} in {:?}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
+/// How long a test waits for what it expects to read.
+const WAIT: Duration = Duration::from_secs(30);
 
 /// A running `nyx` with its stdin, stdout and stderr.
 struct Proc {
@@ -74,8 +38,8 @@ impl Proc {
             .stderr(Stdio::piped())
             .spawn()
             .expect("nyx starts");
-        let out = Captured::spawn(child.stdout.take().unwrap());
-        let err = Captured::spawn(child.stderr.take().unwrap());
+        let out = Captured::spawn(child.stdout.take().unwrap(), WAIT);
+        let err = Captured::spawn(child.stderr.take().unwrap(), WAIT);
         Proc {
             stdin: child.stdin.take(),
             child,
@@ -116,12 +80,12 @@ impl Proc {
         // `cmd` still holds the slave until dropped: the master reads until
         // the child's last descriptor of it closes.
         drop(cmd);
-        let out = Captured::spawn(child.stdout.take().unwrap());
+        let out = Captured::spawn(child.stdout.take().unwrap(), WAIT);
         Proc {
             stdin: child.stdin.take(),
             child,
             out,
-            err: Captured::spawn(master),
+            err: Captured::spawn(master, WAIT),
         }
     }
 

@@ -6,56 +6,21 @@
 //! `--serial-allow-remote`; a recording through a console replays without
 //! it.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{guest, kvm_available, nyx};
+use common::{guest, kvm_available, nyx, Captured};
 
 /// The echo guest's exit status.
 const ECHO_EXIT: i32 = 0x33;
 
-/// Collects what a reader yields on a thread.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn spawn(mut r: impl Read + Send + 'static) -> Self {
-        let c = Captured::default();
-        let buf = c.0.clone();
-        std::thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = r.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                buf.lock().unwrap().extend_from_slice(&chunk[..n]);
-            }
-        });
-        c
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
-    fn wait_for(&self, needle: &str, what: &str) {
-        let start = Instant::now();
-        while !self.text().contains(needle) {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "{what}: no {needle:?} in {:?}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
+/// How long a test waits for what it expects to read.
+const WAIT: Duration = Duration::from_secs(60);
 
 /// A running nyx with its stdout and stderr captured.
 struct Proc {
@@ -72,8 +37,8 @@ impl Proc {
             .stderr(Stdio::piped())
             .spawn()
             .expect("nyx starts");
-        let out = Captured::spawn(child.stdout.take().unwrap());
-        let err = Captured::spawn(child.stderr.take().unwrap());
+        let out = Captured::spawn(child.stdout.take().unwrap(), WAIT);
+        let err = Captured::spawn(child.stderr.take().unwrap(), WAIT);
         Proc { child, out, err }
     }
 
@@ -179,7 +144,7 @@ fn a_unix_console_as_server_and_as_client() {
     let mut p = echo(&["--serial", &spec]);
     announced(&p, "waiting for a connection on unix:");
     let conn = UnixStream::connect(&path).unwrap();
-    converse(conn.try_clone().unwrap(), &Captured::spawn(conn));
+    converse(conn.try_clone().unwrap(), &Captured::spawn(conn, WAIT));
     assert_eq!(p.wait(), Some(ECHO_EXIT), "{}", p.err.text());
 
     let listen = dir.path().join("client.sock");
@@ -187,7 +152,7 @@ fn a_unix_console_as_server_and_as_client() {
     let spec = format!("unix:{}", listen.display());
     let mut p = echo(&["--serial", &spec]);
     let (conn, _) = l.accept().unwrap();
-    converse(conn.try_clone().unwrap(), &Captured::spawn(conn));
+    converse(conn.try_clone().unwrap(), &Captured::spawn(conn, WAIT));
     assert_eq!(p.wait(), Some(ECHO_EXIT), "{}", p.err.text());
 }
 
@@ -199,7 +164,7 @@ fn a_tcp_console_is_loopback_unless_allowed() {
     let mut p = echo(&["--serial", "tcp:127.0.0.1:0,server"]);
     let addr = announced(&p, "waiting for a connection on tcp:");
     let conn = TcpStream::connect(&addr).unwrap();
-    converse(conn.try_clone().unwrap(), &Captured::spawn(conn));
+    converse(conn.try_clone().unwrap(), &Captured::spawn(conn, WAIT));
     assert_eq!(p.wait(), Some(ECHO_EXIT), "{}", p.err.text());
 
     let mut p = echo(&["--serial", "tcp:0.0.0.0:0,server"]);
@@ -221,7 +186,7 @@ fn a_pty_console_carries_typing_both_ways() {
         .write(true)
         .open(Path::new(&name))
         .unwrap();
-    converse(tty.try_clone().unwrap(), &Captured::spawn(tty));
+    converse(tty.try_clone().unwrap(), &Captured::spawn(tty, WAIT));
     assert_eq!(p.wait(), Some(ECHO_EXIT), "{}", p.err.text());
 }
 
@@ -242,7 +207,7 @@ fn a_recording_through_a_console_replays_without_it() {
     let mut p = Proc::spawn(cmd);
     let addr = announced(&p, "waiting for a connection on tcp:");
     let conn = TcpStream::connect(&addr).unwrap();
-    converse(conn.try_clone().unwrap(), &Captured::spawn(conn));
+    converse(conn.try_clone().unwrap(), &Captured::spawn(conn, WAIT));
     assert_eq!(p.wait(), Some(ECHO_EXIT), "{}", p.err.text());
     let out = nyx().arg("replay").arg(&trace).output().unwrap();
     assert_eq!(

@@ -10,7 +10,9 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant;
 
 pub use nyx_tests::kvm_available;
 
@@ -48,4 +50,53 @@ pub fn listening_port(lines: &mpsc::Receiver<String>, within: Duration) -> u16 {
         .next()
         .and_then(|p| p.trim().parse().ok())
         .unwrap_or_else(|| panic!("no port in {line:?}"))
+}
+
+/// Collects what a reader (a pipe, a socket, a terminal) yields, on a
+/// thread of its own; [`Captured::wait_for`] waits up to the bound it was
+/// made with.
+#[derive(Clone)]
+pub struct Captured {
+    buf: Arc<Mutex<Vec<u8>>>,
+    within: Duration,
+}
+
+impl Captured {
+    /// Starts collecting `r`; waits on it last at most `within`.
+    pub fn spawn(mut r: impl Read + Send + 'static, within: Duration) -> Self {
+        let c = Captured {
+            buf: Arc::default(),
+            within,
+        };
+        let buf = c.buf.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = r.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                buf.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        c
+    }
+
+    /// What was collected so far, as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the text contains `needle`; `what` names the reader in
+    /// the failure message.
+    pub fn wait_for(&self, needle: &str, what: &str) {
+        let start = Instant::now();
+        while !self.text().contains(needle) {
+            assert!(
+                start.elapsed() < self.within,
+                "{what}: no {needle:?} in {:?}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
