@@ -19,6 +19,9 @@ pub enum BusEvent {
     Reset,
     /// The guest asked to power off.
     PowerOff,
+    /// The guest put the machine to sleep in ACPI state S1 or S3 (the
+    /// value); it sleeps until a wake event.
+    Sleep(u8),
 }
 
 /// A device on a bus. `base` is the start of the range the access fell in

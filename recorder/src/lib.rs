@@ -102,6 +102,8 @@ pub struct RecordOptions {
     pub landings: LandingPolicy,
     /// The CPU model the guest sees.
     pub cpu: CpuModel,
+    /// The interrupt controllers and platform.
+    pub irqchip: nyx_vmm::config::Irqchip,
 }
 
 /// What a recording produced.
@@ -213,17 +215,19 @@ impl TimeSource for RecordTime {
     }
 }
 
-/// The user's serial input, each chunk the UART takes logged.
+/// Input from outside, each chunk a device takes logged: the user's
+/// serial input (`Event::Input`) or platform events (`Event::Platform`).
 struct RecordInput {
     inner: Box<dyn Input>,
     log: SharedLog,
+    event: fn(Vec<u8>) -> Event,
 }
 
 impl Input for RecordInput {
     fn read_available(&mut self, buf: &mut [u8]) -> usize {
         let n = self.inner.read_available(buf);
         if n > 0 {
-            lock(&self.log).push(Event::Input(buf[..n].to_vec()));
+            lock(&self.log).push((self.event)(buf[..n].to_vec()));
         }
         n
     }
@@ -341,6 +345,15 @@ impl RunHooks for Recorder {
         Box::new(RecordInput {
             inner: requested,
             log: self.log.clone(),
+            event: Event::Input,
+        })
+    }
+
+    fn platform_input(&mut self, requested: Box<dyn Input>) -> Box<dyn Input> {
+        Box::new(RecordInput {
+            inner: requested,
+            log: self.log.clone(),
+            event: Event::Platform,
         })
     }
 
@@ -554,6 +567,7 @@ fn start_image_with_clock(
         .kvm_path(&opts.kvm_path)
         .cpuid_policy(CpuidPolicy::RecordReplay)
         .cpu_model(opts.cpu)
+        .irqchip(opts.irqchip)
         .hooks(Box::new(hooks));
     if let Some(out) = opts.serial_out {
         b = b.serial_out(out);
@@ -573,6 +587,7 @@ fn start_image_with_clock(
         tsc_khz: machine.tsc_khz(),
         wall_seconds: *wall.lock().unwrap_or_else(|e| e.into_inner()),
         verify: opts.verify,
+        irqchip: opts.irqchip,
     };
     let mut images = vec![GuestImage::embedded(KERNEL_IMAGE, image)];
     if let Some(i) = initrd {
@@ -902,6 +917,7 @@ mod tests {
             verify: VerifyLevel::Exits,
             landings,
             cpu: Default::default(),
+            irqchip: Default::default(),
         }
     }
 

@@ -165,36 +165,39 @@ impl TimeSource for ReplayTime {
     }
 }
 
-/// Serial input served from the trace.
-struct ReplayInput(Shared);
+/// Input served from the trace: the UART's (`Event::Input`) or the ACPI PM
+/// device's platform events (`Event::Platform`).
+struct ReplayInput {
+    state: Shared,
+    platform: bool,
+}
 
 impl Input for ReplayInput {
     fn read_available(&mut self, buf: &mut [u8]) -> usize {
-        let mut s = lock(&self.0);
-        match s.cursor.peek() {
-            Some(Event::Input(b)) if b.len() <= buf.len() => {
-                let n = b.len();
-                buf[..n].copy_from_slice(b);
-                s.cursor.advance();
-                n
-            }
-            Some(Event::Input(b)) => {
-                let msg = format!(
-                    "the UART had room for {} bytes, the recording gave it {}",
-                    buf.len(),
-                    b.len()
-                );
-                s.cursor.fail(&msg);
-                0
-            }
-            _ => 0,
+        let mut s = lock(&self.state);
+        let b = match s.cursor.peek() {
+            Some(Event::Input(b)) if !self.platform => b.clone(),
+            Some(Event::Platform(b)) if self.platform => b.clone(),
+            _ => return 0,
+        };
+        if b.len() > buf.len() {
+            let msg = format!(
+                "the device had room for {} bytes of input, the recording gave it {}",
+                buf.len(),
+                b.len()
+            );
+            s.cursor.fail(&msg);
+            return 0;
         }
+        buf[..b.len()].copy_from_slice(&b);
+        s.cursor.advance();
+        b.len()
     }
 
     fn is_exhausted(&self) -> bool {
         // Whether input may still come is part of the guest-visible state
-        // only through what the UART received, which the trace serves.
-        !lock(&self.0).cursor.has_more_input()
+        // only through what the device received, which the trace serves.
+        !lock(&self.state).cursor.has_more_input()
     }
 }
 
@@ -231,7 +234,17 @@ impl RunHooks for Replayer {
     }
 
     fn serial_input(&mut self, _requested: Box<dyn Input>) -> Box<dyn Input> {
-        Box::new(ReplayInput(self.state.clone()))
+        Box::new(ReplayInput {
+            state: self.state.clone(),
+            platform: false,
+        })
+    }
+
+    fn platform_input(&mut self, _requested: Box<dyn Input>) -> Box<dyn Input> {
+        Box::new(ReplayInput {
+            state: self.state.clone(),
+            platform: true,
+        })
     }
 
     fn wall_seconds(&mut self, _host: i64) -> i64 {
@@ -627,6 +640,7 @@ fn build_inner(
         .kvm_path(&opts.kvm_path)
         .cpuid_table(config.cpuid.clone())
         .cpu_model_name(&config.cpu_model)
+        .irqchip(config.irqchip)
         .tsc_khz(config.tsc_khz)
         .hooks(Box::new(hooks));
     let mut timeline = None;

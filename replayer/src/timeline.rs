@@ -413,8 +413,15 @@ impl Timeline {
             .map_err(|e| TimelineError::Replay(format!("restoring a checkpoint's pages: {e}")))?;
         let ck = &self.checkpoints[i];
         let out = Box::new(OnceOutput(self.out.clone()));
-        let input = Box::new(crate::ReplayInput(self.shared.clone()));
-        m.reset_state(&ck.state, out, input)?;
+        let input = Box::new(crate::ReplayInput {
+            state: self.shared.clone(),
+            platform: false,
+        });
+        let events = Box::new(crate::ReplayInput {
+            state: self.shared.clone(),
+            platform: true,
+        });
+        m.reset_state(&ck.state, out, input, events)?;
         // What KVM logged since the last collection belongs to the run
         // being left, not to the checkpoint's landing accounting.
         m.take_written()?;

@@ -158,6 +158,7 @@ fn round_trip(dir: &Path, name: &str, rep: usize) -> Res<Trip> {
             verify: VerifyLevel::Exits,
             landings: nyx_recorder::LandingPolicy::Auto,
             cpu: Default::default(),
+            irqchip: Default::default(),
         },
         name.to_string(),
         image.to_vec(),

@@ -87,6 +87,7 @@ fn the_guest_sees_the_trace_table_in_a_recording_and_its_replay() {
             verify: Default::default(),
             landings: nyx_recorder::LandingPolicy::Auto,
             cpu: CpuModel::Host,
+            irqchip: Default::default(),
         },
         "cpuid".into(),
         nyx_guests::CPUID.to_vec(),

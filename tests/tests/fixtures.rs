@@ -163,6 +163,7 @@ fn regenerate() {
             verify: VerifyLevel::Exits,
             landings: LandingPolicy::Auto,
             cpu: Default::default(),
+            irqchip: Default::default(),
         },
         "hello".into(),
         image.clone(),

@@ -4,7 +4,10 @@
 //! A unix socket, mode 0600, one JSON request and one JSON reply per line:
 //! `{"cmd":"pause"}`, `resume`, `snapshot` (with `"path"`), `status`,
 //! `metrics`, `logs` (with `"n"`), `migrate` (with `"addr"`, optional
-//! `"max_iterations"` and `"threshold_pages"`), `quit`. A listener thread
+//! `"max_iterations"` and `"threshold_pages"`), `power-button`,
+//! `sleep-button`, `wake`, `set` (with `"path"` holding `lid=open|closed`,
+//! `battery=PCT[,charging]` or `temperature=C`: platform events for a
+//! machine with ACPI, recorded as inputs where the guest takes them), `quit`. A listener thread
 //! takes requests, hands each to the vCPU thread and kicks the vCPU; the
 //! vCPU thread answers at its next stop (a machine is only ever touched by
 //! the thread that runs it). `migrate` is answered when the migration is
@@ -32,6 +35,7 @@ use indicatif::ProgressBar;
 use nyx_vmm::kick::Kicker;
 use nyx_vmm::machine::Stop;
 use nyx_vmm::migration::{MigrateOptions, Outgoing};
+use nyx_devices::acpi_pm::PlatformEvent;
 use nyx_vmm::{Machine, RunOutcome};
 use serde::{Deserialize, Serialize};
 
@@ -351,12 +355,58 @@ fn handle(m: &mut Machine, req: &Request, paused: bool) -> (Reply, After) {
             (Reply::ok(Some(serde_json::json!({ "entries": lines }))), keep)
         }
         "quit" => (Reply::ok(None), After::Quit),
+        "power-button" | "sleep-button" | "wake" | "set" => {
+            match platform_event(&req.cmd, req.path.as_deref()).and_then(|e| m.platform_event(&e)) {
+                Ok(()) => (Reply::ok(None), keep),
+                Err(e) => (Reply::err(e), keep),
+            }
+        }
         other => (
             Reply::err(format!(
-                "unknown command {other:?}: use pause, resume, snapshot, status, metrics, logs, migrate or quit"
+                "unknown command {other:?}: use pause, resume, snapshot, status, metrics, logs, migrate, \
+                 power-button, sleep-button, wake, set or quit"
             )),
             keep,
         ),
+    }
+}
+
+/// The platform event of `power-button`, `sleep-button`, `wake` or
+/// `set NAME=VALUE` (`lid=open|closed`, `battery=PCT[,charging]`,
+/// `temperature=C`).
+pub fn platform_event(cmd: &str, arg: Option<&str>) -> Result<PlatformEvent, String> {
+    match cmd {
+        "power-button" => return Ok(PlatformEvent::PowerButton),
+        "sleep-button" => return Ok(PlatformEvent::SleepButton),
+        "wake" => return Ok(PlatformEvent::Wake),
+        _ => {}
+    }
+    let usage = "set needs NAME=VALUE: lid=open|closed, battery=PCT[,charging], temperature=C";
+    let (name, value) = arg.and_then(|a| a.split_once('=')).ok_or(usage)?;
+    match name {
+        "lid" => match value {
+            "open" => Ok(PlatformEvent::Lid(true)),
+            "closed" => Ok(PlatformEvent::Lid(false)),
+            _ => Err(format!("lid is open or closed, not {value:?}")),
+        },
+        "battery" => {
+            let (pct, charging) = match value.split_once(',') {
+                Some((p, "charging")) => (p, true),
+                Some((_, other)) => return Err(format!("battery=PCT[,charging], not ...,{other}")),
+                None => (value, false),
+            };
+            match pct.parse::<u8>() {
+                Ok(percent) if percent <= 100 => Ok(PlatformEvent::Battery { percent, charging }),
+                _ => Err(format!("battery charge is a percentage 0..=100, not {pct:?}")),
+            }
+        }
+        "temperature" => value
+            .parse::<i16>()
+            .ok()
+            .filter(|c| (-273..=1000).contains(c))
+            .map(PlatformEvent::Temperature)
+            .ok_or_else(|| format!("temperature is whole degrees Celsius, not {value:?}")),
+        _ => Err(format!("unknown setting {name:?}: {usage}")),
     }
 }
 
@@ -449,6 +499,14 @@ fn finish_migration(m: &mut Machine, mig: Migrating) -> bool {
 /// Runs `m` to its end, serving the control socket at its stops. `None`:
 /// the user quit through the socket, or the machine migrated away.
 pub fn run(m: &mut Machine, api: &Api) -> Result<Option<RunOutcome>, nyx_vmm::machine::Error> {
+    // While the socket listens, a power button may still come.
+    m.set_platform_events_open(true);
+    let r = serve(m, api);
+    m.set_platform_events_open(false);
+    r
+}
+
+fn serve(m: &mut Machine, api: &Api) -> Result<Option<RunOutcome>, nyx_vmm::machine::Error> {
     let mut paused = false;
     let mut migrating: Option<Migrating> = None;
     loop {

@@ -77,6 +77,7 @@ pub fn run(kvm_device: &str) -> Result<ExitCode, String> {
             verify: VerifyLevel::Exits,
             landings: nyx_recorder::LandingPolicy::Auto,
             cpu: Default::default(),
+            irqchip: Default::default(),
         },
         GUEST.into(),
         image,

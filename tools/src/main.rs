@@ -160,9 +160,12 @@ struct ReportArgs {
 struct CtlArgs {
     /// The control socket.
     socket: PathBuf,
-    /// pause, resume, snapshot, status, metrics, logs, migrate or quit.
+    /// pause, resume, snapshot, status, metrics, logs, migrate,
+    /// power-button, sleep-button, wake, set or quit.
     command: String,
-    /// The file for `snapshot`; the destination (tcp:HOST:PORT) for `migrate`.
+    /// The file for `snapshot`; the destination (tcp:HOST:PORT) for
+    /// `migrate`; NAME=VALUE for `set` (lid=open|closed,
+    /// battery=PCT[,charging], temperature=C).
     arg: Option<String>,
     /// `migrate`: the most pre-copy passes over dirty pages after the first.
     #[arg(long, value_name = "N")]
@@ -291,6 +294,12 @@ pub struct MachineArgs {
     /// lists them. A snapshot, trace or migrated machine keeps its own.
     #[arg(long, value_name = "MODEL", default_value = "baseline")]
     cpu: String,
+    /// The interrupt controllers and the platform around them: legacy (the
+    /// 8259A PIC pair of a 1980s PC, no ACPI; the default) or apic (a local
+    /// APIC and an IOAPIC beside the PICs, HPET, ACPI tables and power
+    /// management, ISA DMA). A snapshot, trace or migrated machine keeps its own.
+    #[arg(long, value_name = "KIND", default_value = "legacy")]
+    irqchip: String,
     #[command(flatten)]
     kvm: KvmArgs,
 }
@@ -494,6 +503,11 @@ impl MachineArgs {
         }
     }
 
+    /// The `--irqchip` kind.
+    fn irqchip(&self) -> Result<nyx_vmm::config::Irqchip, String> {
+        nyx_vmm::config::Irqchip::parse(&self.irqchip)
+    }
+
     fn builder(&self, cpu: CpuModel) -> Result<MachineBuilder, String> {
         let kernel = self.kernel()?;
         let (serial_in, serial_out) = self.serial.open()?;
@@ -502,6 +516,7 @@ impl MachineArgs {
             .kernel(kernel)
             .cmdline(&self.cmdline)
             .cpu_model(cpu)
+            .irqchip(self.irqchip()?)
             .serial_in(serial_in)
             .kvm_path(&self.kvm.kvm_device);
         if let Some(out) = serial_out {
@@ -573,6 +588,7 @@ fn record(args: &RecordArgs) -> Result<ExitCode, String> {
                 verify,
                 landings,
                 cpu,
+                irqchip: m.irqchip()?,
             },
             args.clock.check_hooks().map(|(h, _)| h),
         ),

@@ -21,6 +21,36 @@ pub enum VerifyLevel {
     Full,
 }
 
+/// The machine's interrupt controllers and the platform around them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Irqchip {
+    /// A 1980s PC: the 8259A PIC pair only, no ACPI.
+    #[default]
+    Legacy,
+    /// A modern PC: a local APIC, an IOAPIC beside the PICs, HPET, ACPI
+    /// tables and PM, ISA DMA.
+    Apic,
+}
+
+impl Irqchip {
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Irqchip::Legacy => "legacy",
+            Irqchip::Apic => "apic",
+        }
+    }
+
+    /// Parses a `--irqchip` value.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "legacy" => Ok(Irqchip::Legacy),
+            "apic" => Ok(Irqchip::Apic),
+            other => Err(format!("unknown interrupt controller {other:?}: use legacy or apic")),
+        }
+    }
+}
+
 /// A machine as a trace or snapshot describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineConfig {
@@ -43,6 +73,8 @@ pub struct MachineConfig {
     pub wall_seconds: i64,
     /// What the recording verifies.
     pub verify: VerifyLevel,
+    /// The interrupt controllers and platform (`--irqchip`).
+    pub irqchip: Irqchip,
 }
 
 impl MachineConfig {
@@ -82,6 +114,7 @@ mod tests {
             tsc_khz: 2_000_000,
             wall_seconds: 1_800_000_000,
             verify: VerifyLevel::Full,
+            irqchip: Irqchip::Apic,
         };
         assert_eq!(MachineConfig::from_bytes(&c.to_bytes()).unwrap(), c);
         assert!(MachineConfig::from_bytes(&[0xff; 3]).is_err());

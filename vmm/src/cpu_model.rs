@@ -303,7 +303,13 @@ pub fn missing_features(table: &[CpuidEntry], supported: &[CpuidEntry]) -> Vec<S
             continue;
         };
         let have = find(supported, r.leaf, r.subleaf).map_or(0, |e| r.reg.get(&e));
-        let lacking = r.reg.get(&want) & !have & !r.dynamic;
+        let mut lacking = r.reg.get(&want) & !have & !r.dynamic;
+        // Devices Nyx emulates itself, not KVM.
+        match (r.leaf, r.subleaf, r.reg) {
+            (1, 0, Reg::Ecx) => lacking &= !crate::cpuid::EMULATED_L1.0,
+            (1, 0, Reg::Edx) => lacking &= !crate::cpuid::EMULATED_L1.1,
+            _ => {}
+        }
         for bit in (0..32).filter(|b| lacking & (1 << b) != 0) {
             missing.push(match r.names[bit] {
                 "" => format!("CPUID.({:#x},{}).{}[{bit}]", r.leaf, r.subleaf, r.reg.name()),

@@ -88,6 +88,24 @@ const LX1_EDX_RDTSCP: u32 = 1 << 27;
 // Leaf 0x8000_0007.
 const LX7_EDX_INVARIANT_TSC: u32 = 1 << 8;
 
+/// The leaf-1 (ECX, EDX) bits of the devices Nyx emulates in user space
+/// under `--irqchip apic` (local APIC, TSC-deadline timer): offered whatever
+/// KVM's own table says, since KVM is not what implements them.
+pub const EMULATED_L1: (u32, u32) = (L1_ECX_TSC_DEADLINE, L1_EDX_APIC);
+
+/// Offers the local APIC and its TSC-deadline timer in leaf 1 when the
+/// machine has them (`Irqchip::Apic`); [`filter`] hides them for a legacy
+/// machine.
+pub fn apply_irqchip(entries: &mut [CpuidEntry], irqchip: crate::config::Irqchip) {
+    if irqchip != crate::config::Irqchip::Apic {
+        return;
+    }
+    for e in entries.iter_mut().filter(|e| e.function == 1) {
+        e.ecx |= EMULATED_L1.0;
+        e.edx |= EMULATED_L1.1;
+    }
+}
+
 /// Filters `entries` in place according to `policy`. Returns the entries to
 /// keep (some leaves are removed entirely).
 pub fn filter(policy: CpuidPolicy, entries: &[CpuidEntry]) -> Vec<CpuidEntry> {

@@ -326,6 +326,10 @@ pub enum Event {
     Regs(u64),
     /// The run ended.
     End(Box<EndRecord>),
+    /// Platform events from outside (a power-button press, a lid, battery
+    /// or temperature change; `nyx_devices::acpi_pm::PlatformEvent`
+    /// encoded) taken by the ACPI PM device here.
+    Platform(Vec<u8>),
 }
 
 impl Event {
@@ -336,6 +340,7 @@ impl Event {
             Event::Poll => "poll",
             Event::Time(_) => "time",
             Event::Input(_) => "input",
+            Event::Platform(_) => "platform",
             Event::Entropy(_) => "entropy",
             Event::Landing(_) => "landing",
             Event::Inject(_) => "inject",
@@ -362,6 +367,7 @@ impl std::fmt::Display for Event {
             Event::Poll => write!(f, "poll"),
             Event::Time(t) => write!(f, "time {t} ns"),
             Event::Input(b) => write!(f, "input {:?}", String::from_utf8_lossy(b)),
+            Event::Platform(b) => write!(f, "platform {b:02x?}"),
             Event::Entropy(v) => write!(f, "entropy {v:#x}"),
             Event::Landing(l) => write!(
                 f,
@@ -405,6 +411,7 @@ mod tests {
             Just(Event::Poll),
             any::<u64>().prop_map(Event::Time),
             prop::collection::vec(any::<u8>(), 0..40).prop_map(Event::Input),
+            prop::collection::vec(any::<u8>(), 0..8).prop_map(Event::Platform),
             any::<u64>().prop_map(Event::Entropy),
             (any::<[u64; 16]>(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(gpr, rip, d, n)| {
                 Event::Landing(Box::new(Landing {

@@ -280,6 +280,13 @@ pub trait RunHooks: Send {
     /// The UART's input, given the one the user asked for (called once).
     fn serial_input(&mut self, requested: Box<dyn Input>) -> Box<dyn Input>;
 
+    /// The platform events' input (power button, lid, battery, temperature;
+    /// taken by the ACPI PM device), given the one the user's control
+    /// socket feeds (called once). A plain run passes it through.
+    fn platform_input(&mut self, requested: Box<dyn Input>) -> Box<dyn Input> {
+        requested
+    }
+
     /// The date at power-on, given the host's.
     fn wall_seconds(&mut self, host: i64) -> i64 {
         host

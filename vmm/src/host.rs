@@ -140,6 +140,46 @@ impl Input for ThreadInput {
     }
 }
 
+/// Platform events (power button, lid, battery, temperature) queued by
+/// the control socket for the ACPI PM device, which takes them at its next
+/// poll. Clones share the queue. While [`PlatformQueue::set_open`] says a
+/// control socket may still send, an idle guest waits for it instead of
+/// ending as halted.
+#[derive(Debug, Clone, Default)]
+pub struct PlatformQueue(std::sync::Arc<std::sync::Mutex<(std::collections::VecDeque<u8>, bool)>>);
+
+impl PlatformQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (std::collections::VecDeque<u8>, bool)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues an event's encoded bytes.
+    pub fn push(&self, bytes: &[u8]) {
+        self.lock().0.extend(bytes);
+    }
+
+    /// Whether more events may still be queued (a control socket listens).
+    pub fn set_open(&self, open: bool) {
+        self.lock().1 = open;
+    }
+}
+
+impl Input for PlatformQueue {
+    fn read_available(&mut self, buf: &mut [u8]) -> usize {
+        let mut q = self.lock();
+        let n = buf.len().min(q.0.len());
+        for (b, v) in buf.iter_mut().zip(q.0.drain(..n)) {
+            *b = v;
+        }
+        n
+    }
+
+    fn is_exhausted(&self) -> bool {
+        let q = self.lock();
+        q.0.is_empty() && !q.1
+    }
+}
+
 /// Guest serial output to the host's stdout, flushed at every write so that
 /// a prompt without a newline shows at once.
 #[derive(Debug, Default)]

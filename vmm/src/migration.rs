@@ -904,8 +904,11 @@ mod tests {
             wall: Box::new(nyx_devices::io::FixedWallClock(1_700_000_000)),
             serial_out: Box::new(io::sink()),
             serial_in: Box::new(nyx_devices::io::NoInput),
+            platform_in: Box::new(nyx_devices::io::NoInput),
+            tsc_hz: 1_000_000_000,
         };
-        let platform = crate::platform::Platform::new(io, 4 << 20, 0).unwrap();
+        let platform =
+            crate::platform::Platform::new(io, 4 << 20, 0, crate::config::Irqchip::Apic).unwrap();
         MachineState {
             vcpu: crate::vcpu_state::tests::sample(),
             platform: platform.state(),
@@ -927,6 +930,7 @@ mod tests {
             tsc_khz: 1_000_000,
             wall_seconds: 0,
             verify: crate::config::VerifyLevel::Exits,
+            irqchip: crate::config::Irqchip::Legacy,
         }
     }
 

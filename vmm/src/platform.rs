@@ -1,15 +1,29 @@
-//! The PC platform: every legacy device of the machine on its port or MMIO
-//! range, the interrupt routing from devices to the PIC, and the questions
+//! The PC platform: every device of the machine on its port or MMIO range,
+//! the interrupt routing from devices to the controllers, and the questions
 //! the run loop asks at each exit (what is pending, when is the next
 //! deadline).
+//!
+//! A legacy machine (`--irqchip legacy`) is a 1980s PC: PIC pair, PIT,
+//! CMOS RTC, COM1, i8042. A modern one (`--irqchip apic`) adds a local APIC
+//! and an IOAPIC (one device with the PICs: `nyx_devices::irqchip`), an
+//! HPET, the ACPI PM block and the ISA DMA controllers; the ACPI tables
+//! describing it are written by the loader (`crate::acpi`).
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use std::sync::atomic::AtomicBool;
+
+use nyx_devices::acpi_pm::{AcpiPm, ACPI_PM_PORTS};
 use nyx_devices::bus::SharedDevice;
 use nyx_devices::cmos::Cmos;
 use nyx_devices::debug_exit::DebugExit;
+use nyx_devices::dma::{Dma, DMA_PORTS};
+use nyx_devices::hpet::{Hpet, HPET_BASE, HPET_SIZE};
 use nyx_devices::i8042::{Port92, I8042};
+use nyx_devices::ioapic::{IOAPIC_BASE, IOAPIC_SIZE};
+use nyx_devices::irqchip::{GatedSink, IrqChip};
+use nyx_devices::lapic::{LAPIC_BASE, LAPIC_SIZE};
 use nyx_devices::pci::PciHost;
 use nyx_devices::pic::Pic;
 use nyx_devices::pit::Pit;
@@ -43,6 +57,10 @@ pub enum PortDevice {
     DebugExit,
     /// The PCI host bridge's configuration ports.
     Pci,
+    /// The ISA DMA controllers and page registers (modern machine).
+    Dma,
+    /// The ACPI PM block, SMI command port and sensors (modern machine).
+    AcpiPm,
 }
 
 impl PortDevice {
@@ -58,6 +76,8 @@ impl PortDevice {
             PortDevice::Port92 => "port92",
             PortDevice::DebugExit => "debug-exit",
             PortDevice::Pci => "pci",
+            PortDevice::Dma => "dma",
+            PortDevice::AcpiPm => "acpi-pm",
         }
     }
 }
@@ -80,12 +100,23 @@ pub const PORT_MAP: &[(u16, u16, PortDevice)] = &[
     (0xcf8, 8, PortDevice::Pci),
 ];
 
-/// The device that decodes `port`, if any.
+/// The port ranges a modern machine (`--irqchip apic`) adds to [`PORT_MAP`].
+pub fn modern_port_map() -> Vec<(u16, u16, PortDevice)> {
+    let dma = DMA_PORTS.iter().map(|&(b, l)| (b, l, PortDevice::Dma));
+    let pm = ACPI_PM_PORTS.iter().map(|&(b, l)| (b, l, PortDevice::AcpiPm));
+    dma.chain(pm).collect()
+}
+
+/// The device that decodes `port` on a modern machine (a legacy one has
+/// only [`PORT_MAP`]), if any.
 pub fn device_of_port(port: u16) -> Option<PortDevice> {
+    let hit = |base: u16, len: u16| port >= base && u32::from(port) < u32::from(base) + u32::from(len);
     PORT_MAP
         .iter()
-        .find(|&&(base, len, _)| port >= base && u32::from(port) < u32::from(base) + u32::from(len))
-        .map(|&(_, _, d)| d)
+        .copied()
+        .chain(modern_port_map())
+        .find(|&(base, len, _)| hit(base, len))
+        .map(|(_, _, d)| d)
 }
 
 /// The outside world as the platform's devices see it.
@@ -98,6 +129,17 @@ pub struct PlatformIo {
     pub serial_out: Box<dyn Write + Send>,
     /// Where COM1's input comes from.
     pub serial_in: Box<dyn Input>,
+    /// Where platform events (power button, lid, ...) come from.
+    pub platform_in: Box<dyn Input>,
+    /// The guest TSC's frequency (the local APIC's TSC-deadline mode).
+    pub tsc_hz: u64,
+}
+
+/// The devices only a modern machine has.
+struct Modern {
+    hpet: Arc<Mutex<Hpet>>,
+    acpi_pm: Arc<Mutex<AcpiPm>>,
+    dma: Arc<Mutex<Dma>>,
 }
 
 /// All devices of the machine.
@@ -106,8 +148,9 @@ pub struct Platform {
     pub pio: Bus,
     /// MMIO bus.
     pub mmio: Bus,
-    /// The PIC pair.
-    pub pic: Arc<Mutex<Pic>>,
+    /// The interrupt controllers (PIC pair; IOAPIC and local APIC on a
+    /// modern machine).
+    pub chip: Arc<Mutex<IrqChip>>,
     /// The PIT.
     pub pit: Arc<Mutex<Pit>>,
     /// COM1.
@@ -119,6 +162,20 @@ pub struct Platform {
     port92: Arc<Mutex<Port92>>,
     debug_exit: Arc<Mutex<DebugExit>>,
     pci: Arc<Mutex<PciHost>>,
+    modern: Option<Modern>,
+}
+
+/// What a snapshot holds of a modern machine's own devices.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModernState {
+    /// The IOAPIC and the local APIC.
+    pub apic: nyx_devices::irqchip::ApicState,
+    /// The HPET.
+    pub hpet: nyx_devices::hpet::HpetState,
+    /// The ACPI PM block.
+    pub acpi_pm: nyx_devices::acpi_pm::AcpiPmState,
+    /// The ISA DMA controllers.
+    pub dma: nyx_devices::dma::DmaState,
 }
 
 /// Every device's state: what a snapshot holds of the platform.
@@ -142,6 +199,8 @@ pub struct PlatformState {
     pub debug_exit: nyx_devices::debug_exit::DebugExitState,
     /// The PCI host bridge.
     pub pci: nyx_devices::pci::PciState,
+    /// A modern machine's devices (None on a legacy machine).
+    pub modern: Option<ModernState>,
 }
 
 /// Errors of restoring the platform.
@@ -159,23 +218,67 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The sinks devices raise their lines through.
+struct Sinks {
+    /// The controllers, directly (COM1, i8042, HPET, ACPI PM).
+    chip: Arc<dyn InterruptSink>,
+    /// The PIT's and the RTC's: cut while the HPET is in legacy
+    /// replacement mode.
+    gated: Arc<dyn InterruptSink>,
+    legacy: Arc<AtomicBool>,
+}
+
+impl Sinks {
+    fn new(chip: &Arc<Mutex<IrqChip>>) -> Self {
+        let direct: Arc<dyn InterruptSink> = chip.clone();
+        let legacy = Arc::new(AtomicBool::new(false));
+        Sinks {
+            gated: Arc::new(GatedSink::new(direct.clone(), legacy.clone())),
+            chip: direct,
+            legacy,
+        }
+    }
+}
+
 impl Platform {
-    /// Builds the platform for a machine with the given RAM layout.
-    pub fn new(io: PlatformIo, ram_below_4g: u64, ram_above_4g: u64) -> Result<Self, BusError> {
-        let pic = Arc::new(Mutex::new(Pic::new()));
-        let sink: Arc<dyn InterruptSink> = pic.clone();
-        let pit = Pit::new(io.clock.clone(), sink.clone());
-        let serial = Serial::new(sink.clone(), COM1_IRQ, io.serial_out, io.serial_in);
+    /// Builds the platform for a machine with the given RAM layout and
+    /// interrupt controllers.
+    pub fn new(
+        io: PlatformIo,
+        ram_below_4g: u64,
+        ram_above_4g: u64,
+        irqchip: crate::config::Irqchip,
+    ) -> Result<Self, BusError> {
+        let chip = match irqchip {
+            crate::config::Irqchip::Legacy => IrqChip::legacy(Pic::new()),
+            crate::config::Irqchip::Apic => IrqChip::with_apic(Pic::new(), io.clock.clone(), io.tsc_hz),
+        };
+        let chip = Arc::new(Mutex::new(chip));
+        let sinks = Sinks::new(&chip);
+        let pit = Pit::new(io.clock.clone(), sinks.gated.clone());
+        let serial = Serial::new(sinks.chip.clone(), COM1_IRQ, io.serial_out, io.serial_in);
         let cmos = Cmos::new(
             io.wall.as_ref(),
             ram_below_4g,
             ram_above_4g,
             io.clock.clone(),
-            sink.clone(),
+            sinks.gated.clone(),
         );
-        let i8042 = I8042::new(sink);
+        let i8042 = I8042::new(sinks.chip.clone());
+        let modern = match irqchip {
+            crate::config::Irqchip::Legacy => None,
+            crate::config::Irqchip::Apic => Some(Modern {
+                hpet: Arc::new(Mutex::new(Hpet::new(
+                    io.clock.clone(),
+                    sinks.chip.clone(),
+                    sinks.legacy.clone(),
+                ))),
+                acpi_pm: Arc::new(Mutex::new(AcpiPm::new(io.clock.clone(), sinks.chip.clone(), io.platform_in))),
+                dma: Arc::new(Mutex::new(Dma::new())),
+            }),
+        };
         Self::assemble(
-            pic,
+            chip,
             pit,
             serial,
             cmos,
@@ -184,22 +287,50 @@ impl Platform {
             Port92::new(),
             DebugExit,
             PciHost::new(),
+            modern,
         )
     }
 
     /// Rebuilds the platform from a snapshot's device states.
     pub fn from_state(io: PlatformIo, state: &PlatformState) -> Result<Self, PlatformError> {
         let bad = |e: &dyn std::fmt::Display| PlatformError::State(e.to_string());
-        let pic = Arc::new(Mutex::new(Pic::from_state(&state.pic)));
-        let sink: Arc<dyn InterruptSink> = pic.clone();
-        let pit = Pit::from_state(&state.pit, io.clock.clone(), sink.clone());
-        let serial = Serial::from_state(&state.serial, sink.clone(), COM1_IRQ, io.serial_out, io.serial_in)
-            .map_err(|e| bad(&e))?;
-        let cmos = Cmos::from_state(&state.cmos, io.clock.clone(), sink.clone()).map_err(|e| bad(&e))?;
-        let i8042 = I8042::from_state(&state.i8042, sink);
+        let chip = IrqChip::from_state(
+            &state.pic,
+            state.modern.as_ref().map(|m| &m.apic),
+            io.clock.clone(),
+            io.tsc_hz,
+        )
+        .map_err(|e| bad(&e))?;
+        let chip = Arc::new(Mutex::new(chip));
+        let sinks = Sinks::new(&chip);
+        let pit = Pit::from_state(&state.pit, io.clock.clone(), sinks.gated.clone());
+        let serial = Serial::from_state(
+            &state.serial,
+            sinks.chip.clone(),
+            COM1_IRQ,
+            io.serial_out,
+            io.serial_in,
+        )
+        .map_err(|e| bad(&e))?;
+        let cmos = Cmos::from_state(&state.cmos, io.clock.clone(), sinks.gated.clone()).map_err(|e| bad(&e))?;
+        let i8042 = I8042::from_state(&state.i8042, sinks.chip.clone());
         let pci = PciHost::from_state(&state.pci).map_err(|e| bad(&e))?;
+        let modern = match &state.modern {
+            None => None,
+            Some(m) => Some(Modern {
+                hpet: Arc::new(Mutex::new(
+                    Hpet::from_state(&m.hpet, io.clock.clone(), sinks.chip.clone(), sinks.legacy.clone())
+                        .map_err(|e| bad(&format!("HPET: {e}")))?,
+                )),
+                acpi_pm: Arc::new(Mutex::new(
+                    AcpiPm::from_state(&m.acpi_pm, io.clock.clone(), sinks.chip.clone(), io.platform_in)
+                        .map_err(|e| bad(&format!("ACPI PM: {e}")))?,
+                )),
+                dma: Arc::new(Mutex::new(Dma::from_state(&m.dma).map_err(|e| bad(&format!("DMA: {e}")))?)),
+            }),
+        };
         Ok(Self::assemble(
-            pic,
+            chip,
             pit,
             serial,
             cmos,
@@ -208,12 +339,13 @@ impl Platform {
             Port92::from_state(&state.port92),
             DebugExit::from_state(&state.debug_exit),
             pci,
+            modern,
         )?)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn assemble(
-        pic: Arc<Mutex<Pic>>,
+        chip: Arc<Mutex<IrqChip>>,
         pit: Pit,
         serial: Serial,
         cmos: Cmos,
@@ -222,6 +354,7 @@ impl Platform {
         port92: Port92,
         debug_exit: DebugExit,
         pci: PciHost,
+        modern: Option<Modern>,
     ) -> Result<Self, BusError> {
         let pit = Arc::new(Mutex::new(pit));
         let serial = Arc::new(Mutex::new(serial));
@@ -232,24 +365,37 @@ impl Platform {
         let debug_exit = Arc::new(Mutex::new(debug_exit));
         let pci = Arc::new(Mutex::new(pci));
         let mut pio = Bus::new();
-        for &(base, len, device) in PORT_MAP {
-            let d: SharedDevice = match device {
-                PortDevice::Pic => pic.clone(),
-                PortDevice::Pit => pit.clone(),
-                PortDevice::Uart => serial.clone(),
-                PortDevice::Cmos => cmos.clone(),
-                PortDevice::I8042 => i8042.clone(),
-                PortDevice::Port80 => port80.clone(),
-                PortDevice::Port92 => port92.clone(),
-                PortDevice::DebugExit => debug_exit.clone(),
-                PortDevice::Pci => pci.clone(),
+        let mut mmio = Bus::new();
+        let mut ports: Vec<(u16, u16, PortDevice)> = PORT_MAP.to_vec();
+        if modern.is_some() {
+            ports.extend(modern_port_map());
+        }
+        for (base, len, device) in ports {
+            let d: SharedDevice = match (device, &modern) {
+                (PortDevice::Pic, _) => chip.clone(),
+                (PortDevice::Pit, _) => pit.clone(),
+                (PortDevice::Uart, _) => serial.clone(),
+                (PortDevice::Cmos, _) => cmos.clone(),
+                (PortDevice::I8042, _) => i8042.clone(),
+                (PortDevice::Port80, _) => port80.clone(),
+                (PortDevice::Port92, _) => port92.clone(),
+                (PortDevice::DebugExit, _) => debug_exit.clone(),
+                (PortDevice::Pci, _) => pci.clone(),
+                (PortDevice::Dma, Some(m)) => m.dma.clone(),
+                (PortDevice::AcpiPm, Some(m)) => m.acpi_pm.clone(),
+                (PortDevice::Dma | PortDevice::AcpiPm, None) => continue,
             };
             pio.insert(u64::from(base), u64::from(len), d)?;
         }
+        if let Some(m) = &modern {
+            mmio.insert(LAPIC_BASE, LAPIC_SIZE, chip.clone())?;
+            mmio.insert(IOAPIC_BASE, IOAPIC_SIZE, chip.clone())?;
+            mmio.insert(HPET_BASE, HPET_SIZE, m.hpet.clone())?;
+        }
         Ok(Platform {
             pio,
-            mmio: Bus::new(),
-            pic,
+            mmio,
+            chip,
             pit,
             serial,
             cmos,
@@ -258,13 +404,15 @@ impl Platform {
             port92,
             debug_exit,
             pci,
+            modern,
         })
     }
 
     /// Every device's state.
     pub fn state(&self) -> PlatformState {
+        let chip = lock(&self.chip);
         PlatformState {
-            pic: lock(&self.pic).state(),
+            pic: chip.pic_state(),
             pit: lock(&self.pit).state(),
             serial: lock(&self.serial).state(),
             cmos: lock(&self.cmos).state(),
@@ -273,25 +421,43 @@ impl Platform {
             port92: lock(&self.port92).state(),
             debug_exit: lock(&self.debug_exit).state(),
             pci: lock(&self.pci).state(),
+            modern: match (&self.modern, chip.apic_state()) {
+                (Some(m), Some(apic)) => Some(ModernState {
+                    apic,
+                    hpet: lock(&m.hpet).state(),
+                    acpi_pm: lock(&m.acpi_pm).state(),
+                    dma: lock(&m.dma).state(),
+                }),
+                _ => None,
+            },
         }
     }
 
     /// Brings the timers up to the current virtual time and pulls serial
-    /// input; devices raise their lines on the PIC as they go.
+    /// input and platform events; devices raise their lines as they go.
     pub fn poll(&self) {
         lock(&self.pit).poll();
         lock(&self.cmos).poll();
         lock(&self.serial).poll_input();
+        if let Some(m) = &self.modern {
+            lock(&m.hpet).poll();
+            lock(&m.acpi_pm).poll();
+        }
+        lock(&self.chip).poll();
     }
 
     /// The earliest virtual time at which a device wants to be polled.
     pub fn next_deadline_ns(&self) -> Option<u64> {
-        let a = lock(&self.pit).next_deadline_ns();
-        let b = lock(&self.cmos).next_deadline_ns();
-        match (a, b) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let mut all = vec![
+            lock(&self.pit).next_deadline_ns(),
+            lock(&self.cmos).next_deadline_ns(),
+            lock(&self.chip).next_deadline_ns(),
+        ];
+        if let Some(m) = &self.modern {
+            all.push(lock(&m.hpet).next_deadline_ns());
+            all.push(lock(&m.acpi_pm).next_deadline_ns());
         }
+        all.into_iter().flatten().min()
     }
 
     /// Pulls serial input into the UART (after the guest touched it).
@@ -299,20 +465,34 @@ impl Platform {
         lock(&self.serial).poll_input();
     }
 
-    /// Whether serial input may still arrive (so an idle guest may still be
-    /// woken by it).
-    pub fn serial_may_receive(&self) -> bool {
+    /// Whether input may still arrive from outside (serial bytes, platform
+    /// events), so an idle guest may still be woken by it.
+    pub fn input_may_arrive(&self) -> bool {
         !lock(&self.serial).input_exhausted()
+            || self.modern.as_ref().is_some_and(|m| !lock(&m.acpi_pm).input_exhausted())
     }
 
-    /// Whether the PIC asserts INTR.
+    /// Whether the controllers have an interrupt for the CPU.
     pub fn interrupt_pending(&self) -> bool {
-        lock(&self.pic).has_interrupt()
+        lock(&self.chip).has_interrupt()
     }
 
     /// The INTA cycle: the vector to inject.
     pub fn acknowledge(&self) -> u8 {
-        lock(&self.pic).acknowledge()
+        lock(&self.chip).acknowledge()
+    }
+
+    /// A guest access to one of the local APIC's MSRs (see
+    /// [`IrqChip::msr`]): None when it is not one of them or the machine has
+    /// no local APIC.
+    pub fn apic_msr(&self, index: u32, write: Option<u64>) -> Option<Option<u64>> {
+        lock(&self.chip).msr(index, write)
+    }
+
+    /// Whether a wake event (the power button, `nyx ctl wake`, an RTC
+    /// alarm with RTC_EN) has arrived for a sleeping machine; takes it.
+    pub fn take_wake(&self) -> bool {
+        self.modern.as_ref().is_some_and(|m| lock(&m.acpi_pm).take_wake())
     }
 }
 
@@ -329,7 +509,10 @@ mod tests {
         assert_eq!(device_of_port(0x44), None);
         assert_eq!(device_of_port(0xcff), Some(PortDevice::Pci));
         assert_eq!(device_of_port(0xffff), None);
-        for &(base, len, device) in PORT_MAP {
+        assert_eq!(device_of_port(0x608), Some(PortDevice::AcpiPm));
+        assert_eq!(device_of_port(0xc0), Some(PortDevice::Dma));
+        assert_eq!(device_of_port(0x80), Some(PortDevice::Port80));
+        for (base, len, device) in PORT_MAP.iter().copied().chain(modern_port_map()) {
             for port in base..base + len {
                 assert_eq!(device_of_port(port), Some(device), "{port:#x}");
             }
@@ -339,7 +522,7 @@ mod tests {
     #[test]
     fn the_map_has_no_overlaps() {
         let mut bus = Bus::new();
-        for &(base, len, _) in PORT_MAP {
+        for (base, len, _) in PORT_MAP.iter().copied().chain(modern_port_map()) {
             let dev: SharedDevice = Arc::new(Mutex::new(Port80::new()));
             bus.insert(u64::from(base), u64::from(len), dev).unwrap();
         }

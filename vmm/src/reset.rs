@@ -121,7 +121,7 @@ impl ResetPoint {
         let t = std::time::Instant::now();
         // Devices and vCPU first: completing a pending exit may still write
         // guest memory (a string I/O), which the page reset then undoes.
-        machine.reset_state(&self.state, serial_out, serial_in)?;
+        machine.reset_state(&self.state, serial_out, serial_in, Box::new(nyx_devices::io::NoInput))?;
         let m = std::time::Instant::now();
         let pages = self.reset_memory(machine)?;
         Ok(ResetStats {

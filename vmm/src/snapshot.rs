@@ -299,6 +299,7 @@ mod tests {
             tsc_khz: 1_000_000,
             wall_seconds: 0,
             verify: crate::config::VerifyLevel::Exits,
+            irqchip: crate::config::Irqchip::Legacy,
         };
         container_header(kind, &config, b"kernel", None)
     }

@@ -19,6 +19,7 @@ pub struct MachineBuilder {
     cpu_model: CpuModel,
     cpu_model_name: Option<String>,
     tsc_khz: Option<u32>,
+    irqchip: crate::config::Irqchip,
     hooks: Option<Box<dyn RunHooks>>,
     restore: Option<(crate::snapshot::MachineState, Vec<crate::mem_state::PageRun>)>,
     loaded_memory: Option<GuestMemory>,
@@ -41,6 +42,7 @@ impl Default for MachineBuilder {
             cpu_model: CpuModel::default(),
             cpu_model_name: None,
             tsc_khz: None,
+            irqchip: Default::default(),
             hooks: None,
             restore: None,
             loaded_memory: None,
@@ -143,6 +145,12 @@ impl MachineBuilder {
         self
     }
 
+    /// The interrupt controllers and platform (default: legacy).
+    pub fn irqchip(mut self, irqchip: crate::config::Irqchip) -> Self {
+        self.irqchip = irqchip;
+        self
+    }
+
     /// Applies `state` and `memory` at build (a trace that starts from a
     /// snapshot carries them in its first frames).
     pub fn restore_state(
@@ -171,7 +179,8 @@ impl MachineBuilder {
             .cmdline(&c.cmdline)
             .cpuid_table(c.cpuid)
             .cpu_model_name(&c.cpu_model)
-            .tsc_khz(c.tsc_khz);
+            .tsc_khz(c.tsc_khz)
+            .irqchip(c.irqchip);
         if let Some(i) = snap.initrd {
             b = b.initrd_image(i);
         }
@@ -320,7 +329,11 @@ impl MachineBuilder {
             .unwrap_or_else(|| self.cpu_model.name().to_string());
         let table = match self.cpuid_table {
             Some(t) => t,
-            None => cpuid::filter(self.cpuid_policy, &self.cpu_model.table(&supported)),
+            None => {
+                let mut t = cpuid::filter(self.cpuid_policy, &self.cpu_model.table(&supported));
+                cpuid::apply_irqchip(&mut t, self.irqchip);
+                t
+            }
         };
         let missing = crate::cpu_model::missing_features(&table, &supported);
         if !missing.is_empty() {
@@ -339,7 +352,7 @@ impl MachineBuilder {
             source: kvm_ioctls::Error::new(libc::E2BIG),
         })?;
         vcpu.set_cpuid2(&kcpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-        msr::install_filter(&vm).map_err(kvm_err("KVM_X86_SET_MSR_FILTER"))?;
+        msr::install_filter(&vm, self.irqchip).map_err(kvm_err("KVM_X86_SET_MSR_FILTER"))?;
 
         let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
         let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
@@ -381,6 +394,8 @@ impl MachineBuilder {
         let clock = Arc::new(VirtualClock::new(hooks.time_source(start_ns)));
         clock.set_last(start_ns);
         let serial_in = hooks.serial_input(serial_in);
+        let platform_queue = crate::host::PlatformQueue::default();
+        let platform_in = hooks.platform_input(Box::new(platform_queue.clone()));
         let wall_seconds = hooks.wall_seconds(HostWallClock.unix_seconds());
         let ram = self.mem_mib << 20;
         let output_watch = Arc::new(std::sync::Mutex::new(super::limits::WatchState::default()));
@@ -393,6 +408,8 @@ impl MachineBuilder {
             wall: Box::new(nyx_devices::io::FixedWallClock(wall_seconds)),
             serial_out,
             serial_in,
+            platform_in,
+            tsc_hz: u64::from(tsc_khz) * 1000,
         };
         let msr_list = crate::vcpu_state::accepted_msrs(&vcpu, &crate::vcpu_state::supported_msrs(&kvm))
             .map_err(Error::MsrList)?;
@@ -413,7 +430,12 @@ impl MachineBuilder {
                 (platform, state.exit_seq, state.poll_pending)
             }
             None => (
-                Platform::new(io, ram.min(MMIO_HOLE_START), ram.saturating_sub(MMIO_HOLE_START))?,
+                Platform::new(
+                    io,
+                    ram.min(MMIO_HOLE_START),
+                    ram.saturating_sub(MMIO_HOLE_START),
+                    self.irqchip,
+                )?,
                 0,
                 false,
             ),
@@ -428,6 +450,7 @@ impl MachineBuilder {
             tsc_khz,
             wall_seconds,
             verify: crate::config::VerifyLevel::Exits,
+            irqchip: self.irqchip,
         };
         let dirty = if hooks.tracks_dirty_pages() {
             // SAFETY: `mem` is the memory registered above, slot = region
@@ -442,6 +465,7 @@ impl MachineBuilder {
             poll_pending,
             spurious_kick: false,
             idle_stopped: false,
+            sleeping: None,
             mid_step: false,
             stopped_int3: false,
             debug: GuestDebug::default(),
@@ -475,6 +499,7 @@ impl MachineBuilder {
                 initrd_image: initrd,
                 msr_list,
                 sync_rip,
+                platform_queue,
             },
         })
     }

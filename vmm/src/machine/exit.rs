@@ -62,7 +62,7 @@ impl ExitIo<'_> {
                 };
                 let next = match core.platform.pio.write(u64::from(port), data) {
                     Ok(None) => Next::Continue,
-                    Ok(Some(ev)) => Next::End(outcome_of(ev)),
+                    Ok(Some(ev)) => next_of(ev),
                     Err(_) => {
                         let len = data.len();
                         core.note_unknown(false, u64::from(port), true, len);
@@ -101,7 +101,7 @@ impl ExitIo<'_> {
                 };
                 match core.platform.mmio.write(addr, data) {
                     Ok(None) => Next::Continue,
-                    Ok(Some(ev)) => Next::End(outcome_of(ev)),
+                    Ok(Some(ev)) => next_of(ev),
                     Err(_) => {
                         let len = data.len();
                         core.note_unknown(true, addr, true, len);
@@ -172,7 +172,9 @@ impl Machine {
         match pending {
             Pending::Msr { index, write } => {
                 let virtual_tsc = self.hooks.virtual_tsc();
+                let apic = self.core.platform.apic_msr(index, write);
                 let result = match write {
+                    _ if apic.is_some() => apic.flatten(),
                     None if virtual_tsc => self.virtual_msr_read(index),
                     None => msr_read(&self.core.vcpu, index),
                     Some(_) if virtual_tsc => None,
@@ -303,12 +305,13 @@ pub(super) enum Pending {
     Trap,
 }
 
-fn outcome_of(ev: BusEvent) -> RunOutcome {
-    match ev {
+fn next_of(ev: BusEvent) -> Next {
+    Next::End(match ev {
         BusEvent::DebugExit(v) => RunOutcome::DebugExit(v),
         BusEvent::Reset => RunOutcome::Reset,
         BusEvent::PowerOff => RunOutcome::PowerOff,
-    }
+        BusEvent::Sleep(state) => return Next::Sleep(state),
+    })
 }
 
 /// A plain run passes trapped MSRs through to KVM's own emulation (the

@@ -325,6 +325,9 @@ pub struct Core {
     /// Whether KVM mirrors the registers into kvm_run at every exit
     /// (KVM_CAP_SYNC_REGS): then every exit record carries RIP for free.
     sync_rip: bool,
+    /// The control socket's platform events, which the ACPI PM device takes
+    /// (through the run mode's `platform_input`).
+    platform_queue: crate::host::PlatformQueue,
 }
 
 /// A machine ready to run.
@@ -338,6 +341,9 @@ pub struct Machine {
     /// make it execute HLT again, an exit that a recording would log and
     /// its replay (never stopped there) would not make.
     idle_stopped: bool,
+    /// The guest put the machine to sleep (ACPI S1 or S3) and no wake event
+    /// has come yet: resuming goes on sleeping.
+    sleeping: Option<u8>,
     /// The last return was a debug stop inside a step (a breakpoint, a
     /// single step): resuming goes on in the same step, as the guest did
     /// without the debugger (no new clock sample, no device poll).
@@ -501,6 +507,8 @@ enum Next {
     InternalError,
     End(RunOutcome),
     Crash(String),
+    /// The guest entered ACPI sleep state S1 or S3.
+    Sleep(u8),
 }
 
 impl Machine {
@@ -552,6 +560,26 @@ impl Machine {
     /// The kernel's name as given and the command line the guest received.
     pub fn kernel_and_cmdline(&self) -> (&str, &str) {
         (&self.core.kernel_name, &self.core.cmdline)
+    }
+
+    /// Hands a platform event (power button, lid, battery, temperature,
+    /// wake) to the machine: the ACPI PM device takes it at the next device
+    /// poll, which this asks for. A machine without ACPI
+    /// (`--irqchip legacy`) refuses it.
+    pub fn platform_event(&mut self, event: &nyx_devices::acpi_pm::PlatformEvent) -> Result<(), String> {
+        if self.core.config.irqchip != crate::config::Irqchip::Apic {
+            return Err("this machine has no ACPI (it was built with --irqchip legacy)".into());
+        }
+        self.core.platform_queue.push(&event.encode());
+        self.poll_pending = true;
+        Ok(())
+    }
+
+    /// Says whether platform events may still come (a control socket
+    /// listens): while they may, a guest idle in HLT with no timer armed
+    /// waits for them instead of ending as halted.
+    pub fn set_platform_events_open(&mut self, open: bool) {
+        self.core.platform_queue.set_open(open);
     }
 
     /// The position: guest-caused exits so far.
@@ -627,6 +655,7 @@ pub mod limits;
 mod run_loop;
 pub mod soft_int;
 mod state;
+mod wake;
 
 pub use builder::MachineBuilder;
 

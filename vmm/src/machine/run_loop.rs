@@ -88,7 +88,7 @@ impl Machine {
         }
         loop {
             let deadline = self.core.platform.next_deadline_ns();
-            let input = self.core.platform.serial_may_receive();
+            let input = self.core.platform.input_may_arrive();
             if deadline.is_none() && !input {
                 return Ok(Idle::Never);
             }
@@ -102,6 +102,41 @@ impl Machine {
             if self.core.platform.interrupt_pending() {
                 return Ok(Idle::Interrupt);
             }
+        }
+    }
+
+    /// Sleeps in ACPI state S1 or S3 until a wake event (the power button,
+    /// `nyx ctl wake`, an RTC alarm the guest enabled as a wake source):
+    /// devices go on being polled at their deadlines meanwhile, so a
+    /// recording logs the polls and the event where they happen. Waking
+    /// from S1 goes on after the instruction that slept; from S3, whose
+    /// CPU context is lost, at the waking vector the guest put in the FACS,
+    /// in real mode, as firmware does.
+    fn sleep(&mut self) -> Result<Idle, Error> {
+        let Some(state) = self.sleeping else {
+            return Ok(Idle::Interrupt);
+        };
+        loop {
+            if self.core.platform.take_wake() {
+                self.sleeping = None;
+                tracing::info!(state, "woken from sleep");
+                if state != 1 {
+                    self.resume_at_waking_vector()?;
+                }
+                return Ok(Idle::Interrupt);
+            }
+            let deadline = self.core.platform.next_deadline_ns();
+            let input = self.core.platform.input_may_arrive();
+            if deadline.is_none() && !input {
+                return Ok(Idle::Never);
+            }
+            if let Some(t) = &self.timer {
+                if t.take_request() {
+                    return Ok(Idle::Stopped);
+                }
+            }
+            self.hooks.idle_wait(&self.core.clock, deadline, input);
+            self.step(true)?;
         }
     }
 
@@ -145,6 +180,13 @@ impl Machine {
 
 impl Machine {
     fn run_loop(&mut self) -> Result<Stop, Error> {
+        if self.sleeping.is_some() {
+            match self.sleep()? {
+                Idle::Interrupt => {}
+                Idle::Never => return Ok(Stop::Ended(RunOutcome::Halted)),
+                Idle::Stopped => return Ok(Stop::Interrupted),
+            }
+        }
         if std::mem::take(&mut self.idle_stopped) {
             match self.idle()? {
                 Idle::Interrupt => {}
@@ -312,6 +354,15 @@ impl Machine {
                                 .map(Stop::Ended);
                         }
                         Next::End(outcome) => return Ok(Stop::Ended(outcome)),
+                        Next::Sleep(state) => {
+                            tracing::info!(state, "the guest put the machine to sleep");
+                            self.sleeping = Some(state);
+                            match self.sleep()? {
+                                Idle::Interrupt => {}
+                                Idle::Never => return Ok(Stop::Ended(RunOutcome::Halted)),
+                                Idle::Stopped => return Ok(Stop::Interrupted),
+                            }
+                        }
                         Next::Crash(reason) => return self.crash(reason).map(Stop::Ended),
                     }
                 }

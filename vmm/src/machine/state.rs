@@ -83,6 +83,7 @@ impl Machine {
         state: &crate::snapshot::MachineState,
         serial_out: Box<dyn Write + Send>,
         serial_in: Box<dyn Input>,
+        platform_in: Box<dyn Input>,
     ) -> Result<(), Error> {
         crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu)
             .map_err(vcpu_err("complete the pending exit of"))?;
@@ -91,6 +92,8 @@ impl Machine {
             wall: Box::new(nyx_devices::io::FixedWallClock(self.core.config.wall_seconds)),
             serial_out,
             serial_in,
+            platform_in,
+            tsc_hz: u64::from(self.core.tsc_khz) * 1000,
         };
         self.core.platform = Platform::from_state(io, &state.platform)?;
         crate::vcpu_state::restore(&self.core.vcpu, &state.vcpu).map_err(vcpu_err("restore"))?;
@@ -98,6 +101,7 @@ impl Machine {
         self.core.exit_seq = state.exit_seq;
         self.poll_pending = state.poll_pending;
         self.idle_stopped = false;
+        self.sleeping = None;
         self.mid_step = false;
         self.core.patches = state.patches.clone();
         Ok(())
