@@ -9,8 +9,10 @@
 pub mod bus;
 pub mod cmos;
 pub mod debug_exit;
+pub mod dma;
 pub mod i8042;
 pub mod io;
+pub mod lapic;
 pub mod pci;
 pub mod pic;
 pub mod pit;
