@@ -206,6 +206,23 @@ impl IrqChip {
         }
     }
 
+    /// The local APIC's TPR as CR8 (`kvm_run.cr8` before entering the
+    /// guest); None on a legacy machine.
+    pub fn cr8(&self) -> Option<u8> {
+        self.apic.as_ref().map(|a| a.lapic.cr8())
+    }
+
+    /// The guest's CR8 after an exit (`kvm_run.cr8`): a `mov cr8` changed
+    /// the TPR's priority class. An unchanged class leaves the TPR's low
+    /// bits (written through MMIO) alone.
+    pub fn sync_cr8(&mut self, cr8: u8) {
+        if let Some(a) = &mut self.apic {
+            if a.lapic.cr8() != cr8 & 0xf {
+                a.lapic.set_cr8(cr8);
+            }
+        }
+    }
+
     /// A write to the local APIC's page.
     fn lapic_write(&mut self, offset: u64, data: &[u8]) {
         let Some(a) = &mut self.apic else { return };

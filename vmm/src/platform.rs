@@ -489,6 +489,16 @@ impl Platform {
         lock(&self.chip).msr(index, write)
     }
 
+    /// The local APIC's TPR as CR8, for `kvm_run.cr8` (None: no APIC).
+    pub fn cr8(&self) -> Option<u8> {
+        lock(&self.chip).cr8()
+    }
+
+    /// Takes the guest's CR8 from `kvm_run.cr8` after an exit.
+    pub fn sync_cr8(&self, cr8: u8) {
+        lock(&self.chip).sync_cr8(cr8);
+    }
+
     /// Whether a wake event (the power button, `nyx ctl wake`, an RTC
     /// alarm with RTC_EN) has arrived for a sleeping machine; takes it.
     pub fn take_wake(&self) -> bool {

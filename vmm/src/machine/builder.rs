@@ -466,6 +466,7 @@ impl MachineBuilder {
             spurious_kick: false,
             idle_stopped: false,
             sleeping: None,
+            cr8_entered: None,
             mid_step: false,
             stopped_int3: false,
             debug: GuestDebug::default(),

@@ -344,6 +344,8 @@ pub struct Machine {
     /// The guest put the machine to sleep (ACPI S1 or S3) and no wake event
     /// has come yet: resuming goes on sleeping.
     sleeping: Option<u8>,
+    /// The CR8 the last entry gave KVM (a machine with a local APIC).
+    cr8_entered: Option<u8>,
     /// The last return was a debug stop inside a step (a breakpoint, a
     /// single step): resuming goes on in the same step, as the guest did
     /// without the debugger (no new clock sample, no device poll).

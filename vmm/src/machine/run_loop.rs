@@ -140,6 +140,17 @@ impl Machine {
         }
     }
 
+    /// After an exit: a `mov cr8` the guest made since the last entry
+    /// changes the local APIC's TPR before anything looks at it.
+    fn take_guest_cr8(&mut self) {
+        if let Some(entered) = self.cr8_entered.take() {
+            let now = self.core.vcpu.get_kvm_run().cr8 as u8;
+            if now != entered {
+                self.core.platform.sync_cr8(now);
+            }
+        }
+    }
+
     /// Runs the guest until it exits, halts for good, resets or crashes.
     pub fn run(&mut self) -> Result<RunOutcome, Error> {
         loop {
@@ -160,6 +171,8 @@ impl Machine {
         let wall = std::time::Instant::now();
         let (user, sys) = thread_cpu_ns();
         let result = self.run_loop();
+        // A stopped machine's TPR is what its guest last set.
+        self.take_guest_cr8();
         let (user2, sys2) = thread_cpu_ns();
         self.core.stats.wall_ns += wall.elapsed().as_nanos() as u64;
         self.core.stats.user_ns += user2.saturating_sub(user);
@@ -198,6 +211,7 @@ impl Machine {
             }
         }
         loop {
+            self.take_guest_cr8();
             // A kick that led to nothing (its deadline had not passed) is not
             // a step: the replay never sees it, so it must not start a new
             // clock sample or an injection decision here either.
@@ -258,6 +272,12 @@ impl Machine {
                 unknown: &mut c.unknown,
                 patched: !c.patches.is_empty(),
             };
+            // With the local APIC in user space KVM takes CR8 from kvm_run
+            // at every entry and reports it back at every exit.
+            self.cr8_entered = c.platform.cr8();
+            if let Some(cr8) = self.cr8_entered {
+                c.vcpu.get_kvm_run().cr8 = u64::from(cr8);
+            }
             let next = match c.vcpu.run() {
                 Ok(exit) => {
                     handled_from = c.metrics.start();

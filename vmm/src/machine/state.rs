@@ -102,6 +102,7 @@ impl Machine {
         self.poll_pending = state.poll_pending;
         self.idle_stopped = false;
         self.sleeping = None;
+        self.cr8_entered = None;
         self.mid_step = false;
         self.core.patches = state.patches.clone();
         Ok(())
