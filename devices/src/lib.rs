@@ -11,6 +11,7 @@ pub mod cmos;
 pub mod debug_exit;
 pub mod i8042;
 pub mod io;
+pub mod ioapic;
 pub mod pci;
 pub mod pic;
 pub mod pit;
