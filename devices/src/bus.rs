@@ -34,6 +34,34 @@ pub trait BusDevice: Send {
     fn write(&mut self, base: u64, offset: u64, data: &[u8]) -> Option<BusEvent>;
 }
 
+/// Splits an MMIO access of `len` bytes at `offset` into the pieces QEMU's
+/// memory core hands a device that takes accesses of at most `max` bytes
+/// (a power of two): from the start, each piece is the largest power of two
+/// that fits in what is left, in `max` and in the alignment of its offset.
+/// Yields `(offset, index into the data, size)` per piece. A device then
+/// decodes the pieces of the sizes it supports and ignores the rest, so no
+/// access size or alignment can reach it in a form it does not expect.
+pub fn mmio_pieces(offset: u64, len: usize, max: usize) -> impl Iterator<Item = (u64, usize, usize)> {
+    let max = max.max(1);
+    let mut done = 0usize;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let at = offset.wrapping_add(done as u64);
+        let mut size = (len - done).min(max);
+        if at != 0 {
+            let align = 1u64 << at.trailing_zeros();
+            size = size.min(usize::try_from(align).unwrap_or(usize::MAX));
+        }
+        // The largest power of two not above `size` (which is at least 1).
+        let size = 1usize << (usize::BITS - 1 - size.leading_zeros());
+        let piece = (at, done, size);
+        done += size;
+        Some(piece)
+    })
+}
+
 /// Errors of bus registration and dispatch.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
@@ -191,6 +219,18 @@ mod tests {
             Err(BusError::BadRange { .. })
         ));
         bus.insert(0x22, 1, dev).unwrap();
+    }
+
+    #[test]
+    fn mmio_pieces_follow_size_and_alignment() {
+        let pieces = |o, l, m| mmio_pieces(o, l, m).collect::<Vec<_>>();
+        assert_eq!(pieces(0x10, 8, 4), vec![(0x10, 0, 4), (0x14, 4, 4)]);
+        assert_eq!(pieces(0x10, 8, 8), vec![(0x10, 0, 8)]);
+        assert_eq!(pieces(0x11, 4, 4), vec![(0x11, 0, 1), (0x12, 1, 2), (0x14, 3, 1)]);
+        assert_eq!(pieces(0, 3, 4), vec![(0, 0, 2), (2, 2, 1)]);
+        assert_eq!(pieces(0x14, 8, 8), vec![(0x14, 0, 4), (0x18, 4, 4)]);
+        assert_eq!(pieces(u64::MAX, 2, 4), vec![(u64::MAX, 0, 1), (0, 1, 1)]);
+        assert!(pieces(0x10, 0, 4).is_empty());
     }
 
     proptest! {

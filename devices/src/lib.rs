@@ -12,6 +12,8 @@ pub mod debug_exit;
 pub mod dma;
 pub mod i8042;
 pub mod io;
+pub mod ioapic;
+pub mod irqchip;
 pub mod lapic;
 pub mod pci;
 pub mod pic;
