@@ -62,7 +62,7 @@ impl ExitIo<'_> {
                 };
                 let next = match core.platform.pio.write(u64::from(port), data) {
                     Ok(None) => Next::Continue,
-                    Ok(Some(ev)) => Next::End(outcome_of(ev)),
+                    Ok(Some(ev)) => outcome_of(ev).map_or(Next::Continue, Next::End),
                     Err(_) => {
                         let len = data.len();
                         core.note_unknown(false, u64::from(port), true, len);
@@ -101,7 +101,7 @@ impl ExitIo<'_> {
                 };
                 match core.platform.mmio.write(addr, data) {
                     Ok(None) => Next::Continue,
-                    Ok(Some(ev)) => Next::End(outcome_of(ev)),
+                    Ok(Some(ev)) => outcome_of(ev).map_or(Next::Continue, Next::End),
                     Err(_) => {
                         let len = data.len();
                         core.note_unknown(true, addr, true, len);
@@ -303,11 +303,15 @@ pub(super) enum Pending {
     Trap,
 }
 
-fn outcome_of(ev: BusEvent) -> RunOutcome {
+/// How a device's request ends the run, if it does. No device on the bus
+/// asks for a sleep state yet (the ACPI PM block is not wired in), so a
+/// sleep request lets the guest go on.
+fn outcome_of(ev: BusEvent) -> Option<RunOutcome> {
     match ev {
-        BusEvent::DebugExit(v) => RunOutcome::DebugExit(v),
-        BusEvent::Reset => RunOutcome::Reset,
-        BusEvent::PowerOff => RunOutcome::PowerOff,
+        BusEvent::DebugExit(v) => Some(RunOutcome::DebugExit(v)),
+        BusEvent::Reset => Some(RunOutcome::Reset),
+        BusEvent::PowerOff => Some(RunOutcome::PowerOff),
+        BusEvent::Sleep(_) => None,
     }
 }
 
