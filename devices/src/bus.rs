@@ -17,10 +17,12 @@ pub enum BusEvent {
     DebugExit(u32),
     /// The guest asked for a system reset (i8042 pulse, port 0xCF9).
     Reset,
-    /// The guest asked to power off.
+    /// The guest asked to power off (ACPI S5, and S4, which Nyx treats
+    /// as power-off as QEMU does).
     PowerOff,
-    /// The guest put the machine to sleep in ACPI state S1 or S3 (the
-    /// value); it sleeps until a wake event.
+    /// The guest put the machine into ACPI sleep state S1 or S3 (the
+    /// value): the vCPU stops until the device that sent this reports a
+    /// wake.
     Sleep(u8),
 }
 

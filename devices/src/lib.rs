@@ -6,6 +6,7 @@
 //! the same code with logging or fake implementations. Where the devices
 //! sit in the whole: ARCHITECTURE.md at the repository root.
 
+pub mod acpi_pm;
 pub mod bus;
 pub mod cmos;
 pub mod debug_exit;
