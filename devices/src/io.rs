@@ -48,6 +48,15 @@ pub trait InterruptSink: Send + Sync {
         self.set_level(irq, true);
         self.set_level(irq, false);
     }
+
+    /// Sets global system interrupt `gsi` (an IOAPIC pin) high or low,
+    /// bypassing the ISA IRQ mapping. A sink without an IOAPIC treats GSIs
+    /// below 16 as ISA IRQs and ignores the rest.
+    fn set_gsi(&self, gsi: u8, high: bool) {
+        if gsi < 16 {
+            self.set_level(gsi, high)
+        }
+    }
 }
 
 /// A clock that only moves when told to: for tests and for the deterministic
@@ -136,36 +145,59 @@ impl Input for BufferInput {
 /// An interrupt sink that remembers every level change, for tests.
 #[derive(Debug, Default)]
 pub struct RecordingSink {
-    /// Every `(irq, level)` change in order.
+    /// Every `(irq, level)` change of an ISA IRQ in order.
     pub changes: Mutex<Vec<(u8, bool)>>,
+    /// Every `(gsi, level)` change made through `set_gsi` in order.
+    pub gsi_changes: Mutex<Vec<(u8, bool)>>,
+}
+
+/// The number of low-to-high changes of `line` in `changes`.
+fn count_rising(changes: &[(u8, bool)], line: u8) -> usize {
+    let mut level = false;
+    let mut edges = 0;
+    for &(l, high) in changes {
+        if l == line {
+            if high && !level {
+                edges += 1;
+            }
+            level = high;
+        }
+    }
+    edges
 }
 
 impl RecordingSink {
-    /// The changes so far.
+    /// The ISA IRQ changes so far.
     pub fn changes(&self) -> Vec<(u8, bool)> {
         self.changes.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The number of rising edges on `irq` so far.
+    /// The number of rising edges on ISA IRQ `irq` so far.
     pub fn rising_edges(&self, irq: u8) -> usize {
-        let changes = self.changes();
-        let mut level = false;
-        let mut edges = 0;
-        for (line, high) in changes {
-            if line == irq {
-                if high && !level {
-                    edges += 1;
-                }
-                level = high;
-            }
-        }
-        edges
+        count_rising(&self.changes(), irq)
+    }
+
+    /// The GSI changes so far.
+    pub fn gsi_changes(&self) -> Vec<(u8, bool)> {
+        self.gsi_changes.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The number of rising edges on `gsi` (driven through `set_gsi`) so far.
+    pub fn gsi_rising_edges(&self, gsi: u8) -> usize {
+        count_rising(&self.gsi_changes(), gsi)
     }
 }
 
 impl InterruptSink for RecordingSink {
     fn set_level(&self, irq: u8, high: bool) {
         self.changes.lock().unwrap_or_else(|e| e.into_inner()).push((irq, high));
+    }
+
+    fn set_gsi(&self, gsi: u8, high: bool) {
+        self.gsi_changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((gsi, high));
     }
 }
 
@@ -204,5 +236,26 @@ mod tests {
         s.set_level(4, true);
         assert_eq!(s.rising_edges(0), 2);
         assert_eq!(s.rising_edges(4), 1);
+        s.set_gsi(20, true);
+        s.set_gsi(20, false);
+        s.set_gsi(20, true);
+        assert_eq!(s.gsi_rising_edges(20), 2);
+        assert_eq!(s.rising_edges(20), 0, "GSIs are kept apart from ISA IRQs");
+    }
+
+    #[test]
+    fn default_set_gsi_maps_low_gsis_to_isa_irqs() {
+        struct Isa(Mutex<Vec<(u8, bool)>>);
+        impl InterruptSink for Isa {
+            fn set_level(&self, irq: u8, high: bool) {
+                self.0.lock().unwrap().push((irq, high));
+            }
+        }
+        let s = Isa(Mutex::new(Vec::new()));
+        s.set_gsi(9, true);
+        s.set_gsi(16, true);
+        s.set_gsi(23, false);
+        s.set_gsi(15, false);
+        assert_eq!(*s.0.lock().unwrap(), vec![(9, true), (15, false)]);
     }
 }

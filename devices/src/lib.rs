@@ -9,6 +9,7 @@
 pub mod bus;
 pub mod cmos;
 pub mod debug_exit;
+pub mod hpet;
 pub mod i8042;
 pub mod io;
 pub mod ioapic;
