@@ -194,7 +194,10 @@ impl InterruptSink for RecordingSink {
     }
 
     fn set_gsi(&self, gsi: u8, high: bool) {
-        self.gsi_changes.lock().unwrap_or_else(|e| e.into_inner()).push((gsi, high));
+        self.gsi_changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((gsi, high));
     }
 }
 

@@ -1,5 +1,6 @@
-//! nyx-devices: the legacy PC devices of a Nyx machine as plain deterministic
-//! state machines. Nothing in this crate touches KVM, a clock, a file or a
+//! nyx-devices: the PC devices of a Nyx machine (the legacy ones, and the
+//! modern platform's APICs, HPET, ACPI PM and ISA DMA) as plain
+//! deterministic state machines. Nothing in this crate touches KVM, a clock, a file or a
 //! socket: time, input, entropy and interrupt lines come in through the traits
 //! in [`io`], and every device keeps its snapshot-relevant state in a plain
 //! serde `State` type, so the recorder, the replayer and the tests can drive
@@ -11,6 +12,7 @@ pub mod bus;
 pub mod cmos;
 pub mod debug_exit;
 pub mod dma;
+pub mod hpet;
 pub mod i8042;
 pub mod io;
 pub mod ioapic;
