@@ -501,12 +501,12 @@ fn finish_migration(m: &mut Machine, mig: Migrating) -> bool {
 pub fn run(m: &mut Machine, api: &Api) -> Result<Option<RunOutcome>, nyx_vmm::machine::Error> {
     // While the socket listens, a power button may still come.
     m.set_platform_events_open(true);
-    let r = serve(m, api);
+    let r = serve_machine(m, api);
     m.set_platform_events_open(false);
     r
 }
 
-fn serve(m: &mut Machine, api: &Api) -> Result<Option<RunOutcome>, nyx_vmm::machine::Error> {
+fn serve_machine(m: &mut Machine, api: &Api) -> Result<Option<RunOutcome>, nyx_vmm::machine::Error> {
     let mut paused = false;
     let mut migrating: Option<Migrating> = None;
     loop {

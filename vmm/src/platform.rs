@@ -326,7 +326,7 @@ impl Platform {
                     AcpiPm::from_state(&m.acpi_pm, io.clock.clone(), sinks.chip.clone(), io.platform_in)
                         .map_err(|e| bad(&format!("ACPI PM: {e}")))?,
                 )),
-                dma: Arc::new(Mutex::new(Dma::from_state(&m.dma).map_err(|e| bad(&format!("DMA: {e}")))?)),
+                dma: Arc::new(Mutex::new(Dma::from_state(&m.dma))),
             }),
         };
         Ok(Self::assemble(

@@ -1,18 +1,67 @@
 //! Waking from ACPI S3: the CPU context is gone, and on a PC the firmware
 //! jumps to the waking vector the OS left in the FACS, in real mode. Nyx
 //! has no firmware, so it does that jump itself: it finds the FACS through
-//! the RSDP and FADT in guest memory (as the guest may have moved nothing,
-//! but reads them as the guest sees them) and puts the vCPU in real mode
-//! at `CS = vector >> 4`, `IP = vector & 0xF`.
+//! the RSDP, the RSDT or XSDT and the FADT in guest memory, as the guest
+//! sees them, and puts the vCPU in real mode at `CS = vector >> 4`,
+//! `IP = vector & 0xF`.
+
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
+
+/// Reads `N` bytes of guest memory at `addr`.
+fn read<const N: usize>(mem: &GuestMemory, addr: u64) -> Option<[u8; N]> {
+    let mut b = [0u8; N];
+    mem.read_slice(&mut b, GuestAddress(addr)).ok()?;
+    Some(b)
+}
+
+fn u32_at(mem: &GuestMemory, addr: u64) -> Option<u32> {
+    read::<4>(mem, addr).map(u32::from_le_bytes)
+}
+
+fn u64_at(mem: &GuestMemory, addr: u64) -> Option<u64> {
+    read::<8>(mem, addr).map(u64::from_le_bytes)
+}
+
+/// The FACS's firmware waking vector (offset 12), found from the RSDP in
+/// the BIOS area (0xE0000–0xFFFFF, 16-byte aligned) through the XSDT (or
+/// the RSDT) and the FADT's X_FIRMWARE_CTRL (or FIRMWARE_CTRL). None when
+/// any step is missing.
+pub fn firmware_waking_vector(mem: &GuestMemory) -> Option<u32> {
+    let rsdp = (0xe_0000u64..0x10_0000)
+        .step_by(16)
+        .find(|&a| read::<8>(mem, a).is_some_and(|s| &s == b"RSD PTR "))?;
+    let revision = read::<1>(mem, rsdp + 15)?[0];
+    let (sdt, entry) = match revision {
+        2.. => (u64_at(mem, rsdp + 24)?, 8),
+        _ => (u64::from(u32_at(mem, rsdp + 16)?), 4),
+    };
+    let len = u64::from(u32_at(mem, sdt + 4)?).min(4096);
+    let fadt = (36..len).step_by(entry).find_map(|off| {
+        let t = if entry == 8 {
+            u64_at(mem, sdt + off)?
+        } else {
+            u64::from(u32_at(mem, sdt + off)?)
+        };
+        (read::<4>(mem, t)? == *b"FACP").then_some(t)
+    })?;
+    let fadt_len = u64::from(u32_at(mem, fadt + 4)?);
+    let facs = match fadt_len {
+        140.. => Some(u64_at(mem, fadt + 132)?).filter(|&a| a != 0),
+        _ => None,
+    }
+    .or_else(|| u32_at(mem, fadt + 36).map(u64::from))?;
+    (read::<4>(mem, facs)? == *b"FACS").then_some(())?;
+    u32_at(mem, facs + 12)
+}
 
 impl Machine {
     /// Puts the vCPU at the FACS firmware waking vector in real mode. A
     /// machine without a waking vector (0, or no FACS found) goes on after
     /// the instruction that slept, as from S1.
     pub(super) fn resume_at_waking_vector(&mut self) -> Result<(), Error> {
-        let Some(vector) = crate::acpi::firmware_waking_vector(&self.core.mem).filter(|&v| v != 0) else {
+        let Some(vector) = firmware_waking_vector(&self.core.mem).filter(|&v| v != 0) else {
             tracing::warn!("woken from S3 without a waking vector in the FACS: going on where it slept");
             return Ok(());
         };
