@@ -5,6 +5,7 @@
 //! machine works around: ARCHITECTURE.md at the repository root.
 
 pub mod access;
+pub mod acpi;
 pub mod clock;
 pub mod config;
 pub mod console;
