@@ -1,8 +1,8 @@
 #!/bin/sh
 # Builds the test fixture kernel: a `tinyconfig` Linux 6.1 x86-64 `vmlinux`
 # from Debian's `linux-source-6.1` package, with a serial console, ELF and
-# initramfs support, ACPI (power and sleep buttons, lid, battery, thermal
-# zone) and the HPET, plus a busybox initramfs (from `busybox-static`). The
+# initramfs support, PCI (which Linux's ACPI needs), ACPI (power and sleep
+# buttons, lid, battery, thermal zone) and the HPET, plus a busybox initramfs (from `busybox-static`). The
 # result is cached in the directory given as the only argument; the script
 # prints two lines, the path of the vmlinux and the path of the initramfs:
 #   set -- $(tools/scripts/build-test-kernel.sh ~/.cache/nyx-test-kernel)
@@ -53,7 +53,7 @@ make -s ARCH=x86_64 tinyconfig >&2
     -e BLK_DEV_INITRD -e RD_GZIP -e BINFMT_ELF -e BINFMT_SCRIPT -e PROC_FS -e SYSFS \
     -e DEVTMPFS -e DEVTMPFS_MOUNT \
     -e ACPI -e ACPI_BUTTON -e ACPI_AC -e ACPI_BATTERY -e ACPI_THERMAL -e THERMAL \
-    -e HPET_TIMER -e HPET -e X86_LOCAL_APIC -e X86_IO_APIC \
+    -e PCI -e HPET_TIMER -e HPET -e X86_LOCAL_APIC -e X86_IO_APIC \
     -d RANDOMIZE_BASE >&2
 make -s ARCH=x86_64 olddefconfig >&2
 make -s ARCH=x86_64 -j"$(nproc)" vmlinux >&2

@@ -281,6 +281,28 @@ fn finish(
 
 /// Places the initrd page-aligned at the top of low RAM (below `addr_max`),
 /// above everything the kernel occupies up to `busy_end`.
+/// Tells a loaded Linux kernel where the ACPI tables are: the RSDP's
+/// address in `boot_params.acpi_rsdp_addr` and an ACPI NVS entry for the
+/// tables' range in its e820 map (the FACS, which the OS writes its waking
+/// vector into, lives there).
+pub fn add_acpi(mem: &GuestMemory, rsdp: u64, reserved: std::ops::Range<u64>) -> Result<(), LoadError> {
+    let err = |source| LoadError::Memory {
+        what: "boot_params",
+        addr: ZERO_PAGE_ADDR,
+        source,
+    };
+    let mut params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).map_err(err)?;
+    params.acpi_rsdp_addr = rsdp;
+    let n = usize::from(params.e820_entries);
+    if let Some(slot) = params.e820_table.get_mut(n) {
+        slot.addr = reserved.start;
+        slot.size = reserved.end - reserved.start;
+        slot.r#type = crate::acpi::E820_ACPI_NVS;
+        params.e820_entries += 1;
+    }
+    mem.write_obj(params, GuestAddress(ZERO_PAGE_ADDR)).map_err(err)
+}
+
 fn place_initrd(mem: &GuestMemory, data: &[u8], addr_max: u64, busy_end: u64) -> Result<(u64, u64), LoadError> {
     let len = data.len() as u64;
     let too_large = LoadError::InitrdTooLarge { size: len };

@@ -46,6 +46,9 @@ impl std::fmt::Display for KernelFormat {
 /// Why a kernel image could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The ACPI tables could not be built (too little RAM for them).
+    #[error("cannot write the ACPI tables: {0}")]
+    Acpi(String),
     /// The file is none of the formats Nyx boots.
     #[error("the kernel image is not a Multiboot v1 kernel, a Linux bzImage or a vmlinux ELF")]
     UnknownFormat,
@@ -403,6 +406,24 @@ pub fn load(mem: &GuestMemory, image: &[u8], initrd: Option<&[u8]>, cmdline: &st
         "kernel loaded"
     );
     Ok(setup)
+}
+
+/// Writes the ACPI tables of a modern machine (`--irqchip apic`) into
+/// the BIOS area of `mem`, where an OS scans for the RSDP, and tells a
+/// Linux kernel about them (`boot_params`); call after [`load`].
+pub fn load_acpi(mem: &GuestMemory, setup: &BootSetup) -> Result<crate::acpi::AcpiTables, LoadError> {
+    let tables = crate::acpi::build(&crate::acpi::AcpiConfig {
+        ram_below_4g: ram_below_4g(mem),
+        hpet: true,
+    })
+    .map_err(|e| LoadError::Acpi(e.to_string()))?;
+    for (addr, bytes) in &tables.blobs {
+        write(mem, "ACPI table", *addr, bytes)?;
+    }
+    if matches!(setup.format, KernelFormat::LinuxElf | KernelFormat::LinuxBzImage) {
+        linux::add_acpi(mem, tables.rsdp_addr, tables.reserved.clone())?;
+    }
+    Ok(tables)
 }
 
 const CR0_PE: u64 = 1;

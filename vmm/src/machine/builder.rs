@@ -318,6 +318,13 @@ impl MachineBuilder {
                 }
             })?;
 
+        if self.irqchip == crate::config::Irqchip::Apic {
+            loader::load_acpi(scratch.as_ref().unwrap_or(&mem), &setup).map_err(|source| Error::Load {
+                path: kernel_name.clone(),
+                source,
+            })?;
+        }
+
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
