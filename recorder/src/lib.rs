@@ -844,6 +844,7 @@ mod tests {
         let mut input = RecordInput {
             inner: Box::new(BufferInput::new(b"hi".to_vec())),
             log: log.clone(),
+            event: Event::Input,
         };
         let mut buf = [0u8; 8];
         assert_eq!(input.read_available(&mut buf[..1]), 1);
