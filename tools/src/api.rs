@@ -32,10 +32,10 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
 use indicatif::ProgressBar;
+use nyx_devices::acpi_pm::PlatformEvent;
 use nyx_vmm::kick::Kicker;
 use nyx_vmm::machine::Stop;
 use nyx_vmm::migration::{MigrateOptions, Outgoing};
-use nyx_devices::acpi_pm::PlatformEvent;
 use nyx_vmm::{Machine, RunOutcome};
 use serde::{Deserialize, Serialize};
 

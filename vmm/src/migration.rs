@@ -907,8 +907,7 @@ mod tests {
             platform_in: Box::new(nyx_devices::io::NoInput),
             tsc_hz: 1_000_000_000,
         };
-        let platform =
-            crate::platform::Platform::new(io, 4 << 20, 0, crate::config::Irqchip::Apic).unwrap();
+        let platform = crate::platform::Platform::new(io, 4 << 20, 0, crate::config::Irqchip::Apic).unwrap();
         MachineState {
             vcpu: crate::vcpu_state::tests::sample(),
             platform: platform.state(),

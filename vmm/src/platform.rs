@@ -273,7 +273,11 @@ impl Platform {
                     sinks.chip.clone(),
                     sinks.legacy.clone(),
                 ))),
-                acpi_pm: Arc::new(Mutex::new(AcpiPm::new(io.clock.clone(), sinks.chip.clone(), io.platform_in))),
+                acpi_pm: Arc::new(Mutex::new(AcpiPm::new(
+                    io.clock.clone(),
+                    sinks.chip.clone(),
+                    io.platform_in,
+                ))),
                 dma: Arc::new(Mutex::new(Dma::new())),
             }),
         };
@@ -304,14 +308,8 @@ impl Platform {
         let chip = Arc::new(Mutex::new(chip));
         let sinks = Sinks::new(&chip);
         let pit = Pit::from_state(&state.pit, io.clock.clone(), sinks.gated.clone());
-        let serial = Serial::from_state(
-            &state.serial,
-            sinks.chip.clone(),
-            COM1_IRQ,
-            io.serial_out,
-            io.serial_in,
-        )
-        .map_err(|e| bad(&e))?;
+        let serial = Serial::from_state(&state.serial, sinks.chip.clone(), COM1_IRQ, io.serial_out, io.serial_in)
+            .map_err(|e| bad(&e))?;
         let cmos = Cmos::from_state(&state.cmos, io.clock.clone(), sinks.gated.clone()).map_err(|e| bad(&e))?;
         let i8042 = I8042::from_state(&state.i8042, sinks.chip.clone());
         let pci = PciHost::from_state(&state.pci).map_err(|e| bad(&e))?;
@@ -469,7 +467,10 @@ impl Platform {
     /// events), so an idle guest may still be woken by it.
     pub fn input_may_arrive(&self) -> bool {
         !lock(&self.serial).input_exhausted()
-            || self.modern.as_ref().is_some_and(|m| !lock(&m.acpi_pm).input_exhausted())
+            || self
+                .modern
+                .as_ref()
+                .is_some_and(|m| !lock(&m.acpi_pm).input_exhausted())
     }
 
     /// Whether the controllers have an interrupt for the CPU.

@@ -78,7 +78,10 @@ impl Machine {
         };
         self.core.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         self.core.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
-        tracing::info!(vector = format_args!("{vector:#x}"), "resuming at the FACS waking vector");
+        tracing::info!(
+            vector = format_args!("{vector:#x}"),
+            "resuming at the FACS waking vector"
+        );
         Ok(())
     }
 }
@@ -102,7 +105,13 @@ fn real_mode_at(sregs: &mut kvm_bindings::kvm_sregs, vector: u32) {
         padding: 0,
     };
     sregs.cs = seg((vector >> 4) as u16, 0xb);
-    for s in [&mut sregs.ds, &mut sregs.es, &mut sregs.fs, &mut sregs.gs, &mut sregs.ss] {
+    for s in [
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.fs,
+        &mut sregs.gs,
+        &mut sregs.ss,
+    ] {
         *s = seg(0, 0x3);
     }
     sregs.cr0 &= !(1 | (1 << 31));
