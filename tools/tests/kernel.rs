@@ -7,6 +7,11 @@
 //! end, back to the last write of `jiffies`, back to `start_kernel`, one
 //! instruction further back.
 //!
+//! The same kernel on the modern platform (`--irqchip apic`, no
+//! `nolapic noapic`) finds the ACPI tables, the IOAPIC, the local APIC timer
+//! (calibrated against the PM timer) and the HPET, leaves jiffies for a real
+//! clocksource, and replays that byte for byte.
+//!
 //! The tests skip without the fixture (`NYX_TEST_VMLINUX`,
 //! `NYX_TEST_INITRD`) and fail without it under `NYX_REQUIRE_TEST_KERNEL=1`;
 //! they skip without KVM and fail without it under `NYX_REQUIRE_KVM=1`.
@@ -271,6 +276,85 @@ fn gdb_on_a_live_kernel_has_more_breakpoints_than_debug_registers() {
     std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut guest).unwrap();
     assert_eq!(status.code(), Some(0), "{text}\n{guest}");
     assert!(guest.ends_with(UNTIL) && !guest.contains("invalid opcode"), "{guest}");
+}
+
+/// The line the modern-platform recording stops at: printed after the
+/// clocksource switch and the ACPI interpreter's start.
+const APIC_UNTIL: &str = "pnp: PnP ACPI init";
+/// `lapic=notscdeadline` makes Linux calibrate the local APIC timer (against
+/// the PM timer) and `apic=verbose` makes it say so.
+const APIC_CMDLINE: &str = "console=ttyS0 lapic=notscdeadline apic=verbose";
+
+#[test]
+fn kernel_on_the_modern_platform_uses_apic_hpet_and_acpi_and_replays() {
+    if !kvm_available() {
+        return;
+    }
+    let Some((vmlinux, initrd)) = nyx_tests::test_kernel() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("apic.nyxtrace");
+    let rec = nyx()
+        .args(["record", "--irqchip", "apic", "--out"])
+        .arg(&trace)
+        .arg("--kernel")
+        .arg(&vmlinux)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--cmdline", APIC_CMDLINE, "--mem", "128", "--until-output", APIC_UNTIL])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&rec.stdout).into_owned();
+    let err = String::from_utf8_lossy(&rec.stderr);
+    assert_eq!(rec.status.code(), Some(0), "{out}\n{err}");
+    assert!(out.ends_with(APIC_UNTIL), "{out}\n{err}");
+    for want in [
+        // The tables, from the RSDP the boot parameters point at.
+        "ACPI: RSDP 0x00000000000E0000",
+        "ACPI: XSDT ",
+        "ACPI: FACP ",
+        "ACPI: DSDT ",
+        "ACPI: APIC ",
+        "ACPI: HPET ",
+        "ACPI: PM-Timer IO Port: 0x608",
+        "ACPI: INT_SRC_OVR (bus 0 bus_irq 0 global_irq 2 dfl dfl)",
+        "ACPI: INT_SRC_OVR (bus 0 bus_irq 9 global_irq 9 low level)",
+        // The IOAPIC, with the PIT on pin 2.
+        "IOAPIC[0]: apic_id 0, version 32, address 0xfec00000, GSI 0-23",
+        "APIC: Switch to symmetric I/O mode setup",
+        "..TIMER: vector=0x30 apic1=0 pin1=2",
+        // The local APIC timer, calibrated and checked against the PM timer.
+        "Using local APIC timer interrupts.",
+        "..... calibration result: ",
+        // The HPET and the AML interpreter.
+        "hpet0: 3 comparators, 64-bit 100.000000 MHz counter",
+        "ACPI: Interpreter enabled",
+        "ACPI: Using IOAPIC for interrupt routing",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    for bad in ["ACPI Error", "ACPI BIOS Error", "APIC timer disabled", "invalid opcode"] {
+        assert!(!out.contains(bad), "{bad:?} in:\n{out}");
+    }
+    let switched = out
+        .lines()
+        .find_map(|l| l.split("Switched to clocksource ").nth(1))
+        .unwrap_or_else(|| panic!("no clocksource switch in:\n{out}"));
+    assert!(!switched.contains("jiffies"), "{switched}");
+    let replay = nyx().arg("replay").arg(&trace).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&replay.stdout),
+        out,
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert_eq!(
+        replay.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
 }
 
 /// The address of `name` in `elf` (its symbol table, read with `nm`).

@@ -355,7 +355,9 @@ impl Event {
         ExitKind::ALL
             .iter()
             .map(|k| k.name())
-            .chain(["poll", "time", "input", "entropy", "landing", "inject", "regs", "end"])
+            .chain([
+                "poll", "time", "input", "platform", "entropy", "landing", "inject", "regs", "end",
+            ])
             .collect()
     }
 }
