@@ -54,6 +54,12 @@ pub const CPUID_EXIT: u32 = 0x47;
 /// checking its handler's return address; exits with [`SOFTINT_EXIT`].
 pub const SOFTINT: &[u8] = guest_image!("softint");
 
+/// Waits for the ACPI power button (the SCI through the 8259 pair, on the
+/// modern platform) in a loop without exits, prints "pwrbtn: pressed" and
+/// powers off by S5. The press comes from outside, so there is no golden
+/// output and it is not in [`ALL`].
+pub const PWRBTN: &[u8] = guest_image!("pwrbtn");
+
 /// Debug-exit values (the value written to port 0xF4; QEMU exits with
 /// `(value << 1) | 1`, see [`qemu_exit_code`]).
 pub const HELLO_EXIT: u32 = 0x21;
