@@ -15,7 +15,8 @@ append="nyx-test arg=1"
 status=0
 
 # name, expected QEMU exit status, serial input
-for spec in hello:67 pit:35 longmode:1 triple:0 ports:69 echo:103:echo.in softint:145; do
+for spec in hello:67 pit:35 longmode:1 triple:0 ports:69 echo:103:echo.in softint:145 \
+    lapic:161 ioapic:163 hpet:165 acpi:0; do
     name=${spec%%:*}
     rest=${spec#*:}
     want=${rest%%:*}

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use nyx_vmm::config::Irqchip;
 use nyx_vmm::{MachineBuilder, RunOutcome, SerialIn};
 
 /// Whether KVM tests can run here: the one probe of every crate
@@ -74,8 +75,15 @@ pub struct GuestRun {
     pub exits: u64,
 }
 
-/// Runs the in-tree guest `name` with `cmdline` and `input` in 64 MiB.
+/// Runs the in-tree guest `name` with `cmdline` and `input` in 64 MiB on
+/// the legacy platform.
 pub fn run_guest(name: &str, cmdline: &str, input: Option<&[u8]>) -> GuestRun {
+    run_guest_with(name, cmdline, input, Irqchip::Legacy)
+}
+
+/// Runs the in-tree guest `name` with `cmdline` and `input` in 64 MiB on
+/// the platform `irqchip`.
+pub fn run_guest_with(name: &str, cmdline: &str, input: Option<&[u8]>, irqchip: Irqchip) -> GuestRun {
     let image = nyx_guests::ALL
         .iter()
         .find(|(n, _)| *n == name)
@@ -86,6 +94,7 @@ pub fn run_guest(name: &str, cmdline: &str, input: Option<&[u8]>) -> GuestRun {
         .memory(64)
         .kernel_image(name, image.to_vec())
         .cmdline(cmdline)
+        .irqchip(irqchip)
         .serial_out(Box::new(out.clone()));
     if let Some(i) = input {
         b = b.serial_in(SerialIn::Bytes(i.to_vec()));

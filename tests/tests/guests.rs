@@ -1,31 +1,72 @@
 //! The in-tree guests under `nyx run` semantics (in-process): serial output
 //! byte-identical to QEMU's golden files, exit values as specified, unknown
 //! ports and MMIO answered with all-ones, and an idle guest that does not
-//! burn the host CPU.
+//! burn the host CPU. The guests of the modern platform (local APIC, IOAPIC,
+//! HPET, ACPI) run with `Irqchip::Apic`, and so, once more, do the legacy
+//! guests that take interrupts: the 8259 PIC must work beside the APICs.
 
-use nyx_tests::{kvm_available, run_guest};
+use nyx_tests::{kvm_available, run_guest, run_guest_with};
+use nyx_vmm::config::Irqchip;
 use nyx_vmm::RunOutcome;
 
 fn check_golden(name: &str) {
+    check_golden_on(name, Irqchip::Legacy);
+}
+
+fn check_golden_on(name: &str, irqchip: Irqchip) {
     if !kvm_available() {
         return;
     }
     let e = nyx_guests::expected(name).expect("known guest");
-    let run = run_guest(name, nyx_guests::GOLDEN_APPEND, e.input);
+    let run = run_guest_with(name, nyx_guests::GOLDEN_APPEND, e.input, irqchip);
     let golden = e.golden.expect("guest has a golden file");
     let got = String::from_utf8_lossy(&run.serial);
     assert_eq!(
-        got, golden,
-        "{name}: serial output differs from QEMU's (outcome {:?})",
+        got,
+        golden,
+        "{name} on {}: serial output differs from QEMU's (outcome {:?})",
+        irqchip.name(),
         run.outcome
     );
     match e.exit_value {
         Some(v) => assert_eq!(run.outcome, RunOutcome::DebugExit(v), "{name}"),
+        None if e.powers_off => assert_eq!(run.outcome, RunOutcome::PowerOff, "{name}"),
         None => assert!(
             matches!(run.outcome, RunOutcome::Crashed(_)),
             "{name}: {:?}",
             run.outcome
         ),
+    }
+}
+
+#[test]
+fn lapic_matches_qemu() {
+    check_golden_on("lapic", Irqchip::Apic);
+}
+
+#[test]
+fn ioapic_matches_qemu() {
+    check_golden_on("ioapic", Irqchip::Apic);
+}
+
+#[test]
+fn hpet_matches_qemu() {
+    check_golden_on("hpet", Irqchip::Apic);
+}
+
+#[test]
+fn acpi_matches_qemu_and_powers_off() {
+    check_golden_on("acpi", Irqchip::Apic);
+}
+
+/// Guests written for the 8259 PIC (and one that takes no interrupt) print
+/// the same on the modern platform: the PIC is still there beside the
+/// APICs, and the local APIC as the guest finds it passes its interrupts on.
+#[test]
+fn legacy_guests_match_qemu_on_the_apic_platform() {
+    for name in ["pit", "echo", "longmode", "hello"] {
+        assert!(!nyx_guests::expected(name).expect("known guest").needs_apic);
+        check_golden_on(name, Irqchip::Apic);
     }
 }
 

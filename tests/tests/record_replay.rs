@@ -1,8 +1,10 @@
 //! Record and replay of the in-tree guests: each replay reproduces the
 //! serial output byte for byte, the exit status and the final register and
 //! memory digests (checked by the replayer against the trace's end record),
-//! three times in a row; recordings of time-dependent guests differ from
-//! each other; a tampered trace is caught at the right position.
+//! three times in a row (the guests of the modern platform recorded with
+//! `Irqchip::Apic`, printing QEMU's golden output); recordings of
+//! time-dependent guests differ from each other; a tampered trace is caught
+//! at the right position.
 
 use std::path::{Path, PathBuf};
 
@@ -10,7 +12,7 @@ use nyx_recorder::{record_image, RecordOptions};
 use nyx_replayer::{replay, ReplayEnd, ReplayOptions};
 use nyx_tests::{kvm_available, Capture};
 use nyx_trace::{FrameKind, TraceReader, TraceWriter};
-use nyx_vmm::config::VerifyLevel;
+use nyx_vmm::config::{Irqchip, VerifyLevel};
 use nyx_vmm::events::{Event, ExitKind, Limit};
 use nyx_vmm::{RunOutcome, SerialIn};
 
@@ -22,6 +24,17 @@ struct Recorded {
 }
 
 fn record_guest(dir: &Path, name: &str, file: &str, input: Option<&[u8]>, verify: VerifyLevel) -> Recorded {
+    record_guest_on(dir, name, file, input, verify, Irqchip::Legacy)
+}
+
+fn record_guest_on(
+    dir: &Path,
+    name: &str,
+    file: &str,
+    input: Option<&[u8]>,
+    verify: VerifyLevel,
+    irqchip: Irqchip,
+) -> Recorded {
     let image = nyx_guests::image(name).expect("guest").to_vec();
     let out = Capture::default();
     let rec = record_image(
@@ -38,7 +51,7 @@ fn record_guest(dir: &Path, name: &str, file: &str, input: Option<&[u8]>, verify
             verify,
             landings: nyx_recorder::LandingPolicy::Auto,
             cpu: Default::default(),
-            irqchip: Default::default(),
+            irqchip,
         },
         name.to_string(),
         image,
@@ -67,8 +80,13 @@ fn replay_guest(path: &Path) -> Result<(Vec<u8>, ReplayEnd), nyx_replayer::Error
 
 /// Records `name` and replays it three times; every replay must match.
 fn round_trip(name: &str, input: Option<&[u8]>, verify: VerifyLevel) -> Recorded {
+    round_trip_on(name, input, verify, Irqchip::Legacy)
+}
+
+/// [`round_trip`] on the platform `irqchip` (the trace carries it).
+fn round_trip_on(name: &str, input: Option<&[u8]>, verify: VerifyLevel, irqchip: Irqchip) -> Recorded {
     let dir = tempfile::tempdir().unwrap();
-    let rec = record_guest(dir.path(), name, "t.nyxtrace", input, verify);
+    let rec = record_guest_on(dir.path(), name, "t.nyxtrace", input, verify, irqchip);
     let want = nyx_guests::expected(name).expect("known guest");
     match want.exit_value {
         Some(v) => assert_eq!(rec.outcome, RunOutcome::DebugExit(v), "{name} recorded run"),
@@ -108,6 +126,33 @@ fn counter_with_timer_landings_replays_exactly() {
         .filter(|l| l.len() == 16)
         .count();
     assert!(lines >= 50, "{}", String::from_utf8_lossy(&rec.serial));
+}
+
+/// A guest of the modern platform recorded and replayed with
+/// `Irqchip::Apic`: the recording prints QEMU's golden output and every
+/// replay prints it again.
+fn apic_round_trip(name: &str) {
+    if !kvm_available() {
+        return;
+    }
+    let rec = round_trip_on(name, None, VerifyLevel::Full, Irqchip::Apic);
+    let golden = nyx_guests::expected(name).and_then(|e| e.golden).expect("golden");
+    assert_eq!(String::from_utf8_lossy(&rec.serial), golden, "{name} recording");
+}
+
+#[test]
+fn lapic_timer_and_ipis_replay_exactly() {
+    apic_round_trip("lapic");
+}
+
+#[test]
+fn ioapic_routed_interrupts_replay_exactly() {
+    apic_round_trip("ioapic");
+}
+
+#[test]
+fn hpet_ticks_replay_exactly() {
+    apic_round_trip("hpet");
 }
 
 #[test]

@@ -59,6 +59,21 @@ pub const SOFTINT: &[u8] = guest_image!("softint");
 /// powers off by S5. The press comes from outside, so there is no golden
 /// output and it is not in [`ALL`].
 pub const PWRBTN: &[u8] = guest_image!("pwrbtn");
+/// The local APIC: version, SVR, periodic and one-shot timer, self-IPI, TPR
+/// masking; exits with [`LAPIC_EXIT`]. Needs the APIC platform
+/// ([`Expected::needs_apic`]).
+pub const LAPIC: &[u8] = guest_image!("lapic");
+/// The IOAPIC: version, the PIT through GSI 2, COM1 level-triggered through
+/// pin 4; exits with [`IOAPIC_EXIT`]. Needs the APIC platform.
+pub const IOAPIC: &[u8] = guest_image!("ioapic");
+/// The HPET: capabilities, timer 0 periodic in legacy replacement mode
+/// through IOAPIC pin 2; exits with [`HPET_EXIT`]. Needs the APIC platform.
+pub const HPET: &[u8] = guest_image!("hpet");
+/// The ACPI tables (RSDP, RSDT, FADT, MADT, HPET, DSDT), the PM timer,
+/// ACPI_ENABLE through SMI_CMD, then S5: it powers off
+/// ([`Expected::powers_off`]) instead of writing to the debug-exit port.
+/// Needs the APIC platform.
+pub const ACPI: &[u8] = guest_image!("acpi");
 
 /// Debug-exit values (the value written to port 0xF4; QEMU exits with
 /// `(value << 1) | 1`, see [`qemu_exit_code`]).
@@ -81,6 +96,12 @@ pub const SOFTINT_EXIT: u32 = 0x48;
 pub const RTC_EXIT: u32 = 0x46;
 /// Debug-exit value of [`TICKS`].
 pub const TICKS_EXIT: u32 = 0x34;
+/// Debug-exit value of [`LAPIC`].
+pub const LAPIC_EXIT: u32 = 0x50;
+/// Debug-exit value of [`IOAPIC`].
+pub const IOAPIC_EXIT: u32 = 0x51;
+/// Debug-exit value of [`HPET`].
+pub const HPET_EXIT: u32 = 0x52;
 /// Debug-exit value any guest writes when something unexpected happened
 /// (an exception, a stray interrupt, a failed self-check).
 pub const UNEXPECTED_EXIT: u32 = 0x7f;
@@ -106,6 +127,10 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("rtc", RTC),
     ("ticks", TICKS),
     ("softint", SOFTINT),
+    ("lapic", LAPIC),
+    ("ioapic", IOAPIC),
+    ("hpet", HPET),
+    ("acpi", ACPI),
 ];
 
 /// What a guest is expected to do.
@@ -114,8 +139,15 @@ pub struct Expected {
     /// The guest's name (its file stem).
     pub name: &'static str,
     /// The value it writes to the debug-exit port; `None` if it ends in a
-    /// triple fault instead.
+    /// triple fault instead, or powers off ([`Expected::powers_off`]).
     pub exit_value: Option<u32>,
+    /// Whether it ends by powering the machine off through ACPI (QEMU exit
+    /// status 0) rather than by a debug-exit or a triple fault.
+    pub powers_off: bool,
+    /// Whether it needs the modern PC platform (local APIC, IOAPIC, HPET,
+    /// ACPI: Nyx's `--irqchip apic`, QEMU's `pc` machine); the others run on
+    /// either.
+    pub needs_apic: bool,
     /// Its complete serial output under QEMU; `None` if timing-dependent.
     pub golden: Option<&'static str>,
     /// The bytes fed to its COM1 receiver, if any.
@@ -129,66 +161,120 @@ pub const EXPECTED: &[Expected] = &[
         exit_value: Some(HELLO_EXIT),
         golden: Some(include_str!("../../golden/hello.out")),
         input: None,
+        powers_off: false,
+        needs_apic: false,
     },
     Expected {
         name: "pit",
         exit_value: Some(PIT_EXIT),
         golden: Some(include_str!("../../golden/pit.out")),
         input: None,
+        powers_off: false,
+        needs_apic: false,
     },
     Expected {
         name: "longmode",
         exit_value: Some(LONGMODE_EXIT),
         golden: Some(include_str!("../../golden/longmode.out")),
         input: None,
+        powers_off: false,
+        needs_apic: false,
     },
     Expected {
         name: "triple",
         exit_value: None,
         golden: Some(include_str!("../../golden/triple.out")),
         input: None,
+        powers_off: false,
+        needs_apic: false,
     },
     Expected {
         name: "ports",
         exit_value: Some(PORTS_EXIT),
         golden: Some(include_str!("../../golden/ports.out")),
         input: None,
+        powers_off: false,
+        needs_apic: false,
     },
     Expected {
         name: "echo",
         exit_value: Some(ECHO_EXIT),
         golden: Some(include_str!("../../golden/echo.out")),
         input: Some(include_bytes!("../../golden/echo.in")),
+        powers_off: false,
+        needs_apic: false,
     },
     Expected {
         name: "counter",
         exit_value: Some(COUNTER_EXIT),
         golden: None,
         input: None,
+        powers_off: false,
+        needs_apic: false,
     },
     Expected {
         name: "rdtsc",
         exit_value: Some(RDTSC_EXIT),
         golden: None,
         input: None,
+        powers_off: false,
+        needs_apic: false,
     },
     Expected {
         name: "rtc",
         exit_value: Some(RTC_EXIT),
         golden: None,
         input: None,
+        powers_off: false,
+        needs_apic: false,
     },
     Expected {
         name: "ticks",
         exit_value: Some(TICKS_EXIT),
         golden: None,
         input: Some(b"abc."),
+        powers_off: false,
+        needs_apic: false,
     },
     Expected {
         name: "softint",
         exit_value: Some(SOFTINT_EXIT),
         golden: Some(include_str!("../../golden/softint.out")),
         input: None,
+        powers_off: false,
+        needs_apic: false,
+    },
+    Expected {
+        name: "lapic",
+        exit_value: Some(LAPIC_EXIT),
+        golden: Some(include_str!("../../golden/lapic.out")),
+        input: None,
+        powers_off: false,
+        needs_apic: true,
+    },
+    Expected {
+        name: "ioapic",
+        exit_value: Some(IOAPIC_EXIT),
+        golden: Some(include_str!("../../golden/ioapic.out")),
+        input: None,
+        powers_off: false,
+        needs_apic: true,
+    },
+    Expected {
+        name: "hpet",
+        exit_value: Some(HPET_EXIT),
+        golden: Some(include_str!("../../golden/hpet.out")),
+        input: None,
+        powers_off: false,
+        needs_apic: true,
+    },
+    Expected {
+        name: "acpi",
+        exit_value: None,
+        golden: Some(include_str!("../../golden/acpi.out")),
+        input: None,
+        powers_off: true,
+        needs_apic: true,
     },
 ];
 
@@ -400,6 +486,21 @@ mod tests {
         let golden = echo.golden.expect("echo golden");
         assert!(golden.contains(&upto_dot.to_uppercase()), "{golden}");
         assert!(golden.ends_with("bye\n"));
+    }
+
+    #[test]
+    fn modern_platform_guests_say_so() {
+        let apic: Vec<_> = EXPECTED.iter().filter(|e| e.needs_apic).map(|e| e.name).collect();
+        assert_eq!(apic, ["lapic", "ioapic", "hpet", "acpi"]);
+        for e in EXPECTED {
+            assert!(!e.powers_off || e.exit_value.is_none(), "{}", e.name);
+        }
+        let acpi = expected("acpi").expect("acpi");
+        assert!(acpi.powers_off);
+        assert!(acpi.golden.expect("acpi golden").ends_with("slp_en\n"));
+        assert_eq!(qemu_exit_code(LAPIC_EXIT), 0xa1);
+        assert_eq!(qemu_exit_code(IOAPIC_EXIT), 0xa3);
+        assert_eq!(qemu_exit_code(HPET_EXIT), 0xa5);
     }
 
     #[test]
