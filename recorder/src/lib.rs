@@ -245,6 +245,9 @@ pub struct Recorder {
     wall: Arc<Mutex<i64>>,
     landings: LandingPolicy,
     hot_loops: HotLoops,
+    /// Host time (monotonic ns) of the last kick that polled: the guest's
+    /// slice runs from there.
+    slice_start_ns: u64,
     /// The check clock's hooks, when recording under it: time, polls,
     /// entropy, the date and the time limit are theirs.
     check: Option<CheckRun>,
@@ -296,6 +299,7 @@ impl Recorder {
             wall,
             landings,
             hot_loops: HotLoops::default(),
+            slice_start_ns: 0,
             check: None,
         }
     }
@@ -383,11 +387,15 @@ impl RunHooks for Recorder {
             // Only the time limit: the check clock moves at exits.
             return c.kick_at(virt_deadline);
         }
-        // The guest always gets a slice of its own: when recording a
-        // landing costs more than a timer period, a deadline already past
-        // would otherwise kick every entry at once and the guest would never
-        // run again.
-        let min = nyx_vmm::kick::monotonic_ns() + MIN_SLICE_NS;
+        // The guest always gets a slice of its own after a landing: when
+        // recording a landing costs more than a timer period, a deadline
+        // already past would otherwise kick every entry at once and the
+        // guest would never run again. The slice is counted from the last
+        // landing, not from this entry: a guest that exits more often than
+        // the slice is long (a loop polling a port or a trapped RDTSC) would
+        // otherwise push its kick away at every exit and never get its
+        // timer interrupt.
+        let min = self.slice_start_ns + MIN_SLICE_NS;
         Some(self.host.host_time_of(virt_deadline?).max(min))
     }
 
@@ -414,6 +422,7 @@ impl RunHooks for Recorder {
             return c.on_kick(ctx, deadline_passed);
         }
         self.landing(ctx)?;
+        self.slice_start_ns = nyx_vmm::kick::monotonic_ns();
         Ok(true)
     }
 

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Regenerates the golden serial outputs of the deterministic Nyx test guests
-# by running them under QEMU (see README.md). Needs gcc (or $CC), GNU
+# by running them under QEMU (see README.md): all of them, or those named
+# as arguments. Needs gcc (or $CC), GNU
 # binutils and qemu-system-x86_64. Assembles the guests with the same flags
 # as tests/guests/build.rs, names each kernel file after its guest (QEMU puts
 # the file name in front of the Multiboot command line) and checks QEMU's
@@ -16,8 +17,12 @@ status=0
 
 # name, expected QEMU exit status, serial input
 for spec in hello:67 pit:35 longmode:1 triple:0 ports:69 echo:103:echo.in softint:145 \
-    lapic:161 ioapic:163 hpet:165 acpi:0; do
+    lapic:161 ioapic:163 hpet:165 acpi:0 busyio:147; do
     name=${spec%%:*}
+    # With arguments, only the guests they name.
+    if [ $# -gt 0 ]; then
+        case " $* " in *" $name "*) ;; *) continue ;; esac
+    fi
     rest=${spec#*:}
     want=${rest%%:*}
     input=/dev/null

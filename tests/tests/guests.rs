@@ -78,6 +78,11 @@ fn softint_matches_qemu() {
 }
 
 #[test]
+fn busyio_matches_qemu() {
+    check_golden("busyio");
+}
+
+#[test]
 fn hello_matches_qemu() {
     check_golden("hello");
 }

@@ -278,6 +278,34 @@ fn a_recording_stopped_by_its_output_replays_to_the_same_point() {
     }
 }
 
+/// A guest that exits every few microseconds while it waits for its timer
+/// (a loop of port reads, interrupts on, no HLT) still gets its ticks while
+/// recorded: 20 ticks of 1 ms come within 500 ms of guest time, and the
+/// recording replays.
+#[test]
+fn a_loop_of_exits_gets_its_timer_interrupts_while_recorded() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rec = record_with_limits(
+        dir.path(),
+        "busyio",
+        nyx_vmm::machine::limits::Limits {
+            until_output: None,
+            max_guest_ns: Some(500_000_000),
+        },
+    );
+    let out = String::from_utf8_lossy(&rec.serial).to_string();
+    assert_eq!(rec.outcome, RunOutcome::DebugExit(nyx_guests::BUSYIO_EXIT), "{out}");
+    let (serial, end) = replay_guest(&rec.path).unwrap();
+    assert_eq!(String::from_utf8_lossy(&serial), out);
+    match end {
+        ReplayEnd::Complete { outcome } => assert_eq!(outcome, rec.outcome),
+        other => panic!("replay did not complete: {other:?}"),
+    }
+}
+
 #[test]
 fn a_recording_stopped_by_guest_time_replays_to_the_same_point() {
     if !kvm_available() {
