@@ -8,6 +8,12 @@
 //! landing. Every replay is checked: it must complete with the recorded
 //! outcome and print the recorded serial output, or the benchmark fails.
 //!
+//! A guest named `NAME@apic` runs on the modern platform (`--irqchip
+//! apic`); for each guest an `IRQ` row gives the cost of an interrupt in
+//! the plain run (exits and vCPU CPU time per injected interrupt), so the
+//! PIC path (`pit`) compares with the IOAPIC/local APIC path (`ioapic@apic`:
+//! the same 1 kHz PIT, through GSI 2, acknowledged by a local APIC EOI).
+//!
 //! `cargo bench -p nyx-tests --bench record_replay [-- REPS [GUEST ...]]`
 
 use std::error::Error;
@@ -28,7 +34,26 @@ use nyx_vmm::{MachineBuilder, SerialIn};
 type Res<T> = Result<T, Box<dyn Error>>;
 
 /// The guests measured, in the order reported.
-const GUESTS: &[&str] = &["hello", "counter", "rdtsc", "rtc", "pit", "echo"];
+const GUESTS: &[&str] = &[
+    "hello",
+    "counter",
+    "rdtsc",
+    "rtc",
+    "pit",
+    "echo",
+    "pit@apic",
+    "ioapic@apic",
+    "lapic@apic",
+    "hpet@apic",
+];
+
+/// The guest's name and platform of a `NAME[@apic]` spec.
+fn spec(s: &str) -> (&str, nyx_vmm::config::Irqchip) {
+    match s.strip_suffix("@apic") {
+        Some(name) => (name, nyx_vmm::config::Irqchip::Apic),
+        None => (s, nyx_vmm::config::Irqchip::Legacy),
+    }
+}
 
 /// One plain run.
 struct Plain {
@@ -56,12 +81,14 @@ fn input_of(name: &str) -> Option<Vec<u8>> {
     nyx_guests::expected(name).and_then(|e| e.input).map(<[u8]>::to_vec)
 }
 
-fn plain_run(name: &str) -> Res<Plain> {
+fn plain_run(guest: &str) -> Res<Plain> {
+    let (name, irqchip) = spec(guest);
     let image = nyx_guests::image(name).ok_or("unknown guest")?;
     let out = Capture::default();
     let mut b = MachineBuilder::new()
         .memory(64)
         .kernel_image(name, image.to_vec())
+        .irqchip(irqchip)
         .serial_out(Box::new(out.clone()));
     if let Some(i) = input_of(name) {
         b = b.serial_in(SerialIn::Bytes(i));
@@ -141,7 +168,8 @@ fn replay_with_limit(path: &Path, out: Capture, limit: Duration) -> Res<Option<n
     Ok(None)
 }
 
-fn round_trip(dir: &Path, name: &str, rep: usize) -> Res<Trip> {
+fn round_trip(dir: &Path, guest: &str, rep: usize) -> Res<Trip> {
+    let (name, irqchip) = spec(guest);
     let image = nyx_guests::image(name).ok_or("unknown guest")?;
     let out = Capture::default();
     let rec = record_image(
@@ -158,7 +186,7 @@ fn round_trip(dir: &Path, name: &str, rep: usize) -> Res<Trip> {
             verify: VerifyLevel::Exits,
             landings: nyx_recorder::LandingPolicy::Auto,
             cpu: Default::default(),
-            irqchip: Default::default(),
+            irqchip,
         },
         name.to_string(),
         image.to_vec(),
@@ -297,6 +325,34 @@ fn report(name: &str, plains: &[Plain], trips: &[RoundTrip]) {
         per(extra_wall, landings),
         per(extra_user, landings)
     );
+    // The cost of an interrupt in the plain run: exits per injected
+    // interrupt, and the vCPU thread's CPU time (user: Nyx; system: KVM and
+    // the emulated guest) per interrupt and per exit.
+    let injected = median_u(plains.iter().map(|p| p.stats.injected));
+    if injected > 0 {
+        let per_irq = |f: &dyn Fn(&ExitStats) -> u64| {
+            median_f(
+                plains
+                    .iter()
+                    .map(|p| f(&p.stats) as f64 / p.stats.injected.max(1) as f64)
+                    .collect(),
+            )
+        };
+        let cpu_per_exit = median_f(
+            plains
+                .iter()
+                .map(|p| (p.stats.user_ns + p.stats.sys_ns) as f64 / p.stats.exits().max(1) as f64 / 1e3)
+                .collect(),
+        );
+        println!(
+            "IRQ|{name}|{injected}|{:.2}|{:.2}|{:.2}|{:.1}|{:.1}|{cpu_per_exit:.1}",
+            per_irq(&|s| s.exits()),
+            per_irq(&|s| s.pio),
+            per_irq(&|s| s.mmio),
+            per_irq(&|s| s.user_ns) / 1e3,
+            per_irq(&|s| s.user_ns + s.sys_ns) / 1e3,
+        );
+    }
     if name == "counter" {
         let p = median_u(plains.iter().filter_map(|p| counter_iterations(&p.serial)));
         let r = median_u(trips.iter().filter_map(|t| counter_iterations(&t.rec_serial)));
@@ -325,6 +381,9 @@ fn main() -> Res<()> {
     println!("SIZE|guest|file B|events|event frames B|B/event|event B per virtual s|compression|virtual ms");
     println!(
         "COST|guest|record-plain ms|user CPU ms|per exit us|user per exit us|per event us|per landing us|user per landing us"
+    );
+    println!(
+        "IRQ|guest|interrupts (plain)|exits per interrupt|port exits per interrupt|MMIO exits per interrupt|user CPU per interrupt us|user+sys CPU per interrupt us|user+sys CPU per exit us"
     );
     for name in picked {
         // Warm-up: page in the image, the KVM module's paths, the allocator.

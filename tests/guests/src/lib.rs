@@ -54,6 +54,11 @@ pub const CPUID_EXIT: u32 = 0x47;
 /// checking its handler's return address; exits with [`SOFTINT_EXIT`].
 pub const SOFTINT: &[u8] = guest_image!("softint");
 
+/// Waits for 20 PIT ticks in a loop of port 0x80 writes (an exit every few
+/// microseconds, interrupts on, no HLT); exits with [`BUSYIO_EXIT`].
+pub const BUSYIO: &[u8] = guest_image!("busyio");
+/// Debug-exit value of [`BUSYIO`].
+pub const BUSYIO_EXIT: u32 = 0x49;
 /// Waits for the ACPI power button (the SCI through the 8259 pair, on the
 /// modern platform) in a loop without exits, prints "pwrbtn: pressed" and
 /// powers off by S5. The press comes from outside, so there is no golden
@@ -131,6 +136,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("ioapic", IOAPIC),
     ("hpet", HPET),
     ("acpi", ACPI),
+    ("busyio", BUSYIO),
 ];
 
 /// What a guest is expected to do.
@@ -245,6 +251,14 @@ pub const EXPECTED: &[Expected] = &[
         needs_apic: false,
     },
     Expected {
+        name: "busyio",
+        exit_value: Some(BUSYIO_EXIT),
+        golden: Some(include_str!("../../golden/busyio.out")),
+        input: None,
+        powers_off: false,
+        needs_apic: false,
+    },
+    Expected {
         name: "lapic",
         exit_value: Some(LAPIC_EXIT),
         golden: Some(include_str!("../../golden/lapic.out")),
@@ -280,8 +294,15 @@ pub const EXPECTED: &[Expected] = &[
 
 /// The image of the guest called `name`.
 pub fn image(name: &str) -> Option<&'static [u8]> {
-    ALL.iter().find(|(n, _)| *n == name).map(|(_, image)| *image)
+    ALL.iter()
+        .chain(OTHERS)
+        .find(|(n, _)| *n == name)
+        .map(|(_, image)| *image)
 }
+
+/// The guests outside [`ALL`]: their output depends on the host or on
+/// input from outside.
+pub const OTHERS: &[(&str, &[u8])] = &[("cpuid", CPUID), ("pwrbtn", PWRBTN)];
 
 /// The built ELF file of the guest called `name` (in Cargo's `OUT_DIR`).
 pub fn path(name: &str) -> Option<PathBuf> {

@@ -570,7 +570,10 @@ impl Machine {
     /// (`--irqchip legacy`) refuses it.
     pub fn platform_event(&mut self, event: &nyx_devices::acpi_pm::PlatformEvent) -> Result<(), String> {
         if self.core.config.irqchip != crate::config::Irqchip::Apic {
-            return Err("this machine has no ACPI (it was built with --irqchip legacy)".into());
+            return Err(
+                "this machine has no ACPI: it was built with --irqchip legacy (platform events need --irqchip apic)"
+                    .into(),
+            );
         }
         self.core.platform_queue.push(&event.encode());
         self.poll_pending = true;
