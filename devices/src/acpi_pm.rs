@@ -128,6 +128,8 @@ pub const TMR_EN: u16 = 1 << 0;
 pub const PWRBTN_EN: u16 = 1 << 8;
 /// PM1_EN: sleep button enable.
 pub const SLPBTN_EN: u16 = 1 << 9;
+/// PM1_EN: the RTC alarm may wake the machine (RTC_EN).
+pub const RTC_EN: u16 = 1 << 10;
 /// PM1_CNT: events go to the SCI.
 pub const SCI_EN: u16 = 1 << 0;
 /// PM1_CNT: enter the sleep state in SLP_TYP.
@@ -550,6 +552,20 @@ impl AcpiPm {
     /// the vCPU when this is true.
     pub fn take_wake(&mut self) -> bool {
         std::mem::take(&mut self.state.wake_pending)
+    }
+
+    /// The RTC's alarm fired with its interrupt enabled: a sleeping machine
+    /// whose guest enabled the RTC as a wake source (RTC_EN) wakes with
+    /// WAK_STS and RTC_STS set, as QEMU's RTC wake-up does. An awake
+    /// machine, or one without RTC_EN, is not changed (QEMU sets RTC_STS
+    /// only on a wake).
+    pub fn rtc_alarm(&mut self) {
+        if self.state.sleeping.is_some() && self.state.pm1_en & RTC_EN != 0 {
+            self.state.sleeping = None;
+            self.state.wake_pending = true;
+            self.state.pm1_sts |= WAK_STS | RTC_STS;
+            self.update_sci();
+        }
     }
 
     /// What the sensor block shows.
@@ -991,6 +1007,28 @@ mod tests {
         r.event(PlatformEvent::Wake);
         assert_eq!(r.wr(PM1_CNT_BLK, 2, slp(SLP_TYP_S3)), Some(BusEvent::Sleep(3)));
         assert_eq!(r.pm.sleeping(), Some(3));
+    }
+
+    #[test]
+    fn the_rtc_alarm_wakes_only_a_sleeping_machine_with_rtc_en() {
+        let slp = u64::from(SLP_EN | u16::from(SLP_TYP_S3) << SLP_TYP_SHIFT | SCI_EN);
+        for rtc_en in [false, true] {
+            let mut r = Rig::new();
+            r.enable_acpi();
+            if rtc_en {
+                r.wr(PM1_EVT_BLK + 2, 2, u64::from(RTC_EN));
+            }
+            // Awake: nothing latches.
+            r.pm.rtc_alarm();
+            assert_eq!(r.rd(PM1_EVT_BLK, 2) as u16 & RTC_STS, 0);
+            assert_eq!(r.wr(PM1_CNT_BLK, 2, slp), Some(BusEvent::Sleep(3)));
+            r.pm.rtc_alarm();
+            assert_eq!(r.pm.take_wake(), rtc_en);
+            assert_eq!(r.pm.sleeping(), if rtc_en { None } else { Some(3) });
+            let sts = r.rd(PM1_EVT_BLK, 2) as u16;
+            let want = if rtc_en { WAK_STS | RTC_STS } else { 0 };
+            assert_eq!(sts & (WAK_STS | RTC_STS | PWRBTN_STS), want);
+        }
     }
 
     #[test]

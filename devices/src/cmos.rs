@@ -249,6 +249,13 @@ impl Cmos {
 
     /// The machine reset, as QEMU's `rtc_reset`: interrupt enables and
     /// flags cleared, line lowered; time and NVRAM kept.
+    /// Whether the alarm flag (register C's AF) is set and the alarm
+    /// interrupt enabled (register B's AIE): the condition under which
+    /// QEMU's RTC asks to wake a sleeping machine.
+    pub fn alarm_raised(&self) -> bool {
+        self.data(REG_C) & C_AF != 0 && self.data(REG_B) & B_AIE != 0
+    }
+
     pub fn reset(&mut self) {
         self.state.data[REG_B] &= !(B_PIE | B_AIE | B_SQWE);
         self.state.data[REG_C] = 0;

@@ -82,6 +82,13 @@ fn busyio_matches_qemu() {
     check_golden("busyio");
 }
 
+/// S3 with the RTC alarm as the wake source, resumed at the FACS waking
+/// vector in real mode.
+#[test]
+fn s3_woken_by_the_rtc_alarm_matches_qemu() {
+    check_golden_on("s3", Irqchip::Apic);
+}
+
 #[test]
 fn hello_matches_qemu() {
     check_golden("hello");

@@ -155,6 +155,13 @@ fn hpet_ticks_replay_exactly() {
     apic_round_trip("hpet");
 }
 
+/// The RTC alarm wakes the machine from S3 at a recorded poll; the replay
+/// wakes it there too and resumes at the waking vector.
+#[test]
+fn s3_and_its_rtc_wake_replay_exactly() {
+    apic_round_trip("s3");
+}
+
 #[test]
 fn rdtsc_values_replay_exactly() {
     if !kvm_available() {

@@ -435,11 +435,22 @@ impl Platform {
     /// input and platform events; devices raise their lines as they go.
     pub fn poll(&self) {
         lock(&self.pit).poll();
-        lock(&self.cmos).poll();
+        let alarm = {
+            let mut cmos = lock(&self.cmos);
+            let before = cmos.alarm_raised();
+            cmos.poll();
+            !before && cmos.alarm_raised()
+        };
         lock(&self.serial).poll_input();
         if let Some(m) = &self.modern {
             lock(&m.hpet).poll();
-            lock(&m.acpi_pm).poll();
+            let mut pm = lock(&m.acpi_pm);
+            pm.poll();
+            // The RTC alarm is a wake source (while the machine sleeps, the
+            // CMOS is polled at its second boundaries like any deadline).
+            if alarm {
+                pm.rtc_alarm();
+            }
         }
         lock(&self.chip).poll();
     }

@@ -59,6 +59,12 @@ pub const SOFTINT: &[u8] = guest_image!("softint");
 pub const BUSYIO: &[u8] = guest_image!("busyio");
 /// Debug-exit value of [`BUSYIO`].
 pub const BUSYIO_EXIT: u32 = 0x49;
+/// Suspends to S3 with the FACS waking vector at a real-mode routine and the
+/// RTC alarm as its wake source; the routine checks WAK_STS and RTC_STS and
+/// exits with [`S3_EXIT`]. Needs the APIC platform (ACPI).
+pub const S3: &[u8] = guest_image!("s3");
+/// Debug-exit value of [`S3`].
+pub const S3_EXIT: u32 = 0x55;
 /// Waits for the ACPI power button (the SCI through the 8259 pair, on the
 /// modern platform) in a loop without exits, prints "pwrbtn: pressed" and
 /// powers off by S5. The press comes from outside, so there is no golden
@@ -137,6 +143,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("hpet", HPET),
     ("acpi", ACPI),
     ("busyio", BUSYIO),
+    ("s3", S3),
 ];
 
 /// What a guest is expected to do.
@@ -257,6 +264,14 @@ pub const EXPECTED: &[Expected] = &[
         input: None,
         powers_off: false,
         needs_apic: false,
+    },
+    Expected {
+        name: "s3",
+        exit_value: Some(S3_EXIT),
+        golden: Some(include_str!("../../golden/s3.out")),
+        input: None,
+        powers_off: false,
+        needs_apic: true,
     },
     Expected {
         name: "lapic",
