@@ -245,8 +245,8 @@ pub struct Recorder {
     wall: Arc<Mutex<i64>>,
     landings: LandingPolicy,
     hot_loops: HotLoops,
-    /// Host time (monotonic ns) of the last kick that polled: the guest's
-    /// slice runs from there.
+    /// Host time (monotonic ns) of the last kick that polled or the last
+    /// injection: the guest's slice runs from there.
     slice_start_ns: u64,
     /// The check clock's hooks, when recording under it: time, polls,
     /// entropy, the date and the time limit are theirs.
@@ -387,7 +387,8 @@ impl RunHooks for Recorder {
             // Only the time limit: the check clock moves at exits.
             return c.kick_at(virt_deadline);
         }
-        // The guest always gets a slice of its own after a landing: when
+        // The guest always gets a slice of its own after a landing or an
+        // injection: when
         // recording a landing costs more than a timer period, a deadline
         // already past would otherwise kick every entry at once and the
         // guest would never run again. The slice is counted from the last
@@ -454,6 +455,9 @@ impl RunHooks for Recorder {
 
     fn on_inject(&mut self, _ctx: &mut HookCtx<'_>, vector: u8) -> Result<(), HookError> {
         lock(&self.log).push(Event::Inject(vector));
+        // The guest gets its slice to take the interrupt, too: a kick
+        // before it entered would land with the vector still pending.
+        self.slice_start_ns = nyx_vmm::kick::monotonic_ns();
         Ok(())
     }
 

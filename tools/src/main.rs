@@ -294,11 +294,11 @@ pub struct MachineArgs {
     /// lists them. A snapshot, trace or migrated machine keeps its own.
     #[arg(long, value_name = "MODEL", default_value = "baseline")]
     cpu: String,
-    /// The interrupt controllers and the platform around them: legacy (the
-    /// 8259A PIC pair of a 1980s PC, no ACPI; the default) or apic (a local
-    /// APIC and an IOAPIC beside the PICs, HPET, ACPI tables and power
-    /// management, ISA DMA). A snapshot, trace or migrated machine keeps its own.
-    #[arg(long, value_name = "KIND", default_value = "legacy")]
+    /// The interrupt controllers and the platform around them: apic (the
+    /// default: a local APIC and an IOAPIC beside the 8259A PICs, HPET, ACPI
+    /// tables and power management, ISA DMA) or legacy (the PIC pair of a
+    /// 1980s PC, no ACPI). A snapshot, trace or migrated machine keeps its own.
+    #[arg(long, value_name = "KIND", default_value = "apic")]
     irqchip: String,
     #[command(flatten)]
     kvm: KvmArgs,

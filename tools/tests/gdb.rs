@@ -658,11 +658,11 @@ fn breakpoints_hit_while_the_replay_searches_a_landing() {
         .collect();
     assert_eq!(values.len(), 2, "{out}");
     assert_eq!(values[1], values[0] + 1, "one loop iteration apart: {out}");
+    let err = nyx.finish_cleanly();
     assert!(
         out.contains("No more reverse-execution history"),
-        "ran to the recorded end: {out}"
+        "ran to the recorded end: {out}\n{err}"
     );
-    let err = nyx.finish_cleanly();
     assert!(!err.contains("diverge"), "{err}");
 }
 

@@ -1,6 +1,6 @@
 //! A real kernel under Nyx: the fixture Linux 6.1 (`tinyconfig`, built by
-//! `tools/scripts/build-test-kernel.sh`) booted with nothing but
-//! `console=ttyS0 nolapic noapic`. It must get past FPU init and Linux's
+//! `tools/scripts/build-test-kernel.sh`) booted on the legacy platform
+//! (`--irqchip legacy`) with nothing but `console=ttyS0 nolapic noapic`. It must get past FPU init and Linux's
 //! `int3` self-test (software interrupts Nyx delivers on emulated KVM), be
 //! recorded until an early console line, replay byte for byte, and let the
 //! real gdb go forward and backward on the replay: to `start_kernel`, to the
@@ -56,7 +56,16 @@ fn recorded() -> Option<&'static Recorded> {
             .arg(&vmlinux)
             .arg("--initrd")
             .arg(&initrd)
-            .args(["--cmdline", CMDLINE, "--mem", "128", "--until-output", UNTIL])
+            .args([
+                "--irqchip",
+                "legacy",
+                "--cmdline",
+                CMDLINE,
+                "--mem",
+                "128",
+                "--until-output",
+                UNTIL,
+            ])
             .output()
             .unwrap();
         Some(Recorded {
@@ -233,7 +242,16 @@ fn gdb_on_a_live_kernel_has_more_breakpoints_than_debug_registers() {
         .arg(&vmlinux)
         .arg("--initrd")
         .arg(&initrd)
-        .args(["--cmdline", CMDLINE, "--mem", "128", "--until-output", UNTIL])
+        .args([
+            "--irqchip",
+            "legacy",
+            "--cmdline",
+            CMDLINE,
+            "--mem",
+            "128",
+            "--until-output",
+            UNTIL,
+        ])
         .args(["--gdb", "127.0.0.1:0", "--gdb-wait"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -25,10 +25,11 @@ pub enum VerifyLevel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Irqchip {
     /// A 1980s PC: the 8259A PIC pair only, no ACPI.
-    #[default]
     Legacy,
     /// A modern PC: a local APIC, an IOAPIC beside the PICs, HPET, ACPI
-    /// tables and PM, ISA DMA.
+    /// tables and PM, ISA DMA. The default: what every current OS expects,
+    /// and a guest that only knows the 8259 runs on it unchanged.
+    #[default]
     Apic,
 }
 

@@ -145,7 +145,7 @@ impl MachineBuilder {
         self
     }
 
-    /// The interrupt controllers and platform (default: legacy).
+    /// The interrupt controllers and platform (default: apic).
     pub fn irqchip(mut self, irqchip: crate::config::Irqchip) -> Self {
         self.irqchip = irqchip;
         self
