@@ -132,11 +132,11 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("rtc", RTC),
     ("ticks", TICKS),
     ("softint", SOFTINT),
+    ("busyio", BUSYIO),
     ("lapic", LAPIC),
     ("ioapic", IOAPIC),
     ("hpet", HPET),
     ("acpi", ACPI),
-    ("busyio", BUSYIO),
 ];
 
 /// What a guest is expected to do.
