@@ -206,6 +206,15 @@ impl IrqChip {
         }
     }
 
+    /// The guest's TSC minus the virtual TSC, for the local APIC's
+    /// TSC-deadline timer (see [`LocalApic::set_tsc_offset`]); nothing on a
+    /// legacy machine.
+    pub fn set_tsc_offset(&mut self, offset: i64) {
+        if let Some(a) = &mut self.apic {
+            a.lapic.set_tsc_offset(offset);
+        }
+    }
+
     /// The local APIC's TPR as CR8 (`kvm_run.cr8` before entering the
     /// guest); None on a legacy machine.
     pub fn cr8(&self) -> Option<u8> {

@@ -19,6 +19,10 @@
 //! passed. As in QEMU a one-shot or periodic period is `initial count + 1`
 //! counts. A periodic timer that missed several periods before a poll sets
 //! IRR once and is re-armed at the first period boundary after now.
+//! A TSC deadline is in the guest's TSC, which is the virtual TSC (the
+//! clock at the guest TSC rate) plus an offset the machine declares with
+//! [`LocalApic::set_tsc_offset`]: 0 where `rdtsc` is answered from the
+//! virtual clock, KVM's lead over it in a plain run.
 
 use crate::io::Clock;
 use std::sync::Arc;
@@ -325,6 +329,10 @@ pub struct LocalApic {
     state: LapicState,
     clock: Arc<dyn Clock>,
     tsc_hz: u64,
+    /// The guest's TSC minus the virtual TSC ([`LocalApic::tsc_at`]): 0
+    /// where the guest's TSC is the virtual one (record, replay), what KVM's
+    /// TSC is ahead of it in a plain run.
+    tsc_offset: i64,
 }
 
 impl std::fmt::Debug for LocalApic {
@@ -332,6 +340,7 @@ impl std::fmt::Debug for LocalApic {
         f.debug_struct("LocalApic")
             .field("state", &self.state)
             .field("tsc_hz", &self.tsc_hz)
+            .field("tsc_offset", &self.tsc_offset)
             .finish()
     }
 }
@@ -347,6 +356,7 @@ impl LocalApic {
             state: LapicState::reset(),
             clock,
             tsc_hz: tsc_hz.max(1),
+            tsc_offset: 0,
         }
     }
 
@@ -359,6 +369,7 @@ impl LocalApic {
             state: state.clone(),
             clock,
             tsc_hz: tsc_hz.max(1),
+            tsc_offset: 0,
         })
     }
 
@@ -432,16 +443,32 @@ impl LocalApic {
         }
     }
 
-    /// The guest TSC at virtual time `ns` (`ns * tsc_hz / 1e9`), the scale
-    /// IA32_TSC_DEADLINE is read in.
+    /// The virtual TSC at virtual time `ns` (`ns * tsc_hz / 1e9`); the
+    /// guest's TSC is this plus the offset ([`LocalApic::set_tsc_offset`]).
     pub fn tsc_at(&self, ns: u64) -> u64 {
         let t = u128::from(ns) * u128::from(self.tsc_hz) / NS_PER_S;
         u64::try_from(t).unwrap_or(u64::MAX)
     }
 
-    /// The first virtual time at which the guest TSC reaches `tsc`.
+    /// Declares that the guest's TSC (what its `rdtsc` reads, the scale of
+    /// IA32_TSC_DEADLINE) is the virtual TSC plus `offset`: in a plain run
+    /// the guest reads KVM's TSC, which need not start at 0 with the
+    /// virtual clock. An armed deadline is moved to the new scale.
+    pub fn set_tsc_offset(&mut self, offset: i64) {
+        self.tsc_offset = offset;
+        if self.timer_mode() == TimerMode::TscDeadline && self.state.tsc_deadline != 0 {
+            self.state.timer_next_ns = Some(self.tsc_to_ns(self.state.tsc_deadline));
+        }
+    }
+
+    /// The first virtual time at which the guest TSC reaches `tsc`; 0 for
+    /// a guest TSC value from before virtual time 0.
     fn tsc_to_ns(&self, tsc: u64) -> u64 {
-        let ns = (u128::from(tsc) * NS_PER_S).div_ceil(u128::from(self.tsc_hz));
+        let virtual_tsc = i128::from(tsc) - i128::from(self.tsc_offset);
+        let Ok(virtual_tsc) = u128::try_from(virtual_tsc) else {
+            return 0;
+        };
+        let ns = (virtual_tsc * NS_PER_S).div_ceil(u128::from(self.tsc_hz));
         u64::try_from(ns).unwrap_or(u64::MAX)
     }
 
@@ -1411,6 +1438,42 @@ mod tests {
         assert_eq!(r.apic.tsc_deadline_msr(), 0);
         r.w(0x320, 0x4_0044);
         assert_eq!(r.take(), None);
+    }
+
+    /// A guest whose TSC is ahead of the virtual TSC (KVM's TSC in a plain
+    /// run): its deadlines, `rdtsc` + delta, expire delta ticks later, not
+    /// once the virtual TSC has caught up with its TSC, and the MSR reads
+    /// back what it wrote.
+    #[test]
+    fn tsc_deadline_on_a_guest_tsc_ahead_of_the_virtual_one() {
+        let mut r = Rig::enabled();
+        let offset: i64 = 0x385a_33c5_e58d;
+        r.apic.set_tsc_offset(offset);
+        r.timer(0x4_0044, 0xb, 0);
+        let guest_tsc = r.apic.tsc_at(r.clock.now_ns()) + offset as u64;
+        // 2.5 GHz: 2_500 ticks are 1000 ns.
+        r.apic.set_tsc_deadline_msr(guest_tsc + 2_500);
+        assert_eq!(r.apic.tsc_deadline_msr(), guest_tsc + 2_500);
+        assert_eq!(r.apic.next_deadline_ns(), Some(START + 1000));
+        r.clock.advance(1000);
+        r.apic.poll();
+        assert_eq!(r.take(), Some(0x44));
+        assert_eq!(r.apic.tsc_deadline_msr(), 0);
+        // A value behind the offset (before virtual time 0) has passed.
+        r.apic.set_tsc_deadline_msr(1);
+        assert_eq!(r.apic.next_deadline_ns(), Some(0));
+        r.apic.poll();
+        assert_eq!(r.take(), Some(0x44));
+        // A negative offset: the guest's TSC is behind the virtual TSC.
+        r.apic.set_tsc_offset(-2_500);
+        r.apic.set_tsc_deadline_msr(2_500);
+        assert_eq!(r.apic.next_deadline_ns(), Some(2000));
+        // Changing the offset moves an armed deadline to the new scale.
+        r.apic.set_tsc_deadline_msr(r.apic.tsc_at(START) + 5_000);
+        assert_eq!(r.apic.next_deadline_ns(), Some(START + 3000));
+        r.apic.set_tsc_offset(0);
+        assert_eq!(r.apic.next_deadline_ns(), Some(START + 2000));
+        assert_eq!(r.apic.tsc_deadline_msr(), r.apic.tsc_at(START) + 5_000);
     }
 
     #[test]

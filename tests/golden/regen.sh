@@ -17,7 +17,7 @@ status=0
 
 # name, expected QEMU exit status, serial input
 for spec in hello:67 pit:35 longmode:1 triple:0 ports:69 echo:103:echo.in softint:145 \
-    lapic:161 ioapic:163 hpet:165 acpi:0 busyio:147 s3:171; do
+    lapic:161 ioapic:163 hpet:165 acpi:0 busyio:147 s3:171 pmtimer:167; do
     name=${spec%%:*}
     # With arguments, only the guests they name.
     if [ $# -gt 0 ]; then

@@ -84,11 +84,7 @@ pub fn run_guest(name: &str, cmdline: &str, input: Option<&[u8]>) -> GuestRun {
 /// Runs the in-tree guest `name` with `cmdline` and `input` in 64 MiB on
 /// the platform `irqchip`.
 pub fn run_guest_with(name: &str, cmdline: &str, input: Option<&[u8]>, irqchip: Irqchip) -> GuestRun {
-    let image = nyx_guests::ALL
-        .iter()
-        .find(|(n, _)| *n == name)
-        .unwrap_or_else(|| panic!("no in-tree guest named {name}"))
-        .1;
+    let image = nyx_guests::image(name).unwrap_or_else(|| panic!("no in-tree guest named {name}"));
     let out = Capture::default();
     let mut b = MachineBuilder::new()
         .memory(64)

@@ -59,6 +59,25 @@ fn acpi_matches_qemu_and_powers_off() {
     check_golden_on("acpi", Irqchip::Apic);
 }
 
+#[test]
+fn pmtimer_matches_qemu() {
+    check_golden_on("pmtimer", Irqchip::Apic);
+}
+
+/// The TSC-deadline timer has no golden output (QEMU's TCG has no such
+/// timer): the guest must pass every check of its own on the APIC platform
+/// and print what QEMU prints over KVM's local APIC.
+#[test]
+fn tscdl_deadlines_fire_and_disarm() {
+    if !kvm_available() {
+        return;
+    }
+    let run = run_guest_with("tscdl", nyx_guests::GOLDEN_APPEND, None, Irqchip::Apic);
+    let got = String::from_utf8_lossy(&run.serial);
+    assert_eq!(got, nyx_guests::TSCDL_OUTPUT, "outcome {:?}", run.outcome);
+    assert_eq!(run.outcome, RunOutcome::DebugExit(nyx_guests::TSCDL_EXIT));
+}
+
 /// Guests written for the 8259 PIC (and one that takes no interrupt) print
 /// the same on the modern platform: the PIC is still there beside the
 /// APICs, and the local APIC as the guest finds it passes its interrupts on.

@@ -501,6 +501,12 @@ impl Platform {
         lock(&self.chip).msr(index, write)
     }
 
+    /// The guest's TSC minus the virtual TSC, for the local APIC's
+    /// TSC-deadline timer (nothing on a legacy machine).
+    pub fn set_tsc_offset(&self, offset: i64) {
+        lock(&self.chip).set_tsc_offset(offset);
+    }
+
     /// The local APIC's TPR as CR8, for `kvm_run.cr8` (None: no APIC).
     pub fn cr8(&self) -> Option<u8> {
         lock(&self.chip).cr8()

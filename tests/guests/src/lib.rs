@@ -85,6 +85,43 @@ pub const HPET: &[u8] = guest_image!("hpet");
 /// ([`Expected::powers_off`]) instead of writing to the debug-exit port.
 /// Needs the APIC platform.
 pub const ACPI: &[u8] = guest_image!("acpi");
+/// The ACPI PM timer (port 0x608) measured against 20 PIT ticks at 100 Hz
+/// through the 8259 pair: within 5% of 3.579545 MHz, handling the 24-bit
+/// wrap, up to five tries; prints "pm timer rate ok" and exits with
+/// [`PMTIMER_EXIT`]. Needs the APIC platform (the legacy machine has no PM
+/// block).
+pub const PMTIMER: &[u8] = guest_image!("pmtimer");
+/// The local APIC timer in TSC-deadline mode: CPUID.1:ECX bit 24, ten
+/// deadlines of `rdtsc` + 2,000,000 through IA32_TSC_DEADLINE (MSR 0x6E0),
+/// the MSR reading 0 after each expiry, as written while armed, disarming
+/// by writing 0, a deadline in the past; exits with [`TSCDL_EXIT`]. Needs
+/// the APIC platform. QEMU's TCG has no TSC-deadline timer (it drops the
+/// CPUID bit and never delivers the interrupt), so there is no golden
+/// output and it is not in [`ALL`].
+pub const TSCDL: &[u8] = guest_image!("tscdl");
+/// The complete serial output of [`TSCDL`] when every check passes: what
+/// QEMU 7.2 prints over KVM's in-kernel local APIC (`-accel kvm -cpu
+/// qemu64,+tsc-deadline`), the reference in place of a golden file.
+pub const TSCDL_OUTPUT: &str = "tscdl: 8259 masked, local apic enabled
+cpuid: tsc-deadline 1
+lvt timer 0x00040030
+tsc-deadline tick 1
+tsc-deadline tick 2
+tsc-deadline tick 3
+tsc-deadline tick 4
+tsc-deadline tick 5
+tsc-deadline tick 6
+tsc-deadline tick 7
+tsc-deadline tick 8
+tsc-deadline tick 9
+tsc-deadline tick 10
+msr 0x6e0 after expiry: 0 every time
+msr 0x6e0 armed: reads as written
+msr 0x6e0 after writing 0: 0
+disarmed: interrupts in 3 pit periods 0
+deadline in the past: fired
+tsc-deadline interrupts 11
+";
 
 /// Debug-exit values (the value written to port 0xF4; QEMU exits with
 /// `(value << 1) | 1`, see [`qemu_exit_code`]).
@@ -113,6 +150,10 @@ pub const LAPIC_EXIT: u32 = 0x50;
 pub const IOAPIC_EXIT: u32 = 0x51;
 /// Debug-exit value of [`HPET`].
 pub const HPET_EXIT: u32 = 0x52;
+/// Debug-exit value of [`PMTIMER`].
+pub const PMTIMER_EXIT: u32 = 0x53;
+/// Debug-exit value of [`TSCDL`].
+pub const TSCDL_EXIT: u32 = 0x56;
 /// Debug-exit value any guest writes when something unexpected happened
 /// (an exception, a stray interrupt, a failed self-check).
 pub const UNEXPECTED_EXIT: u32 = 0x7f;
@@ -144,6 +185,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("ioapic", IOAPIC),
     ("hpet", HPET),
     ("acpi", ACPI),
+    ("pmtimer", PMTIMER),
 ];
 
 /// What a guest is expected to do.
@@ -305,6 +347,14 @@ pub const EXPECTED: &[Expected] = &[
         powers_off: true,
         needs_apic: true,
     },
+    Expected {
+        name: "pmtimer",
+        exit_value: Some(PMTIMER_EXIT),
+        golden: Some(include_str!("../../golden/pmtimer.out")),
+        input: None,
+        powers_off: false,
+        needs_apic: true,
+    },
 ];
 
 /// The image of the guest called `name`.
@@ -317,7 +367,7 @@ pub fn image(name: &str) -> Option<&'static [u8]> {
 
 /// The guests outside [`ALL`]: their output depends on the host or on
 /// input from outside.
-pub const OTHERS: &[(&str, &[u8])] = &[("cpuid", CPUID), ("pwrbtn", PWRBTN)];
+pub const OTHERS: &[(&str, &[u8])] = &[("cpuid", CPUID), ("pwrbtn", PWRBTN), ("tscdl", TSCDL)];
 
 /// The built ELF file of the guest called `name` (in Cargo's `OUT_DIR`).
 pub fn path(name: &str) -> Option<PathBuf> {
@@ -527,7 +577,7 @@ mod tests {
     #[test]
     fn modern_platform_guests_say_so() {
         let apic: Vec<_> = EXPECTED.iter().filter(|e| e.needs_apic).map(|e| e.name).collect();
-        assert_eq!(apic, ["s3", "lapic", "ioapic", "hpet", "acpi"]);
+        assert_eq!(apic, ["s3", "lapic", "ioapic", "hpet", "acpi", "pmtimer"]);
         for e in EXPECTED {
             assert!(!e.powers_off || e.exit_value.is_none(), "{}", e.name);
         }
@@ -537,6 +587,14 @@ mod tests {
         assert_eq!(qemu_exit_code(LAPIC_EXIT), 0xa1);
         assert_eq!(qemu_exit_code(IOAPIC_EXIT), 0xa3);
         assert_eq!(qemu_exit_code(HPET_EXIT), 0xa5);
+        assert_eq!(qemu_exit_code(PMTIMER_EXIT), 0xa7);
+        assert_eq!(qemu_exit_code(TSCDL_EXIT), 0xad);
+        assert!(expected("pmtimer")
+            .and_then(|e| e.golden)
+            .expect("pmtimer golden")
+            .ends_with("pm timer rate ok\n"));
+        assert_eq!(expected("tscdl"), None, "tscdl has no golden output");
+        assert_eq!(image("tscdl"), Some(TSCDL));
     }
 
     #[test]

@@ -447,6 +447,17 @@ impl MachineBuilder {
                 false,
             ),
         };
+        if self.irqchip == crate::config::Irqchip::Apic && !hooks.virtual_tsc() {
+            // The guest's `rdtsc` reads KVM's TSC, which need not start at 0
+            // with the virtual clock: the TSC-deadline timer converts on
+            // that scale. TSC first, clock second: the offset errs low, so
+            // a deadline fires late by the ioctl's time rather than early.
+            if let Some(guest_tsc) = read_guest_tsc(&vcpu) {
+                let virtual_tsc = u128::from(clock.now_ns()) * u128::from(tsc_khz) / 1_000_000;
+                let offset = i128::from(guest_tsc) - virtual_tsc as i128;
+                platform.set_tsc_offset(offset.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64);
+            }
+        }
         let config = crate::config::MachineConfig {
             mem_mib: self.mem_mib,
             kernel_name: kernel_name.clone(),
@@ -510,5 +521,18 @@ impl MachineBuilder {
                 platform_queue,
             },
         })
+    }
+}
+
+/// The vCPU's TSC as the guest reads it (KVM_GET_MSRS of IA32_TSC).
+fn read_guest_tsc(vcpu: &kvm_ioctls::VcpuFd) -> Option<u64> {
+    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index: crate::msr::IA32_TSC,
+        ..Default::default()
+    }])
+    .ok()?;
+    match vcpu.get_msrs(&mut msrs) {
+        Ok(1) => Some(msrs.as_slice()[0].data),
+        _ => None,
     }
 }
