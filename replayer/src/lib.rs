@@ -121,9 +121,6 @@ pub(crate) struct State {
     pub search_hits: u64,
     pub hits_per_landing: Vec<u64>,
     pub keyframes: u64,
-    /// A debugger drives the replay: the machine stops between sync
-    /// points, so an interrupt is injected only where the recording did.
-    pub debugging: bool,
     /// A debugger single-steps: landings are reached by stepping to them.
     pub stepping: bool,
     /// Pause after the next exit once this instant has passed (or after
@@ -286,8 +283,11 @@ impl RunHooks for Replayer {
     }
 
     fn may_inject(&mut self) -> bool {
-        let mut s = lock(&self.state);
-        !s.debugging || matches!(s.cursor.peek(), Some(Event::Inject(_)))
+        // Only where the recording injected: kvm_run's readiness flag can
+        // say "ready" here where it said "not yet" in the recording (an
+        // interrupt shadow, a completed trap on the emulated KVM), and an
+        // interrupt pending in both must then wait for its recorded place.
+        matches!(lock(&self.state).cursor.peek(), Some(Event::Inject(_)))
     }
 
     fn injection_due(&mut self) -> bool {
@@ -620,7 +620,6 @@ fn build_inner(
         search_hits: 0,
         hits_per_landing: Vec::new(),
         keyframes: 0,
-        debugging: false,
         stepping: false,
         pause_after: None,
         pause_exits: u64::MAX,

@@ -284,7 +284,6 @@ impl Timeline {
         }));
         {
             let mut s = lock(&shared);
-            s.debugging = true;
             s.pause_exits = PAUSE_EXITS;
         }
         let t = Timeline {

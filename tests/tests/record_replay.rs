@@ -192,6 +192,16 @@ fn tsc_deadline_interrupts_replay_exactly() {
     assert_eq!(String::from_utf8_lossy(&rec.serial), nyx_guests::TSCDL_OUTPUT);
 }
 
+/// A busy loop under the local APIC timer: every tick a landing, every EOI
+/// an MMIO exit.
+#[test]
+fn apic_timer_landings_in_a_busy_loop_replay_exactly() {
+    if !kvm_available() {
+        return;
+    }
+    round_trip_on("apiccounter", None, VerifyLevel::Full, Irqchip::Apic);
+}
+
 #[test]
 fn rdtsc_values_replay_exactly() {
     if !kvm_available() {

@@ -65,6 +65,12 @@ pub const BUSYIO_EXIT: u32 = 0x49;
 pub const S3: &[u8] = guest_image!("s3");
 /// Debug-exit value of [`S3`].
 pub const S3_EXIT: u32 = 0x55;
+/// The [`COUNTER`] guest on the local APIC timer (1 kHz periodic, an MMIO
+/// EOI per tick): a busy loop sampled at each of 50 ticks; exits with
+/// [`APICCOUNTER_EXIT`]. Timing-dependent. Needs the APIC platform.
+pub const APICCOUNTER: &[u8] = guest_image!("apiccounter");
+/// Debug-exit value of [`APICCOUNTER`].
+pub const APICCOUNTER_EXIT: u32 = 0x57;
 /// Waits for the ACPI power button (the SCI through the 8259 pair, on the
 /// modern platform) in a loop without exits, prints "pwrbtn: pressed" and
 /// powers off by S5. The press comes from outside, so there is no golden
@@ -186,6 +192,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("hpet", HPET),
     ("acpi", ACPI),
     ("pmtimer", PMTIMER),
+    ("apiccounter", APICCOUNTER),
 ];
 
 /// What a guest is expected to do.
@@ -351,6 +358,14 @@ pub const EXPECTED: &[Expected] = &[
         name: "pmtimer",
         exit_value: Some(PMTIMER_EXIT),
         golden: Some(include_str!("../../golden/pmtimer.out")),
+        input: None,
+        powers_off: false,
+        needs_apic: true,
+    },
+    Expected {
+        name: "apiccounter",
+        exit_value: Some(APICCOUNTER_EXIT),
+        golden: None,
         input: None,
         powers_off: false,
         needs_apic: true,
@@ -577,7 +592,10 @@ mod tests {
     #[test]
     fn modern_platform_guests_say_so() {
         let apic: Vec<_> = EXPECTED.iter().filter(|e| e.needs_apic).map(|e| e.name).collect();
-        assert_eq!(apic, ["s3", "lapic", "ioapic", "hpet", "acpi", "pmtimer"]);
+        assert_eq!(
+            apic,
+            ["s3", "lapic", "ioapic", "hpet", "acpi", "pmtimer", "apiccounter"]
+        );
         for e in EXPECTED {
             assert!(!e.powers_off || e.exit_value.is_none(), "{}", e.name);
         }
