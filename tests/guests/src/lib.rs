@@ -71,6 +71,13 @@ pub const S3_EXIT: u32 = 0x55;
 pub const APICCOUNTER: &[u8] = guest_image!("apiccounter");
 /// Debug-exit value of [`APICCOUNTER`].
 pub const APICCOUNTER_EXIT: u32 = 0x57;
+/// A benchmark guest: TSC cycles per port 0x80 write, PIC EOI, local APIC
+/// EOI (MMIO) and self-IPI round trip ("NAME CYCLES" lines); exits with
+/// [`EOICOST_EXIT`]. Timing-dependent, needs the APIC platform; not in
+/// [`ALL`].
+pub const EOICOST: &[u8] = guest_image!("eoicost");
+/// Debug-exit value of [`EOICOST`].
+pub const EOICOST_EXIT: u32 = 0x58;
 /// Waits for the ACPI power button (the SCI through the 8259 pair, on the
 /// modern platform) in a loop without exits, prints "pwrbtn: pressed" and
 /// powers off by S5. The press comes from outside, so there is no golden
@@ -382,7 +389,12 @@ pub fn image(name: &str) -> Option<&'static [u8]> {
 
 /// The guests outside [`ALL`]: their output depends on the host or on
 /// input from outside.
-pub const OTHERS: &[(&str, &[u8])] = &[("cpuid", CPUID), ("pwrbtn", PWRBTN), ("tscdl", TSCDL)];
+pub const OTHERS: &[(&str, &[u8])] = &[
+    ("cpuid", CPUID),
+    ("pwrbtn", PWRBTN),
+    ("tscdl", TSCDL),
+    ("eoicost", EOICOST),
+];
 
 /// The built ELF file of the guest called `name` (in Cargo's `OUT_DIR`).
 pub fn path(name: &str) -> Option<PathBuf> {
