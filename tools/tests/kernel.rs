@@ -89,21 +89,7 @@ fn kernel_is_recorded_until_an_early_line_and_replays_byte_for_byte() {
     assert!(out.ends_with(UNTIL), "the recording stops at the text: {out}");
     assert!(!out.contains("invalid opcode"), "{out}");
     assert!(rec.stderr.contains("stopped: the output contains"), "{}", rec.stderr);
-    for i in 0..2 {
-        let r = nyx().arg("replay").arg(&rec.trace).output().unwrap();
-        assert_eq!(
-            String::from_utf8_lossy(&r.stdout),
-            out,
-            "replay {i}: {}",
-            String::from_utf8_lossy(&r.stderr)
-        );
-        assert_eq!(
-            r.status.code(),
-            Some(0),
-            "replay {i}: {}",
-            String::from_utf8_lossy(&r.stderr)
-        );
-    }
+    assert_replays(&rec.trace, &out, 2);
     // The trace says why it ended.
     let info = nyx().args(["trace", "info"]).arg(&rec.trace).output().unwrap();
     let info = String::from_utf8_lossy(&info.stdout);
@@ -368,19 +354,17 @@ fn kernel_on_the_modern_platform_uses_apic_hpet_and_acpi_and_replays() {
         .find_map(|l| l.split("Switched to clocksource ").nth(1))
         .unwrap_or_else(|| panic!("no clocksource switch in:\n{out}"));
     assert!(!switched.contains("jiffies"), "{switched}");
-    let replay = nyx().arg("replay").arg(&trace).output().unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&replay.stdout),
-        out,
-        "{}",
-        String::from_utf8_lossy(&replay.stderr)
-    );
-    assert_eq!(
-        replay.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&replay.stderr)
-    );
+    assert_replays(&trace, &out, 1);
+}
+
+/// Replays `trace` `times` times: each prints `out` and ends with status 0.
+fn assert_replays(trace: &Path, out: &str, times: usize) {
+    for i in 0..times {
+        let r = nyx().arg("replay").arg(trace).output().unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(String::from_utf8_lossy(&r.stdout), out, "replay {i}: {err}");
+        assert_eq!(r.status.code(), Some(0), "replay {i}: {err}");
+    }
 }
 
 /// The address of `name` in `elf` (its symbol table, read with `nm`).
