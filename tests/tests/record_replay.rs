@@ -199,7 +199,9 @@ fn apic_timer_landings_in_a_busy_loop_replay_exactly() {
     if !kvm_available() {
         return;
     }
-    round_trip_on("apiccounter", None, VerifyLevel::Full, Irqchip::Apic);
+    let rec = round_trip_on("apiccounter", None, VerifyLevel::Exits, Irqchip::Apic);
+    // The main loop never exits: every tick is an asynchronous landing.
+    assert!(rec.landings >= 10, "only {} landings", rec.landings);
 }
 
 #[test]
