@@ -9,26 +9,41 @@
 #
 # usage: tools/scripts/bench-kernel.sh VMLINUX INITRD [RUNS]
 # needs: a release build (cargo build --release -p nyx-cli), gdb.
+# NYX_IRQCHIP=legacy (the default here: `nolapic noapic`, until `pid_max:`)
+# or apic (the modern machine, until `pnp: PnP ACPI init`).
 set -eu
 cd "$(dirname "$0")/../.."
 vmlinux=$1
 initrd=$2
 runs=${3:-3}
 nyx=${NYX_BIN:-target/release/nyx}
-until="pid_max: default"
-cmdline="console=ttyS0 nolapic noapic"
+irqchip=${NYX_IRQCHIP:-legacy}
+case "$irqchip" in
+legacy)
+    until="pid_max: default"
+    cmdline="console=ttyS0 nolapic noapic"
+    ;;
+apic)
+    until="pnp: PnP ACPI init"
+    cmdline="console=ttyS0 lapic=notscdeadline apic=verbose"
+    ;;
+*)
+    echo "NYX_IRQCHIP must be legacy or apic" >&2
+    exit 2
+    ;;
+esac
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 now() { date +%s.%N; }
 for r in $(seq "$runs"); do
     t0=$(now)
-    "$nyx" record --out "$tmp/k$r.nyxtrace" --kernel "$vmlinux" --initrd "$initrd" \
+    "$nyx" record --irqchip "$irqchip" --out "$tmp/k$r.nyxtrace" --kernel "$vmlinux" --initrd "$initrd" \
         --cmdline "$cmdline" --mem 128 --until-output "$until" >"$tmp/rec.out" 2>"$tmp/rec.err"
     t1=$(now)
     "$nyx" replay "$tmp/k$r.nyxtrace" >"$tmp/rep.out" 2>"$tmp/rep.err"
     t2=$(now)
-    "$nyx" run --kernel "$vmlinux" --initrd "$initrd" --cmdline "$cmdline" --mem 128 \
+    "$nyx" run --irqchip "$irqchip" --kernel "$vmlinux" --initrd "$initrd" --cmdline "$cmdline" --mem 128 \
         --until-output "$until" >"$tmp/run.out" 2>"$tmp/run.err"
     t3=$(now)
     cmp -s "$tmp/rec.out" "$tmp/rep.out" || echo "run $r: replay output differs" >&2
