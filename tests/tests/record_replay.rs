@@ -204,6 +204,60 @@ fn apic_timer_landings_in_a_busy_loop_replay_exactly() {
     assert!(rec.landings >= 10, "only {} landings", rec.landings);
 }
 
+/// Full verification (a register digest at every exit) of a guest whose
+/// ticks come through late interrupt windows: the window exit's landing
+/// follows it directly, and the replay reaches it.
+#[test]
+fn full_verification_replays_interrupt_window_landings() {
+    if !kvm_available() {
+        return;
+    }
+    // 4 MiB of RAM: every keyframe of a full verification digests all of
+    // it, which an unoptimised test build does slowly.
+    let dir = tempfile::tempdir().unwrap();
+    let image = nyx_guests::image("counter").expect("guest").to_vec();
+    let out = Capture::default();
+    let rec = record_image(
+        RecordOptions {
+            out: dir.path().join("full.nyxtrace"),
+            kernel: PathBuf::from("counter"),
+            kernel_name: Some("counter".to_string()),
+            initrd: None,
+            cmdline: String::new(),
+            mem_mib: 4,
+            serial_in: SerialIn::None,
+            serial_out: Some(Box::new(out.clone())),
+            kvm_path: nyx_tests::kvm_device(),
+            verify: VerifyLevel::Full,
+            landings: nyx_recorder::LandingPolicy::Auto,
+            cpu: Default::default(),
+            irqchip: Irqchip::Legacy,
+        },
+        "counter".to_string(),
+        image,
+        None,
+    )
+    .unwrap();
+    assert_eq!(rec.outcome, RunOutcome::DebugExit(nyx_guests::COUNTER_EXIT));
+    assert!(rec.landings >= 10, "only {} landings", rec.landings);
+    // A replay that misses a window's landing spins in the guest's loop
+    // for ever: give it a bound.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = rec.path.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(replay_guest(&path).map_err(|e| e.to_string()));
+    });
+    let (serial, end) = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the replay ends within 60 s")
+        .unwrap();
+    assert_eq!(serial, out.bytes());
+    match end {
+        ReplayEnd::Complete { outcome } => assert_eq!(outcome, rec.outcome),
+        other => panic!("replay did not complete: {other:?}"),
+    }
+}
+
 #[test]
 fn rdtsc_values_replay_exactly() {
     if !kvm_available() {
