@@ -1,7 +1,9 @@
 /*
  * acpi: the ACPI tables and the PM block, in long mode with the 8259 pair
  * masked. Finds the RSDP by scanning 0xE0000-0xFFFFF on 16-byte boundaries
- * for "RSD PTR " with a valid checksum, follows the RSDT to the FADT
+ * for "RSD PTR " with a valid checksum, checks the XSDT where the RSDP has
+ * one (revision 2: its extended checksum, and that it lists the RSDT's
+ * tables), follows the RSDT to the FADT
  * (FACP), the MADT (APIC) and the HPET table, and the FADT to the DSDT and
  * FACS, checking every checksum. Prints the FADT's SCI interrupt, SMI
  * command port, ACPI_ENABLE value, PM1a event and control blocks, PM timer
@@ -23,6 +25,7 @@
 
 #define SIG_RSD_PTR 0x2052545020445352 /* "RSD PTR " */
 #define SIG_RSDT 0x54445352
+#define SIG_XSDT 0x54445358
 #define SIG_FACP 0x50434146
 #define SIG_APIC 0x43495041
 #define SIG_HPET 0x54455048
@@ -67,6 +70,40 @@ long_entry:
     call check_table
     mov %rax, rsdt(%rip)
     PRINT64 "rsdt: checksum ok\n"
+
+    /* ACPI 2.0 and later (Nyx; SeaBIOS's RSDP is revision 0): the RSDP's
+     * extended checksum, then the XSDT, which must list the RSDT's tables
+     * in the same order. One line either way. */
+    cmpb $2, 15(%r12)
+    jb 5f
+    mov %r12, %rsi
+    movl 20(%r12), %ecx
+    call sum_bytes
+    test %al, %al
+    jnz fail
+    mov 24(%r12), %rax
+    mov $SIG_XSDT, %edi
+    call check_table
+    mov rsdt(%rip), %rbx
+    movl 4(%rbx), %ecx
+    sub $36, %ecx
+    shr $2, %ecx
+    movl 4(%rax), %edx
+    sub $36, %edx
+    shr $3, %edx
+    cmp %ecx, %edx
+    jne fail
+    test %ecx, %ecx
+    jz fail
+    add $36, %rbx
+    add $36, %rax
+6:  movl (%rbx), %edx
+    cmp (%rax), %rdx
+    jne fail
+    add $4, %rbx
+    add $8, %rax
+    loop 6b
+5:  PRINT64 "xsdt: absent, or lists the rsdt's tables\n"
     mov $SIG_FACP, %edi
     call find_table
     mov %rax, %r14
