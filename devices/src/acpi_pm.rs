@@ -561,9 +561,7 @@ impl AcpiPm {
     /// only on a wake).
     pub fn rtc_alarm(&mut self) {
         if self.state.sleeping.is_some() && self.state.pm1_en & RTC_EN != 0 {
-            self.state.sleeping = None;
-            self.state.wake_pending = true;
-            self.state.pm1_sts |= WAK_STS | RTC_STS;
+            self.wake(RTC_STS);
             self.update_sci();
         }
     }
@@ -601,8 +599,8 @@ impl AcpiPm {
     pub fn apply(&mut self, ev: PlatformEvent) {
         let s = &mut self.state;
         match ev {
-            PlatformEvent::PowerButton if s.sleeping.is_some() => self.wake(),
-            PlatformEvent::Wake if s.sleeping.is_some() => self.wake(),
+            PlatformEvent::PowerButton if s.sleeping.is_some() => self.wake(PWRBTN_STS),
+            PlatformEvent::Wake if s.sleeping.is_some() => self.wake(PWRBTN_STS),
             PlatformEvent::Wake => {}
             // As QEMU's acpi_pm1_evt_power_down: only while enabled.
             PlatformEvent::PowerButton => {
@@ -632,12 +630,13 @@ impl AcpiPm {
         self.update_sci();
     }
 
-    /// Leaves the sleep state as QEMU's wakeup with reason "other" does:
-    /// WAK_STS and PWRBTN_STS set.
-    fn wake(&mut self) {
+    /// Leaves the sleep state as QEMU's wakeup does: WAK_STS and the
+    /// reason's status bit set (PWRBTN_STS for reason "other", RTC_STS for
+    /// the RTC).
+    fn wake(&mut self, reason: u16) {
         self.state.sleeping = None;
         self.state.wake_pending = true;
-        self.state.pm1_sts |= WAK_STS | PWRBTN_STS;
+        self.state.pm1_sts |= WAK_STS | reason;
     }
 
     fn ticks(&self) -> u64 {

@@ -206,12 +206,12 @@ impl IrqChip {
         }
     }
 
-    /// The guest's TSC minus the virtual TSC, for the local APIC's
-    /// TSC-deadline timer (see [`LocalApic::set_tsc_offset`]); nothing on a
-    /// legacy machine.
-    pub fn set_tsc_offset(&mut self, offset: i64) {
+    /// The guest's TSC reads `guest_tsc` now, for the local APIC's
+    /// TSC-deadline timer (see [`LocalApic::set_guest_tsc_now`]); nothing on
+    /// a legacy machine.
+    pub fn set_guest_tsc_now(&mut self, guest_tsc: u64) {
         if let Some(a) = &mut self.apic {
-            a.lapic.set_tsc_offset(offset);
+            a.lapic.set_guest_tsc_now(guest_tsc);
         }
     }
 

@@ -461,6 +461,14 @@ impl LocalApic {
         }
     }
 
+    /// Declares that the guest's TSC reads `guest_tsc` now: the offset
+    /// ([`LocalApic::set_tsc_offset`]) against the virtual TSC at the
+    /// clock's present time, clamped to the `i64` range.
+    pub fn set_guest_tsc_now(&mut self, guest_tsc: u64) {
+        let offset = i128::from(guest_tsc) - i128::from(self.tsc_at(self.clock.now_ns()));
+        self.set_tsc_offset(offset.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64);
+    }
+
     /// The first virtual time at which the guest TSC reaches `tsc`; 0 for
     /// a guest TSC value from before virtual time 0.
     fn tsc_to_ns(&self, tsc: u64) -> u64 {

@@ -388,14 +388,13 @@ impl RunHooks for Recorder {
             return c.kick_at(virt_deadline);
         }
         // The guest always gets a slice of its own after a landing or an
-        // injection: when
-        // recording a landing costs more than a timer period, a deadline
-        // already past would otherwise kick every entry at once and the
-        // guest would never run again. The slice is counted from the last
-        // landing, not from this entry: a guest that exits more often than
-        // the slice is long (a loop polling a port or a trapped RDTSC) would
-        // otherwise push its kick away at every exit and never get its
-        // timer interrupt.
+        // injection: when recording a landing costs more than a timer
+        // period, a deadline already past would otherwise kick every entry
+        // at once and the guest would never run again. The slice is counted
+        // from the last landing or injection, not from this entry: a guest
+        // that exits more often than the slice is long (a loop polling a
+        // port or a trapped RDTSC) would otherwise push its kick away at
+        // every exit and never get its timer interrupt.
         let min = self.slice_start_ns + MIN_SLICE_NS;
         Some(self.host.host_time_of(virt_deadline?).max(min))
     }

@@ -501,10 +501,10 @@ impl Platform {
         lock(&self.chip).msr(index, write)
     }
 
-    /// The guest's TSC minus the virtual TSC, for the local APIC's
+    /// The guest's TSC reads `guest_tsc` now, for the local APIC's
     /// TSC-deadline timer (nothing on a legacy machine).
-    pub fn set_tsc_offset(&self, offset: i64) {
-        lock(&self.chip).set_tsc_offset(offset);
+    pub fn set_guest_tsc_now(&self, guest_tsc: u64) {
+        lock(&self.chip).set_guest_tsc_now(guest_tsc);
     }
 
     /// The local APIC's TPR as CR8, for `kvm_run.cr8` (None: no APIC).

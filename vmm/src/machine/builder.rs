@@ -453,9 +453,7 @@ impl MachineBuilder {
             // that scale. TSC first, clock second: the offset errs low, so
             // a deadline fires late by the ioctl's time rather than early.
             if let Some(guest_tsc) = read_guest_tsc(&vcpu) {
-                let virtual_tsc = u128::from(clock.now_ns()) * u128::from(tsc_khz) / 1_000_000;
-                let offset = i128::from(guest_tsc) - virtual_tsc as i128;
-                platform.set_tsc_offset(offset.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64);
+                platform.set_guest_tsc_now(guest_tsc);
             }
         }
         let config = crate::config::MachineConfig {
