@@ -27,6 +27,33 @@ fn record_guest(dir: &Path, name: &str, file: &str, input: Option<&[u8]>, verify
     record_guest_on(dir, name, file, input, verify, Irqchip::Legacy)
 }
 
+/// How the tests record the in-tree guest `name` into `out`: 64 MiB, its
+/// serial output into `serial`, the default landing policy and CPU model.
+fn guest_options(
+    out: PathBuf,
+    name: &str,
+    input: Option<&[u8]>,
+    serial: &Capture,
+    verify: VerifyLevel,
+    irqchip: Irqchip,
+) -> RecordOptions {
+    RecordOptions {
+        out,
+        kernel: PathBuf::from(name),
+        kernel_name: Some(name.to_string()),
+        initrd: None,
+        cmdline: String::new(),
+        mem_mib: 64,
+        serial_in: input.map_or(SerialIn::None, |i| SerialIn::Bytes(i.to_vec())),
+        serial_out: Some(Box::new(serial.clone())),
+        kvm_path: nyx_tests::kvm_device(),
+        verify,
+        landings: nyx_recorder::LandingPolicy::Auto,
+        cpu: Default::default(),
+        irqchip,
+    }
+}
+
 fn record_guest_on(
     dir: &Path,
     name: &str,
@@ -38,21 +65,7 @@ fn record_guest_on(
     let image = nyx_guests::image(name).expect("guest").to_vec();
     let out = Capture::default();
     let rec = record_image(
-        RecordOptions {
-            out: dir.join(file),
-            kernel: PathBuf::from(name),
-            kernel_name: Some(name.to_string()),
-            initrd: None,
-            cmdline: String::new(),
-            mem_mib: 64,
-            serial_in: input.map_or(SerialIn::None, |i| SerialIn::Bytes(i.to_vec())),
-            serial_out: Some(Box::new(out.clone())),
-            kvm_path: nyx_tests::kvm_device(),
-            verify,
-            landings: nyx_recorder::LandingPolicy::Auto,
-            cpu: Default::default(),
-            irqchip,
-        },
+        guest_options(dir.join(file), name, input, &out, verify, irqchip),
         name.to_string(),
         image,
         None,
@@ -217,22 +230,16 @@ fn full_verification_replays_interrupt_window_landings() {
     let dir = tempfile::tempdir().unwrap();
     let image = nyx_guests::image("counter").expect("guest").to_vec();
     let out = Capture::default();
+    let options = guest_options(
+        dir.path().join("full.nyxtrace"),
+        "counter",
+        None,
+        &out,
+        VerifyLevel::Full,
+        Irqchip::Legacy,
+    );
     let rec = record_image(
-        RecordOptions {
-            out: dir.path().join("full.nyxtrace"),
-            kernel: PathBuf::from("counter"),
-            kernel_name: Some("counter".to_string()),
-            initrd: None,
-            cmdline: String::new(),
-            mem_mib: 4,
-            serial_in: SerialIn::None,
-            serial_out: Some(Box::new(out.clone())),
-            kvm_path: nyx_tests::kvm_device(),
-            verify: VerifyLevel::Full,
-            landings: nyx_recorder::LandingPolicy::Auto,
-            cpu: Default::default(),
-            irqchip: Irqchip::Legacy,
-        },
+        RecordOptions { mem_mib: 4, ..options },
         "counter".to_string(),
         image,
         None,
@@ -322,21 +329,14 @@ fn record_with_limits(dir: &Path, name: &str, limits: nyx_vmm::machine::limits::
     let image = nyx_guests::image(name).expect("guest").to_vec();
     let out = Capture::default();
     let mut session = nyx_recorder::start_image(
-        RecordOptions {
-            out: dir.join("limit.nyxtrace"),
-            kernel: PathBuf::from(name),
-            kernel_name: Some(name.to_string()),
-            initrd: None,
-            cmdline: String::new(),
-            mem_mib: 64,
-            serial_in: SerialIn::None,
-            serial_out: Some(Box::new(out.clone())),
-            kvm_path: nyx_tests::kvm_device(),
-            verify: VerifyLevel::Exits,
-            landings: nyx_recorder::LandingPolicy::Auto,
-            cpu: Default::default(),
-            irqchip: Default::default(),
-        },
+        guest_options(
+            dir.join("limit.nyxtrace"),
+            name,
+            None,
+            &out,
+            VerifyLevel::Exits,
+            Irqchip::default(),
+        ),
         name.to_string(),
         image,
         None,
