@@ -8,6 +8,7 @@
 //! sit in the whole: ARCHITECTURE.md at the repository root.
 
 pub mod acpi_pm;
+pub mod block;
 pub mod bus;
 pub mod cmos;
 pub mod debug_exit;
@@ -18,7 +19,10 @@ pub mod io;
 pub mod ioapic;
 pub mod irqchip;
 pub mod lapic;
+pub mod msix;
 pub mod pci;
+pub mod pci_config;
+pub mod pci_device;
 pub mod pic;
 pub mod pit;
 pub mod port80;

@@ -1,19 +1,31 @@
-//! PCI configuration mechanism #1 (address register at 0xCF8, data at
-//! 0xCFC-0xCFF) with a single function behind it: bus 0, device 0, function
-//! 0, the i440FX host bridge as QEMU's `pc` machine shows it (8086:1237 rev 2,
-//! class 06:00:00, subsystem 1af4:1100). Its config space is 256 bytes,
-//! writable where QEMU's write mask allows (command bits, cache line size,
-//! interrupt line, and the device-specific area 0x40-0xFF; the PAM and SMRAM
-//! registers there are stored but change no memory mapping), read-only
-//! elsewhere. Any other function reads all-ones and ignores writes, and so
-//! does the data port while the address register's enable bit is clear.
+//! The PCI host: configuration mechanism #1 (address register at 0xCF8,
+//! data at 0xCFC-0xCFF), the ECAM window (one 4 KiB page of config space
+//! per function, described to the guest by the MCFG table), bus 0 with the
+//! i440FX host bridge at 00:00.0 as QEMU's `pc` machine shows it (8086:1237
+//! rev 2, class 06:00:00, subsystem 1af4:1100) and the functions the
+//! machine adds ([`PciHost::add_device`], one per slot, function 0), and the
+//! windows through which the guest reaches their BARs.
 //!
-//! Register it at 0xCF8 with length 8. A dword at 0xCF8 is the address
-//! register; a byte at 0xCF9 is the PIIX reset control register (writing bit
-//! 2 resets the machine, as QEMU's `rcr_write`); other accesses to
-//! 0xCF8-0xCFB read all-ones and are ignored.
+//! The host bridge's config space is 256 bytes, writable where QEMU's write
+//! mask allows (command bits, cache line size, interrupt line, and the
+//! device-specific area 0x40-0xFF; the PAM and SMRAM registers there are
+//! stored but change no memory mapping), read-only elsewhere. Any absent
+//! function reads all-ones and ignores writes, and so does the data port
+//! while the address register's enable bit is clear. ECAM decodes bus 0
+//! only; config space beyond the first 256 bytes of a function reads zero.
+//!
+//! Register the host at 0xCF8 with length 8, at [`ECAM_BASE`] on the MMIO
+//! bus, and at the BAR windows ([`IO_WINDOW`], [`MMIO_WINDOW`],
+//! [`MMIO64_WINDOW`]). A dword at 0xCF8 is the address register; a byte at
+//! 0xCF9 is the PIIX reset control register (writing bit 2 resets the
+//! machine, as QEMU's `rcr_write`); other accesses to 0xCF8-0xCFB read
+//! all-ones and are ignored. An access in a window goes to the function
+//! whose decoded BAR contains it (the lowest slot if BARs overlap), or
+//! reads all-ones.
 
 use crate::bus::{BusDevice, BusEvent};
+use crate::pci_config::BarKind;
+use crate::pci_device::PciDevice;
 
 /// The first port of the mechanism.
 pub const PCI_CONFIG_ADDRESS: u64 = 0xCF8;
@@ -23,6 +35,18 @@ pub const PCI_CONFIG_DATA: u64 = 0xCFC;
 pub const PCI_IO_LEN: u64 = 8;
 /// Size of a conventional config space.
 pub const CONFIG_LEN: usize = 256;
+/// Base of the ECAM window (bus 0: 32 devices x 8 functions x 4 KiB).
+pub const ECAM_BASE: u64 = 0xC000_0000;
+/// Size of the ECAM window (bus 0 only).
+pub const ECAM_SIZE: u64 = 1 << 20;
+/// The I/O port window for I/O BARs `(base, length)`.
+pub const IO_WINDOW: (u64, u64) = (0xC000, 0x4000);
+/// The 32-bit MMIO window for memory BARs `(base, length)`, below the
+/// IOAPIC.
+pub const MMIO_WINDOW: (u64, u64) = (0xD000_0000, 0x2C00_0000);
+/// The 64-bit MMIO window for memory BARs `(base, length)`, at 128 GiB,
+/// above any RAM Nyx gives a guest.
+pub const MMIO64_WINDOW: (u64, u64) = (0x20_0000_0000, 0x10_0000_0000);
 
 const RESET_CONTROL: u64 = 0xCF9;
 const ENABLE: u32 = 1 << 31;
@@ -33,6 +57,22 @@ pub enum PciError {
     /// The snapshot's config space does not have 256 bytes.
     #[error("PCI state holds {0} config-space bytes; it must hold exactly 256")]
     BadConfigLength(usize),
+    /// The snapshot's functions are not the machine's.
+    #[error("PCI state: {0}")]
+    Functions(String),
+}
+
+/// A function's state in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FunctionState {
+    /// Its slot on bus 0.
+    pub slot: u8,
+    /// The device's name ([`PciDevice::name`]).
+    pub name: String,
+    /// Its 256-byte config space.
+    pub config: Vec<u8>,
+    /// What [`PciDevice::save`] returned.
+    pub device: Vec<u8>,
 }
 
 /// Everything a snapshot of the PCI host needs.
@@ -44,6 +84,8 @@ pub struct PciState {
     pub config: Vec<u8>,
     /// The reset control register (0xCF9), bit 1 kept.
     pub reset_control: u8,
+    /// The functions the machine added, by slot.
+    pub functions: Vec<FunctionState>,
 }
 
 impl Default for PciState {
@@ -52,6 +94,7 @@ impl Default for PciState {
             address: 0,
             config: host_bridge_config(),
             reset_control: 0,
+            functions: Vec::new(),
         }
     }
 }
@@ -89,103 +132,297 @@ fn w1c_mask(off: usize) -> u8 {
     }
 }
 
-/// The PCI configuration mechanism with the host bridge.
-#[derive(Debug, Default)]
+/// Where a config access goes.
+enum Target {
+    /// Nowhere: all-ones.
+    None,
+    /// The host bridge, at this offset.
+    Host(usize),
+    /// Function `index` of [`PciHost::functions`], at this offset.
+    Function(usize, usize),
+}
+
+struct Function {
+    slot: u8,
+    device: Box<dyn PciDevice>,
+}
+
+/// The PCI host with its functions.
+#[derive(Default)]
 pub struct PciHost {
     state: PciState,
+    functions: Vec<Function>,
+}
+
+impl std::fmt::Debug for PciHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<_> = self.functions.iter().map(|d| (d.slot, d.device.name())).collect();
+        f.debug_struct("PciHost").field("functions", &names).finish()
+    }
 }
 
 impl PciHost {
-    /// The host bridge after reset.
+    /// The host bridge after reset, with no other function.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// The host restored from a snapshot.
+    /// The host restored from a snapshot, without its functions: add them
+    /// with [`PciHost::add_device`], then call
+    /// [`PciHost::restore_functions`].
     pub fn from_state(state: &PciState) -> Result<Self, PciError> {
         if state.config.len() != CONFIG_LEN {
             return Err(PciError::BadConfigLength(state.config.len()));
         }
-        Ok(Self { state: state.clone() })
+        Ok(Self {
+            state: PciState {
+                functions: Vec::new(),
+                ..state.clone()
+            },
+            functions: Vec::new(),
+        })
     }
 
-    /// The snapshot of this host.
+    /// Puts `device` at `slot` (1..32) of bus 0, function 0. A slot taken
+    /// twice or out of range is a bug in the machine's layout and panics.
+    pub fn add_device(&mut self, slot: u8, device: Box<dyn PciDevice>) {
+        assert!((1..32).contains(&slot), "PCI slot {slot} out of range");
+        assert!(
+            self.functions.iter().all(|f| f.slot != slot),
+            "PCI slot {slot} taken twice"
+        );
+        self.functions.push(Function { slot, device });
+        self.functions.sort_by_key(|f| f.slot);
+    }
+
+    /// The functions as `(slot, name)`.
+    pub fn devices(&self) -> Vec<(u8, String)> {
+        self.functions
+            .iter()
+            .map(|f| (f.slot, f.device.name().to_string()))
+            .collect()
+    }
+
+    /// The snapshot of this host and its functions.
     pub fn state(&self) -> PciState {
-        self.state.clone()
-    }
-
-    /// The config-space offset a data access at `port` goes to, if the
-    /// address register selects the host bridge; `None` for all-ones.
-    fn target(&self, port: u64) -> Option<usize> {
-        let a = self.state.address;
-        if a & ENABLE == 0 || a & 0x00FF_FF00 != 0 {
-            return None;
+        PciState {
+            functions: self
+                .functions
+                .iter()
+                .map(|f| FunctionState {
+                    slot: f.slot,
+                    name: f.device.name().to_string(),
+                    config: f.device.config().bytes().to_vec(),
+                    device: f.device.save(),
+                })
+                .collect(),
+            ..self.state.clone()
         }
-        Some(((a | (port & 3) as u32) & 0xFF) as usize)
     }
 
-    fn read_config(&self, port: u64, data: &mut [u8]) {
-        match self.target(port) {
-            None => data.fill(0xFF),
-            Some(reg) => {
+    /// Restores the functions' states of a snapshot into the functions
+    /// added since [`PciHost::from_state`]; they must be the same devices
+    /// in the same slots.
+    pub fn restore_functions(&mut self, states: &[FunctionState]) -> Result<(), PciError> {
+        let have: Vec<_> = self.devices();
+        let want: Vec<_> = states.iter().map(|s| (s.slot, s.name.clone())).collect();
+        if have != want {
+            return Err(PciError::Functions(format!(
+                "the snapshot has PCI functions {want:?}, the machine {have:?}"
+            )));
+        }
+        for (f, s) in self.functions.iter_mut().zip(states) {
+            let name = s.name.clone();
+            f.device
+                .config_mut()
+                .restore(&s.config)
+                .map_err(|e| PciError::Functions(format!("{name}: {e}")))?;
+            f.device
+                .restore(&s.device)
+                .map_err(|e| PciError::Functions(format!("{name}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Lets every function do work outside guest accesses.
+    pub fn poll(&mut self) {
+        for f in &mut self.functions {
+            f.device.poll();
+        }
+    }
+
+    fn target_of(&self, bus: u32, dev: u32, func: u32, reg: usize) -> Target {
+        if bus != 0 || func != 0 {
+            return Target::None;
+        }
+        if dev == 0 {
+            return Target::Host(reg);
+        }
+        match self.functions.iter().position(|f| u32::from(f.slot) == dev) {
+            Some(i) => Target::Function(i, reg),
+            None => Target::None,
+        }
+    }
+
+    /// Where a data access at `port` goes, by the address register.
+    fn target(&self, port: u64) -> Target {
+        let a = self.state.address;
+        if a & ENABLE == 0 {
+            return Target::None;
+        }
+        let reg = ((a | (port & 3) as u32) & 0xFF) as usize;
+        self.target_of((a >> 16) & 0xFF, (a >> 11) & 0x1F, (a >> 8) & 7, reg)
+    }
+
+    fn read_config(&mut self, target: Target, data: &mut [u8]) {
+        match target {
+            Target::None => data.fill(0xFF),
+            Target::Host(reg) => {
                 for (i, d) in data.iter_mut().enumerate() {
                     *d = self.state.config.get(reg + i).copied().unwrap_or(0);
+                }
+            }
+            Target::Function(i, reg) => self.functions[i].device.config().read(reg, data),
+        }
+    }
+
+    fn write_config(&mut self, target: Target, data: &[u8]) {
+        match target {
+            Target::None => {}
+            Target::Host(reg) => {
+                for (i, &v) in data.iter().enumerate() {
+                    let off = reg + i;
+                    if let Some(b) = self.state.config.get_mut(off) {
+                        let wm = write_mask(off);
+                        *b = (*b & !wm) | (v & wm);
+                        *b &= !(v & w1c_mask(off));
+                    }
+                }
+            }
+            Target::Function(i, reg) => {
+                let d = &mut self.functions[i].device;
+                if reg < CONFIG_LEN {
+                    d.config_mut().write(reg, data);
+                    d.config_written(reg, data.len());
                 }
             }
         }
     }
 
-    fn write_config(&mut self, port: u64, data: &[u8]) {
-        let Some(reg) = self.target(port) else {
-            return;
-        };
-        for (i, &v) in data.iter().enumerate() {
-            let off = reg + i;
-            if let Some(b) = self.state.config.get_mut(off) {
-                let wm = write_mask(off);
-                *b = (*b & !wm) | (v & wm);
-                *b &= !(v & w1c_mask(off));
+    /// The function and BAR whose decoded range holds `addr`, with the
+    /// offset into the BAR.
+    fn bar_at(&self, addr: u64, io: bool) -> Option<(usize, usize, u64)> {
+        for (i, f) in self.functions.iter().enumerate() {
+            let c = f.device.config();
+            for bar in 0..6 {
+                if let Some((base, size, kind)) = c.bar_range(bar) {
+                    if (kind == BarKind::Io) == io && addr >= base && addr - base < size {
+                        return Some((i, bar, addr - base));
+                    }
+                }
             }
         }
+        None
+    }
+}
+
+/// Splits a data-port access that is wider than a dword.
+fn at_most_dword(data: &mut [u8]) -> &mut [u8] {
+    if data.len() > 4 {
+        let (head, tail) = data.split_at_mut(4);
+        tail.fill(0xFF);
+        head
+    } else {
+        data
     }
 }
 
 impl BusDevice for PciHost {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
-        let port = base.wrapping_add(offset);
-        let data = if data.len() > 4 {
-            let (head, tail) = data.split_at_mut(4);
-            tail.fill(0xFF);
-            head
-        } else {
-            data
-        };
-        match (port, data.len()) {
-            (PCI_CONFIG_ADDRESS, 4) => data.copy_from_slice(&self.state.address.to_le_bytes()),
-            (RESET_CONTROL, 1) => data[0] = self.state.reset_control,
-            (PCI_CONFIG_DATA..=0xCFF, _) => self.read_config(port, data),
-            _ => data.fill(0xFF),
+        let addr = base.wrapping_add(offset);
+        match base {
+            PCI_CONFIG_ADDRESS => {
+                let data = at_most_dword(data);
+                match (addr, data.len()) {
+                    (PCI_CONFIG_ADDRESS, 4) => data.copy_from_slice(&self.state.address.to_le_bytes()),
+                    (RESET_CONTROL, 1) => data[0] = self.state.reset_control,
+                    (PCI_CONFIG_DATA..=0xCFF, _) => {
+                        let t = self.target(addr);
+                        self.read_config(t, data)
+                    }
+                    _ => data.fill(0xFF),
+                }
+            }
+            ECAM_BASE => {
+                let data = at_most_dword(data);
+                let t = ecam_target(self, offset, data.len());
+                self.read_config(t, data)
+            }
+            _ => match self.bar_at(addr, base == IO_WINDOW.0) {
+                Some((i, bar, off)) => self.functions[i].device.bar_read(bar, off, data),
+                None => data.fill(0xFF),
+            },
         }
     }
 
     fn write(&mut self, base: u64, offset: u64, data: &[u8]) -> Option<BusEvent> {
-        let port = base.wrapping_add(offset);
-        let data = &data[..data.len().min(4)];
-        match (port, data.len()) {
-            (PCI_CONFIG_ADDRESS, 4) => {
-                self.state.address = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-            }
-            (RESET_CONTROL, 1) => {
-                if data[0] & 0x04 != 0 {
-                    return Some(BusEvent::Reset);
+        let addr = base.wrapping_add(offset);
+        match base {
+            PCI_CONFIG_ADDRESS => {
+                let data = &data[..data.len().min(4)];
+                match (addr, data.len()) {
+                    (PCI_CONFIG_ADDRESS, 4) => {
+                        self.state.address = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+                    }
+                    (RESET_CONTROL, 1) => {
+                        if data[0] & 0x04 != 0 {
+                            return Some(BusEvent::Reset);
+                        }
+                        self.state.reset_control = data[0] & 0x02;
+                    }
+                    (PCI_CONFIG_DATA..=0xCFF, _) => {
+                        let t = self.target(addr);
+                        self.write_config(t, data)
+                    }
+                    _ => {}
                 }
-                self.state.reset_control = data[0] & 0x02;
             }
-            (PCI_CONFIG_DATA..=0xCFF, _) => self.write_config(port, data),
-            _ => {}
+            ECAM_BASE => {
+                let data = &data[..data.len().min(4)];
+                let t = ecam_target(self, offset, data.len());
+                self.write_config(t, data)
+            }
+            _ => {
+                if let Some((i, bar, off)) = self.bar_at(addr, base == IO_WINDOW.0) {
+                    self.functions[i].device.bar_write(bar, off, data)
+                }
+            }
         }
         None
     }
+}
+
+/// Where an ECAM access at `offset` of `len` bytes goes: an access must
+/// stay inside its dword, as the PCIe spec requires of config requests.
+fn ecam_target(host: &PciHost, offset: u64, len: usize) -> Target {
+    let reg = (offset & 0xFFF) as usize;
+    if reg % 4 + len > 4 {
+        return Target::None;
+    }
+    if reg >= CONFIG_LEN {
+        // Extended config space: present but empty (zeros) for functions.
+        return match host.target_of(0, ((offset >> 15) & 0x1F) as u32, ((offset >> 12) & 7) as u32, 0) {
+            Target::None => Target::None,
+            Target::Host(_) => Target::Host(CONFIG_LEN),
+            Target::Function(i, _) => Target::Function(i, CONFIG_LEN),
+        };
+    }
+    host.target_of(
+        ((offset >> 20) & 0xFF) as u32,
+        ((offset >> 15) & 0x1F) as u32,
+        ((offset >> 12) & 7) as u32,
+        reg,
+    )
 }
 
 #[cfg(test)]

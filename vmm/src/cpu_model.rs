@@ -362,7 +362,7 @@ pub fn cpuid_follows_table(kvm: &Kvm) -> bool {
 }
 
 fn probe_cpuid(kvm: &Kvm) -> Result<bool, String> {
-    use vm_memory::{Bytes, GuestAddress, GuestMemory as _};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
     let e = |what: &str| {
         let what = what.to_string();
         move |err: kvm_ioctls::Error| format!("{what}: {err}")

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemory as _, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 
 use crate::memory::GuestMemory;
 use crate::vcpu_state::{finish, mix};

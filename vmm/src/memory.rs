@@ -51,7 +51,7 @@ pub fn create(mib: u64) -> Result<GuestMemory, MemoryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemory as _};
+    use vm_memory::{Bytes, GuestMemoryBackend as _};
 
     #[test]
     fn small_memory_is_one_region() {

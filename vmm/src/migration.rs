@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VmFd;
 use nyx_trace::{decode_records, Completeness, ContainerKind, FrameKind, StreamReader, StreamWriter};
 use serde::Serialize;
-use vm_memory::{Bytes, GuestAddress, GuestMemory as _, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 
 use crate::machine::Machine;
 use crate::mem_state::{capture_pages, is_zero, push_page, DirtyTracker, MemStateError, PageRun, PAGE_SIZE};

@@ -1060,7 +1060,7 @@ mod tests {
         use crate::loader::elf::tests::build;
         use crate::loader::elf::EM_386;
         use kvm_ioctls::VcpuExit;
-        use vm_memory::{GuestMemory as _, GuestMemoryRegion as _};
+        use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
 
         let Some(kvm) = crate::vcpu_state::tests::test_kvm() else {
             return;

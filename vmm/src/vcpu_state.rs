@@ -887,7 +887,7 @@ pub(crate) mod tests {
     /// [`crate::probe::kvm_available`]), unless NYX_REQUIRE_KVM=1, which
     /// makes it fail.
     pub(crate) fn test_vm(mib: u64) -> Option<TestVm> {
-        use vm_memory::{GuestMemory as _, GuestMemoryRegion as _};
+        use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
         let kvm = test_kvm()?;
         let vm = kvm.create_vm().unwrap();
         let mem = crate::memory::create(mib).unwrap();

@@ -6,7 +6,7 @@
 //! shared probe, [`crate::probe::kvm_available`]).
 
 use kvm_ioctls::VcpuExit;
-use vm_memory::{GuestMemory as _, GuestMemoryRegion as _};
+use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
 
 use super::elf::tests::build;
 use super::elf::{Class, EM_386, EM_X86_64, PF_X};

@@ -18,7 +18,7 @@ pub mod linux;
 pub mod multiboot;
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemory as _, GuestMemoryRegion as _};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
 
 use crate::memory::GuestMemory;
 

@@ -24,7 +24,7 @@ use kvm_bindings::{kvm_interrupt, kvm_userspace_memory_region, KVMIO, KVM_MAX_CP
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use nyx_devices::io::{BufferInput, NoInput};
 use nyx_devices::{BusEvent, Clock, Input, WallClock};
-use vm_memory::{GuestMemory as _, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
 
