@@ -28,6 +28,20 @@ pub trait BlockBackend: Send {
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
         self.write_zeroes(offset, len)
     }
+    /// What a snapshot must keep of the disk beyond the image it was
+    /// opened on (a copy-on-write overlay's sectors); empty for a disk
+    /// that writes through to its image.
+    fn save(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Puts back what [`BlockBackend::save`] returned.
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err("this disk keeps no snapshot state, but the snapshot has some".into())
+        }
+    }
     /// Writes zeros over `[offset, offset + len)`.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
         let chunk = vec![0u8; 64 << 10];

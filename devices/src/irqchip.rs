@@ -152,6 +152,27 @@ impl IrqChip {
         }
     }
 
+    /// A message-signalled interrupt (MSI, MSI-X) written to `address`
+    /// with `data`: a write to the local APIC's 0xFEExxxxx window with
+    /// fixed or lowest-priority delivery sets the vector's IRR bit (edge;
+    /// the trigger-mode bit asks for level, which a message cannot hold
+    /// and which QEMU treats as edge too). Other addresses and delivery
+    /// modes (SMI, NMI, INIT, ExtINT), and any message on a legacy
+    /// machine, go nowhere.
+    pub fn deliver_msi(&mut self, address: u64, data: u32) {
+        let Some(a) = &mut self.apic else { return };
+        if address >> 20 != 0xFEE {
+            return;
+        }
+        let dest = ((address >> 12) & 0xFF) as u8;
+        let logical = address & (1 << 2) != 0;
+        let vector = (data & 0xFF) as u8;
+        let mode = (data >> 8) & 7;
+        if (mode == 0 || mode == 1) && vector >= 16 && a.lapic.matches_destination(dest, logical) {
+            a.lapic.accept_fixed(vector, false);
+        }
+    }
+
     /// Whether the CPU has an interrupt to take.
     pub fn has_interrupt(&self) -> bool {
         match &self.apic {
@@ -286,6 +307,12 @@ impl InterruptSink for Mutex<IrqChip> {
     }
 }
 
+impl crate::msix::MsiSink for Mutex<IrqChip> {
+    fn msi(&self, address: u64, data: u32) {
+        lock(self).deliver_msi(address, data);
+    }
+}
+
 /// The sink of a device whose line the HPET's legacy-replacement mode
 /// takes over (the PIT's IRQ 0, the RTC's IRQ 8): while the flag is set, the
 /// device's line changes go nowhere and its line is held low.
@@ -396,6 +423,30 @@ mod tests {
         c.set_level(4, false);
         mmio_write32(&c, LAPIC_BASE, 0xb0, 0);
         assert!(!lock(&c).has_interrupt());
+    }
+
+    #[test]
+    fn msi_messages_reach_the_local_apic() {
+        use crate::msix::MsiSink;
+        let (_, c) = chip();
+        mmio_write32(&c, LAPIC_BASE, 0xf0, 0x1ff);
+        mmio_write32(&c, LAPIC_BASE, 0x350, 0x1_0000);
+        c.msi(0xFEE0_0000, 0x41);
+        assert_eq!(lock(&c).acknowledge(), 0x41);
+        mmio_write32(&c, LAPIC_BASE, 0xb0, 0);
+        // Not the APIC's window, NMI delivery, a reserved vector, another
+        // APIC ID: nothing.
+        c.msi(0xFED0_0000, 0x42);
+        c.msi(0xFEE0_0000, 0x400 | 0x43);
+        c.msi(0xFEE0_0000, 0x0F);
+        c.msi(0xFEE0_5000, 0x44);
+        assert!(!lock(&c).has_interrupt());
+        // Broadcast, lowest priority.
+        c.msi(0xFEEF_F000, 0x100 | 0x45);
+        assert_eq!(lock(&c).acknowledge(), 0x45);
+        let legacy = Mutex::new(IrqChip::legacy(Pic::new()));
+        legacy.msi(0xFEE0_0000, 0x41);
+        assert!(!lock(&legacy).has_interrupt());
     }
 
     #[test]

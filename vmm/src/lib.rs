@@ -12,6 +12,7 @@ pub mod console;
 pub mod cpu_model;
 pub mod cpuid;
 pub mod crash;
+pub mod disk;
 pub mod events;
 pub mod hooks;
 pub mod host;

@@ -327,10 +327,13 @@ struct Slot {
 /// wrote since the last [`collect`](Self::collect). It sees writes by the
 /// guest only (in protected and long mode; not in real mode on the emulated
 /// KVM of some hosts), never those Nyx makes itself through the mapping:
-/// the caller adds those.
+/// the caller adds those, except the writes of devices (DMA), which it
+/// reports too once given the devices' view with
+/// [`track_dma`](Self::track_dma).
 #[derive(Debug)]
 pub struct DirtyTracker {
     slots: Vec<Slot>,
+    dma: Option<crate::memory::DmaMemory>,
 }
 
 fn slots_of(mem: &GuestMemory) -> Vec<Slot> {
@@ -382,7 +385,16 @@ impl DirtyTracker {
         // SAFETY: the caller guarantees that these ranges back the VM's
         // slots for its whole life.
         unsafe { register(vm, &slots, KVM_MEM_LOG_DIRTY_PAGES) }?;
-        Ok(DirtyTracker { slots })
+        Ok(DirtyTracker { slots, dma: None })
+    }
+
+    /// Reports, with the guest's own writes, the pages devices write
+    /// through `dma` from now on (the view's bitmap has one reader, as
+    /// KVM's log has).
+    pub fn track_dma(mut self, dma: &crate::memory::DmaMemory) -> Self {
+        crate::memory::take_dma_dirty(dma, &mut BTreeSet::new());
+        self.dma = Some(dma.clone());
+        self
     }
 
     /// The guest frame numbers written since the last call (or since
@@ -410,6 +422,9 @@ impl DirtyTracker {
                     }
                 }
             }
+        }
+        if let Some(dma) = &self.dma {
+            crate::memory::take_dma_dirty(dma, &mut out);
         }
         Ok(out)
     }

@@ -1,7 +1,11 @@
 //! Guest memory: one anonymous mapping per RAM region, with the PC layout's
-//! 32-bit MMIO hole between 3 GiB and 4 GiB.
+//! 32-bit MMIO hole between 3 GiB and 4 GiB; and the devices' view of the
+//! same mappings ([`dma_view`]), whose bitmap records the pages devices
+//! write.
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+pub use nyx_devices::pci_device::DmaMemory;
 
 /// Guest memory as the rest of Nyx sees it.
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -48,6 +52,52 @@ pub fn create(mib: u64) -> Result<GuestMemory, MemoryError> {
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib, source })
 }
 
+/// The devices' view of `mem`: the same host mappings, with a dirty bitmap
+/// per region that every write through the view sets (KVM's dirty log sees
+/// only the vCPU's writes). The view must not outlive `mem`'s mappings:
+/// the machine keeps both for its whole life.
+pub fn dma_view(mem: &GuestMemory) -> DmaMemory {
+    use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _, GuestRegionMmap, MmapRegion};
+    let regions: Vec<_> = mem
+        .iter()
+        .filter_map(|r| {
+            // SAFETY: the range is exactly one of `mem`'s live anonymous
+            // private mappings, mapped read-write, and the view is dropped
+            // with the machine that owns `mem`.
+            let view = unsafe {
+                MmapRegion::build_raw(
+                    r.as_ptr(),
+                    r.len() as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+                )
+            }
+            .ok()?;
+            GuestRegionMmap::new(view, r.start_addr())
+        })
+        .collect();
+    // The regions come from a valid collection, so they are sorted and
+    // disjoint and this cannot fail; an empty view would only refuse DMA.
+    DmaMemory::from_regions(regions).unwrap_or_default()
+}
+
+/// Takes the pages written through `dma` since the last call, as guest
+/// frame numbers, and clears its bitmaps.
+pub fn take_dma_dirty(dma: &DmaMemory, out: &mut std::collections::BTreeSet<u64>) {
+    use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
+    for r in dma.iter() {
+        let first = r.start_addr().0 / 4096;
+        for (i, word) in vm_memory::MmapRegion::bitmap(r).get_and_reset().into_iter().enumerate() {
+            let mut w = word;
+            while w != 0 {
+                let bit = u64::from(w.trailing_zeros());
+                w &= w - 1;
+                out.insert(first + i as u64 * 64 + bit);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,6 +110,30 @@ mod tests {
         assert_eq!(m.num_regions(), 1);
         m.write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
         assert_eq!(m.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+    }
+
+    #[test]
+    fn the_dma_view_shares_memory_and_records_its_writes() {
+        let m = create(8).unwrap();
+        let dma = dma_view(&m);
+        dma.write_slice(&[1, 2, 3], GuestAddress(0x5ffe)).unwrap();
+        m.write_slice(&[9], GuestAddress(0x7000)).unwrap();
+        let mut b = [0u8; 3];
+        m.read_slice(&mut b, GuestAddress(0x5ffe)).unwrap();
+        assert_eq!(b, [1, 2, 3], "same host memory");
+        dma.read_slice(&mut b[..1], GuestAddress(0x7000)).unwrap();
+        assert_eq!(b[0], 9);
+        let mut dirty = std::collections::BTreeSet::new();
+        take_dma_dirty(&dma, &mut dirty);
+        assert_eq!(
+            dirty.into_iter().collect::<Vec<_>>(),
+            vec![5, 6],
+            "only the view's writes"
+        );
+        let mut again = std::collections::BTreeSet::new();
+        take_dma_dirty(&dma, &mut again);
+        assert!(again.is_empty(), "taking clears");
+        assert!(dma.write_slice(&[0], GuestAddress(8 << 20)).is_err(), "beyond RAM");
     }
 
     #[test]

@@ -1,0 +1,475 @@
+//! Disk images behind virtio-blk: the `--disk` option, the raw image file,
+//! the copy-on-write overlay a recording and a replay write into, and the
+//! disk's identity that a trace stores.
+//!
+//! A plain run writes through to the image (unless `readonly`), as QEMU
+//! and Firecracker do. A recording, a replay and `nyx check` never change
+//! the image: writes go to an in-memory overlay of 512-byte sectors, which
+//! is part of the device's snapshot state, so a snapshot, a timeline
+//! checkpoint or a fast reset brings the disk back with the memory. The
+//! trace stores each disk's size and the SHA-256 of its image
+//! ([`DiskIdentity`]); a replay hashes the image it is given and refuses
+//! one that differs, naming the disk.
+//!
+//! Only raw images are supported: the qcow2 crates on crates.io (`qcow`,
+//! the Cloud Hypervisor `qcow` fork, `imago`) either pull an async runtime
+//! or are not published as maintained libraries; a raw image is what the
+//! test guests and the CI disks use.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use nyx_devices::block::{BlockBackend, SECTOR};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Errors of opening a disk.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The `--disk` option is malformed.
+    #[error("--disk {spec:?}: {why}")]
+    Spec {
+        /// The option's value.
+        spec: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The image could not be opened or read.
+    #[error("disk {id} ({path}): {source}")]
+    Io {
+        /// The disk's ID.
+        id: String,
+        /// The image.
+        path: PathBuf,
+        /// What the host said.
+        source: io::Error,
+    },
+    /// The image is not a whole number of sectors, or empty.
+    #[error("disk {id} ({path}): its size {size} is not a positive multiple of 512 bytes")]
+    Size {
+        /// The disk's ID.
+        id: String,
+        /// The image.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// A replay was given an image other than the recorded one.
+    #[error(
+        "disk {id}: the image {path} is not the one recorded (recorded: {want_size} bytes, sha256 {want_hash}; \
+         this one: {got_size} bytes, sha256 {got_hash})"
+    )]
+    Changed {
+        /// The disk's ID.
+        id: String,
+        /// The image given.
+        path: PathBuf,
+        /// The recorded size.
+        want_size: u64,
+        /// The recorded hash.
+        want_hash: String,
+        /// The given image's size.
+        got_size: u64,
+        /// The given image's hash.
+        got_hash: String,
+    },
+}
+
+/// The image format (raw only, see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskFormat {
+    /// A raw image.
+    Raw,
+}
+
+/// A `--disk FILE[,format=raw][,readonly][,id=NAME]` option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The image.
+    pub path: PathBuf,
+    /// The format.
+    pub format: DiskFormat,
+    /// Whether the guest may not write.
+    pub read_only: bool,
+    /// The ID (virtio-blk GET_ID; the disk's name in messages); `None`
+    /// gives `disk0`, `disk1`... by position.
+    pub id: Option<String>,
+}
+
+impl std::str::FromStr for DiskSpec {
+    type Err = DiskError;
+
+    fn from_str(spec: &str) -> Result<Self, DiskError> {
+        let bad = |why: &str| DiskError::Spec {
+            spec: spec.to_string(),
+            why: why.to_string(),
+        };
+        let mut parts = spec.split(',');
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| bad("no image file"))?;
+        let mut d = DiskSpec {
+            path: PathBuf::from(path),
+            format: DiskFormat::Raw,
+            read_only: false,
+            id: None,
+        };
+        for p in parts {
+            match p.split_once('=') {
+                None if p == "readonly" => d.read_only = true,
+                Some(("readonly", v)) => {
+                    d.read_only = match v {
+                        "on" | "true" | "yes" => true,
+                        "off" | "false" | "no" => false,
+                        _ => return Err(bad("readonly takes on or off")),
+                    }
+                }
+                Some(("format", "raw")) => d.format = DiskFormat::Raw,
+                Some(("format", f)) => return Err(bad(&format!("format {f} is not supported (only raw)"))),
+                Some(("id", v)) => {
+                    if v.is_empty() || v.len() > 20 || !v.bytes().all(|b| b.is_ascii_graphic()) {
+                        return Err(bad("id must be 1 to 20 printable ASCII characters"));
+                    }
+                    d.id = Some(v.to_string());
+                }
+                _ => return Err(bad(&format!("unknown option {p:?} (format=raw, readonly, id=NAME)"))),
+            }
+        }
+        Ok(d)
+    }
+}
+
+/// What a trace records of a disk: enough to find the image again and to
+/// know it is the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskIdentity {
+    /// The ID.
+    pub id: String,
+    /// The image's path as given when recording.
+    pub path: String,
+    /// Whether the guest may not write.
+    pub read_only: bool,
+    /// The image's size in bytes.
+    pub size: u64,
+    /// The SHA-256 of the image, hex.
+    pub sha256: String,
+}
+
+/// The SHA-256 of a file and its size.
+pub fn hash_file(path: &Path) -> io::Result<(u64, String)> {
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    let hex = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok((size, hex))
+}
+
+/// An open disk image.
+#[derive(Debug)]
+pub struct Disk {
+    file: File,
+    size: u64,
+    read_only: bool,
+    /// Sectors written since the image was opened, when writes must not
+    /// reach the image.
+    overlay: Option<BTreeMap<u64, Vec<u8>>>,
+}
+
+impl Disk {
+    /// Opens `spec`'s image as disk `id`. With `overlay`, the image is
+    /// opened read-only and writes stay in memory.
+    pub fn open(spec: &DiskSpec, id: &str, overlay: bool) -> Result<Disk, DiskError> {
+        let io_err = |source| DiskError::Io {
+            id: id.to_string(),
+            path: spec.path.clone(),
+            source,
+        };
+        let writable = !spec.read_only && !overlay;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(&spec.path)
+            .map_err(io_err)?;
+        let size = file.metadata().map_err(io_err)?.len();
+        if size == 0 || size % SECTOR != 0 {
+            return Err(DiskError::Size {
+                id: id.to_string(),
+                path: spec.path.clone(),
+                size,
+            });
+        }
+        Ok(Disk {
+            file,
+            size,
+            read_only: spec.read_only,
+            overlay: overlay.then(BTreeMap::new),
+        })
+    }
+
+    /// The identity of `spec`'s image (hashes the whole file).
+    pub fn identity(spec: &DiskSpec, id: &str) -> Result<DiskIdentity, DiskError> {
+        let (size, sha256) = hash_file(&spec.path).map_err(|source| DiskError::Io {
+            id: id.to_string(),
+            path: spec.path.clone(),
+            source,
+        })?;
+        Ok(DiskIdentity {
+            id: id.to_string(),
+            path: spec.path.display().to_string(),
+            read_only: spec.read_only,
+            size,
+            sha256,
+        })
+    }
+
+    /// Checks that `path` holds the image `want` describes.
+    pub fn check_identity(want: &DiskIdentity, path: &Path) -> Result<(), DiskError> {
+        let spec = DiskSpec {
+            path: path.to_path_buf(),
+            format: DiskFormat::Raw,
+            read_only: want.read_only,
+            id: Some(want.id.clone()),
+        };
+        let got = Self::identity(&spec, &want.id)?;
+        if got.size != want.size || got.sha256 != want.sha256 {
+            return Err(DiskError::Changed {
+                id: want.id.clone(),
+                path: path.to_path_buf(),
+                want_size: want.size,
+                want_hash: want.sha256.clone(),
+                got_size: got.size,
+                got_hash: got.sha256,
+            });
+        }
+        Ok(())
+    }
+
+    /// How many sectors the overlay holds.
+    pub fn overlay_sectors(&self) -> usize {
+        self.overlay.as_ref().map_or(0, BTreeMap::len)
+    }
+
+    fn check(&self, offset: u64, len: usize) -> io::Result<()> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "beyond the end of the disk",
+            )),
+        }
+    }
+}
+
+impl BlockBackend for Disk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.check(offset, buf.len())?;
+        self.file.read_exact_at(buf, offset)?;
+        if let Some(o) = &self.overlay {
+            let first = offset / SECTOR;
+            let last = (offset + buf.len() as u64).div_ceil(SECTOR);
+            for (&sector, data) in o.range(first..last) {
+                let s = sector * SECTOR;
+                let from = s.max(offset);
+                let to = (s + SECTOR).min(offset + buf.len() as u64);
+                buf[(from - offset) as usize..(to - offset) as usize]
+                    .copy_from_slice(&data[(from - s) as usize..(to - s) as usize]);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::ErrorKind::PermissionDenied.into());
+        }
+        self.check(offset, data.len())?;
+        if self.overlay.is_none() {
+            return self.file.write_all_at(data, offset);
+        }
+        let end = offset + data.len() as u64;
+        let mut sector = offset / SECTOR;
+        while sector * SECTOR < end {
+            let s = sector * SECTOR;
+            let mut block = vec![0u8; SECTOR as usize];
+            let (from, to) = (s.max(offset), (s + SECTOR).min(end));
+            if from != s || to != s + SECTOR {
+                self.read_at(s, &mut block)?;
+            }
+            block[(from - s) as usize..(to - s) as usize]
+                .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+            if let Some(o) = &mut self.overlay {
+                o.insert(sector, block);
+            }
+            sector += 1;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.overlay {
+            Some(_) => Ok(()),
+            None if self.read_only => Ok(()),
+            None => self.file.sync_data(),
+        }
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len)
+    }
+
+    fn save(&self) -> Vec<u8> {
+        match &self.overlay {
+            Some(o) => postcard::to_stdvec(o).unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        match &mut self.overlay {
+            None if state.is_empty() => Ok(()),
+            None => Err("the snapshot holds disk writes, but this disk writes through to its image".into()),
+            Some(o) => {
+                let restored: BTreeMap<u64, Vec<u8>> =
+                    postcard::from_bytes(state).map_err(|e| format!("disk overlay: {e}"))?;
+                let bad = restored
+                    .iter()
+                    .any(|(&s, d)| d.len() != SECTOR as usize || s >= self.size / SECTOR);
+                if bad {
+                    return Err("disk overlay: a sector of the wrong size or beyond the disk".into());
+                }
+                *o = restored;
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn image(dir: &tempfile::TempDir, bytes: &[u8]) -> DiskSpec {
+        let path = dir.path().join("d.img");
+        std::fs::write(&path, bytes).unwrap();
+        DiskSpec {
+            path,
+            format: DiskFormat::Raw,
+            read_only: false,
+            id: None,
+        }
+    }
+
+    #[test]
+    fn specs_parse_and_bad_ones_are_named() {
+        let d: DiskSpec = "a.img,format=raw,readonly,id=root".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("a.img"));
+        assert!(d.read_only);
+        assert_eq!(d.id.as_deref(), Some("root"));
+        assert!(!"b.img".parse::<DiskSpec>().unwrap().read_only);
+        for bad in [
+            "",
+            ",id=x",
+            "a,format=qcow2",
+            "a,id=",
+            "a,id=has space",
+            "a,frob",
+            "a,readonly=maybe",
+        ] {
+            let e = bad.parse::<DiskSpec>().unwrap_err().to_string();
+            assert!(e.contains("--disk"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn overlay_keeps_the_image_and_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let base: Vec<u8> = (0..2048u32).map(|i| i as u8).collect();
+        let spec = image(&dir, &base);
+        let id = Disk::identity(&spec, "d0").unwrap();
+        let mut d = Disk::open(&spec, "d0", true).unwrap();
+        d.write_at(510, &[0xAA; 4]).unwrap();
+        let mut b = vec![0u8; 8];
+        d.read_at(508, &mut b).unwrap();
+        assert_eq!(b, [252, 253, 0xAA, 0xAA, 0xAA, 0xAA, 2, 3]);
+        assert_eq!(d.overlay_sectors(), 2);
+        let saved = d.save();
+        d.write_zeroes(0, 2048).unwrap();
+        d.restore(&saved).unwrap();
+        d.read_at(508, &mut b).unwrap();
+        assert_eq!(b[2], 0xAA);
+        assert_eq!(std::fs::read(&spec.path).unwrap(), base, "image unchanged");
+        Disk::check_identity(&id, &spec.path).unwrap();
+        assert!(d.restore(&[1, 2, 3]).is_err());
+        assert!(d.read_at(2047, &mut b).is_err());
+    }
+
+    #[test]
+    fn write_through_and_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = image(&dir, &[0u8; 1024]);
+        let id = Disk::identity(&spec, "d0").unwrap();
+        let mut d = Disk::open(&spec, "d0", false).unwrap();
+        d.write_at(512, &[7; 512]).unwrap();
+        d.flush().unwrap();
+        assert_eq!(std::fs::read(&spec.path).unwrap()[512], 7);
+        let e = Disk::check_identity(&id, &spec.path).unwrap_err().to_string();
+        assert!(e.contains("disk d0") && e.contains("not the one recorded"), "{e}");
+        assert!(d.restore(&d.save()).is_ok());
+        spec.read_only = true;
+        let mut r = Disk::open(&spec, "d0", false).unwrap();
+        assert!(r.write_at(0, &[1]).is_err());
+        std::fs::write(&spec.path, [0u8; 100]).unwrap();
+        assert!(matches!(Disk::open(&spec, "d0", false), Err(DiskError::Size { .. })));
+    }
+
+    proptest! {
+        /// Through the overlay, the disk reads like a plain byte array that
+        /// took the same writes; the image never changes.
+        #[test]
+        fn overlay_matches_a_model(ops in prop::collection::vec((0u64..4096, prop::collection::vec(any::<u8>(), 0..700), any::<bool>()), 0..40)) {
+            let dir = tempfile::tempdir().unwrap();
+            let base: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+            let spec = image(&dir, &base);
+            let mut d = Disk::open(&spec, "d", true).unwrap();
+            let mut model = base.clone();
+            for (off, data, write) in ops {
+                let fits = off as usize + data.len() <= model.len();
+                if write {
+                    prop_assert_eq!(d.write_at(off, &data).is_ok(), fits);
+                    if fits {
+                        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+                    }
+                } else {
+                    let mut b = vec![0u8; data.len()];
+                    prop_assert_eq!(d.read_at(off, &mut b).is_ok(), fits);
+                    if fits {
+                        prop_assert_eq!(&b[..], &model[off as usize..off as usize + b.len()]);
+                    }
+                }
+            }
+            prop_assert_eq!(std::fs::read(&spec.path).unwrap(), base);
+        }
+    }
+}
