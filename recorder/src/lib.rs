@@ -237,6 +237,20 @@ impl Input for RecordInput {
     }
 }
 
+/// virtio-rng's bytes from the host, each request's logged
+/// (`Event::Rng`).
+struct RecordEntropy {
+    inner: Box<dyn nyx_devices::io::Entropy>,
+    log: SharedLog,
+}
+
+impl nyx_devices::io::Entropy for RecordEntropy {
+    fn fill(&mut self, buf: &mut [u8]) {
+        self.inner.fill(buf);
+        lock(&self.log).push(Event::Rng(buf.to_vec()));
+    }
+}
+
 /// The recorder's run hooks.
 pub struct Recorder {
     log: SharedLog,
@@ -359,6 +373,25 @@ impl RunHooks for Recorder {
             log: self.log.clone(),
             event: Event::Platform,
         })
+    }
+
+    fn console_input(&mut self, requested: Box<dyn Input>) -> Box<dyn Input> {
+        Box::new(RecordInput {
+            inner: requested,
+            log: self.log.clone(),
+            event: Event::ConsoleInput,
+        })
+    }
+
+    fn rng_entropy(&mut self, requested: Box<dyn nyx_devices::io::Entropy>) -> Box<dyn nyx_devices::io::Entropy> {
+        Box::new(RecordEntropy {
+            inner: requested,
+            log: self.log.clone(),
+        })
+    }
+
+    fn isolates_disks(&self) -> bool {
+        true
     }
 
     fn wall_seconds(&mut self, host: i64) -> i64 {
@@ -604,6 +637,7 @@ fn start_image_with_clock(
         wall_seconds: *wall.lock().unwrap_or_else(|e| e.into_inner()),
         verify: opts.verify,
         irqchip: opts.irqchip,
+        pci: Vec::new(),
     };
     let mut images = vec![GuestImage::embedded(KERNEL_IMAGE, image)];
     if let Some(i) = initrd {

@@ -166,15 +166,24 @@ impl TimeSource for ReplayTime {
 /// device's platform events (`Event::Platform`).
 struct ReplayInput {
     state: Shared,
-    platform: bool,
+    kind: InputKind,
+}
+
+/// Which device's input a [`ReplayInput`] serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InputKind {
+    Serial,
+    Platform,
+    Console,
 }
 
 impl Input for ReplayInput {
     fn read_available(&mut self, buf: &mut [u8]) -> usize {
         let mut s = lock(&self.state);
-        let b = match s.cursor.peek() {
-            Some(Event::Input(b)) if !self.platform => b.clone(),
-            Some(Event::Platform(b)) if self.platform => b.clone(),
+        let b = match (s.cursor.peek(), self.kind) {
+            (Some(Event::Input(b)), InputKind::Serial) => b.clone(),
+            (Some(Event::Platform(b)), InputKind::Platform) => b.clone(),
+            (Some(Event::ConsoleInput(b)), InputKind::Console) => b.clone(),
             _ => return 0,
         };
         if b.len() > buf.len() {
@@ -195,6 +204,33 @@ impl Input for ReplayInput {
         // Whether input may still come is part of the guest-visible state
         // only through what the device received, which the trace serves.
         !lock(&self.state).cursor.has_more_input()
+    }
+}
+
+/// virtio-rng's bytes served from the trace (`Event::Rng`): a request
+/// must come where the recording's came, and be as long.
+struct ReplayEntropy {
+    state: Shared,
+}
+
+impl nyx_devices::io::Entropy for ReplayEntropy {
+    fn fill(&mut self, buf: &mut [u8]) {
+        let mut s = lock(&self.state);
+        match s.cursor.peek() {
+            Some(Event::Rng(b)) if b.len() == buf.len() => {
+                buf.copy_from_slice(b);
+                s.cursor.advance();
+            }
+            other => {
+                let msg = format!(
+                    "virtio-rng asked for {} random bytes; the recording has {} here",
+                    buf.len(),
+                    other.map_or("nothing".to_string(), |e| e.to_string())
+                );
+                buf.fill(0);
+                s.cursor.fail(&msg);
+            }
+        }
     }
 }
 
@@ -233,15 +269,32 @@ impl RunHooks for Replayer {
     fn serial_input(&mut self, _requested: Box<dyn Input>) -> Box<dyn Input> {
         Box::new(ReplayInput {
             state: self.state.clone(),
-            platform: false,
+            kind: InputKind::Serial,
         })
     }
 
     fn platform_input(&mut self, _requested: Box<dyn Input>) -> Box<dyn Input> {
         Box::new(ReplayInput {
             state: self.state.clone(),
-            platform: true,
+            kind: InputKind::Platform,
         })
+    }
+
+    fn console_input(&mut self, _requested: Box<dyn Input>) -> Box<dyn Input> {
+        Box::new(ReplayInput {
+            state: self.state.clone(),
+            kind: InputKind::Console,
+        })
+    }
+
+    fn rng_entropy(&mut self, _requested: Box<dyn nyx_devices::io::Entropy>) -> Box<dyn nyx_devices::io::Entropy> {
+        Box::new(ReplayEntropy {
+            state: self.state.clone(),
+        })
+    }
+
+    fn isolates_disks(&self) -> bool {
+        true
     }
 
     fn wall_seconds(&mut self, _host: i64) -> i64 {

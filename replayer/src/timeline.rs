@@ -414,11 +414,11 @@ impl Timeline {
         let out = Box::new(OnceOutput(self.out.clone()));
         let input = Box::new(crate::ReplayInput {
             state: self.shared.clone(),
-            platform: false,
+            kind: crate::InputKind::Serial,
         });
         let events = Box::new(crate::ReplayInput {
             state: self.shared.clone(),
-            platform: true,
+            kind: crate::InputKind::Platform,
         });
         m.reset_state(&ck.state, out, input, events)?;
         // What KVM logged since the last collection belongs to the run

@@ -52,6 +52,22 @@ impl Irqchip {
     }
 }
 
+/// A PCI function the machine has beyond the host bridge. The functions
+/// sit on bus 0 in the order of the list from slot 3 (QEMU's `pc` machine
+/// has its ISA bridge at slot 1 and its display at 2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PciFunctionConfig {
+    /// A virtio-blk disk (`--disk`), with the identity of its image.
+    Disk(crate::disk::DiskIdentity),
+    /// virtio-rng (`--rng`).
+    Rng,
+    /// virtio-console (`--virtio-console`).
+    Console,
+}
+
+/// The slot of the first function of [`MachineConfig::pci`].
+pub const FIRST_PCI_SLOT: u8 = 3;
+
 /// A machine as a trace or snapshot describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineConfig {
@@ -76,6 +92,8 @@ pub struct MachineConfig {
     pub verify: VerifyLevel,
     /// The interrupt controllers and platform (`--irqchip`).
     pub irqchip: Irqchip,
+    /// The PCI functions beyond the host bridge (apic machines only).
+    pub pci: Vec<PciFunctionConfig>,
 }
 
 impl MachineConfig {
@@ -116,6 +134,7 @@ mod tests {
             wall_seconds: 1_800_000_000,
             verify: VerifyLevel::Full,
             irqchip: Irqchip::Apic,
+            pci: Vec::new(),
         };
         assert_eq!(MachineConfig::from_bytes(&c.to_bytes()).unwrap(), c);
         assert!(MachineConfig::from_bytes(&[0xff; 3]).is_err());

@@ -330,6 +330,10 @@ pub enum Event {
     /// or temperature change; `nyx_devices::acpi_pm::PlatformEvent`
     /// encoded) taken by the ACPI PM device here.
     Platform(Vec<u8>),
+    /// Random bytes virtio-rng gave the guest here.
+    Rng(Vec<u8>),
+    /// Input bytes virtio-console took here.
+    ConsoleInput(Vec<u8>),
 }
 
 impl Event {
@@ -346,6 +350,8 @@ impl Event {
             Event::Inject(_) => "inject",
             Event::Regs(_) => "regs",
             Event::End(_) => "end",
+            Event::Rng(_) => "rng",
+            Event::ConsoleInput(_) => "console-input",
         }
     }
 
@@ -356,7 +362,17 @@ impl Event {
             .iter()
             .map(|k| k.name())
             .chain([
-                "poll", "time", "input", "platform", "entropy", "landing", "inject", "regs", "end",
+                "poll",
+                "time",
+                "input",
+                "platform",
+                "entropy",
+                "landing",
+                "inject",
+                "regs",
+                "end",
+                "rng",
+                "console-input",
             ])
             .collect()
     }
@@ -371,6 +387,8 @@ impl std::fmt::Display for Event {
             Event::Input(b) => write!(f, "input {:?}", String::from_utf8_lossy(b)),
             Event::Platform(b) => write!(f, "platform {b:02x?}"),
             Event::Entropy(v) => write!(f, "entropy {v:#x}"),
+            Event::Rng(b) => write!(f, "rng {} bytes", b.len()),
+            Event::ConsoleInput(b) => write!(f, "console input {:?}", String::from_utf8_lossy(b)),
             Event::Landing(l) => write!(
                 f,
                 "landing rip {:#x} regs {:#018x} mem {:#018x} ({} dirty pages){}",
@@ -415,6 +433,8 @@ mod tests {
             prop::collection::vec(any::<u8>(), 0..40).prop_map(Event::Input),
             prop::collection::vec(any::<u8>(), 0..8).prop_map(Event::Platform),
             any::<u64>().prop_map(Event::Entropy),
+            prop::collection::vec(any::<u8>(), 0..40).prop_map(Event::Rng),
+            prop::collection::vec(any::<u8>(), 0..40).prop_map(Event::ConsoleInput),
             (any::<[u64; 16]>(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(gpr, rip, d, n)| {
                 Event::Landing(Box::new(Landing {
                     regs: GprSnapshot { gpr, rip, rflags: 2 },

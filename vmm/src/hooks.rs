@@ -287,6 +287,25 @@ pub trait RunHooks: Send {
         requested
     }
 
+    /// virtio-console's input, given the console the user connected
+    /// (called once). A plain run passes it through.
+    fn console_input(&mut self, requested: Box<dyn Input>) -> Box<dyn Input> {
+        requested
+    }
+
+    /// virtio-rng's entropy, given the host's (called once). A plain run
+    /// passes it through.
+    fn rng_entropy(&mut self, requested: Box<dyn nyx_devices::io::Entropy>) -> Box<dyn nyx_devices::io::Entropy> {
+        requested
+    }
+
+    /// Whether disk images must stay unchanged: the guest's writes go to a
+    /// copy-on-write overlay that snapshots carry (recording, replay,
+    /// check). A plain run writes through to the images.
+    fn isolates_disks(&self) -> bool {
+        false
+    }
+
     /// The date at power-on, given the host's.
     fn wall_seconds(&mut self, host: i64) -> i64 {
         host
@@ -469,6 +488,19 @@ impl RunHooks for PlainRun {
 
     fn entropy(&mut self, _ctx: &mut HookCtx<'_>) -> Result<u64, HookError> {
         Ok(host_random())
+    }
+}
+
+/// The host's random bytes (getrandom), for virtio-rng in a plain run.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HostEntropy;
+
+impl nyx_devices::io::Entropy for HostEntropy {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = host_random().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
     }
 }
 

@@ -930,6 +930,7 @@ mod tests {
             wall_seconds: 0,
             verify: crate::config::VerifyLevel::Exits,
             irqchip: crate::config::Irqchip::Legacy,
+            pci: Vec::new(),
         }
     }
 

@@ -300,6 +300,7 @@ mod tests {
             wall_seconds: 0,
             verify: crate::config::VerifyLevel::Exits,
             irqchip: crate::config::Irqchip::Legacy,
+            pci: Vec::new(),
         };
         container_header(kind, &config, b"kernel", None)
     }

@@ -467,6 +467,7 @@ impl MachineBuilder {
             wall_seconds,
             verify: crate::config::VerifyLevel::Exits,
             irqchip: self.irqchip,
+            pci: Vec::new(),
         };
         let dirty = if hooks.tracks_dirty_pages() {
             // SAFETY: `mem` is the memory registered above, slot = region
