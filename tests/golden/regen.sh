@@ -6,6 +6,11 @@
 # as tests/guests/build.rs, names each kernel file after its guest (QEMU puts
 # the file name in front of the Multiboot command line) and checks QEMU's
 # exit status against the expected one.
+#
+# virtio runs with virtio-blk, virtio-rng and virtio-console devices (see
+# README.md): its disk image is created afresh by virtio-disk.sh before the
+# run, the console output is recorded as virtio.console and the SHA-256 of
+# the image after the run as virtio.img.sha256 (needs sha256sum).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 guests="$here/../guests"
@@ -17,7 +22,7 @@ status=0
 
 # name, expected QEMU exit status, serial input
 for spec in hello:67 pit:35 longmode:1 triple:0 ports:69 echo:103:echo.in softint:145 \
-    lapic:161 ioapic:163 hpet:165 acpi:0 busyio:147 s3:171 pmtimer:167; do
+    lapic:161 ioapic:163 hpet:165 acpi:0 busyio:147 s3:171 pmtimer:167 virtio:179; do
     name=${spec%%:*}
     # With arguments, only the guests they name.
     if [ $# -gt 0 ]; then
@@ -32,12 +37,42 @@ for spec in hello:67 pit:35 longmode:1 triple:0 ports:69 echo:103:echo.in softin
     ld -m elf_i386 -nostdlib --build-id=none -z max-page-size=0x1000 \
         -z noexecstack -T "$guests/link.ld" -o "$work/$name" "$work/$name.o"
     set +e
-    (cd "$work" && timeout 60 qemu-system-x86_64 -machine pc -cpu qemu64 -m 64 \
-        -display none -serial stdio -no-reboot \
-        -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
-        -kernel "$name" -append "$append") <"$input" >"$here/$name.out"
-    got=$?
+    case $name in
+    virtio)
+        # No VGA and no default NIC (the pc machine's e1000 would sit at
+        # 00:03.0); the virtio devices at the slots Nyx gives them.
+        rm -f "$work/disk.img" "$work/console.out"
+        sh "$here/virtio-disk.sh" "$work/disk.img" || exit 1
+        (cd "$work" && timeout 60 qemu-system-x86_64 -machine pc -cpu qemu64 -m 64 \
+            -display none -vga none -nic none -serial stdio -no-reboot \
+            -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
+            -kernel "$name" -append "$append" \
+            -drive if=none,id=d0,file=disk.img,format=raw,discard=unmap \
+            -device virtio-blk-pci,disable-legacy=on,addr=0x3,drive=d0,serial=nyx-disk0 \
+            -device virtio-rng-pci,disable-legacy=on,addr=0x5 \
+            -device virtio-serial-pci,disable-legacy=on,addr=0x6 \
+            -device virtconsole,chardev=vc0 \
+            -chardev file,id=vc0,path=console.out) <"$input" >"$here/$name.out"
+        got=$?
+        ;;
+    *)
+        (cd "$work" && timeout 60 qemu-system-x86_64 -machine pc -cpu qemu64 -m 64 \
+            -display none -serial stdio -no-reboot \
+            -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
+            -kernel "$name" -append "$append") <"$input" >"$here/$name.out"
+        got=$?
+        ;;
+    esac
     set -e
+    if [ "$name" = virtio ]; then
+        cp "$work/console.out" "$here/virtio.console"
+        sha=$(sha256sum "$work/disk.img" | cut -d' ' -f1)
+        old=$(cat "$here/virtio.img.sha256" 2>/dev/null || true)
+        if [ "$sha" != "$old" ]; then
+            echo "virtio: disk image after the run changed: $sha (was ${old:-none})"
+        fi
+        echo "$sha" >"$here/virtio.img.sha256"
+    fi
     if [ "$got" = "$want" ]; then
         echo "$name: exit status $got"
     else

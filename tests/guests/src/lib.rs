@@ -71,6 +71,60 @@ pub const S3_EXIT: u32 = 0x55;
 pub const APICCOUNTER: &[u8] = guest_image!("apiccounter");
 /// Debug-exit value of [`APICCOUNTER`].
 pub const APICCOUNTER_EXIT: u32 = 0x57;
+/// A virtio 1.x PCI driver: enumerates bus 0, places the BARs of the
+/// virtio devices, enables MSI-X and drives virtio-blk (reads, a write,
+/// flush, write zeroes, discard, GET_ID, an out-of-range read, an unknown
+/// request type), virtio-rng (16 bytes) and virtio-console (a line on the
+/// transmitq, [`VIRTIO_CONSOLE_OUTPUT`]); exits with [`VIRTIO_EXIT`]. Needs
+/// the APIC platform and the virtio devices of its golden run
+/// ([`Expected::needs_virtio`]): virtio-blk at 00:03.0 on a copy of
+/// [`virtio_disk_image`] with the serial [`VIRTIO_DISK_SERIAL`],
+/// virtio-rng at 00:05.0, virtio-console at 00:06.0.
+pub const VIRTIO: &[u8] = guest_image!("virtio");
+/// Debug-exit value of [`VIRTIO`].
+pub const VIRTIO_EXIT: u32 = 0x59;
+/// PCI device numbers (bus 0, function 0) of the virtio devices the
+/// [`VIRTIO`] golden run had: virtio-blk (1af4:1042), virtio-rng
+/// (1af4:1044), virtio-console (1af4:1043).
+pub const VIRTIO_BLK_SLOT: u8 = 3;
+/// See [`VIRTIO_BLK_SLOT`].
+pub const VIRTIO_RNG_SLOT: u8 = 5;
+/// See [`VIRTIO_BLK_SLOT`].
+pub const VIRTIO_CONSOLE_SLOT: u8 = 6;
+/// The virtio-blk serial (GET_ID) of the [`VIRTIO`] golden run.
+pub const VIRTIO_DISK_SERIAL: &str = "nyx-disk0";
+/// Sectors (512 bytes) of [`virtio_disk_image`].
+pub const VIRTIO_DISK_SECTORS: usize = 256;
+/// What [`VIRTIO`] writes to the virtio-console: the complete output of
+/// the console's chardev in the golden run.
+pub const VIRTIO_CONSOLE_OUTPUT: &str = include_str!("../../golden/virtio.console");
+const VIRTIO_DISK_SHA256: &str = include_str!("../../golden/virtio.img.sha256");
+
+/// The disk image of the [`VIRTIO`] golden run, as
+/// `tests/golden/virtio-disk.sh` writes it: [`VIRTIO_DISK_SECTORS`]
+/// sectors of 16 text lines of 32 bytes, line L of sector S reading
+/// `sector SSSS line LL byte BBBBBB\n` (decimal; BBBBBB is the line's
+/// offset in the image).
+pub fn virtio_disk_image() -> Vec<u8> {
+    const LINE: usize = 32;
+    const LINES: usize = 512 / LINE;
+    let mut image = Vec::with_capacity(VIRTIO_DISK_SECTORS * 512);
+    for sector in 0..VIRTIO_DISK_SECTORS {
+        for line in 0..LINES {
+            let offset = sector * 512 + line * LINE;
+            image.extend_from_slice(format!("sector {sector:04} line {line:02} byte {offset:06}\n").as_bytes());
+        }
+    }
+    image
+}
+
+/// The SHA-256 (lower-case hex) of the [`VIRTIO`] golden run's disk image
+/// after the run: [`virtio_disk_image`] with sectors 16..23 written, 32..39
+/// zeroed by WRITE_ZEROES and 40..47 discarded, which QEMU (`discard=unmap`
+/// on a file system that punches holes) left reading as zeros.
+pub fn virtio_disk_sha256_after_run() -> &'static str {
+    VIRTIO_DISK_SHA256.trim_end()
+}
 /// A benchmark guest: TSC cycles per port 0x80 write, PIC EOI, local APIC
 /// EOI (MMIO) and self-IPI round trip ("NAME CYCLES" lines); exits with
 /// [`EOICOST_EXIT`]. Timing-dependent, needs the APIC platform; not in
@@ -200,6 +254,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("acpi", ACPI),
     ("pmtimer", PMTIMER),
     ("apiccounter", APICCOUNTER),
+    ("virtio", VIRTIO),
 ];
 
 /// What a guest is expected to do.
@@ -217,6 +272,9 @@ pub struct Expected {
     /// ACPI: Nyx's `--irqchip apic`, QEMU's `pc` machine); the others run on
     /// either.
     pub needs_apic: bool,
+    /// Whether it needs the virtio PCI devices of its golden run (see
+    /// [`VIRTIO`]); only on the APIC platform.
+    pub needs_virtio: bool,
     /// Its complete serial output under QEMU; `None` if timing-dependent.
     pub golden: Option<&'static str>,
     /// The bytes fed to its COM1 receiver, if any.
@@ -232,6 +290,7 @@ pub const EXPECTED: &[Expected] = &[
         input: None,
         powers_off: false,
         needs_apic: false,
+        needs_virtio: false,
     },
     Expected {
         name: "pit",
@@ -240,6 +299,7 @@ pub const EXPECTED: &[Expected] = &[
         input: None,
         powers_off: false,
         needs_apic: false,
+        needs_virtio: false,
     },
     Expected {
         name: "longmode",
@@ -248,6 +308,7 @@ pub const EXPECTED: &[Expected] = &[
         input: None,
         powers_off: false,
         needs_apic: false,
+        needs_virtio: false,
     },
     Expected {
         name: "triple",
@@ -256,6 +317,7 @@ pub const EXPECTED: &[Expected] = &[
         input: None,
         powers_off: false,
         needs_apic: false,
+        needs_virtio: false,
     },
     Expected {
         name: "ports",
@@ -264,6 +326,7 @@ pub const EXPECTED: &[Expected] = &[
         input: None,
         powers_off: false,
         needs_apic: false,
+        needs_virtio: false,
     },
     Expected {
         name: "echo",
@@ -272,6 +335,7 @@ pub const EXPECTED: &[Expected] = &[
         input: Some(include_bytes!("../../golden/echo.in")),
         powers_off: false,
         needs_apic: false,
+        needs_virtio: false,
     },
     Expected {
         name: "counter",
@@ -280,6 +344,7 @@ pub const EXPECTED: &[Expected] = &[
         input: None,
         powers_off: false,
         needs_apic: false,
+        needs_virtio: false,
     },
     Expected {
         name: "rdtsc",
@@ -288,6 +353,7 @@ pub const EXPECTED: &[Expected] = &[
         input: None,
         powers_off: false,
         needs_apic: false,
+        needs_virtio: false,
     },
     Expected {
         name: "rtc",
@@ -296,6 +362,7 @@ pub const EXPECTED: &[Expected] = &[
         input: None,
         powers_off: false,
         needs_apic: false,
+        needs_virtio: false,
     },
     Expected {
         name: "ticks",
@@ -304,6 +371,7 @@ pub const EXPECTED: &[Expected] = &[
         input: Some(b"abc."),
         powers_off: false,
         needs_apic: false,
+        needs_virtio: false,
     },
     Expected {
         name: "softint",
@@ -312,6 +380,7 @@ pub const EXPECTED: &[Expected] = &[
         input: None,
         powers_off: false,
         needs_apic: false,
+        needs_virtio: false,
     },
     Expected {
         name: "busyio",
@@ -320,6 +389,7 @@ pub const EXPECTED: &[Expected] = &[
         input: None,
         powers_off: false,
         needs_apic: false,
+        needs_virtio: false,
     },
     Expected {
         name: "s3",
@@ -328,6 +398,7 @@ pub const EXPECTED: &[Expected] = &[
         input: None,
         powers_off: false,
         needs_apic: true,
+        needs_virtio: false,
     },
     Expected {
         name: "lapic",
@@ -336,6 +407,7 @@ pub const EXPECTED: &[Expected] = &[
         input: None,
         powers_off: false,
         needs_apic: true,
+        needs_virtio: false,
     },
     Expected {
         name: "ioapic",
@@ -344,6 +416,7 @@ pub const EXPECTED: &[Expected] = &[
         input: None,
         powers_off: false,
         needs_apic: true,
+        needs_virtio: false,
     },
     Expected {
         name: "hpet",
@@ -352,6 +425,7 @@ pub const EXPECTED: &[Expected] = &[
         input: None,
         powers_off: false,
         needs_apic: true,
+        needs_virtio: false,
     },
     Expected {
         name: "acpi",
@@ -360,6 +434,7 @@ pub const EXPECTED: &[Expected] = &[
         input: None,
         powers_off: true,
         needs_apic: true,
+        needs_virtio: false,
     },
     Expected {
         name: "pmtimer",
@@ -368,6 +443,7 @@ pub const EXPECTED: &[Expected] = &[
         input: None,
         powers_off: false,
         needs_apic: true,
+        needs_virtio: false,
     },
     Expected {
         name: "apiccounter",
@@ -376,6 +452,16 @@ pub const EXPECTED: &[Expected] = &[
         input: None,
         powers_off: false,
         needs_apic: true,
+        needs_virtio: false,
+    },
+    Expected {
+        name: "virtio",
+        exit_value: Some(VIRTIO_EXIT),
+        golden: Some(include_str!("../../golden/virtio.out")),
+        input: None,
+        powers_off: false,
+        needs_apic: true,
+        needs_virtio: true,
     },
 ];
 
@@ -606,7 +692,16 @@ mod tests {
         let apic: Vec<_> = EXPECTED.iter().filter(|e| e.needs_apic).map(|e| e.name).collect();
         assert_eq!(
             apic,
-            ["s3", "lapic", "ioapic", "hpet", "acpi", "pmtimer", "apiccounter"]
+            [
+                "s3",
+                "lapic",
+                "ioapic",
+                "hpet",
+                "acpi",
+                "pmtimer",
+                "apiccounter",
+                "virtio"
+            ]
         );
         for e in EXPECTED {
             assert!(!e.powers_off || e.exit_value.is_none(), "{}", e.name);
@@ -625,6 +720,74 @@ mod tests {
             .ends_with("pm timer rate ok\n"));
         assert_eq!(expected("tscdl"), None, "tscdl has no golden output");
         assert_eq!(image("tscdl"), Some(TSCDL));
+    }
+
+    #[test]
+    fn virtio_guest_needs_its_devices() {
+        let virtio: Vec<_> = EXPECTED.iter().filter(|e| e.needs_virtio).map(|e| e.name).collect();
+        assert_eq!(virtio, ["virtio"]);
+        for e in EXPECTED {
+            assert!(
+                !e.needs_virtio || e.needs_apic,
+                "{}: MSI-X needs the local APIC",
+                e.name
+            );
+        }
+        assert_eq!(qemu_exit_code(VIRTIO_EXIT), 0xb3);
+        let golden = expected("virtio").and_then(|e| e.golden).expect("virtio golden");
+        assert!(golden.ends_with("virtio: done\n"), "{golden}");
+        assert!(!golden.contains("error"), "{golden}");
+        for (slot, id, name) in [
+            (VIRTIO_BLK_SLOT, 0x1042, "virtio-blk"),
+            (VIRTIO_RNG_SLOT, 0x1044, "virtio-rng"),
+            (VIRTIO_CONSOLE_SLOT, 0x1043, "virtio-console"),
+        ] {
+            let line = format!("pci 00:{slot:02x}.0 1af4:{id:04x} {name}\n");
+            assert!(golden.contains(&line), "{line}");
+        }
+        assert!(golden.contains(&format!("capacity {VIRTIO_DISK_SECTORS} sectors\n")));
+        assert!(golden.contains(&format!("id \"{VIRTIO_DISK_SERIAL}\"\n")));
+        assert_eq!(VIRTIO_CONSOLE_OUTPUT, "hello from virtio-console\n");
+        let sha = virtio_disk_sha256_after_run();
+        assert_eq!(sha.len(), 64, "{sha}");
+        assert!(
+            sha.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+            "{sha}"
+        );
+    }
+
+    #[test]
+    fn virtio_disk_image_is_256_sectors_of_text_lines() {
+        let image = virtio_disk_image();
+        assert_eq!(image.len(), VIRTIO_DISK_SECTORS * 512);
+        assert_eq!(image.len(), 128 << 10);
+        assert_eq!(&image[..32], b"sector 0000 line 00 byte 000000\n");
+        assert_eq!(&image[512 + 3 * 32..512 + 4 * 32], b"sector 0001 line 03 byte 000608\n");
+        assert_eq!(&image[image.len() - 32..], b"sector 0255 line 15 byte 131040\n");
+        assert!(image.chunks(32).all(|line| line.len() == 32 && line[31] == b'\n'));
+    }
+
+    /// `virtio_disk_image` and `tests/golden/virtio-disk.sh` (what
+    /// `regen.sh` gave QEMU) write the same bytes; skipped without `sh`.
+    #[test]
+    fn virtio_disk_image_matches_the_script() {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../golden/virtio-disk.sh");
+        let out = std::env::temp_dir().join(format!("nyx-guests-virtio-disk-{}.img", std::process::id()));
+        let status = match std::process::Command::new("sh").arg(script).arg(&out).status() {
+            Ok(status) => status,
+            Err(e) => {
+                eprintln!("skipped: cannot run sh: {e}");
+                return;
+            }
+        };
+        let written = std::fs::read(&out);
+        let _ = std::fs::remove_file(&out);
+        assert!(status.success(), "{script}: {status}");
+        let written = written.expect("the script's image");
+        assert!(
+            written == virtio_disk_image(),
+            "{script} and virtio_disk_image() differ"
+        );
     }
 
     #[test]
