@@ -49,8 +49,8 @@ for spec in hello:67 pit:35 longmode:1 triple:0 ports:69 echo:103:echo.in softin
             -kernel "$name" -append "$append" \
             -drive if=none,id=d0,file=disk.img,format=raw,discard=unmap \
             -device virtio-blk-pci,disable-legacy=on,addr=0x3,drive=d0,serial=nyx-disk0 \
-            -device virtio-rng-pci,disable-legacy=on,addr=0x5 \
-            -device virtio-serial-pci,disable-legacy=on,addr=0x6 \
+            -device virtio-rng-pci,disable-legacy=on,addr=0x4 \
+            -device virtio-serial-pci,disable-legacy=on,addr=0x5 \
             -device virtconsole,chardev=vc0 \
             -chardev file,id=vc0,path=console.out) <"$input" >"$here/$name.out"
         got=$?

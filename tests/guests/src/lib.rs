@@ -79,7 +79,7 @@ pub const APICCOUNTER_EXIT: u32 = 0x57;
 /// the APIC platform and the virtio devices of its golden run
 /// ([`Expected::needs_virtio`]): virtio-blk at 00:03.0 on a copy of
 /// [`virtio_disk_image`] with the serial [`VIRTIO_DISK_SERIAL`],
-/// virtio-rng at 00:05.0, virtio-console at 00:06.0.
+/// virtio-rng at 00:04.0, virtio-console at 00:05.0 (consecutive slots from 3, as Nyx places them).
 pub const VIRTIO: &[u8] = guest_image!("virtio");
 /// Debug-exit value of [`VIRTIO`].
 pub const VIRTIO_EXIT: u32 = 0x59;
@@ -88,9 +88,9 @@ pub const VIRTIO_EXIT: u32 = 0x59;
 /// (1af4:1044), virtio-console (1af4:1043).
 pub const VIRTIO_BLK_SLOT: u8 = 3;
 /// See [`VIRTIO_BLK_SLOT`].
-pub const VIRTIO_RNG_SLOT: u8 = 5;
+pub const VIRTIO_RNG_SLOT: u8 = 4;
 /// See [`VIRTIO_BLK_SLOT`].
-pub const VIRTIO_CONSOLE_SLOT: u8 = 6;
+pub const VIRTIO_CONSOLE_SLOT: u8 = 5;
 /// The virtio-blk serial (GET_ID) of the [`VIRTIO`] golden run.
 pub const VIRTIO_DISK_SERIAL: &str = "nyx-disk0";
 /// Sectors (512 bytes) of [`virtio_disk_image`].
