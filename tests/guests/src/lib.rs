@@ -125,6 +125,62 @@ pub fn virtio_disk_image() -> Vec<u8> {
 pub fn virtio_disk_sha256_after_run() -> &'static str {
     VIRTIO_DISK_SHA256.trim_end()
 }
+
+/// A virtio-blk benchmark guest (`tests/guests/blkbench.h`, on the driver
+/// of [`VIRTIO`]): sets up virtio-blk and makes no request, the baseline
+/// of [`BLKSEQ`], [`BLKRAND`] and [`BLKWRITE`]; exits with
+/// [`BLKNOP_EXIT`]. Each of the four needs the APIC platform and
+/// virtio-blk alone at 00:03.0 ([`VIRTIO_BLK_SLOT`]) on a copy of
+/// [`blkbench_disk_image`] ([`Expected::needs_virtio`]), and ends with the
+/// line "NAME: R requests, B bytes, I interrupts, fnv1a64 0xHASH" (an
+/// FNV-1a 64 over two 64-bit words of every request's data: the one at
+/// offset 8 and the last).
+pub const BLKNOP: &[u8] = guest_image!("blknop");
+/// Debug-exit value of [`BLKNOP`].
+pub const BLKNOP_EXIT: u32 = 0x5a;
+/// Reads the whole disk in 64 KiB requests, one at a time; exits with
+/// [`BLKSEQ_EXIT`]. See [`BLKNOP`].
+pub const BLKSEQ: &[u8] = guest_image!("blkseq");
+/// Debug-exit value of [`BLKSEQ`].
+pub const BLKSEQ_EXIT: u32 = 0x5b;
+/// 4096 random 4 KiB reads (sectors from an LCG, aligned to 8), one at a
+/// time; exits with [`BLKRAND_EXIT`]. See [`BLKNOP`].
+pub const BLKRAND: &[u8] = guest_image!("blkrand");
+/// Debug-exit value of [`BLKRAND`].
+pub const BLKRAND_EXIT: u32 = 0x5c;
+/// 1024 random 4 KiB writes (sectors from the LCG of [`BLKRAND`]), one at
+/// a time, then a flush; exits with [`BLKWRITE_EXIT`]. See [`BLKNOP`] and
+/// [`blkwrite_disk_sha256_after_run`].
+pub const BLKWRITE: &[u8] = guest_image!("blkwrite");
+/// Debug-exit value of [`BLKWRITE`].
+pub const BLKWRITE_EXIT: u32 = 0x5d;
+/// Sectors (512 bytes) of [`blkbench_disk_image`]: 32 MiB.
+pub const BLKBENCH_DISK_SECTORS: usize = 65536;
+const BLKWRITE_DISK_SHA256: &str = include_str!("../../golden/blkwrite.img.sha256");
+
+/// The disk image of the virtio-blk benchmark guests' golden runs, as
+/// `tests/golden/blkbench-disk.sh` writes it: [`BLKBENCH_DISK_SECTORS`]
+/// sectors of 16 text lines of 32 bytes, line L of sector S reading
+/// `sector SSSSSS line LL @BBBBBBBB\n` (decimal; BBBBBBBB is the line's
+/// offset in the image).
+pub fn blkbench_disk_image() -> Vec<u8> {
+    const LINE: usize = 32;
+    const LINES: usize = 512 / LINE;
+    let mut image = Vec::with_capacity(BLKBENCH_DISK_SECTORS * 512);
+    for sector in 0..BLKBENCH_DISK_SECTORS {
+        for line in 0..LINES {
+            let offset = sector * 512 + line * LINE;
+            image.extend_from_slice(format!("sector {sector:06} line {line:02} @{offset:08}\n").as_bytes());
+        }
+    }
+    image
+}
+
+/// The SHA-256 (lower-case hex) of [`blkbench_disk_image`] after
+/// [`BLKWRITE`]'s golden run under QEMU.
+pub fn blkwrite_disk_sha256_after_run() -> &'static str {
+    BLKWRITE_DISK_SHA256.trim_end()
+}
 /// A benchmark guest: TSC cycles per port 0x80 write, PIC EOI, local APIC
 /// EOI (MMIO) and self-IPI round trip ("NAME CYCLES" lines); exits with
 /// [`EOICOST_EXIT`]. Timing-dependent, needs the APIC platform; not in
@@ -255,6 +311,10 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("pmtimer", PMTIMER),
     ("apiccounter", APICCOUNTER),
     ("virtio", VIRTIO),
+    ("blknop", BLKNOP),
+    ("blkseq", BLKSEQ),
+    ("blkrand", BLKRAND),
+    ("blkwrite", BLKWRITE),
 ];
 
 /// What a guest is expected to do.
@@ -273,7 +333,8 @@ pub struct Expected {
     /// either.
     pub needs_apic: bool,
     /// Whether it needs the virtio PCI devices of its golden run (see
-    /// [`VIRTIO`]); only on the APIC platform.
+    /// [`VIRTIO`], and [`BLKNOP`] for the virtio-blk benchmark guests);
+    /// only on the APIC platform.
     pub needs_virtio: bool,
     /// Its complete serial output under QEMU; `None` if timing-dependent.
     pub golden: Option<&'static str>,
@@ -458,6 +519,42 @@ pub const EXPECTED: &[Expected] = &[
         name: "virtio",
         exit_value: Some(VIRTIO_EXIT),
         golden: Some(include_str!("../../golden/virtio.out")),
+        input: None,
+        powers_off: false,
+        needs_apic: true,
+        needs_virtio: true,
+    },
+    Expected {
+        name: "blknop",
+        exit_value: Some(BLKNOP_EXIT),
+        golden: Some(include_str!("../../golden/blknop.out")),
+        input: None,
+        powers_off: false,
+        needs_apic: true,
+        needs_virtio: true,
+    },
+    Expected {
+        name: "blkseq",
+        exit_value: Some(BLKSEQ_EXIT),
+        golden: Some(include_str!("../../golden/blkseq.out")),
+        input: None,
+        powers_off: false,
+        needs_apic: true,
+        needs_virtio: true,
+    },
+    Expected {
+        name: "blkrand",
+        exit_value: Some(BLKRAND_EXIT),
+        golden: Some(include_str!("../../golden/blkrand.out")),
+        input: None,
+        powers_off: false,
+        needs_apic: true,
+        needs_virtio: true,
+    },
+    Expected {
+        name: "blkwrite",
+        exit_value: Some(BLKWRITE_EXIT),
+        golden: Some(include_str!("../../golden/blkwrite.out")),
         input: None,
         powers_off: false,
         needs_apic: true,
@@ -700,7 +797,11 @@ mod tests {
                 "acpi",
                 "pmtimer",
                 "apiccounter",
-                "virtio"
+                "virtio",
+                "blknop",
+                "blkseq",
+                "blkrand",
+                "blkwrite"
             ]
         );
         for e in EXPECTED {
@@ -725,7 +826,7 @@ mod tests {
     #[test]
     fn virtio_guest_needs_its_devices() {
         let virtio: Vec<_> = EXPECTED.iter().filter(|e| e.needs_virtio).map(|e| e.name).collect();
-        assert_eq!(virtio, ["virtio"]);
+        assert_eq!(virtio, ["virtio", "blknop", "blkseq", "blkrand", "blkwrite"]);
         for e in EXPECTED {
             assert!(
                 !e.needs_virtio || e.needs_apic,
@@ -787,6 +888,137 @@ mod tests {
         assert!(
             written == virtio_disk_image(),
             "{script} and virtio_disk_image() differ"
+        );
+    }
+
+    const BLK_BENCH: [(&str, u32); 4] = [
+        ("blknop", BLKNOP_EXIT),
+        ("blkseq", BLKSEQ_EXIT),
+        ("blkrand", BLKRAND_EXIT),
+        ("blkwrite", BLKWRITE_EXIT),
+    ];
+
+    /// The benchmark guests' goldens: the same set-up lines (virtio-blk
+    /// alone at its slot, the image's capacity), then the guest's line.
+    #[test]
+    fn blk_bench_goldens_set_up_alike_and_count_their_requests() {
+        let setup = format!(
+            "pci 00:{VIRTIO_BLK_SLOT:02x}.0 1af4:1042 virtio-blk\n\
+             virtio-blk: msi-x enabled, entry 0 vector 0x41\n\
+             virtio-blk: features offered 0x0000000100006240, accepted 0x0000000100006200, status 0x0b\n\
+             virtio-blk: queue 0 enabled, size 8, msix vector 0\n\
+             virtio-blk: driver_ok, status 0x0f\n\
+             virtio-blk: capacity {BLKBENCH_DISK_SECTORS} sectors\n"
+        );
+        let counts = [
+            ("blknop", "0 requests, 0 bytes, 0 interrupts"),
+            ("blkseq", "512 requests, 33554432 bytes, 512 interrupts"),
+            ("blkrand", "4096 requests, 16777216 bytes, 4096 interrupts"),
+            ("blkwrite", "1025 requests, 4194304 bytes, 1025 interrupts"),
+        ];
+        for ((name, exit), (counted, line)) in BLK_BENCH.iter().zip(counts) {
+            assert_eq!(*name, counted);
+            let e = expected(name).expect("known guest");
+            assert_eq!(e.exit_value, Some(*exit), "{name}");
+            assert!(e.needs_apic && e.needs_virtio, "{name}");
+            let golden = e.golden.expect("golden");
+            let last = golden
+                .strip_prefix(setup.as_str())
+                .unwrap_or_else(|| panic!("{name}: {golden}"));
+            assert!(last.starts_with(&format!("{name}: {line}, fnv1a64 0x")), "{last}");
+            assert_eq!(last.len(), format!("{name}: {line}, fnv1a64 0x").len() + 17, "{last}");
+            assert!(last.ends_with('\n'));
+        }
+        assert_eq!(qemu_exit_code(BLKNOP_EXIT), 181);
+        assert_eq!(qemu_exit_code(BLKWRITE_EXIT), 187);
+        let sha = blkwrite_disk_sha256_after_run();
+        assert_eq!(sha.len(), 64, "{sha}");
+    }
+
+    /// A model of the benchmark guests on [`blkbench_disk_image`] gives the
+    /// hashes of their goldens: each request's data came from the right
+    /// place (`tests/guests/blkbench.h`).
+    #[test]
+    fn blk_bench_golden_hashes_follow_from_the_image() {
+        const LCG_MUL: u64 = 6364136223846793005;
+        const LCG_ADD: u64 = 1442695040888963407;
+        const LCG_SEED: u64 = 0x6e79782d626c6b00;
+        let image = blkbench_disk_image();
+        let word = |data: &[u8], at: usize| u64::from_le_bytes(data[at..at + 8].try_into().expect("8 bytes"));
+        let fnv = |words: &[u64]| {
+            words
+                .iter()
+                .fold(0xcbf29ce484222325u64, |h, w| (h ^ w).wrapping_mul(0x100000001b3))
+        };
+        let sectors = |n: usize| {
+            let blocks = (BLKBENCH_DISK_SECTORS / 8) as u64;
+            let mut x = LCG_SEED;
+            (0..n)
+                .map(move |_| {
+                    x = x.wrapping_mul(LCG_MUL).wrapping_add(LCG_ADD);
+                    ((x >> 32) % blocks * 8) as usize
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut seq = Vec::new();
+        for chunk in image.chunks(65536) {
+            seq.extend([word(chunk, 8), word(chunk, chunk.len() - 8)]);
+        }
+        let mut rand = Vec::new();
+        for s in sectors(4096) {
+            let data = &image[s * 512..s * 512 + 4096];
+            rand.extend([word(data, 8), word(data, 4088)]);
+        }
+        let mut write = Vec::new();
+        let line = b"blkwrite: data of a 4 KiB write\n";
+        for (i, s) in sectors(1024).into_iter().enumerate() {
+            // The words at offset 8 (the write's index) and 4088 (text).
+            write.extend([i as u64, word(line, 24)]);
+            assert!(s + 8 <= BLKBENCH_DISK_SECTORS);
+        }
+        for (name, words) in [
+            ("blknop", &[][..]),
+            ("blkseq", &seq[..]),
+            ("blkrand", &rand[..]),
+            ("blkwrite", &write[..]),
+        ] {
+            let golden = expected(name).and_then(|e| e.golden).expect("golden");
+            let want = format!("fnv1a64 0x{:016x}\n", fnv(words));
+            assert!(golden.ends_with(&want), "{name}: {golden} (model: {want})");
+        }
+    }
+
+    #[test]
+    fn blkbench_disk_image_is_32_mib_of_text_lines() {
+        let image = blkbench_disk_image();
+        assert_eq!(image.len(), BLKBENCH_DISK_SECTORS * 512);
+        assert_eq!(image.len(), 32 << 20);
+        assert_eq!(&image[..32], b"sector 000000 line 00 @00000000\n");
+        assert_eq!(&image[512 + 3 * 32..512 + 4 * 32], b"sector 000001 line 03 @00000608\n");
+        assert_eq!(&image[image.len() - 32..], b"sector 065535 line 15 @33554400\n");
+        assert!(image.chunks(32).all(|line| line.len() == 32 && line[31] == b'\n'));
+    }
+
+    /// `blkbench_disk_image` and `tests/golden/blkbench-disk.sh` (what
+    /// `regen.sh` gave QEMU) write the same bytes; skipped without `sh`.
+    #[test]
+    fn blkbench_disk_image_matches_the_script() {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../golden/blkbench-disk.sh");
+        let out = std::env::temp_dir().join(format!("nyx-guests-blkbench-disk-{}.img", std::process::id()));
+        let status = match std::process::Command::new("sh").arg(script).arg(&out).status() {
+            Ok(status) => status,
+            Err(e) => {
+                eprintln!("skipped: cannot run sh: {e}");
+                return;
+            }
+        };
+        let written = std::fs::read(&out);
+        let _ = std::fs::remove_file(&out);
+        assert!(status.success(), "{script}: {status}");
+        let written = written.expect("the script's image");
+        assert!(
+            written == blkbench_disk_image(),
+            "{script} and blkbench_disk_image() differ"
         );
     }
 
