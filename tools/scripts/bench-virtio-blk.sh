@@ -181,7 +181,7 @@ stats() { sort -n "$1" | awk '{ v[NR] = $1 } END {
     printf "%.4f %.4f %.4f\n", m, v[1], v[NR] }'; }
 
 echo
-printf '%-9s %-7s %9s %19s %9s %11s %13s\n' guest mode "median s" "(min-max)" "net s" "µs/request" "rate"
+printf '%-9s %-7s %9s %19s %9s %11s %13s\n' guest mode "median s" "(min-max)" "net s" "us/request" "rate"
 for g in $guests; do
     line=$(sed -n '1s/^[a-z]*: //p' "$W/$g.lines")
     requests=$(echo "$line" | awk '{ print $2 }')
