@@ -1,15 +1,30 @@
-//! Virtio 1.x devices: the pieces a transport and its devices share. A
-//! device implements [`VirtioDevice`] and serves its queues through
-//! [`VirtQueue`] (`queue.rs`), which walks and checks the driver's chains.
-//! Everything a device does happens synchronously at the guest's notify
-//! write, on the vCPU thread that took the MMIO exit, so a replay that
-//! re-executes the guest re-executes the device exactly. A driver's mistake
-//! never panics and never reaches memory outside guest RAM: it comes back
-//! as an error, which stops the device until the driver resets it.
+//! Virtio 1.x devices on the PCI bus: the modern (non-transitional)
+//! virtio-pci transport ([`VirtioPci`], `pci.rs`: config space, BARs,
+//! MSI-X and INTx, around `transport.rs`'s registers and queues; chains are
+//! walked in `queue.rs`) and the devices behind it, which meet
+//! through the [`VirtioDevice`] trait so that further devices plug into the
+//! same transport.
+//!
+//! What the guest sees is meant to be QEMU 7.2's `-device
+//! virtio-*-pci,disable-legacy=on` as far as the virtio spec makes it
+//! observable. Everything a device does happens synchronously at the
+//! guest's notify write (or at [`crate::pci_device::PciDevice::poll`] for
+//! input that arrived), on the vCPU thread that took the MMIO exit: the
+//! device pops the chains, does the I/O through its backend, fills the used
+//! ring and raises the interrupt before the vCPU resumes, so a replay that
+//! re-executes the guest re-executes the device exactly. A driver's
+//! mistake in a queue or a request never panics and never reaches memory
+//! outside guest RAM: the transport marks the device DEVICE_NEEDS_RESET,
+//! sends a configuration-change interrupt and ignores the device's queues
+//! until the driver resets it.
 
+pub mod pci;
 pub mod queue;
+pub mod transport;
 
+pub use pci::VirtioPci;
 pub use queue::{Chain, Desc, QueueError, VirtQueue};
+pub use transport::{Transport, NO_VECTOR};
 
 /// VIRTIO_F_RING_INDIRECT_DESC, offered by the transport for every device.
 pub const F_RING_INDIRECT_DESC: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
