@@ -1,7 +1,7 @@
 //! Virtio 1.x devices on the PCI bus: the modern (non-transitional)
 //! virtio-pci transport ([`VirtioPci`], `pci.rs`: config space, BARs,
 //! MSI-X and INTx, around `transport.rs`'s registers and queues; chains are
-//! walked in `queue.rs`) and the devices behind it, which meet
+//! walked in `queue.rs`) and the devices behind it ([`rng::VirtioRng`]), which meet
 //! through the [`VirtioDevice`] trait so that further devices plug into the
 //! same transport.
 //!
@@ -20,6 +20,9 @@
 
 pub mod pci;
 pub mod queue;
+pub mod rng;
+#[cfg(test)]
+mod testutil;
 pub mod transport;
 
 pub use pci::VirtioPci;
