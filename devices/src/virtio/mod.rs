@@ -1,7 +1,7 @@
 //! Virtio 1.x devices on the PCI bus: the modern (non-transitional)
 //! virtio-pci transport ([`VirtioPci`], `pci.rs`: config space, BARs,
 //! MSI-X and INTx, around `transport.rs`'s registers and queues; chains are
-//! walked in `queue.rs`) and the devices behind it ([`rng::VirtioRng`]), which meet
+//! walked in `queue.rs`) and the devices behind it ([`block::VirtioBlock`], [`rng::VirtioRng`]), which meet
 //! through the [`VirtioDevice`] trait so that further devices plug into the
 //! same transport.
 //!
@@ -18,6 +18,7 @@
 //! sends a configuration-change interrupt and ignores the device's queues
 //! until the driver resets it.
 
+pub mod block;
 pub mod pci;
 pub mod queue;
 pub mod rng;

@@ -14,6 +14,7 @@ use proptest::prelude::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{VirtioDevice, VirtioPci, F_VERSION_1};
+use crate::block::{BlockBackend, MemDisk};
 use crate::io::{Entropy, RecordingSink};
 use crate::msix::MsiSink;
 use crate::pci_device::{DmaMemory, IntxLine, IntxShares, PciDevice};
@@ -51,6 +52,40 @@ impl Entropy for CountingEntropy {
             *b = self.0;
             self.0 = self.0.wrapping_add(1);
         }
+    }
+}
+
+/// A [`MemDisk`] the test keeps a handle on.
+#[derive(Debug, Clone)]
+pub struct SharedDisk(pub Arc<Mutex<MemDisk>>);
+
+impl SharedDisk {
+    /// A writable disk with these contents.
+    pub fn new(data: Vec<u8>) -> Self {
+        SharedDisk(Arc::new(Mutex::new(MemDisk::new(data))))
+    }
+
+    /// The contents now.
+    pub fn data(&self) -> Vec<u8> {
+        self.0.lock().unwrap().data.clone()
+    }
+}
+
+impl BlockBackend for SharedDisk {
+    fn size(&self) -> u64 {
+        self.0.lock().unwrap().size()
+    }
+    fn read_only(&self) -> bool {
+        self.0.lock().unwrap().read_only
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.lock().unwrap().read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.lock().unwrap().write_at(offset, data)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap().flush()
     }
 }
 
