@@ -1,9 +1,11 @@
 //! Virtio 1.x devices on the PCI bus: the modern (non-transitional)
 //! virtio-pci transport ([`VirtioPci`], `pci.rs`: config space, BARs,
 //! MSI-X and INTx, around `transport.rs`'s registers and queues; chains are
-//! walked in `queue.rs`) and the devices behind it ([`block::VirtioBlock`], [`rng::VirtioRng`]), which meet
-//! through the [`VirtioDevice`] trait so that further devices plug into the
-//! same transport.
+//! walked in `queue.rs`) and the devices behind it ([`block::VirtioBlock`],
+//! [`rng::VirtioRng`], [`console::VirtioConsole`]), which meet through the
+//! [`VirtioDevice`] trait so that further devices (virtio-net) plug into the
+//! same transport. The machine builds a function as
+//! `VirtioPci::new(Box::new(VirtioBlock::new(disk, id)), dma, msi, intx)`.
 //!
 //! What the guest sees is meant to be QEMU 7.2's `-device
 //! virtio-*-pci,disable-legacy=on` as far as the virtio spec makes it
@@ -19,6 +21,7 @@
 //! until the driver resets it.
 
 pub mod block;
+pub mod console;
 pub mod pci;
 pub mod queue;
 pub mod rng;
