@@ -385,3 +385,347 @@ impl PciDevice for VirtioPci {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::BufferInput;
+    use crate::virtio::block::VirtioBlock;
+    use crate::virtio::console::VirtioConsole;
+    use crate::virtio::rng::VirtioRng;
+    use crate::virtio::testutil::{CountingEntropy, Harness, SharedDisk, BUF, GSI, HOLE, MSI_ADDR, MSI_DATA};
+
+    fn rng() -> Box<dyn VirtioDevice> {
+        Box::new(VirtioRng::new(Box::new(CountingEntropy(0))))
+    }
+
+    fn console() -> Box<dyn VirtioDevice> {
+        Box::new(VirtioConsole::new(
+            Box::new(std::io::sink()),
+            Box::new(BufferInput::new(Vec::new())),
+        ))
+    }
+
+    fn blk() -> Box<dyn VirtioDevice> {
+        Box::new(VirtioBlock::new(Box::new(SharedDisk::new(vec![0; 4096])), "d".into()))
+    }
+
+    #[test]
+    fn layout_is_qemus() {
+        for (dev, id, class, vectors) in [
+            (blk(), 0x1042, 0x01_00_00, 2),
+            (console(), 0x1043, 0x07_80_00, 3),
+            (rng(), 0x1044, 0x00_FF_00, 2),
+        ] {
+            let mut h = Harness::new(dev);
+            assert_eq!(h.cfg_read(0, 4), 0x1AF4 | id << 16);
+            assert_eq!(h.cfg_read(8, 4), 1 | class << 8, "revision 1 and the class");
+            assert_eq!(h.cfg_read(0x2C, 4), 0x1100_1AF4);
+            assert_eq!(h.cfg_read(0x3C, 2), u64::from(GSI) | 1 << 8, "line and INTA");
+            for off in [0x14, 0x20, 0x24] {
+                h.cfg_write(off, &[0xFF; 4]);
+            }
+            assert_eq!(h.cfg_read(0x14, 4), 0xFFFF_F000, "BAR 1: 4 KiB, 32-bit");
+            assert_eq!(h.cfg_read(0x20, 4), 0xFFFF_C00C, "BAR 4: 16 KiB, 64-bit, prefetchable");
+            assert_eq!(h.cfg_read(0x24, 4), 0xFFFF_FFFF);
+            // The capabilities, from the last added to the first.
+            let mut chain = Vec::new();
+            let mut at = h.cfg_read(0x34, 1) as usize;
+            while at != 0 {
+                chain.push((at, h.cfg_read(at, 1), h.cfg_read(at + 3, 1)));
+                at = h.cfg_read(at + 1, 1) as usize;
+            }
+            assert_eq!(
+                chain,
+                vec![
+                    (0x98, 0x11, 0),
+                    (0x84, 9, 5),
+                    (0x70, 9, 2),
+                    (0x60, 9, 4),
+                    (0x50, 9, 3),
+                    (0x40, 9, 1)
+                ]
+            );
+            for (cap, len, offset) in [
+                (0x40, 16, 0),
+                (0x50, 16, 0x1000),
+                (0x60, 16, 0x2000),
+                (0x70, 20, 0x3000),
+            ] {
+                assert_eq!(h.cfg_read(cap + 2, 1), len);
+                assert_eq!(h.cfg_read(cap + 4, 1), 4, "in BAR 4");
+                assert_eq!(h.cfg_read(cap + 8, 4), offset);
+                assert_eq!(h.cfg_read(cap + 12, 4), 0x1000);
+            }
+            assert_eq!(h.cfg_read(0x70 + 16, 4), 4, "notify_off_multiplier");
+            assert_eq!(h.cfg_read(0x98 + 2, 2), vectors - 1);
+            assert_eq!(h.cfg_read(0x98 + 4, 4), 1, "table at 0 of BAR 1");
+            assert_eq!(h.cfg_read(0x98 + 8, 4), 0x801, "PBA at 0x800 of BAR 1");
+            assert_ne!(h.cfg_read(6, 2) & 0x10, 0, "capability list");
+        }
+    }
+
+    #[test]
+    fn feature_negotiation_and_reset() {
+        let mut h = Harness::new(console());
+        h.enable_pci();
+        assert_eq!(h.offered(), 1 << 32 | 1 << 28 | 1 << 2);
+        assert_eq!(h.init(1 << 32 | 1 << 40) & 0x08, 0, "not offered: FEATURES_OK refused");
+        assert_eq!(h.init(1 << 2) & 0x08, 0, "no VERSION_1: refused");
+        assert_eq!(h.init(1 << 32 | 1 << 2), 0x0B);
+        h.common_write(0x08, 4, 0);
+        h.common_write(0x0C, 4, 0);
+        assert_eq!(h.common_read(0x0C, 4), 1 << 2, "frozen after FEATURES_OK");
+        h.common_write(0x08, 4, 2);
+        assert_eq!(h.common_read(0x0C, 4), 0);
+        h.common_write(0x00, 4, 7);
+        assert_eq!(h.common_read(0x04, 4), 0, "no feature word 7");
+        h.common_write(0x10, 2, 2);
+        h.setup_queue(1, 16, 1);
+        h.set_status(0);
+        assert_eq!(h.status(), 0);
+        assert_eq!(h.common_read(0x10, 2), 0xFFFF, "msix_config reset to NO_VECTOR");
+        assert_eq!((h.common_read(0x16, 2), h.common_read(0x08, 4)), (0, 0));
+        h.common_write(0x08, 4, 0);
+        assert_eq!(h.common_read(0x0C, 4), 0, "driver features forgotten");
+        h.select_queue(1);
+        assert_eq!(h.common_read(0x18, 2), 128, "size back to the maximum");
+        assert_eq!(h.common_read(0x1A, 2), 0xFFFF);
+        assert_eq!((h.common_read(0x1C, 2), h.common_read(0x20, 4)), (0, 0));
+    }
+
+    #[test]
+    fn common_registers_behave_as_qemus() {
+        let mut h = Harness::new(console());
+        h.enable_pci();
+        assert_eq!(h.common_read(0x12, 2), 2, "num_queues");
+        h.common_write(0x10, 2, 3);
+        assert_eq!(h.common_read(0x10, 2), 0xFFFF, "vector beyond the table");
+        h.common_write(0x10, 4, 0x1_0001);
+        assert_eq!(h.common_read(0x10, 2), 0xFFFF, "the whole value counts");
+        h.common_write(0x10, 2, 2);
+        assert_eq!(h.common_read(0x10, 2), 2);
+        h.select_queue(1);
+        for (size, want) in [(100, 128), (256, 128), (0, 128), (32, 32)] {
+            h.common_write(0x18, 2, size);
+            assert_eq!(h.common_read(0x18, 2), want, "size {size}");
+        }
+        assert_eq!(h.common_read(0x1E, 2), 1, "queue_notify_off is the index");
+        h.common_write(0x20, 8, 0x1234_5678_9ABC_DEF0);
+        assert_eq!(h.common_read(0x20, 4), 0x9ABC_DEF0, "a qword write is two dword writes");
+        assert_eq!(h.common_read(0x24, 4), 0x1234_5678);
+        assert_eq!(h.common_read(0x22, 2), 0, "not a register's offset");
+        h.common_write(0x24, 2, 0xAB);
+        assert_eq!(h.common_read(0x20, 8), 0x0000_00AB_9ABC_DEF0);
+        h.select_queue(5);
+        assert_eq!(h.common_read(0x16, 2), 5);
+        assert_eq!(
+            (
+                h.common_read(0x18, 2),
+                h.common_read(0x1A, 2),
+                h.common_read(0x1C, 2),
+                h.common_read(0x1E, 2)
+            ),
+            (0, 0xFFFF, 0, 5),
+            "a queue the device does not have"
+        );
+        h.common_write(0x1C, 2, 1);
+        assert!(!h.dev.needs_reset());
+        h.select_queue(1024);
+        assert_eq!(h.common_read(0x16, 2), 5, "queue_select stays below 1024");
+        assert_eq!(h.common_read(0x38, 4), 0);
+        assert_eq!(h.bar4_read(0x3000, 4), 0, "notifications read 0");
+    }
+
+    #[test]
+    fn interrupts_go_to_the_queue_vector_and_wait_while_masked() {
+        let mut h = Harness::start(console(), 0);
+        h.submit(1, &[(BUF, 4, false)]);
+        assert_eq!(h.msis(), vec![(MSI_ADDR, MSI_DATA + 1)]);
+        assert_eq!(h.isr(), 1, "ISR bit 0 is set with MSI-X too");
+        // Mask vector 1: the message waits in the PBA.
+        h.dev.bar_write(1, 16 + 12, &1u32.to_le_bytes());
+        h.submit(1, &[(BUF, 4, false)]);
+        assert_eq!(h.msi_count(), 1);
+        let mut pba = [0u8; 8];
+        h.dev.bar_read(1, 0x800, &mut pba);
+        assert_eq!(pba[0], 0b10);
+        h.dev.bar_write(1, 16 + 12, &0u32.to_le_bytes());
+        assert_eq!(h.msi_count(), 2);
+        // NO_VECTOR: no message.
+        h.select_queue(1);
+        h.common_write(0x1A, 2, 0xFFFF);
+        h.submit(1, &[(BUF, 4, false)]);
+        assert_eq!(h.msi_count(), 2);
+        assert_eq!(h.pop_used(1).map(|u| u.1), Some(0));
+        assert!(h.sink.gsi_changes().is_empty(), "no INTx with MSI-X");
+    }
+
+    #[test]
+    fn intx_without_msix_until_the_isr_is_read() {
+        let mut h = Harness::new(rng());
+        h.enable_pci();
+        h.bring_up(0);
+        h.submit(0, &[(BUF, 8, true)]);
+        assert_eq!(h.sink.gsi_changes(), vec![(GSI, true)]);
+        assert_ne!(h.cfg_read(6, 1) & 0x08, 0, "interrupt status");
+        assert_eq!(h.isr(), 1);
+        assert_eq!(h.sink.gsi_changes(), vec![(GSI, true), (GSI, false)]);
+        assert_eq!(h.cfg_read(6, 1) & 0x08, 0);
+        assert_eq!(h.isr(), 0, "read clears");
+        // INTx disabled in the command register: the line stays low, the
+        // status bit shows the interrupt.
+        h.cfg_write(4, &[0x06, 0x04]);
+        h.submit(0, &[(BUF, 8, true)]);
+        assert_eq!(h.sink.gsi_changes().len(), 2);
+        assert_ne!(h.cfg_read(6, 1) & 0x08, 0);
+        h.cfg_write(4, &[0x06, 0x00]);
+        assert_eq!(h.sink.gsi_changes().last(), Some(&(GSI, true)));
+        // Enabling MSI-X, or a reset, deasserts.
+        h.enable_msix();
+        assert_eq!(h.sink.gsi_changes().last(), Some(&(GSI, false)));
+        assert_eq!(h.isr(), 1, "the ISR is kept");
+    }
+
+    #[test]
+    fn reset_deasserts_intx() {
+        let mut h = Harness::new(rng());
+        h.enable_pci();
+        h.bring_up(0);
+        h.submit(0, &[(BUF, 8, true)]);
+        h.set_status(0);
+        assert_eq!(h.sink.gsi_changes(), vec![(GSI, true), (GSI, false)]);
+        assert_eq!(h.isr(), 0);
+    }
+
+    #[test]
+    fn driver_mistakes_stop_the_device_until_reset() {
+        let mut h = Harness::start(rng(), 0);
+        h.common_write(0x10, 2, 1);
+        let gen = h.common_read(0x15, 1);
+        h.submit(0, &[(HOLE + 0x100, 16, true)]);
+        assert!(h.dev.needs_reset());
+        assert_eq!(h.status(), 0x4F);
+        assert_eq!(
+            h.msis(),
+            vec![(MSI_ADDR, MSI_DATA + 1)],
+            "configuration change on msix_config"
+        );
+        assert_eq!(h.isr(), 3);
+        assert_eq!(h.common_read(0x15, 1), gen + 1);
+        assert_eq!(h.pop_used(0), None);
+        // Ignored until reset, and NEEDS_RESET sticks.
+        h.submit(0, &[(BUF, 16, true)]);
+        assert_eq!(h.pop_used(0), None);
+        h.set_status(0x0F);
+        assert_eq!(h.status(), 0x4F);
+        h.bring_up(0);
+        assert!(!h.dev.needs_reset());
+        h.submit(0, &[(BUF, 16, true)]);
+        assert_eq!(h.pop_used(0), Some((0, 16)));
+    }
+
+    #[test]
+    fn bad_queue_setups_stop_the_device() {
+        type Setup = fn(&mut Harness);
+        let cases: [(&str, Setup); 4] = [
+            ("rings in the hole", |h| h.common_write(0x30, 4, HOLE - 8)),
+            ("ring beyond RAM", |h| h.common_write(0x24, 4, 1)),
+            ("misaligned descriptor table", |h| h.common_write(0x20, 4, 0x1_0008)),
+            ("queue_enable 0", |h| h.common_write(0x1C, 2, 0)),
+        ];
+        for (what, break_it) in cases {
+            let mut h = Harness::new(rng());
+            h.enable_pci();
+            h.init(1 << 32);
+            h.select_queue(0);
+            for (off, v) in [(0x20, 0x1_0000), (0x28, 0x1_1000), (0x30, 0x1_2000)] {
+                h.common_write(off, 4, v);
+            }
+            break_it(&mut h);
+            if what != "queue_enable 0" {
+                h.common_write(0x1C, 2, 1);
+            }
+            assert!(h.dev.needs_reset(), "{what}");
+            assert_eq!(h.status() & 0x40, 0x40, "{what}");
+            assert_eq!(h.common_read(0x1C, 2), 0, "{what}: not enabled");
+            assert_eq!(h.isr(), 0, "{what}: no configuration interrupt before DRIVER_OK");
+        }
+    }
+
+    #[test]
+    fn driver_ok_serves_what_is_pending_and_bus_mastering_gates_dma() {
+        let mut h = Harness::new(rng());
+        h.enable_pci();
+        h.enable_msix();
+        h.init(1 << 32);
+        h.setup_queue(0, 8, 0);
+        h.submit(0, &[(BUF, 4, true)]);
+        assert_eq!(h.pop_used(0), None, "nothing before DRIVER_OK");
+        h.set_status(0x0F);
+        assert_eq!(h.pop_used(0), Some((0, 4)));
+        h.cfg_write(4, &[0x02, 0]);
+        assert_eq!(h.status(), 0x0B, "clearing bus mastering drops DRIVER_OK");
+        h.set_status(0x0F);
+        h.submit(0, &[(BUF, 4, true)]);
+        assert_eq!(h.pop_used(0), None, "no DMA without bus mastering");
+        h.cfg_write(4, &[0x06, 0]);
+        h.notify(0);
+        assert_eq!(h.pop_used(0), Some((1, 4)));
+    }
+
+    #[test]
+    fn no_interrupt_flag_suppresses_the_notification() {
+        let mut h = Harness::start(rng(), 0);
+        h.write(Harness::ring_base(0) + 0x1000, &1u16.to_le_bytes());
+        h.submit(0, &[(BUF, 4, true)]);
+        assert_eq!(h.pop_used(0), Some((0, 4)));
+        assert_eq!(h.msi_count(), 0);
+    }
+
+    #[test]
+    fn pci_cfg_access_window_reads_and_writes_bar_registers() {
+        let mut h = Harness::start(rng(), 0);
+        let (bar, off, len, data) = (0x88, 0x8C, 0x90, 0x94);
+        h.cfg_write(bar, &[4]);
+        h.cfg_write(off, &0x14u32.to_le_bytes());
+        h.cfg_write(len, &1u32.to_le_bytes());
+        assert_eq!(h.cfg_read(data, 1), 0x0F, "device_status through the window");
+        h.submit(0, &[(BUF, 4, true)]);
+        h.cfg_write(off, &0x1000u32.to_le_bytes());
+        assert_eq!(h.cfg_read(data, 1), 1, "the ISR");
+        assert_eq!(h.isr(), 1, "the window does not clear it");
+        // A write: queue_select through the window, read back directly.
+        h.cfg_write(off, &0x16u32.to_le_bytes());
+        h.cfg_write(len, &2u32.to_le_bytes());
+        h.cfg_write(data, &1u16.to_le_bytes());
+        assert_eq!(h.common_read(0x16, 2), 1);
+        // Unaligned offsets are aligned down; BAR 1 reaches the MSI-X table.
+        h.cfg_write(off, &0x17u32.to_le_bytes());
+        assert_eq!(h.cfg_read(data, 2), 1);
+        h.cfg_write(bar, &[1]);
+        h.cfg_write(off, &8u32.to_le_bytes());
+        h.cfg_write(len, &4u32.to_le_bytes());
+        assert_eq!(h.cfg_read(data, 4), u64::from(MSI_DATA));
+        h.cfg_write(len, &3u32.to_le_bytes());
+        h.cfg_write(data, &[9, 9, 9, 9]);
+        assert_eq!(h.cfg_read(data, 4), 0x0909_0909, "length 3: no access");
+    }
+
+    #[test]
+    fn snapshot_keeps_registers_and_refuses_other_devices() {
+        let mut h = Harness::start(console(), 0);
+        h.common_write(0x10, 2, 2);
+        h.select_queue(1);
+        h.submit(1, &[(BUF, 4, false)]);
+        let saved = h.dev.save();
+        let mut twin = Harness::new(console());
+        twin.dev.config_mut().restore(h.dev.config().bytes()).unwrap();
+        twin.dev.restore(&saved).unwrap();
+        assert_eq!(twin.dev.save(), saved);
+        assert_eq!(twin.common_read(0x10, 2), 2);
+        assert_eq!(twin.common_read(0x16, 2), 1);
+        assert!(Harness::new(rng()).dev.restore(&saved).is_err(), "two queues into one");
+        assert!(twin.dev.restore(&saved[..saved.len() / 2]).is_err());
+    }
+}
