@@ -476,3 +476,52 @@ impl Transport {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::rng::VirtioRng;
+    use crate::virtio::testutil::{guest_ram, CountingEntropy};
+
+    fn transport() -> Transport {
+        let mut t = Transport::new(Box::new(VirtioRng::new(Box::new(CountingEntropy(0)))), guest_ram(), 2);
+        t.set_dma(true);
+        t
+    }
+
+    #[test]
+    fn a_mistake_after_driver_ok_asks_for_the_configuration_vector() {
+        let mut t = transport();
+        t.common_write(0x08, 1);
+        t.common_write(0x0C, 1);
+        t.common_write(0x14, 0x0B);
+        t.common_write(0x10, 1);
+        t.common_write(0x14, 0x0F);
+        assert_eq!(t.status(), 0x0F);
+        assert!(t.take_interrupts().is_empty());
+        t.common_write(0x1C, 0);
+        assert!(t.needs_reset());
+        assert_eq!(t.take_interrupts(), vec![1]);
+        assert_eq!((t.isr(true), t.isr(true)), (3, 0));
+        t.common_write(0x14, 0);
+        assert_eq!((t.status(), t.needs_reset()), (0, false));
+        assert_eq!(t.common_read(0x10), u64::from(NO_VECTOR));
+    }
+
+    #[test]
+    fn restore_refuses_impossible_queues() {
+        let t = transport();
+        let mut s = t.state();
+        s.queues[0].size = 3;
+        assert!(transport().restore(&s).is_err());
+        let mut s = t.state();
+        s.queues[0].desc = 8;
+        assert!(transport().restore(&s).is_err(), "misaligned");
+        let mut s = t.state();
+        s.device = vec![1];
+        assert!(transport().restore(&s).is_err(), "rng keeps no state");
+        let mut u = transport();
+        u.restore(&t.state()).unwrap();
+        assert_eq!(u.state(), t.state());
+    }
+}
