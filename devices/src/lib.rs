@@ -27,6 +27,7 @@ pub mod pic;
 pub mod pit;
 pub mod port80;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError, BusEvent};
 pub use io::{Clock, Entropy, Input, InterruptSink, WallClock};
