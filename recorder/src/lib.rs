@@ -104,6 +104,8 @@ pub struct RecordOptions {
     pub cpu: CpuModel,
     /// The interrupt controllers and platform.
     pub irqchip: nyx_vmm::config::Irqchip,
+    /// The PCI functions (virtio disks, entropy, console).
+    pub pci: nyx_vmm::pci_setup::PciSetup,
 }
 
 /// What a recording produced.
@@ -617,6 +619,7 @@ fn start_image_with_clock(
         .cpuid_policy(CpuidPolicy::RecordReplay)
         .cpu_model(opts.cpu)
         .irqchip(opts.irqchip)
+        .pci(opts.pci)
         .hooks(Box::new(hooks));
     if let Some(out) = opts.serial_out {
         b = b.serial_out(out);
@@ -637,7 +640,7 @@ fn start_image_with_clock(
         wall_seconds: *wall.lock().unwrap_or_else(|e| e.into_inner()),
         verify: opts.verify,
         irqchip: opts.irqchip,
-        pci: Vec::new(),
+        pci: machine.config().pci.clone(),
     };
     let mut images = vec![GuestImage::embedded(KERNEL_IMAGE, image)];
     if let Some(i) = initrd {
@@ -969,6 +972,7 @@ mod tests {
             landings,
             cpu: Default::default(),
             irqchip: Default::default(),
+            pci: Default::default(),
         }
     }
 

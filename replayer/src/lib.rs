@@ -103,6 +103,11 @@ pub struct ReplayOptions {
     pub serial_out: Option<Box<dyn std::io::Write + Send>>,
     /// The KVM device (default `$NYX_KVM_DEVICE` or /dev/kvm).
     pub kvm_path: String,
+    /// The disk images, in the recording's order, where they are not at
+    /// the recorded paths any more (each must be the recorded image).
+    pub disks: Vec<PathBuf>,
+    /// Where virtio-console output goes (default: nowhere).
+    pub console_out: Option<Box<dyn std::io::Write + Send>>,
 }
 
 impl Default for ReplayOptions {
@@ -110,6 +115,8 @@ impl Default for ReplayOptions {
         ReplayOptions {
             serial_out: None,
             kvm_path: nyx_vmm::kvm_device(),
+            disks: Vec::new(),
+            console_out: None,
         }
     }
 }
@@ -654,7 +661,7 @@ type Built = (nyx_vmm::Machine, Shared, Option<Timeline>);
 
 fn build_inner(
     path: &Path,
-    opts: ReplayOptions,
+    mut opts: ReplayOptions,
     progress: Option<Progress>,
     timeline_out: Option<Box<dyn std::io::Write + Send>>,
 ) -> Result<Built, Error> {
@@ -694,6 +701,12 @@ fn build_inner(
         .cpu_model_name(&config.cpu_model)
         .irqchip(config.irqchip)
         .tsc_khz(config.tsc_khz)
+        .pci(nyx_vmm::pci_setup::PciSetup::from_config(
+            &config,
+            &opts.disks,
+            opts.console_out.take(),
+        ))
+        .expect_pci(config.pci.clone())
         .hooks(Box::new(hooks));
     let mut timeline = None;
     if let Some(out) = timeline_out {

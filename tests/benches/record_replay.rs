@@ -188,6 +188,7 @@ fn round_trip(dir: &Path, guest: &str, rep: usize) -> Res<Trip> {
             landings: nyx_recorder::LandingPolicy::Auto,
             cpu: Default::default(),
             irqchip,
+            pci: Default::default(),
         },
         name.to_string(),
         image.to_vec(),

@@ -88,6 +88,7 @@ fn the_guest_sees_the_trace_table_in_a_recording_and_its_replay() {
             landings: nyx_recorder::LandingPolicy::Auto,
             cpu: CpuModel::Host,
             irqchip: Default::default(),
+            pci: Default::default(),
         },
         "cpuid".into(),
         nyx_guests::CPUID.to_vec(),
@@ -106,6 +107,7 @@ fn the_guest_sees_the_trace_table_in_a_recording_and_its_replay() {
         nyx_replayer::ReplayOptions {
             serial_out: Some(Box::new(replayed.clone())),
             kvm_path: nyx_tests::kvm_device(),
+            ..Default::default()
         },
     )
     .unwrap();

@@ -164,6 +164,7 @@ fn regenerate() {
             landings: LandingPolicy::Auto,
             cpu: Default::default(),
             irqchip: Default::default(),
+            pci: Default::default(),
         },
         "hello".into(),
         image.clone(),

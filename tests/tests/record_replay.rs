@@ -51,6 +51,7 @@ fn guest_options(
         landings: nyx_recorder::LandingPolicy::Auto,
         cpu: Default::default(),
         irqchip,
+        pci: Default::default(),
     }
 }
 

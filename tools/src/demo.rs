@@ -78,6 +78,7 @@ pub fn run(kvm_device: &str) -> Result<ExitCode, String> {
             landings: nyx_recorder::LandingPolicy::Auto,
             cpu: Default::default(),
             irqchip: Default::default(),
+            pci: Default::default(),
         },
         GUEST.into(),
         image,
@@ -99,6 +100,7 @@ pub fn run(kvm_device: &str) -> Result<ExitCode, String> {
         ReplayOptions {
             serial_out: Some(Box::new(replayed.clone())),
             kvm_path: kvm_device.into(),
+            ..Default::default()
         },
     );
     let r = match r {
@@ -167,6 +169,7 @@ fn backwards(trace: &std::path::Path, kvm_device: &str) -> Result<(), String> {
     let opts = ReplayOptions {
         serial_out: Some(Box::new(std::io::sink())),
         kvm_path: kvm_device.into(),
+        ..Default::default()
     };
     let (mut m, mut t) = nyx_replayer::debug_replay(trace, opts).map_err(|e| e.to_string())?;
     let err = |e: &dyn std::fmt::Display| e.to_string();

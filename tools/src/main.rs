@@ -218,8 +218,42 @@ struct ReplayArgs {
     /// execution restarts from (smaller: faster reverse steps, more memory).
     #[arg(long, value_name = "MS", default_value_t = 5)]
     checkpoint_interval: u64,
+    /// A recorded disk's image, where it is not at the recorded path any
+    /// more: give one per disk, in the recording's order (each must be the
+    /// image recorded; the replay never writes to it).
+    #[arg(long, value_name = "FILE")]
+    disk: Vec<PathBuf>,
+    /// Where the virtio-console's output goes: a file (default: nowhere;
+    /// the replay serves its input from the trace).
+    #[arg(long, value_name = "FILE")]
+    virtio_console_out: Option<PathBuf>,
     #[command(flatten)]
     kvm: KvmArgs,
+}
+
+impl ReplayArgs {
+    /// The replay options for these arguments.
+    fn options(
+        &self,
+        serial_out: Option<Box<dyn std::io::Write + Send>>,
+    ) -> Result<nyx_replayer::ReplayOptions, nyx_replayer::Error> {
+        let console_out: Option<Box<dyn std::io::Write + Send>> = match &self.virtio_console_out {
+            None => None,
+            Some(p) => Some(Box::new(std::fs::File::create(p).map_err(|source| {
+                nyx_replayer::Error::Machine(nyx_vmm::machine::Error::Read {
+                    what: "virtio-console output (create)",
+                    path: p.clone(),
+                    source,
+                })
+            })?)),
+        };
+        Ok(nyx_replayer::ReplayOptions {
+            serial_out,
+            kvm_path: self.kvm.kvm_device.clone(),
+            disks: self.disk.clone(),
+            console_out,
+        })
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -300,6 +334,19 @@ pub struct MachineArgs {
     /// 1980s PC, no ACPI). A snapshot, trace or migrated machine keeps its own.
     #[arg(long, value_name = "KIND", default_value = "apic")]
     irqchip: String,
+    /// A virtio-blk disk: FILE[,format=raw][,readonly][,id=NAME]; give it
+    /// again for more disks. A plain run writes to the image; a recording
+    /// never changes it (writes stay in memory) and stores its SHA-256,
+    /// which a replay checks.
+    #[arg(long, value_name = "FILE[,OPTIONS]")]
+    disk: Vec<String>,
+    /// A virtio-rng device (entropy from the host, recorded).
+    #[arg(long)]
+    rng: bool,
+    /// A virtio-console, a second console beside COM1: stdio,
+    /// file:PATH, unix:PATH[,server], tcp:HOST:PORT[,server] or pty.
+    #[arg(long, value_name = "CONSOLE")]
+    virtio_console: Option<String>,
     #[command(flatten)]
     kvm: KvmArgs,
 }
@@ -472,10 +519,7 @@ fn debug_end(end: Result<nyx_gdb::DebugEnd, nyx_gdb::Error>) -> ExitCode {
 
 /// `nyx replay FILE --gdb ADDR`: debugging a replay, forward and backward.
 fn replay_gdb(args: &ReplayArgs) -> Result<ExitCode, nyx_replayer::Error> {
-    let opts = nyx_replayer::ReplayOptions {
-        serial_out: None,
-        kvm_path: args.kvm.kvm_device.clone(),
-    };
+    let opts = args.options(None)?;
     let (mut machine, mut timeline) = nyx_replayer::debug_replay(&args.trace, opts)?;
     timeline.set_interval(std::time::Duration::from_millis(args.checkpoint_interval.max(1)));
     Ok(gdb_replay_session(&args.gdb, &mut machine, &mut timeline).unwrap_or(ExitCode::SUCCESS))
@@ -508,6 +552,32 @@ impl MachineArgs {
         nyx_vmm::config::Irqchip::parse(&self.irqchip)
     }
 
+    /// The PCI functions of `--disk`, `--rng` and `--virtio-console`
+    /// (opening the console, waiting for a server console's client).
+    fn pci_setup(&self) -> Result<nyx_vmm::pci_setup::PciSetup, String> {
+        let mut disks = Vec::new();
+        for d in &self.disk {
+            disks.push(d.parse::<nyx_vmm::disk::DiskSpec>().map_err(|e| e.to_string())?);
+        }
+        let console = match &self.virtio_console {
+            None => None,
+            Some(spec) => {
+                let spec = nyx_vmm::console::ConsoleSpec::parse(spec).map_err(|e| format!("--virtio-console: {e}"))?;
+                let c = nyx_vmm::console::open(&spec, false, &mut |what| eprintln!("nyx: virtio-console: {what}"))
+                    .map_err(|e| format!("--virtio-console: {e}"))?;
+                Some(nyx_vmm::pci_setup::ConsoleIo {
+                    out: c.output,
+                    input: c.input,
+                })
+            }
+        };
+        Ok(nyx_vmm::pci_setup::PciSetup {
+            disks,
+            rng: self.rng,
+            console,
+        })
+    }
+
     fn builder(&self, cpu: CpuModel) -> Result<MachineBuilder, String> {
         let kernel = self.kernel()?;
         let (serial_in, serial_out) = self.serial.open()?;
@@ -518,6 +588,7 @@ impl MachineArgs {
             .cpu_model(cpu)
             .irqchip(self.irqchip()?)
             .serial_in(serial_in)
+            .pci(self.pci_setup()?)
             .kvm_path(&self.kvm.kvm_device);
         if let Some(out) = serial_out {
             b = b.serial_out(out);
@@ -589,6 +660,7 @@ fn record(args: &RecordArgs) -> Result<ExitCode, String> {
                 landings,
                 cpu,
                 irqchip: m.irqchip()?,
+                pci: m.pci_setup()?,
             },
             args.clock.check_hooks().map(|(h, _)| h),
         ),
@@ -624,14 +696,8 @@ fn replay(args: &ReplayArgs) -> Result<ExitCode, nyx_replayer::Error> {
         return replay_gdb(args);
     }
     let (bar, progress) = progress::replay(&args.trace).unzip();
-    let r = nyx_replayer::replay_with_progress(
-        &args.trace,
-        nyx_replayer::ReplayOptions {
-            serial_out: progress::serial_out(bar.as_ref()),
-            kvm_path: args.kvm.kvm_device.clone(),
-        },
-        progress,
-    );
+    let r =
+        nyx_replayer::replay_with_progress(&args.trace, args.options(progress::serial_out(bar.as_ref()))?, progress);
     if let Some(b) = bar {
         b.finish_and_clear();
     }

@@ -29,6 +29,7 @@ use acpi_tables::aml::{
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::{facs::FACS, rsdp::Rsdp, sdt::Sdt, xsdt::XSDT, Aml, AmlSink};
 use nyx_devices::acpi_pm::{
     ACPI_DISABLE, ACPI_ENABLE, GPE0_BLK, GPE0_LEN, PM1_CNT_BLK, PM1_CNT_LEN, PM1_EVT_BLK, PM1_EVT_LEN, PM_TMR_BLK,
@@ -70,6 +71,8 @@ const IAPC_8042: u16 = 1 << 1;
 const MADT_PCAT_COMPAT: u32 = 1;
 /// MPS INTI flags: active low, level triggered.
 const INTI_ACTIVE_LOW_LEVEL: u16 = 0x000f;
+/// MPS INTI flags: active high, level-triggered.
+const INTI_ACTIVE_HIGH_LEVEL: u16 = 0x000d;
 /// The ISA IRQ of the PIT and the GSI it arrives at.
 const PIT_IRQ: u8 = 0;
 const PIT_GSI: u32 = 2;
@@ -475,9 +478,21 @@ fn madt() -> Vec<u8> {
     // Flags 0: conforming to the ISA bus (edge, active high), as QEMU.
     t.append_slice(&iso(PIT_IRQ, PIT_GSI, 0));
     t.append_slice(&iso(SCI_IRQ, u32::from(SCI_IRQ), INTI_ACTIVE_LOW_LEVEL));
+    // The PCI interrupt lines (PIRQ A-D on IRQs 10 and 11, and 5, which
+    // QEMU lists too): level, active high, as QEMU's MADT says.
+    for irq in [5u8, 10, 11] {
+        t.append_slice(&iso(irq, u32::from(irq), INTI_ACTIVE_HIGH_LEVEL));
+    }
     // Local APIC NMI: every processor, flags conforming, LINT1.
     t.append_slice(&[4, 6, 0xff, 0, 0, 1]);
     t.as_slice().to_vec()
+}
+
+/// The MCFG: the PCI host's ECAM window for bus 0.
+fn mcfg() -> Vec<u8> {
+    let mut t = MCFG::new(OEM_ID, table_id(b"MCFG"), OEM_REVISION);
+    t.add_ecam(nyx_devices::pci::ECAM_BASE, 0, 0, 0);
+    bytes_of(&t)
 }
 
 fn hpet() -> Vec<u8> {
@@ -524,6 +539,7 @@ pub fn build(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     if cfg.hpet {
         tables.push(l.place(16, hpet()));
     }
+    tables.push(l.place(16, mcfg()));
 
     let mut rsdt = sdt(*b"RSDT", 36, 1);
     for t in &tables {
@@ -687,6 +703,7 @@ mod tests {
             if hpet {
                 expected.push(b"HPET");
             }
+            expected.push(b"MCFG");
             assert_eq!(sigs, expected);
 
             let fadt = table(&mem, x[0]);
@@ -768,8 +785,20 @@ mod tests {
             &[2, 10, 0, 9, 9, 0, 0, 0, 0x0f, 0][..],
             "SCI level, active low"
         );
-        assert_eq!(entries[4], &[4, 6, 0xff, 0, 0, 1][..], "NMI on LINT1");
-        assert_eq!(entries.len(), 5);
+        for (i, irq) in [5u8, 10, 11].into_iter().enumerate() {
+            assert_eq!(
+                entries[4 + i],
+                &[2, 10, 0, irq, irq, 0, 0, 0, 0x0d, 0][..],
+                "PCI IRQ {irq} level high"
+            );
+        }
+        assert_eq!(entries[7], &[4, 6, 0xff, 0, 0, 1][..], "NMI on LINT1");
+        assert_eq!(entries.len(), 8);
+
+        let c = blob(&t, b"MCFG");
+        assert_eq!(c.len(), 60);
+        assert_eq!(u64_at(c, 44), 0xc000_0000, "ECAM base");
+        assert_eq!((u16_at(c, 52), c[54], c[55]), (0, 0, 0), "segment 0, bus 0 only");
 
         let h = blob(&t, b"HPET");
         assert_eq!(h.len(), 56);
@@ -836,7 +865,7 @@ mod tests {
             dsl.insert(sig, text);
         }
         let keys: Vec<&str> = dsl.keys().map(String::as_str).collect();
-        assert_eq!(keys, ["APIC", "DSDT", "FACP", "FACS", "HPET", "RSDT", "XSDT"]);
+        assert_eq!(keys, ["APIC", "DSDT", "FACP", "FACS", "HPET", "MCFG", "RSDT", "XSDT"]);
         let dsdt = &dsl["DSDT"];
         for want in [
             "_S1_",

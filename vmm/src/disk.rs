@@ -346,9 +346,17 @@ impl BlockBackend for Disk {
     }
 
     fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        if self.overlay.is_none() {
+            if state.is_empty() {
+                return Ok(());
+            }
+            // A snapshot taken while recording holds the writes the
+            // recording made: keep them in an overlay from now on, so the
+            // image stays as it was.
+            self.overlay = Some(BTreeMap::new());
+        }
         match &mut self.overlay {
-            None if state.is_empty() => Ok(()),
-            None => Err("the snapshot holds disk writes, but this disk writes through to its image".into()),
+            None => Ok(()),
             Some(o) => {
                 let restored: BTreeMap<u64, Vec<u8>> =
                     postcard::from_bytes(state).map_err(|e| format!("disk overlay: {e}"))?;
@@ -437,6 +445,18 @@ mod tests {
         let e = Disk::check_identity(&id, &spec.path).unwrap_err().to_string();
         assert!(e.contains("disk d0") && e.contains("not the one recorded"), "{e}");
         assert!(d.restore(&d.save()).is_ok());
+        // A recording's overlay restored into a write-through disk stays
+        // an overlay.
+        let mut o = Disk::open(&spec, "d0", true).unwrap();
+        o.write_at(0, &[5; 512]).unwrap();
+        d.restore(&o.save()).unwrap();
+        d.write_at(1024 - 512, &[6; 512]).unwrap();
+        assert_eq!(
+            std::fs::read(&spec.path).unwrap()[0],
+            0,
+            "overlay kept, image untouched"
+        );
+        assert_eq!(d.overlay_sectors(), 2);
         spec.read_only = true;
         let mut r = Disk::open(&spec, "d0", false).unwrap();
         assert!(r.write_at(0, &[1]).is_err());

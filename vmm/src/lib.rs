@@ -28,6 +28,7 @@ pub mod msr;
 pub mod net;
 pub mod paging;
 pub mod patch;
+pub mod pci_setup;
 pub mod platform;
 pub mod probe;
 pub mod reset;

@@ -571,7 +571,7 @@ impl Outgoing {
         let vm = m.vm_handle()?;
         // SAFETY: the memory is the one registered with this VM, one slot per
         // region, and the machine keeps both for the VM's whole life.
-        let tracker = unsafe { DirtyTracker::enable(m.vm(), m.memory()) }?;
+        let tracker = unsafe { DirtyTracker::enable(m.vm(), m.memory()) }?.track_dma(m.dma_memory());
         let mem = m.memory().clone();
         let cancel = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicBool::new(false));
@@ -906,6 +906,8 @@ mod tests {
             serial_in: Box::new(nyx_devices::io::NoInput),
             platform_in: Box::new(nyx_devices::io::NoInput),
             tsc_hz: 1_000_000_000,
+            pci: Vec::new(),
+            chip_link: Default::default(),
         };
         let platform = crate::platform::Platform::new(io, 4 << 20, 0, crate::config::Irqchip::Apic).unwrap();
         MachineState {

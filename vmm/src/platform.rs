@@ -8,9 +8,17 @@
 //! and an IOAPIC (one device with the PICs: `nyx_devices::irqchip`), an
 //! HPET, the ACPI PM block and the ISA DMA controllers; the ACPI tables
 //! describing it are written by the loader (`crate::acpi`).
+//!
+//! Both have the PCI host with the functions the machine was given (virtio
+//! disks, entropy, console; `crate::pci_setup` builds them): configuration
+//! through 0xCF8/0xCFC and ECAM, BARs reached through the host's windows.
+//! The functions raise interrupts through a [`ChipLink`], which follows the
+//! controllers when a snapshot restore rebuilds them; the functions
+//! themselves (and the disks behind them) survive such a rebuild and take
+//! the snapshot's state.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use std::sync::atomic::AtomicBool;
 
@@ -24,7 +32,9 @@ use nyx_devices::i8042::{Port92, I8042};
 use nyx_devices::ioapic::{IOAPIC_BASE, IOAPIC_SIZE};
 use nyx_devices::irqchip::{GatedSink, IrqChip};
 use nyx_devices::lapic::{LAPIC_BASE, LAPIC_SIZE};
-use nyx_devices::pci::PciHost;
+use nyx_devices::msix::MsiSink;
+use nyx_devices::pci::{PciHost, ECAM_BASE, ECAM_SIZE, MMIO64_WINDOW, MMIO_WINDOW};
+use nyx_devices::pci_device::PciDevice;
 use nyx_devices::pic::Pic;
 use nyx_devices::pit::Pit;
 use nyx_devices::port80::Port80;
@@ -98,7 +108,59 @@ pub const PORT_MAP: &[(u16, u16, PortDevice)] = &[
     (0x92, 1, PortDevice::Port92),
     (0xf4, 4, PortDevice::DebugExit),
     (0xcf8, 8, PortDevice::Pci),
+    // The PCI host's window for I/O BARs (nyx_devices::pci::IO_WINDOW).
+    (0xc000, 0x4000, PortDevice::Pci),
 ];
+
+/// The GSI (and ISA IRQ) that INTx pin `pin` (1 = INTA) of the function in
+/// `slot` reaches: the PIIX's swizzle onto PIRQ A-D, which SeaBIOS routes to
+/// IRQs 10, 10, 11 and 11 on QEMU's `pc` machine; Nyx has no firmware, so
+/// the routing is fixed and the functions' interrupt line registers say it.
+pub fn intx_gsi(slot: u8, pin: u8) -> u8 {
+    const PIRQ_IRQS: [u8; 4] = [10, 10, 11, 11];
+    PIRQ_IRQS[usize::from((slot + pin).wrapping_sub(2) & 3)]
+}
+
+/// The interrupt controllers as the PCI functions reach them (MSI, INTx).
+/// The platform points it at its controllers each time it is built, so a
+/// function that outlives a rebuild reaches the new ones.
+#[derive(Default)]
+pub struct ChipLink(RwLock<Option<Arc<Mutex<IrqChip>>>>);
+
+impl ChipLink {
+    fn set(&self, chip: &Arc<Mutex<IrqChip>>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Some(chip.clone());
+    }
+
+    fn chip(&self) -> Option<Arc<Mutex<IrqChip>>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl MsiSink for ChipLink {
+    fn msi(&self, address: u64, data: u32) {
+        if let Some(c) = self.chip() {
+            c.msi(address, data);
+        }
+    }
+}
+
+impl InterruptSink for ChipLink {
+    fn set_level(&self, irq: u8, high: bool) {
+        if let Some(c) = self.chip() {
+            c.set_level(irq, high);
+        }
+    }
+
+    fn set_gsi(&self, gsi: u8, high: bool) {
+        if let Some(c) = self.chip() {
+            c.set_gsi(gsi, high);
+        }
+    }
+}
+
+/// A PCI function to put on the bus, with its slot.
+pub type PciFunction = (u8, Box<dyn PciDevice>);
 
 /// The port ranges a modern machine (`--irqchip apic`) adds to [`PORT_MAP`].
 pub fn modern_port_map() -> Vec<(u16, u16, PortDevice)> {
@@ -133,6 +195,11 @@ pub struct PlatformIo {
     pub platform_in: Box<dyn Input>,
     /// The guest TSC's frequency (the local APIC's TSC-deadline mode).
     pub tsc_hz: u64,
+    /// The PCI functions beyond the host bridge.
+    pub pci: Vec<PciFunction>,
+    /// Where the functions send their interrupts: pointed at the new
+    /// controllers.
+    pub chip_link: Arc<ChipLink>,
 }
 
 /// The devices only a modern machine has.
@@ -218,6 +285,14 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// `host` with `functions` added.
+fn pci_host(mut host: PciHost, functions: Vec<PciFunction>) -> PciHost {
+    for (slot, device) in functions {
+        host.add_device(slot, device);
+    }
+    host
+}
+
 /// The sinks devices raise their lines through.
 struct Sinks {
     /// The controllers, directly (COM1, i8042, HPET, ACPI PM).
@@ -254,6 +329,7 @@ impl Platform {
             crate::config::Irqchip::Apic => IrqChip::with_apic(Pic::new(), io.clock.clone(), io.tsc_hz),
         };
         let chip = Arc::new(Mutex::new(chip));
+        io.chip_link.set(&chip);
         let sinks = Sinks::new(&chip);
         let pit = Pit::new(io.clock.clone(), sinks.gated.clone());
         let serial = Serial::new(sinks.chip.clone(), COM1_IRQ, io.serial_out, io.serial_in);
@@ -290,7 +366,7 @@ impl Platform {
             Port80::new(),
             Port92::new(),
             DebugExit,
-            PciHost::new(),
+            pci_host(PciHost::new(), io.pci),
             modern,
         )
     }
@@ -306,13 +382,15 @@ impl Platform {
         )
         .map_err(|e| bad(&e))?;
         let chip = Arc::new(Mutex::new(chip));
+        io.chip_link.set(&chip);
         let sinks = Sinks::new(&chip);
         let pit = Pit::from_state(&state.pit, io.clock.clone(), sinks.gated.clone());
         let serial = Serial::from_state(&state.serial, sinks.chip.clone(), COM1_IRQ, io.serial_out, io.serial_in)
             .map_err(|e| bad(&e))?;
         let cmos = Cmos::from_state(&state.cmos, io.clock.clone(), sinks.gated.clone()).map_err(|e| bad(&e))?;
         let i8042 = I8042::from_state(&state.i8042, sinks.chip.clone());
-        let pci = PciHost::from_state(&state.pci).map_err(|e| bad(&e))?;
+        let mut pci = pci_host(PciHost::from_state(&state.pci).map_err(|e| bad(&e))?, io.pci);
+        pci.restore_functions(&state.pci.functions).map_err(|e| bad(&e))?;
         let modern = match &state.modern {
             None => None,
             Some(m) => Some(Modern {
@@ -385,6 +463,9 @@ impl Platform {
             };
             pio.insert(u64::from(base), u64::from(len), d)?;
         }
+        mmio.insert(ECAM_BASE, ECAM_SIZE, pci.clone())?;
+        mmio.insert(MMIO_WINDOW.0, MMIO_WINDOW.1, pci.clone())?;
+        mmio.insert(MMIO64_WINDOW.0, MMIO64_WINDOW.1, pci.clone())?;
         if let Some(m) = &modern {
             mmio.insert(LAPIC_BASE, LAPIC_SIZE, chip.clone())?;
             mmio.insert(IOAPIC_BASE, IOAPIC_SIZE, chip.clone())?;
@@ -442,6 +523,7 @@ impl Platform {
             !before && cmos.alarm_raised()
         };
         lock(&self.serial).poll_input();
+        lock(&self.pci).poll();
         if let Some(m) = &self.modern {
             lock(&m.hpet).poll();
             let mut pm = lock(&m.acpi_pm);
@@ -515,6 +597,17 @@ impl Platform {
     /// Takes the guest's CR8 from `kvm_run.cr8` after an exit.
     pub fn sync_cr8(&self, cr8: u8) {
         lock(&self.chip).sync_cr8(cr8);
+    }
+
+    /// Takes the PCI functions out (to move them into a platform rebuilt
+    /// from a snapshot, with [`PlatformIo::pci`]).
+    pub fn take_pci_functions(&self) -> Vec<PciFunction> {
+        lock(&self.pci).take_devices()
+    }
+
+    /// The PCI functions as `(slot, name)`.
+    pub fn pci_functions(&self) -> Vec<(u8, String)> {
+        lock(&self.pci).devices()
     }
 
     /// Whether a wake event (the power button, `nyx ctl wake`, an RTC

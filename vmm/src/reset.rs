@@ -85,7 +85,7 @@ impl ResetPoint {
     pub fn new(machine: &Machine, state: MachineState, memory: &[PageRun]) -> Result<Self, ResetError> {
         // SAFETY: a Machine registers its memory with its VM one slot per
         // region (slot index = region index) and keeps it for the VM's life.
-        let tracker = unsafe { DirtyTracker::enable(machine.vm(), machine.memory()) }?;
+        let tracker = unsafe { DirtyTracker::enable(machine.vm(), machine.memory()) }?.track_dma(machine.dma_memory());
         Ok(ResetPoint {
             state,
             pages: pages_of(memory),

@@ -23,6 +23,8 @@ pub struct MachineBuilder {
     hooks: Option<Box<dyn RunHooks>>,
     restore: Option<(crate::snapshot::MachineState, Vec<crate::mem_state::PageRun>)>,
     loaded_memory: Option<GuestMemory>,
+    pci: crate::pci_setup::PciSetup,
+    expected_pci: Option<Vec<crate::config::PciFunctionConfig>>,
 }
 
 impl Default for MachineBuilder {
@@ -45,6 +47,8 @@ impl Default for MachineBuilder {
             irqchip: Default::default(),
             hooks: None,
             restore: None,
+            pci: Default::default(),
+            expected_pci: None,
             loaded_memory: None,
         }
     }
@@ -172,6 +176,7 @@ impl MachineBuilder {
     /// a migration stream): its configuration and images, its state applied
     /// at build.
     pub fn from_saved(snap: crate::snapshot::Snapshot) -> Self {
+        let pci = crate::pci_setup::PciSetup::from_config(&snap.config, &[], None);
         let c = snap.config;
         let mut b = MachineBuilder::new()
             .memory(c.mem_mib)
@@ -184,6 +189,8 @@ impl MachineBuilder {
         if let Some(i) = snap.initrd {
             b = b.initrd_image(i);
         }
+        b.pci = pci;
+        b.expected_pci = Some(c.pci);
         b.restore = Some((snap.state, snap.memory));
         b
     }
@@ -202,6 +209,20 @@ impl MachineBuilder {
         });
         b.loaded_memory = Some(r.memory);
         b
+    }
+
+    /// The PCI functions (virtio disks, entropy, console).
+    pub fn pci(mut self, setup: crate::pci_setup::PciSetup) -> Self {
+        self.pci = setup;
+        self
+    }
+
+    /// The PCI functions a trace or snapshot recorded: the disks given to
+    /// [`MachineBuilder::pci`] must be the recorded images (size and
+    /// SHA-256), or the build fails naming the disk.
+    pub fn expect_pci(mut self, recorded: Vec<crate::config::PciFunctionConfig>) -> Self {
+        self.expected_pci = Some(recorded);
+        self
     }
 
     /// The run mode (default: a plain run).
@@ -244,25 +265,11 @@ impl MachineBuilder {
             })?),
             None => None,
         };
-        let serial_in: Box<dyn Input> = match self.serial_in {
-            SerialIn::None => Box::new(NoInput),
-            SerialIn::Stdin => Box::new(ThreadInput::spawn(std::io::stdin())),
-            SerialIn::File(p) => {
-                let err = |source| Error::Read {
-                    what: "serial input",
-                    path: p.clone(),
-                    source,
-                };
-                // Reading a FIFO or a terminal whole would wait for its end
-                // before the guest starts: only a regular file is read here.
-                if std::fs::metadata(&p).map_err(err)?.is_file() {
-                    Box::new(BufferInput::new(std::fs::read(&p).map_err(err)?))
-                } else {
-                    Box::new(ThreadInput::open(p))
-                }
-            }
-            SerialIn::Bytes(b) => Box::new(BufferInput::new(b)),
-            SerialIn::Stream(input) => input,
+        let serial_in = input_of(self.serial_in, "serial input")?;
+        let mut pci_setup = std::mem::take(&mut self.pci);
+        let console_in = match pci_setup.console.as_mut() {
+            Some(c) => Some(input_of(std::mem::take(&mut c.input), "virtio-console input")?),
+            None => None,
         };
 
         // KVM first: a machine without it is the commonest user error.
@@ -410,6 +417,17 @@ impl MachineBuilder {
             self.serial_out.unwrap_or_else(|| Box::new(StdoutSink)),
             output_watch.clone(),
         ));
+        let dma = memory::dma_view(&mem);
+        let chip_link = Arc::new(crate::platform::ChipLink::default());
+        let (pci, pci_config) = crate::pci_setup::build_functions(
+            pci_setup,
+            console_in,
+            &mut *hooks,
+            &dma,
+            &chip_link,
+            self.irqchip,
+            self.expected_pci.as_deref(),
+        )?;
         let io = PlatformIo {
             clock: clock.clone(),
             wall: Box::new(nyx_devices::io::FixedWallClock(wall_seconds)),
@@ -417,6 +435,8 @@ impl MachineBuilder {
             serial_in,
             platform_in,
             tsc_hz: u64::from(tsc_khz) * 1000,
+            pci,
+            chip_link: chip_link.clone(),
         };
         let msr_list = crate::vcpu_state::accepted_msrs(&vcpu, &crate::vcpu_state::supported_msrs(&kvm))
             .map_err(Error::MsrList)?;
@@ -467,12 +487,12 @@ impl MachineBuilder {
             wall_seconds,
             verify: crate::config::VerifyLevel::Exits,
             irqchip: self.irqchip,
-            pci: Vec::new(),
+            pci: pci_config,
         };
         let dirty = if hooks.tracks_dirty_pages() {
             // SAFETY: `mem` is the memory registered above, slot = region
             // index, and the Machine keeps it for the VM's whole life.
-            Some(unsafe { DirtyTracker::enable(&vm, &mem) }?)
+            Some(unsafe { DirtyTracker::enable(&vm, &mem) }?.track_dma(&dma))
         } else {
             None
         };
@@ -495,6 +515,8 @@ impl MachineBuilder {
                 vm,
                 vcpu,
                 mem,
+                dma,
+                chip_link,
                 platform,
                 clock,
                 setup,
@@ -534,4 +556,28 @@ fn read_guest_tsc(vcpu: &kvm_ioctls::VcpuFd) -> Option<u64> {
         Ok(1) => Some(msrs.as_slice()[0].data),
         _ => None,
     }
+}
+
+/// Opens an input source the user named (serial, virtio-console).
+fn input_of(input: SerialIn, what: &'static str) -> Result<Box<dyn Input>, Error> {
+    Ok(match input {
+        SerialIn::None => Box::new(NoInput),
+        SerialIn::Stdin => Box::new(ThreadInput::spawn(std::io::stdin())),
+        SerialIn::File(p) => {
+            let err = |source| Error::Read {
+                what,
+                path: p.clone(),
+                source,
+            };
+            // Reading a FIFO or a terminal whole would wait for its end
+            // before the guest starts: only a regular file is read here.
+            if std::fs::metadata(&p).map_err(err)?.is_file() {
+                Box::new(BufferInput::new(std::fs::read(&p).map_err(err)?))
+            } else {
+                Box::new(ThreadInput::open(p))
+            }
+        }
+        SerialIn::Bytes(b) => Box::new(BufferInput::new(b)),
+        SerialIn::Stream(input) => input,
+    })
 }

@@ -54,6 +54,9 @@ const TSS_ADDRESS: usize = 0xfffb_d000;
 /// what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A PCI function (a disk) could not be set up.
+    #[error(transparent)]
+    Pci(#[from] crate::pci_setup::PciSetupError),
     /// /dev/kvm cannot be opened.
     #[error("cannot open {path}: {source}; Nyx needs KVM: check that the kvm module is loaded and that you may read and write {path}")]
     KvmOpen {
@@ -300,6 +303,10 @@ pub struct Core {
     vm: VmFd,
     vcpu: VcpuFd,
     mem: GuestMemory,
+    /// The devices' view of `mem` (DMA), with its own dirty bitmap.
+    dma: crate::memory::DmaMemory,
+    /// Where the PCI functions' interrupts go.
+    chip_link: Arc<crate::platform::ChipLink>,
     platform: Platform,
     clock: Arc<VirtualClock>,
     setup: BootSetup,
@@ -519,6 +526,12 @@ impl Machine {
         &self.core.mem
     }
 
+    /// The devices' view of guest memory (their DMA writes mark its
+    /// bitmap; see [`crate::memory::dma_view`]).
+    pub fn dma_memory(&self) -> &crate::memory::DmaMemory {
+        &self.core.dma
+    }
+
     /// The VM.
     pub fn vm(&self) -> &VmFd {
         &self.core.vm
@@ -542,6 +555,11 @@ impl Machine {
     /// What the loader did.
     pub fn boot_setup(&self) -> &BootSetup {
         &self.core.setup
+    }
+
+    /// The machine's description as a trace or snapshot header holds it.
+    pub fn config(&self) -> &crate::config::MachineConfig {
+        &self.core.config
     }
 
     /// The CPUID table the guest sees.

@@ -94,6 +94,11 @@ impl Machine {
             serial_in,
             platform_in,
             tsc_hz: u64::from(self.core.tsc_khz) * 1000,
+            // The functions (and the disks behind them) move into the new
+            // platform and take the snapshot's state there. Should the
+            // rebuild fail, the machine cannot run on anyway.
+            pci: self.core.platform.take_pci_functions(),
+            chip_link: self.core.chip_link.clone(),
         };
         self.core.platform = Platform::from_state(io, &state.platform)?;
         crate::vcpu_state::restore(&self.core.vcpu, &state.vcpu).map_err(vcpu_err("restore"))?;

@@ -1,0 +1,228 @@
+//! The virtio guest (`tests/guests/virtio.S`, a small virtio 1.x PCI
+//! driver) on Nyx's PCI bus with a virtio-blk disk, virtio-rng and a
+//! virtio-console: its serial output, console output and disk image
+//! afterwards must be QEMU's (`tests/golden/virtio.*`, made by
+//! `tests/golden/regen.sh virtio`), and it must record and replay exactly
+//! without the recording touching the image.
+
+use std::path::{Path, PathBuf};
+
+use nyx_recorder::{record_image, RecordOptions};
+use nyx_replayer::{replay, ReplayEnd, ReplayOptions};
+use nyx_tests::{golden, Capture};
+use nyx_vmm::config::{Irqchip, PciFunctionConfig, VerifyLevel};
+use nyx_vmm::disk::{DiskFormat, DiskSpec};
+use nyx_vmm::pci_setup::{ConsoleIo, PciSetup};
+use nyx_vmm::{MachineBuilder, RunOutcome, SerialIn};
+
+fn kvm() -> bool {
+    nyx_tests::kvm_available()
+}
+
+/// A fresh copy of the guest's disk image in `dir`.
+fn disk_image(dir: &Path) -> PathBuf {
+    let path = dir.join("disk.img");
+    std::fs::write(&path, nyx_guests::virtio_disk_image()).unwrap();
+    path
+}
+
+fn sha256(path: &Path) -> String {
+    nyx_vmm::disk::hash_file(path).unwrap().1
+}
+
+fn golden_text(name: &str) -> String {
+    std::fs::read_to_string(golden(name)).unwrap_or_else(|e| panic!("golden {name}: {e}"))
+}
+
+/// The guest's devices: the disk at `disk`, rng, a console into `console`.
+fn setup(disk: &Path, console: &Capture) -> PciSetup {
+    PciSetup {
+        disks: vec![DiskSpec {
+            path: disk.to_path_buf(),
+            format: DiskFormat::Raw,
+            read_only: false,
+            id: Some(nyx_guests::VIRTIO_DISK_SERIAL.to_string()),
+        }],
+        rng: true,
+        console: Some(ConsoleIo {
+            out: Box::new(console.clone()),
+            input: SerialIn::None,
+        }),
+    }
+}
+
+#[test]
+fn the_virtio_guest_matches_qemu_byte_for_byte() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk_image(dir.path());
+    let (serial, console) = (Capture::default(), Capture::default());
+    let mut m = MachineBuilder::new()
+        .memory(64)
+        .kernel_image("virtio", nyx_guests::VIRTIO.to_vec())
+        .cmdline("nyx-test arg=1")
+        .irqchip(Irqchip::Apic)
+        .serial_out(Box::new(serial.clone()))
+        .pci(setup(&disk, &console))
+        .build()
+        .unwrap();
+    let outcome = m.run().unwrap();
+    let got = String::from_utf8_lossy(&serial.bytes()).into_owned();
+    assert_eq!(got, golden_text("virtio.out"), "serial output differs from QEMU's");
+    assert_eq!(outcome, RunOutcome::DebugExit(nyx_guests::VIRTIO_EXIT));
+    assert_eq!(console.bytes(), golden_text("virtio.console").into_bytes());
+    assert_eq!(
+        sha256(&disk),
+        golden_text("virtio.img.sha256").trim(),
+        "the image after a plain run differs from QEMU's image afterwards"
+    );
+}
+
+fn record(dir: &Path, disk: &Path, console: &Capture) -> (PathBuf, Vec<u8>) {
+    let serial = Capture::default();
+    let rec = record_image(
+        RecordOptions {
+            out: dir.join("virtio.nyxtrace"),
+            kernel: PathBuf::from("virtio"),
+            kernel_name: Some("virtio".into()),
+            initrd: None,
+            cmdline: "nyx-test arg=1".into(),
+            mem_mib: 64,
+            serial_in: SerialIn::None,
+            serial_out: Some(Box::new(serial.clone())),
+            kvm_path: nyx_tests::kvm_device(),
+            verify: VerifyLevel::Exits,
+            landings: nyx_recorder::LandingPolicy::Auto,
+            cpu: Default::default(),
+            irqchip: Irqchip::Apic,
+            pci: setup(disk, console),
+        },
+        "virtio".into(),
+        nyx_guests::VIRTIO.to_vec(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(rec.outcome, RunOutcome::DebugExit(nyx_guests::VIRTIO_EXIT));
+    (rec.path, serial.bytes())
+}
+
+fn replay_with(trace: &Path, disks: Vec<PathBuf>) -> Result<(Vec<u8>, ReplayEnd), nyx_replayer::Error> {
+    let out = Capture::default();
+    let r = replay(
+        trace,
+        ReplayOptions {
+            serial_out: Some(Box::new(out.clone())),
+            disks,
+            ..Default::default()
+        },
+    )?;
+    Ok((out.bytes(), r.end))
+}
+
+#[test]
+fn the_virtio_guest_records_and_replays_without_touching_its_image() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk_image(dir.path());
+    let before = sha256(&disk);
+    let console = Capture::default();
+    let (trace, serial) = record(dir.path(), &disk, &console);
+    assert_eq!(String::from_utf8_lossy(&serial), golden_text("virtio.out"));
+    assert_eq!(console.bytes(), golden_text("virtio.console").into_bytes());
+    assert_eq!(sha256(&disk), before, "the recording changed the image");
+
+    let reader = nyx_trace::TraceReader::open(&trace).unwrap();
+    let config = nyx_vmm::config::MachineConfig::from_bytes(&reader.header().machine_config).unwrap();
+    match &config.pci[..] {
+        [PciFunctionConfig::Disk(d), PciFunctionConfig::Rng, PciFunctionConfig::Console] => {
+            assert_eq!(
+                (d.id.as_str(), d.size, d.sha256.as_str()),
+                ("nyx-disk0", 128 << 10, before.as_str())
+            );
+        }
+        other => panic!("the trace lists {other:?}"),
+    }
+    drop(reader);
+
+    for i in 0..3 {
+        let (out, end) = replay_with(&trace, Vec::new()).unwrap_or_else(|e| panic!("replay {i}: {e}"));
+        assert_eq!(out, serial, "replay {i}");
+        assert!(matches!(end, ReplayEnd::Complete { .. }), "replay {i}: {end:?}");
+    }
+    assert_eq!(sha256(&disk), before, "a replay changed the image");
+
+    // The image moved: named on the command line, it replays.
+    let moved = dir.path().join("moved.img");
+    std::fs::copy(&disk, &moved).unwrap();
+    replay_with(&trace, vec![moved.clone()]).unwrap();
+
+    // One byte changed: refused, naming the disk.
+    let mut bytes = std::fs::read(&moved).unwrap();
+    bytes[1000] ^= 1;
+    std::fs::write(&moved, bytes).unwrap();
+    let e = replay_with(&trace, vec![moved]).unwrap_err().to_string();
+    assert!(
+        e.contains("disk nyx-disk0") && e.contains("not the one recorded"),
+        "{e}"
+    );
+}
+
+/// Stops the guest after `text` appeared, snapshots it, restores the
+/// snapshot into a new machine and runs that to the end: the two halves of
+/// the output are the golden output, and the image afterwards QEMU's.
+fn snapshot_after(text: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk_image(dir.path());
+    let (serial, console) = (Capture::default(), Capture::default());
+    let mut m = MachineBuilder::new()
+        .memory(64)
+        .kernel_image("virtio", nyx_guests::VIRTIO.to_vec())
+        .cmdline("nyx-test arg=1")
+        .irqchip(Irqchip::Apic)
+        .serial_out(Box::new(serial.clone()))
+        .pci(setup(&disk, &console))
+        .build()
+        .unwrap();
+    m.set_limits(nyx_vmm::machine::limits::Limits {
+        until_output: Some(text.to_string()),
+        max_guest_ns: None,
+    });
+    assert!(matches!(m.run().unwrap(), RunOutcome::Limit(_)), "{text}");
+    let snap = m.save_snapshot(&dir.path().join("virtio.nyxsnap")).unwrap();
+    drop(m);
+
+    let rest = Capture::default();
+    let mut r = MachineBuilder::from_snapshot(&snap)
+        .unwrap()
+        .serial_out(Box::new(rest.clone()))
+        .build()
+        .unwrap();
+    assert_eq!(r.run().unwrap(), RunOutcome::DebugExit(nyx_guests::VIRTIO_EXIT));
+    let mut all = serial.bytes();
+    all.extend(rest.bytes());
+    assert_eq!(
+        String::from_utf8_lossy(&all),
+        golden_text("virtio.out"),
+        "split at {text:?}"
+    );
+    assert_eq!(
+        sha256(&disk),
+        golden_text("virtio.img.sha256").trim(),
+        "split at {text:?}"
+    );
+}
+
+#[test]
+fn a_snapshot_mid_io_restores_and_completes() {
+    if !kvm() {
+        return;
+    }
+    // Queues set up, MSI-X programmed, no request made yet; then after a
+    // write, before its flush and read-back.
+    snapshot_after("virtio-blk: capacity");
+    snapshot_after("virtio-blk: write sectors 16-23");
+}
