@@ -253,6 +253,55 @@ impl nyx_devices::io::Entropy for RecordEntropy {
     }
 }
 
+/// A disk recorded with `--embed-disks`: what every read returned is
+/// logged (`Event::DiskRead`; empty for a read that failed), so that the
+/// replay needs no image.
+struct RecordDisk {
+    inner: Box<dyn nyx_devices::block::BlockBackend>,
+    log: SharedLog,
+}
+
+impl nyx_devices::block::BlockBackend for RecordDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let r = self.inner.read_at(offset, buf);
+        let logged = if r.is_ok() { buf.to_vec() } else { Vec::new() };
+        lock(&self.log).push(Event::DiskRead(logged));
+        r
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.inner.write_at(offset, data)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+
+    fn save(&self) -> Vec<u8> {
+        self.inner.save()
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        self.inner.restore(state)
+    }
+}
+
 /// The recorder's run hooks.
 pub struct Recorder {
     log: SharedLog,
@@ -394,6 +443,21 @@ impl RunHooks for Recorder {
 
     fn isolates_disks(&self) -> bool {
         true
+    }
+
+    fn disk_backend(
+        &mut self,
+        identity: &nyx_vmm::disk::DiskIdentity,
+        image: Option<Box<dyn nyx_devices::block::BlockBackend>>,
+    ) -> Option<Box<dyn nyx_devices::block::BlockBackend>> {
+        let image = image?;
+        if !identity.embedded {
+            return Some(image);
+        }
+        Some(Box::new(RecordDisk {
+            inner: image,
+            log: self.log.clone(),
+        }))
     }
 
     fn wall_seconds(&mut self, host: i64) -> i64 {

@@ -241,6 +241,69 @@ impl nyx_devices::io::Entropy for ReplayEntropy {
     }
 }
 
+/// A disk the trace embeds (`--embed-disks`): every read is served from
+/// the trace's `DiskRead` events, in order; writes go nowhere (what the
+/// guest reads back is in the trace too).
+struct ReplayDisk {
+    state: Shared,
+    size: u64,
+    read_only: bool,
+}
+
+impl nyx_devices::block::BlockBackend for ReplayDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&mut self, _offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let mut s = lock(&self.state);
+        match s.cursor.peek() {
+            Some(Event::DiskRead(b)) if b.len() == buf.len() => {
+                buf.copy_from_slice(b);
+                s.cursor.advance();
+                Ok(())
+            }
+            Some(Event::DiskRead(b)) if b.is_empty() => {
+                s.cursor.advance();
+                Err(std::io::Error::other("the recorded read failed"))
+            }
+            other => {
+                let msg = format!(
+                    "the guest read {} bytes of an embedded disk; the recording has {} here",
+                    buf.len(),
+                    other.map_or("nothing".to_string(), |e| e.to_string())
+                );
+                s.cursor.fail(&msg);
+                Err(std::io::Error::other(msg))
+            }
+        }
+    }
+
+    fn write_at(&mut self, _offset: u64, _data: &[u8]) -> std::io::Result<()> {
+        if self.read_only {
+            return Err(std::io::ErrorKind::PermissionDenied.into());
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn write_zeroes(&mut self, offset: u64, _len: u64) -> std::io::Result<()> {
+        self.write_at(offset, &[])
+    }
+
+    fn restore(&mut self, _state: &[u8]) -> Result<(), String> {
+        // A recording's overlay: its reads are in the trace already.
+        Ok(())
+    }
+}
+
 /// Told the position (guest-caused exits replayed) after each exit.
 pub type Progress = Box<dyn FnMut(u64) + Send>;
 
@@ -302,6 +365,21 @@ impl RunHooks for Replayer {
 
     fn isolates_disks(&self) -> bool {
         true
+    }
+
+    fn disk_backend(
+        &mut self,
+        identity: &nyx_vmm::disk::DiskIdentity,
+        image: Option<Box<dyn nyx_devices::block::BlockBackend>>,
+    ) -> Option<Box<dyn nyx_devices::block::BlockBackend>> {
+        if !identity.embedded {
+            return image;
+        }
+        Some(Box::new(ReplayDisk {
+            state: self.state.clone(),
+            size: identity.size,
+            read_only: identity.read_only,
+        }))
     }
 
     fn wall_seconds(&mut self, _host: i64) -> i64 {

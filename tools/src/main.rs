@@ -347,6 +347,12 @@ pub struct MachineArgs {
     /// file:PATH, unix:PATH[,server], tcp:HOST:PORT[,server] or pty.
     #[arg(long, value_name = "CONSOLE")]
     virtio_console: Option<String>,
+    /// With `record`: put what every disk read returned into the trace, so
+    /// that the trace replays without the images (the trace grows by every
+    /// byte read; without it the trace holds each image's SHA-256 and the
+    /// replay needs the image).
+    #[arg(long)]
+    embed_disks: bool,
     #[command(flatten)]
     kvm: KvmArgs,
 }
@@ -575,6 +581,7 @@ impl MachineArgs {
             disks,
             rng: self.rng,
             console,
+            embed_disks: self.embed_disks,
         })
     }
 

@@ -11,6 +11,13 @@
 //! ([`DiskIdentity`]); a replay hashes the image it is given and refuses
 //! one that differs, naming the disk.
 //!
+//! With `--embed-disks`, a recording logs what every read returned
+//! (`DiskRead` events) and a replay serves the reads from the trace
+//! ([`LoggedDisk`] is the replay's side), so the trace alone replays. It is
+//! not the default: a trace then grows by every byte the guest reads (a
+//! booting OS reads megabytes), while the image hash keeps the default
+//! trace small and still refuses a wrong image.
+//!
 //! Only raw images are supported: the qcow2 crates on crates.io (`qcow`,
 //! the Cloud Hypervisor `qcow` fork, `imago`) either pull an async runtime
 //! or are not published as maintained libraries; a raw image is what the
@@ -157,6 +164,9 @@ pub struct DiskIdentity {
     pub size: u64,
     /// The SHA-256 of the image, hex.
     pub sha256: String,
+    /// Whether the trace holds every read of this disk (`--embed-disks`):
+    /// the replay then needs no image.
+    pub embedded: bool,
 }
 
 /// The SHA-256 of a file and its size.
@@ -232,6 +242,7 @@ impl Disk {
             read_only: spec.read_only,
             size,
             sha256,
+            embedded: false,
         })
     }
 

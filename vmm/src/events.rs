@@ -334,6 +334,8 @@ pub enum Event {
     Rng(Vec<u8>),
     /// Input bytes virtio-console took here.
     ConsoleInput(Vec<u8>),
+    /// What a read of an embedded disk returned here (`--embed-disks`).
+    DiskRead(Vec<u8>),
 }
 
 impl Event {
@@ -352,6 +354,7 @@ impl Event {
             Event::End(_) => "end",
             Event::Rng(_) => "rng",
             Event::ConsoleInput(_) => "console-input",
+            Event::DiskRead(_) => "disk-read",
         }
     }
 
@@ -373,6 +376,7 @@ impl Event {
                 "end",
                 "rng",
                 "console-input",
+                "disk-read",
             ])
             .collect()
     }
@@ -389,6 +393,7 @@ impl std::fmt::Display for Event {
             Event::Entropy(v) => write!(f, "entropy {v:#x}"),
             Event::Rng(b) => write!(f, "rng {} bytes", b.len()),
             Event::ConsoleInput(b) => write!(f, "console input {:?}", String::from_utf8_lossy(b)),
+            Event::DiskRead(b) => write!(f, "disk read {} bytes", b.len()),
             Event::Landing(l) => write!(
                 f,
                 "landing rip {:#x} regs {:#018x} mem {:#018x} ({} dirty pages){}",
@@ -435,6 +440,7 @@ mod tests {
             any::<u64>().prop_map(Event::Entropy),
             prop::collection::vec(any::<u8>(), 0..40).prop_map(Event::Rng),
             prop::collection::vec(any::<u8>(), 0..40).prop_map(Event::ConsoleInput),
+            prop::collection::vec(any::<u8>(), 0..40).prop_map(Event::DiskRead),
             (any::<[u64; 16]>(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(gpr, rip, d, n)| {
                 Event::Landing(Box::new(Landing {
                     regs: GprSnapshot { gpr, rip, rflags: 2 },

@@ -299,6 +299,19 @@ pub trait RunHooks: Send {
         requested
     }
 
+    /// The backend of the disk `identity` describes, given the image opened
+    /// (`None` where a replay of an embedded disk needs none): a recording
+    /// with `identity.embedded` logs every read, a replay of such a disk
+    /// serves the reads from its trace. `None` back: this mode cannot
+    /// serve the disk without its image.
+    fn disk_backend(
+        &mut self,
+        _identity: &crate::disk::DiskIdentity,
+        image: Option<Box<dyn nyx_devices::block::BlockBackend>>,
+    ) -> Option<Box<dyn nyx_devices::block::BlockBackend>> {
+        image
+    }
+
     /// Whether disk images must stay unchanged: the guest's writes go to a
     /// copy-on-write overlay that snapshots carry (recording, replay,
     /// check). A plain run writes through to the images.

@@ -4,7 +4,12 @@
 //! them (`config::PciFunctionConfig`).
 //!
 //! The functions go into consecutive slots from `config::FIRST_PCI_SLOT`:
-//! the disks in order, then the entropy device, then the console. Each
+//! the disks in order, then the entropy device, then the console. As
+//! firmware would, Nyx assigns their BARs at build (I/O BARs from the
+//! host's I/O window, memory BARs, 64-bit ones included, from its 32-bit
+//! window, allocated with rust-vmm `vm-allocator`) and enables I/O and
+//! memory decoding; a guest may move them (the host decodes BARs wherever
+//! its windows reach). Each
 //! reaches the controllers through the machine's [`ChipLink`]: MSI-X to the
 //! local APIC, INTx on the line [`intx_gsi`] gives its slot. What comes
 //! from outside goes through the run mode: virtio-rng's bytes
@@ -15,6 +20,7 @@
 use std::io::Write;
 use std::sync::Arc;
 
+use nyx_devices::block::BlockBackend;
 use nyx_devices::pci_device::{IntxLine, IntxShares, PciDevice};
 use nyx_devices::virtio::block::VirtioBlock;
 use nyx_devices::virtio::console::VirtioConsole;
@@ -45,6 +51,9 @@ pub struct PciSetup {
     pub rng: bool,
     /// `--virtio-console`.
     pub console: Option<ConsoleIo>,
+    /// `--embed-disks`: a recording logs every disk read, so that its
+    /// replay needs no image.
+    pub embed_disks: bool,
 }
 
 impl std::fmt::Debug for PciSetup {
@@ -53,6 +62,7 @@ impl std::fmt::Debug for PciSetup {
             .field("disks", &self.disks)
             .field("rng", &self.rng)
             .field("console", &self.console.is_some())
+            .field("embed_disks", &self.embed_disks)
             .finish()
     }
 }
@@ -81,6 +91,7 @@ impl PciSetup {
                         .get(setup.disks.len())
                         .cloned()
                         .unwrap_or_else(|| std::path::PathBuf::from(&d.path));
+                    setup.embed_disks |= d.embedded;
                     setup.disks.push(DiskSpec {
                         path,
                         format: DiskFormat::Raw,
@@ -98,6 +109,45 @@ impl PciSetup {
             }
         }
         setup
+    }
+}
+
+/// Assigns BARs as firmware does: each from its window, naturally
+/// aligned, in slot order.
+struct BarAllocator {
+    io: vm_allocator::AddressAllocator,
+    mem: vm_allocator::AddressAllocator,
+}
+
+impl BarAllocator {
+    fn new() -> Self {
+        let (io, mem) = (nyx_devices::pci::IO_WINDOW, nyx_devices::pci::MMIO_WINDOW);
+        // Both windows are non-empty constants, so these cannot fail.
+        BarAllocator {
+            io: vm_allocator::AddressAllocator::new(io.0, io.1).expect("the PCI I/O window"),
+            mem: vm_allocator::AddressAllocator::new(mem.0, mem.1).expect("the PCI MMIO window"),
+        }
+    }
+
+    /// Programs `f`'s BARs and turns on I/O and memory decoding. A BAR
+    /// that does not fit stays unassigned (address 0) for the guest to
+    /// place.
+    fn assign(&mut self, f: &mut dyn PciDevice) {
+        use nyx_devices::pci_config::{BarKind, CMD_IO, CMD_MEMORY};
+        let mut command = 0u16;
+        for index in 0..6 {
+            let Some(bar) = f.config().bar(index) else { continue };
+            let (alloc, bit) = match bar.kind {
+                BarKind::Io => (&mut self.io, CMD_IO),
+                _ => (&mut self.mem, CMD_MEMORY),
+            };
+            if let Ok(r) = alloc.allocate(bar.size, bar.size, vm_allocator::AllocPolicy::FirstMatch) {
+                f.config_mut().set_bar_address(index, r.start());
+                command |= bit;
+            }
+        }
+        let c = f.config().command() | command;
+        f.config_mut().write(0x04, &c.to_le_bytes());
     }
 }
 
@@ -146,21 +196,43 @@ pub fn build_functions(
     let mut slot = FIRST_PCI_SLOT;
     let mut functions: Vec<PciFunction> = Vec::new();
     let mut config = Vec::new();
-    let add = |device: Box<dyn VirtioDevice>, functions: &mut Vec<PciFunction>, slot: &mut u8| {
+    let mut bars = BarAllocator::new();
+    let mut add = |device: Box<dyn VirtioDevice>, functions: &mut Vec<PciFunction>, slot: &mut u8| {
         let intx = IntxLine::new(intx_gsi(*slot, 1), shares.clone(), link.clone());
-        let f: Box<dyn PciDevice> = Box::new(VirtioPci::new(device, dma.clone(), link.clone(), intx));
+        let mut f: Box<dyn PciDevice> = Box::new(VirtioPci::new(device, dma.clone(), link.clone(), intx));
+        bars.assign(&mut *f);
         functions.push((*slot, f));
         *slot += 1;
     };
     for (i, spec) in setup.disks.iter().enumerate() {
         let id = spec.id.clone().unwrap_or_else(|| format!("disk{i}"));
-        let identity = match expected.and_then(|e| e.get(config.len())) {
+        let recorded = match expected.and_then(|e| e.get(config.len())) {
+            Some(PciFunctionConfig::Disk(want)) => Some(want),
+            _ => None,
+        };
+        // A replay of an embedded disk takes its reads from the trace and
+        // needs no image.
+        if let Some(want) = recorded.filter(|w| w.embedded) {
+            if let Some(disk) = hooks.disk_backend(want, None) {
+                add(
+                    Box::new(VirtioBlock::new(disk, want.id.clone())),
+                    &mut functions,
+                    &mut slot,
+                );
+                config.push(PciFunctionConfig::Disk(want.clone()));
+                continue;
+            }
+        }
+        let identity = match recorded {
             // A plain run's snapshot has no hash to check.
-            Some(PciFunctionConfig::Disk(want)) if !want.sha256.is_empty() => {
+            Some(want) if !want.sha256.is_empty() => {
                 Disk::check_identity(want, &spec.path)?;
                 want.clone()
             }
-            _ if overlay => Disk::identity(spec, &id)?,
+            _ if overlay => crate::disk::DiskIdentity {
+                embedded: setup.embed_disks,
+                ..Disk::identity(spec, &id)?
+            },
             // A plain run does not hash its images: nothing replays it.
             _ => crate::disk::DiskIdentity {
                 id: id.clone(),
@@ -168,14 +240,17 @@ pub fn build_functions(
                 read_only: spec.read_only,
                 size: 0,
                 sha256: String::new(),
+                embedded: false,
             },
         };
-        let disk = Disk::open(spec, &id, overlay)?;
-        add(
-            Box::new(VirtioBlock::new(Box::new(disk), id)),
-            &mut functions,
-            &mut slot,
-        );
+        let opened: Box<dyn BlockBackend> = Box::new(Disk::open(spec, &id, overlay)?);
+        let disk = hooks.disk_backend(&identity, Some(opened)).ok_or_else(|| {
+            PciSetupError::Disk(DiskError::Spec {
+                spec: identity.path.clone(),
+                why: "the run mode has no backend for this disk".into(),
+            })
+        })?;
+        add(Box::new(VirtioBlock::new(disk, id)), &mut functions, &mut slot);
         config.push(PciFunctionConfig::Disk(identity));
     }
     if setup.rng {
@@ -189,4 +264,134 @@ pub fn build_functions(
         config.push(PciFunctionConfig::Console);
     }
     Ok((functions, config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hooks::PlainRun;
+
+    fn disk(dir: &tempfile::TempDir, name: &str, read_only: bool) -> DiskSpec {
+        let path = dir.path().join(name);
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        DiskSpec {
+            path,
+            format: DiskFormat::Raw,
+            read_only,
+            id: None,
+        }
+    }
+
+    /// The slots and names of the functions, and the header's list.
+    type Built = (Vec<(u8, String)>, Vec<PciFunctionConfig>);
+
+    fn build(setup: PciSetup, expected: Option<&[PciFunctionConfig]>) -> Result<Built, PciSetupError> {
+        let mem = crate::memory::create(2).unwrap();
+        let dma = crate::memory::dma_view(&mem);
+        let link = Arc::new(ChipLink::default());
+        let (functions, config) =
+            build_functions(setup, None, &mut PlainRun::new(), &dma, &link, Irqchip::Apic, expected)?;
+        Ok((
+            functions.iter().map(|(s, f)| (*s, f.name().to_string())).collect(),
+            config,
+        ))
+    }
+
+    #[test]
+    fn functions_take_consecutive_slots_disks_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let setup = PciSetup {
+            disks: vec![disk(&dir, "a.img", false), disk(&dir, "b.img", true)],
+            rng: true,
+            console: Some(ConsoleIo {
+                out: Box::new(std::io::sink()),
+                input: crate::machine::SerialIn::None,
+            }),
+            embed_disks: false,
+        };
+        let (slots, config) = build(setup, None).unwrap();
+        assert_eq!(
+            slots,
+            vec![
+                (3, "virtio-blk".to_string()),
+                (4, "virtio-blk".to_string()),
+                (5, "virtio-rng".to_string()),
+                (6, "virtio-console".to_string())
+            ]
+        );
+        match &config[..] {
+            [PciFunctionConfig::Disk(a), PciFunctionConfig::Disk(b), PciFunctionConfig::Rng, PciFunctionConfig::Console] =>
+            {
+                assert_eq!((a.id.as_str(), b.id.as_str(), b.read_only), ("disk0", "disk1", true));
+                assert!(a.sha256.is_empty(), "a plain run does not hash");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(build(PciSetup::default(), None).unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn bars_are_assigned_in_the_windows_without_overlap() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = crate::memory::create(2).unwrap();
+        let dma = crate::memory::dma_view(&mem);
+        let link = Arc::new(ChipLink::default());
+        let setup = PciSetup {
+            disks: vec![disk(&dir, "a.img", false), disk(&dir, "b.img", false)],
+            rng: true,
+            ..Default::default()
+        };
+        let (functions, _) =
+            build_functions(setup, None, &mut PlainRun::new(), &dma, &link, Irqchip::Apic, None).unwrap();
+        let mut ranges = Vec::new();
+        for (_, f) in &functions {
+            let c = f.config();
+            assert_eq!(c.command() & 0x3, 0x2, "memory decoding on (no I/O BARs)");
+            for i in 0..6 {
+                if let Some((a, size, _)) = c.bar_range(i) {
+                    let w = nyx_devices::pci::MMIO_WINDOW;
+                    assert!(a >= w.0 && a + size <= w.0 + w.1 && a % size == 0, "{a:#x}+{size:#x}");
+                    ranges.push((a, a + size));
+                }
+            }
+        }
+        assert_eq!(ranges.len(), 6, "BAR1 and BAR4 of three functions");
+        ranges.sort();
+        assert!(ranges.windows(2).all(|w| w[0].1 <= w[1].0), "{ranges:x?}");
+    }
+
+    #[test]
+    fn bad_setups_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut missing = disk(&dir, "m.img", false);
+        missing.path = dir.path().join("nope.img");
+        let e = build(
+            PciSetup {
+                disks: vec![missing],
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("disk disk0") && e.contains("nope.img"), "{e}");
+        let many = PciSetup {
+            disks: (0..30).map(|i| disk(&dir, &format!("{i}.img"), false)).collect(),
+            ..Default::default()
+        };
+        assert!(matches!(build(many, None), Err(PciSetupError::TooMany(29))));
+        let spec = disk(&dir, "c.img", false);
+        let mut want = Disk::identity(&spec, "disk0").unwrap();
+        want.sha256 = "00".repeat(32);
+        let e = build(
+            PciSetup {
+                disks: vec![spec],
+                ..Default::default()
+            },
+            Some(&[PciFunctionConfig::Disk(want)]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("disk disk0") && e.contains("not the one recorded"), "{e}");
+    }
 }

@@ -629,12 +629,14 @@ mod tests {
         assert_eq!(device_of_port(0x43), Some(PortDevice::Pit));
         assert_eq!(device_of_port(0x44), None);
         assert_eq!(device_of_port(0xcff), Some(PortDevice::Pci));
-        assert_eq!(device_of_port(0xffff), None);
+        assert_eq!(device_of_port(0xffff), Some(PortDevice::Pci), "the I/O BAR window");
+        assert_eq!(device_of_port(0xbfff), None);
         assert_eq!(device_of_port(0x608), Some(PortDevice::AcpiPm));
         assert_eq!(device_of_port(0xc0), Some(PortDevice::Dma));
         assert_eq!(device_of_port(0x80), Some(PortDevice::Port80));
         for (base, len, device) in PORT_MAP.iter().copied().chain(modern_port_map()) {
-            for port in base..base + len {
+            for port in u32::from(base)..u32::from(base) + u32::from(len) {
+                let port = port as u16;
                 assert_eq!(device_of_port(port), Some(device), "{port:#x}");
             }
         }

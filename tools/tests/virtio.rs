@@ -1,0 +1,161 @@
+//! The virtio devices through the `nyx` command: `--disk`, `--rng` and
+//! `--virtio-console` on `run` and `record`, `replay --disk` for a moved
+//! image, the refusal of a changed image naming the disk, `--embed-disks`,
+//! and bad `--disk` options refused with a clear message.
+
+mod common;
+
+use std::path::Path;
+
+use common::{guest, kvm_available, nyx};
+
+fn disk(dir: &Path, name: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, nyx_guests::virtio_disk_image()).unwrap();
+    p
+}
+
+fn golden(name: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden").join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// `nyx ARGS` with the virtio guest's devices; (status, stdout, stderr).
+fn with_devices(args: &[&str], img: &Path, console: &Path, extra: &[&str]) -> (Option<i32>, String, String) {
+    let out = nyx()
+        .args(args)
+        .arg("--kernel")
+        .arg(guest("virtio"))
+        .args(["--cmdline", "nyx-test arg=1", "--disk"])
+        .arg(format!("{},id=nyx-disk0", img.display()))
+        .arg("--rng")
+        .arg("--virtio-console")
+        .arg(format!("file:{}", console.display()))
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn run_record_and_replay_with_a_disk() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exit = Some(nyx_guests::VIRTIO_EXIT as i32);
+
+    let img = disk(dir.path(), "run.img");
+    let console = dir.path().join("run.console");
+    let (status, out, err) = with_devices(&["run"], &img, &console, &[]);
+    assert_eq!(status, exit, "{err}");
+    assert_eq!(out, golden("virtio.out"));
+    assert_eq!(std::fs::read_to_string(&console).unwrap(), golden("virtio.console"));
+    assert_eq!(
+        nyx_vmm::disk::hash_file(&img).unwrap().1,
+        golden("virtio.img.sha256").trim()
+    );
+
+    let img = disk(dir.path(), "rec.img");
+    let before = std::fs::read(&img).unwrap();
+    let trace = dir.path().join("v.nyxtrace");
+    let console = dir.path().join("rec.console");
+    let (status, out, err) = with_devices(&["record", "--out", trace.to_str().unwrap()], &img, &console, &[]);
+    assert_eq!(status, exit, "{err}");
+    assert_eq!(out, golden("virtio.out"));
+    assert_eq!(std::fs::read(&img).unwrap(), before, "the recording wrote to the image");
+
+    let replayed = dir.path().join("replay.console");
+    let r = nyx()
+        .arg("replay")
+        .arg(&trace)
+        .arg("--virtio-console-out")
+        .arg(&replayed)
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), exit, "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(String::from_utf8_lossy(&r.stdout), golden("virtio.out"));
+    assert_eq!(std::fs::read_to_string(&replayed).unwrap(), golden("virtio.console"));
+
+    // The image changed: refused, naming the disk; the image given
+    // instead with --disk must be the recorded one too.
+    std::fs::write(&img, b"x".repeat(512)).unwrap();
+    let r = nyx().arg("replay").arg(&trace).output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("disk nyx-disk0") && err.contains("not the one recorded"),
+        "{err}"
+    );
+    let copy = disk(dir.path(), "copy.img");
+    let r = nyx()
+        .arg("replay")
+        .arg(&trace)
+        .arg("--disk")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), exit, "{}", String::from_utf8_lossy(&r.stderr));
+
+    // Embedded: the trace alone replays.
+    let img = disk(dir.path(), "emb.img");
+    let trace = dir.path().join("e.nyxtrace");
+    let (status, _, err) = with_devices(
+        &["record", "--out", trace.to_str().unwrap()],
+        &img,
+        &dir.path().join("emb.console"),
+        &["--embed-disks"],
+    );
+    assert_eq!(status, exit, "{err}");
+    std::fs::remove_file(&img).unwrap();
+    let r = nyx().arg("replay").arg(&trace).output().unwrap();
+    assert_eq!(r.status.code(), exit, "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(String::from_utf8_lossy(&r.stdout), golden("virtio.out"));
+}
+
+#[test]
+fn bad_disk_options_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.img");
+    for (spec, want) in [
+        (format!("{},format=qcow2", missing.display()), "only raw"),
+        (format!("{},id=", missing.display()), "id must be"),
+        (format!("{},bogus", missing.display()), "unknown option"),
+    ] {
+        let r = nyx()
+            .args(["run", "--kernel"])
+            .arg(guest("virtio"))
+            .arg("--disk")
+            .arg(&spec)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{spec}: {err}");
+        assert!(err.contains("--disk") && err.contains(want), "{spec}: {err}");
+    }
+    if !kvm_available() {
+        return;
+    }
+    let r = nyx()
+        .args(["run", "--kernel"])
+        .arg(guest("virtio"))
+        .arg("--disk")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("disk disk0") && err.contains("missing.img"), "{err}");
+    let r = nyx()
+        .args(["run", "--irqchip", "legacy", "--rng", "--kernel"])
+        .arg(guest("virtio"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("--irqchip apic"), "{err}");
+}
