@@ -32,7 +32,8 @@
 #            the nyx-guests build script writes NAME.elf; TARGET is
 #            $CARGO_TARGET_DIR or target)
 #   QEMU     the QEMU binary (default: qemu-system-x86_64)
-#   MODES    any of "qemu run record" (default: all three)
+#   MODES    any of "qemu run record embed" (default: "qemu run record";
+#            embed is `nyx record --embed-disks`, every read in the trace)
 #   SECTORS  the image's size in sectors (default 65536, 8..195312)
 # Needs: awk, sha256sum, date +%N, timeout.
 #
@@ -44,6 +45,7 @@
 #           -device virtio-blk-pci,disable-legacy=on,addr=0x3,drive=d0
 #   run:    nyx run --mem 64 --kernel NAME.elf --disk disk.img
 #   record: nyx record --out t.nyxtrace --mem 64 --kernel NAME.elf --disk disk.img
+#   embed:  the same with --embed-disks
 set -eu
 cd "$(dirname "$0")/../.."
 runs=${1:-5}
@@ -112,10 +114,16 @@ run_one() {
             </dev/null >"$W/out" 2>"$W/err"
         got=$?
         ;;
-    record)
+    record | embed)
+        embed=
+        [ "$mode" = embed ] && embed=--embed-disks
         (cd "$W" && timeout 600 "$nyx" record --out t.nyxtrace --mem 64 --kernel "$GUESTS/$g.elf" \
-            --disk "$img") </dev/null >"$W/out" 2>"$W/err"
+            --disk "$img" $embed) </dev/null >"$W/out" 2>"$W/err"
         got=$?
+        ;;
+    *)
+        echo "unknown mode $mode" >&2
+        exit 2
         ;;
     esac
     set -e
@@ -158,7 +166,7 @@ shas=""
 for mode in $modes; do
     s=$(sort -u "$W/blkwrite.$mode.sha")
     case $mode in
-    record)
+    record | embed)
         [ "$s" = "$base_sha" ] || { echo "blkwrite: nyx record changed the image" >&2; status=1; }
         ;;
     *)
@@ -214,15 +222,18 @@ for g in $guests; do
     done
 done
 
-case " $modes " in *" run "*) case " $modes " in *" record "*)
-    echo
-    echo "nyx record/plain, from the medians (whole run; net of blknop):"
-    for g in $guests; do
-        awk -v g="$g" -v r="$(cat "$W/$g.record.median")" -v p="$(cat "$W/$g.run.median")" \
-            -v rb="$(cat "$W/blknop.record.median")" -v pb="$(cat "$W/blknop.run.median")" 'BEGIN {
-            printf "  %-9s %.2f", g, r / p
-            if (g != "blknop" && p - pb > 0) printf "; %.2f", (r - rb) / (p - pb)
-            printf "\n" }'
+case " $modes " in *" run "*)
+    for rec in record embed; do
+        case " $modes " in *" $rec "*) ;; *) continue ;; esac
+        echo
+        echo "nyx $rec/run, from the medians (whole run; net of blknop):"
+        for g in $guests; do
+            awk -v g="$g" -v r="$(cat "$W/$g.$rec.median")" -v p="$(cat "$W/$g.run.median")" \
+                -v rb="$(cat "$W/blknop.$rec.median")" -v pb="$(cat "$W/blknop.run.median")" 'BEGIN {
+                printf "  %-9s %.2f", g, r / p
+                if (g != "blknop" && p - pb > 0) printf "; %.2f", (r - rb) / (p - pb)
+                printf "\n" }'
+        done
     done
-    ;; esac ;; esac
+    ;; esac
 exit $status
