@@ -52,6 +52,19 @@ fn setup(disk: &Path, console: &Capture) -> PciSetup {
     }
 }
 
+/// A plain-run machine of the virtio guest with its devices.
+fn virtio_machine(disk: &Path, serial: &Capture, console: &Capture) -> nyx_vmm::Machine {
+    MachineBuilder::new()
+        .memory(64)
+        .kernel_image("virtio", nyx_guests::VIRTIO.to_vec())
+        .cmdline("nyx-test arg=1")
+        .irqchip(Irqchip::Apic)
+        .serial_out(Box::new(serial.clone()))
+        .pci(setup(disk, console))
+        .build()
+        .unwrap()
+}
+
 #[test]
 fn the_virtio_guest_matches_qemu_byte_for_byte() {
     if !kvm() {
@@ -60,15 +73,7 @@ fn the_virtio_guest_matches_qemu_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     let disk = disk_image(dir.path());
     let (serial, console) = (Capture::default(), Capture::default());
-    let mut m = MachineBuilder::new()
-        .memory(64)
-        .kernel_image("virtio", nyx_guests::VIRTIO.to_vec())
-        .cmdline("nyx-test arg=1")
-        .irqchip(Irqchip::Apic)
-        .serial_out(Box::new(serial.clone()))
-        .pci(setup(&disk, &console))
-        .build()
-        .unwrap();
+    let mut m = virtio_machine(&disk, &serial, &console);
     let outcome = m.run().unwrap();
     let got = String::from_utf8_lossy(&serial.bytes()).into_owned();
     assert_eq!(got, golden_text("virtio.out"), "serial output differs from QEMU's");
@@ -185,15 +190,7 @@ fn snapshot_after(text: &str) {
     let dir = tempfile::tempdir().unwrap();
     let disk = disk_image(dir.path());
     let (serial, console) = (Capture::default(), Capture::default());
-    let mut m = MachineBuilder::new()
-        .memory(64)
-        .kernel_image("virtio", nyx_guests::VIRTIO.to_vec())
-        .cmdline("nyx-test arg=1")
-        .irqchip(Irqchip::Apic)
-        .serial_out(Box::new(serial.clone()))
-        .pci(setup(&disk, &console))
-        .build()
-        .unwrap();
+    let mut m = virtio_machine(&disk, &serial, &console);
     m.set_limits(nyx_vmm::machine::limits::Limits {
         until_output: Some(text.to_string()),
         max_guest_ns: None,
