@@ -908,6 +908,7 @@ mod tests {
             tsc_hz: 1_000_000_000,
             pci: Vec::new(),
             chip_link: Default::default(),
+            ram_below_4g: 4 << 20,
         };
         let platform = crate::platform::Platform::new(io, 4 << 20, 0, crate::config::Irqchip::Apic).unwrap();
         MachineState {

@@ -197,6 +197,9 @@ pub struct PlatformIo {
     pub tsc_hz: u64,
     /// The PCI functions beyond the host bridge.
     pub pci: Vec<PciFunction>,
+    /// Where RAM below 4 GiB ends: the PCI host decodes BARs from there
+    /// to the IOAPIC (ECAM aside) and in its 64-bit window.
+    pub ram_below_4g: u64,
     /// Where the functions send their interrupts: pointed at the new
     /// controllers.
     pub chip_link: Arc<ChipLink>,
@@ -368,6 +371,7 @@ impl Platform {
             DebugExit,
             pci_host(PciHost::new(), io.pci),
             modern,
+            io.ram_below_4g,
         )
     }
 
@@ -416,6 +420,7 @@ impl Platform {
             DebugExit::from_state(&state.debug_exit),
             pci,
             modern,
+            io.ram_below_4g,
         )?)
     }
 
@@ -431,6 +436,7 @@ impl Platform {
         debug_exit: DebugExit,
         pci: PciHost,
         modern: Option<Modern>,
+        ram_below_4g: u64,
     ) -> Result<Self, BusError> {
         let pit = Arc::new(Mutex::new(pit));
         let serial = Arc::new(Mutex::new(serial));
@@ -463,8 +469,16 @@ impl Platform {
             };
             pio.insert(u64::from(base), u64::from(len), d)?;
         }
+        // The PCI host decodes BARs anywhere in the 32-bit hole up to the
+        // IOAPIC (where a guest's own allocator may put them, as Linux
+        // does without firmware) and in its 64-bit window; it assigns
+        // them in MMIO_WINDOW at build.
         mmio.insert(ECAM_BASE, ECAM_SIZE, pci.clone())?;
-        mmio.insert(MMIO_WINDOW.0, MMIO_WINDOW.1, pci.clone())?;
+        if ram_below_4g < ECAM_BASE {
+            mmio.insert(ram_below_4g, ECAM_BASE - ram_below_4g, pci.clone())?;
+        }
+        const _: () = assert!(MMIO_WINDOW.0 >= ECAM_BASE + ECAM_SIZE && MMIO_WINDOW.0 + MMIO_WINDOW.1 <= IOAPIC_BASE);
+        mmio.insert(ECAM_BASE + ECAM_SIZE, IOAPIC_BASE - ECAM_BASE - ECAM_SIZE, pci.clone())?;
         mmio.insert(MMIO64_WINDOW.0, MMIO64_WINDOW.1, pci.clone())?;
         if let Some(m) = &modern {
             mmio.insert(LAPIC_BASE, LAPIC_SIZE, chip.clone())?;

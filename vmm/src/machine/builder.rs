@@ -437,6 +437,7 @@ impl MachineBuilder {
             tsc_hz: u64::from(tsc_khz) * 1000,
             pci,
             chip_link: chip_link.clone(),
+            ram_below_4g: ram.min(MMIO_HOLE_START),
         };
         let msr_list = crate::vcpu_state::accepted_msrs(&vcpu, &crate::vcpu_state::supported_msrs(&kvm))
             .map_err(Error::MsrList)?;

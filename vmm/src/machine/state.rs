@@ -99,6 +99,7 @@ impl Machine {
             // rebuild fail, the machine cannot run on anyway.
             pci: self.core.platform.take_pci_functions(),
             chip_link: self.core.chip_link.clone(),
+            ram_below_4g: (self.core.config.mem_mib << 20).min(crate::memory::MMIO_HOLE_START),
         };
         self.core.platform = Platform::from_state(io, &state.platform)?;
         crate::vcpu_state::restore(&self.core.vcpu, &state.vcpu).map_err(vcpu_err("restore"))?;
