@@ -368,6 +368,7 @@ fn dsdt_body(cfg: &AcpiConfig) -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut sb);
+    pci_root(cfg).to_aml_bytes(&mut sb);
     out.extend(Scope::raw("\\_SB_".into(), sb));
 
     Scope::new(
@@ -486,6 +487,99 @@ fn madt() -> Vec<u8> {
     // Local APIC NMI: every processor, flags conforming, LINT1.
     t.append_slice(&[4, 6, 0xff, 0, 0, 1]);
     t.as_slice().to_vec()
+}
+
+/// The PCI root bridge (`\_SB_.PCI0`): bus 0, the configuration ports,
+/// the host's BAR windows as its resources, and `_PRT`, the PIIX swizzle of
+/// every slot's INTA-INTD onto the GSIs of [`crate::platform::intx_gsi`];
+/// then a motherboard resource holding the ECAM window, so that an OS
+/// trusts the MCFG.
+fn pci_root(cfg: &AcpiConfig) -> impl Aml {
+    use acpi_tables::aml::AddressSpace as Window;
+    use acpi_tables::aml::AddressSpaceCacheable::NotCacheable;
+    use nyx_devices::ioapic::IOAPIC_BASE;
+    use nyx_devices::pci::{ECAM_BASE, ECAM_SIZE, MMIO64_WINDOW};
+
+    struct PciRoot(Vec<u8>);
+    impl Aml for PciRoot {
+        fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+            sink.vec(&self.0);
+        }
+    }
+
+    let mut prt_entries: Vec<Vec<u32>> = Vec::new();
+    for slot in 1u8..32 {
+        for pin in 0u8..4 {
+            let gsi = crate::platform::intx_gsi(slot, pin + 1);
+            prt_entries.push(vec![
+                (u32::from(slot) << 16) | 0xFFFF,
+                u32::from(pin),
+                0,
+                u32::from(gsi),
+            ]);
+        }
+    }
+    let prt_packages: Vec<Package> = prt_entries
+        .iter()
+        .map(|e| Package::new(vec![&e[0], &e[1], &e[2], &e[3]]))
+        .collect();
+    let prt = Package::new(prt_packages.iter().map(|p| p as &dyn Aml).collect());
+
+    let bus = Window::<u16>::new_bus_number(0, 0);
+    let cfg_ports = IO::new(0xcf8, 0xcf8, 1, 8);
+    let io_low = Window::<u16>::new_io(0, 0xcf7, None);
+    let io_high = Window::<u16>::new_io(0xd00, 0xffff, None);
+    let ram_top = (cfg.ram_below_4g as u32).min(ECAM_BASE as u32);
+    let mem_low = Window::<u32>::new_memory(NotCacheable, true, ram_top, ECAM_BASE as u32 - 1, None);
+    let mem_high = Window::<u32>::new_memory(
+        NotCacheable,
+        true,
+        (ECAM_BASE + ECAM_SIZE) as u32,
+        IOAPIC_BASE as u32 - 1,
+        None,
+    );
+    let mem64 = Window::<u64>::new_memory(
+        NotCacheable,
+        true,
+        MMIO64_WINDOW.0,
+        MMIO64_WINDOW.0 + MMIO64_WINDOW.1 - 1,
+        None,
+    );
+    let mut crs: Vec<&dyn Aml> = vec![&bus, &cfg_ports, &io_low, &io_high];
+    if u64::from(ram_top) < ECAM_BASE {
+        crs.push(&mem_low);
+    }
+    crs.push(&mem_high);
+    crs.push(&mem64);
+    let crs = ResourceTemplate::new(crs);
+
+    let mut out = Vec::new();
+    Device::new(
+        "PCI0".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0A03")),
+            &Name::new("_ADR".into(), &ZERO),
+            &Name::new("_SEG".into(), &ZERO),
+            &Name::new("_UID".into(), &ZERO),
+            &Name::new("_BBN".into(), &ZERO),
+            &Name::new("_CRS".into(), &crs),
+            &Name::new("_PRT".into(), &prt),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    Device::new(
+        "MRES".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0C02")),
+            &Name::new("_UID".into(), &ONE),
+            &Name::new(
+                "_CRS".into(),
+                &ResourceTemplate::new(vec![&Memory32Fixed::new(false, ECAM_BASE as u32, ECAM_SIZE as u32)]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    PciRoot(out)
 }
 
 /// The MCFG: the PCI host's ECAM window for bus 0.
@@ -881,6 +975,13 @@ mod tests {
             "PNP0103",
             "PNP0303",
             "PNP0F13",
+            "PNP0A03",
+            "PNP0C02",
+            "_PRT",
+            "WordBusNumber",
+            "0xC0100000",
+            "0xFEBFFFFF",
+            "0x0000002000000000",
             "ThermalZone (TZ00)",
             "_TMP",
             "_PSV",
