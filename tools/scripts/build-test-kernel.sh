@@ -2,9 +2,11 @@
 # Builds the test fixture kernel: a `tinyconfig` Linux 6.1 x86-64 `vmlinux`
 # from Debian's `linux-source-6.1` package, with a serial console, ELF and
 # initramfs support, PCI (which Linux's ACPI needs), ACPI (power and sleep
-# buttons, lid, battery, thermal zone) and the HPET, plus a busybox initramfs (from `busybox-static`). The
-# result is cached in the directory given as the only argument; the script
-# prints two lines, the path of the vmlinux and the path of the initramfs:
+# buttons, lid, battery, thermal zone), the HPET and the virtio 1.x PCI
+# drivers (virtio-blk, virtio-rng, virtio-console; no legacy virtio), plus a
+# busybox initramfs (from `busybox-static`). The result is cached in the
+# directory given as the only argument; the script prints two lines, the
+# path of the vmlinux and the path of the initramfs:
 #   set -- $(tools/scripts/build-test-kernel.sh ~/.cache/nyx-test-kernel)
 #   NYX_TEST_VMLINUX=$1 NYX_TEST_INITRD=$2 cargo test
 # A rebuild happens only when this script changes (its hash names the cache
@@ -54,6 +56,8 @@ make -s ARCH=x86_64 tinyconfig >&2
     -e DEVTMPFS -e DEVTMPFS_MOUNT \
     -e ACPI -e ACPI_BUTTON -e ACPI_AC -e ACPI_BATTERY -e ACPI_THERMAL -e THERMAL \
     -e PCI -e HPET_TIMER -e HPET -e X86_LOCAL_APIC -e X86_IO_APIC \
+    -e BLOCK -e BLK_DEV -e VIRTIO_MENU -e VIRTIO -e VIRTIO_PCI -d VIRTIO_PCI_LEGACY \
+    -e VIRTIO_BLK -e HW_RANDOM -e HW_RANDOM_VIRTIO -e VIRTIO_CONSOLE \
     -d RANDOMIZE_BASE >&2
 make -s ARCH=x86_64 olddefconfig >&2
 make -s ARCH=x86_64 -j"$(nproc)" vmlinux >&2
