@@ -357,6 +357,75 @@ fn kernel_on_the_modern_platform_uses_apic_hpet_and_acpi_and_replays() {
     assert_replays(&trace, &out, 1);
 }
 
+/// The line the virtio recording stops at: the disk probed, its size read.
+const VIRTIO_UNTIL: &str = "[vda]";
+
+/// Ignored by default: the kernel gets to its virtio probes after about
+/// 2 minutes of wall time in a release build (`nyx run`, BENCHMARKS.md),
+/// and this test (a debug build recording, then replaying) took 9.5
+/// minutes, a third of CI's budget. Run it with
+/// `cargo test -p nyx-cli --test kernel -- --ignored kernel_finds` and the
+/// fixture kernel's variables.
+#[test]
+#[ignore = "about 10 minutes in a debug build; run with --ignored"]
+fn kernel_finds_its_virtio_disk_and_the_recording_replays() {
+    if !kvm_available() {
+        return;
+    }
+    let Some((vmlinux, initrd)) = nyx_tests::test_kernel() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("vda.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let trace = dir.path().join("virtio.nyxtrace");
+    // About 2 minutes of wall time here (the PCI scan and the driver
+    // probes come after the ACPI interpreter's start).
+    let rec = nyx()
+        .args(["record", "--landings", "keyframe", "--out"])
+        .arg(&trace)
+        .arg("--kernel")
+        .arg(&vmlinux)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args([
+            "--cmdline",
+            APIC_CMDLINE,
+            "--mem",
+            "128",
+            "--until-output",
+            VIRTIO_UNTIL,
+        ])
+        .arg("--disk")
+        .arg(&disk)
+        .arg("--rng")
+        .args(["--max-guest-time", "300s"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&rec.stdout).into_owned();
+    let err = String::from_utf8_lossy(&rec.stderr);
+    assert_eq!(rec.status.code(), Some(0), "{out}\n{err}");
+    for want in [
+        "ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00])",
+        "PCI: MMCONFIG at [mem 0xc0000000-0xc00fffff] reserved in ACPI motherboard resources",
+        "pci 0000:00:03.0: [1af4:1042] type 00 class 0x010000",
+        "pci 0000:00:04.0: [1af4:1044] type 00 class 0x00ff00",
+        "virtio_blk virtio0: 1/0/0 default/read/poll queues",
+        "virtio_blk virtio0: [vda]",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    for bad in ["ACPI Error", "ACPI BIOS Error", "probe of", "invalid opcode"] {
+        assert!(!out.contains(bad), "{bad:?} in:\n{out}");
+    }
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        vec![0u8; 1 << 20],
+        "the recording wrote to the image"
+    );
+    assert_replays(&trace, &out, 1);
+}
+
 /// Replays `trace` `times` times: each prints `out` and ends with status 0.
 fn assert_replays(trace: &Path, out: &str, times: usize) {
     for i in 0..times {
