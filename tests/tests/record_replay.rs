@@ -274,6 +274,25 @@ fn rdtsc_values_replay_exactly() {
     round_trip("rdtsc", None, VerifyLevel::Full);
 }
 
+/// A Linux-style alternative copies a patched `rdtsc` (and `rdtscp`) over
+/// an instruction slot; the copy traps where nothing was patched at load,
+/// and must still read the TSC, in the recording and in its replays (Linux
+/// spun forever in `udelay` when the copy's trap was taken for a port write).
+#[test]
+fn copies_of_patched_alternatives_read_the_tsc_and_replay() {
+    if !kvm_available() {
+        return;
+    }
+    let rec = round_trip("altinstr", None, VerifyLevel::Full);
+    let serial = String::from_utf8_lossy(&rec.serial);
+    assert_eq!(
+        rec.outcome,
+        RunOutcome::DebugExit(nyx_guests::ALTINSTR_EXIT),
+        "{serial}"
+    );
+    assert!(serial.ends_with("altinstr: ok\n"), "{serial}");
+}
+
 #[test]
 fn serial_input_by_interrupt_replays_without_input() {
     if !kvm_available() {

@@ -282,6 +282,44 @@ fn gdb_on_a_live_kernel_has_more_breakpoints_than_debug_registers() {
     assert!(guest.ends_with(UNTIL) && !guest.contains("invalid opcode"), "{guest}");
 }
 
+/// The patcher follows the fixture kernel's alternatives: `rdtsc_ordered()`
+/// is `rdtsc` in a slot that Linux overwrites at boot with `lfence; rdtsc`
+/// (or `rdtscp`) from `.altinstr_replacement`, trap included. Each such copy
+/// must be known, or `udelay` spins forever on a trap taken for a port write
+/// once the TSC is the delay source (`tsc_early_khz=`, or a calibration that
+/// succeeds). Needs no KVM.
+#[test]
+fn kernel_alternatives_that_copy_patched_instructions_are_followed() {
+    let Some((vmlinux, _)) = nyx_tests::test_kernel() else {
+        return;
+    };
+    let image = std::fs::read(&vmlinux).unwrap();
+    let table = nyx_vmm::patch::scan_elf(&image).unwrap();
+    let lfence_rdtsc = table
+        .copies()
+        .iter()
+        .filter(|c| c.site.kind == nyx_vmm::patch::TrapKind::Rdtsc && c.expect.starts_with(&[0x0f, 0xae, 0xe8]))
+        .count();
+    let rdtscp = table
+        .copies()
+        .iter()
+        .filter(|c| c.site.kind == nyx_vmm::patch::TrapKind::Rdtscp && c.site.gpa == c.slot_gpa)
+        .count();
+    assert!(lfence_rdtsc >= 2, "{:#x?}", table.copies());
+    assert!(rdtscp >= 2, "{:#x?}", table.copies());
+    for copy in table.copies() {
+        // Each slot is a site patched in place (rdtsc) or holds other code,
+        // and the copy's own bytes sit inside the kernel's text.
+        assert!(
+            copy.site.vaddr.is_some_and(|v| v >= 0xffff_ffff_8100_0000),
+            "{copy:#x?}"
+        );
+        assert!(copy.site.in_replacement, "{copy:#x?}");
+    }
+    let replacement_sites = table.sites().iter().filter(|s| s.in_replacement).count();
+    assert!(replacement_sites >= 2, "{:#x?}", table.sites());
+}
+
 /// The line the modern-platform recording stops at: printed after the
 /// clocksource switch and the ACPI interpreter's start.
 const APIC_UNTIL: &str = "pnp: PnP ACPI init";

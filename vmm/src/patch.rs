@@ -61,6 +61,15 @@ const TRAP_PORT_BYTE: u8 = 0xE7;
 /// `out imm8, al`.
 const OUT_IMM8_AL: u8 = 0xE6;
 const NOP: u8 = 0x90;
+/// The port of the trap written into a site that lies inside a Linux
+/// alternative's replacement code (`.altinstr_replacement`). Linux copies
+/// such code over the alternative's original instruction at boot, trap
+/// included; writing to another port than [`TRAP_PORT`] lets Nyx tell the
+/// copy from a site patched in place at the same address (an `rdtscp`
+/// replacement over an `rdtsc`, both starting `E6`). Same rules as
+/// [`TRAP_PORT`]: unassigned on the PC, and `E5` is not an `out dx` opcode.
+pub const ALT_TRAP_PORT: u16 = ALT_TRAP_PORT_BYTE as u16;
+const ALT_TRAP_PORT_BYTE: u8 = 0xE5;
 /// Length of the trapping `out` instruction.
 pub const TRAP_LEN: u8 = 2;
 /// Longest x86 instruction.
@@ -74,9 +83,10 @@ const RFLAGS_SF: u64 = 1 << 7;
 const RFLAGS_OF: u64 = 1 << 11;
 
 /// Whether a port-write exit is a patched instruction's trap: one byte to
-/// [`TRAP_PORT`]. Confirm with [`PatchTable::site_for_exit`].
+/// [`TRAP_PORT`] or [`ALT_TRAP_PORT`]. Confirm with
+/// [`PatchTable::site_for_exit`].
 pub fn is_trap_exit(port: u16, data: &[u8]) -> bool {
-    port == TRAP_PORT && data.len() == 1
+    (port == TRAP_PORT || port == ALT_TRAP_PORT) && data.len() == 1
 }
 
 /// Which instruction a site held.
@@ -162,14 +172,22 @@ pub struct PatchSite {
     pub original: Vec<u8>,
     /// What it does.
     pub kind: TrapKind,
+    /// Whether it lies in a Linux alternative's replacement code, or is the
+    /// copy Linux makes of such a site: its trap writes to [`ALT_TRAP_PORT`].
+    pub in_replacement: bool,
 }
 
 impl PatchSite {
-    /// The bytes that replace the instruction: `out TRAP_PORT, al`, then `nop`s.
+    /// The bytes that replace the instruction: `out TRAP_PORT, al` (or
+    /// [`ALT_TRAP_PORT`]), then `nop`s.
     pub fn trap_bytes(&self) -> Vec<u8> {
         let mut bytes = vec![NOP; usize::from(self.len.max(TRAP_LEN))];
         bytes[0] = OUT_IMM8_AL;
-        bytes[1] = TRAP_PORT_BYTE;
+        bytes[1] = if self.in_replacement {
+            ALT_TRAP_PORT_BYTE
+        } else {
+            TRAP_PORT_BYTE
+        };
         bytes
     }
 
@@ -321,6 +339,7 @@ fn sweep(code: &[u8], base_gpa: u64, base_vaddr: Option<u64>, bits64: bool) -> V
                             len,
                             original: bytes.to_vec(),
                             kind,
+                            in_replacement: false,
                         });
                     }
                 }
@@ -379,26 +398,212 @@ pub fn scan_elf(image: &[u8]) -> Result<PatchTable, PatchError> {
             sites.extend(scan_linked(code, seg.paddr, Some(seg.vaddr), mode));
         }
     }
-    Ok(PatchTable::new(sites))
+    let copies = alternative_copies(image, &file, &mut sites);
+    Ok(PatchTable::with_copies(sites, copies))
 }
 
-/// Every patched site of a machine, in guest-physical address order. It goes
-/// into the trace header, so replay patches exactly what the recording did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "Vec<PatchSite>", into = "Vec<PatchSite>")]
-pub struct PatchTable {
-    sites: Vec<PatchSite>,
+/// One entry of a Linux kernel's `.altinstructions`: at boot, when the CPU
+/// has the entry's feature, Linux copies `repl_len` bytes of replacement code
+/// over the `slot_len`-byte slot and pads the rest with `nop`s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AltEntry {
+    /// Link-time address of the slot (the original instruction).
+    slot: u64,
+    slot_len: u8,
+    /// Link-time address of the replacement.
+    repl: u64,
+    repl_len: u8,
 }
 
-impl From<Vec<PatchSite>> for PatchTable {
-    fn from(sites: Vec<PatchSite>) -> Self {
-        PatchTable::new(sites)
+/// Layouts of Linux's `struct alt_instr` on x86, newest first that share no
+/// size: `(entry size, offset of instrlen, offset of replacementlen)`.
+/// Every layout starts with `s32 instr_offset, s32 repl_offset`, each
+/// relative to its own field: 4.20 to 6.2 have `u16 cpuid` next (12 bytes),
+/// 6.3 and later a `u32 ft_flags` (14 bytes), older kernels a trailing
+/// `u8 padlen` (13 bytes).
+const ALT_LAYOUTS: [(usize, usize, usize); 3] = [(12, 10, 11), (14, 12, 13), (13, 10, 11)];
+
+/// Reads `.altinstructions`, choosing the layout under which every entry is
+/// plausible (its replacement lies in `.altinstr_replacement` and is no
+/// longer than its slot). No sections, or no layout that fits: no entries.
+fn alt_entries(image: &[u8]) -> Vec<AltEntry> {
+    let (Some(table), Some(repl)) = (
+        elf::section(image, ".altinstructions"),
+        elf::section(image, ".altinstr_replacement"),
+    ) else {
+        return Vec::new();
+    };
+    let repl_end = repl.addr.saturating_add(repl.bytes.len() as u64);
+    for (size, il, rl) in ALT_LAYOUTS {
+        if table.bytes.is_empty() || table.bytes.len() % size != 0 {
+            continue;
+        }
+        let entries: Option<Vec<AltEntry>> = table
+            .bytes
+            .chunks_exact(size)
+            .enumerate()
+            .map(|(i, e)| {
+                let at = table.addr.wrapping_add((i * size) as u64);
+                let instr_off = i32::from_le_bytes(e.get(0..4)?.try_into().ok()?);
+                let repl_off = i32::from_le_bytes(e.get(4..8)?.try_into().ok()?);
+                let entry = AltEntry {
+                    slot: at.wrapping_add_signed(i64::from(instr_off)),
+                    slot_len: *e.get(il)?,
+                    repl: at.wrapping_add(4).wrapping_add_signed(i64::from(repl_off)),
+                    repl_len: *e.get(rl)?,
+                };
+                let inside = entry.repl >= repl.addr
+                    && entry
+                        .repl
+                        .checked_add(u64::from(entry.repl_len))
+                        .is_some_and(|end| end <= repl_end);
+                (entry.repl_len <= entry.slot_len && (entry.repl_len == 0 || inside)).then_some(entry)
+            })
+            .collect();
+        if let Some(entries) = entries {
+            return entries;
+        }
+    }
+    tracing::warn!(
+        ".altinstructions has a layout Nyx does not know: patched instructions that Linux copies \
+         from its alternatives will look like writes to an unassigned port"
+    );
+    Vec::new()
+}
+
+/// The guest-physical address of link-time address `vaddr`, through the
+/// loadable segment that holds it.
+fn segment_paddr(file: &elf::ElfFile, vaddr: u64) -> Option<u64> {
+    file.segments.iter().find_map(|seg| {
+        let off = vaddr.checked_sub(seg.vaddr)?;
+        (off < seg.memsz).then(|| seg.paddr.wrapping_add(off))
+    })
+}
+
+/// Marks every site inside a Linux alternative's replacement code (so that
+/// its trap uses [`ALT_TRAP_PORT`]) and returns the copies Linux may make of
+/// them into the alternatives' slots.
+fn alternative_copies(image: &[u8], file: &elf::ElfFile, sites: &mut [PatchSite]) -> Vec<AltCopy> {
+    let entries = alt_entries(image);
+    let Some(repl_section) = elf::section(image, ".altinstr_replacement") else {
+        return Vec::new();
+    };
+    let in_repl = |e: &AltEntry, s: &PatchSite| {
+        let end = e.repl.saturating_add(u64::from(e.repl_len));
+        s.vaddr
+            .is_some_and(|v| v >= e.repl && v.saturating_add(u64::from(s.len)) <= end)
+    };
+    for site in sites.iter_mut() {
+        site.in_replacement = entries.iter().any(|e| in_repl(e, site));
+    }
+    let mut copies = Vec::new();
+    for e in &entries {
+        let Some(slot_gpa) = segment_paddr(file, e.slot) else {
+            continue;
+        };
+        // The replacement's bytes as they sit in memory once patched.
+        let start = usize::try_from(e.repl - repl_section.addr).unwrap_or(usize::MAX);
+        let Some(code) = repl_section
+            .bytes
+            .get(start..start.saturating_add(usize::from(e.repl_len)))
+        else {
+            continue;
+        };
+        let mut patched = code.to_vec();
+        let inside: Vec<&PatchSite> = sites.iter().filter(|s| in_repl(e, s)).collect();
+        for s in &inside {
+            let at = s.vaddr.map_or(0, |v| v - e.repl) as usize;
+            if let Some(dst) = patched.get_mut(at..at + usize::from(s.len)) {
+                dst.copy_from_slice(&s.trap_bytes());
+            }
+        }
+        for s in inside {
+            let offset = s.vaddr.map_or(0, |v| v - e.repl);
+            let Some(expect) = patched.get(..offset as usize + usize::from(TRAP_LEN)) else {
+                continue;
+            };
+            copies.push(AltCopy {
+                site: PatchSite {
+                    gpa: slot_gpa.wrapping_add(offset),
+                    vaddr: Some(e.slot.wrapping_add(offset)),
+                    ..s.clone()
+                },
+                slot_gpa,
+                expect: expect.to_vec(),
+            });
+        }
+    }
+    copies
+}
+
+/// A patched instruction that Linux copies at boot, with the rest of an
+/// alternative's replacement code, over the alternative's original
+/// instruction (its slot): `lfence; rdtsc` over `rdtsc` in
+/// `rdtsc_ordered()`, for one. The trap comes along, so the copy traps at an
+/// address where nothing was patched at load time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AltCopy {
+    /// The site as it sits once copied: `gpa` and `vaddr` are in the slot,
+    /// `original` and `kind` those of the replacement's instruction.
+    pub site: PatchSite,
+    /// Guest-physical address of the slot.
+    pub slot_gpa: u64,
+    /// The slot's bytes from its start up to the end of the copied trap, as
+    /// Linux writes them: the replacement code, traps included. `nop`s here
+    /// match any byte (Linux may merge `nop` runs into longer `nop`s).
+    pub expect: Vec<u8>,
+}
+
+impl AltCopy {
+    fn is_valid(&self) -> bool {
+        self.site.is_valid()
+            && self.site.in_replacement
+            && self
+                .site
+                .gpa
+                .checked_sub(self.slot_gpa)
+                .and_then(|o| o.checked_add(u64::from(TRAP_LEN)))
+                == Some(self.expect.len() as u64)
+            && self.expect.len() <= usize::from(u8::MAX)
+            && self.expect.ends_with(&self.site.trap_bytes()[..usize::from(TRAP_LEN)])
+    }
+
+    /// Whether `found`, the slot's bytes from its start, holds this copy.
+    fn matches(&self, found: &[u8]) -> bool {
+        found.len() == self.expect.len() && self.expect.iter().zip(found).all(|(&e, &f)| e == NOP || e == f)
     }
 }
 
-impl From<PatchTable> for Vec<PatchSite> {
+/// Every patched site of a machine, in guest-physical address order, and the
+/// copies a Linux guest may make of them. It goes into the trace header and
+/// snapshots, so replay patches exactly what the recording did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "TableRepr", into = "TableRepr")]
+pub struct PatchTable {
+    sites: Vec<PatchSite>,
+    /// Sorted by the copied site's address.
+    copies: Vec<AltCopy>,
+}
+
+/// How a [`PatchTable`] is stored; validated on the way in.
+#[derive(Serialize, Deserialize)]
+struct TableRepr {
+    sites: Vec<PatchSite>,
+    copies: Vec<AltCopy>,
+}
+
+impl From<TableRepr> for PatchTable {
+    fn from(repr: TableRepr) -> Self {
+        PatchTable::with_copies(repr.sites, repr.copies)
+    }
+}
+
+impl From<PatchTable> for TableRepr {
     fn from(table: PatchTable) -> Self {
-        table.sites
+        TableRepr {
+            sites: table.sites,
+            copies: table.copies,
+        }
     }
 }
 
@@ -406,7 +611,15 @@ impl PatchTable {
     /// A table of `sites`, sorted by address. Malformed sites (bad length or
     /// register) and sites overlapping an earlier one are dropped, so a table
     /// read from a file can never make Nyx write outside a site.
-    pub fn new(mut sites: Vec<PatchSite>) -> Self {
+    pub fn new(sites: Vec<PatchSite>) -> Self {
+        PatchTable::with_copies(sites, Vec::new())
+    }
+
+    /// [`PatchTable::new`] with the copies Linux may make of sites in its
+    /// alternatives. Nyx never writes a copy (Linux does); malformed ones
+    /// are dropped. Copies may overlap sites and each other: which one
+    /// trapped is decided by what memory holds.
+    pub fn with_copies(mut sites: Vec<PatchSite>, mut copies: Vec<AltCopy>) -> Self {
         sites.sort_by_key(|s| s.gpa);
         let mut kept: Vec<PatchSite> = Vec::with_capacity(sites.len());
         for site in sites {
@@ -417,7 +630,15 @@ impl PatchTable {
             }
             kept.push(site);
         }
-        PatchTable { sites: kept }
+        copies.retain(|c| {
+            let ok = c.is_valid();
+            if !ok {
+                tracing::warn!("dropping copied patch site {:?}: malformed", c.site);
+            }
+            ok
+        });
+        copies.sort_by_key(|c| (c.site.gpa, c.slot_gpa));
+        PatchTable { sites: kept, copies }
     }
 
     /// Writes the trap bytes of every site into `mem`. Each site must hold its
@@ -471,9 +692,11 @@ impl PatchTable {
     /// The site whose trap a vCPU just executed, from the registers read
     /// after the exit was completed: `rip_after_trap` is RIP (just past the
     /// 2-byte `out`), `cs_base` the code segment base, `paging` the vCPU's
-    /// paging registers. `None` if RIP − 2 is not a site start or memory there
-    /// no longer holds the trap (the guest rewrote its code): then the exit
-    /// was an ordinary port write.
+    /// paging registers. A site patched in place is found by its address; a
+    /// copy Linux made of one ([`AltCopy`]) by its address and the bytes of
+    /// its slot. `None` if RIP − 2 is neither or memory there no longer holds
+    /// the trap (the guest rewrote its code): then the exit was an ordinary
+    /// port write.
     pub fn site_for_exit(
         &self,
         mem: &GuestMemory,
@@ -483,11 +706,30 @@ impl PatchTable {
     ) -> Option<&PatchSite> {
         let start = cs_base.wrapping_add(rip_after_trap.wrapping_sub(u64::from(TRAP_LEN)));
         let gpa = paging::translate(mem, paging, start).ok()?.gpa;
-        let site = self.site_at(gpa)?;
         let mut found = [0u8; TRAP_LEN as usize];
         paging::read_virt(mem, paging, start, &mut found).ok()?;
-        let trap = site.trap_bytes();
-        (trap.get(..found.len()) == Some(&found[..])).then_some(site)
+        if let Some(site) = self.site_at(gpa) {
+            if site.trap_bytes().get(..found.len()) == Some(&found[..]) {
+                return Some(site);
+            }
+        }
+        let first = self.copies.partition_point(|c| c.site.gpa < gpa);
+        self.copies
+            .get(first..)?
+            .iter()
+            .take_while(|c| c.site.gpa == gpa)
+            .find(|c| {
+                let slot = start.wrapping_sub(gpa - c.slot_gpa);
+                let mut slot_bytes = vec![0u8; c.expect.len()];
+                paging::read_virt(mem, paging, slot, &mut slot_bytes).is_ok() && c.matches(&slot_bytes)
+            })
+            .map(|c| &c.site)
+    }
+
+    /// The copies of sites that Linux may make from its alternatives, by
+    /// address.
+    pub fn copies(&self) -> &[AltCopy] {
+        &self.copies
     }
 
     /// Replaces patched bytes in `buf` (which holds guest-physical memory
@@ -523,6 +765,22 @@ impl PatchTable {
                 shown.copy_from_slice(original);
             }
         }
+        // Copies that sit wholly in the buffer, slot included.
+        for copy in &self.copies {
+            let (Some(slot), Some(at)) = (copy.slot_gpa.checked_sub(gpa), copy.site.gpa.checked_sub(gpa)) else {
+                continue;
+            };
+            let (Ok(slot), Ok(at)) = (usize::try_from(slot), usize::try_from(at)) else {
+                continue;
+            };
+            let len = usize::from(copy.site.len);
+            let found = buf.get(slot..slot.saturating_add(copy.expect.len()));
+            if found.is_some_and(|f| copy.matches(f)) {
+                if let Some(shown) = buf.get_mut(at..at.saturating_add(len)) {
+                    shown.copy_from_slice(&copy.site.original);
+                }
+            }
+        }
     }
 
     /// Number of sites.
@@ -540,9 +798,10 @@ impl PatchTable {
         &self.sites
     }
 
-    /// Keeps only the sites whose kind `keep` accepts.
+    /// Keeps only the sites (and copies) whose kind `keep` accepts.
     pub fn retain(&mut self, mut keep: impl FnMut(&TrapKind) -> bool) {
         self.sites.retain(|s| keep(&s.kind));
+        self.copies.retain(|c| keep(&c.site.kind));
     }
 }
 
@@ -637,6 +896,7 @@ mod tests {
             len: original.len() as u8,
             original: original.to_vec(),
             kind,
+            in_replacement: false,
         }
     }
 
@@ -860,10 +1120,13 @@ mod tests {
             Some(0x100_0000)
         );
         // A file that lists overlapping sites is normalised on the way in.
-        let raw = vec![
-            site(0x10, &[0x0f, 0x31], TrapKind::Rdtsc),
-            site(0x11, &[0x0f, 0x31], TrapKind::Rdtsc),
-        ];
+        let raw = TableRepr {
+            sites: vec![
+                site(0x10, &[0x0f, 0x31], TrapKind::Rdtsc),
+                site(0x11, &[0x0f, 0x31], TrapKind::Rdtsc),
+            ],
+            copies: Vec::new(),
+        };
         let bytes = postcard::to_allocvec(&raw).unwrap();
         let back: PatchTable = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(back.len(), 1);
@@ -971,6 +1234,117 @@ mod tests {
         // Code the guest rewrote is not a site any more.
         mem.write_slice(&[0x90, 0x90], GuestAddress(0x3002)).unwrap();
         assert_eq!(found(0x1004), None);
+    }
+
+    /// The `altinstr` guest's sites: `rdtsc` in its slot, patched in place,
+    /// and the two replacements, patched in `.altinstr_replacement` and
+    /// expected as copies over the slot.
+    #[test]
+    fn scan_elf_follows_linux_alternatives_into_their_slots() {
+        let image = nyx_guests::ALTINSTR;
+        let sym = |name| u64::from(nyx_guests::symbol(image, name).unwrap());
+        let (slot, lfence, rdtscp) = (sym("tsc_slot"), sym("repl_lfence"), sym("repl_rdtscp"));
+        let table = scan_elf(image).unwrap();
+        let sites: Vec<(u64, TrapKind, bool)> = table
+            .sites()
+            .iter()
+            .map(|s| (s.gpa, s.kind, s.in_replacement))
+            .collect();
+        assert_eq!(
+            sites,
+            vec![
+                (slot, TrapKind::Rdtsc, false),
+                (lfence + 3, TrapKind::Rdtsc, true),
+                (rdtscp, TrapKind::Rdtscp, true),
+            ]
+        );
+        let copies: Vec<(u64, u64, TrapKind, &[u8])> = table
+            .copies()
+            .iter()
+            .map(|c| (c.site.gpa, c.slot_gpa, c.site.kind, c.expect.as_slice()))
+            .collect();
+        assert_eq!(
+            copies,
+            vec![
+                (slot, slot, TrapKind::Rdtscp, &[0xe6, 0xe5][..]),
+                (slot + 3, slot, TrapKind::Rdtsc, &[0x0f, 0xae, 0xe8, 0xe6, 0xe5][..]),
+            ]
+        );
+
+        // Patch a loaded copy, then do what Linux does: copy a replacement
+        // (from patched memory) over the slot and pad it with nops.
+        let mem = memory(64 << 20);
+        drop(crate::loader::load(&mem, image, None, "").unwrap());
+        table.apply(&mem).unwrap();
+        let paging = PagingRegs::default();
+        let found = |rip: u64| {
+            table
+                .site_for_exit(&mem, &paging, rip, 0)
+                .map(|s| (s.gpa, s.kind, s.len))
+        };
+        assert_eq!(found(slot + 2), Some((slot, TrapKind::Rdtsc, 2)), "in place");
+        let copy_over_slot = |repl: u64, len: usize| {
+            let mut bytes = vec![0x90u8; 5];
+            mem.read_slice(&mut bytes[..len], GuestAddress(repl)).unwrap();
+            mem.write_slice(&bytes, GuestAddress(slot)).unwrap();
+        };
+        copy_over_slot(lfence, 5);
+        assert_eq!(found(slot + 2), None, "lfence is no trap");
+        assert_eq!(found(slot + 5), Some((slot + 3, TrapKind::Rdtsc, 2)));
+        let mut shown = [0u8; 5];
+        mem.read_slice(&mut shown, GuestAddress(slot)).unwrap();
+        table.unpatch_view(slot, &mut shown);
+        assert_eq!(shown, [0x0f, 0xae, 0xe8, 0x0f, 0x31], "gdb sees lfence; rdtsc");
+        copy_over_slot(rdtscp, 3);
+        assert_eq!(
+            found(slot + 2),
+            Some((slot, TrapKind::Rdtscp, 3)),
+            "not the rdtsc patched there"
+        );
+        // Linux merges the nop run after the copied trap into one long nop.
+        mem.write_slice(&[0x0f, 0x1f, 0x00], GuestAddress(slot + 2)).unwrap();
+        assert_eq!(found(slot + 2), Some((slot, TrapKind::Rdtscp, 3)));
+        // The replacements themselves trap on the other port, and are found
+        // where they are too.
+        assert_eq!(found(rdtscp + 2), Some((rdtscp, TrapKind::Rdtscp, 3)));
+        // A plain run keeps no time sites, copies included.
+        let mut cpuid_only = table.clone();
+        cpuid_only.retain(|k| *k == TrapKind::Cpuid);
+        assert!(cpuid_only.is_empty() && cpuid_only.copies().is_empty());
+        // The table, copies included, goes through a trace and back.
+        let back: PatchTable = postcard::from_bytes(&postcard::to_allocvec(&table).unwrap()).unwrap();
+        assert_eq!(back, table);
+    }
+
+    #[test]
+    fn copies_that_do_not_add_up_are_dropped() {
+        let copy = |slot_gpa: u64, expect: &[u8]| AltCopy {
+            site: PatchSite {
+                in_replacement: true,
+                ..site(0x1003, &[0x0f, 0x31], TrapKind::Rdtsc)
+            },
+            slot_gpa,
+            expect: expect.to_vec(),
+        };
+        let good = copy(0x1000, &[0x0f, 0xae, 0xe8, 0xe6, 0xe5]);
+        let table = PatchTable::with_copies(
+            Vec::new(),
+            vec![
+                good.clone(),
+                copy(0x1001, &[0x0f, 0xae, 0xe8, 0xe6, 0xe5]), // slot offset and length disagree
+                copy(0x1004, &[0xe6, 0xe5]),                   // slot after the site
+                copy(0x1000, &[0x0f, 0xae, 0xe8, 0xe6, 0xe7]), // wrong port
+                AltCopy {
+                    site: site(0x1003, &[0x0f, 0x31], TrapKind::Rdtsc),
+                    ..good.clone()
+                }, // not marked as a replacement site
+            ],
+        );
+        assert_eq!(table.copies(), &[good]);
+        // A view of just the copy's bytes, with the slot cut off, is left alone.
+        let mut partial = [0xe6, 0xe5];
+        table.unpatch_view(0x1003, &mut partial);
+        assert_eq!(partial, [0xe6, 0xe5]);
     }
 
     #[test]
@@ -1239,6 +1613,7 @@ mod tests {
                 len,
                 original: vec![0x90; usize::from(len)],
                 kind: TrapKind::Rdseed { reg, size },
+                in_replacement: false,
             };
             let mut regs = kvm_regs { rip, ..Default::default() };
             emulate(&s, value, 0, &mut regs);

@@ -50,6 +50,16 @@ pub const TICKS: &[u8] = guest_image!("ticks");
 pub const CPUID: &[u8] = guest_image!("cpuid");
 /// Debug-exit value of [`CPUID`].
 pub const CPUID_EXIT: u32 = 0x47;
+
+/// A Linux-style alternative: reads the TSC through a slot holding `rdtsc`,
+/// then `lfence; rdtsc`, then `rdtscp` copied over it from
+/// `.altinstr_replacement` (described by `.altinstructions` in Linux 6.1's
+/// layout) as Linux's `apply_alternatives` does; exits with
+/// [`ALTINSTR_EXIT`] when every read advanced, else with
+/// [`UNEXPECTED_EXIT`]. Timing-dependent values, so not in [`ALL`].
+pub const ALTINSTR: &[u8] = guest_image!("altinstr");
+/// Debug-exit value of [`ALTINSTR`].
+pub const ALTINSTR_EXIT: u32 = 0x4a;
 /// Long mode `int3` (interrupts off) and `int $0x30` (interrupts on), each
 /// checking its handler's return address; exits with [`SOFTINT_EXIT`].
 pub const SOFTINT: &[u8] = guest_image!("softint");
@@ -571,12 +581,13 @@ pub fn image(name: &str) -> Option<&'static [u8]> {
 }
 
 /// The guests outside [`ALL`]: their output depends on the host or on
-/// input from outside.
+/// input from outside, or they test one thing and have no golden.
 pub const OTHERS: &[(&str, &[u8])] = &[
     ("cpuid", CPUID),
     ("pwrbtn", PWRBTN),
     ("tscdl", TSCDL),
     ("eoicost", EOICOST),
+    ("altinstr", ALTINSTR),
 ];
 
 /// The built ELF file of the guest called `name` (in Cargo's `OUT_DIR`).

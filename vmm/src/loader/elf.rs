@@ -1,7 +1,9 @@
 //! A minimal, bounds-checked reader of ELF file and program headers (32- and
 //! 64-bit, little endian): just enough for the loaders to tell an i386 image
 //! from an x86-64 one, to validate every loadable segment before anything is
-//! written to guest memory, and to report which segments are executable.
+//! written to guest memory, and to report which segments are executable;
+//! and, for the instruction patcher, named sections (Linux's
+//! `.altinstructions`), where a damaged section table counts as none.
 
 use super::LoadError;
 
@@ -198,6 +200,87 @@ pub fn parse(image: &[u8]) -> Result<ElfFile, LoadError> {
     })
 }
 
+/// One section of an ELF file: where it is linked and its bytes in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Section<'a> {
+    /// `sh_addr`: the virtual address it is linked at.
+    pub addr: u64,
+    /// Its bytes in the file (empty for `SHT_NOBITS`).
+    pub bytes: &'a [u8],
+}
+
+/// `sh_type` of a section without file bytes (`.bss`).
+const SHT_NOBITS: u32 = 8;
+
+/// The section named `name`, found through the section header table and its
+/// string table. `None` when the file has no section headers, no section of
+/// that name, or headers that do not lie inside `image`: sections are
+/// optional extras (the loaders need only the program headers), so a damaged
+/// table is treated as absent.
+pub fn section<'a>(image: &'a [u8], name: &str) -> Option<Section<'a>> {
+    let (class, _) = ident(image).ok()?;
+    let wide = class == Class::Elf64;
+    let (shoff, shentsize, shnum, shstrndx) = if wide {
+        (
+            u64_at(image, 40)?,
+            u16_at(image, 58)?,
+            u16_at(image, 60)?,
+            u16_at(image, 62)?,
+        )
+    } else {
+        (
+            u32_at(image, 32)?.into(),
+            u16_at(image, 46)?,
+            u16_at(image, 48)?,
+            u16_at(image, 50)?,
+        )
+    };
+    if shoff == 0 || shentsize != if wide { 64 } else { 40 } {
+        return None;
+    }
+    // (name offset, type, addr, offset, size) of header `i`.
+    let header = |i: u16| -> Option<(u32, u32, u64, u64, u64)> {
+        let at = shoff.checked_add(u64::from(i) * u64::from(shentsize))?;
+        Some(if wide {
+            (
+                u32_at(image, at)?,
+                u32_at(image, at + 4)?,
+                u64_at(image, at + 16)?,
+                u64_at(image, at + 24)?,
+                u64_at(image, at + 32)?,
+            )
+        } else {
+            (
+                u32_at(image, at)?,
+                u32_at(image, at + 4)?,
+                u32_at(image, at + 12)?.into(),
+                u32_at(image, at + 16)?.into(),
+                u32_at(image, at + 20)?.into(),
+            )
+        })
+    };
+    let file_bytes = |offset: u64, size: u64| -> Option<&'a [u8]> {
+        let start = usize::try_from(offset).ok()?;
+        image.get(start..start.checked_add(usize::try_from(size).ok()?)?)
+    };
+    let (_, _, _, str_off, str_size) = header(shstrndx)?;
+    let strings = file_bytes(str_off, str_size)?;
+    (0..shnum).find_map(|i| {
+        let (name_off, sh_type, addr, offset, size) = header(i)?;
+        let rest = strings.get(usize::try_from(name_off).ok()?..)?;
+        let end = rest.iter().position(|&b| b == 0)?;
+        if rest.get(..end)? != name.as_bytes() {
+            return None;
+        }
+        let bytes = if sh_type == SHT_NOBITS {
+            &[][..]
+        } else {
+            file_bytes(offset, size)?
+        };
+        Some(Section { addr, bytes })
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -314,5 +397,31 @@ pub(crate) mod tests {
         let mut huge_phoff = img.clone();
         huge_phoff[28..32].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(parse(&huge_phoff), Err(LoadError::Truncated { .. })));
+    }
+
+    #[test]
+    fn section_finds_named_sections_and_treats_damage_as_absence() {
+        let image = nyx_guests::ALTINSTR;
+        let alt = section(image, ".altinstructions").expect("the guest has .altinstructions");
+        assert_eq!(alt.bytes.len(), 24, "two 12-byte entries");
+        let repl = section(image, ".altinstr_replacement").unwrap();
+        assert_eq!(repl.bytes, [0x0f, 0xae, 0xe8, 0x0f, 0x31, 0x0f, 0x01, 0xf9]);
+        assert!(repl.addr >= 0x10_0000);
+        assert_eq!(section(image, ".altinstr"), None, "whole names only");
+        assert_eq!(section(image, "no such section"), None);
+        // Cut the file inside its section header table.
+        let shoff = u32_at(image, 32).unwrap() as usize;
+        assert_eq!(section(&image[..shoff + 8], ".altinstructions"), None);
+        let mut bad_size = image.to_vec();
+        bad_size[46..48].copy_from_slice(&64u16.to_le_bytes());
+        assert_eq!(
+            section(&bad_size, ".altinstructions"),
+            None,
+            "64-byte entries in an ELF32 file"
+        );
+        // A file without section headers.
+        let bare = build(Class::Elf64, EM_X86_64, 0, &[(PT_LOAD, 0, 0, &[0x90], 1, PF_X)]);
+        assert_eq!(section(&bare, ".text"), None);
+        assert_eq!(section(b"\x7fELF", ".text"), None);
     }
 }

@@ -51,7 +51,7 @@ impl ExitIo<'_> {
             VcpuExit::IoOut(port, data) => {
                 core.stats.pio += 1;
                 if crate::patch::is_trap_exit(port, data) && core.patched {
-                    return Err(Pending::Trap);
+                    return Err(Pending::Trap(port));
                 }
                 rec = ExitRecord {
                     kind: ExitKind::PioOut,
@@ -206,7 +206,7 @@ impl Machine {
                     rip: 0,
                 })
             }
-            Pending::Trap => {
+            Pending::Trap(port) => {
                 // KVM completes the `out` on the next KVM_RUN and refuses
                 // register changes before that: complete it with an
                 // immediate exit (RIP is then just past the `out`).
@@ -238,11 +238,10 @@ impl Machine {
                     .cloned()
                 else {
                     // An ordinary write to the trap port: nothing there.
-                    self.core
-                        .note_unknown(false, u64::from(crate::patch::TRAP_PORT), true, 1);
+                    self.core.note_unknown(false, u64::from(port), true, 1);
                     return Ok(ExitRecord {
                         kind: ExitKind::PioOut,
-                        addr: u64::from(crate::patch::TRAP_PORT),
+                        addr: u64::from(port),
                         size: 1,
                         data: 0,
                         rip: regs.rip,
@@ -301,8 +300,12 @@ impl Machine {
 
 /// An exit that needs the vCPU to complete.
 pub(super) enum Pending {
-    Msr { index: u32, write: Option<u64> },
-    Trap,
+    Msr {
+        index: u32,
+        write: Option<u64>,
+    },
+    /// A one-byte write to a trap port (which one).
+    Trap(u16),
 }
 
 fn next_of(ev: BusEvent) -> Next {
