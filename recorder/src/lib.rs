@@ -600,7 +600,7 @@ pub fn end_record(ctx: &mut HookCtx<'_>, outcome: &RunOutcome) -> Result<EndReco
         RunOutcome::Limit(l) => EndKind::Limit(l.clone()),
     };
     let regs_digest = ctx.regs_digest()?;
-    let mem_digest = nyx_vmm::mem_state::memory_digest(ctx.mem);
+    let mem_digest = ctx.touched_digest()?;
     Ok(EndRecord {
         kind,
         regs_digest,

@@ -343,6 +343,7 @@ pub fn restore_keyframe(
         first..first + (r.data.len() as u64).div_ceil(4096)
     });
     ctx.written.extend(pages.clone());
+    ctx.touched.extend(pages.clone());
     ctx.dirty_since_landing.extend(pages);
     let mem_ok = ctx.dirty_digest(&regs, &sregs) == landing.mem_digest;
     ctx.dirty_since_landing.clear();

@@ -247,6 +247,13 @@ const BASELINE_LX1_EDX: &[&str] = &[
     "fpu", "vme", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "syscall", "mtrr", "pge", "mca", "cmov", "pat",
     "pse36", "nx", "mmx", "fxsr", "lm",
 ];
+/// Leaf 0x8000_0008 EBX: `xsaveerptr` says FXSAVE/XSAVE always save the x87
+/// error pointers. Without it Linux on an AMD CPU clears them by hand before
+/// each FPU restore (`fnclex; emms; fildl`, its FXSAVE_LEAK workaround),
+/// which the emulated KVM cannot execute: the guest dies at its first
+/// return to a task with FPU state. Not a feature the guest must execute,
+/// a promise about instructions it already has.
+const BASELINE_LX8_EBX: &[&str] = &["xsaveerptr"];
 /// The highest basic and extended leaves the baseline model shows.
 const BASELINE_MAX_BASIC: u32 = 0xd;
 const BASELINE_MAX_EXTENDED: u32 = 0x8000_0008;
@@ -280,8 +287,9 @@ fn baseline(supported: &[CpuidEntry]) -> Vec<CpuidEntry> {
             }
             // Brand string, caches (AMD), power management (invariant TSC).
             0x8000_0002..=0x8000_0007 => {}
-            // Address sizes and core count; no features in EBX.
-            0x8000_0008 => e.ebx = 0,
+            // Address sizes and core count; of EBX's features only what
+            // the FPU save instructions do.
+            0x8000_0008 => e.ebx &= bits(0x8000_0008, 0, Reg::Ebx, BASELINE_LX8_EBX),
             // XSAVE (0xd), topology, SGX, PT, AMX, SEV, ...: not in this model.
             _ => continue,
         }
@@ -510,6 +518,11 @@ mod tests {
         assert_eq!(find(&t, 0x8000_0000, 0).unwrap().eax, BASELINE_MAX_EXTENDED);
         assert_eq!(find(&t, 0x8000_0008, 0).unwrap().eax, 0x3030, "address sizes kept");
         assert_eq!(
+            find(&t, 0x8000_0008, 0).unwrap().ebx,
+            1 << 2,
+            "of EBX, only xsaveerptr (Linux's FXSAVE_LEAK workaround needs x87 emulation)"
+        );
+        assert_eq!(
             find(&t, 0x8000_0002, 0),
             find(&everything(), 0x8000_0002, 0),
             "brand kept"
@@ -575,7 +588,7 @@ mod tests {
             prop_assert!(missing_features(&t, &host).is_empty());
             prop_assert!(missing_features(&CpuModel::Host.table(&host), &host).is_empty());
             let allowed: Vec<&str> =
-                BASELINE_L1_EDX.iter().chain(BASELINE_L1_ECX).chain(BASELINE_LX1_EDX).copied().collect();
+                BASELINE_L1_EDX.iter().chain(BASELINE_L1_ECX).chain(BASELINE_LX1_EDX).chain(BASELINE_LX8_EBX).copied().collect();
             for f in feature_names(&t) {
                 prop_assert!(allowed.contains(&f), "baseline offers {}", f);
             }

@@ -84,6 +84,11 @@ pub struct HookCtx<'a> {
     /// (collected so far): what a checkpoint of a reverse debugger saves.
     /// Whoever writes guest memory from the VMM side adds its pages here.
     pub written: &'a mut std::collections::BTreeSet<u64>,
+    /// Pages written since the machine's memory last came from its base
+    /// (built, restored from a snapshot, or fast-reset; collected so far):
+    /// what the end record's memory digest covers. Whoever writes guest
+    /// memory from the VMM side adds its pages here too.
+    pub touched: &'a mut std::collections::BTreeSet<u64>,
     /// What a debugger asked the vCPU to stop for (hooks that run the
     /// guest themselves keep these breakpoints armed).
     pub guest_debug: crate::machine::GuestDebug,
@@ -114,9 +119,20 @@ impl HookCtx<'_> {
                 .collect(self.vm)
                 .map_err(|e| HookError::Trace(format!("dirty log: {e}")))?;
             self.written.extend(pages.iter().copied());
+            self.touched.extend(pages.iter().copied());
             self.dirty_since_landing.extend(pages);
         }
         Ok(())
+    }
+
+    /// The digest of every page written since the machine's memory last
+    /// came from its base (collecting the dirty log first): the end
+    /// record's. The rest of memory is the base's, which record and replay
+    /// share by construction (the same image loaded, or the same snapshot),
+    /// so its cost follows what the guest wrote, not its RAM.
+    pub fn touched_digest(&mut self) -> Result<u64, HookError> {
+        self.collect_dirty()?;
+        Ok(crate::mem_state::pages_digest(self.mem, self.touched.iter().copied()))
     }
 
     /// The landing record of the vCPU's current state: registers, their

@@ -124,6 +124,7 @@ impl ResetPoint {
         machine.reset_state(&self.state, serial_out, serial_in, Box::new(nyx_devices::io::NoInput))?;
         let m = std::time::Instant::now();
         let pages = self.reset_memory(machine)?;
+        machine.forget_touched();
         Ok(ResetStats {
             pages,
             ns: t.elapsed().as_nanos() as u64,

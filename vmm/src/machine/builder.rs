@@ -531,6 +531,7 @@ impl MachineBuilder {
                 dirty,
                 dirty_since_landing: BTreeSet::new(),
                 written: BTreeSet::new(),
+                touched: BTreeSet::new(),
                 debug: GuestDebug::default(),
                 kernel_name,
                 cmdline,

@@ -96,6 +96,7 @@ impl Machine {
                 .write_slice(&buf[done..done + n], vm_memory::GuestAddress(t.gpa))
                 .map_err(|_| crate::paging::TranslateError::NotMapped(addr))?;
             self.core.written.insert(t.gpa >> 12);
+            self.core.touched.insert(t.gpa >> 12);
             done += n;
         }
         Ok(())

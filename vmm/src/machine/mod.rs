@@ -320,6 +320,9 @@ pub struct Core {
     dirty: Option<DirtyTracker>,
     dirty_since_landing: BTreeSet<u64>,
     written: BTreeSet<u64>,
+    /// Pages written since the machine's memory last came from its base
+    /// (built, restored, or fast-reset), collected so far.
+    touched: BTreeSet<u64>,
     /// A copy of [`Machine`]'s debug configuration, for the hooks.
     debug: GuestDebug,
     kernel_name: String,
@@ -379,6 +382,7 @@ impl Core {
             dirty: self.dirty.as_mut(),
             dirty_since_landing: &mut self.dirty_since_landing,
             written: &mut self.written,
+            touched: &mut self.touched,
             guest_debug: self.debug,
             msr_list: &self.msr_list,
             metrics: &self.metrics,

@@ -174,6 +174,7 @@ impl Machine {
         // The frame is a write of Nyx's, which KVM's dirty log does not see.
         for page in written {
             self.core.written.insert(page);
+            self.core.touched.insert(page);
             self.core.dirty_since_landing.insert(page);
         }
         self.core.stats.soft_interrupts += 1;

@@ -137,6 +137,13 @@ impl Machine {
         Ok(std::mem::take(&mut self.core.written))
     }
 
+    /// Forgets the pages written so far: the machine's memory is its base
+    /// again (a fast reset rolled every written page back; its run mode
+    /// tracks no dirty pages of its own, see [`crate::reset::ResetPoint`]).
+    pub fn forget_touched(&mut self) {
+        self.core.touched.clear();
+    }
+
     /// Pages written since the previous landing (what the next landing's
     /// memory digest covers): part of a replay checkpoint.
     pub fn dirty_since_landing(&self) -> &BTreeSet<u64> {
