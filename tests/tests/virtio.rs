@@ -3,7 +3,8 @@
 //! virtio-console: its serial output, console output and disk image
 //! afterwards must be QEMU's (`tests/golden/virtio.*`, made by
 //! `tests/golden/regen.sh virtio`), and it must record and replay exactly
-//! without the recording touching the image.
+//! without the recording touching the image; a replay debugged backwards
+//! writes the console's output once.
 
 use std::path::{Path, PathBuf};
 
@@ -260,6 +261,74 @@ fn with_embedded_disks_the_trace_alone_replays() {
         }
     }
     assert_eq!(reads, 3, "reads of sectors 0-7, 16-23 and 32-39");
+}
+
+/// Runs a debugged replay forward until it ends (the guest's exit or the
+/// trace's end).
+fn run_to_end(m: &mut nyx_vmm::Machine, t: &mut nyx_replayer::Timeline) {
+    use nyx_vmm::machine::Stop;
+    loop {
+        match t.resume(m).unwrap() {
+            Ok(Stop::Ended(_)) => return,
+            Ok(_) => {}
+            Err(e) => panic!("the replay failed: {e}"),
+        }
+    }
+}
+
+/// Reverse execution re-runs stretches of the replay from checkpoints: the
+/// virtio-console's output, like the serial output, still reaches its file
+/// exactly once, equal to what the recording wrote.
+#[test]
+fn a_reverse_debugged_replay_writes_console_output_once() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk_image(dir.path());
+    let recorded_console = Capture::default();
+    let (trace, serial) = record(dir.path(), &disk, &recorded_console);
+    assert_eq!(recorded_console.bytes(), golden_text("virtio.console").into_bytes());
+
+    let (out, console) = (Capture::default(), Capture::default());
+    let (mut m, mut t) = nyx_replayer::debug_replay(
+        &trace,
+        ReplayOptions {
+            serial_out: Some(Box::new(out.clone())),
+            console_out: Some(Box::new(console.clone())),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // Checkpoints often, so that going back re-executes the console's line
+    // from a checkpoint before it rather than from the start alone.
+    t.set_interval(std::time::Duration::from_micros(200));
+    t.start(&mut m).unwrap();
+    run_to_end(&mut m, &mut t);
+    assert_eq!(console.bytes(), recorded_console.bytes(), "the first pass");
+    // Back one instruction from the end, then from there forward again.
+    t.reverse_step(&mut m).unwrap();
+    run_to_end(&mut m, &mut t);
+    // Back to the start (no breakpoint: nothing stops it earlier), and the
+    // whole run again, console line and all.
+    let back = t.reverse_continue(&mut m, &[], &[], &[]).unwrap();
+    assert_eq!(back, nyx_replayer::timeline::ReverseStop::Begin);
+    run_to_end(&mut m, &mut t);
+    // A point in the middle of the run, then the end again.
+    let end = t.resolve(&mut m).unwrap();
+    let middle = nyx_replayer::timeline::Position {
+        events: end.events / 2,
+        steps: 0,
+    };
+    t.goto(&mut m, middle).unwrap();
+    run_to_end(&mut m, &mut t);
+    assert!(t.checkpoints() > 2, "{} checkpoints", t.checkpoints());
+    assert_eq!(
+        String::from_utf8_lossy(&console.bytes()),
+        String::from_utf8_lossy(&recorded_console.bytes()),
+        "the console's output after going back and forth"
+    );
+    assert_eq!(out.bytes(), serial, "the serial output after going back and forth");
 }
 
 /// The virtio-blk benchmark guests (`tests/guests/blkbench.h`) with
