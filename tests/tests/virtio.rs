@@ -4,7 +4,9 @@
 //! afterwards must be QEMU's (`tests/golden/virtio.*`, made by
 //! `tests/golden/regen.sh virtio`), and it must record and replay exactly
 //! without the recording touching the image; a replay debugged backwards
-//! writes the console's output once.
+//! writes the console's output once; a live migration mid-I/O carries the
+//! disk by path (shared storage) and ends as QEMU's run did, and one whose
+//! destination finds no image is refused while the source runs on.
 
 use std::path::{Path, PathBuf};
 
@@ -261,6 +263,143 @@ fn with_embedded_disks_the_trace_alone_replays() {
         }
     }
     assert_eq!(reads, 3, "reads of sectors 0-7, 16-23 and 32-39");
+}
+
+/// Runs `m` until its serial output contains `text` (a kick from another
+/// thread on the way is ignored).
+fn run_until(m: &mut nyx_vmm::Machine, text: &str) {
+    use nyx_vmm::machine::Stop;
+    m.set_limits(nyx_vmm::machine::limits::Limits {
+        until_output: Some(text.to_string()),
+        max_guest_ns: None,
+    });
+    loop {
+        match m.resume().unwrap() {
+            Stop::Ended(RunOutcome::Limit(_)) => return,
+            Stop::Ended(other) => panic!("the guest ended before {text:?}: {other:?}"),
+            Stop::Interrupted | Stop::Paused | Stop::Debug(_) => {}
+        }
+    }
+}
+
+/// A destination in a thread of its own: accepts one migration on a free
+/// loopback port, builds the machine with its serial and console output
+/// in `serial` and `console` and runs it to its end. The address, and the
+/// thread, which returns how the guest ended or why the machine was
+/// refused.
+fn destination(serial: &Capture, console: &Capture) -> (String, std::thread::JoinHandle<Result<RunOutcome, String>>) {
+    let listener = nyx_vmm::migration::listen("tcp:127.0.0.1:0", false).unwrap();
+    let addr = format!("tcp:{}", listener.local_addr().unwrap());
+    let (serial, console) = (serial.clone(), console.clone());
+    let t = std::thread::spawn(move || {
+        let (received, confirm) =
+            nyx_vmm::migration::accept(&listener, None, &mut |_| {}).map_err(|e| e.to_string())?;
+        let built = MachineBuilder::from_received(received)
+            .serial_out(Box::new(serial))
+            .virtio_console(ConsoleIo {
+                out: Box::new(console),
+                input: SerialIn::None,
+            })
+            .build();
+        let mut m = match built {
+            Ok(m) => m,
+            Err(e) => {
+                confirm.refuse(&e.to_string());
+                return Err(e.to_string());
+            }
+        };
+        confirm.running().map_err(|e| e.to_string())?;
+        m.run().map_err(|e| e.to_string())
+    });
+    (addr, t)
+}
+
+/// Migrates `m` to `addr` while the guest runs on up to `text`: pre-copy
+/// on its own thread while the guest does its I/O, then the stop-and-copy.
+fn migrate_while_running_to(
+    m: &mut nyx_vmm::Machine,
+    addr: &str,
+    text: &str,
+) -> Result<nyx_vmm::migration::MigrationStats, nyx_vmm::migration::MigrationError> {
+    let kicker = m.kicker().unwrap();
+    let out = nyx_vmm::migration::Outgoing::start(
+        m,
+        addr,
+        Default::default(),
+        None,
+        Box::new(move || {
+            kicker.kick();
+        }),
+        None,
+    )?;
+    run_until(m, text);
+    let waited = std::time::Instant::now();
+    while !out.precopy_done() {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(60),
+            "pre-copy does not end"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    out.finish(m)
+}
+
+/// Live migration of the virtio guest between two machines of this
+/// process over loopback, mid-I/O: the guest has written sectors 16-23
+/// through to the image when the migration starts and flushes and reads
+/// them back during pre-copy; the destination opens the same image (shared
+/// storage) and does the rest. Serial output (source then destination),
+/// console output and the image afterwards are QEMU's. Before that, a
+/// destination that cannot open the image refuses the machine naming the
+/// disk, and the source runs on as if nothing happened.
+#[test]
+fn a_live_migration_mid_io_carries_the_disk_by_path() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk_image(dir.path());
+    let (serial, console) = (Capture::default(), Capture::default());
+    let mut m = virtio_machine(&disk, &serial, &console);
+    run_until(&mut m, "virtio-blk: write sectors 16-23");
+
+    // The image is not where the destination looks: refused, by name.
+    let away = dir.path().join("away.img");
+    std::fs::rename(&disk, &away).unwrap();
+    let (dst_serial, dst_console) = (Capture::default(), Capture::default());
+    let (addr, refused) = destination(&dst_serial, &dst_console);
+    let e = migrate_while_running_to(&mut m, &addr, "virtio-blk: flush").unwrap_err();
+    let why = refused.join().unwrap().unwrap_err();
+    for e in [e.to_string(), why] {
+        assert!(
+            e.contains("disk nyx-disk0") && e.contains(&disk.display().to_string()),
+            "{e}"
+        );
+    }
+    assert!(dst_serial.bytes().is_empty());
+    std::fs::rename(&away, &disk).unwrap();
+
+    // Now it is: the machine moves during the read-back.
+    let (addr, dst) = destination(&dst_serial, &dst_console);
+    let stats = migrate_while_running_to(&mut m, &addr, "virtio-blk: write zeroes").unwrap();
+    assert!(stats.precopy_pages > 0 && stats.final_pages > 0, "{stats:?}");
+    assert_eq!(dst.join().unwrap(), Ok(RunOutcome::DebugExit(nyx_guests::VIRTIO_EXIT)));
+    drop(m);
+
+    let (before, after) = (
+        String::from_utf8_lossy(&serial.bytes()).into_owned(),
+        String::from_utf8_lossy(&dst_serial.bytes()).into_owned(),
+    );
+    assert!(before.contains("read sectors 16-23: status 0"), "{before}");
+    assert!(after.contains("read sectors 32-39: status 0"), "{after}");
+    assert_eq!(before + &after, golden_text("virtio.out"));
+    assert!(console.bytes().is_empty(), "the source never got to the console");
+    assert_eq!(dst_console.bytes(), golden_text("virtio.console").into_bytes());
+    assert_eq!(
+        sha256(&disk),
+        golden_text("virtio.img.sha256").trim(),
+        "the image after the migrated run differs from QEMU's"
+    );
 }
 
 /// Runs a debugged replay forward until it ends (the guest's exit or the
