@@ -6,7 +6,9 @@
 //! without the recording touching the image; a replay debugged backwards
 //! writes the console's output once; a live migration mid-I/O carries the
 //! disk by path (shared storage) and ends as QEMU's run did, and one whose
-//! destination finds no image is refused while the source runs on.
+//! destination finds no image is refused while the source runs on. The
+//! console echo guest (`tests/guests/conecho.S`) reads the console's input
+//! as QEMU's does, and its recording replays with no input source.
 
 use std::path::{Path, PathBuf};
 
@@ -468,6 +470,147 @@ fn a_reverse_debugged_replay_writes_console_output_once() {
         "the console's output after going back and forth"
     );
     assert_eq!(out.bytes(), serial, "the serial output after going back and forth");
+}
+
+/// The console echo guest's devices: a virtio-console alone, its output
+/// into `console`, its input `input`.
+fn conecho_setup(console: &Capture, input: SerialIn) -> PciSetup {
+    PciSetup {
+        disks: Vec::new(),
+        rng: false,
+        console: Some(ConsoleIo {
+            out: Box::new(console.clone()),
+            input,
+        }),
+        embed_disks: false,
+    }
+}
+
+/// The console echo guest reads its input from the virtio-console's
+/// receive queue: serial and console output are QEMU's.
+#[test]
+fn the_console_echo_guest_matches_qemu() {
+    if !kvm() {
+        return;
+    }
+    let (serial, console) = (Capture::default(), Capture::default());
+    let mut m = MachineBuilder::new()
+        .memory(64)
+        .kernel_image("conecho", nyx_guests::CONECHO.to_vec())
+        .cmdline("nyx-test arg=1")
+        .serial_out(Box::new(serial.clone()))
+        .pci(conecho_setup(
+            &console,
+            SerialIn::Bytes(nyx_guests::CONECHO_INPUT.to_vec()),
+        ))
+        .build()
+        .unwrap();
+    assert_eq!(m.run().unwrap(), RunOutcome::DebugExit(nyx_guests::CONECHO_EXIT));
+    assert_eq!(String::from_utf8_lossy(&serial.bytes()), golden_text("conecho.out"));
+    assert_eq!(
+        String::from_utf8_lossy(&console.bytes()),
+        nyx_guests::CONECHO_CONSOLE_OUTPUT
+    );
+}
+
+/// Console input through the machine: a recording of the console echo
+/// guest logs what its receive queue took (`ConsoleInput` events, up to the
+/// '.' at least, never past the input); the replay has no input source at
+/// all and echoes the same bytes at the same places (every exit verified),
+/// plain and debugged, and QEMU's output both times.
+#[test]
+fn console_input_is_recorded_and_replayed_without_a_source() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (serial, console) = (Capture::default(), Capture::default());
+    let input = nyx_guests::CONECHO_INPUT;
+    let rec = record_image(
+        RecordOptions {
+            out: dir.path().join("conecho.nyxtrace"),
+            kernel: PathBuf::from("conecho"),
+            kernel_name: Some("conecho".into()),
+            initrd: None,
+            cmdline: "nyx-test arg=1".into(),
+            mem_mib: 64,
+            serial_in: SerialIn::None,
+            serial_out: Some(Box::new(serial.clone())),
+            kvm_path: nyx_tests::kvm_device(),
+            verify: VerifyLevel::Exits,
+            landings: nyx_recorder::LandingPolicy::Auto,
+            cpu: Default::default(),
+            irqchip: Irqchip::Apic,
+            pci: conecho_setup(&console, SerialIn::Bytes(input.to_vec())),
+        },
+        "conecho".into(),
+        nyx_guests::CONECHO.to_vec(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(rec.outcome, RunOutcome::DebugExit(nyx_guests::CONECHO_EXIT));
+    assert_eq!(String::from_utf8_lossy(&serial.bytes()), golden_text("conecho.out"));
+    assert_eq!(
+        String::from_utf8_lossy(&console.bytes()),
+        nyx_guests::CONECHO_CONSOLE_OUTPUT
+    );
+
+    let mut r = nyx_trace::TraceReader::open(&rec.path).unwrap();
+    let mut logged = Vec::new();
+    let mut events = 0;
+    for i in 0..r.frames().len() {
+        if r.frames()[i].kind == nyx_trace::FrameKind::Events {
+            let frame: Vec<nyx_vmm::events::Event> = r.read_records(i).unwrap();
+            for e in frame {
+                if let nyx_vmm::events::Event::ConsoleInput(b) = e {
+                    logged.extend(b);
+                    events += 1;
+                }
+            }
+        }
+    }
+    drop(r);
+    let dot = input.iter().position(|&b| b == b'.').unwrap() + 1;
+    assert!(events >= 2, "one event per receive buffer filled: {events}");
+    assert!(
+        logged.len() >= dot && input.starts_with(&logged),
+        "logged {:?}",
+        String::from_utf8_lossy(&logged)
+    );
+
+    let replayed_console = Capture::default();
+    let out = Capture::default();
+    let r = replay(
+        &rec.path,
+        ReplayOptions {
+            serial_out: Some(Box::new(out.clone())),
+            console_out: Some(Box::new(replayed_console.clone())),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(matches!(r.end, ReplayEnd::Complete { .. }), "{:?}", r.end);
+    assert_eq!(out.bytes(), serial.bytes(), "the replay's serial output");
+    assert_eq!(replayed_console.bytes(), console.bytes(), "the replay's console output");
+
+    // Debugged, backwards and forwards again: the same output, once.
+    let (out, replayed_console) = (Capture::default(), Capture::default());
+    let (mut m, mut t) = nyx_replayer::debug_replay(
+        &rec.path,
+        ReplayOptions {
+            serial_out: Some(Box::new(out.clone())),
+            console_out: Some(Box::new(replayed_console.clone())),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    t.set_interval(std::time::Duration::from_micros(200));
+    t.start(&mut m).unwrap();
+    run_to_end(&mut m, &mut t);
+    t.reverse_continue(&mut m, &[], &[], &[]).unwrap();
+    run_to_end(&mut m, &mut t);
+    assert_eq!(out.bytes(), serial.bytes());
+    assert_eq!(replayed_console.bytes(), console.bytes());
 }
 
 /// The virtio-blk benchmark guests (`tests/guests/blkbench.h`) with
