@@ -8,7 +8,8 @@
 //! key carries the machine; with stderr on a terminal both ends draw
 //! progress bars; a destination that finds a disk's image missing or
 //! resized at the source's path refuses the machine naming the disk while
-//! the source runs on. An
+//! the source runs on; the console echo guest's virtio-console input and
+//! output follow it to the destination's `--virtio-console`. An
 //! ignored test measures downtime and total time for the BENCHMARKS table.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -430,6 +431,81 @@ fn a_destination_that_cannot_open_the_disk_refuses_and_the_source_runs_on() {
     assert!(dst_con.exists(), "the destination opened its --virtio-console");
     assert!(!dst.err.text().contains("warning"), "{}", dst.err.text());
     assert_eq!(std::fs::read(&img).unwrap(), vec![0x5a; 64 << 10]);
+}
+
+/// Connects to the Unix socket a server console listens on at `path`
+/// (waiting for it to appear) and collects what comes back.
+fn console_client(path: &Path) -> (std::os::unix::net::UnixStream, Captured) {
+    let start = Instant::now();
+    loop {
+        if let Ok(c) = std::os::unix::net::UnixStream::connect(path) {
+            let out = Captured::spawn(c.try_clone().unwrap(), WAIT);
+            return (c, out);
+        }
+        assert!(start.elapsed() < WAIT, "no console at {}", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The console echo guest migrated between two lines of its virtio-console
+/// input: each end has its own `--virtio-console unix:PATH,server`, the
+/// first line goes to the source's, the rest to the destination's; the
+/// serial output and the console output, source then destination, are
+/// QEMU's.
+#[test]
+fn console_input_and_output_follow_a_migrated_machine() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, src_con, dst_con) = (
+        dir.path().join("api.sock"),
+        dir.path().join("src.con"),
+        dir.path().join("dst.con"),
+    );
+    let mut cmd = nyx();
+    cmd.arg("run")
+        .arg("--kernel")
+        .arg(guest("conecho"))
+        .args(["--cmdline", "nyx-test arg=1", "--virtio-console"])
+        .arg(format!("unix:{},server", src_con.display()))
+        .arg("--api")
+        .arg(&sock);
+    let mut src = Proc::spawn(cmd);
+    let (mut src_in, src_echo) = console_client(&src_con);
+    let input = nyx_guests::CONECHO_INPUT;
+    let first = input.iter().position(|&b| b == b'\n').unwrap() + 1;
+    src_in.write_all(&input[..first]).unwrap();
+    src.out.wait_for("line 1, 16 bytes", "source");
+    src_echo.wait_for("HELLO, CONSOLE!\n", "source console");
+
+    let mut cmd = nyx();
+    cmd.args(["run", "--incoming", "tcp:127.0.0.1:0", "--virtio-console"])
+        .arg(format!("unix:{},server", dst_con.display()));
+    let mut dst = Proc::spawn(cmd);
+    // The destination waits for its console's client before it listens.
+    let (mut dst_in, dst_echo) = console_client(&dst_con);
+    dst.err
+        .wait_for("waiting for a migration on tcp:127.0.0.1:", "destination");
+    let port: u16 = dst
+        .err
+        .text()
+        .split("tcp:127.0.0.1:")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .expect("a port");
+    let (code, reply) = ctl(&sock, &["migrate", &format!("tcp:127.0.0.1:{port}")]);
+    assert_eq!((code, &reply["ok"]), (Some(0), &true.into()), "{reply}");
+    assert_eq!(src.wait(), Some(0), "{}", src.err.text());
+    dst.err.wait_for("running", "destination");
+    dst_in.write_all(&input[first..]).unwrap();
+    assert_eq!(dst.wait(), Some(nyx_guests::CONECHO_EXIT as i32), "{}", dst.err.text());
+    let expected = nyx_guests::expected("conecho").unwrap();
+    assert_eq!(src.out.text() + &dst.out.text(), expected.golden.unwrap());
+    dst_echo.wait_for("STOP HERE.", "destination console");
+    assert_eq!(src_echo.text(), "HELLO, CONSOLE!\n");
+    assert_eq!(src_echo.text() + &dst_echo.text(), nyx_guests::CONECHO_CONSOLE_OUTPUT);
 }
 
 #[test]
