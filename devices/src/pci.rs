@@ -250,6 +250,18 @@ impl PciHost {
         Ok(())
     }
 
+    /// Makes what every function wrote to the host durable
+    /// ([`PciDevice::flush_storage`]); the first failure names its
+    /// function.
+    pub fn flush_storage(&mut self) -> Result<(), String> {
+        for f in &mut self.functions {
+            f.device
+                .flush_storage()
+                .map_err(|e| format!("{} at 00:{:02x}.0: {e}", f.device.name(), f.slot))?;
+        }
+        Ok(())
+    }
+
     /// Lets every function do work outside guest accesses.
     pub fn poll(&mut self) {
         for f in &mut self.functions {

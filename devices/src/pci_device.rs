@@ -46,6 +46,12 @@ pub trait PciDevice: Send {
     /// Restores what [`PciDevice::save`] returned, into a device built with
     /// the same configuration.
     fn restore(&mut self, state: &[u8]) -> Result<(), String>;
+    /// Makes what the function wrote to the host durable where another host
+    /// sees it (a disk's image on shared storage): before a live migration
+    /// hands the machine over.
+    fn flush_storage(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// How many functions assert each GSI (a PCI interrupt line is shared and

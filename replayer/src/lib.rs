@@ -779,21 +779,25 @@ fn build_inner(
         .cpu_model_name(&config.cpu_model)
         .irqchip(config.irqchip)
         .tsc_khz(config.tsc_khz)
-        .pci(nyx_vmm::pci_setup::PciSetup::from_config(
-            &config,
-            &opts.disks,
-            opts.console_out.take(),
-        ))
         .expect_pci(config.pci.clone())
         .hooks(Box::new(hooks));
     let mut timeline = None;
+    let mut console_out = opts.console_out.take();
     if let Some(out) = timeline_out {
-        let (t, once) = Timeline::new(state.clone(), out);
+        // Under a timeline both outputs are written once, however often
+        // reverse execution re-runs a stretch.
+        let (t, once, console_once) = Timeline::new(state.clone(), out, console_out.take());
         timeline = Some(t);
+        console_out = console_once.map(|c| Box::new(c) as Box<dyn std::io::Write + Send>);
         b = b.serial_out(Box::new(once));
     } else if let Some(out) = opts.serial_out {
         b = b.serial_out(out);
     }
+    b = b.pci(nyx_vmm::pci_setup::PciSetup::from_config(
+        &config,
+        &opts.disks,
+        console_out,
+    ));
     if let Some(i) = initrd {
         b = b.initrd_image(i);
     }

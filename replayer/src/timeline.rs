@@ -21,8 +21,11 @@
 //! latest saved version at or before it ([`PageHistory`]). Going to a
 //! checkpoint rewrites only the pages that can differ.
 //!
-//! Guest serial output is written once: bytes the guest writes again while
-//! the replay re-executes a stretch it had already run are dropped.
+//! Guest output is written once: bytes the guest writes again to its serial
+//! port or its virtio-console while the replay re-executes a stretch it had
+//! already run are dropped. Each of the two outputs counts the bytes written
+//! up to the machine's current point; a checkpoint keeps both counts, and
+//! going back to it puts them back.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -170,7 +173,10 @@ struct Checkpoint {
     state: MachineState,
     cursor: CursorMark,
     dirty_since_landing: BTreeSet<u64>,
+    /// Serial bytes written up to here.
     output: u64,
+    /// virtio-console bytes written up to here.
+    console_output: u64,
     step: nyx_vmm::machine::StepState,
 }
 
@@ -218,7 +224,8 @@ impl PageHistory {
     }
 }
 
-/// Serial output written once along the run, however often re-executed.
+/// Output (serial or virtio-console) written once along the run, however
+/// often re-executed.
 struct OutState {
     /// Bytes the guest has written up to the machine's current point.
     emitted: u64,
@@ -227,7 +234,22 @@ struct OutState {
     inner: Box<dyn Write + Send>,
 }
 
-/// The UART's output under a timeline.
+impl OutState {
+    fn shared(inner: Box<dyn Write + Send>) -> Arc<Mutex<OutState>> {
+        Arc::new(Mutex::new(OutState {
+            emitted: 0,
+            high: 0,
+            inner,
+        }))
+    }
+}
+
+/// Bytes written up to the current point by an output, if there is one.
+fn emitted(out: Option<&Arc<Mutex<OutState>>>) -> u64 {
+    out.map_or(0, |o| o.lock().unwrap_or_else(|e| e.into_inner()).emitted)
+}
+
+/// An output under a timeline: the UART's, or the virtio-console's.
 pub(crate) struct OnceOutput(Arc<Mutex<OutState>>);
 
 impl Write for OnceOutput {
@@ -253,6 +275,8 @@ impl Write for OnceOutput {
 pub struct Timeline {
     shared: Shared,
     out: Arc<Mutex<OutState>>,
+    /// The virtio-console's output, when the machine has one.
+    console: Option<Arc<Mutex<OutState>>>,
     checkpoints: Vec<Checkpoint>,
     pages: PageHistory,
     /// Where the pages written since (`written`) are counted from: the
@@ -276,12 +300,16 @@ pub struct Timeline {
 }
 
 impl Timeline {
-    pub(crate) fn new(shared: Shared, out: Box<dyn Write + Send>) -> (Self, OnceOutput) {
-        let out = Arc::new(Mutex::new(OutState {
-            emitted: 0,
-            high: 0,
-            inner: out,
-        }));
+    /// A timeline writing serial output to `out` and, with `console`,
+    /// virtio-console output there: returns it with the two writers to
+    /// give the machine.
+    pub(crate) fn new(
+        shared: Shared,
+        out: Box<dyn Write + Send>,
+        console: Option<Box<dyn Write + Send>>,
+    ) -> (Self, OnceOutput, Option<OnceOutput>) {
+        let out = OutState::shared(out);
+        let console = console.map(OutState::shared);
         {
             let mut s = lock(&shared);
             s.pause_exits = PAUSE_EXITS;
@@ -289,6 +317,7 @@ impl Timeline {
         let t = Timeline {
             shared,
             out: out.clone(),
+            console: console.clone(),
             checkpoints: Vec::new(),
             pages: PageHistory::default(),
             base: Position::default(),
@@ -301,7 +330,7 @@ impl Timeline {
             stretches_skipped: 0,
             budget: MAX_STEPS,
         };
-        (t, OnceOutput(out))
+        (t, OnceOutput(out), console.map(OnceOutput))
     }
 
     /// Takes the first checkpoint: the machine before its first instruction.
@@ -356,14 +385,14 @@ impl Timeline {
 
     fn push(&mut self, pos: Position, kind: Kind, state: MachineState, m: &Machine) {
         let cursor = lock(&self.shared).cursor.mark();
-        let output = self.out.lock().unwrap_or_else(|e| e.into_inner()).emitted;
         let ck = Checkpoint {
             pos,
             kind,
             state,
             cursor,
             dirty_since_landing: m.dirty_since_landing().clone(),
-            output,
+            output: emitted(Some(&self.out)),
+            console_output: emitted(self.console.as_ref()),
             step: m.step_state(),
         };
         let i = self.checkpoints.partition_point(|c| c.pos < pos);
@@ -432,6 +461,11 @@ impl Timeline {
             s.pause_after = None;
         }
         self.out.lock().unwrap_or_else(|e| e.into_inner()).emitted = ck.output;
+        // The console device itself stays (its state is restored in
+        // place): only where its output stands goes back.
+        if let Some(c) = &self.console {
+            c.lock().unwrap_or_else(|e| e.into_inner()).emitted = ck.console_output;
+        }
         self.base = target;
         self.pos = Some(target);
         self.ending = None;

@@ -12,6 +12,10 @@
 # run, the console output is recorded as virtio.console and the SHA-256 of
 # the image after the run as virtio.img.sha256 (needs sha256sum).
 #
+# conecho runs with a virtio-console alone at 00:03.0 on QEMU's stdin and
+# stdout: it reads conecho.in there, its console output is recorded as
+# conecho.console, and COM1 goes to a file that becomes conecho.out.
+#
 # The virtio-blk benchmark guests (blknop, blkseq, blkrand, blkwrite) run
 # with virtio-blk alone at 00:03.0 on a fresh copy of the image
 # blkbench-disk.sh writes (32 MiB); the SHA-256 of blkwrite's image after
@@ -28,7 +32,7 @@ status=0
 # name, expected QEMU exit status, serial input
 for spec in hello:67 pit:35 longmode:1 triple:0 ports:69 echo:103:echo.in softint:145 \
     lapic:161 ioapic:163 hpet:165 acpi:0 busyio:147 s3:171 pmtimer:167 virtio:179 \
-    blknop:181 blkseq:183 blkrand:185 blkwrite:187; do
+    conecho:189:conecho.in blknop:181 blkseq:183 blkrand:185 blkwrite:187; do
     name=${spec%%:*}
     # With arguments, only the guests they name.
     if [ $# -gt 0 ]; then
@@ -60,6 +64,19 @@ for spec in hello:67 pit:35 longmode:1 triple:0 ports:69 echo:103:echo.in softin
             -device virtconsole,chardev=vc0 \
             -chardev file,id=vc0,path=console.out) <"$input" >"$here/$name.out"
         got=$?
+        ;;
+    conecho)
+        # The console's input and output are QEMU's stdin and stdout.
+        rm -f "$work/serial.out"
+        (cd "$work" && timeout 60 qemu-system-x86_64 -machine pc -cpu qemu64 -m 64 \
+            -display none -vga none -nic none -monitor none -no-reboot \
+            -serial file:serial.out \
+            -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
+            -kernel "$name" -append "$append" \
+            -device virtio-serial-pci,disable-legacy=on,addr=0x3 \
+            -device virtconsole,chardev=vc0 -chardev stdio,id=vc0) <"$input" >"$here/$name.console"
+        got=$?
+        cp "$work/serial.out" "$here/$name.out"
         ;;
     blk*)
         # Only virtio-blk, at the slot Nyx gives the first --disk.

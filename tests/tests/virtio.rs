@@ -3,7 +3,12 @@
 //! virtio-console: its serial output, console output and disk image
 //! afterwards must be QEMU's (`tests/golden/virtio.*`, made by
 //! `tests/golden/regen.sh virtio`), and it must record and replay exactly
-//! without the recording touching the image.
+//! without the recording touching the image; a replay debugged backwards
+//! writes the console's output once; a live migration mid-I/O carries the
+//! disk by path (shared storage) and ends as QEMU's run did, and one whose
+//! destination finds no image is refused while the source runs on. The
+//! console echo guest (`tests/guests/conecho.S`) reads the console's input
+//! as QEMU's does, and its recording replays with no input source.
 
 use std::path::{Path, PathBuf};
 
@@ -260,6 +265,352 @@ fn with_embedded_disks_the_trace_alone_replays() {
         }
     }
     assert_eq!(reads, 3, "reads of sectors 0-7, 16-23 and 32-39");
+}
+
+/// Runs `m` until its serial output contains `text` (a kick from another
+/// thread on the way is ignored).
+fn run_until(m: &mut nyx_vmm::Machine, text: &str) {
+    use nyx_vmm::machine::Stop;
+    m.set_limits(nyx_vmm::machine::limits::Limits {
+        until_output: Some(text.to_string()),
+        max_guest_ns: None,
+    });
+    loop {
+        match m.resume().unwrap() {
+            Stop::Ended(RunOutcome::Limit(_)) => return,
+            Stop::Ended(other) => panic!("the guest ended before {text:?}: {other:?}"),
+            Stop::Interrupted | Stop::Paused | Stop::Debug(_) => {}
+        }
+    }
+}
+
+/// A destination in a thread of its own: accepts one migration on a free
+/// loopback port, builds the machine with its serial and console output
+/// in `serial` and `console` and runs it to its end. The address, and the
+/// thread, which returns how the guest ended or why the machine was
+/// refused.
+fn destination(serial: &Capture, console: &Capture) -> (String, std::thread::JoinHandle<Result<RunOutcome, String>>) {
+    let listener = nyx_vmm::migration::listen("tcp:127.0.0.1:0", false).unwrap();
+    let addr = format!("tcp:{}", listener.local_addr().unwrap());
+    let (serial, console) = (serial.clone(), console.clone());
+    let t = std::thread::spawn(move || {
+        let (received, confirm) =
+            nyx_vmm::migration::accept(&listener, None, &mut |_| {}).map_err(|e| e.to_string())?;
+        let built = MachineBuilder::from_received(received)
+            .serial_out(Box::new(serial))
+            .virtio_console(ConsoleIo {
+                out: Box::new(console),
+                input: SerialIn::None,
+            })
+            .build();
+        let mut m = match built {
+            Ok(m) => m,
+            Err(e) => {
+                confirm.refuse(&e.to_string());
+                return Err(e.to_string());
+            }
+        };
+        confirm.running().map_err(|e| e.to_string())?;
+        m.run().map_err(|e| e.to_string())
+    });
+    (addr, t)
+}
+
+/// Migrates `m` to `addr` while the guest runs on up to `text`: pre-copy
+/// on its own thread while the guest does its I/O, then the stop-and-copy.
+fn migrate_while_running_to(
+    m: &mut nyx_vmm::Machine,
+    addr: &str,
+    text: &str,
+) -> Result<nyx_vmm::migration::MigrationStats, nyx_vmm::migration::MigrationError> {
+    let kicker = m.kicker().unwrap();
+    let out = nyx_vmm::migration::Outgoing::start(
+        m,
+        addr,
+        Default::default(),
+        None,
+        Box::new(move || {
+            kicker.kick();
+        }),
+        None,
+    )?;
+    run_until(m, text);
+    let waited = std::time::Instant::now();
+    while !out.precopy_done() {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(60),
+            "pre-copy does not end"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    out.finish(m)
+}
+
+/// Live migration of the virtio guest between two machines of this
+/// process over loopback, mid-I/O: the guest has written sectors 16-23
+/// through to the image when the migration starts and flushes and reads
+/// them back during pre-copy; the destination opens the same image (shared
+/// storage) and does the rest. Serial output (source then destination),
+/// console output and the image afterwards are QEMU's. Before that, a
+/// destination that cannot open the image refuses the machine naming the
+/// disk, and the source runs on as if nothing happened.
+#[test]
+fn a_live_migration_mid_io_carries_the_disk_by_path() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk_image(dir.path());
+    let (serial, console) = (Capture::default(), Capture::default());
+    let mut m = virtio_machine(&disk, &serial, &console);
+    run_until(&mut m, "virtio-blk: write sectors 16-23");
+
+    // The image is not where the destination looks: refused, by name.
+    let away = dir.path().join("away.img");
+    std::fs::rename(&disk, &away).unwrap();
+    let (dst_serial, dst_console) = (Capture::default(), Capture::default());
+    let (addr, refused) = destination(&dst_serial, &dst_console);
+    let e = migrate_while_running_to(&mut m, &addr, "virtio-blk: flush").unwrap_err();
+    let why = refused.join().unwrap().unwrap_err();
+    for e in [e.to_string(), why] {
+        assert!(
+            e.contains("disk nyx-disk0") && e.contains(&disk.display().to_string()),
+            "{e}"
+        );
+    }
+    assert!(dst_serial.bytes().is_empty());
+    std::fs::rename(&away, &disk).unwrap();
+
+    // Now it is: the machine moves during the read-back.
+    let (addr, dst) = destination(&dst_serial, &dst_console);
+    let stats = migrate_while_running_to(&mut m, &addr, "virtio-blk: write zeroes").unwrap();
+    assert!(stats.precopy_pages > 0 && stats.final_pages > 0, "{stats:?}");
+    assert_eq!(dst.join().unwrap(), Ok(RunOutcome::DebugExit(nyx_guests::VIRTIO_EXIT)));
+    drop(m);
+
+    let (before, after) = (
+        String::from_utf8_lossy(&serial.bytes()).into_owned(),
+        String::from_utf8_lossy(&dst_serial.bytes()).into_owned(),
+    );
+    assert!(before.contains("read sectors 16-23: status 0"), "{before}");
+    assert!(after.contains("read sectors 32-39: status 0"), "{after}");
+    assert_eq!(before + &after, golden_text("virtio.out"));
+    assert!(console.bytes().is_empty(), "the source never got to the console");
+    assert_eq!(dst_console.bytes(), golden_text("virtio.console").into_bytes());
+    assert_eq!(
+        sha256(&disk),
+        golden_text("virtio.img.sha256").trim(),
+        "the image after the migrated run differs from QEMU's"
+    );
+}
+
+/// Runs a debugged replay forward until it ends (the guest's exit or the
+/// trace's end).
+fn run_to_end(m: &mut nyx_vmm::Machine, t: &mut nyx_replayer::Timeline) {
+    use nyx_vmm::machine::Stop;
+    loop {
+        match t.resume(m).unwrap() {
+            Ok(Stop::Ended(_)) => return,
+            Ok(_) => {}
+            Err(e) => panic!("the replay failed: {e}"),
+        }
+    }
+}
+
+/// Reverse execution re-runs stretches of the replay from checkpoints: the
+/// virtio-console's output, like the serial output, still reaches its file
+/// exactly once, equal to what the recording wrote.
+#[test]
+fn a_reverse_debugged_replay_writes_console_output_once() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = disk_image(dir.path());
+    let recorded_console = Capture::default();
+    let (trace, serial) = record(dir.path(), &disk, &recorded_console);
+    assert_eq!(recorded_console.bytes(), golden_text("virtio.console").into_bytes());
+
+    let (out, console) = (Capture::default(), Capture::default());
+    let (mut m, mut t) = nyx_replayer::debug_replay(
+        &trace,
+        ReplayOptions {
+            serial_out: Some(Box::new(out.clone())),
+            console_out: Some(Box::new(console.clone())),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // Checkpoints often, so that going back re-executes the console's line
+    // from a checkpoint before it rather than from the start alone.
+    t.set_interval(std::time::Duration::from_micros(200));
+    t.start(&mut m).unwrap();
+    run_to_end(&mut m, &mut t);
+    assert_eq!(console.bytes(), recorded_console.bytes(), "the first pass");
+    // Back one instruction from the end, then from there forward again.
+    t.reverse_step(&mut m).unwrap();
+    run_to_end(&mut m, &mut t);
+    // Back to the start (no breakpoint: nothing stops it earlier), and the
+    // whole run again, console line and all.
+    let back = t.reverse_continue(&mut m, &[], &[], &[]).unwrap();
+    assert_eq!(back, nyx_replayer::timeline::ReverseStop::Begin);
+    run_to_end(&mut m, &mut t);
+    // A point in the middle of the run, then the end again.
+    let end = t.resolve(&mut m).unwrap();
+    let middle = nyx_replayer::timeline::Position {
+        events: end.events / 2,
+        steps: 0,
+    };
+    t.goto(&mut m, middle).unwrap();
+    run_to_end(&mut m, &mut t);
+    assert!(t.checkpoints() > 2, "{} checkpoints", t.checkpoints());
+    assert_eq!(
+        String::from_utf8_lossy(&console.bytes()),
+        String::from_utf8_lossy(&recorded_console.bytes()),
+        "the console's output after going back and forth"
+    );
+    assert_eq!(out.bytes(), serial, "the serial output after going back and forth");
+}
+
+/// The console echo guest's devices: a virtio-console alone, its output
+/// into `console`, its input `input`.
+fn conecho_setup(console: &Capture, input: SerialIn) -> PciSetup {
+    PciSetup {
+        disks: Vec::new(),
+        rng: false,
+        console: Some(ConsoleIo {
+            out: Box::new(console.clone()),
+            input,
+        }),
+        embed_disks: false,
+    }
+}
+
+/// The console echo guest reads its input from the virtio-console's
+/// receive queue: serial and console output are QEMU's.
+#[test]
+fn the_console_echo_guest_matches_qemu() {
+    if !kvm() {
+        return;
+    }
+    let (serial, console) = (Capture::default(), Capture::default());
+    let mut m = MachineBuilder::new()
+        .memory(64)
+        .kernel_image("conecho", nyx_guests::CONECHO.to_vec())
+        .cmdline("nyx-test arg=1")
+        .serial_out(Box::new(serial.clone()))
+        .pci(conecho_setup(
+            &console,
+            SerialIn::Bytes(nyx_guests::CONECHO_INPUT.to_vec()),
+        ))
+        .build()
+        .unwrap();
+    assert_eq!(m.run().unwrap(), RunOutcome::DebugExit(nyx_guests::CONECHO_EXIT));
+    assert_eq!(String::from_utf8_lossy(&serial.bytes()), golden_text("conecho.out"));
+    assert_eq!(
+        String::from_utf8_lossy(&console.bytes()),
+        nyx_guests::CONECHO_CONSOLE_OUTPUT
+    );
+}
+
+/// Console input through the machine: a recording of the console echo
+/// guest logs what its receive queue took (`ConsoleInput` events, up to the
+/// '.' at least, never past the input); the replay has no input source at
+/// all and echoes the same bytes at the same places (every exit verified),
+/// plain and debugged, and QEMU's output both times.
+#[test]
+fn console_input_is_recorded_and_replayed_without_a_source() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (serial, console) = (Capture::default(), Capture::default());
+    let input = nyx_guests::CONECHO_INPUT;
+    let rec = record_image(
+        RecordOptions {
+            out: dir.path().join("conecho.nyxtrace"),
+            kernel: PathBuf::from("conecho"),
+            kernel_name: Some("conecho".into()),
+            initrd: None,
+            cmdline: "nyx-test arg=1".into(),
+            mem_mib: 64,
+            serial_in: SerialIn::None,
+            serial_out: Some(Box::new(serial.clone())),
+            kvm_path: nyx_tests::kvm_device(),
+            verify: VerifyLevel::Exits,
+            landings: nyx_recorder::LandingPolicy::Auto,
+            cpu: Default::default(),
+            irqchip: Irqchip::Apic,
+            pci: conecho_setup(&console, SerialIn::Bytes(input.to_vec())),
+        },
+        "conecho".into(),
+        nyx_guests::CONECHO.to_vec(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(rec.outcome, RunOutcome::DebugExit(nyx_guests::CONECHO_EXIT));
+    assert_eq!(String::from_utf8_lossy(&serial.bytes()), golden_text("conecho.out"));
+    assert_eq!(
+        String::from_utf8_lossy(&console.bytes()),
+        nyx_guests::CONECHO_CONSOLE_OUTPUT
+    );
+
+    let mut r = nyx_trace::TraceReader::open(&rec.path).unwrap();
+    let mut logged = Vec::new();
+    let mut events = 0;
+    for i in 0..r.frames().len() {
+        if r.frames()[i].kind == nyx_trace::FrameKind::Events {
+            let frame: Vec<nyx_vmm::events::Event> = r.read_records(i).unwrap();
+            for e in frame {
+                if let nyx_vmm::events::Event::ConsoleInput(b) = e {
+                    logged.extend(b);
+                    events += 1;
+                }
+            }
+        }
+    }
+    drop(r);
+    let dot = input.iter().position(|&b| b == b'.').unwrap() + 1;
+    assert!(events >= 2, "one event per receive buffer filled: {events}");
+    assert!(
+        logged.len() >= dot && input.starts_with(&logged),
+        "logged {:?}",
+        String::from_utf8_lossy(&logged)
+    );
+
+    let replayed_console = Capture::default();
+    let out = Capture::default();
+    let r = replay(
+        &rec.path,
+        ReplayOptions {
+            serial_out: Some(Box::new(out.clone())),
+            console_out: Some(Box::new(replayed_console.clone())),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(matches!(r.end, ReplayEnd::Complete { .. }), "{:?}", r.end);
+    assert_eq!(out.bytes(), serial.bytes(), "the replay's serial output");
+    assert_eq!(replayed_console.bytes(), console.bytes(), "the replay's console output");
+
+    // Debugged, backwards and forwards again: the same output, once.
+    let (out, replayed_console) = (Capture::default(), Capture::default());
+    let (mut m, mut t) = nyx_replayer::debug_replay(
+        &rec.path,
+        ReplayOptions {
+            serial_out: Some(Box::new(out.clone())),
+            console_out: Some(Box::new(replayed_console.clone())),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    t.set_interval(std::time::Duration::from_micros(200));
+    t.start(&mut m).unwrap();
+    run_to_end(&mut m, &mut t);
+    t.reverse_continue(&mut m, &[], &[], &[]).unwrap();
+    run_to_end(&mut m, &mut t);
+    assert_eq!(out.bytes(), serial.bytes());
+    assert_eq!(replayed_console.bytes(), console.bytes());
 }
 
 /// The virtio-blk benchmark guests (`tests/guests/blkbench.h`) with

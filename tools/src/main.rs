@@ -86,6 +86,11 @@ struct RestoreArgs {
     serve: ServeArgs,
     #[command(flatten)]
     serial: SerialArgs,
+    /// Where the snapshot's virtio-console goes: stdio, file:PATH,
+    /// unix:PATH[,server], tcp:HOST:PORT[,server] or pty (default: its
+    /// output nowhere, no input).
+    #[arg(long, value_name = "CONSOLE")]
+    virtio_console: Option<String>,
     #[command(flatten)]
     clock: check::ClockArgs,
     #[command(flatten)]
@@ -344,7 +349,8 @@ pub struct MachineArgs {
     #[arg(long)]
     rng: bool,
     /// A virtio-console, a second console beside COM1: stdio,
-    /// file:PATH, unix:PATH[,server], tcp:HOST:PORT[,server] or pty.
+    /// file:PATH, unix:PATH[,server], tcp:HOST:PORT[,server] or pty (with
+    /// --incoming: where the migrated machine's virtio-console goes).
     #[arg(long, value_name = "CONSOLE")]
     virtio_console: Option<String>,
     /// With `record`: put what every disk read returned into the trace, so
@@ -394,8 +400,15 @@ struct RunArgs {
     #[command(flatten)]
     serve: ServeArgs,
     /// Receive a migrating machine on tcp:HOST:PORT (port 0 picks a free
-    /// one) and run it; machine, kernel and state come from the source.
-    #[arg(long, value_name = "tcp:HOST:PORT", conflicts_with_all = ["kernel", "initrd", "gdb", "cpu"])]
+    /// one) and run it; machine, kernel and state come from the source. Its
+    /// disks are opened at the source's paths (shared storage) and must
+    /// have the sizes they had there; --serial and --virtio-console say
+    /// where its consoles go here.
+    #[arg(
+        long,
+        value_name = "tcp:HOST:PORT",
+        conflicts_with_all = ["kernel", "initrd", "gdb", "cpu", "disk", "rng", "embed_disks"]
+    )]
     incoming: Option<String>,
     #[command(flatten)]
     clock: check::ClockArgs,
@@ -565,22 +578,10 @@ impl MachineArgs {
         for d in &self.disk {
             disks.push(d.parse::<nyx_vmm::disk::DiskSpec>().map_err(|e| e.to_string())?);
         }
-        let console = match &self.virtio_console {
-            None => None,
-            Some(spec) => {
-                let spec = nyx_vmm::console::ConsoleSpec::parse(spec).map_err(|e| format!("--virtio-console: {e}"))?;
-                let c = nyx_vmm::console::open(&spec, false, &mut |what| eprintln!("nyx: virtio-console: {what}"))
-                    .map_err(|e| format!("--virtio-console: {e}"))?;
-                Some(nyx_vmm::pci_setup::ConsoleIo {
-                    out: c.output,
-                    input: c.input,
-                })
-            }
-        };
         Ok(nyx_vmm::pci_setup::PciSetup {
             disks,
             rng: self.rng,
-            console,
+            console: virtio_console(self.virtio_console.as_deref())?,
             embed_disks: self.embed_disks,
         })
     }
@@ -604,6 +605,32 @@ impl MachineArgs {
             b = b.initrd(i);
         }
         Ok(b)
+    }
+}
+
+/// Opens the `--virtio-console` console `spec`, if given (waiting for a
+/// server console's client).
+fn virtio_console(spec: Option<&str>) -> Result<Option<nyx_vmm::pci_setup::ConsoleIo>, String> {
+    let Some(spec) = spec else { return Ok(None) };
+    let spec = nyx_vmm::console::ConsoleSpec::parse(spec).map_err(|e| format!("--virtio-console: {e}"))?;
+    let c = nyx_vmm::console::open(&spec, false, &mut |what| eprintln!("nyx: virtio-console: {what}"))
+        .map_err(|e| format!("--virtio-console: {e}"))?;
+    Ok(Some(nyx_vmm::pci_setup::ConsoleIo {
+        out: c.output,
+        input: c.input,
+    }))
+}
+
+/// Gives a saved machine's virtio-console the console opened for it;
+/// warns when the machine has none.
+fn with_virtio_console(b: MachineBuilder, console: Option<nyx_vmm::pci_setup::ConsoleIo>) -> MachineBuilder {
+    match console {
+        Some(_) if !b.has_virtio_console() => {
+            eprintln!("nyx: warning: the machine has no virtio-console; --virtio-console is not used");
+            b
+        }
+        Some(c) => b.virtio_console(c),
+        None => b,
     }
 }
 
@@ -748,9 +775,10 @@ fn incoming(args: &RunArgs, spec: &str) -> Result<ExitCode, String> {
     if key.is_none() && !nyx_vmm::net::is_loopback(local.ip()) {
         eprintln!("nyx: warning: tcp:{local} accepts a machine from anyone who reaches it; give --migration-key FILE");
     }
-    // The console first: a server console waits for its client here, not
+    // The consoles first: a server console waits for its client here, not
     // while the source waits for the confirmation.
     let (serial_in, serial_out) = args.machine.serial.open()?;
+    let console = virtio_console(args.machine.virtio_console.as_deref())?;
     eprintln!("nyx: waiting for a migration on tcp:{local}");
     let mut shown = progress::Receiving::new();
     let accepted = migration::accept(&listener, key.as_ref(), &mut |p| shown.update(p));
@@ -758,7 +786,7 @@ fn incoming(args: &RunArgs, spec: &str) -> Result<ExitCode, String> {
     let (received, confirm) = accepted.map_err(|e| format!("migration rejected: {e}"))?;
     let peer = confirm.peer;
     let (frames, runs) = (received.frames, received.runs);
-    let mut b = MachineBuilder::from_received(received)
+    let mut b = with_virtio_console(MachineBuilder::from_received(received), console)
         .serial_in(serial_in)
         .kvm_path(&args.machine.kvm.kvm_device);
     if let Some(out) = serial_out {
@@ -807,7 +835,7 @@ fn restore(args: &RestoreArgs) -> Result<ExitCode, String> {
         .map_err(|e| e.to_string())?
         .kvm_path(&args.kvm.kvm_device);
     let (serial_in, serial_out) = args.serial.open()?;
-    b = b.serial_in(serial_in);
+    b = with_virtio_console(b, virtio_console(args.virtio_console.as_deref())?).serial_in(serial_in);
     if let Some(out) = serial_out {
         b = b.serial_out(out);
     }

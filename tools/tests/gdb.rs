@@ -919,3 +919,76 @@ fn reverse_execution_undoes_a_gdb_memory_write() {
     );
     assert_eq!(printed(&out, "AGAIN="), first, "{out}");
 }
+
+/// Reverse execution re-runs stretches of a replay from its checkpoints:
+/// the virtio guest's console line (`--virtio-console-out`) and its serial
+/// output still come out once each. gdb stops before the console is set
+/// up, runs on to the end (the line is written), goes back to the stop and
+/// runs to the end again.
+#[test]
+fn a_reverse_debugged_replay_writes_virtio_console_output_once() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, nyx_guests::virtio_disk_image()).unwrap();
+    let trace = dir.path().join("virtio.nyxtrace");
+    let rec = nyx()
+        .args(["record", "--out"])
+        .arg(&trace)
+        .arg("--kernel")
+        .arg(nyx_guests::path("virtio").unwrap())
+        .args(["--cmdline", "nyx-test arg=1", "--disk"])
+        .arg(format!("{},id={}", img.display(), nyx_guests::VIRTIO_DISK_SERIAL))
+        .args(["--rng", "--virtio-console"])
+        .arg(format!("file:{}", dir.path().join("rec.console").display()))
+        .output()
+        .unwrap();
+    assert_eq!(
+        rec.status.code(),
+        Some(nyx_guests::VIRTIO_EXIT as i32),
+        "{}",
+        String::from_utf8_lossy(&rec.stderr)
+    );
+    let (console, serial) = (dir.path().join("replay.console"), dir.path().join("replay.out"));
+    let mut cmd = nyx();
+    cmd.arg("replay")
+        .arg(&trace)
+        .args([
+            "--gdb",
+            "127.0.0.1:0",
+            "--checkpoint-interval",
+            "1",
+            "--virtio-console-out",
+        ])
+        .arg(&console)
+        .stdout(std::fs::File::create(&serial).unwrap());
+    let nyx = Nyx::spawn(cmd);
+    let out = gdb(
+        &nyx,
+        "virtio",
+        &[
+            "break con_test",
+            "continue",
+            "continue",
+            "reverse-continue",
+            "printf \"BACK_PC=%#lx\\n\", $pc",
+            "delete",
+            "continue",
+            "kill",
+        ],
+    );
+    nyx.finish_cleanly();
+    assert_eq!(printed(&out, "BACK_PC="), symbol("virtio", "con_test"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(&console).unwrap(),
+        nyx_guests::VIRTIO_CONSOLE_OUTPUT,
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&serial).unwrap(),
+        nyx_guests::expected("virtio").unwrap().golden.unwrap(),
+        "{out}"
+    );
+}

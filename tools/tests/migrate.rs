@@ -6,7 +6,10 @@
 //! status 1; with a migration key a wrong key and a byte changed on the
 //! way are refused the same way while the source runs on, and the right
 //! key carries the machine; with stderr on a terminal both ends draw
-//! progress bars. An
+//! progress bars; a destination that finds a disk's image missing or
+//! resized at the source's path refuses the machine naming the disk while
+//! the source runs on; the console echo guest's virtio-console input and
+//! output follow it to the destination's `--virtio-console`. An
 //! ignored test measures downtime and total time for the BENCHMARKS table.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -149,16 +152,17 @@ fn destination() -> (Proc, u16) {
 
 /// The echo guest with the control socket at `sock`, stdin as serial input.
 fn echo_source(sock: &Path, mem: &str) -> Proc {
-    echo_source_spawned(sock, mem, Proc::spawn)
+    echo_source_spawned(sock, mem, &[], Proc::spawn)
 }
 
-fn echo_source_spawned(sock: &Path, mem: &str, spawn: fn(Command) -> Proc) -> Proc {
+fn echo_source_spawned(sock: &Path, mem: &str, extra: &[&std::ffi::OsStr], spawn: fn(Command) -> Proc) -> Proc {
     let mut cmd = nyx();
     cmd.arg("run")
         .arg("--kernel")
         .arg(guest("echo"))
         .args(["--serial-in", "-", "--mem", mem, "--api"])
-        .arg(sock);
+        .arg(sock)
+        .args(extra);
     let p = spawn(cmd);
     p.out.wait_for("end with '.'\n", "source");
     let start = Instant::now();
@@ -245,7 +249,7 @@ fn both_ends_draw_progress_bars_on_a_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
     let (mut dst, port) = destination_spawned(&[], Proc::spawn_on_terminal);
-    let mut src = echo_source_spawned(&sock, "16", Proc::spawn_on_terminal);
+    let mut src = echo_source_spawned(&sock, "16", &[], Proc::spawn_on_terminal);
     src.input(FIRST);
     src.out.wait_for("HELLO, NYX!\n", "source");
     let addr = format!("tcp:127.0.0.1:{port}");
@@ -361,6 +365,147 @@ fn the_source_keeps_running_when_the_destination_fails_and_can_migrate_later() {
     let expected = nyx_guests::expected("echo").unwrap();
     assert_eq!(dst.wait().map(|s| s as u32), expected.exit_value, "{}", dst.err.text());
     assert_eq!(src.out.text() + &dst.out.text(), expected.golden.unwrap());
+}
+
+/// A machine with a disk: the destination opens the image at the source's
+/// path (shared storage). Where it finds no image there, or one of another
+/// size, it refuses the machine naming the disk, exits 1 with one line, and
+/// the source runs on; with the image back in place the machine moves,
+/// its virtio-console going where the destination's --virtio-console says.
+#[test]
+fn a_destination_that_cannot_open_the_disk_refuses_and_the_source_runs_on() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("shared.img");
+    std::fs::write(&img, vec![0x5a; 64 << 10]).unwrap();
+    let sock = dir.path().join("api.sock");
+    let (src_con, dst_con) = (dir.path().join("src.console"), dir.path().join("dst.console"));
+    let mut src = echo_source_spawned(
+        &sock,
+        "16",
+        &[
+            "--disk".as_ref(),
+            img.as_os_str(),
+            "--virtio-console".as_ref(),
+            format!("file:{}", src_con.display()).as_ref(),
+        ],
+        Proc::spawn,
+    );
+    src.input(FIRST);
+    src.out.wait_for("HELLO, NYX!\n", "source");
+    let migrate = |port: u16| ctl(&sock, &["migrate", &format!("tcp:127.0.0.1:{port}")]);
+
+    let away = dir.path().join("away.img");
+    std::fs::rename(&img, &away).unwrap();
+    for (what, needle) in [("missing", "No such file"), ("resized", "has 4096 bytes")] {
+        if what == "resized" {
+            std::fs::write(&img, vec![0u8; 4096]).unwrap();
+        }
+        let (mut dst, port) = destination();
+        let (code, reply) = migrate(port);
+        assert_eq!((code, &reply["ok"]), (Some(1), &false.into()), "{what}: {reply}");
+        let e = reply["error"].as_str().unwrap();
+        assert!(
+            e.contains("refused the machine: disk disk0") && e.contains(needle),
+            "{what}: {e}"
+        );
+        assert!(e.contains(&img.display().to_string()), "{what}: {e}");
+        assert_refused_with_one_line(&mut dst, "disk disk0");
+        let (_, status) = ctl(&sock, &["status"]);
+        assert_eq!(status["data"]["state"], "running", "{what}: {status}");
+    }
+    std::fs::rename(&away, &img).unwrap();
+
+    let console = format!("file:{}", dst_con.display());
+    let (mut dst, port) = destination_with(&["--virtio-console".as_ref(), console.as_ref()]);
+    let (code, reply) = migrate(port);
+    assert_eq!((code, &reply["ok"]), (Some(0), &true.into()), "{reply}");
+    assert_eq!(src.wait(), Some(0), "{}", src.err.text());
+    dst.err.wait_for("running", "destination");
+    dst.input(SECOND);
+    let expected = nyx_guests::expected("echo").unwrap();
+    assert_eq!(dst.wait().map(|s| s as u32), expected.exit_value, "{}", dst.err.text());
+    assert_eq!(src.out.text() + &dst.out.text(), expected.golden.unwrap());
+    assert!(dst_con.exists(), "the destination opened its --virtio-console");
+    assert!(!dst.err.text().contains("warning"), "{}", dst.err.text());
+    assert_eq!(std::fs::read(&img).unwrap(), vec![0x5a; 64 << 10]);
+}
+
+/// Connects to the Unix socket a server console listens on at `path`
+/// (waiting for it to appear) and collects what comes back.
+fn console_client(path: &Path) -> (std::os::unix::net::UnixStream, Captured) {
+    let start = Instant::now();
+    loop {
+        if let Ok(c) = std::os::unix::net::UnixStream::connect(path) {
+            let out = Captured::spawn(c.try_clone().unwrap(), WAIT);
+            return (c, out);
+        }
+        assert!(start.elapsed() < WAIT, "no console at {}", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The console echo guest migrated between two lines of its virtio-console
+/// input: each end has its own `--virtio-console unix:PATH,server`, the
+/// first line goes to the source's, the rest to the destination's; the
+/// serial output and the console output, source then destination, are
+/// QEMU's.
+#[test]
+fn console_input_and_output_follow_a_migrated_machine() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, src_con, dst_con) = (
+        dir.path().join("api.sock"),
+        dir.path().join("src.con"),
+        dir.path().join("dst.con"),
+    );
+    let mut cmd = nyx();
+    cmd.arg("run")
+        .arg("--kernel")
+        .arg(guest("conecho"))
+        .args(["--cmdline", "nyx-test arg=1", "--virtio-console"])
+        .arg(format!("unix:{},server", src_con.display()))
+        .arg("--api")
+        .arg(&sock);
+    let mut src = Proc::spawn(cmd);
+    let (mut src_in, src_echo) = console_client(&src_con);
+    let input = nyx_guests::CONECHO_INPUT;
+    let first = input.iter().position(|&b| b == b'\n').unwrap() + 1;
+    src_in.write_all(&input[..first]).unwrap();
+    src.out.wait_for("line 1, 16 bytes", "source");
+    src_echo.wait_for("HELLO, CONSOLE!\n", "source console");
+
+    let mut cmd = nyx();
+    cmd.args(["run", "--incoming", "tcp:127.0.0.1:0", "--virtio-console"])
+        .arg(format!("unix:{},server", dst_con.display()));
+    let mut dst = Proc::spawn(cmd);
+    // The destination waits for its console's client before it listens.
+    let (mut dst_in, dst_echo) = console_client(&dst_con);
+    dst.err
+        .wait_for("waiting for a migration on tcp:127.0.0.1:", "destination");
+    let port: u16 = dst
+        .err
+        .text()
+        .split("tcp:127.0.0.1:")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .expect("a port");
+    let (code, reply) = ctl(&sock, &["migrate", &format!("tcp:127.0.0.1:{port}")]);
+    assert_eq!((code, &reply["ok"]), (Some(0), &true.into()), "{reply}");
+    assert_eq!(src.wait(), Some(0), "{}", src.err.text());
+    dst.err.wait_for("running", "destination");
+    dst_in.write_all(&input[first..]).unwrap();
+    assert_eq!(dst.wait(), Some(nyx_guests::CONECHO_EXIT as i32), "{}", dst.err.text());
+    let expected = nyx_guests::expected("conecho").unwrap();
+    assert_eq!(src.out.text() + &dst.out.text(), expected.golden.unwrap());
+    dst_echo.wait_for("STOP HERE.", "destination console");
+    assert_eq!(src_echo.text(), "HELLO, CONSOLE!\n");
+    assert_eq!(src_echo.text() + &dst_echo.text(), nyx_guests::CONECHO_CONSOLE_OUTPUT);
 }
 
 #[test]

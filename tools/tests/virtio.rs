@@ -1,7 +1,9 @@
 //! The virtio devices through the `nyx` command: `--disk`, `--rng` and
 //! `--virtio-console` on `run` and `record`, `replay --disk` for a moved
 //! image, the refusal of a changed image naming the disk, `--embed-disks`,
-//! and bad `--disk` options refused with a clear message.
+//! `restore --virtio-console` for a snapshot's console, console input from
+//! a socket recorded and replayed without it, and bad `--disk` options
+//! refused with a clear message.
 
 mod common;
 
@@ -115,6 +117,121 @@ fn run_record_and_replay_with_a_disk() {
     let r = nyx().arg("replay").arg(&trace).output().unwrap();
     assert_eq!(r.status.code(), exit, "{}", String::from_utf8_lossy(&r.stderr));
     assert_eq!(String::from_utf8_lossy(&r.stdout), golden("virtio.out"));
+}
+
+/// A snapshot of the virtio guest taken before it reached its console,
+/// restored by `nyx restore --virtio-console file:PATH`: the console's line
+/// goes to PATH, the rest of the serial output to stdout, and the image
+/// (opened at the snapshot's path) ends as QEMU's did.
+#[test]
+fn restore_gives_the_snapshot_a_virtio_console() {
+    if !kvm_available() {
+        return;
+    }
+    use nyx_vmm::pci_setup::{ConsoleIo, PciSetup};
+    let dir = tempfile::tempdir().unwrap();
+    let img = disk(dir.path(), "snap.img");
+    let serial = nyx_tests::Capture::default();
+    let mut m = nyx_vmm::MachineBuilder::new()
+        .memory(64)
+        .kernel_image("virtio", nyx_guests::VIRTIO.to_vec())
+        .cmdline("nyx-test arg=1")
+        .serial_out(Box::new(serial.clone()))
+        .pci(PciSetup {
+            disks: vec![format!("{},id={}", img.display(), nyx_guests::VIRTIO_DISK_SERIAL)
+                .parse()
+                .unwrap()],
+            rng: true,
+            console: Some(ConsoleIo {
+                out: Box::new(std::io::sink()),
+                input: nyx_vmm::SerialIn::None,
+            }),
+            embed_disks: false,
+        })
+        .build()
+        .unwrap();
+    m.set_limits(nyx_vmm::machine::limits::Limits {
+        until_output: Some("virtio-blk: write sectors 16-23".into()),
+        max_guest_ns: None,
+    });
+    m.run().unwrap();
+    let snap = m.save_snapshot(&dir.path().join("v.nyxsnap")).unwrap();
+    drop(m);
+    let console = dir.path().join("restored.console");
+    let r = nyx()
+        .arg("restore")
+        .arg(&snap)
+        .arg("--virtio-console")
+        .arg(format!("file:{}", console.display()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(nyx_guests::VIRTIO_EXIT as i32), "{err}");
+    let both = String::from_utf8_lossy(&serial.bytes()).into_owned() + &String::from_utf8_lossy(&r.stdout);
+    assert_eq!(both, golden("virtio.out"));
+    assert_eq!(std::fs::read_to_string(&console).unwrap(), golden("virtio.console"));
+    assert_eq!(
+        nyx_vmm::disk::hash_file(&img).unwrap().1,
+        golden("virtio.img.sha256").trim()
+    );
+    assert!(!err.contains("warning"), "{err}");
+}
+
+/// virtio-console input from a Unix socket (`--virtio-console
+/// unix:PATH,server`) in a recording of the console echo guest: the echo
+/// comes back on the socket, and `nyx replay` without any console echoes
+/// the same lines from the trace.
+#[test]
+fn console_input_from_a_socket_is_recorded_and_replayed_without_it() {
+    if !kvm_available() {
+        return;
+    }
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, trace) = (dir.path().join("con.sock"), dir.path().join("c.nyxtrace"));
+    let rec = nyx()
+        .arg("record")
+        .arg("--out")
+        .arg(&trace)
+        .arg("--kernel")
+        .arg(guest("conecho"))
+        .args(["--cmdline", "nyx-test arg=1", "--virtio-console"])
+        .arg(format!("unix:{},server", sock.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut c = loop {
+        match std::os::unix::net::UnixStream::connect(&sock) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(start.elapsed().as_secs() < 30, "no console at {}: {e}", sock.display());
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    };
+    c.write_all(nyx_guests::CONECHO_INPUT).unwrap();
+    let out = rec.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(nyx_guests::CONECHO_EXIT as i32), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), golden("conecho.out"));
+    let mut echoed = String::new();
+    c.read_to_string(&mut echoed).unwrap();
+    assert_eq!(echoed, golden("conecho.console"));
+
+    let console = dir.path().join("replay.console");
+    let r = nyx()
+        .arg("replay")
+        .arg(&trace)
+        .arg("--virtio-console-out")
+        .arg(&console)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(nyx_guests::CONECHO_EXIT as i32), "{err}");
+    assert_eq!(String::from_utf8_lossy(&r.stdout), golden("conecho.out"));
+    assert_eq!(std::fs::read_to_string(&console).unwrap(), golden("conecho.console"));
 }
 
 #[test]

@@ -64,6 +64,22 @@ pub enum DiskError {
         /// Its size.
         size: u64,
     },
+    /// A restored or migrated machine's image is not of the size its disk
+    /// had (a plain run stores no hash: its image changes as it runs).
+    #[error(
+        "disk {id}: the image {path} has {got} bytes, but the disk had {want} bytes where the machine was saved: \
+         not the same image"
+    )]
+    Resized {
+        /// The disk's ID.
+        id: String,
+        /// The image opened.
+        path: PathBuf,
+        /// The size the machine's disk had.
+        want: u64,
+        /// The size of the image opened.
+        got: u64,
+    },
     /// A replay was given an image other than the recorded one.
     #[error(
         "disk {id}: the image {path} is not the one recorded (recorded: {want_size} bytes, sha256 {want_hash}; \
@@ -151,7 +167,9 @@ impl std::str::FromStr for DiskSpec {
 }
 
 /// What a trace records of a disk: enough to find the image again and to
-/// know it is the same.
+/// know it is the same. A plain run's snapshot or migration stream records
+/// the absolute path and the size, and no hash (its image changes as it
+/// runs, and hashing it would cost seconds per GiB).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskIdentity {
     /// The ID.
@@ -244,6 +262,20 @@ impl Disk {
             sha256,
             embedded: false,
         })
+    }
+
+    /// Checks that this image has the size `want` records, the check of a
+    /// plain run's disk ([`DiskIdentity::sha256`] empty, size known).
+    pub fn check_size(&self, want: &DiskIdentity, path: &Path) -> Result<(), DiskError> {
+        if want.size != 0 && want.size != self.size {
+            return Err(DiskError::Resized {
+                id: want.id.clone(),
+                path: path.to_path_buf(),
+                want: want.size,
+                got: self.size,
+            });
+        }
+        Ok(())
     }
 
     /// Checks that `path` holds the image `want` describes.

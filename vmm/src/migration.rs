@@ -25,6 +25,14 @@
 //! KVMs: a guest seen in real mode when the migration starts or stops has
 //! all of its memory sent again in the stop.
 //!
+//! Disks travel by path: a plain run writes through to its images, and the
+//! destination opens the same paths, on storage both hosts see (as QEMU
+//! and Firecracker do; copying an image is the storage's business, not a
+//! migration's). The header lists each disk with its absolute path and
+//! size; the stop-and-copy flushes the images before the machine state
+//! goes out; the destination refuses the machine, naming the disk, when an
+//! image is missing or not of the recorded size (the source then runs on).
+//!
 //! The destination ([`listen`], [`accept`], [`receive`]) listens on
 //! loopback unless allowed otherwise, reads the stream with the
 //! container's own checks (magic, version, checksums, frames of at most
@@ -267,6 +275,9 @@ pub enum MigrationError {
     /// ends disagree about using a key.
     #[error("{0}")]
     Auth(String),
+    /// A disk's image could not be flushed before the machine moves.
+    #[error("the machine's disks could not be flushed for the destination: {0}")]
+    Storage(String),
 }
 
 /// The socket address of `tcp:HOST:PORT`.
@@ -651,6 +662,9 @@ impl Outgoing {
         p.progress.pass(p.iterations + 1, true, dirty.len() as u64);
         let final_pages = send_pages_reporting(&mut out, m.memory(), &dirty, state.exit_seq, &mut p.progress)?;
         p.progress.end_pass();
+        // The destination opens the same images (shared storage): what
+        // the guest wrote must be there before it does.
+        m.platform().flush_storage().map_err(MigrationError::Storage)?;
         out.write_records(FrameKind::MachineState, state.exit_seq, std::slice::from_ref(&state))?;
         let bytes_sent = out.bytes_written();
         let sink = out.finish()?;

@@ -233,17 +233,30 @@ pub fn build_functions(
                 embedded: setup.embed_disks,
                 ..Disk::identity(spec, &id)?
             },
-            // A plain run does not hash its images: nothing replays it.
+            // A plain run does not hash its images (nothing replays it, and
+            // they change as it runs); its snapshot or migration stream
+            // finds the image by its absolute path and checks its size.
             _ => crate::disk::DiskIdentity {
                 id: id.clone(),
-                path: spec.path.display().to_string(),
+                path: std::path::absolute(&spec.path)
+                    .unwrap_or_else(|_| spec.path.clone())
+                    .display()
+                    .to_string(),
                 read_only: spec.read_only,
                 size: 0,
                 sha256: String::new(),
                 embedded: false,
             },
         };
-        let opened: Box<dyn BlockBackend> = Box::new(Disk::open(spec, &id, overlay)?);
+        let image = Disk::open(spec, &id, overlay)?;
+        if let Some(want) = recorded.filter(|w| w.sha256.is_empty()) {
+            image.check_size(want, &spec.path)?;
+        }
+        let identity = crate::disk::DiskIdentity {
+            size: image.size(),
+            ..identity
+        };
+        let opened: Box<dyn BlockBackend> = Box::new(image);
         let disk = hooks.disk_backend(&identity, Some(opened)).ok_or_else(|| {
             PciSetupError::Disk(DiskError::Spec {
                 spec: identity.path.clone(),
@@ -270,6 +283,7 @@ pub fn build_functions(
 mod tests {
     use super::*;
     use crate::hooks::PlainRun;
+    use std::path::Path;
 
     fn disk(dir: &tempfile::TempDir, name: &str, read_only: bool) -> DiskSpec {
         let path = dir.path().join(name);
@@ -324,10 +338,36 @@ mod tests {
             {
                 assert_eq!((a.id.as_str(), b.id.as_str(), b.read_only), ("disk0", "disk1", true));
                 assert!(a.sha256.is_empty(), "a plain run does not hash");
+                assert_eq!(a.size, 4096, "but it knows the size");
+                assert!(Path::new(&a.path).is_absolute(), "{}", a.path);
             }
             other => panic!("{other:?}"),
         }
         assert!(build(PciSetup::default(), None).unwrap().0.is_empty());
+    }
+
+    /// A plain run's saved machine (a snapshot, a migration stream) finds
+    /// its image by path and checks the size: another size, or no image,
+    /// is refused naming the disk; the same size builds.
+    #[test]
+    fn a_saved_plain_run_checks_the_size_of_its_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = disk(&dir, "a.img", false);
+        let setup = |spec: &DiskSpec| PciSetup {
+            disks: vec![spec.clone()],
+            ..Default::default()
+        };
+        let (_, saved) = build(setup(&spec), None).unwrap();
+        assert!(build(setup(&spec), Some(&saved)).is_ok());
+        std::fs::write(&spec.path, vec![0u8; 8192]).unwrap();
+        let e = build(setup(&spec), Some(&saved)).unwrap_err().to_string();
+        assert!(
+            e.contains("disk disk0") && e.contains("has 8192 bytes") && e.contains("4096"),
+            "{e}"
+        );
+        std::fs::remove_file(&spec.path).unwrap();
+        let e = build(setup(&spec), Some(&saved)).unwrap_err().to_string();
+        assert!(e.contains("disk disk0") && e.contains("a.img"), "{e}");
     }
 
     #[test]

@@ -619,6 +619,12 @@ impl Platform {
         lock(&self.pci).take_devices()
     }
 
+    /// Makes what the PCI functions wrote to the host durable (each disk's
+    /// image flushed), naming the first that fails.
+    pub fn flush_storage(&self) -> Result<(), String> {
+        lock(&self.pci).flush_storage()
+    }
+
     /// The PCI functions as `(slot, name)`.
     pub fn pci_functions(&self) -> Vec<(u8, String)> {
         lock(&self.pci).devices()

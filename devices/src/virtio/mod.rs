@@ -87,6 +87,12 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device.
     fn reset(&mut self) {}
+    /// Makes what the device has written to the host durable where another
+    /// host sees it (a disk's image on shared storage), before the machine
+    /// moves there: a live migration's stop-and-copy calls it.
+    fn flush_storage(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
     /// The device's own state for a snapshot.
     fn save(&self) -> Vec<u8> {
         Vec::new()

@@ -368,6 +368,10 @@ impl PciDevice for VirtioPci {
         postcard::to_allocvec(&s).expect("a virtio snapshot serializes")
     }
 
+    fn flush_storage(&mut self) -> std::io::Result<()> {
+        self.transport.device_mut().flush_storage()
+    }
+
     /// Restores a snapshot into a device built the same way, after the
     /// host restored the config space; INTx is asserted again if it was.
     fn restore(&mut self, state: &[u8]) -> Result<(), String> {

@@ -167,6 +167,11 @@ impl Transport {
         &self.name
     }
 
+    /// The device, to change.
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        &mut *self.device
+    }
+
     /// The device.
     pub fn device(&self) -> &dyn VirtioDevice {
         self.device.as_ref()

@@ -128,6 +128,22 @@ pub fn virtio_disk_image() -> Vec<u8> {
     image
 }
 
+/// Echoes lines read from the virtio-console's receive queue: each line
+/// printed on COM1 and sent upper-cased on the transmitq, up to a '.';
+/// exits with [`CONECHO_EXIT`]. Needs the APIC platform and a
+/// virtio-console alone at 00:03.0 whose input is [`CONECHO_INPUT`]
+/// ([`Expected::needs_virtio`]); its console output is then
+/// [`CONECHO_CONSOLE_OUTPUT`].
+pub const CONECHO: &[u8] = guest_image!("conecho");
+/// Debug-exit value of [`CONECHO`].
+pub const CONECHO_EXIT: u32 = 0x5e;
+/// The virtio-console input of the [`CONECHO`] golden run: three lines up
+/// to the '.', and bytes after it that the guest never takes in.
+pub const CONECHO_INPUT: &[u8] = include_bytes!("../../golden/conecho.in");
+/// What [`CONECHO`] writes to the virtio-console given [`CONECHO_INPUT`]:
+/// the complete console output of the golden run.
+pub const CONECHO_CONSOLE_OUTPUT: &str = include_str!("../../golden/conecho.console");
+
 /// The SHA-256 (lower-case hex) of the [`VIRTIO`] golden run's disk image
 /// after the run: [`virtio_disk_image`] with sectors 16..23 written, 32..39
 /// zeroed by WRITE_ZEROES and 40..47 discarded, which QEMU (`discard=unmap`
@@ -321,6 +337,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("pmtimer", PMTIMER),
     ("apiccounter", APICCOUNTER),
     ("virtio", VIRTIO),
+    ("conecho", CONECHO),
     ("blknop", BLKNOP),
     ("blkseq", BLKSEQ),
     ("blkrand", BLKRAND),
@@ -343,8 +360,8 @@ pub struct Expected {
     /// either.
     pub needs_apic: bool,
     /// Whether it needs the virtio PCI devices of its golden run (see
-    /// [`VIRTIO`], and [`BLKNOP`] for the virtio-blk benchmark guests);
-    /// only on the APIC platform.
+    /// [`VIRTIO`], [`CONECHO`], and [`BLKNOP`] for the virtio-blk
+    /// benchmark guests); only on the APIC platform.
     pub needs_virtio: bool,
     /// Its complete serial output under QEMU; `None` if timing-dependent.
     pub golden: Option<&'static str>,
@@ -529,6 +546,15 @@ pub const EXPECTED: &[Expected] = &[
         name: "virtio",
         exit_value: Some(VIRTIO_EXIT),
         golden: Some(include_str!("../../golden/virtio.out")),
+        input: None,
+        powers_off: false,
+        needs_apic: true,
+        needs_virtio: true,
+    },
+    Expected {
+        name: "conecho",
+        exit_value: Some(CONECHO_EXIT),
+        golden: Some(include_str!("../../golden/conecho.out")),
         input: None,
         powers_off: false,
         needs_apic: true,

@@ -211,6 +211,23 @@ impl MachineBuilder {
         b
     }
 
+    /// Where the virtio-console of a saved machine (a snapshot's, a
+    /// migrated machine's) writes its output and takes its input: the
+    /// saved state keeps only the device, and without this its output goes
+    /// nowhere and no input comes. Nothing changes for a machine without a
+    /// virtio-console ([`MachineBuilder::has_virtio_console`]).
+    pub fn virtio_console(mut self, io: crate::pci_setup::ConsoleIo) -> Self {
+        if let Some(c) = self.pci.console.as_mut() {
+            *c = io;
+        }
+        self
+    }
+
+    /// Whether the machine to build has a virtio-console.
+    pub fn has_virtio_console(&self) -> bool {
+        self.pci.console.is_some()
+    }
+
     /// The PCI functions (virtio disks, entropy, console).
     pub fn pci(mut self, setup: crate::pci_setup::PciSetup) -> Self {
         self.pci = setup;
