@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use nyx_devices::Input;
-use nyx_trace::{ContainerKind, FrameKind, GuestImage, TraceHeader, TraceWriter, WriterOptions};
+use nyx_trace::{ContainerKind, GuestImage, TraceHeader, TraceWriter, WriterOptions};
 use nyx_vmm::clock::{HostTime, TimeSource, VirtualClock};
 use nyx_vmm::config::{MachineConfig, VerifyLevel, INITRD_IMAGE, KERNEL_IMAGE};
 use nyx_vmm::cpu_model::CpuModel;
@@ -140,6 +140,9 @@ struct Log {
     metrics: Option<Arc<VmMetrics>>,
     /// Bytes of the trace file counted into `metrics` so far.
     bytes_counted: u64,
+    /// The machine's virtual TSC rate, which the frame codec predicts
+    /// `rdtsc` values with.
+    tsc_khz: u32,
 }
 
 impl Log {
@@ -165,7 +168,7 @@ impl Log {
             return;
         }
         if let Some(w) = self.writer.as_mut() {
-            match w.write_records(FrameKind::Events, self.buffer_start, &self.buffer) {
+            match nyx_vmm::events::write_events(w, self.buffer_start, &self.buffer, self.tsc_khz) {
                 Ok(info) => self.count_bytes(info.end()),
                 Err(e) => self.error = Some(e),
             }
@@ -739,6 +742,7 @@ pub(crate) fn new_log(out: &Path, position: u64) -> SharedLog {
         error: None,
         metrics: None,
         bytes_counted: 0,
+        tsc_khz: 0,
     }))
 }
 
@@ -758,6 +762,7 @@ impl Session {
     pub(crate) fn new(machine: nyx_vmm::Machine, log: SharedLog, writer: TraceWriter, out: &Path, start: u64) -> Self {
         let mut l = lock(&log);
         l.metrics = Some(machine.metrics().clone());
+        l.tsc_khz = machine.tsc_khz();
         // The header and any frames written before the run (a snapshot's
         // state) are on disk already.
         let written = std::fs::metadata(writer.partial_path()).map_or(0, |m| m.len());
@@ -893,9 +898,9 @@ mod tests {
         let mut starts = Vec::new();
         let mut all = Vec::new();
         for i in 0..r.frames().len() {
-            if r.frames()[i].kind == FrameKind::Events {
+            if r.frames()[i].kind == nyx_trace::FrameKind::Events {
                 starts.push(r.frames()[i].first_position);
-                all.extend(r.read_records::<Event>(i).unwrap());
+                all.extend(nyx_vmm::events::read_events(&mut r, i).unwrap());
             }
         }
         (starts, all)

@@ -86,7 +86,7 @@ impl Cursor {
                 return;
             };
             self.next_frame = idx + 1;
-            match self.reader.read_records::<Event>(idx) {
+            match nyx_vmm::events::read_events(&mut self.reader, idx) {
                 Ok(events) => {
                     self.frame = idx;
                     self.taken_in_frame = 0;
@@ -112,8 +112,7 @@ impl Cursor {
             1 => {
                 let frames = self.reader.frames();
                 let idx = (self.next_frame..frames.len()).find(|&i| frames[i].kind == FrameKind::Events)?;
-                self.reader
-                    .read_records::<Event>(idx)
+                nyx_vmm::events::read_events(&mut self.reader, idx)
                     .ok()
                     .and_then(|v| v.into_iter().next())
             }
@@ -201,7 +200,7 @@ impl Cursor {
         self.last_time = mark.last_time;
         self.recent = mark.recent.clone();
         if mark.next_frame > mark.frame {
-            match self.reader.read_records::<Event>(mark.frame) {
+            match nyx_vmm::events::read_events(&mut self.reader, mark.frame) {
                 Ok(events) => self.pending.extend(events.into_iter().skip(mark.taken_in_frame)),
                 Err(e) => self.read_error = Some(e),
             }

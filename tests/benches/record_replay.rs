@@ -114,7 +114,7 @@ fn trace_facts(path: &Path) -> Res<(u64, u64, u64)> {
         }
         stored += u64::from(info.compressed_len);
         raw += u64::from(info.uncompressed_len);
-        let events: Vec<Event> = r.read_records(i)?;
+        let events: Vec<Event> = nyx_vmm::events::read_events(&mut r, i)?;
         for e in events {
             if let Event::End(end) = e {
                 virtual_ns = end.virtual_ns;

@@ -67,10 +67,7 @@ fn the_trace_fixture_reads_every_event() {
     let mut events = Vec::new();
     for i in 0..r.frames().len() {
         if r.frames()[i].kind == FrameKind::Events {
-            events.extend(
-                r.read_records::<Event>(i)
-                    .unwrap_or_else(|e| panic!("{TRACE} frame {i}: {e}")),
-            );
+            events.extend(nyx_vmm::events::read_events(&mut r, i).unwrap_or_else(|e| panic!("{TRACE} frame {i}: {e}")));
         }
     }
     assert!(events.iter().any(|e| matches!(e, Event::Exit(_))));

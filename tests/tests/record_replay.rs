@@ -331,7 +331,7 @@ fn software_interrupts_are_exits_that_replay() {
     let mut soft = Vec::new();
     for i in 0..r.frames().len() {
         if r.frames()[i].kind == FrameKind::Events {
-            let events: Vec<Event> = r.read_records(i).unwrap();
+            let events: Vec<Event> = nyx_vmm::events::read_events(&mut r, i).unwrap();
             soft.extend(events.iter().filter_map(|e| match e {
                 Event::Exit(x) if x.kind == ExitKind::SoftInt => Some(x.addr),
                 _ => None,
@@ -478,10 +478,9 @@ fn rewrite(src: &Path, dst: &Path, mut change: impl FnMut(&mut Vec<Event>)) {
     for i in 0..r.frames().len() {
         let info = r.frames()[i];
         if info.kind == FrameKind::Events {
-            let mut events: Vec<Event> = r.read_records(i).unwrap();
+            let mut events: Vec<Event> = nyx_vmm::events::read_events(&mut r, i).unwrap();
             change(&mut events);
-            w.write_records(FrameKind::Events, info.first_position, &events)
-                .unwrap();
+            nyx_vmm::events::write_events(&mut w, info.first_position, &events, 0).unwrap();
         } else {
             let f = r.read_frame(i).unwrap();
             w.write_frame(info.kind, info.first_position, &f.payload).unwrap();
@@ -498,7 +497,7 @@ fn position_of(path: &Path, mut pick: impl FnMut(&[Event], usize) -> bool) -> u6
         if r.frames()[i].kind != FrameKind::Events {
             continue;
         }
-        let events: Vec<Event> = r.read_records(i).unwrap();
+        let events: Vec<Event> = nyx_vmm::events::read_events(&mut r, i).unwrap();
         for j in 0..events.len() {
             if pick(&events, j) {
                 return pos;
@@ -594,7 +593,7 @@ fn keyframed_landings(path: &Path) -> Vec<nyx_vmm::events::Landing> {
     let mut out = Vec::new();
     for i in 0..r.frames().len() {
         if r.frames()[i].kind == FrameKind::Events {
-            let events: Vec<Event> = r.read_records(i).unwrap();
+            let events: Vec<Event> = nyx_vmm::events::read_events(&mut r, i).unwrap();
             out.extend(events.into_iter().filter_map(|e| match e {
                 Event::Landing(l) if l.keyframe.is_some() => Some(*l),
                 _ => None,

@@ -257,7 +257,7 @@ fn with_embedded_disks_the_trace_alone_replays() {
     let mut reads = 0;
     for i in 0..r.frames().len() {
         if r.frames()[i].kind == nyx_trace::FrameKind::Events {
-            let events: Vec<nyx_vmm::events::Event> = r.read_records(i).unwrap();
+            let events: Vec<nyx_vmm::events::Event> = nyx_vmm::events::read_events(&mut r, i).unwrap();
             reads += events
                 .iter()
                 .filter(|e| matches!(e, nyx_vmm::events::Event::DiskRead(_)))
@@ -560,7 +560,7 @@ fn console_input_is_recorded_and_replayed_without_a_source() {
     let mut events = 0;
     for i in 0..r.frames().len() {
         if r.frames()[i].kind == nyx_trace::FrameKind::Events {
-            let frame: Vec<nyx_vmm::events::Event> = r.read_records(i).unwrap();
+            let frame: Vec<nyx_vmm::events::Event> = nyx_vmm::events::read_events(&mut r, i).unwrap();
             for e in frame {
                 if let nyx_vmm::events::Event::ConsoleInput(b) = e {
                     logged.extend(b);

@@ -228,7 +228,7 @@ pub fn trace_positions(path: &Path) -> Option<(u64, u64)> {
     let (&first, &last) = events.first().zip(events.last())?;
     let start = r.frames()[first].first_position;
     let last_start = r.frames()[last].first_position;
-    let tail: Vec<Event> = r.read_records(last).ok()?;
+    let tail: Vec<Event> = nyx_vmm::events::read_events(&mut r, last).ok()?;
     let exits = tail.iter().filter(|e| matches!(e, Event::Exit(_))).count() as u64;
     Some((start, last_start.saturating_add(exits).max(start)))
 }
@@ -315,10 +315,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.nyxtrace");
         let mut w = TraceWriter::create(&p, &header(ContainerKind::Trace)).unwrap();
-        w.write_records(FrameKind::Events, 10, &[exit(), Event::Poll, exit()])
-            .unwrap();
-        w.write_records(FrameKind::Events, 12, &[exit(), Event::Time(5), exit(), exit()])
-            .unwrap();
+        nyx_vmm::events::write_events(&mut w, 10, &[exit(), Event::Poll, exit()], 0).unwrap();
+        nyx_vmm::events::write_events(&mut w, 12, &[exit(), Event::Time(5), exit(), exit()], 0).unwrap();
         w.finish().unwrap();
         assert_eq!(trace_positions(&p), Some((10, 15)));
         assert_eq!(trace_positions(&dir.path().join("none")), None);

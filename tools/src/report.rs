@@ -138,7 +138,7 @@ pub fn profile_trace(path: &Path) -> Result<Profile, ReportError> {
         if r.frames()[i].kind != FrameKind::Events {
             continue;
         }
-        for e in r.read_records::<Event>(i).map_err(err)? {
+        for e in nyx_vmm::events::read_events(&mut r, i).map_err(err)? {
             match e {
                 Event::Time(t) => {
                     let start = *first.get_or_insert(t);

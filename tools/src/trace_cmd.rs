@@ -81,7 +81,7 @@ fn events(r: &mut TraceReader, path: &Path, mut f: impl FnMut(u64, &Event) -> io
         if r.frames()[i].kind != FrameKind::Events {
             continue;
         }
-        for e in r.read_records::<Event>(i).map_err(trace_err(path))? {
+        for e in nyx_vmm::events::read_events(r, i).map_err(trace_err(path))? {
             if let Event::Exit(_) = e {
                 pos += 1;
             }
@@ -291,7 +291,7 @@ mod tests {
                 })
             })
             .collect();
-        w.write_records(FrameKind::Events, 0, &events).unwrap();
+        nyx_vmm::events::write_events(&mut w, 0, &events, 0).unwrap();
         w.finish().unwrap();
         p
     }
