@@ -22,7 +22,8 @@
 //! is beyond the enabled ones) nothing is sent or held: the function uses
 //! MSI-X or INTx instead, and which of them wins is the function's choice
 //! (a function with both gives MSI-X precedence, as the spec expects only
-//! one to be enabled). Nothing read from config space, however a guest or a
+//! one to be enabled, and tells [`Msi::config_written`] to hold MSI's
+//! pending messages back while MSI-X is on). Nothing read from config space, however a guest or a
 //! snapshot set it, makes this panic: the vector count comes from the
 //! capability as built, not from the register.
 
@@ -119,7 +120,9 @@ fn set_bytes(config: &mut PciConfig, off: usize, bytes: &[u8]) {
 impl Msi {
     /// Adds the MSI capability described by `options` to `config`, its
     /// messages going to `sink`. It starts disabled, one vector enabled,
-    /// address and data zero, no vector masked.
+    /// address and data zero, no vector masked. A capability that does not
+    /// fit in config space is a bug in the device model and panics (as in
+    /// [`PciConfig::add_capability`]).
     pub fn new(config: &mut PciConfig, options: MsiOptions, sink: Arc<dyn MsiSink>) -> Self {
         let vectors = options.vectors.clamp(1, MAX_VECTORS).next_power_of_two();
         let log2_capable = vectors.trailing_zeros() as u16;
@@ -278,19 +281,19 @@ impl Msi {
     }
 
     /// The guest wrote config bytes `[offset, offset + len)`: a
-    /// multiple-message-enable beyond the capable count is clamped, and
-    /// while MSI is enabled pending bits beyond the enabled vectors are
-    /// dropped and the unmasked ones delivered.
-    pub fn config_written(&self, config: &mut PciConfig, offset: usize, len: usize) {
-        if offset >= self.cap + self.size() || offset + len <= self.cap {
-            return;
-        }
+    /// multiple-message-enable written beyond the capable count is
+    /// clamped; then, if `deliver` (a function passes false while it uses
+    /// MSI-X instead) and MSI is enabled, pending bits beyond the enabled
+    /// vectors are dropped and the unmasked ones delivered (after any
+    /// write: a pending message may have waited for MSI-X to go off).
+    pub fn config_written(&self, config: &mut PciConfig, offset: usize, len: usize, deliver: bool) {
         let control = self.control(config);
-        if (control & CTRL_MME) >> CTRL_MME_SHIFT > self.log2_capable {
+        let ours = offset < self.cap + self.size() && offset + len > self.cap;
+        if ours && (control & CTRL_MME) >> CTRL_MME_SHIFT > self.log2_capable {
             let c = control & !CTRL_MME | self.log2_capable << CTRL_MME_SHIFT;
             set_bytes(config, self.cap + 2, &c.to_le_bytes());
         }
-        if !self.per_vector_mask || !self.enabled(config) {
+        if !deliver || !self.per_vector_mask || !self.enabled(config) || self.pending(config) == 0 {
             return;
         }
         let n = self.enabled_vectors(config);
@@ -417,7 +420,7 @@ mod tests {
     /// the device's hook.
     fn write(c: &mut PciConfig, m: &Msi, off: usize, bytes: &[u8]) {
         c.write(off, bytes);
-        m.config_written(c, off, bytes.len());
+        m.config_written(c, off, bytes.len(), true);
     }
 
     #[test]
@@ -486,7 +489,7 @@ mod tests {
         let (mut c, m, _) = setup(opts(1, false, false));
         let before = c.bytes().to_vec();
         c.write(0x40, &[0xFF; 16]);
-        m.config_written(&mut c, 0x40, 16);
+        m.config_written(&mut c, 0x40, 16, true);
         assert_eq!((c.byte(0x40), c.byte(0x41)), (CAP_MSI, 0));
         assert_eq!(c.word(0x42), 0x0001, "enable only: one vector, 32-bit, no masking");
         assert_eq!(dword(&c, 0x44), 0xFFFF_FFFC);
@@ -498,7 +501,7 @@ mod tests {
     }
 
     #[test]
-    fn delivery_masking_and_pending() {
+    fn delivery_masking_pending_and_holding_back() {
         let (mut c, m, sent) = setup(opts(4, true, true));
         assert!(!m.notify(&mut c, 0), "MSI disabled");
         assert_eq!((m.pending(&c), sent.take()), (0, vec![]), "nothing held while disabled");
@@ -542,6 +545,22 @@ mod tests {
         assert!(m.notify(&mut c, 1));
         assert_eq!(sent.take(), vec![(0x1_FEE0_1000, 0x4123)]);
         assert_eq!(m.message(&c, 1), (0x1_FEE0_1000, 0x4123));
+        // A function that uses MSI-X holds MSI's pending messages back, and
+        // lets them go at its next config write once it does not.
+        write(&mut c, &m, 0x50, &[0b01]);
+        assert!(!m.notify(&mut c, 0));
+        c.write(0x50, &[0]);
+        m.config_written(&mut c, 0x50, 1, false);
+        assert!(sent.take().is_empty());
+        assert_eq!(m.pending(&c), 0b01);
+        c.write(0x04, &[0x06]);
+        m.config_written(&mut c, 0x04, 1, true);
+        assert_eq!(
+            sent.take(),
+            vec![(0x1_FEE0_1000, 0x4122)],
+            "a write outside the capability"
+        );
+        assert_eq!(m.pending(&c), 0);
     }
 
     #[test]
@@ -637,7 +656,7 @@ mod tests {
         c.restore(&bytes).unwrap();
         assert_eq!(m.enabled_vectors(&c), 32);
         assert!(!m.notify(&mut c, 31), "masked");
-        m.config_written(&mut c, 0x40, 24);
+        m.config_written(&mut c, 0x40, 24, true);
         for v in 0..40 {
             m.notify(&mut c, v);
             let _ = m.message(&c, v);

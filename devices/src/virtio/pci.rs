@@ -375,7 +375,8 @@ impl PciDevice for VirtioPci {
     fn config_written(&mut self, offset: usize, len: usize) {
         self.msix.config_written(&self.config);
         if let Some(m) = &self.msi {
-            m.config_written(&mut self.config, offset, len);
+            let msix = self.msix.enabled(&self.config);
+            m.config_written(&mut self.config, offset, len, !msix);
         }
         self.sync();
         if offset <= 4 && offset + len > 4 && self.config.command() & CMD_BUS_MASTER == 0 {
@@ -888,11 +889,21 @@ mod tests {
         h.common_write(0x1A, 2, 1);
         h.submit(1, &[(BUF, 4, false)]);
         assert_eq!(h.msis()[3..], [(MSI_ADDR, MSI_DATA + 1)]);
-        // MSI-X off again: MSI.
+        // A message MSI holds back stays pending while MSI-X is enabled,
+        // and goes out when MSI-X is turned off.
         let cap = h.find_cap(0x11).unwrap();
         h.cfg_write(cap + 3, &[0]);
+        h.cfg_write(0xA4 + 0x10, &[0b10]);
         h.submit(1, &[(BUF, 4, false)]);
+        assert_eq!(h.cfg_read(0xA4 + 0x14, 4), 0b10);
+        h.cfg_write(cap + 3, &[0x80]);
+        h.cfg_write(0xA4 + 0x10, &[0]);
+        assert_eq!(h.msi_count(), 4, "MSI-X is enabled: MSI holds back");
+        h.cfg_write(cap + 3, &[0]);
         assert_eq!(h.msis()[4..], [(MSI_AT, 0x41)]);
+        // MSI-X off: MSI.
+        h.submit(1, &[(BUF, 4, false)]);
+        assert_eq!(h.msis()[5..], [(MSI_AT, 0x41)]);
         assert_eq!(h.sink.gsi_changes().len(), 2);
     }
 
