@@ -19,6 +19,7 @@ pub mod io;
 pub mod ioapic;
 pub mod irqchip;
 pub mod lapic;
+pub mod msi;
 pub mod msix;
 pub mod pci;
 pub mod pci_config;

@@ -48,6 +48,9 @@ pub const MMIO_WINDOW: (u64, u64) = (0xD000_0000, 0x2C00_0000);
 /// above any RAM Nyx gives a guest.
 pub const MMIO64_WINDOW: (u64, u64) = (0x20_0000_0000, 0x10_0000_0000);
 
+/// The host bridge's vendor and device ID (the i440FX).
+pub const HOST_BRIDGE_IDS: (u16, u16) = (0x8086, 0x1237);
+
 const RESET_CONTROL: u64 = 0xCF9;
 const ENABLE: u32 = 1 << 31;
 
@@ -102,8 +105,8 @@ impl Default for PciState {
 /// The i440FX's config space after reset, as QEMU builds it.
 fn host_bridge_config() -> Vec<u8> {
     let mut c = vec![0u8; CONFIG_LEN];
-    c[0x00..0x02].copy_from_slice(&0x8086u16.to_le_bytes());
-    c[0x02..0x04].copy_from_slice(&0x1237u16.to_le_bytes());
+    c[0x00..0x02].copy_from_slice(&HOST_BRIDGE_IDS.0.to_le_bytes());
+    c[0x02..0x04].copy_from_slice(&HOST_BRIDGE_IDS.1.to_le_bytes());
     c[0x08] = 0x02; // revision
     c[0x0B] = 0x06; // class: bridge, subclass host, prog-if 0
     c[0x2C..0x2E].copy_from_slice(&0x1AF4u16.to_le_bytes());

@@ -2,8 +2,9 @@
 //! and its client (`nyx ctl PATH COMMAND [ARG]`).
 //!
 //! A unix socket, mode 0600, one JSON request and one JSON reply per line:
-//! `{"cmd":"pause"}`, `resume`, `snapshot` (with `"path"`), `status`,
-//! `metrics`, `logs` (with `"n"`), `migrate` (with `"addr"`, optional
+//! `{"cmd":"pause"}`, `resume`, `snapshot` (with `"path"`), `status` (the
+//! run state, position, virtual time, mode and the PCI functions as the
+//! machine's description lists them), `metrics`, `logs` (with `"n"`), `migrate` (with `"addr"`, optional
 //! `"max_iterations"` and `"threshold_pages"`), `power-button`,
 //! `sleep-button`, `wake`, `set` (with `"path"` holding `lid=open|closed`,
 //! `battery=PCT[,charging]` or `temperature=C`: platform events for a
@@ -320,6 +321,7 @@ fn handle(m: &mut Machine, req: &Request, paused: bool) -> (Reply, After) {
                 "position": m.exit_seq(),
                 "virtual_ns": m.clock().last(),
                 "mode": m.mode_name(),
+                "pci": serde_json::to_value(&m.config().pci).unwrap_or_default(),
             });
             (Reply::ok(Some(data)), keep)
         }
@@ -601,20 +603,32 @@ pub fn ctl(path: &Path, req: &Request) -> Result<ExitCode, String> {
     Ok(if reply.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-/// One `metrics` request: the machine's metrics in detail.
-pub fn fetch_metrics(path: &Path) -> Result<nyx_vmm::metrics::MetricsSnapshot, String> {
+/// One request `{"cmd":CMD}`: field `field` of its reply's data.
+fn fetch_field(path: &Path, cmd: &str, field: &str) -> Result<serde_json::Value, String> {
     let mut conn = UnixStream::connect(path).map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
-    writeln!(conn, "{{\"cmd\":\"metrics\"}}").map_err(|e| format!("{}: {e}", path.display()))?;
+    let req = serde_json::to_string(&Request::new(cmd, None)).map_err(|e| e.to_string())?;
+    writeln!(conn, "{req}").map_err(|e| format!("{}: {e}", path.display()))?;
     let mut line = String::new();
     BufReader::new(conn)
         .read_line(&mut line)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     let reply: Reply = serde_json::from_str(&line).map_err(|e| format!("bad reply {line:?}: {e}"))?;
-    let detail = reply
+    reply
         .data
-        .and_then(|mut d| d.get_mut("detail").map(serde_json::Value::take))
-        .ok_or_else(|| reply.error.unwrap_or_else(|| "no metrics in the reply".into()))?;
+        .and_then(|mut d| d.get_mut(field).map(serde_json::Value::take))
+        .ok_or_else(|| reply.error.unwrap_or_else(|| format!("no {field} in the {cmd} reply")))
+}
+
+/// One `metrics` request: the machine's metrics in detail.
+pub fn fetch_metrics(path: &Path) -> Result<nyx_vmm::metrics::MetricsSnapshot, String> {
+    let detail = fetch_field(path, "metrics", "detail")?;
     serde_json::from_value(detail).map_err(|e| format!("bad metrics: {e}"))
+}
+
+/// One `status` request: the machine's PCI functions.
+pub fn fetch_pci(path: &Path) -> Result<Vec<nyx_vmm::config::PciFunctionConfig>, String> {
+    let pci = fetch_field(path, "status", "pci")?;
+    serde_json::from_value(pci).map_err(|e| format!("bad PCI function list: {e}"))
 }
 
 #[cfg(test)]

@@ -61,7 +61,7 @@ enum Command {
     Restore(RestoreArgs),
     /// Send a command to a running nyx's control socket (--api).
     Ctl(CtlArgs),
-    /// Why is the guest slow: exit rates, hot ports, landings, with recommendations.
+    /// Why is the guest slow: its PCI functions, exit rates, hot ports, landings, with recommendations.
     Report(ReportArgs),
     /// Restore a snapshot, feed input, compare output and exit status; repeatedly.
     Check(check::CheckArgs),

@@ -3,12 +3,20 @@
 //! its `Time` events) or from a live machine (its `metrics`, sampled every
 //! 100 ms through the control socket), and turns it into findings, each
 //! with a severity and a one-line recommendation.
+//!
+//! The report starts with the machine's PCI functions ([`render_pci`]), as
+//! the trace header or the live machine's `status` lists them: slot,
+//! vendor:device, and what each is (a disk with its ID, image path, size,
+//! read-only or not, SHA-256 prefix and whether the trace embeds its reads;
+//! virtio-rng; virtio-console), with what a trace logged for them
+//! (`DiskRead`, `Rng` and `ConsoleInput` events and their bytes).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
 use nyx_trace::{FrameKind, TraceReader};
+use nyx_vmm::config::{MachineConfig, PciFunctionConfig, FIRST_PCI_SLOT};
 use nyx_vmm::events::{Event, ExitKind};
 use nyx_vmm::metrics::{device_of_port, MetricsSnapshot};
 
@@ -80,6 +88,33 @@ impl Default for Thresholds {
     }
 }
 
+/// Events of one kind of device input a trace logged, and their bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Logged {
+    /// Events.
+    pub events: u64,
+    /// Bytes they carry.
+    pub bytes: u64,
+}
+
+impl Logged {
+    fn add(&mut self, bytes: usize) {
+        self.events += 1;
+        self.bytes += bytes as u64;
+    }
+}
+
+/// What a trace logged for the PCI functions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceInput {
+    /// Reads of the embedded disks (`DiskRead`).
+    pub disk_read: Logged,
+    /// virtio-rng's bytes (`Rng`).
+    pub rng: Logged,
+    /// virtio-console's input (`ConsoleInput`).
+    pub console_input: Logged,
+}
+
 /// What a run did, in windows of [`WINDOW_NS`].
 #[derive(Debug, Clone, Default)]
 pub struct Profile {
@@ -99,6 +134,8 @@ pub struct Profile {
     pub search_hits: Option<u64>,
     /// Worst p99 handling latency and its exit kind (live only).
     pub worst_p99: Option<(String, u64)>,
+    /// What the trace logged for the PCI functions (traces only).
+    pub device_input: Option<DeviceInput>,
 }
 
 impl Profile {
@@ -121,14 +158,18 @@ impl Profile {
     }
 }
 
-/// The profile of a trace.
-pub fn profile_trace(path: &Path) -> Result<Profile, ReportError> {
-    let err = |source| ReportError::Trace {
+fn trace_error(path: &Path) -> impl Fn(nyx_trace::Error) -> ReportError + '_ {
+    move |source| ReportError::Trace {
         path: path.display().to_string(),
         source,
-    };
-    let mut r = TraceReader::open(path).map_err(err)?;
+    }
+}
+
+/// The profile of the trace `r`, opened from `path`.
+pub fn profile_trace(r: &mut TraceReader, path: &Path) -> Result<Profile, ReportError> {
+    let err = trace_error(path);
     let mut p = Profile::default();
+    let mut input = DeviceInput::default();
     let (mut first, mut last) = (None::<u64>, 0u64);
     // Windows beyond this many are folded into the last (a bogus time
     // stamp must not allocate without bound).
@@ -138,7 +179,7 @@ pub fn profile_trace(path: &Path) -> Result<Profile, ReportError> {
         if r.frames()[i].kind != FrameKind::Events {
             continue;
         }
-        for e in nyx_vmm::events::read_events(&mut r, i).map_err(err)? {
+        for e in nyx_vmm::events::read_events(&mut r, i).map_err(&err)? {
             match e {
                 Event::Time(t) => {
                     let start = *first.get_or_insert(t);
@@ -152,11 +193,15 @@ pub fn profile_trace(path: &Path) -> Result<Profile, ReportError> {
                     p.landings += 1;
                     p.keyframes += u64::from(l.keyframe.is_some());
                 }
+                Event::DiskRead(b) => input.disk_read.add(b.len()),
+                Event::Rng(b) => input.rng.add(b.len()),
+                Event::ConsoleInput(b) => input.console_input.add(b.len()),
                 _ => {}
             }
         }
     }
     p.duration_ns = first.map_or(0, |f| last - f);
+    p.device_input = Some(input);
     Ok(p)
 }
 
@@ -383,10 +428,115 @@ pub fn render(p: &Profile, findings: &[Finding]) -> String {
     s
 }
 
+/// `n` events and their bytes, "3 rng events, 24 bytes".
+fn logged(what: &str, l: &Logged) -> String {
+    let s = if l.events == 1 { "" } else { "s" };
+    format!("{} {what} event{s}, {} bytes", l.events, l.bytes)
+}
+
+/// What a disk is, from its identity in the header.
+fn describe_disk(d: &nyx_vmm::disk::DiskIdentity) -> String {
+    let mut s = format!("disk {} {:?}", d.id.escape_debug(), d.path);
+    if d.sha256.is_empty() {
+        s.push_str(if d.read_only { ", read-only" } else { ", read-write" });
+        s.push_str(", not hashed (a plain run)");
+        return s;
+    }
+    let sha: String = d.sha256.chars().take(16).collect();
+    let _ = write!(
+        s,
+        ", {} bytes, {}, sha256 {}…, ",
+        d.size,
+        if d.read_only { "read-only" } else { "read-write" },
+        sha.escape_debug()
+    );
+    s.push_str(if d.embedded {
+        "embedded (the trace holds its reads)"
+    } else {
+        "not embedded (a replay needs the image)"
+    });
+    s
+}
+
+/// The PCI section: the host bridge and each function of `functions`
+/// (or why they are unknown), with what a trace logged for them when
+/// `input` is given.
+pub fn render_pci(functions: Result<&[PciFunctionConfig], &str>, input: Option<&DeviceInput>) -> String {
+    let mut s = String::new();
+    let (hv, hd) = nyx_devices::pci::HOST_BRIDGE_IDS;
+    let functions = match functions {
+        Ok(f) => f,
+        Err(why) => {
+            let _ = writeln!(
+                s,
+                "pci          00:00.0 {hv:04x}:{hd:04x} host bridge; functions unknown: {why}"
+            );
+            return s;
+        }
+    };
+    match functions.len() {
+        0 => {
+            let _ = writeln!(
+                s,
+                "pci          00:00.0 {hv:04x}:{hd:04x} host bridge, no functions beyond it"
+            );
+        }
+        n => {
+            let plural = if n == 1 { "" } else { "s" };
+            let _ = writeln!(
+                s,
+                "pci          00:00.0 {hv:04x}:{hd:04x} host bridge and {n} function{plural}"
+            );
+        }
+    }
+    for (i, f) in functions.iter().enumerate() {
+        let slot = usize::from(FIRST_PCI_SLOT) + i;
+        let (vendor, device) = f.pci_ids();
+        let what = match f {
+            PciFunctionConfig::Disk(d) => describe_disk(d),
+            PciFunctionConfig::Rng => match input {
+                Some(i) => logged("rng", &i.rng),
+                None => "entropy from the host".into(),
+            },
+            PciFunctionConfig::Console => {
+                let mut w = "backend not in the machine description".to_string();
+                if let Some(i) = input {
+                    let _ = write!(w, "; {}", logged("console-input", &i.console_input));
+                }
+                w
+            }
+        };
+        let _ = writeln!(
+            s,
+            "  {slot:02x}:{:02x}.0 {vendor:04x}:{device:04x} {:<15} {what}",
+            0,
+            f.name()
+        );
+    }
+    let embedded = functions
+        .iter()
+        .filter(|f| matches!(f, PciFunctionConfig::Disk(d) if d.embedded))
+        .count();
+    if let Some(i) = input.filter(|i| embedded > 0 || i.disk_read.events > 0) {
+        let plural = if embedded == 1 { "" } else { "s" };
+        let _ = writeln!(
+            s,
+            "  disk reads   {} of the {embedded} embedded disk{plural}",
+            logged("disk-read", &i.disk_read)
+        );
+    }
+    s
+}
+
 /// `nyx report TRACE`.
 pub fn report_trace(path: &Path) -> Result<String, ReportError> {
-    let p = profile_trace(path)?;
-    Ok(render(&p, &analyze(&p, &Thresholds::default())))
+    let mut r = TraceReader::open(path).map_err(trace_error(path))?;
+    let pci = MachineConfig::from_bytes(&r.header().machine_config)
+        .map(|c| c.pci)
+        .map_err(|e| format!("the header's machine configuration: {e}"));
+    let p = profile_trace(&mut r, path)?;
+    let functions = pci.as_deref().map_err(String::as_str);
+    Ok(render_pci(functions, p.device_input.as_ref()) + &render(&p, &analyze(&p, &Thresholds::default())))
 }
 
 /// `nyx report --api SOCK`: samples the machine's metrics `windows` times,
@@ -400,7 +550,9 @@ pub fn report_live(sock: &Path, windows: usize) -> Result<String, ReportError> {
         samples.push(crate::api::fetch_metrics(sock).map_err(ReportError::Api)?);
     }
     let p = profile_samples(&samples);
-    Ok(render(&p, &analyze(&p, &Thresholds::default())))
+    let pci = crate::api::fetch_pci(sock);
+    let functions = pci.as_deref().map_err(String::as_str);
+    Ok(render_pci(functions, None) + &render(&p, &analyze(&p, &Thresholds::default())))
 }
 
 #[cfg(test)]
@@ -502,7 +654,98 @@ mod tests {
         assert!(text.contains("2 windows of 100 ms"), "{text}");
     }
 
+    fn disk(id: &str, embedded: bool) -> PciFunctionConfig {
+        PciFunctionConfig::Disk(nyx_vmm::disk::DiskIdentity {
+            id: id.into(),
+            path: "/images/a.img".into(),
+            read_only: false,
+            size: 1 << 20,
+            sha256: "0123456789abcdef".repeat(4),
+            embedded,
+        })
+    }
+
+    #[test]
+    fn pci_section_lists_every_function_with_its_input() {
+        let functions = [disk("boot", true), PciFunctionConfig::Rng, PciFunctionConfig::Console];
+        let input = DeviceInput {
+            disk_read: Logged { events: 3, bytes: 1536 },
+            rng: Logged { events: 1, bytes: 64 },
+            console_input: Logged { events: 2, bytes: 5 },
+        };
+        let text = render_pci(Ok(&functions), Some(&input));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0], "pci          00:00.0 8086:1237 host bridge and 3 functions",
+            "{text}"
+        );
+        assert_eq!(
+            lines[1],
+            "  03:00.0 1af4:1042 virtio-blk      disk boot \"/images/a.img\", 1048576 bytes, read-write, \
+             sha256 0123456789abcdef…, embedded (the trace holds its reads)"
+        );
+        assert_eq!(lines[2], "  04:00.0 1af4:1044 virtio-rng      1 rng event, 64 bytes");
+        assert_eq!(
+            lines[3],
+            "  05:00.0 1af4:1043 virtio-console  backend not in the machine description; \
+             2 console-input events, 5 bytes"
+        );
+        assert_eq!(
+            lines[4],
+            "  disk reads   3 disk-read events, 1536 bytes of the 1 embedded disk"
+        );
+        assert_eq!(lines.len(), 5);
+        // Live: no counts.
+        let text = render_pci(Ok(&functions[1..]), None);
+        assert!(text.contains("virtio-rng      entropy from the host"), "{text}");
+        assert!(!text.contains("events"), "{text}");
+    }
+
+    #[test]
+    fn pci_section_of_plain_and_unknown_machines() {
+        let plain = PciFunctionConfig::Disk(nyx_vmm::disk::DiskIdentity {
+            id: "disk0".into(),
+            path: "d.img".into(),
+            read_only: true,
+            size: 0,
+            sha256: String::new(),
+            embedded: false,
+        });
+        let text = render_pci(Ok(&[plain, disk("b", false)]), Some(&DeviceInput::default()));
+        assert!(
+            text.contains("disk disk0 \"d.img\", read-only, not hashed (a plain run)"),
+            "{text}"
+        );
+        assert!(text.contains("not embedded (a replay needs the image)"), "{text}");
+        assert!(!text.contains("disk reads"), "nothing embedded, nothing read: {text}");
+        assert_eq!(
+            render_pci(Ok(&[]), None),
+            "pci          00:00.0 8086:1237 host bridge, no functions beyond it\n"
+        );
+        let text = render_pci(Err("no reply"), None);
+        assert!(text.contains("functions unknown: no reply"), "{text}");
+    }
+
     proptest! {
+        /// Whatever a trace header holds, the section renders.
+        #[test]
+        fn any_pci_list_renders(ids in proptest::collection::vec((".{0,30}", ".{0,30}", ".{0,70}", any::<u64>(), any::<bool>(), any::<bool>()), 0..40),
+                                rng in any::<bool>(), events in any::<u64>()) {
+            let mut functions: Vec<PciFunctionConfig> = ids
+                .into_iter()
+                .map(|(id, path, sha256, size, read_only, embedded)| {
+                    PciFunctionConfig::Disk(nyx_vmm::disk::DiskIdentity { id, path, read_only, size, sha256, embedded })
+                })
+                .collect();
+            if rng {
+                functions.push(PciFunctionConfig::Rng);
+            }
+            functions.push(PciFunctionConfig::Console);
+            let input = DeviceInput { rng: Logged { events, bytes: events }, ..DeviceInput::default() };
+            let text = render_pci(Ok(&functions), Some(&input));
+            prop_assert_eq!(text.lines().filter(|l| l.contains(":00.0 1af4:")).count(), functions.len());
+        }
+
         #[test]
         fn any_profile_analyzes_without_panic(ports in proptest::collection::btree_map(any::<u16>(), 1u64..1000, 0..20),
                                               windows in proptest::collection::vec(0u64..10_000, 0..50),

@@ -103,7 +103,7 @@ fn prometheus_endpoint_is_scraped_during_a_run() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
     let mut child = nyx()
-        .args(["run", "--metrics", "127.0.0.1:0", "--serial-in", "-", "--api"])
+        .args(["run", "--rng", "--metrics", "127.0.0.1:0", "--serial-in", "-", "--api"])
         .arg(&sock)
         .arg("--kernel")
         .arg(guest("echo"))
@@ -158,6 +158,13 @@ fn prometheus_endpoint_is_scraped_during_a_run() {
     let text = String::from_utf8_lossy(&rep.stdout);
     assert!(rep.status.success(), "{text}{}", String::from_utf8_lossy(&rep.stderr));
     assert!(text.contains("2 windows of 100 ms"), "{text}");
+    assert!(
+        text.starts_with(
+            "pci          00:00.0 8086:1237 host bridge and 1 function\n  \
+             03:00.0 1af4:1044 virtio-rng      entropy from the host\n"
+        ),
+        "the machine's status lists its PCI functions: {text}"
+    );
     let logs = nyx().args(["ctl"]).arg(&sock).arg("logs").output().unwrap();
     let logs = String::from_utf8_lossy(&logs.stdout);
     assert!(logs.contains("machine built"), "{logs}");

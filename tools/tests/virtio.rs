@@ -2,8 +2,9 @@
 //! `--virtio-console` on `run` and `record`, `replay --disk` for a moved
 //! image, the refusal of a changed image naming the disk, `--embed-disks`,
 //! `restore --virtio-console` for a snapshot's console, console input from
-//! a socket recorded and replayed without it, and bad `--disk` options
-//! refused with a clear message.
+//! a socket recorded and replayed without it, `nyx report`'s PCI section
+//! on the recordings, and bad `--disk` options refused with a clear
+//! message.
 
 mod common;
 
@@ -15,6 +16,19 @@ fn disk(dir: &Path, name: &str) -> std::path::PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, nyx_guests::virtio_disk_image()).unwrap();
     p
+}
+
+/// `nyx report TRACE`'s PCI section: its lines up to the exit counts.
+fn report_pci(trace: &Path) -> String {
+    let r = nyx().arg("report").arg(trace).output().unwrap();
+    let text = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert!(r.status.success(), "{text}{}", String::from_utf8_lossy(&r.stderr));
+    let section = text
+        .split_once("\nexits ")
+        .map(|x| x.0)
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(section.starts_with("pci "), "{text}");
+    section.to_string()
 }
 
 fn golden(name: &str) -> String {
@@ -71,6 +85,23 @@ fn run_record_and_replay_with_a_disk() {
     assert_eq!(out, golden("virtio.out"));
     assert_eq!(std::fs::read(&img).unwrap(), before, "the recording wrote to the image");
 
+    // The report names the functions: the disk by its ID and size.
+    let pci = report_pci(&trace);
+    let size = nyx_guests::virtio_disk_image().len();
+    let blk = pci
+        .lines()
+        .find(|l| l.starts_with("  03:00.0 1af4:1042 virtio-blk "))
+        .unwrap_or_else(|| panic!("{pci}"));
+    assert!(blk.contains("disk nyx-disk0 "), "{pci}");
+    assert!(blk.contains(&format!(", {size} bytes, read-write, sha256 ")), "{pci}");
+    assert!(blk.contains("not embedded"), "{pci}");
+    assert!(pci.contains("  04:00.0 1af4:1044 virtio-rng "), "{pci}");
+    assert!(pci.contains("  05:00.0 1af4:1043 virtio-console "), "{pci}");
+    assert!(
+        pci.starts_with("pci          00:00.0 8086:1237 host bridge and 3 functions\n"),
+        "{pci}"
+    );
+
     let replayed = dir.path().join("replay.console");
     let r = nyx()
         .arg("replay")
@@ -113,6 +144,16 @@ fn run_record_and_replay_with_a_disk() {
         &["--embed-disks"],
     );
     assert_eq!(status, exit, "{err}");
+    let pci = report_pci(&trace);
+    assert!(pci.contains("embedded (the trace holds its reads)"), "{pci}");
+    let reads = pci
+        .lines()
+        .find(|l| l.starts_with("  disk reads "))
+        .unwrap_or_else(|| panic!("{pci}"));
+    assert!(
+        !reads.contains(" 0 disk-read events"),
+        "the guest reads its disk: {pci}"
+    );
     std::fs::remove_file(&img).unwrap();
     let r = nyx().arg("replay").arg(&trace).output().unwrap();
     assert_eq!(r.status.code(), exit, "{}", String::from_utf8_lossy(&r.stderr));

@@ -65,6 +65,30 @@ pub enum PciFunctionConfig {
     Console,
 }
 
+impl PciFunctionConfig {
+    /// The name its function reports (`PciDevice::name`).
+    pub fn name(&self) -> &'static str {
+        use nyx_devices::virtio::{block, console, rng};
+        match self {
+            PciFunctionConfig::Disk(_) => block::NAME,
+            PciFunctionConfig::Rng => rng::NAME,
+            PciFunctionConfig::Console => console::NAME,
+        }
+    }
+
+    /// The function's vendor and device ID (a modern virtio-pci function:
+    /// 1af4, 1040 + the virtio device ID).
+    pub fn pci_ids(&self) -> (u16, u16) {
+        use nyx_devices::virtio::{block, console, pci, rng};
+        let kind = match self {
+            PciFunctionConfig::Disk(_) => block::DEVICE_TYPE,
+            PciFunctionConfig::Rng => rng::DEVICE_TYPE,
+            PciFunctionConfig::Console => console::DEVICE_TYPE,
+        };
+        (pci::VENDOR, pci::DEVICE_ID_BASE + kind)
+    }
+}
+
 /// The slot of the first function of [`MachineConfig::pci`].
 pub const FIRST_PCI_SLOT: u8 = 3;
 

@@ -324,6 +324,9 @@ mod tests {
             embed_disks: false,
         };
         let (slots, config) = build(setup, None).unwrap();
+        for ((_, name), c) in slots.iter().zip(&config) {
+            assert_eq!(name, c.name(), "the header's name of the function");
+        }
         assert_eq!(
             slots,
             vec![
@@ -379,13 +382,24 @@ mod tests {
         let setup = PciSetup {
             disks: vec![disk(&dir, "a.img", false), disk(&dir, "b.img", false)],
             rng: true,
+            console: Some(ConsoleIo {
+                out: Box::new(std::io::sink()),
+                input: crate::machine::SerialIn::None,
+            }),
             ..Default::default()
         };
-        let (functions, _) =
+        let (functions, config) =
             build_functions(setup, None, &mut PlainRun::new(), &dma, &link, Irqchip::Apic, None).unwrap();
         let mut ranges = Vec::new();
-        for (_, f) in &functions {
+        assert_eq!(config.len(), functions.len());
+        for ((_, f), listed) in functions.iter().zip(&config) {
             let c = f.config();
+            assert_eq!(
+                (c.word(0), c.word(2)),
+                listed.pci_ids(),
+                "the header's IDs of {}",
+                f.name()
+            );
             assert_eq!(c.command() & 0x3, 0x2, "memory decoding on (no I/O BARs)");
             for i in 0..6 {
                 if let Some((a, size, _)) = c.bar_range(i) {
@@ -395,7 +409,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(ranges.len(), 6, "BAR1 and BAR4 of three functions");
+        assert_eq!(ranges.len(), 8, "BAR1 and BAR4 of four functions");
         ranges.sort();
         assert!(ranges.windows(2).all(|w| w[0].1 <= w[1].0), "{ranges:x?}");
     }

@@ -33,6 +33,11 @@ use super::{Chain, VirtQueue, VirtioDevice, VirtioError};
 use crate::block::{BlockBackend, SECTOR};
 use crate::pci_device::DmaMemory;
 
+/// The virtio device ID of virtio-blk.
+pub const DEVICE_TYPE: u16 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK as u16;
+/// The device's name ([`VirtioDevice::name`]).
+pub const NAME: &str = "virtio-blk";
+
 /// The most sectors of one request or segment (QEMU's
 /// `BDRV_REQUEST_MAX_SECTORS`).
 pub const MAX_SECTORS: u32 = 0x3F_FFFF;
@@ -225,11 +230,11 @@ impl VirtioBlock {
 
 impl VirtioDevice for VirtioBlock {
     fn device_type(&self) -> u16 {
-        virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK as u16
+        DEVICE_TYPE
     }
 
     fn name(&self) -> &str {
-        "virtio-blk"
+        NAME
     }
 
     fn pci_class(&self) -> u32 {

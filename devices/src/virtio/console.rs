@@ -21,6 +21,11 @@ use std::io::Write;
 use super::{VirtQueue, VirtioDevice, VirtioError};
 use crate::io::Input;
 
+/// The virtio device ID of virtio-console.
+pub const DEVICE_TYPE: u16 = virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE as u16;
+/// The device's name ([`VirtioDevice::name`]).
+pub const NAME: &str = "virtio-console";
+
 /// VIRTIO_CONSOLE_F_EMERG_WRITE.
 pub const F_EMERG_WRITE: u64 = 1 << 2;
 /// The receive queue of port 0.
@@ -112,11 +117,11 @@ impl VirtioConsole {
 
 impl VirtioDevice for VirtioConsole {
     fn device_type(&self) -> u16 {
-        virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE as u16
+        DEVICE_TYPE
     }
 
     fn name(&self) -> &str {
-        "virtio-console"
+        NAME
     }
 
     fn pci_class(&self) -> u32 {

@@ -1,10 +1,10 @@
 //! Virtio 1.x devices on the PCI bus: the modern (non-transitional)
 //! virtio-pci transport ([`VirtioPci`], `pci.rs`: config space, BARs,
-//! MSI-X and INTx, around `transport.rs`'s registers and queues; chains are
-//! walked in `queue.rs`) and the devices behind it ([`block::VirtioBlock`],
-//! [`rng::VirtioRng`], [`console::VirtioConsole`]), which meet through the
-//! [`VirtioDevice`] trait so that further devices (virtio-net) plug into the
-//! same transport. The machine builds a function as
+//! MSI-X, MSI where a function opts in, and INTx, around `transport.rs`'s
+//! registers and queues; chains are walked in `queue.rs`) and the devices
+//! behind it ([`block::VirtioBlock`], [`rng::VirtioRng`],
+//! [`console::VirtioConsole`]), which meet through the [`VirtioDevice`]
+//! trait so that further devices (virtio-net) plug into the same transport. The machine builds a function as
 //! `VirtioPci::new(Box::new(VirtioBlock::new(disk, id)), dma, msi, intx)`.
 //!
 //! What the guest sees is meant to be QEMU 7.2's `-device

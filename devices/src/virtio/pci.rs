@@ -10,15 +10,23 @@
 //! bytes there serves the queue at once). The vendor capabilities sit at
 //! QEMU's offsets (common 0x40, ISR 0x50, device 0x60, notify 0x70 with
 //! multiplier 4, PCI configuration access 0x84, MSI-X 0x98), linked from
-//! the last one added back to the first, as QEMU links them.
+//! the last one added back to the first, as QEMU links them. QEMU's
+//! virtio-pci has no MSI capability and neither has [`VirtioPci::new`]'s
+//! function; [`VirtioPci::with_msi`] adds one (`msi.rs`) after MSI-X, at
+//! 0xA4, where the list then starts.
 //!
 //! The registers are `transport.rs`'s; accesses wider than 4 bytes are
 //! split in dwords, any read of the ISR region returns and clears the ISR
 //! and deasserts INTx, and clearing bus mastering clears DRIVER_OK (as
 //! QEMU) and stops the device's DMA. An interrupt goes out as the MSI-X
 //! vector the transport names (none for NO_VECTOR) while MSI-X is enabled,
+//! else, on a function with MSI, as an MSI message while MSI is enabled,
 //! else asserts INTx (unless the command register disables it) until the
-//! driver reads the ISR, resets the device or enables MSI-X.
+//! driver reads the ISR, resets the device or enables MSI-X or MSI. The
+//! virtio spec gives MSI no vectors, so an MSI message stands for what INTx
+//! would say (the ISR tells the driver why): every interrupt sends one,
+//! message 0 unless the vector the transport names is one of the enabled
+//! messages, then that one; a masked message waits in its pending bit.
 //!
 //! The PCI configuration access capability works both ways: a write of
 //! `pci_cfg_data` is a write of the selected BAR (1 or 4; lengths 1, 2 and
@@ -33,6 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use super::transport::{Transport, TransportState, NO_VECTOR};
 use super::VirtioDevice;
+use crate::msi::{Msi, MsiOptions, MsiState};
 use crate::msix::{MsiSink, Msix, MsixState};
 use crate::pci_config::{BarKind, PciConfig, PciIds, CMD_BUS_MASTER, CMD_INTX_DISABLE};
 use crate::pci_device::{DmaMemory, IntxLine, PciDevice};
@@ -76,10 +85,19 @@ struct Snapshot {
     intx: bool,
 }
 
+/// The snapshot of a function with MSI: the same, then the MSI registers
+/// (a function without MSI saves exactly what it always saved).
+#[derive(Debug, Serialize, Deserialize)]
+struct MsiSnapshot {
+    base: Snapshot,
+    msi: MsiState,
+}
+
 /// A virtio device on the PCI bus.
 pub struct VirtioPci {
     config: PciConfig,
     msix: Msix,
+    msi: Option<Msi>,
     intx_line: IntxLine,
     intx: bool,
     transport: Transport,
@@ -138,6 +156,28 @@ impl VirtioPci {
     /// register shows its GSI). The BARs are unprogrammed and decoding is
     /// off until the guest (or the machine) programs them.
     pub fn new(device: Box<dyn VirtioDevice>, mem: DmaMemory, msi: Arc<dyn MsiSink>, intx: IntxLine) -> Self {
+        Self::build(device, mem, msi, intx, None)
+    }
+
+    /// [`VirtioPci::new`] with an MSI capability as `options` describe it
+    /// beside MSI-X; its messages go to `msi` too.
+    pub fn with_msi(
+        device: Box<dyn VirtioDevice>,
+        mem: DmaMemory,
+        msi: Arc<dyn MsiSink>,
+        intx: IntxLine,
+        options: MsiOptions,
+    ) -> Self {
+        Self::build(device, mem, msi, intx, Some(options))
+    }
+
+    fn build(
+        device: Box<dyn VirtioDevice>,
+        mem: DmaMemory,
+        msi: Arc<dyn MsiSink>,
+        intx: IntxLine,
+        msi_options: Option<MsiOptions>,
+    ) -> Self {
         let mut config = PciConfig::new(PciIds {
             vendor: VENDOR,
             device: DEVICE_ID_BASE + device.device_type(),
@@ -163,12 +203,14 @@ impl VirtioPci {
         writable.extend_from_slice(&[0xFF; 12]);
         let cfg_cap = config.add_capability(CAP_VENDOR, &pci_cfg, &writable);
         let vectors = device.queue_max_sizes().len() as u16 + 1;
-        let msix = Msix::new(&mut config, vectors, MSIX_BAR, 0, MSIX_BAR, PBA_OFFSET, msi);
+        let msix = Msix::new(&mut config, vectors, MSIX_BAR, 0, MSIX_BAR, PBA_OFFSET, msi.clone());
+        let msi = msi_options.map(|o| Msi::new(&mut config, o, msi));
         reverse_capabilities(&mut config);
         let transport = Transport::new(device, mem, msix.vectors());
         VirtioPci {
             config,
             msix,
+            msi,
             intx_line: intx,
             intx: false,
             transport,
@@ -191,18 +233,31 @@ impl VirtioPci {
         self.transport.needs_reset()
     }
 
+    /// The function's MSI capability, if it has one.
+    pub fn msi(&self) -> Option<&Msi> {
+        self.msi.as_ref()
+    }
+
     /// Sends the interrupts the transport asked for and brings INTx and
-    /// the status register's interrupt bit up to date.
+    /// the status register's interrupt bit up to date. MSI-X wins over
+    /// MSI, and either over INTx.
     fn deliver(&mut self) {
         let msix = self.msix.enabled(&self.config);
+        let msi = self.msi.as_ref().filter(|m| !msix && m.enabled(&self.config));
         for vector in self.transport.take_interrupts() {
-            if !msix {
+            if msix {
+                if vector != NO_VECTOR {
+                    self.msix.notify(&self.config, usize::from(vector));
+                }
+            } else if let Some(m) = msi {
+                let v = usize::from(vector);
+                let v = if v < m.enabled_vectors(&self.config) { v } else { 0 };
+                m.notify(&mut self.config, v);
+            } else {
                 self.intx = true;
-            } else if vector != NO_VECTOR {
-                self.msix.notify(&self.config, usize::from(vector));
             }
         }
-        if msix || self.transport.isr(false) == 0 {
+        if msix || msi.is_some() || self.transport.isr(false) == 0 {
             self.intx = false;
         }
         self.config.set_interrupt_status(self.intx);
@@ -319,6 +374,10 @@ impl PciDevice for VirtioPci {
 
     fn config_written(&mut self, offset: usize, len: usize) {
         self.msix.config_written(&self.config);
+        if let Some(m) = &self.msi {
+            let msix = self.msix.enabled(&self.config);
+            m.config_written(&mut self.config, offset, len, !msix);
+        }
         self.sync();
         if offset <= 4 && offset + len > 4 && self.config.command() & CMD_BUS_MASTER == 0 {
             self.transport.driver_ok_lost();
@@ -360,27 +419,52 @@ impl PciDevice for VirtioPci {
     }
 
     fn save(&self) -> Vec<u8> {
-        let s = Snapshot {
+        let base = Snapshot {
             transport: self.transport.state(),
             msix: self.msix.state(),
             intx: self.intx,
         };
-        postcard::to_allocvec(&s).expect("a virtio snapshot serializes")
+        let bytes = match &self.msi {
+            None => postcard::to_allocvec(&base),
+            Some(m) => postcard::to_allocvec(&MsiSnapshot {
+                base,
+                msi: m.state(&self.config),
+            }),
+        };
+        bytes.expect("a virtio snapshot serializes")
     }
 
     fn flush_storage(&mut self) -> std::io::Result<()> {
         self.transport.device_mut().flush_storage()
     }
 
-    /// Restores a snapshot into a device built the same way, after the
-    /// host restored the config space; INTx is asserted again if it was.
+    /// Restores a snapshot into a device built the same way (with MSI or
+    /// without, as the snapshot's), after the host restored the config
+    /// space; INTx is asserted again if it was.
     fn restore(&mut self, state: &[u8]) -> Result<(), String> {
         let name = self.transport.name().to_string();
-        let s: Snapshot = postcard::from_bytes(state).map_err(|e| format!("{name}: {e}"))?;
-        self.msix.restore(&s.msix).map_err(|e| format!("{name}: {e}"))?;
-        self.transport
-            .restore(&s.transport)
-            .map_err(|e| format!("{name}: {e}"))?;
+        let err = |e: &dyn std::fmt::Display| format!("{name}: {e}");
+        let whole = |rest: &[u8]| match rest.len() {
+            0 => Ok(()),
+            n => Err(format!(
+                "{name}: {n} bytes after the state (MSI state where the function has none?)"
+            )),
+        };
+        let s = match &self.msi {
+            None => {
+                let (s, rest) = postcard::take_from_bytes::<Snapshot>(state).map_err(|e| err(&e))?;
+                whole(rest)?;
+                s
+            }
+            Some(m) => {
+                let (s, rest) = postcard::take_from_bytes::<MsiSnapshot>(state).map_err(|e| err(&e))?;
+                whole(rest)?;
+                m.restore(&mut self.config, &s.msi).map_err(|e| err(&e))?;
+                s.base
+            }
+        };
+        self.msix.restore(&s.msix).map_err(|e| err(&e))?;
+        self.transport.restore(&s.transport).map_err(|e| err(&e))?;
         self.sync();
         self.intx = s.intx;
         self.config.set_interrupt_status(self.intx);
@@ -731,5 +815,136 @@ mod tests {
         assert_eq!(twin.common_read(0x16, 2), 1);
         assert!(Harness::new(rng()).dev.restore(&saved).is_err(), "two queues into one");
         assert!(twin.dev.restore(&saved[..saved.len() / 2]).is_err());
+    }
+
+    const MSI_AT: u64 = 0x1_FEE0_1000;
+
+    fn msi2() -> MsiOptions {
+        MsiOptions {
+            vectors: 2,
+            addr64: true,
+            per_vector_mask: true,
+        }
+    }
+
+    #[test]
+    fn msi_is_opt_in_and_heads_the_capability_list() {
+        assert_eq!(Harness::new(rng()).find_cap(0x05), None, "QEMU's layout has no MSI");
+        let h = Harness::with_msi(rng(), msi2());
+        let mut chain = Vec::new();
+        let mut at = h.cfg_read(0x34, 1) as usize;
+        while at != 0 {
+            chain.push((at, h.cfg_read(at, 1)));
+            at = h.cfg_read(at + 1, 1) as usize;
+        }
+        assert_eq!(
+            chain,
+            vec![
+                (0xA4, 5),
+                (0x98, 0x11),
+                (0x84, 9),
+                (0x70, 9),
+                (0x60, 9),
+                (0x50, 9),
+                (0x40, 9)
+            ]
+        );
+        assert_eq!(h.cfg_read(0xA6, 2), 0x0182, "two vectors, 64-bit, per-vector masking");
+        assert_eq!(h.dev.msi().map(|m| m.capability()), Some(0xA4));
+    }
+
+    #[test]
+    fn used_buffer_notifications_go_out_as_msi() {
+        let mut h = Harness::with_msi(console(), msi2());
+        h.enable_pci();
+        h.bring_up(0);
+        // INTx until MSI is enabled, which deasserts it.
+        h.submit(1, &[(BUF, 4, false)]);
+        assert_eq!(h.sink.gsi_changes(), vec![(GSI, true)]);
+        h.enable_msi(MSI_AT, 0x40, 1);
+        assert_eq!(h.sink.gsi_changes(), vec![(GSI, true), (GSI, false)]);
+        assert_eq!(h.isr(), 1);
+        // Queue 1's vector is 1, one of the two enabled messages.
+        h.submit(1, &[(BUF, 4, false)]);
+        assert_eq!(h.msis(), vec![(MSI_AT, 0x41)]);
+        assert_eq!(h.pop_used(1).map(|u| u.1), Some(0));
+        assert_eq!(h.isr(), 1, "the ISR says why, as with INTx");
+        // NO_VECTOR still interrupts, as message 0.
+        h.select_queue(1);
+        h.common_write(0x1A, 2, 0xFFFF);
+        h.submit(1, &[(BUF, 4, false)]);
+        assert_eq!(h.msis()[1..], [(MSI_AT, 0x40)]);
+        // Masked: pending in config space, delivered on unmask.
+        h.cfg_write(0xA4 + 0x10, &[0b01]);
+        h.submit(1, &[(BUF, 4, false)]);
+        assert_eq!(h.msi_count(), 2);
+        assert_eq!(h.cfg_read(0xA4 + 0x14, 4), 0b01, "pending bit");
+        h.cfg_write(0xA4 + 0x10, &[0]);
+        assert_eq!(h.msis()[2..], [(MSI_AT, 0x40)]);
+        assert_eq!(h.cfg_read(0xA4 + 0x14, 4), 0);
+        assert_eq!(h.sink.gsi_changes().len(), 2, "no INTx while MSI is enabled");
+        // MSI-X wins when both are enabled.
+        h.enable_msix();
+        h.select_queue(1);
+        h.common_write(0x1A, 2, 1);
+        h.submit(1, &[(BUF, 4, false)]);
+        assert_eq!(h.msis()[3..], [(MSI_ADDR, MSI_DATA + 1)]);
+        // A message MSI holds back stays pending while MSI-X is enabled,
+        // and goes out when MSI-X is turned off.
+        let cap = h.find_cap(0x11).unwrap();
+        h.cfg_write(cap + 3, &[0]);
+        h.cfg_write(0xA4 + 0x10, &[0b10]);
+        h.submit(1, &[(BUF, 4, false)]);
+        assert_eq!(h.cfg_read(0xA4 + 0x14, 4), 0b10);
+        h.cfg_write(cap + 3, &[0x80]);
+        h.cfg_write(0xA4 + 0x10, &[0]);
+        assert_eq!(h.msi_count(), 4, "MSI-X is enabled: MSI holds back");
+        h.cfg_write(cap + 3, &[0]);
+        assert_eq!(h.msis()[4..], [(MSI_AT, 0x41)]);
+        // MSI-X off: MSI.
+        h.submit(1, &[(BUF, 4, false)]);
+        assert_eq!(h.msis()[5..], [(MSI_AT, 0x41)]);
+        assert_eq!(h.sink.gsi_changes().len(), 2);
+    }
+
+    #[test]
+    fn msi_state_is_saved_with_the_device() {
+        let mut h = Harness::with_msi(rng(), msi2());
+        h.enable_pci();
+        h.bring_up(0);
+        h.enable_msi(MSI_AT, 0x40, 1);
+        h.cfg_write(0xA4 + 0x10, &[0b01]);
+        h.submit(0, &[(BUF, 4, true)]);
+        assert_eq!(h.msi_count(), 0);
+        let saved = h.dev.save();
+        let mut twin = Harness::with_msi(rng(), msi2());
+        twin.dev.config_mut().restore(h.dev.config().bytes()).unwrap();
+        twin.dev.restore(&saved).unwrap();
+        assert_eq!(twin.dev.save(), saved);
+        assert_eq!(twin.dev.config().bytes(), h.dev.config().bytes());
+        twin.cfg_write(0xA4 + 0x10, &[0]);
+        assert_eq!(twin.msis(), vec![(MSI_AT, 0x40)], "the pending message survives");
+        let plain = Harness::new(rng()).dev.save();
+        let e = Harness::new(rng()).dev.restore(&saved).unwrap_err();
+        assert!(e.contains("bytes after the state"), "{e}");
+        assert!(Harness::with_msi(rng(), msi2()).dev.restore(&plain).is_err());
+        let four = MsiOptions { vectors: 4, ..msi2() };
+        assert!(
+            Harness::with_msi(rng(), four).dev.restore(&saved).is_err(),
+            "another capability"
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// The virtio fuzzer on a function with MSI: never panics, and the
+        /// device comes up again.
+        #[test]
+        fn fuzz_with_msi(ops in crate::virtio::testutil::fuzz_ops()) {
+            let mut h = Harness::with_msi(rng(), msi2());
+            h.fuzz(&ops);
+            h.submit(0, &[(BUF, 4, true)]);
+            proptest::prop_assert_eq!(h.pop_used(0), Some((0, 4)));
+        }
     }
 }

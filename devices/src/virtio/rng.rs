@@ -8,6 +8,11 @@
 use super::{VirtQueue, VirtioDevice, VirtioError};
 use crate::io::Entropy;
 
+/// The virtio device ID of virtio-rng.
+pub const DEVICE_TYPE: u16 = virtio_bindings::virtio_ids::VIRTIO_ID_RNG as u16;
+/// The device's name ([`VirtioDevice::name`]).
+pub const NAME: &str = "virtio-rng";
+
 /// The most bytes one chain receives.
 pub const MAX_REQUEST: u64 = 64 << 10;
 const QUEUE_SIZES: [u16; 1] = [8];
@@ -34,11 +39,11 @@ impl VirtioRng {
 
 impl VirtioDevice for VirtioRng {
     fn device_type(&self) -> u16 {
-        virtio_bindings::virtio_ids::VIRTIO_ID_RNG as u16
+        DEVICE_TYPE
     }
 
     fn name(&self) -> &str {
-        "virtio-rng"
+        NAME
     }
 
     fn pci_class(&self) -> u32 {

@@ -16,6 +16,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::{VirtioDevice, VirtioPci, F_VERSION_1};
 use crate::block::{BlockBackend, MemDisk};
 use crate::io::{Entropy, RecordingSink};
+use crate::msi::MsiOptions;
 use crate::msix::MsiSink;
 use crate::pci_device::{DmaMemory, IntxLine, IntxShares, PciDevice};
 
@@ -123,11 +124,23 @@ pub fn guest_ram() -> DmaMemory {
 impl Harness {
     /// `device` on the transport, nothing set up.
     pub fn new(device: Box<dyn VirtioDevice>) -> Self {
+        Self::build(device, None)
+    }
+
+    /// `device` on a transport with an MSI capability, nothing set up.
+    pub fn with_msi(device: Box<dyn VirtioDevice>, options: MsiOptions) -> Self {
+        Self::build(device, Some(options))
+    }
+
+    fn build(device: Box<dyn VirtioDevice>, options: Option<MsiOptions>) -> Self {
         let mem = guest_ram();
         let msi = Arc::new(MockMsi::default());
         let sink = Arc::new(RecordingSink::default());
         let intx = IntxLine::new(GSI, Arc::new(IntxShares::default()), sink.clone());
-        let dev = VirtioPci::new(device, mem.clone(), msi.clone(), intx);
+        let dev = match options {
+            None => VirtioPci::new(device, mem.clone(), msi.clone(), intx),
+            Some(o) => VirtioPci::with_msi(device, mem.clone(), msi.clone(), intx, o),
+        };
         Harness {
             dev,
             mem,
@@ -204,6 +217,16 @@ impl Harness {
             }
         }
         self.cfg_write(cap + 3, &[0x80]);
+    }
+
+    /// Programs MSI with `address` and `data`, and enables it with
+    /// `2^log2_vectors` vectors (a 64-bit capability).
+    pub fn enable_msi(&mut self, address: u64, data: u16, log2_vectors: u8) {
+        let cap = self.find_cap(0x05).unwrap();
+        self.cfg_write(cap + 4, &(address as u32).to_le_bytes());
+        self.cfg_write(cap + 8, &((address >> 32) as u32).to_le_bytes());
+        self.cfg_write(cap + 12, &data.to_le_bytes());
+        self.cfg_write(cap + 2, &[0x01 | log2_vectors << 4]);
     }
 
     /// A read of `len` bytes at `off` of BAR 4.

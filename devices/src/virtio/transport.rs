@@ -3,7 +3,8 @@
 //! 4.1.4.3), the device status state machine and feature negotiation, the
 //! ISR, the device configuration, the queues, and the serving of a queue at
 //! a notify. `pci.rs` maps it into BAR 4 and turns the interrupts it asks
-//! for ([`Transport::take_interrupts`]) into MSI-X messages or INTx.
+//! for ([`Transport::take_interrupts`]) into MSI-X or MSI messages or
+//! INTx.
 //!
 //! Registers behave as QEMU 7.2's `virtio_pci_common_read/write`: an access
 //! hits a register only at the register's own offset (narrower accesses
