@@ -14,9 +14,11 @@
 //! after the last one (a trace that was cut off) take the last one's (0
 //! without any). A sample below the one before it (never written by Nyx)
 //! is taken as the one before, so every track's times are non-decreasing.
-//! Events wait in memory only until the next sample; a stretch of more
-//! than [`MAX_PENDING`] events without one is placed at the last sample
-//! (or 0) instead, with a warning.
+//! Each event is written as it is read: for the events after a frame's
+//! last sample the export reads ahead to the next sample ([`Ahead`]),
+//! keeping the frame after the current one for later and decoding any
+//! further ones again when it gets there, so it holds about two frames
+//! however far apart the samples are.
 //!
 //! One process, "guest", with one track (thread) per kind of event,
 //! labelled by `thread_name` metadata as it is first used: one per exit
@@ -53,12 +55,9 @@ use std::process::ExitCode;
 use nyx_devices::acpi_pm::EventDecoder;
 use nyx_replayer::LandingCost;
 use nyx_trace::{FrameKind, TraceReader};
-use nyx_vmm::events::{EndRecord, Event, ExitKind, ExitRecord, Landing};
+use nyx_vmm::events::{Event, ExitKind, ExitRecord, Landing};
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
-
-/// Events held back at most while waiting for the next time sample.
-pub const MAX_PENDING: usize = 1 << 20;
 
 /// The formats `nyx trace export` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -126,9 +125,6 @@ pub struct Summary {
     pub landings: u64,
     /// Landings with a replay cost.
     pub costed: u64,
-    /// Stretches of more than [`MAX_PENDING`] events without a time sample,
-    /// placed at the sample before them.
-    pub unsampled_stretches: u64,
 }
 
 /// `nyx trace export FILE --format F [--out OUT] [--replay]`: with
@@ -159,7 +155,7 @@ pub fn export(path: &Path, out: Option<&Path>, costs: Option<&[LandingCost]>) ->
     let (result, to) = match out {
         None => {
             let mut w = io::BufWriter::with_capacity(1 << 20, io::stdout().lock());
-            let r = write_chrome(&mut r, &name, costs, MAX_PENDING, &mut w).and_then(|s| {
+            let r = write_chrome(&mut r, &name, costs, &mut w).and_then(|s| {
                 w.flush()?;
                 Ok(s)
             });
@@ -194,12 +190,6 @@ pub fn export(path: &Path, out: Option<&Path>, costs: Option<&[LandingCost]>) ->
             );
         }
     }
-    if summary.unsampled_stretches > 0 {
-        eprintln!(
-            "nyx: warning: {} stretches of more than {MAX_PENDING} events without a time sample were placed at the sample before them",
-            summary.unsampled_stretches
-        );
-    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -211,7 +201,7 @@ fn write_file(r: &mut TraceReader, name: &str, costs: Option<&[LandingCost]>, ou
     let partial = PathBuf::from(partial);
     let result = (|| {
         let mut w = io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&partial)?);
-        let s = write_chrome(r, name, costs, MAX_PENDING, &mut w)?;
+        let s = write_chrome(r, name, costs, &mut w)?;
         w.into_inner().map_err(|e| e.into_error())?;
         std::fs::rename(&partial, out)?;
         Ok(s)
@@ -318,37 +308,11 @@ impl Track {
     }
 }
 
-/// An event waiting for its time: only what the export shows.
-enum Item {
-    Exit(ExitRecord),
-    Inject(u8),
-    Landing(LandingItem),
-    Poll,
-    Input { console: bool, len: usize, head: Vec<u8> },
-    Platform(Vec<u8>),
-    Entropy { what: &'static str, bytes: usize },
-    End(Box<EndRecord>),
-}
-
-struct LandingItem {
-    rip: u64,
-    dirty_pages: u32,
-    keyframe_pages: Option<u64>,
-    pending_interrupt: Option<u8>,
-}
-
-impl LandingItem {
-    fn of(l: &Landing) -> Self {
-        LandingItem {
-            rip: l.regs.rip,
-            dirty_pages: l.dirty_pages,
-            keyframe_pages: l
-                .keyframe
-                .as_ref()
-                .map(|k| k.pages.iter().map(|r| (r.data.len() as u64).div_ceil(4096)).sum()),
-            pending_interrupt: l.pending_interrupt,
-        }
-    }
+/// How many pages a landing's keyframe holds, if it has one.
+fn keyframe_pages(l: &Landing) -> Option<u64> {
+    l.keyframe
+        .as_ref()
+        .map(|k| k.pages.iter().map(|r| (r.data.len() as u64).div_ceil(4096)).sum())
 }
 
 /// Input bytes shown at most per event.
@@ -545,13 +509,72 @@ struct Serial {
     bytes: u64,
 }
 
+/// The time of a sample or of the end record, if `e` is one.
+fn anchor_ns(e: &Event) -> Option<u64> {
+    match e {
+        Event::Time(t) => Some(*t),
+        Event::End(x) => Some(x.virtual_ns),
+        _ => None,
+    }
+}
+
+/// The first time sample after a frame, found by reading ahead.
+#[derive(Default)]
+struct Ahead {
+    /// The last answer: the frame (in the list of event frames) it was
+    /// found in (`usize::MAX`: none to the end), and the sample's event
+    /// index and time.
+    found: Option<(usize, Option<(u64, u64)>)>,
+    /// A frame decoded while looking ahead, for the main pass: its index
+    /// among the file's frames and its events.
+    kept: Option<(usize, Vec<Event>)>,
+}
+
+impl Ahead {
+    /// The first sample after event frame `k` of `frames` (whose events
+    /// end before event index `end`).
+    fn after(&mut self, r: &mut TraceReader, frames: &[usize], k: usize, end: u64) -> Result<Option<(u64, u64)>, Fail> {
+        // Found in a frame after `k`: the frames between hold none.
+        if let Some((m, found)) = self.found {
+            if m > k {
+                return Ok(found);
+            }
+        }
+        let mut index = end;
+        for (m, &frame) in frames.iter().enumerate().skip(k + 1) {
+            let events = r.read_records::<Event>(frame).map_err(Fail::Read)?;
+            let found = events
+                .iter()
+                .enumerate()
+                .find_map(|(j, e)| anchor_ns(e).map(|t| (index + j as u64, t)));
+            index += events.len() as u64;
+            if m == k + 1 {
+                self.kept = Some((frame, events));
+            }
+            if found.is_some() {
+                self.found = Some((m, found));
+                return Ok(found);
+            }
+        }
+        self.found = Some((usize::MAX, None));
+        Ok(None)
+    }
+
+    /// The events of `frame` if they were kept.
+    fn take(&mut self, frame: usize) -> Option<Vec<Event>> {
+        match self.kept.take() {
+            Some((f, events)) if f == frame => Some(events),
+            _ => None,
+        }
+    }
+}
+
 /// The state of one export.
 struct Exporter<'a, 'w> {
     out: Out<'w>,
-    pending: Vec<(u64, Item)>,
-    max_pending: usize,
-    /// The last time sample (or end time), ns.
-    last_ns: Option<u64>,
+    /// The last sample (or the end record): event index, time (at least
+    /// the one before).
+    last: Option<(u64, u64)>,
     costs: Option<&'a [LandingCost]>,
     serial: Serial,
     platform: EventDecoder,
@@ -559,80 +582,65 @@ struct Exporter<'a, 'w> {
 }
 
 impl Exporter<'_, '_> {
-    /// Takes one event at position `pos`.
-    fn event(&mut self, pos: u64, e: Event) -> Result<(), Fail> {
-        let item = match e {
-            Event::Time(t) => return self.sample(t),
-            Event::Regs(_) => return Ok(()),
-            Event::Exit(x) => Item::Exit(x),
-            Event::Inject(v) => Item::Inject(v),
-            Event::Landing(l) => Item::Landing(LandingItem::of(&l)),
-            Event::Poll => Item::Poll,
-            Event::Input(b) => input(false, b),
-            Event::ConsoleInput(b) => input(true, b),
-            Event::Platform(b) => Item::Platform(b),
-            Event::Entropy(_) => Item::Entropy {
-                what: "rdrand",
-                bytes: 8,
-            },
-            Event::Rng(b) => Item::Entropy {
-                what: "virtio-rng",
-                bytes: b.len(),
-            },
-            Event::DiskRead(b) => Item::Entropy {
-                what: "disk read",
-                bytes: b.len(),
-            },
-            Event::End(x) => {
-                let t = self.sample_quiet(x.virtual_ns)?;
-                return self.write_item(pos, Item::End(x), t);
+    /// The time of the event at `index` between the last sample and the
+    /// next one, `next`: the first at the last sample, the others evenly
+    /// spread up to the next.
+    fn time_of(&self, index: u64, next: Option<(u64, u64)>) -> u64 {
+        match (self.last, next) {
+            (None, None) => 0,
+            (None, Some((_, t))) => t,
+            (Some((_, t)), None) => t,
+            (Some((a, ta)), Some((b, tb))) => {
+                let span = u128::from(tb.max(ta) - ta);
+                let n = u128::from(b.saturating_sub(a + 1).max(1));
+                let k = u128::from(index.saturating_sub(a + 1));
+                ta + u64::try_from(span * k / n).unwrap_or(0)
             }
-        };
-        self.pending.push((pos, item));
-        if self.pending.len() > self.max_pending {
-            self.summary.unsampled_stretches += 1;
-            let t = self.last_ns.unwrap_or(0);
-            self.flush_at(|_, _| t)?;
         }
-        Ok(())
     }
 
-    /// A time sample: the events before it get their times, then its
-    /// counter.
-    fn sample(&mut self, t: u64) -> Result<(), Fail> {
-        let gap = self.last_ns.map(|l| t.saturating_sub(l));
-        let t = self.sample_quiet(t)?;
-        self.out
-            .counter("time sample", t, Value("gap_us", us(gap.unwrap_or(0))))
+    /// A sample or the end record at `index`: the time it sets (at least
+    /// the last one's).
+    fn anchor(&mut self, index: u64, t: u64) -> u64 {
+        let t = self.last.map_or(t, |(_, l)| t.max(l));
+        self.last = Some((index, t));
+        t
     }
 
-    /// Places the pending events between the last sample and `t` (at
-    /// least the last sample); returns the time taken for `t`.
-    fn sample_quiet(&mut self, t: u64) -> Result<u64, Fail> {
-        let t = self.last_ns.map_or(t, |l| t.max(l));
-        let from = self.last_ns.unwrap_or(t);
-        let span = u128::from(t - from);
-        self.flush_at(|i, n| {
-            // i of n steps from `from` to `t`.
-            from + u64::try_from(span * i as u128 / n as u128).unwrap_or(0)
-        })?;
-        self.last_ns = Some(t);
-        Ok(t)
-    }
-
-    /// Writes the pending events, the i-th of n at `at(i, n)`.
-    fn flush_at(&mut self, at: impl Fn(usize, usize) -> u64) -> Result<(), Fail> {
-        let pending = std::mem::take(&mut self.pending);
-        let n = pending.len();
-        for (i, (pos, item)) in pending.into_iter().enumerate() {
-            self.write_item(pos, item, at(i, n))?;
+    /// Writes the event at `index` (position `pos`); `next` is the next
+    /// sample after it.
+    fn event(&mut self, index: u64, pos: u64, e: Event, next: Option<(u64, u64)>) -> Result<(), Fail> {
+        match e {
+            Event::Time(t) => {
+                let gap = self.last.map_or(0, |(_, l)| t.saturating_sub(l));
+                let t = self.anchor(index, t);
+                self.out.counter("time sample", t, Value("gap_us", us(gap)))
+            }
+            Event::End(x) => {
+                let ns = self.anchor(index, x.virtual_ns);
+                self.serial_line(ns)?;
+                let how = x.kind.to_string();
+                let args = EndArgs {
+                    pos,
+                    how: how.clone(),
+                    virtual_ns: x.virtual_ns,
+                    regs_digest: Hex(x.regs_digest),
+                    mem_digest: Hex(x.mem_digest),
+                };
+                self.out.instant(Track::End, &format!("end: {how}"), "end", ns, args)
+            }
+            Event::Regs(_) => Ok(()),
+            e => {
+                let ns = self.time_of(index, next);
+                self.write(pos, e, ns)
+            }
         }
-        Ok(())
     }
 
-    fn write_item(&mut self, pos: u64, item: Item, ns: u64) -> Result<(), Fail> {
-        match item {
-            Item::Exit(x) => {
+    /// Writes an event that is neither a sample nor the end at `ns`.
+    fn write(&mut self, pos: u64, e: Event, ns: u64) -> Result<(), Fail> {
+        match e {
+            Event::Exit(x) => {
                 let track = Track::Exit(x.kind);
                 let args = ExitArgs {
                     pos,
@@ -652,29 +660,28 @@ impl Exporter<'_, '_> {
                     self.serial_write(pos, &x, ns)?;
                 }
             }
-            Item::Inject(v) => {
+            Event::Inject(v) => {
                 let name = format!("vector {v:#x}");
                 let args = InjectArgs { pos, vector: v };
                 self.out.instant(Track::Interrupts, &name, "interrupt", ns, args)?;
             }
-            Item::Landing(l) => {
+            Event::Landing(l) => {
                 let index = self.summary.landings;
                 self.summary.landings += 1;
                 let cost = self.costs.and_then(|c| c.get(index as usize));
                 self.summary.costed += u64::from(cost.is_some());
-                let keyframe = l.keyframe_pages.is_some();
-                let name = if keyframe {
-                    "landing (keyframe)"
-                } else {
-                    "landing (search)"
+                let pages = keyframe_pages(&l);
+                let name = match pages {
+                    Some(_) => "landing (keyframe)",
+                    None => "landing (search)",
                 };
                 let args = LandingArgs {
                     pos,
                     index,
-                    rip: Hex(l.rip),
+                    rip: Hex(l.regs.rip),
                     dirty_pages: l.dirty_pages,
-                    keyframe,
-                    keyframe_pages: l.keyframe_pages,
+                    keyframe: pages.is_some(),
+                    keyframe_pages: pages,
                     pending_interrupt: l.pending_interrupt,
                     replay_us: cost.map(|c| us(c.host_ns)),
                     replay_hits: cost.map(|c| c.hits),
@@ -685,18 +692,10 @@ impl Exporter<'_, '_> {
                         .counter("landing replay cost", ns, Value("us", us(c.host_ns)))?;
                 }
             }
-            Item::Poll => self.out.instant(Track::Polls, "poll", "poll", ns, PosArgs { pos })?,
-            Item::Input { console, len, head } => {
-                let text = String::from_utf8_lossy(&head);
-                let name = if console { "console input" } else { "serial input" };
-                let args = BytesArgs {
-                    pos,
-                    bytes: len,
-                    text: Some(&text),
-                };
-                self.out.instant(Track::Input, name, "input", ns, args)?;
-            }
-            Item::Platform(bytes) => {
+            Event::Poll => self.out.instant(Track::Polls, "poll", "poll", ns, PosArgs { pos })?,
+            Event::Input(b) => self.input(pos, false, &b, ns)?,
+            Event::ConsoleInput(b) => self.input(pos, true, &b, ns)?,
+            Event::Platform(bytes) => {
                 let decoded = self.platform.push(&bytes);
                 let name = if decoded.is_empty() {
                     "platform".to_string()
@@ -709,24 +708,29 @@ impl Exporter<'_, '_> {
                 };
                 self.out.instant(Track::Platform, &name, "platform", ns, args)?;
             }
-            Item::Entropy { what, bytes } => {
-                let args = BytesArgs { pos, bytes, text: None };
-                self.out.instant(Track::Entropy, what, "entropy", ns, args)?;
-            }
-            Item::End(x) => {
-                self.serial_line(ns)?;
-                let how = x.kind.to_string();
-                let args = EndArgs {
-                    pos,
-                    how: how.clone(),
-                    virtual_ns: x.virtual_ns,
-                    regs_digest: Hex(x.regs_digest),
-                    mem_digest: Hex(x.mem_digest),
-                };
-                self.out.instant(Track::End, &format!("end: {how}"), "end", ns, args)?;
-            }
+            Event::Entropy(_) => self.entropy(pos, "rdrand", 8, ns)?,
+            Event::Rng(b) => self.entropy(pos, "virtio-rng", b.len(), ns)?,
+            Event::DiskRead(b) => self.entropy(pos, "disk read", b.len(), ns)?,
+            Event::Time(_) | Event::End(_) | Event::Regs(_) => {}
         }
         Ok(())
+    }
+
+    /// Input bytes: how many, and the first [`INPUT_SHOWN`] as text.
+    fn input(&mut self, pos: u64, console: bool, bytes: &[u8], ns: u64) -> Result<(), Fail> {
+        let text = String::from_utf8_lossy(&bytes[..bytes.len().min(INPUT_SHOWN)]);
+        let name = if console { "console input" } else { "serial input" };
+        let args = BytesArgs {
+            pos,
+            bytes: bytes.len(),
+            text: Some(&text),
+        };
+        self.out.instant(Track::Input, name, "input", ns, args)
+    }
+
+    fn entropy(&mut self, pos: u64, what: &str, bytes: usize, ns: u64) -> Result<(), Fail> {
+        let args = BytesArgs { pos, bytes, text: None };
+        self.out.instant(Track::Entropy, what, "entropy", ns, args)
     }
 
     /// A port write that may reach COM1: its registers byte by byte.
@@ -778,19 +782,10 @@ impl Exporter<'_, '_> {
             .counter("serial output", ns, Value("bytes", self.serial.bytes as f64))
     }
 
-    /// The end of the trace: whatever waits takes the last time.
+    /// The end of the trace: an unfinished line at the last time.
     fn finish(&mut self) -> Result<(), Fail> {
-        let t = self.last_ns.unwrap_or(0);
-        self.flush_at(|_, _| t)?;
-        self.serial_line(t)
+        self.serial_line(self.last.map_or(0, |(_, t)| t))
     }
-}
-
-fn input(console: bool, b: Vec<u8>) -> Item {
-    let len = b.len();
-    let mut head = b;
-    head.truncate(INPUT_SHOWN);
-    Item::Input { console, len, head }
 }
 
 /// Writes the trace in `r` as Chrome trace-event JSON to `w`; `name`
@@ -799,7 +794,6 @@ fn write_chrome(
     r: &mut TraceReader,
     name: &str,
     costs: Option<&[LandingCost]>,
-    max_pending: usize,
     w: &mut dyn Write,
 ) -> Result<Summary, Fail> {
     let h = r.header();
@@ -826,9 +820,7 @@ fn write_chrome(
             written: 0,
             named: [false; Track::COUNT],
         },
-        pending: Vec::new(),
-        max_pending,
-        last_ns: None,
+        last: None,
         costs,
         serial: Serial::default(),
         platform: EventDecoder::new(),
@@ -838,18 +830,43 @@ fn write_chrome(
         },
     };
     x.out.raw(&meta("process_name", 0, Named { name: "guest" }))?;
-    let mut pos = 0u64;
-    for i in 0..r.frames().len() {
-        if r.frames()[i].kind != FrameKind::Events {
-            continue;
-        }
-        for e in r.read_records::<Event>(i).map_err(Fail::Read)? {
+    let frames: Vec<usize> = (0..r.frames().len())
+        .filter(|&i| r.frames()[i].kind == FrameKind::Events)
+        .collect();
+    let mut ahead = Ahead::default();
+    // Position (guest-caused exits) and index of the frame's first event.
+    let (mut pos, mut first) = (0u64, 0u64);
+    for (k, &frame) in frames.iter().enumerate() {
+        let events = match ahead.take(frame) {
+            Some(events) => events,
+            None => r.read_records::<Event>(frame).map_err(Fail::Read)?,
+        };
+        let end = first + events.len() as u64;
+        // The samples in this frame, in order, then the first after it.
+        let samples: Vec<(u64, u64)> = events
+            .iter()
+            .enumerate()
+            .filter_map(|(j, e)| anchor_ns(e).map(|t| (first + j as u64, t)))
+            .collect();
+        let mut next = samples.iter().copied();
+        let mut upcoming = next.next();
+        for (j, e) in events.into_iter().enumerate() {
+            let index = first + j as u64;
             if let Event::Exit(_) = e {
                 pos += 1;
             }
+            if upcoming.is_some_and(|(i, _)| i < index) {
+                upcoming = next.next();
+            }
+            let following = match upcoming {
+                Some(s) => Some(s),
+                None if anchor_ns(&e).is_some() => None,
+                None => ahead.after(r, &frames, k, end)?,
+            };
             x.summary.events += 1;
-            x.event(pos, e)?;
+            x.event(index, pos, e, following)?;
         }
+        first = end;
     }
     x.finish()?;
     x.out.w.write_all(b"\n]}\n")?;
@@ -862,7 +879,7 @@ fn write_chrome(
 mod tests {
     use super::*;
     use nyx_trace::{ContainerKind, GuestImage, TraceHeader, TraceWriter};
-    use nyx_vmm::events::{EndKind, GprSnapshot};
+    use nyx_vmm::events::{EndKind, EndRecord, GprSnapshot};
     use proptest::prelude::*;
     use serde_json::Value as Json;
 
@@ -944,10 +961,10 @@ mod tests {
         }))
     }
 
-    fn export_of(p: &Path, costs: Option<&[LandingCost]>, max_pending: usize) -> (Summary, Json) {
+    fn export_of(p: &Path, costs: Option<&[LandingCost]>) -> (Summary, Json) {
         let mut r = TraceReader::open(p).unwrap();
         let mut buf = Vec::new();
-        let s = write_chrome(&mut r, "t", costs, max_pending, &mut buf).unwrap_or_else(|e| panic!("{e:?}"));
+        let s = write_chrome(&mut r, "t", costs, &mut buf).unwrap_or_else(|e| panic!("{e:?}"));
         let v: Json = serde_json::from_slice(&buf).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&buf)));
         (s, v)
     }
@@ -980,7 +997,7 @@ mod tests {
             ]],
             true,
         );
-        let (s, v) = export_of(&p, None, MAX_PENDING);
+        let (s, v) = export_of(&p, None);
         assert!(s.complete);
         assert_eq!(s.position, 3);
         let exits = by_cat(&v, "exit");
@@ -1021,7 +1038,7 @@ mod tests {
             ],
             true,
         );
-        let (_, v) = export_of(&p, None, MAX_PENDING);
+        let (_, v) = export_of(&p, None);
         let mut names = std::collections::BTreeMap::new();
         for e in events(&v) {
             let ph = e["ph"].as_str().unwrap();
@@ -1095,7 +1112,7 @@ mod tests {
             ]],
             true,
         );
-        let (_, v) = export_of(&p, None, MAX_PENDING);
+        let (_, v) = export_of(&p, None);
         let lines: Vec<&str> = by_cat(&v, "output")
             .iter()
             .map(|e| e["args"]["text"].as_str().unwrap())
@@ -1123,7 +1140,7 @@ mod tests {
                 hits: 0,
             },
         ];
-        let (s, v) = export_of(&p, Some(&costs), MAX_PENDING);
+        let (s, v) = export_of(&p, Some(&costs));
         assert_eq!((s.landings, s.costed), (3, 2));
         let l = by_cat(&v, "landing");
         assert_eq!(l[0]["args"]["replay_us"], 5.0);
@@ -1138,18 +1155,28 @@ mod tests {
     }
 
     #[test]
-    fn a_long_stretch_without_samples_is_placed_at_the_last_sample() {
+    fn the_next_sample_is_found_frames_ahead() {
         let dir = tempfile::tempdir().unwrap();
-        let mut f = vec![Event::Time(1000)];
-        f.extend((0..10).map(|_| hlt()));
-        f.push(Event::Time(9000));
-        let p = write_trace(dir.path(), &[f], true);
-        let (s, v) = export_of(&p, None, 4);
-        assert_eq!(s.unsampled_stretches, 2);
+        let p = write_trace(
+            dir.path(),
+            &[
+                vec![Event::Time(1000), hlt(), hlt()],
+                vec![hlt(), hlt()],
+                vec![hlt(), hlt(), hlt()],
+                vec![Event::Time(8000), hlt(), Event::Poll],
+                vec![hlt(), end(9000)],
+            ],
+            true,
+        );
+        let (s, v) = export_of(&p, None);
+        assert_eq!((s.events, s.position), (13, 9));
         let times: Vec<f64> = by_cat(&v, "exit").iter().map(|e| ts(e)).collect();
-        // Two batches of 5 at the last sample, the last 0 events: none
-        // left to interpolate.
-        assert_eq!(times, vec![1.0; 10]);
+        // Seven exits from the sample at 1000 ns on, a seventh of the 7000
+        // ns to the next apart; then three events from that sample on, a
+        // third of the 1000 ns to the end apart.
+        assert_eq!(times, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 8.666]);
+        assert_eq!(ts(by_cat(&v, "poll")[0]), 8.333);
+        assert_eq!(ts(by_cat(&v, "end")[0]), 9.0);
     }
 
     #[test]
@@ -1163,7 +1190,7 @@ mod tests {
         // Cut the last frame short.
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() - 5]).unwrap();
-        let (s, v) = export_of(&p, None, MAX_PENDING);
+        let (s, v) = export_of(&p, None);
         assert!(!s.complete);
         assert_eq!(s.position, 1);
         assert_eq!(v["otherData"]["complete"], false);
@@ -1222,12 +1249,11 @@ mod tests {
     proptest! {
         #[test]
         fn any_events_export_as_json_with_non_decreasing_times(
-            frames in prop::collection::vec(prop::collection::vec(arb_event(), 0..40), 0..4),
-            max_pending in 1usize..50,
+            frames in prop::collection::vec(prop::collection::vec(arb_event(), 0..40), 0..6),
         ) {
             let dir = tempfile::tempdir().unwrap();
             let p = write_trace(dir.path(), &frames, true);
-            let (s, v) = export_of(&p, None, max_pending);
+            let (s, v) = export_of(&p, None);
             prop_assert_eq!(s.events, frames.iter().map(|f| f.len() as u64).sum::<u64>());
             let mut last = std::collections::HashMap::new();
             for e in events(&v).iter().filter(|e| e["ph"] != "M") {
