@@ -241,18 +241,35 @@ impl Serialize for Hex {
     }
 }
 
-/// One trace event. `s` is the scope of an instant event.
+/// One trace event. `s` is the scope of an instant event. `ph` and `ts`
+/// come first: some readers look an event's time up key by key and give
+/// up at a string escape they do not know (`\u001b`) before reaching it.
 #[derive(Serialize)]
 struct TraceEvent<'a, A: Serialize> {
-    name: &'a str,
-    cat: &'static str,
     ph: &'static str,
     ts: f64,
     pid: u32,
     tid: u32,
+    name: Name<'a>,
+    cat: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     s: Option<&'static str>,
     args: A,
+}
+
+/// An event's name as a viewer lists it: control characters (a guest's
+/// escape sequences) written as `.`; the exact bytes are in the args.
+struct Name<'a>(&'a str);
+
+impl Serialize for Name<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0.chars().any(char::is_control) {
+            let shown: String = self.0.chars().map(|c| if c.is_control() { '.' } else { c }).collect();
+            s.serialize_str(&shown)
+        } else {
+            s.serialize_str(self.0)
+        }
+    }
 }
 
 /// The one process: the guest.
@@ -357,7 +374,7 @@ impl Out<'_> {
     fn instant<A: Serialize>(&mut self, t: Track, name: &str, cat: &'static str, ns: u64, args: A) -> Result<(), Fail> {
         self.name_track(t)?;
         self.raw(&TraceEvent {
-            name,
+            name: Name(name),
             cat,
             ph: "i",
             ts: us(ns),
@@ -371,7 +388,7 @@ impl Out<'_> {
     fn counter<A: Serialize>(&mut self, name: &str, ns: u64, args: A) -> Result<(), Fail> {
         self.name_track(Track::Counters)?;
         self.raw(&TraceEvent {
-            name,
+            name: Name(name),
             cat: "counter",
             ph: "C",
             ts: us(ns),
@@ -399,7 +416,7 @@ struct Sorted {
 
 fn meta<A: Serialize>(name: &'static str, tid: u32, args: A) -> TraceEvent<'static, A> {
     TraceEvent {
-        name,
+        name: Name(name),
         cat: "__metadata",
         ph: "M",
         ts: 0.0,
@@ -487,14 +504,15 @@ impl Serialize for Value<'_> {
     }
 }
 
-/// What the header says, for `otherData`.
+/// What the header says, for `otherData` (strings only, as the format
+/// wants).
 #[derive(Serialize)]
 struct OtherData<'a> {
     trace: &'a str,
     uuid: String,
     nyx_version: &'a str,
     kind: String,
-    complete: bool,
+    complete: &'static str,
     time_axis: &'static str,
     landing_costs: &'static str,
 }
@@ -802,7 +820,11 @@ fn write_chrome(
         uuid: h.uuid.iter().map(|b| format!("{b:02x}")).collect(),
         nyx_version: &h.nyx_version,
         kind: format!("{:?}", h.kind),
-        complete: r.is_complete(),
+        complete: if r.is_complete() {
+            "yes"
+        } else {
+            "no: cut off after its last complete frame"
+        },
         time_axis: "ts is the guest's virtual time in µs: time samples as recorded; the first event after a \
                     sample at the sample, the others up to the next sample spread evenly by their index",
         landing_costs: if costs.is_some() {
@@ -1121,6 +1143,33 @@ mod tests {
     }
 
     #[test]
+    fn escape_sequences_stay_in_the_args_and_the_time_comes_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write_trace(
+            dir.path(),
+            &[b"\x1b[1mhi\n".iter().map(|&b| out(0x3f8, b.into())).collect()],
+            true,
+        );
+        let mut r = TraceReader::open(&p).unwrap();
+        let mut buf = Vec::new();
+        write_chrome(&mut r, "t", None, &mut buf).unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with('{') && !l.starts_with("{\"otherData"))
+        {
+            assert!(
+                line.starts_with("{\"ph\":\"") && line[8..].starts_with("\",\"ts\":"),
+                "{line}"
+            );
+        }
+        let v: Json = serde_json::from_str(&text).unwrap();
+        let line = &by_cat(&v, "output")[0];
+        assert_eq!(line["name"], ".[1mhi");
+        assert_eq!(line["args"]["text"], "\x1b[1mhi\n");
+    }
+
+    #[test]
     fn replay_costs_go_to_their_landings() {
         let dir = tempfile::tempdir().unwrap();
         let p = write_trace(
@@ -1193,7 +1242,7 @@ mod tests {
         let (s, v) = export_of(&p, None);
         assert!(!s.complete);
         assert_eq!(s.position, 1);
-        assert_eq!(v["otherData"]["complete"], false);
+        assert!(v["otherData"]["complete"].as_str().unwrap().starts_with("no"));
         assert_eq!(by_cat(&v, "exit").len(), 1);
         assert_eq!(ts(by_cat(&v, "exit")[0]), 0.1);
     }
