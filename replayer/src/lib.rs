@@ -93,8 +93,22 @@ pub struct Replay {
     pub max_hits: u64,
     /// Hits per landing, in order (for the benchmark).
     pub hits_per_landing: Vec<u64>,
+    /// What each landing cost, in trace order (`nyx trace export --replay`).
+    pub landing_costs: Vec<LandingCost>,
     /// The machine's exit statistics.
     pub stats: nyx_vmm::machine::ExitStats,
+}
+
+/// What reaching one landing cost the replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LandingCost {
+    /// Restored from its delta keyframe (else searched).
+    pub keyframe: bool,
+    /// Host time spent reaching it, ns: the whole search (breakpoint hits,
+    /// digests and steps over hits) or the keyframe's restore.
+    pub host_ns: u64,
+    /// Breakpoint hits of its search (0 for a keyframe).
+    pub hits: u64,
 }
 
 /// Replay options.
@@ -127,6 +141,10 @@ pub(crate) struct State {
     pub landings: u64,
     pub search_hits: u64,
     pub hits_per_landing: Vec<u64>,
+    pub landing_costs: Vec<LandingCost>,
+    /// Host time spent searching for the next landing so far (a search a
+    /// kick or a breakpoint interrupted goes on later), ns.
+    pub search_ns: u64,
     pub keyframes: u64,
     /// A debugger single-steps: landings are reached by stepping to them.
     pub stepping: bool,
@@ -488,18 +506,36 @@ impl RunHooks for Replayer {
                 _ => return Ok(Enter::Guest),
             }
         };
+        let started = std::time::Instant::now();
         if let Some(k) = &landing.keyframe {
             search::restore_keyframe(ctx, &landing, k, &self.state)?;
             ctx.metrics.landing(nyx_vmm::metrics::LandingHow::Keyframe, 0);
             let mut s = lock(&self.state);
             s.landings += 1;
             s.keyframes += 1;
+            s.landing_costs.push(LandingCost {
+                keyframe: true,
+                host_ns: elapsed_ns(started),
+                hits: 0,
+            });
             return Ok(Enter::Moved { poll: !window });
         }
-        let hits = match search::run_to_landing(ctx, &landing, &self.state)? {
+        let end = search::run_to_landing(ctx, &landing, &self.state);
+        let spent = elapsed_ns(started);
+        let interrupted = |state: &Shared| {
+            let mut s = lock(state);
+            s.search_ns = s.search_ns.saturating_add(spent);
+        };
+        let hits = match end? {
             search::SearchEnd::Landed(hits) => hits,
-            search::SearchEnd::Breakpoint(d) => return Ok(Enter::Stop(d)),
-            search::SearchEnd::Kicked => return Ok(Enter::Kicked),
+            search::SearchEnd::Breakpoint(d) => {
+                interrupted(&self.state);
+                return Ok(Enter::Stop(d));
+            }
+            search::SearchEnd::Kicked => {
+                interrupted(&self.state);
+                return Ok(Enter::Kicked);
+            }
         };
         ctx.metrics.landing(nyx_vmm::metrics::LandingHow::Search, hits);
         let mut s = lock(&self.state);
@@ -507,6 +543,12 @@ impl RunHooks for Replayer {
         s.landings += 1;
         s.search_hits += hits;
         s.hits_per_landing.push(hits);
+        let host_ns = std::mem::take(&mut s.search_ns).saturating_add(spent);
+        s.landing_costs.push(LandingCost {
+            keyframe: false,
+            host_ns,
+            hits,
+        });
         Ok(Enter::Moved { poll: !window })
     }
 
@@ -643,6 +685,11 @@ impl RunHooks for Replayer {
     }
 }
 
+/// Host ns since `t`.
+fn elapsed_ns(t: std::time::Instant) -> u64 {
+    u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Consumes a recorded interrupt-window exit that a landing follows: the
 /// replay asks KVM for no window exit and reaches the landing instead.
 pub(crate) fn take_window_exit(cursor: &mut Cursor) -> bool {
@@ -757,6 +804,8 @@ fn build_inner(
         landings: 0,
         search_hits: 0,
         hits_per_landing: Vec::new(),
+        landing_costs: Vec::new(),
+        search_ns: 0,
         keyframes: 0,
         stepping: false,
         pause_after: None,
@@ -877,6 +926,7 @@ pub fn replay_with_progress(path: &Path, opts: ReplayOptions, progress: Option<P
         search_hits: s.search_hits,
         max_hits: s.hits_per_landing.iter().copied().max().unwrap_or(0),
         hits_per_landing: s.hits_per_landing.clone(),
+        landing_costs: std::mem::take(&mut s.landing_costs),
         stats,
     })
 }

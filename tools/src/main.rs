@@ -30,6 +30,7 @@ mod progress;
 mod prom;
 mod report;
 mod trace_cmd;
+mod trace_export;
 
 /// Nyx: a KVM virtual machine monitor for debugging guests.
 #[derive(Parser, Debug)]
@@ -283,6 +284,30 @@ enum TraceCommand {
     Verify {
         /// The trace.
         trace: PathBuf,
+    },
+    /// Write the trace for another tool: Chrome trace-event JSON (Perfetto,
+    /// chrome://tracing) on the guest's virtual-time axis, one track per
+    /// exit kind, interrupts, landings, serial output, inputs and the end.
+    Export {
+        /// The trace.
+        trace: PathBuf,
+        /// The format.
+        #[arg(long, value_enum, default_value_t = trace_export::Format::Chrome)]
+        format: trace_export::Format,
+        /// Write to FILE (default: stdout).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Replay the trace first (needs KVM) and add what reaching each
+        /// landing cost the replay: host time of its search or keyframe
+        /// restore, breakpoint hits.
+        #[arg(long)]
+        replay: bool,
+        /// With --replay: a recorded disk's image, where it is not at the
+        /// recorded path any more (one per disk, in the recording's order).
+        #[arg(long, value_name = "FILE", requires = "replay")]
+        disk: Vec<PathBuf>,
+        #[command(flatten)]
+        kvm: KvmArgs,
     },
 }
 
@@ -941,6 +966,20 @@ fn main() -> ExitCode {
             trace_cmd::dump(trace, *from, kind.as_deref()).map_err(|e| e.to_string())
         }
         Command::Trace(TraceCommand::Verify { trace }) => trace_cmd::verify(trace).map_err(|e| e.to_string()),
+        Command::Trace(TraceCommand::Export {
+            trace,
+            format,
+            out,
+            replay,
+            disk,
+            kvm,
+        }) => trace_export::run(
+            trace,
+            *format,
+            out.as_deref(),
+            replay.then_some((kvm.kvm_device.as_str(), disk.as_slice())),
+        )
+        .map_err(|e| e.to_string()),
         Command::Demo(a) => demo::run(&a.kvm.kvm_device),
         Command::Completions { shell } => manual::quiet_on_closed_pipe(manual::completions(
             Cli::command(),

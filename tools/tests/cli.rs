@@ -556,7 +556,12 @@ fn trace_tools_end_quietly_when_stdout_closes_early() {
     }
     let dir = tempfile::tempdir().unwrap();
     let trace = record_hello(dir.path());
-    for cmd in [["trace", "info"], ["trace", "dump"], ["trace", "verify"]] {
+    for cmd in [
+        ["trace", "info"],
+        ["trace", "dump"],
+        ["trace", "verify"],
+        ["trace", "export"],
+    ] {
         // The reader is gone before nyx writes a byte: every write fails.
         let mut child = nyx()
             .args(cmd)
