@@ -179,7 +179,7 @@ pub fn profile_trace(r: &mut TraceReader, path: &Path) -> Result<Profile, Report
         if r.frames()[i].kind != FrameKind::Events {
             continue;
         }
-        for e in nyx_vmm::events::read_events(&mut r, i).map_err(&err)? {
+        for e in nyx_vmm::events::read_events(r, i).map_err(&err)? {
             match e {
                 Event::Time(t) => {
                     let start = *first.get_or_insert(t);

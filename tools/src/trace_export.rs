@@ -560,7 +560,7 @@ impl Ahead {
         }
         let mut index = end;
         for (m, &frame) in frames.iter().enumerate().skip(k + 1) {
-            let events = r.read_records::<Event>(frame).map_err(Fail::Read)?;
+            let events = nyx_vmm::events::read_events(r, frame).map_err(Fail::Read)?;
             let found = events
                 .iter()
                 .enumerate()
@@ -861,7 +861,7 @@ fn write_chrome(
     for (k, &frame) in frames.iter().enumerate() {
         let events = match ahead.take(frame) {
             Some(events) => events,
-            None => r.read_records::<Event>(frame).map_err(Fail::Read)?,
+            None => nyx_vmm::events::read_events(r, frame).map_err(Fail::Read)?,
         };
         let end = first + events.len() as u64;
         // The samples in this frame, in order, then the first after it.
@@ -917,7 +917,7 @@ mod tests {
         let mut w = TraceWriter::create(&p, &header).unwrap();
         let mut pos = 0;
         for f in frames {
-            w.write_records(FrameKind::Events, pos, f).unwrap();
+            nyx_vmm::events::write_events(&mut w, pos, f, 0).unwrap();
             pos += f.iter().filter(|e| matches!(e, Event::Exit(_))).count() as u64;
         }
         if finish {
