@@ -469,6 +469,48 @@ fn two_recordings_differ_and_each_replays_its_own() {
     assert_eq!(replay_guest(&b.path).unwrap().0, b.serial);
 }
 
+/// What the events frame codec saves: each guest's recorded events (without
+/// landings, whose keyframes vary from run to run), compressed as a plain
+/// postcard list and through the codec, at the trace's zstd level. The
+/// RDTSC guest's time samples and values must shrink to under half; no
+/// guest may grow by more than the codec's few header bytes. Prints the
+/// table BENCHMARKS.md quotes (`-- --nocapture`).
+#[test]
+fn the_frame_codec_shrinks_time_samples_and_costs_nothing_elsewhere() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let zstd = |b: &[u8]| zstd::bulk::compress(b, nyx_trace::DEFAULT_ZSTD_LEVEL).unwrap().len();
+    println!("| guest | events | time samples | plain B | coded B | plain/coded |");
+    for name in ["rdtsc", "rtc", "pit", "counter", "hello", "triple"] {
+        let rec = record_guest(dir.path(), name, &format!("{name}.nyxtrace"), None, VerifyLevel::Exits);
+        let mut r = TraceReader::open(&rec.path).unwrap();
+        let mut events = Vec::new();
+        for i in 0..r.frames().len() {
+            if r.frames()[i].kind == FrameKind::Events {
+                events.extend(nyx_vmm::events::read_events(&mut r, i).unwrap());
+            }
+        }
+        events.retain(|e| !matches!(e, Event::Landing(_)));
+        let samples = events.iter().filter(|e| matches!(e, Event::Time(_))).count();
+        let plain = zstd(&postcard::to_stdvec(&events).unwrap());
+        let coded = zstd(&nyx_vmm::events::encode_events(&events, 2_596_136).unwrap());
+        println!(
+            "| {name} | {} | {samples} | {plain} | {coded} | {:.2} |",
+            events.len(),
+            plain as f64 / coded as f64
+        );
+        if name == "rdtsc" {
+            assert!(coded * 2 < plain, "{name}: {coded} coded vs {plain} plain");
+        }
+        assert!(
+            coded <= plain + plain / 20 + 16,
+            "{name}: {coded} coded vs {plain} plain"
+        );
+    }
+}
+
 /// Rewrites `src` into `dst` with `change` applied to the event list of each
 /// events frame (the frames are checksummed anew, so the trace parses).
 fn rewrite(src: &Path, dst: &Path, mut change: impl FnMut(&mut Vec<Event>)) {
