@@ -25,6 +25,11 @@
 #define CPUID1_ECX_TSC_DEADLINE 24
 /* About 1 ms at 2 GHz. */
 #define DEADLINE_DELTA 2000000
+/* The deadline the disarm test arms and at once disarms: about 10 ms at
+ * 2 GHz, well inside the quiet ticks that follow, yet far enough that a
+ * host that deschedules the vCPU between the two writes (a loaded machine)
+ * does not let it expire first. */
+#define DISARM_DELTA 20000000
 /* Far in the future: more than an hour at any TSC rate of today. */
 #define DEADLINE_FAR (1 << 44)
 #define TICKS_TOTAL 10
@@ -130,7 +135,7 @@ next_deadline:
 2:  rdtsc
     shl $32, %rdx
     or %rdx, %rax
-    add $DEADLINE_DELTA, %rax
+    add $DISARM_DELTA, %rax
     call write_deadline
     xor %eax, %eax
     call write_deadline
