@@ -1,9 +1,10 @@
 //! Snapshot benchmarks for the BENCHMARKS tables (ignored by default:
 //! `cargo test --release -p nyx-tests --test snapshot_bench -- --ignored
 //! --nocapture`): save and restore throughput, with memory dirtied from the
-//! host through the machine's mapping before saving; and the latency of an
-//! incremental restore (`ResetPoint::reset`) after the guest itself dirtied
-//! a given number of pages.
+//! host through the machine's mapping before saving; the save and restore
+//! latency of a mostly-zero 1 GiB machine, as medians of several runs; and
+//! the latency of an incremental restore (`ResetPoint::reset`) after the
+//! guest itself dirtied a given number of pages.
 
 use std::time::Instant;
 
@@ -67,6 +68,66 @@ fn snapshot_save_and_restore_throughput() {
         one(mib, false);
         one(mib, true);
     }
+}
+
+/// Saves and restores a freshly built 1 GiB machine (the echo guest loaded,
+/// everything else never touched) `runs` times: (save s, restore s, file
+/// bytes) per run. Restore is reading the file and building the machine.
+fn mostly_zero_1gib(runs: usize) -> Vec<(f64, f64, u64)> {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("z.nyxsnap");
+    let image = nyx_guests::image("echo").unwrap().to_vec();
+    (0..runs)
+        .map(|_| {
+            let mut m = MachineBuilder::new()
+                .memory(1024)
+                .kernel_image("echo", image.clone())
+                .serial_out(Box::new(std::io::sink()))
+                .build()
+                .unwrap();
+            let t = Instant::now();
+            m.save_snapshot(&snap).unwrap();
+            let save = t.elapsed().as_secs_f64();
+            drop(m);
+            let t = Instant::now();
+            let r = MachineBuilder::from_snapshot(&snap).unwrap().build().unwrap();
+            let restore = t.elapsed().as_secs_f64();
+            drop(r);
+            (save, restore, std::fs::metadata(&snap).unwrap().len())
+        })
+        .collect()
+}
+
+#[test]
+#[ignore]
+fn mostly_zero_1gib_save_and_restore_latency() {
+    if !nyx_tests::kvm_available() {
+        return;
+    }
+    let runs = mostly_zero_1gib(7);
+    let ms = |v: f64| v * 1000.0;
+    let mut save: Vec<f64> = runs.iter().map(|r| r.0).collect();
+    let mut restore: Vec<f64> = runs.iter().map(|r| r.1).collect();
+    for (i, r) in runs.iter().enumerate() {
+        println!(
+            "run {i}: save {:.2} ms, restore {:.2} ms, file {} bytes",
+            ms(r.0),
+            ms(r.1),
+            r.2
+        );
+    }
+    save.sort_by(f64::total_cmp);
+    restore.sort_by(f64::total_cmp);
+    println!(
+        "1024 MiB mostly zero, {} runs: save median {:.2} ms (min {:.2}, max {:.2}), restore median {:.2} ms (min {:.2}, max {:.2})",
+        runs.len(),
+        ms(save[save.len() / 2]),
+        ms(save[0]),
+        ms(save[save.len() - 1]),
+        ms(restore[restore.len() / 2]),
+        ms(restore[0]),
+        ms(restore[restore.len() - 1])
+    );
 }
 
 /// Where [`dirty_stub`] is put, and the first page it writes.
