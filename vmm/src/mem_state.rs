@@ -100,22 +100,28 @@ pub fn is_zero(page: &[u8]) -> bool {
 
 /// Every non-zero page of guest RAM, neighbours merged into runs of at most
 /// [`MAX_RUN_BYTES`]. Zero pages are left out: restore into zeroed memory
-/// (see [`restore_full`]).
+/// (see [`restore_full`]). Only the pages the host ever backed are read
+/// ([`memory::backed_pages`](crate::memory::backed_pages)): the others are
+/// zero, so a mostly-zero machine costs its written pages, not its size.
 pub fn capture_all(mem: &GuestMemory) -> Vec<PageRun> {
     let mut runs = Vec::new();
     let mut buf = [0u8; PAGE];
     for region in mem.iter() {
         let start = region.start_addr().0;
         let len = region.len();
-        let mut off = 0u64;
-        while off < len {
-            let n = (len - off).min(PAGE_SIZE) as usize;
-            let page = &mut buf[..n];
-            // A region's own pages are always readable.
-            if mem.read_slice(page, GuestAddress(start + off)).is_ok() && !is_zero(page) {
-                push_page(&mut runs, start + off, page);
+        for pages in crate::memory::backed_pages(region) {
+            for p in pages {
+                let off = p * PAGE_SIZE;
+                if off >= len {
+                    break;
+                }
+                let n = (len - off).min(PAGE_SIZE) as usize;
+                let page = &mut buf[..n];
+                // A region's own pages are always readable.
+                if mem.read_slice(page, GuestAddress(start + off)).is_ok() && !is_zero(page) {
+                    push_page(&mut runs, start + off, page);
+                }
             }
-            off += PAGE_SIZE;
         }
     }
     runs
@@ -173,10 +179,7 @@ pub fn restore_runs(mem: &GuestMemory, runs: &[PageRun]) -> Result<(), MemStateE
 pub fn zero_all(mem: &GuestMemory) -> Result<(), MemStateError> {
     for region in mem.iter() {
         let gpa = region.start_addr().0;
-        let private_anon = region.file_offset().is_none()
-            && region.flags() & libc::MAP_PRIVATE != 0
-            && region.flags() & libc::MAP_ANONYMOUS != 0;
-        if private_anon {
+        if crate::memory::private_anonymous(region) {
             // SAFETY: the range is exactly this region's own mapping, which
             // stays mapped; MADV_DONTNEED on a private anonymous mapping only
             // replaces its contents with zeros.

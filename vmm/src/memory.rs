@@ -1,9 +1,12 @@
 //! Guest memory: one anonymous mapping per RAM region, with the PC layout's
-//! 32-bit MMIO hole between 3 GiB and 4 GiB; and the devices' view of the
+//! 32-bit MMIO hole between 3 GiB and 4 GiB; the devices' view of the
 //! same mappings ([`dma_view`]), whose bitmap records the pages devices
-//! write.
+//! write; and which pages of a mapping the host ever gave memory to
+//! ([`backed_pages`]): the others read as zero without being looked at.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use std::ops::Range;
+
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 pub use nyx_devices::pci_device::DmaMemory;
 
@@ -52,12 +55,88 @@ pub fn create(mib: u64) -> Result<GuestMemory, MemoryError> {
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib, source })
 }
 
+/// Whether `region` is a private anonymous mapping, what [`create`] makes:
+/// a page of it that the host never backed reads as zero.
+pub fn private_anonymous(region: &GuestRegionMmap<()>) -> bool {
+    region.file_offset().is_none()
+        && region.flags() & libc::MAP_PRIVATE != 0
+        && region.flags() & libc::MAP_ANONYMOUS != 0
+}
+
+/// `/proc/PID/pagemap`: the page is present in RAM.
+const PM_PRESENT: u64 = 1 << 63;
+/// `/proc/PID/pagemap`: the page is swapped out (or in migration between
+/// host NUMA nodes: any entry that is neither empty nor present).
+const PM_SWAP: u64 = 1 << 62;
+/// Entries of `/proc/self/pagemap` read at once (512 KiB).
+const PAGEMAP_CHUNK: u64 = 1 << 16;
+
+/// The pages of `region` that may hold something other than zeros, as
+/// ranges of 4 KiB page indices from the region's start, ascending and
+/// disjoint; every other page reads as zero and need not be read.
+///
+/// For a private anonymous mapping ([`private_anonymous`]) that is what
+/// `/proc/self/pagemap` says the host backed: a page present in RAM (written,
+/// or read and mapped to the zero page), or swapped out. A page whose entry
+/// is empty was never touched since the mapping was made, or was dropped
+/// with `madvise(MADV_DONTNEED)` ([`crate::mem_state::zero_all`]), so it
+/// reads as zero: the guest's writes through KVM go through the same host
+/// page tables (KVM takes its pages from them), as do Nyx's and the
+/// devices'. One 8-byte entry per page is read (2 MiB for 1 GiB of RAM),
+/// where reading the pages themselves would fault in every one of them.
+/// `mincore(2)` is not enough: it reports a swapped-out anonymous page as
+/// not resident, which would lose its contents.
+///
+/// Anything that cannot be answered this way (another kind of mapping, a
+/// host page size other than 4 KiB, no `/proc`) gives the whole region.
+/// The answer is only as old as the call: a caller that reads the pages
+/// while a vCPU runs must see later writes some other way (the dirty log).
+pub fn backed_pages(region: &GuestRegionMmap<()>) -> Vec<Range<u64>> {
+    use vm_memory::GuestMemoryRegion as _;
+    let pages = region.len() / 4096;
+    backed_pages_of(region).unwrap_or_else(|| vec![0..pages])
+}
+
+fn backed_pages_of(region: &GuestRegionMmap<()>) -> Option<Vec<Range<u64>>> {
+    use std::os::unix::fs::FileExt as _;
+    use vm_memory::GuestMemoryRegion as _;
+    // SAFETY: sysconf has no preconditions.
+    if !private_anonymous(region) || unsafe { libc::sysconf(libc::_SC_PAGESIZE) } != 4096 {
+        return None;
+    }
+    let pagemap = std::fs::File::open("/proc/self/pagemap").ok()?;
+    let first = region.as_ptr() as u64 / 4096;
+    let pages = region.len() / 4096;
+    let mut out: Vec<Range<u64>> = Vec::new();
+    let mut buf = vec![0u8; (PAGEMAP_CHUNK * 8) as usize];
+    let mut done = 0u64;
+    while done < pages {
+        let n = (pages - done).min(PAGEMAP_CHUNK);
+        let bytes = &mut buf[..(n * 8) as usize];
+        pagemap.read_exact_at(bytes, (first + done) * 8).ok()?;
+        for (i, entry) in bytes.chunks_exact(8).enumerate() {
+            let mut e = [0u8; 8];
+            e.copy_from_slice(entry);
+            if u64::from_ne_bytes(e) & (PM_PRESENT | PM_SWAP) == 0 {
+                continue;
+            }
+            let page = done + i as u64;
+            match out.last_mut() {
+                Some(last) if last.end == page => last.end += 1,
+                _ => out.push(page..page + 1),
+            }
+        }
+        done += n;
+    }
+    Some(out)
+}
+
 /// The devices' view of `mem`: the same host mappings, with a dirty bitmap
 /// per region that every write through the view sets (KVM's dirty log sees
 /// only the vCPU's writes). The view must not outlive `mem`'s mappings:
 /// the machine keeps both for its whole life.
 pub fn dma_view(mem: &GuestMemory) -> DmaMemory {
-    use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _, GuestRegionMmap, MmapRegion};
+    use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _, MmapRegion};
     let regions: Vec<_> = mem
         .iter()
         .filter_map(|r| {
@@ -134,6 +213,29 @@ mod tests {
         take_dma_dirty(&dma, &mut again);
         assert!(again.is_empty(), "taking clears");
         assert!(dma.write_slice(&[0], GuestAddress(8 << 20)).is_err(), "beyond RAM");
+    }
+
+    #[test]
+    fn backed_pages_are_those_written_or_read() {
+        use vm_memory::GuestMemoryRegion as _;
+        let m = create(8).unwrap();
+        let region = m.iter().next().unwrap();
+        assert!(private_anonymous(region));
+        let pages = |m: &GuestMemory| backed_pages(m.iter().next().unwrap());
+        if backed_pages_of(region).is_none() {
+            // No pagemap here: the whole region, always.
+            assert_eq!(pages(&m), vec![0..region.len() / 4096]);
+            return;
+        }
+        assert_eq!(pages(&m), vec![], "a fresh mapping has no pages");
+        m.write_slice(&[1], GuestAddress(0x5000)).unwrap();
+        m.write_slice(&[2; 8192], GuestAddress(0x6ff0)).unwrap();
+        m.write_slice(&[3], GuestAddress((8 << 20) - 1)).unwrap();
+        let mut b = [0u8; 1];
+        m.read_slice(&mut b, GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(pages(&m), vec![5..9, 0x200..0x201, 2047..2048]);
+        crate::mem_state::zero_all(&m).unwrap();
+        assert_eq!(pages(&m), vec![], "dropped pages are zero again");
     }
 
     #[test]

@@ -310,26 +310,34 @@ fn send_nonzero_reporting<W: Write>(
     let mut buf = [0u8; PAGE_SIZE as usize];
     for region in mem.iter() {
         let start = region.start_addr().0;
-        let mut off = 0u64;
-        while off + PAGE_SIZE <= region.len() {
-            let gpa = start + off;
-            off += PAGE_SIZE;
-            progress.advance(1);
-            if mem.read_slice(&mut buf, GuestAddress(gpa)).is_err() || is_zero(&buf) {
-                continue;
-            }
-            push_page(&mut runs, gpa, &buf);
-            pages += 1;
-            if runs.len() > RUNS_PER_FRAME {
-                let last = runs.pop().unwrap_or_default();
-                out.write_records(FrameKind::Memory, position, &runs)?;
-                runs.clear();
-                runs.push(last);
-                if cancel.load(Ordering::Relaxed) {
-                    return Err(MigrationError::State("the migration was cancelled".into()));
+        let region_pages = region.len() / PAGE_SIZE;
+        // Pages the host never backed are zero: skipped unread. One the
+        // guest writes after this look is in the dirty log, which was
+        // turned on before the pass.
+        let mut next = 0u64;
+        for backed in crate::memory::backed_pages(region) {
+            progress.advance(backed.start.saturating_sub(next));
+            next = backed.end.min(region_pages);
+            for p in backed.start..next {
+                let gpa = start + p * PAGE_SIZE;
+                progress.advance(1);
+                if mem.read_slice(&mut buf, GuestAddress(gpa)).is_err() || is_zero(&buf) {
+                    continue;
+                }
+                push_page(&mut runs, gpa, &buf);
+                pages += 1;
+                if runs.len() > RUNS_PER_FRAME {
+                    let last = runs.pop().unwrap_or_default();
+                    out.write_records(FrameKind::Memory, position, &runs)?;
+                    runs.clear();
+                    runs.push(last);
+                    if cancel.load(Ordering::Relaxed) {
+                        return Err(MigrationError::State("the migration was cancelled".into()));
+                    }
                 }
             }
         }
+        progress.advance(region_pages.saturating_sub(next));
     }
     if !runs.is_empty() {
         out.write_records(FrameKind::Memory, position, &runs)?;
@@ -1032,7 +1040,12 @@ mod tests {
         r.end_pass();
         let calls = calls.lock().unwrap();
         let dones: Vec<u64> = calls.iter().map(|p| p.done).collect();
-        assert_eq!(dones, [0, 256, 512, 768, 1024, 0, 3]);
+        // Unbacked pages are skipped in bulk (where the host's pagemap
+        // says which), so the steps of the first pass depend on the host;
+        // it still counts every page and ends at its total.
+        let (first, second) = dones.split_at(dones.len() - 2);
+        assert_eq!((first[0], first[first.len() - 1], second), (0, 1024, &[0, 3][..]));
+        assert!(first.windows(2).all(|w| w[0] < w[1]), "{first:?}");
         check_copy_reports(&calls, 2, 1024);
     }
 
