@@ -149,6 +149,11 @@ pub struct WriterOptions {
     pub sync_every_bytes: u64,
     /// zstd compression level.
     pub zstd_level: i32,
+    /// fsync the header as soon as it is written, so that the `.partial`
+    /// file of a writer killed at any point is a readable trace. A file
+    /// that is of use only once finished (a snapshot) leaves every fsync
+    /// to [`TraceWriter::finish`].
+    pub sync_header: bool,
 }
 
 impl Default for WriterOptions {
@@ -157,6 +162,7 @@ impl Default for WriterOptions {
             sync_every_frames: 64,
             sync_every_bytes: 16 << 20,
             zstd_level: DEFAULT_ZSTD_LEVEL,
+            sync_header: true,
         }
     }
 }
@@ -174,7 +180,8 @@ pub struct TraceWriter {
 
 impl TraceWriter {
     /// Creates `PATH.partial` (replacing one left by an earlier run) with
-    /// default options, writes the header and fsyncs it.
+    /// default options, writes the header and fsyncs it (see
+    /// [`WriterOptions::sync_header`]).
     pub fn create(path: impl AsRef<Path>, header: &TraceHeader) -> Result<Self> {
         Self::create_with(path, header, WriterOptions::default())
     }
@@ -193,7 +200,11 @@ impl TraceWriter {
             frames_since_sync: 0,
             bytes_at_sync: 0,
         };
-        writer.sync()?;
+        if options.sync_header {
+            writer.sync()?;
+        } else {
+            writer.inner.flush()?;
+        }
         Ok(writer)
     }
 
@@ -323,6 +334,24 @@ mod tests {
         let bytes = w.finish().unwrap();
         assert!(bytes.len() as u64 > b.end());
         assert!(bytes.ends_with(b"NYXTRAIL"));
+    }
+
+    #[test]
+    fn an_unsynced_header_still_reaches_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.nyx");
+        let options = WriterOptions {
+            sync_header: false,
+            ..WriterOptions::default()
+        };
+        let w = TraceWriter::create_with(&path, &header(), options).unwrap();
+        let partial = fs::read(w.partial_path()).unwrap();
+        assert!(
+            partial.starts_with(b"NYXTRACE") && partial.len() > 24,
+            "flushed, if not fsynced"
+        );
+        assert_eq!(w.finish().unwrap(), path);
+        assert!(path.exists());
     }
 
     #[test]

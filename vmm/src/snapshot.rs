@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use nyx_trace::{ContainerKind, FrameKind, GuestImage, TraceHeader, TraceReader, TraceWriter};
+use nyx_trace::{ContainerKind, FrameKind, GuestImage, TraceHeader, TraceReader, TraceWriter, WriterOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{MachineConfig, INITRD_IMAGE, KERNEL_IMAGE};
@@ -88,7 +88,16 @@ pub fn write(
         source,
     };
     let header = container_header(ContainerKind::Snapshot, config, kernel, initrd);
-    let mut w = TraceWriter::create(path, &header).map_err(err)?;
+    // An unfinished snapshot is refused on reading, so fsyncs before the
+    // one of `finish` would only make saving wait for the disk (each costs
+    // milliseconds, tens of them while other writers keep the disk busy).
+    let options = WriterOptions {
+        sync_every_frames: 0,
+        sync_every_bytes: 0,
+        sync_header: false,
+        ..WriterOptions::default()
+    };
+    let mut w = TraceWriter::create_with(path, &header, options).map_err(err)?;
     w.write_records(FrameKind::MachineState, state.exit_seq, std::slice::from_ref(state))
         .map_err(err)?;
     for chunk in memory.chunks(RUNS_PER_FRAME) {
