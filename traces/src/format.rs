@@ -109,16 +109,27 @@ pub enum FrameKind {
     Memory = 3,
     /// The footer's index; written only by `finish()`.
     Index = 4,
+    /// Runs of guest pages stored as they are (not compressed), each
+    /// starting on a page boundary of the file, so that a reader can map
+    /// them (see [`image_runs`]).
+    MemoryImage = 5,
 }
 
 impl FrameKind {
     /// Every kind, in tag order.
-    pub const ALL: [FrameKind; 4] = [
+    pub const ALL: [FrameKind; 5] = [
         FrameKind::Events,
         FrameKind::MachineState,
         FrameKind::Memory,
         FrameKind::Index,
+        FrameKind::MemoryImage,
     ];
+
+    /// Whether frames of this kind are stored as they are rather than
+    /// zstd-compressed (their two lengths are then equal).
+    pub fn is_stored(self) -> bool {
+        self == FrameKind::MemoryImage
+    }
 
     /// The kind stored as `tag`, if any.
     pub fn from_tag(tag: u8) -> Option<Self> {
@@ -153,6 +164,119 @@ impl FrameInfo {
     }
 }
 
+impl FrameInfo {
+    /// Byte offset of the payload from the start of the container.
+    pub fn payload_offset(&self) -> u64 {
+        self.offset.saturating_add(FRAME_HEADER_LEN as u64)
+    }
+}
+
+/// The alignment, in the file, of the data of a [`FrameKind::MemoryImage`]
+/// frame: a page, so that each run can be mapped where it lies.
+pub const IMAGE_ALIGN: u64 = 4096;
+/// The most runs one memory-image frame lists.
+pub const MAX_IMAGE_RUNS: usize = 4096;
+
+/// One run of a memory-image frame: `len` bytes for guest address `gpa`,
+/// found `offset` bytes into the frame's payload (add
+/// [`FrameInfo::payload_offset`] for the file offset, a multiple of
+/// [`IMAGE_ALIGN`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageRun {
+    /// Guest-physical address of the first byte.
+    pub gpa: u64,
+    /// Bytes, a non-zero multiple of [`IMAGE_ALIGN`].
+    pub len: u64,
+    /// Where the bytes start in the payload.
+    pub offset: u64,
+}
+
+fn image_corrupt(offset: u64, detail: String) -> Error {
+    Error::Corrupt {
+        what: "memory image",
+        offset,
+        detail,
+    }
+}
+
+/// The start of a memory-image payload that begins at file offset
+/// `payload_offset`: the run count, a reserved word, each run's `(gpa,
+/// len)`, and zeros up to the next multiple of [`IMAGE_ALIGN`] in the file,
+/// where the first run's bytes begin. Refuses what a reader would.
+pub(crate) fn encode_image_table(runs: &[(u64, u64)], payload_offset: u64) -> Result<Vec<u8>> {
+    let bad = |detail: String| image_corrupt(payload_offset, detail);
+    if runs.is_empty() || runs.len() > MAX_IMAGE_RUNS {
+        return Err(bad(format!("{} runs (1 to {MAX_IMAGE_RUNS})", runs.len())));
+    }
+    let mut table = Vec::with_capacity(8 + runs.len() * 16 + IMAGE_ALIGN as usize);
+    table.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    table.extend_from_slice(&0u32.to_le_bytes());
+    for &(gpa, len) in runs {
+        if gpa % IMAGE_ALIGN != 0 || len == 0 || len % IMAGE_ALIGN != 0 {
+            return Err(bad(format!("a run of {len} bytes at {gpa:#x} is not whole pages")));
+        }
+        table.extend_from_slice(&gpa.to_le_bytes());
+        table.extend_from_slice(&len.to_le_bytes());
+    }
+    let end = payload_offset + table.len() as u64;
+    table.resize(table.len() + (end.next_multiple_of(IMAGE_ALIGN) - end) as usize, 0);
+    Ok(table)
+}
+
+/// The longest table [`encode_image_table`] makes, padding included.
+pub(crate) const MAX_IMAGE_TABLE: usize = 8 + MAX_IMAGE_RUNS * 16 + IMAGE_ALIGN as usize;
+
+/// The runs of a memory-image frame, from the start of its payload
+/// (`head`, at least the table and its padding, or the whole payload) and
+/// its header fields: each run whole pages, the table and the padding
+/// well formed, and the runs filling the payload exactly. Data offsets are
+/// relative to the payload; no run is checked against any machine.
+pub fn image_runs(info: &FrameInfo, head: &[u8]) -> Result<Vec<ImageRun>> {
+    let at = info.payload_offset();
+    let bad = |detail: String| image_corrupt(at, detail);
+    if info.kind != FrameKind::MemoryImage {
+        return Err(bad(format!("a {:?} frame is not a memory image", info.kind)));
+    }
+    if head.len() < 8 {
+        return Err(bad("the run table is cut short".into()));
+    }
+    let count = le_u32(&head[..4]) as usize;
+    if count == 0 || count > MAX_IMAGE_RUNS || le_u32(&head[4..8]) != 0 {
+        return Err(bad(format!("{count} runs, or a reserved word that is not zero")));
+    }
+    let table_end = 8 + count * 16;
+    let Some(data_start) = at
+        .checked_add(table_end as u64)
+        .and_then(|end| end.checked_next_multiple_of(IMAGE_ALIGN))
+        .map(|end| end - at)
+    else {
+        return Err(bad("the frame lies beyond any file".into()));
+    };
+    let Some(table) = head.get(..data_start as usize) else {
+        return Err(bad("the run table is cut short".into()));
+    };
+    if table[table_end..].iter().any(|&b| b != 0) {
+        return Err(bad("the padding after the run table is not zero".into()));
+    }
+    let mut runs = Vec::with_capacity(count);
+    let mut offset = data_start;
+    for entry in table[8..table_end].chunks_exact(16) {
+        let (gpa, len) = (le_u64(&entry[..8]), le_u64(&entry[8..]));
+        if gpa % IMAGE_ALIGN != 0 || len == 0 || len % IMAGE_ALIGN != 0 || gpa.checked_add(len).is_none() {
+            return Err(bad(format!("a run of {len} bytes at {gpa:#x} is not whole pages")));
+        }
+        runs.push(ImageRun { gpa, len, offset });
+        offset = offset.saturating_add(len);
+    }
+    if offset != u64::from(info.uncompressed_len) || info.uncompressed_len != info.compressed_len {
+        return Err(bad(format!(
+            "the runs end at payload byte {offset}, the frame holds {} (stored {})",
+            info.uncompressed_len, info.compressed_len
+        )));
+    }
+    Ok(runs)
+}
+
 /// A frame read back: where it was and its decompressed payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
@@ -180,6 +304,22 @@ impl FrameHeader {
         b[12..16].copy_from_slice(&ulen.to_le_bytes());
         b[16..20].copy_from_slice(&clen.to_le_bytes());
         b
+    }
+
+    /// The header of a frame of a stored kind ([`FrameKind::is_stored`])
+    /// whose payload is the concatenation of `parts`.
+    pub fn stored(kind: FrameKind, first_position: u64, parts: &[&[u8]]) -> Result<Self> {
+        let len = checked_len(parts.iter().map(|p| p.len()).sum(), MAX_FRAME_LEN, "frame payload")?;
+        let fields = Self::fields(kind, first_position, len, len);
+        let mut all: Vec<&[u8]> = vec![&fields];
+        all.extend_from_slice(parts);
+        Ok(Self {
+            kind,
+            first_position,
+            uncompressed_len: len,
+            compressed_len: len,
+            checksum: crc(&all),
+        })
     }
 
     /// Compresses `payload` and builds the header that describes it.
@@ -242,6 +382,15 @@ impl FrameHeader {
                 });
             }
         }
+        if kind.is_stored() && uncompressed_len != compressed_len {
+            return Err(Error::Corrupt {
+                what: "frame header",
+                offset,
+                detail: format!(
+                    "a stored {kind:?} frame of {compressed_len} bytes says it expands to {uncompressed_len}"
+                ),
+            });
+        }
         Ok(Self {
             kind,
             first_position: le_u64(&b[4..12]),
@@ -249,6 +398,19 @@ impl FrameHeader {
             compressed_len,
             checksum: le_u32(&b[20..24]),
         })
+    }
+
+    /// The checksum of the header fields followed by the payload, as a
+    /// hasher to feed the payload into piece by piece.
+    pub fn hasher(&self) -> crc32fast::Hasher {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&Self::fields(
+            self.kind,
+            self.first_position,
+            self.uncompressed_len,
+            self.compressed_len,
+        ));
+        h
     }
 
     /// Whether `compressed` is the payload this header was written with.
@@ -485,6 +647,62 @@ mod tests {
                 GuestImage::by_hash("initrd", b"cpio"),
             ],
         }
+    }
+
+    fn image_info(offset: u64, len: u32) -> FrameInfo {
+        FrameInfo {
+            kind: FrameKind::MemoryImage,
+            first_position: 0,
+            offset,
+            uncompressed_len: len,
+            compressed_len: len,
+        }
+    }
+
+    #[test]
+    fn image_tables_round_trip_and_pad_to_a_page() {
+        let runs = [(0x3000, 4096), (0x10_0000, 3 * 4096)];
+        for offset in [0u64, 100, 4072, 4096 * 9 + 1] {
+            let table = encode_image_table(&runs, offset + FRAME_HEADER_LEN as u64).unwrap();
+            assert_eq!((offset + FRAME_HEADER_LEN as u64 + table.len() as u64) % IMAGE_ALIGN, 0);
+            let info = image_info(offset, (table.len() + 4 * 4096) as u32);
+            let got = image_runs(&info, &table).unwrap();
+            let spans: Vec<(u64, u64)> = got.iter().map(|r| (r.gpa, r.len)).collect();
+            assert_eq!(spans, runs);
+            assert_eq!(got[1].offset, got[0].offset + 4096);
+        }
+        for bad in [vec![], vec![(0x3001, 4096)], vec![(0x3000, 100)], vec![(0, 0)]] {
+            assert!(encode_image_table(&bad, 24).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_damaged_image_table_is_an_error() {
+        let table = encode_image_table(&[(0x3000, 4096)], 24).unwrap();
+        let info = image_info(0, (table.len() + 4096) as u32);
+        let mut cases = Vec::new();
+        let mut t = table.clone();
+        t[0] = 0; // no runs
+        cases.push((t, info));
+        let mut t = table.clone();
+        t[4] = 1; // reserved word
+        cases.push((t, info));
+        let mut t = table.clone();
+        t[30] = 1; // padding
+        cases.push((t, info));
+        let mut t = table.clone();
+        t[8] = 1; // an unaligned address
+        cases.push((t, info));
+        cases.push((table.clone(), image_info(0, (table.len() + 8192) as u32)));
+        cases.push((table[..20].to_vec(), info));
+        cases.push((table.clone(), image_info(u64::MAX - 10, (table.len() + 4096) as u32)));
+        let mut other = info;
+        other.kind = FrameKind::Memory;
+        cases.push((table.clone(), other));
+        for (i, (head, info)) in cases.iter().enumerate() {
+            assert!(image_runs(info, head).is_err(), "case {i}");
+        }
+        assert!(image_runs(&info, &table).is_ok());
     }
 
     #[test]

@@ -10,11 +10,11 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
-use crate::format::MAX_FRAME_LEN;
 use crate::format::{
     decode_trailer, decompress, has_trailer_magic, read_fully, read_header, read_up_to, Frame, FrameHeader, FrameInfo,
     FrameKind, TraceHeader, FRAME_HEADER_LEN, TRAILER_LEN,
 };
+use crate::format::{MAX_FRAME_LEN, MAX_IMAGE_TABLE};
 
 /// Whether a container was finished, and if not where its usable part ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,11 +162,17 @@ fn incomplete(frames: &[FrameInfo], header_len: u64) -> Completeness {
     }
 }
 
-/// Decompresses a verified frame.
-fn into_frame(info: FrameInfo, header: &FrameHeader, compressed: &[u8]) -> Result<Frame> {
+/// Decompresses a verified frame (a stored kind's payload is its bytes).
+fn into_frame(info: FrameInfo, header: &FrameHeader, compressed: Vec<u8>) -> Result<Frame> {
+    if header.kind.is_stored() {
+        return Ok(Frame {
+            info,
+            payload: compressed,
+        });
+    }
     Ok(Frame {
         info,
-        payload: decompress(compressed, header.uncompressed_len, info.offset)?,
+        payload: decompress(&compressed, header.uncompressed_len, info.offset)?,
     })
 }
 
@@ -365,7 +371,71 @@ impl TraceReader {
                 detail: "the frame differs from its index entry".into(),
             });
         }
-        into_frame(info, &header, &compressed)
+        into_frame(info, &header, compressed)
+    }
+
+    /// Checks memory-image frame number `index` without keeping its data:
+    /// the header against its index entry, the checksum over the whole
+    /// payload (read through once, in bounded pieces), and the run table
+    /// ([`image_runs`](crate::image_runs)). The runs' data can then be
+    /// mapped from the file ([`TraceReader::file`]) at
+    /// [`FrameInfo::payload_offset`] plus each run's offset.
+    pub fn check_image(&mut self, index: usize) -> Result<Vec<crate::ImageRun>> {
+        let info = *self.frames.get(index).ok_or(Error::NoSuchFrame {
+            index,
+            count: self.frames.len(),
+        })?;
+        self.file.seek(SeekFrom::Start(info.offset))?;
+        let mut raw = [0u8; FRAME_HEADER_LEN];
+        if read_fully(&mut self.file, &mut raw)? < FRAME_HEADER_LEN {
+            return Err(Error::Truncated {
+                offset: info.offset,
+                what: "frame",
+            });
+        }
+        let header = FrameHeader::decode(&raw, info.offset)?;
+        if header.info(info.offset) != info {
+            return Err(Error::Corrupt {
+                what: "frame header",
+                offset: info.offset,
+                detail: "the frame differs from its index entry".into(),
+            });
+        }
+        let mut hasher = header.hasher();
+        let total = u64::from(info.compressed_len);
+        let head_len = total.min(MAX_IMAGE_TABLE as u64) as usize;
+        let mut head = vec![0u8; head_len];
+        let mut buf = vec![0u8; 1 << 20];
+        let mut done = 0u64;
+        while done < total {
+            let n = (total - done).min(buf.len() as u64) as usize;
+            if read_fully(&mut self.file, &mut buf[..n])? < n {
+                return Err(Error::Truncated {
+                    offset: info.offset,
+                    what: "frame",
+                });
+            }
+            if done < head_len as u64 {
+                let k = (head_len - done as usize).min(n);
+                head[done as usize..done as usize + k].copy_from_slice(&buf[..k]);
+            }
+            hasher.update(&buf[..n]);
+            done += n as u64;
+        }
+        if hasher.finalize() != header.checksum {
+            return Err(Error::ChecksumMismatch {
+                what: "frame",
+                frame: Some(index),
+                offset: info.offset,
+            });
+        }
+        crate::image_runs(&info, &head)
+    }
+
+    /// The container's file, for mapping the data of memory-image frames
+    /// checked with [`TraceReader::check_image`].
+    pub fn file(&self) -> &File {
+        self.file.get_ref()
     }
 
     /// Reads frame number `index` and decodes its records.
@@ -479,7 +549,7 @@ impl<R: Read> StreamReader<R> {
             return Ok(None);
         }
         let info = header.info(self.offset);
-        let frame = into_frame(info, &header, &compressed)?;
+        let frame = into_frame(info, &header, compressed)?;
         accept_frame(&mut self.frames, info)?;
         self.offset = info.end();
         Ok(Some(frame))
@@ -551,6 +621,86 @@ mod tests {
         ));
         let all: Vec<_> = r.frames_from(4).collect::<Result<_>>().unwrap();
         assert_eq!(all.len(), 2);
+    }
+
+    /// Two memory-image frames after a state at an odd offset: page runs
+    /// whose bytes say where they belong.
+    fn write_images(path: &Path) -> Vec<FrameInfo> {
+        let page = |tag: u8| vec![tag; 4096];
+        let (a, b, c) = (page(1), [page(2), page(3)].concat(), page(4));
+        let mut w = TraceWriter::create(path, &header()).unwrap();
+        w.write_frame(FrameKind::MachineState, 7, b"state").unwrap();
+        w.write_image(7, &[(0x1000, &a), (0x5000, &b)]).unwrap();
+        w.write_frame(FrameKind::Memory, 7, b"compressed pages").unwrap();
+        w.write_image(7, &[(0x20_0000, &c)]).unwrap();
+        let frames = w.frames().to_vec();
+        w.finish().unwrap();
+        frames
+    }
+
+    #[test]
+    fn memory_images_are_page_aligned_in_the_file_and_checked_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.nyx");
+        let written = write_images(&path);
+        let bytes = std::fs::read(&path).unwrap();
+        let mut r = TraceReader::open(&path).unwrap();
+        assert_eq!(r.frames(), written.as_slice());
+        let runs = r.check_image(1).unwrap();
+        let spans: Vec<(u64, u64)> = runs.iter().map(|x| (x.gpa, x.len)).collect();
+        assert_eq!(spans, [(0x1000, 4096), (0x5000, 8192)]);
+        for (run, tag) in runs.iter().zip([1u8, 2]) {
+            let at = written[1].payload_offset() + run.offset;
+            assert_eq!(at % crate::IMAGE_ALIGN, 0, "mappable where it lies");
+            assert_eq!(bytes[at as usize], tag);
+        }
+        assert_eq!(bytes[(written[1].payload_offset() + runs[1].offset) as usize + 4096], 3);
+        // Read whole, the same runs.
+        let frame = r.read_frame(1).unwrap();
+        assert_eq!(crate::image_runs(&frame.info, &frame.payload).unwrap(), runs);
+        assert_eq!(r.check_image(3).unwrap()[0].gpa, 0x20_0000);
+        assert!(r.check_image(2).is_err(), "a compressed frame is no image");
+        // The stream reader and the scan of an unfinished copy take them too.
+        let mut st = StreamReader::new(bytes.as_slice()).unwrap();
+        let mut kinds = Vec::new();
+        while let Some(f) = st.next_frame().unwrap() {
+            kinds.push(f.info.kind);
+        }
+        assert_eq!(st.completeness(), Some(Completeness::Complete));
+        assert_eq!(kinds[1], FrameKind::MemoryImage);
+        let cut = dir.path().join("cut.nyx");
+        std::fs::write(&cut, &bytes[..written[3].offset as usize + 5000]).unwrap();
+        let r = TraceReader::open(&cut).unwrap();
+        assert_eq!(r.frames().len(), 3, "the cut image frame is dropped");
+    }
+
+    #[test]
+    fn a_damaged_memory_image_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.nyx");
+        let written = write_images(&path);
+        let clean = std::fs::read(&path).unwrap();
+        let data = written[1].payload_offset() as usize + 4096 + 100;
+        for at in [data, written[1].payload_offset() as usize + 9] {
+            let mut bytes = clean.clone();
+            bytes[at] ^= 0x40;
+            std::fs::write(&path, &bytes).unwrap();
+            let mut r = TraceReader::open(&path).unwrap();
+            assert!(matches!(
+                r.check_image(1),
+                Err(Error::ChecksumMismatch { frame: Some(1), .. })
+            ));
+            assert!(matches!(r.read_frame(1), Err(Error::ChecksumMismatch { .. })));
+        }
+        // A stored frame must say it expands to its own length.
+        let mut bytes = clean.clone();
+        let h = written[1].offset as usize;
+        bytes[h + 12] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let mut r = TraceReader::open(&path).unwrap();
+        let e = r.check_image(1).unwrap_err().to_string();
+        assert!(e.contains("expands to"), "{e}");
+        assert!(r.read_frame(1).is_err());
     }
 
     #[test]

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::format::{encode_header, encode_trailer, FrameHeader, FrameInfo, FrameKind, TraceHeader};
+use crate::format::{
+    encode_header, encode_image_table, encode_trailer, FrameHeader, FrameInfo, FrameKind, TraceHeader,
+};
 
 /// zstd level used unless the caller picks another.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
@@ -62,6 +64,34 @@ impl<W: Write> StreamWriter<W> {
             }
         }
         let info = self.append(kind, first_position, payload)?;
+        self.frames.push(info);
+        Ok(info)
+    }
+
+    /// Appends a memory-image frame ([`FrameKind::MemoryImage`]): `runs`
+    /// of whole pages, each `(guest address, bytes)`, stored uncompressed
+    /// after a run table and padding, so that every run's bytes start on
+    /// a page boundary of the container.
+    pub fn write_image(&mut self, first_position: u64, runs: &[(u64, &[u8])]) -> Result<FrameInfo> {
+        if let Some(previous) = self.frames.last().map(|f| f.first_position) {
+            if first_position < previous {
+                return Err(Error::PositionWentBack {
+                    position: first_position,
+                    previous,
+                });
+            }
+        }
+        let spans: Vec<(u64, u64)> = runs.iter().map(|(gpa, data)| (*gpa, data.len() as u64)).collect();
+        let payload_offset = self.offset + crate::format::FRAME_HEADER_LEN as u64;
+        let table = encode_image_table(&spans, payload_offset)?;
+        let mut parts: Vec<&[u8]> = vec![&table];
+        parts.extend(runs.iter().map(|(_, data)| *data));
+        let header = FrameHeader::stored(FrameKind::MemoryImage, first_position, &parts)?;
+        let info = header.info(self.offset);
+        self.put(&header.encode())?;
+        for part in parts {
+            self.put(part)?;
+        }
         self.frames.push(info);
         Ok(info)
     }
@@ -211,6 +241,13 @@ impl TraceWriter {
     /// Appends a frame (see [`StreamWriter::write_frame`]) and fsyncs when due.
     pub fn write_frame(&mut self, kind: FrameKind, first_position: u64, payload: &[u8]) -> Result<FrameInfo> {
         let info = self.inner.write_frame(kind, first_position, payload)?;
+        self.after_frame()?;
+        Ok(info)
+    }
+
+    /// Appends a memory-image frame (see [`StreamWriter::write_image`]).
+    pub fn write_image(&mut self, first_position: u64, runs: &[(u64, &[u8])]) -> Result<FrameInfo> {
+        let info = self.inner.write_image(first_position, runs)?;
         self.after_frame()?;
         Ok(info)
     }
