@@ -143,19 +143,16 @@ fn scatter(base: u32, stride: u32, n: u32) -> Vec<u8> {
     c
 }
 
-#[test]
-fn a_1gib_machine_whose_guest_wrote_scattered_pages_restores_bit_for_bit() {
-    use nyx_vmm::mem_state::memory_digest;
+/// Where [`scatter`] writes (1740 words 4-byte aligned at every offset of
+/// a page, from 16 MiB to the last few MiB of a 1 GiB machine) and where
+/// its code goes.
+const SCATTER: (u32, u32, u32, u64) = (0x100_0000, 0x9_1004, 1740, 0x80_0000);
+
+/// A 1 GiB machine that ran hello to its end and then [`scatter`]: the
+/// pattern is written by the guest, through KVM, not through Nyx's mapping.
+fn scattered_1gib() -> nyx_vmm::Machine {
     use nyx_vmm::vm_memory::{Bytes, GuestAddress};
-    if !kvm_available() {
-        return;
-    }
-    // Words 4-byte aligned at every offset of a page, 1740 pages from
-    // 16 MiB to the last few MiB of RAM, written by the guest (through
-    // KVM, not through Nyx's mapping).
-    let (base, stride, n, stub) = (0x100_0000u32, 0x9_1004u32, 1740u32, 0x80_0000u64);
-    let dir = tempfile::tempdir().unwrap();
-    let snap = dir.path().join("big.nyxsnap");
+    let (base, stride, n, stub) = SCATTER;
     let mut m = MachineBuilder::new()
         .memory(1024)
         .kernel_image("hello", nyx_guests::HELLO.to_vec())
@@ -172,14 +169,13 @@ fn a_1gib_machine_whose_guest_wrote_scattered_pages_restores_bit_for_bit() {
     regs.rflags = 2;
     m.vcpu_mut().set_regs(&regs).unwrap();
     assert_eq!(m.run().unwrap(), RunOutcome::DebugExit(0));
-    m.save_snapshot(&snap).unwrap();
-    let size = std::fs::metadata(&snap).unwrap().len();
+    m
+}
 
-    let r = MachineBuilder::from_snapshot(&snap)
-        .unwrap()
-        .serial_out(Box::new(std::io::sink()))
-        .build()
-        .unwrap();
+/// Checks that `r` holds every word of [`scatter`]'s pattern.
+fn assert_scattered(r: &nyx_vmm::Machine) {
+    use nyx_vmm::vm_memory::{Bytes, GuestAddress};
+    let (base, stride, n, _) = SCATTER;
     let last = u64::from(base) + u64::from(n - 1) * u64::from(stride);
     assert!(last > 1000 << 20, "the pattern reaches the top of RAM");
     for k in 0..u64::from(n) {
@@ -187,7 +183,128 @@ fn a_1gib_machine_whose_guest_wrote_scattered_pages_restores_bit_for_bit() {
         let word: u32 = r.memory().read_obj(GuestAddress(at)).unwrap();
         assert_eq!(u64::from(word), at, "the guest's word at {at:#x}");
     }
-    assert_eq!(memory_digest(r.memory()), memory_digest(m.memory()), "all 1 GiB equal");
-    // Each written page compresses to a few bytes, the untouched rest to nothing.
-    assert!(size < 1 << 20, "a {size}-byte snapshot");
+}
+
+#[test]
+fn a_1gib_machine_whose_guest_wrote_scattered_pages_restores_bit_for_bit() {
+    use nyx_vmm::mem_state::memory_digest;
+    use nyx_vmm::snapshot::MemoryFormat;
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = scattered_1gib();
+    let mut sizes = Vec::new();
+    for format in [MemoryFormat::Compressed, MemoryFormat::Mappable] {
+        let snap = dir.path().join(format!("{format:?}.nyxsnap"));
+        m.save_snapshot_as(&snap, format).unwrap();
+        sizes.push(std::fs::metadata(&snap).unwrap().len());
+        let r = MachineBuilder::from_snapshot(&snap)
+            .unwrap()
+            .serial_out(Box::new(std::io::sink()))
+            .build()
+            .unwrap();
+        assert_scattered(&r);
+        assert_eq!(
+            memory_digest(r.memory()),
+            memory_digest(m.memory()),
+            "all 1 GiB equal ({format:?})"
+        );
+        // Read whole rather than mapped, the same memory.
+        let whole = nyx_vmm::snapshot::read(&snap).unwrap();
+        assert!(whole.image.is_none());
+        let fresh = nyx_vmm::memory::create(1024).unwrap();
+        nyx_vmm::mem_state::restore_runs(&fresh, &whole.memory).unwrap();
+        assert_eq!(
+            memory_digest(&fresh),
+            memory_digest(m.memory()),
+            "{format:?} read whole"
+        );
+    }
+    // Compressed, each written page is a few bytes and the untouched rest
+    // nothing; mappable, every page that is not zero is stored whole.
+    assert!(sizes[0] < 1 << 20, "a {}-byte snapshot", sizes[0]);
+    assert!(sizes[1] > u64::from(SCATTER.2) * 4096, "a {}-byte snapshot", sizes[1]);
+}
+
+#[test]
+fn a_mapped_snapshot_is_checked_copied_on_write_and_reset() {
+    use nyx_vmm::mem_state::memory_digest;
+    use nyx_vmm::reset::ResetPoint;
+    use nyx_vmm::snapshot::MemoryFormat;
+    use nyx_vmm::vm_memory::{Bytes, GuestAddress};
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("m.nyxsnap");
+    let mut m = scattered_1gib();
+    m.save_snapshot_as(&snap, MemoryFormat::Mappable).unwrap();
+    let saved = memory_digest(m.memory());
+    let clean = std::fs::read(&snap).unwrap();
+    drop(m);
+
+    // Damaged inside the image (a guest page's byte) or cut short: refused
+    // with an error, before any machine is built.
+    let (base, stride, _, stub) = SCATTER;
+    let word = (base + 7 * stride).to_le_bytes();
+    let at = clean
+        .windows(4)
+        .position(|w| w == word)
+        .expect("the image holds the guest's words as they are");
+    let mut flipped = clean.clone();
+    flipped[at] ^= 0x10;
+    let bad = dir.path().join("bad.nyxsnap");
+    std::fs::write(&bad, &flipped).unwrap();
+    let e = MachineBuilder::from_snapshot(&bad)
+        .err()
+        .expect("damaged image accepted")
+        .to_string();
+    assert!(e.contains("checksum"), "{e}");
+    std::fs::write(&bad, &clean[..clean.len() / 2]).unwrap();
+    let e = MachineBuilder::from_snapshot(&bad)
+        .err()
+        .expect("cut snapshot accepted")
+        .to_string();
+    assert!(e.contains("incomplete"), "{e}");
+
+    // The guest writes over mapped pages (copies of its own), the file stays.
+    let mut r = MachineBuilder::from_snapshot(&snap)
+        .unwrap()
+        .serial_out(Box::new(std::io::sink()))
+        .build()
+        .unwrap();
+    let whole = nyx_vmm::snapshot::read(&snap).unwrap();
+    let mut point = ResetPoint::new(&r, whole.state, &whole.memory).unwrap();
+    r.memory()
+        .write_slice(&scatter(base + 8, stride, 400), GuestAddress(stub))
+        .unwrap();
+    let input = || Box::new(nyx_devices::io::BufferInput::new(Vec::new()));
+    for round in 0..2 {
+        let mut regs = r.vcpu().get_regs().unwrap();
+        regs.rip = stub;
+        regs.rflags = 2;
+        r.vcpu_mut().set_regs(&regs).unwrap();
+        assert_eq!(r.run().unwrap(), RunOutcome::DebugExit(0));
+        let moved: u32 = r.memory().read_obj(GuestAddress(u64::from(base + 8))).unwrap();
+        assert_eq!(moved, base + 8, "round {round}: the guest wrote");
+        assert_eq!(std::fs::read(&snap).unwrap(), clean, "the file is never written");
+        // Fast reset: the dirtied pages come back from the snapshot.
+        let stats = point.reset(&mut r, Box::new(std::io::sink()), input()).unwrap();
+        assert!(stats.pages >= 400, "{} pages reset", stats.pages);
+        assert_scattered(&r);
+        // The new stub was written by Nyx, not the guest, so the reset kept
+        // it: put the snapshot's back, and all memory is the snapshot's.
+        r.memory()
+            .write_slice(&scatter(base, stride, SCATTER.2), GuestAddress(stub))
+            .unwrap();
+        assert_eq!(
+            memory_digest(r.memory()),
+            saved,
+            "round {round}: memory is the snapshot's again"
+        );
+        r.memory()
+            .write_slice(&scatter(base + 8, stride, 400), GuestAddress(stub))
+            .unwrap();
+    }
 }

@@ -1,18 +1,20 @@
 //! Snapshot benchmarks for the BENCHMARKS tables (ignored by default:
 //! `cargo test --release -p nyx-tests --test snapshot_bench -- --ignored
-//! --nocapture`): save and restore throughput, with memory dirtied from the
-//! host through the machine's mapping before saving; the save and restore
-//! latency of a mostly-zero 1 GiB machine, as medians of several runs; and
+//! --nocapture`): save and restore throughput of compressed and mappable
+//! snapshots, with memory dirtied from the host through the machine's
+//! mapping before saving; the save and restore latency of a mostly-zero
+//! 1 GiB machine, as medians of several runs; and
 //! the latency of an incremental restore (`ResetPoint::reset`) after the
 //! guest itself dirtied a given number of pages.
 
 use std::time::Instant;
 
 use nyx_vmm::reset::ResetPoint;
+use nyx_vmm::snapshot::MemoryFormat;
 use nyx_vmm::vm_memory::{Bytes, GuestAddress};
 use nyx_vmm::{MachineBuilder, RunOutcome};
 
-fn one(mib: u64, dirty: bool) {
+fn one(mib: u64, dirty: bool, format: MemoryFormat) {
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("m.nyxsnap");
     let image = nyx_guests::image("echo").unwrap().to_vec();
@@ -37,7 +39,7 @@ fn one(mib: u64, dirty: bool) {
         }
     }
     let t = Instant::now();
-    m.save_snapshot(&snap).unwrap();
+    m.save_snapshot_as(&snap, format).unwrap();
     let save = t.elapsed().as_secs_f64();
     let size = std::fs::metadata(&snap).unwrap().len();
     drop(m);
@@ -47,7 +49,7 @@ fn one(mib: u64, dirty: bool) {
     drop(r);
     let m = mib as f64;
     println!(
-        "{mib} MiB {}: save {:.3} s ({:.0} MiB/s), file {:.1} MiB, restore {:.3} s ({:.0} MiB/s)",
+        "{mib} MiB {} {format:?}: save {:.3} s ({:.0} MiB/s), file {:.1} MiB, restore {:.3} s ({:.0} MiB/s)",
         if dirty { "mostly dirty" } else { "mostly zero" },
         save,
         m / save,
@@ -65,15 +67,17 @@ fn snapshot_save_and_restore_throughput() {
         return;
     }
     for mib in [64, 1024] {
-        one(mib, false);
-        one(mib, true);
+        for format in [MemoryFormat::Compressed, MemoryFormat::Mappable] {
+            one(mib, false, format);
+            one(mib, true, format);
+        }
     }
 }
 
 /// Saves and restores a freshly built 1 GiB machine (the echo guest loaded,
 /// everything else never touched) `runs` times: (save s, restore s, file
 /// bytes) per run. Restore is reading the file and building the machine.
-fn mostly_zero_1gib(runs: usize) -> Vec<(f64, f64, u64)> {
+fn mostly_zero_1gib(runs: usize, format: MemoryFormat) -> Vec<(f64, f64, u64)> {
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("z.nyxsnap");
     let image = nyx_guests::image("echo").unwrap().to_vec();
@@ -86,7 +90,7 @@ fn mostly_zero_1gib(runs: usize) -> Vec<(f64, f64, u64)> {
                 .build()
                 .unwrap();
             let t = Instant::now();
-            m.save_snapshot(&snap).unwrap();
+            m.save_snapshot_as(&snap, format).unwrap();
             let save = t.elapsed().as_secs_f64();
             drop(m);
             let t = Instant::now();
@@ -104,7 +108,13 @@ fn mostly_zero_1gib_save_and_restore_latency() {
     if !nyx_tests::kvm_available() {
         return;
     }
-    let runs = mostly_zero_1gib(7);
+    for format in [MemoryFormat::Compressed, MemoryFormat::Mappable] {
+        latency_of(format);
+    }
+}
+
+fn latency_of(format: MemoryFormat) {
+    let runs = mostly_zero_1gib(7, format);
     let ms = |v: f64| v * 1000.0;
     let mut save: Vec<f64> = runs.iter().map(|r| r.0).collect();
     let mut restore: Vec<f64> = runs.iter().map(|r| r.1).collect();
@@ -119,7 +129,7 @@ fn mostly_zero_1gib_save_and_restore_latency() {
     save.sort_by(f64::total_cmp);
     restore.sort_by(f64::total_cmp);
     println!(
-        "1024 MiB mostly zero, {} runs: save median {:.2} ms (min {:.2}, max {:.2}), restore median {:.2} ms (min {:.2}, max {:.2})",
+        "1024 MiB mostly zero {format:?}, {} runs: save median {:.2} ms (min {:.2}, max {:.2}), restore median {:.2} ms (min {:.2}, max {:.2})",
         runs.len(),
         ms(save[save.len() / 2]),
         ms(save[0]),

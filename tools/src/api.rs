@@ -2,7 +2,8 @@
 //! and its client (`nyx ctl PATH COMMAND [ARG]`).
 //!
 //! A unix socket, mode 0600, one JSON request and one JSON reply per line:
-//! `{"cmd":"pause"}`, `resume`, `snapshot` (with `"path"`), `status` (the
+//! `{"cmd":"pause"}`, `resume`, `snapshot` (with `"path"`, optional
+//! `"mappable": true` for memory a restore maps), `status` (the
 //! run state, position, virtual time, mode and the PCI functions as the
 //! machine's description lists them), `metrics`, `logs` (with `"n"`), `migrate` (with `"addr"`, optional
 //! `"max_iterations"` and `"threshold_pages"`), `power-button`,
@@ -55,6 +56,10 @@ pub struct Request {
     /// The file for `snapshot`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// `snapshot`: store memory page-aligned and uncompressed, for a
+    /// restore that maps it (`MemoryFormat::Mappable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mappable: Option<bool>,
     /// How many entries `logs` returns (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<usize>,
@@ -95,6 +100,7 @@ impl Request {
         Request {
             cmd: cmd.to_string(),
             path: if migrate { None } else { arg.clone() },
+            mappable: None,
             n: None,
             addr: if migrate { arg } else { None },
             max_iterations: None,
@@ -338,7 +344,12 @@ fn handle(m: &mut Machine, req: &Request, paused: bool) -> (Reply, After) {
             None => (Reply::err("snapshot needs a path"), keep),
             Some(p) => {
                 let t = std::time::Instant::now();
-                match m.save_snapshot(Path::new(p)) {
+                let format = if req.mappable == Some(true) {
+                    nyx_vmm::snapshot::MemoryFormat::Mappable
+                } else {
+                    nyx_vmm::snapshot::MemoryFormat::Compressed
+                };
+                match m.save_snapshot_as(Path::new(p), format) {
                     Ok(path) => {
                         let bytes = std::fs::metadata(&path).map_or(0, |md| md.len());
                         m.metrics().snapshot(t.elapsed().as_nanos() as u64, bytes);

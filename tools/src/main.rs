@@ -173,6 +173,11 @@ struct CtlArgs {
     /// `migrate`; NAME=VALUE for `set` (lid=open|closed,
     /// battery=PCT[,charging], temperature=C).
     arg: Option<String>,
+    /// `snapshot`: store memory uncompressed and page-aligned, for a
+    /// restore that maps it copy-on-write instead of reading it (a larger
+    /// file, which must stay as it is while a machine restored from it runs).
+    #[arg(long)]
+    mappable: bool,
     /// `migrate`: the most pre-copy passes over dirty pages after the first.
     #[arg(long, value_name = "N")]
     max_iterations: Option<u32>,
@@ -937,6 +942,7 @@ fn main() -> ExitCode {
         Command::Ctl(a) => api::ctl(
             &a.socket,
             &api::Request {
+                mappable: a.mappable.then_some(true),
                 max_iterations: a.max_iterations,
                 threshold_pages: a.threshold_pages,
                 // The machine's process reads the key: give it a path that

@@ -253,11 +253,12 @@ pub fn replay(trace: &Path) -> Option<(ProgressBar, nyx_replayer::Progress)> {
     Some((bar, progress))
 }
 
-/// Reads a snapshot with [`nyx_vmm::snapshot::read_with_progress`] (its
-/// checks), moving `bar` (when given) by one for each of its frames;
-/// [`snapshot_frames`] says how many.
+/// Reads a snapshot to restore it with
+/// [`nyx_vmm::snapshot::read_for_restore`] (its checks; a memory image is
+/// left to be mapped), moving `bar` (when given) by one for each of its
+/// frames; [`snapshot_frames`] says how many.
 pub fn read_snapshot(path: &Path, bar: Option<&ProgressBar>) -> Result<Snapshot, SnapshotError> {
-    nyx_vmm::snapshot::read_with_progress(path, &mut || {
+    nyx_vmm::snapshot::read_for_restore(path, &mut || {
         if let Some(b) = bar {
             b.inc(1);
         }

@@ -220,12 +220,41 @@ pub fn restore_runs(mem: &GuestMemory, runs: &[PageRun]) -> Result<(), MemStateE
 /// host with `madvise(MADV_DONTNEED)`: the next touch of each page, by Nyx
 /// or by the guest through KVM (whose mappings follow through the MMU
 /// notifier), finds a fresh zero page, so zeroing costs nothing per
-/// untouched page and also returns the memory. Other regions are
-/// overwritten with zeros. KVM's dirty log does not see either.
+/// untouched page and also returns the memory. Parts where a memory image
+/// is mapped ([`memory::map_image`](crate::memory::map_image)), which
+/// `MADV_DONTNEED` would turn back into the file's bytes, are first mapped
+/// anonymous again. Other regions, and every region where
+/// `/proc/self/maps` cannot be read, are overwritten with zeros. KVM's
+/// dirty log does not see either.
 pub fn zero_all(mem: &GuestMemory) -> Result<(), MemStateError> {
     for region in mem.iter() {
         let gpa = region.start_addr().0;
-        if crate::memory::private_anonymous(region) {
+        let files = crate::memory::file_backed(region);
+        if crate::memory::private_anonymous(region) && files.is_some() {
+            for pages in files.unwrap_or_default() {
+                let (off, len) = (pages.start * PAGE_SIZE, (pages.end - pages.start) * PAGE_SIZE);
+                // SAFETY: the range lies inside this region's own mapping
+                // (file_backed clips it to the region), which `mem` owns
+                // and unmaps whole; MAP_FIXED replaces only those pages
+                // with fresh anonymous ones, as the region was made. No
+                // vCPU runs (the caller drives the machine).
+                let rc = unsafe {
+                    libc::mmap(
+                        region.as_ptr().add(off as usize).cast(),
+                        len as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                        -1,
+                        0,
+                    )
+                };
+                if rc == libc::MAP_FAILED {
+                    return Err(MemStateError::Zero {
+                        gpa: gpa + off,
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+            }
             // SAFETY: the range is exactly this region's own mapping, which
             // stays mapped; MADV_DONTNEED on a private anonymous mapping only
             // replaces its contents with zeros.

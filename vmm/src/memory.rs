@@ -1,8 +1,10 @@
 //! Guest memory: one anonymous mapping per RAM region, with the PC layout's
 //! 32-bit MMIO hole between 3 GiB and 4 GiB; the devices' view of the
 //! same mappings ([`dma_view`]), whose bitmap records the pages devices
-//! write; and which pages of a mapping the host ever gave memory to
-//! ([`backed_pages`]): the others read as zero without being looked at.
+//! write; which pages of a mapping the host ever gave memory to
+//! ([`backed_pages`]): the others read as zero without being looked at;
+//! and a snapshot's memory image mapped copy-on-write over parts of a
+//! region ([`map_image`]).
 
 use std::ops::Range;
 
@@ -32,6 +34,98 @@ pub enum MemoryError {
         /// What the host said.
         source: vm_memory::mmap::FromRangesError,
     },
+    /// A memory image could not be mapped into guest RAM.
+    #[error("cannot map the memory image's {len} bytes at {gpa:#x} (file offset {offset}) into guest RAM: {why}")]
+    MapImage {
+        /// Guest address of the run.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+        /// Where its bytes are in the file.
+        offset: u64,
+        /// Why.
+        why: String,
+    },
+}
+
+/// One run of a memory image: `len` bytes of guest RAM at `gpa` are the
+/// file's bytes at `offset` (all three multiples of the page size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageSpan {
+    /// Guest-physical address.
+    pub gpa: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Offset in the file.
+    pub offset: u64,
+}
+
+/// Maps `spans` of `file` over guest RAM, private and copy-on-write: each
+/// page reads as the file's until something (the guest, a device, Nyx)
+/// writes it, which gives that page a private copy; the file is never
+/// written. Nothing is read here: the host fills a page from the page
+/// cache when it is first touched. Neighbouring spans that are neighbours
+/// in the file too are mapped at once. Call it before the vCPU first runs.
+///
+/// The file must keep its contents and length while the machine lives: a
+/// page touched after the file shrank under it is a SIGBUS, as with any
+/// mapped file (Firecracker's memory files have the same rule).
+pub fn map_image(mem: &GuestMemory, file: &std::fs::File, spans: &[ImageSpan]) -> Result<(), MemoryError> {
+    use std::os::fd::AsRawFd as _;
+    use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
+    let mut merged: Vec<ImageSpan> = Vec::new();
+    for s in spans {
+        match merged.last_mut() {
+            Some(m) if m.gpa.checked_add(m.len) == Some(s.gpa) && m.offset.checked_add(m.len) == Some(s.offset) => {
+                m.len += s.len
+            }
+            _ => merged.push(*s),
+        }
+    }
+    for s in merged {
+        let fail = |why: String| MemoryError::MapImage {
+            gpa: s.gpa,
+            len: s.len,
+            offset: s.offset,
+            why,
+        };
+        if s.gpa % 4096 != 0 || s.len % 4096 != 0 || s.offset % 4096 != 0 || s.len == 0 {
+            return Err(fail("not whole pages".into()));
+        }
+        let region = mem
+            .iter()
+            .find(|r| {
+                let start = r.start_addr().0;
+                s.gpa >= start && s.gpa.checked_add(s.len).is_some_and(|end| end <= start + r.len())
+            })
+            .ok_or_else(|| fail("it lies outside guest RAM".into()))?;
+        if !private_anonymous(region) {
+            return Err(fail("guest RAM is not an anonymous mapping".into()));
+        }
+        let offset = libc::off_t::try_from(s.offset).map_err(|_| fail("the offset is too large".into()))?;
+        // SAFETY: `get_host_address` would do the same sum; the span lies
+        // inside the region (checked above), a live mapping that `mem`
+        // owns and unmaps as a whole when dropped, so replacing part of it
+        // with MAP_FIXED leaves every address of it mapped. No reference
+        // into guest RAM is held across this call (no vCPU runs yet, the
+        // caller's contract); KVM follows the change through its MMU
+        // notifier.
+        let rc = unsafe {
+            let host = region.as_ptr().add((s.gpa - region.start_addr().0) as usize);
+            libc::mmap(
+                host.cast(),
+                s.len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                offset,
+            )
+        };
+        if rc == libc::MAP_FAILED {
+            return Err(fail(std::io::Error::last_os_error().to_string()));
+        }
+    }
+    Ok(())
 }
 
 /// The RAM regions `(start, length)` for `bytes` of guest RAM.
@@ -94,7 +188,45 @@ const PAGEMAP_CHUNK: u64 = 1 << 16;
 pub fn backed_pages(region: &GuestRegionMmap<()>) -> Vec<Range<u64>> {
     use vm_memory::GuestMemoryRegion as _;
     let pages = region.len() / 4096;
-    backed_pages_of(region).unwrap_or_else(|| vec![0..pages])
+    let (Some(anonymous), Some(files)) = (backed_pages_of(region), file_backed(region)) else {
+        return std::iter::once(0..pages).collect();
+    };
+    // A page that a mapped image backs reads as the file's bytes whether
+    // or not the host has brought it in yet.
+    let mut all: Vec<Range<u64>> = anonymous.into_iter().chain(files).collect();
+    all.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(all.len());
+    for r in all {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// The pages of `region` (ranges of indices from its start) that a file
+/// backs instead of anonymous memory: memory images mapped with
+/// [`map_image`]. From `/proc/self/maps`; None when that cannot be read.
+pub fn file_backed(region: &GuestRegionMmap<()>) -> Option<Vec<Range<u64>>> {
+    use vm_memory::GuestMemoryRegion as _;
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let lo = region.as_ptr() as u64;
+    let hi = lo + region.len();
+    let mut out = Vec::new();
+    for line in maps.lines() {
+        // START-END PERMS OFFSET DEV INODE [PATH]
+        let mut fields = line.split_ascii_whitespace();
+        let (start, end) = fields.next()?.split_once('-')?;
+        let inode = fields.nth(3)?;
+        let start = u64::from_str_radix(start, 16).ok()?;
+        let end = u64::from_str_radix(end, 16).ok()?;
+        if end <= lo || start >= hi || inode == "0" {
+            continue;
+        }
+        out.push((start.max(lo) - lo) / 4096..(end.min(hi) - lo).div_ceil(4096));
+    }
+    Some(out)
 }
 
 fn backed_pages_of(region: &GuestRegionMmap<()>) -> Option<Vec<Range<u64>>> {
@@ -224,7 +356,7 @@ mod tests {
         let pages = |m: &GuestMemory| backed_pages(m.iter().next().unwrap());
         if backed_pages_of(region).is_none() {
             // No pagemap here: the whole region, always.
-            assert_eq!(pages(&m), vec![0..region.len() / 4096]);
+            assert_eq!(pages(&m), std::iter::once(0..region.len() / 4096).collect::<Vec<_>>());
             return;
         }
         assert_eq!(pages(&m), vec![], "a fresh mapping has no pages");
@@ -236,6 +368,78 @@ mod tests {
         assert_eq!(pages(&m), vec![5..9, 0x200..0x201, 2047..2048]);
         crate::mem_state::zero_all(&m).unwrap();
         assert_eq!(pages(&m), vec![], "dropped pages are zero again");
+    }
+
+    #[test]
+    fn a_mapped_image_reads_as_the_file_and_is_copied_on_write() {
+        use std::io::Write as _;
+        let mut file = tempfile::tempfile().unwrap();
+        let mut data = vec![0u8; 5 * 4096];
+        for (i, page) in data.chunks_exact_mut(4096).enumerate() {
+            page.fill(i as u8 + 1);
+        }
+        file.write_all(&data).unwrap();
+        let m = create(8).unwrap();
+        m.write_slice(&[9], GuestAddress(0x3000)).unwrap();
+        let spans = [
+            ImageSpan {
+                gpa: 0x2000,
+                len: 0x2000,
+                offset: 0x1000,
+            },
+            ImageSpan {
+                gpa: 0x4000,
+                len: 0x1000,
+                offset: 0x3000,
+            },
+            ImageSpan {
+                gpa: 0x40_0000,
+                len: 0x1000,
+                offset: 0,
+            },
+        ];
+        map_image(&m, &file, &spans).unwrap();
+        let byte = |gpa: u64| m.read_obj::<u8>(GuestAddress(gpa)).unwrap();
+        assert_eq!(
+            [byte(0x2000), byte(0x3fff), byte(0x4000), byte(0x40_0000)],
+            [2, 3, 4, 1]
+        );
+        assert_eq!(byte(0x1fff), 0, "outside the spans");
+        m.write_slice(&[0xee], GuestAddress(0x2000)).unwrap();
+        assert_eq!(byte(0x2000), 0xee);
+        let mut back = vec![0u8; 4096];
+        use std::os::unix::fs::FileExt as _;
+        file.read_exact_at(&mut back, 0x1000).unwrap();
+        assert!(back.iter().all(|&b| b == 2), "the file is never written");
+        let region = m.iter().next().unwrap();
+        if let (Some(_), Some(files)) = (backed_pages_of(region), file_backed(region)) {
+            assert_eq!(files, vec![2..5, 0x400..0x401]);
+            let backed = backed_pages(region);
+            for page in [2, 3, 4, 0x400] {
+                assert!(backed.iter().any(|r| r.contains(&page)), "page {page} in {backed:?}");
+            }
+        }
+        crate::mem_state::zero_all(&m).unwrap();
+        assert_eq!(
+            [byte(0x2000), byte(0x4000), byte(0x40_0000)],
+            [0, 0, 0],
+            "zeroed, not the file again"
+        );
+        assert_eq!(file_backed(region).unwrap_or_default(), vec![]);
+        for bad in [
+            ImageSpan {
+                gpa: 0x7f_f000,
+                len: 0x2000,
+                offset: 0,
+            },
+            ImageSpan {
+                gpa: 0x1000,
+                len: 0x800,
+                offset: 0,
+            },
+        ] {
+            assert!(map_image(&m, &file, &[bad]).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -4,8 +4,11 @@
 //! The machine-state frame holds the vCPU ([`VcpuState`]), every device
 //! ([`PlatformState`]), the virtual time, the position and the patched
 //! instruction sites; memory frames hold guest RAM as page runs with zero
-//! pages skipped. The header carries the machine configuration and the
-//! kernel and initrd, so a snapshot restores without any other file.
+//! pages skipped: zstd-compressed by default, or stored page-aligned in
+//! memory-image frames ([`MemoryFormat::Mappable`]) that a restore maps
+//! copy-on-write instead of reading ([`read_for_restore`]). The header
+//! carries the machine configuration and the kernel and initrd, so a
+//! snapshot restores without any other file.
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +23,24 @@ use crate::vcpu_state::VcpuState;
 
 /// Page runs per memory frame (runs are at most 1 MiB).
 pub const RUNS_PER_FRAME: usize = 16;
+/// Guest bytes per memory-image frame, at most.
+pub const IMAGE_FRAME_BYTES: usize = 64 << 20;
+
+/// How a snapshot stores guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemoryFormat {
+    /// zstd-compressed page runs: the smallest file; a restore reads,
+    /// decompresses and copies every page.
+    #[default]
+    Compressed,
+    /// Page runs stored as they are, each on a page boundary of the file
+    /// (memory-image frames): a file as large as the non-zero memory, which
+    /// a restore checks (one read of it, for the checksums) and maps
+    /// copy-on-write, so that pages are copied only when the guest writes
+    /// them. The file must then stay as it is while a machine restored
+    /// from it runs.
+    Mappable,
+}
 
 /// Everything of a machine but its memory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,11 +91,26 @@ pub struct Snapshot {
     pub initrd: Option<Vec<u8>>,
     /// vCPU, devices, time.
     pub state: MachineState,
-    /// Guest memory.
+    /// Guest memory read from the file (all of it, unless `image` holds
+    /// part).
     pub memory: Vec<PageRun>,
+    /// Guest memory left in the file to be mapped at restore
+    /// ([`read_for_restore`] of a mappable snapshot).
+    pub image: Option<MemoryImage>,
 }
 
-/// Writes a snapshot container to `path` (via `PATH.partial`).
+/// The memory-image runs of a snapshot, checked, with the open file they
+/// are in: what [`crate::memory::map_image`] maps.
+#[derive(Debug)]
+pub struct MemoryImage {
+    /// The snapshot file (the descriptor it was checked through).
+    pub file: std::fs::File,
+    /// Where each run goes and where it is in the file.
+    pub spans: Vec<crate::memory::ImageSpan>,
+}
+
+/// Writes a snapshot container to `path` (via `PATH.partial`), its memory
+/// compressed.
 pub fn write(
     path: &Path,
     config: &MachineConfig,
@@ -82,6 +118,21 @@ pub fn write(
     initrd: Option<&[u8]>,
     state: &MachineState,
     memory: &[PageRun],
+) -> Result<PathBuf, SnapshotError> {
+    write_as(path, config, kernel, initrd, state, memory, MemoryFormat::Compressed)
+}
+
+/// [`write`], with memory stored as `format` says. A mappable snapshot
+/// stores the runs that are whole pages in memory-image frames and any
+/// other (none that [`crate::mem_state::capture_all`] makes) compressed.
+pub fn write_as(
+    path: &Path,
+    config: &MachineConfig,
+    kernel: &[u8],
+    initrd: Option<&[u8]>,
+    state: &MachineState,
+    memory: &[PageRun],
+    format: MemoryFormat,
 ) -> Result<PathBuf, SnapshotError> {
     let err = |source| SnapshotError::Container {
         path: path.to_path_buf(),
@@ -100,8 +151,29 @@ pub fn write(
     let mut w = TraceWriter::create_with(path, &header, options).map_err(err)?;
     w.write_records(FrameKind::MachineState, state.exit_seq, std::slice::from_ref(state))
         .map_err(err)?;
-    for chunk in memory.chunks(RUNS_PER_FRAME) {
-        w.write_records(FrameKind::Memory, state.exit_seq, chunk).map_err(err)?;
+    let whole_pages = |r: &&PageRun| {
+        let page = crate::mem_state::PAGE_SIZE;
+        format == MemoryFormat::Mappable && r.gpa % page == 0 && !r.data.is_empty() && r.data.len() as u64 % page == 0
+    };
+    let (image, compressed): (Vec<&PageRun>, Vec<&PageRun>) = memory.iter().partition(whole_pages);
+    let mut frame: Vec<(u64, &[u8])> = Vec::new();
+    let mut bytes = 0usize;
+    for r in image {
+        if !frame.is_empty() && (bytes + r.data.len() > IMAGE_FRAME_BYTES || frame.len() == nyx_trace::MAX_IMAGE_RUNS) {
+            w.write_image(state.exit_seq, &frame).map_err(err)?;
+            frame.clear();
+            bytes = 0;
+        }
+        frame.push((r.gpa, &r.data));
+        bytes += r.data.len();
+    }
+    if !frame.is_empty() {
+        w.write_image(state.exit_seq, &frame).map_err(err)?;
+    }
+    for chunk in compressed.chunks(RUNS_PER_FRAME) {
+        let chunk: Vec<&PageRun> = chunk.to_vec();
+        w.write_records(FrameKind::Memory, state.exit_seq, &chunk)
+            .map_err(err)?;
     }
     w.finish().map_err(err)
 }
@@ -192,23 +264,35 @@ impl SavedReader {
 
     /// Checks the memory runs of one frame: each inside guest RAM.
     pub fn memory(&mut self, runs: &[PageRun]) -> Result<(), String> {
+        self.spans(runs.iter().map(|r| (r.gpa, r.data.len() as u64)))
+    }
+
+    /// Checks the runs `(gpa, len)` of a memory-image frame: each inside
+    /// guest RAM, as any memory run. A migration carries none.
+    pub fn image(&mut self, runs: &[nyx_trace::ImageRun]) -> Result<(), String> {
+        if self.kind == ContainerKind::Migration {
+            return Err("a memory image in a migration stream".into());
+        }
+        self.spans(runs.iter().map(|r| (r.gpa, r.len)))
+    }
+
+    fn spans(&mut self, spans: impl Iterator<Item = (u64, u64)>) -> Result<(), String> {
         if self.kind == ContainerKind::Migration && self.state.is_some() {
             return Err("memory after the machine state".into());
         }
-        for r in runs {
-            let len = r.data.len() as u64;
+        for (gpa, len) in spans {
             let inside = self
                 .regions
                 .iter()
-                .any(|&(start, size)| r.gpa >= start && r.gpa.checked_add(len).is_some_and(|end| end <= start + size));
+                .any(|&(start, size)| gpa >= start && gpa.checked_add(len).is_some_and(|end| end <= start + size));
             if !inside {
                 return Err(format!(
-                    "a memory run of {len} bytes at {:#x} lies outside the machine's {} MiB of RAM",
-                    r.gpa, self.parts.0.mem_mib
+                    "a memory run of {len} bytes at {gpa:#x} lies outside the machine's {} MiB of RAM",
+                    self.parts.0.mem_mib
                 ));
             }
+            self.runs += 1;
         }
-        self.runs += runs.len();
         Ok(())
     }
 
@@ -249,13 +333,25 @@ impl SavedReader {
     }
 }
 
-/// Reads a snapshot container.
+/// Reads a snapshot container, all of its memory into [`Snapshot::memory`].
 pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
     read_with_progress(path, &mut || {})
 }
 
 /// [`read`], calling `frame_done` after each frame.
 pub fn read_with_progress(path: &Path, frame_done: &mut dyn FnMut()) -> Result<Snapshot, SnapshotError> {
+    read_as(path, false, frame_done)
+}
+
+/// Reads a snapshot to restore it: as [`read_with_progress`], except that
+/// the memory-image frames of a mappable snapshot are checked (their
+/// checksums over every byte, their runs inside guest RAM) and left in the
+/// file, in [`Snapshot::image`], for the restore to map.
+pub fn read_for_restore(path: &Path, frame_done: &mut dyn FnMut()) -> Result<Snapshot, SnapshotError> {
+    read_as(path, true, frame_done)
+}
+
+fn read_as(path: &Path, map: bool, frame_done: &mut dyn FnMut()) -> Result<Snapshot, SnapshotError> {
     let err = |source| SnapshotError::Container {
         path: path.to_path_buf(),
         source,
@@ -270,6 +366,7 @@ pub fn read_with_progress(path: &Path, frame_done: &mut dyn FnMut()) -> Result<S
     }
     let mut saved = SavedReader::new(ContainerKind::Snapshot, r.header()).map_err(not)?;
     let mut memory = Vec::new();
+    let mut spans = Vec::new();
     for i in 0..r.frames().len() {
         let info = r.frames()[i];
         match info.kind {
@@ -279,17 +376,48 @@ pub fn read_with_progress(path: &Path, frame_done: &mut dyn FnMut()) -> Result<S
                 saved.memory(&runs).map_err(not)?;
                 memory.extend(runs);
             }
+            FrameKind::MemoryImage if map => {
+                let runs = r.check_image(i).map_err(err)?;
+                saved.image(&runs).map_err(not)?;
+                spans.extend(runs.iter().map(|run| crate::memory::ImageSpan {
+                    gpa: run.gpa,
+                    len: run.len,
+                    offset: info.payload_offset() + run.offset,
+                }));
+            }
+            FrameKind::MemoryImage => {
+                let frame = r.read_frame(i).map_err(err)?;
+                let runs = nyx_trace::image_runs(&info, &frame.payload).map_err(err)?;
+                saved.image(&runs).map_err(not)?;
+                for run in runs {
+                    // As capture_all's runs: at most MAX_RUN_BYTES each.
+                    let data = &frame.payload[run.offset as usize..(run.offset + run.len) as usize];
+                    for (k, chunk) in data.chunks(crate::mem_state::MAX_RUN_BYTES).enumerate() {
+                        memory.push(PageRun {
+                            gpa: run.gpa + (k * crate::mem_state::MAX_RUN_BYTES) as u64,
+                            data: chunk.to_vec(),
+                        });
+                    }
+                }
+            }
             kind => saved.other(kind, info.offset).map_err(not)?,
         }
         frame_done();
     }
     let ((config, kernel, initrd), state) = saved.finish().map_err(not)?;
+    let image = if spans.is_empty() {
+        None
+    } else {
+        let file = r.file().try_clone().map_err(|e| err(e.into()))?;
+        Some(MemoryImage { file, spans })
+    };
     Ok(Snapshot {
         config,
         kernel,
         initrd,
         state,
         memory,
+        image,
     })
 }
 
@@ -335,6 +463,18 @@ mod tests {
         }
         assert_eq!(r.runs(), 2);
         assert!(r.finish().unwrap_err().contains("no machine state"));
+    }
+
+    #[test]
+    fn image_runs_must_lie_inside_ram_and_stay_out_of_migrations() {
+        let image = |gpa: u64, len: u64| nyx_trace::ImageRun { gpa, len, offset: 4096 };
+        let mut r = SavedReader::new(ContainerKind::Snapshot, &header(ContainerKind::Snapshot, 4)).unwrap();
+        r.image(&[image(0, 4096), image(0x1000, 3 << 20)]).unwrap();
+        assert!(r.image(&[image(4 << 20, 4096)]).unwrap_err().contains("outside"));
+        assert!(r.image(&[image(!0xfff, 4096)]).unwrap_err().contains("outside"));
+        assert_eq!(r.runs(), 2);
+        let mut m = SavedReader::new(ContainerKind::Migration, &header(ContainerKind::Migration, 4)).unwrap();
+        assert!(m.image(&[image(0, 4096)]).unwrap_err().contains("migration"));
     }
 
     #[test]

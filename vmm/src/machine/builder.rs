@@ -22,6 +22,7 @@ pub struct MachineBuilder {
     irqchip: crate::config::Irqchip,
     hooks: Option<Box<dyn RunHooks>>,
     restore: Option<(crate::snapshot::MachineState, Vec<crate::mem_state::PageRun>)>,
+    image: Option<crate::snapshot::MemoryImage>,
     loaded_memory: Option<GuestMemory>,
     pci: crate::pci_setup::PciSetup,
     expected_pci: Option<Vec<crate::config::PciFunctionConfig>>,
@@ -47,6 +48,7 @@ impl Default for MachineBuilder {
             irqchip: Default::default(),
             hooks: None,
             restore: None,
+            image: None,
             pci: Default::default(),
             expected_pci: None,
             loaded_memory: None,
@@ -167,9 +169,11 @@ impl MachineBuilder {
     }
 
     /// A builder for the machine saved in the snapshot at `path`: the same
-    /// configuration and images, and its state applied at build.
+    /// configuration and images, and its state applied at build (the
+    /// memory image of a mappable snapshot mapped, not read:
+    /// [`crate::snapshot::read_for_restore`]).
     pub fn from_snapshot(path: &Path) -> Result<Self, crate::snapshot::SnapshotError> {
-        Ok(Self::from_saved(crate::snapshot::read(path)?))
+        Ok(Self::from_saved(crate::snapshot::read_for_restore(path, &mut || {})?))
     }
 
     /// A builder for a saved machine read from anywhere (a snapshot file,
@@ -192,6 +196,7 @@ impl MachineBuilder {
         b.pci = pci;
         b.expected_pci = Some(c.pci);
         b.restore = Some((snap.state, snap.memory));
+        b.image = snap.image;
         b
     }
 
@@ -206,6 +211,7 @@ impl MachineBuilder {
             initrd,
             state,
             memory: Vec::new(),
+            image: None,
         });
         b.loaded_memory = Some(r.memory);
         b
@@ -465,6 +471,9 @@ impl MachineBuilder {
                 // requires; vcpu_state::restore documents its own order).
                 if scratch.is_none() {
                     crate::mem_state::restore_full(&mem, memory)?;
+                    if let Some(image) = self.image.take() {
+                        memory::map_image(&mem, &image.file, &image.spans)?;
+                    }
                 }
                 let platform = Platform::from_state(io, &state.platform)?;
                 crate::vcpu_state::restore(&vcpu, &state.vcpu).map_err(vcpu_err("restore"))?;

@@ -54,15 +54,21 @@ impl Machine {
 
     /// Saves the machine into a snapshot file (at a stop of [`Machine::resume`]).
     pub fn save_snapshot(&mut self, path: &Path) -> Result<PathBuf, Error> {
+        self.save_snapshot_as(path, crate::snapshot::MemoryFormat::Compressed)
+    }
+
+    /// [`Machine::save_snapshot`] with memory stored as `format` says.
+    pub fn save_snapshot_as(&mut self, path: &Path, format: crate::snapshot::MemoryFormat) -> Result<PathBuf, Error> {
         let (state, memory) = self.capture_state()?;
         let c = &self.core;
-        Ok(crate::snapshot::write(
+        Ok(crate::snapshot::write_as(
             path,
             &c.config,
             &c.kernel_image,
             c.initrd_image.as_deref(),
             &state,
             &memory,
+            format,
         )?)
     }
 
