@@ -1,5 +1,6 @@
-//! Committed containers of each kind (a trace, a snapshot, a migration
-//! stream of the in-tree `hello` guest, in tests/fixtures) still read with
+//! Committed containers of each kind (a trace, a snapshot compressed and
+//! one mappable, a migration stream of the in-tree `hello` guest, in
+//! tests/fixtures) still read with
 //! this build: a change to any recorded or saved structure's layout that
 //! forgets to bump the format version fails here. After a version bump the
 //! fixtures are refused with a message naming both versions (then
@@ -16,6 +17,7 @@ use nyx_vmm::events::Event;
 
 const TRACE: &str = "hello.nyxtrace";
 const SNAPSHOT: &str = "hello.nyxsnap";
+const MAPPABLE: &str = "hello.mappable.nyxsnap";
 const MIGRATION: &str = "hello.nyxmig";
 
 fn fixture(name: &str) -> PathBuf {
@@ -93,6 +95,32 @@ fn the_snapshot_fixture_reads_its_machine() {
 }
 
 #[test]
+fn the_mappable_snapshot_fixture_reads_and_maps_the_same_memory() {
+    use nyx_vmm::mem_state::{memory_digest, restore_runs};
+    let (_, version) = bytes_and_version(MAPPABLE);
+    let whole = match nyx_vmm::snapshot::read(&fixture(MAPPABLE)) {
+        Ok(s) => s,
+        Err(e) if version != FORMAT_VERSION => return refused_for_its_version(MAPPABLE, version, &e),
+        Err(e) => panic!("{e}"),
+    };
+    let r = TraceReader::open(fixture(MAPPABLE)).unwrap();
+    assert!(r.frames().iter().any(|f| f.kind == FrameKind::MemoryImage));
+    assert!(whole.image.is_none() && !whole.memory.is_empty());
+    assert!(whole.state.exit_seq > 0, "saved after the guest ran");
+    let mapped = nyx_vmm::snapshot::read_for_restore(&fixture(MAPPABLE), &mut || {}).unwrap();
+    let image = mapped.image.expect("the image is left to be mapped");
+    assert!(mapped.memory.is_empty());
+    let mib = whole.config.mem_mib;
+    let (a, b) = (
+        nyx_vmm::memory::create(mib).unwrap(),
+        nyx_vmm::memory::create(mib).unwrap(),
+    );
+    restore_runs(&a, &whole.memory).unwrap();
+    nyx_vmm::memory::map_image(&b, &image.file, &image.spans).unwrap();
+    assert_eq!(memory_digest(&a), memory_digest(&b));
+}
+
+#[test]
 fn the_migration_fixture_reads_its_machine() {
     let (bytes, version) = bytes_and_version(MIGRATION);
     let got = match nyx_vmm::migration::receive(bytes.as_slice()) {
@@ -112,14 +140,14 @@ fn the_migration_fixture_reads_its_machine() {
 fn another_version_of_each_fixture_is_refused_naming_both_versions() {
     let dir = tempfile::tempdir().unwrap();
     let other = FORMAT_VERSION + 7;
-    for name in [TRACE, SNAPSHOT, MIGRATION] {
+    for name in [TRACE, SNAPSHOT, MAPPABLE, MIGRATION] {
         let (mut bytes, _) = bytes_and_version(name);
         bytes[8..12].copy_from_slice(&other.to_le_bytes());
         let path = dir.path().join(name);
         std::fs::write(&path, &bytes).unwrap();
         let msg = match name {
             TRACE => TraceReader::open(&path).err().map(|e| e.to_string()),
-            SNAPSHOT => nyx_vmm::snapshot::read(&path).err().map(|e| e.to_string()),
+            SNAPSHOT | MAPPABLE => nyx_vmm::snapshot::read(&path).err().map(|e| e.to_string()),
             _ => nyx_vmm::migration::receive(bytes.as_slice())
                 .err()
                 .map(|e| e.to_string()),
@@ -132,9 +160,9 @@ fn another_version_of_each_fixture_is_refused_naming_both_versions() {
     }
 }
 
-/// Writes the three fixtures anew from the in-tree `hello` guest (4 MiB of
+/// Writes the four fixtures anew from the in-tree `hello` guest (4 MiB of
 /// RAM): a recording of its run, and its machine after the run saved as a
-/// snapshot and sent as a migration stream.
+/// compressed and a mappable snapshot and sent as a migration stream.
 #[test]
 #[ignore = "regenerates the committed fixtures; needs KVM"]
 fn regenerate() {
@@ -178,6 +206,8 @@ fn regenerate() {
         .unwrap();
     m.run().unwrap();
     m.save_snapshot(&fixture(SNAPSHOT)).unwrap();
+    m.save_snapshot_as(&fixture(MAPPABLE), nyx_vmm::snapshot::MemoryFormat::Mappable)
+        .unwrap();
 
     let (state, _) = m.capture_state_without_memory().unwrap();
     let (config, kernel, initrd) = m.saved_parts();
@@ -187,7 +217,7 @@ fn regenerate() {
     out.write_records(FrameKind::MachineState, state.exit_seq, std::slice::from_ref(&state))
         .unwrap();
     std::fs::write(fixture(MIGRATION), out.finish().unwrap()).unwrap();
-    for name in [TRACE, SNAPSHOT, MIGRATION] {
+    for name in [TRACE, SNAPSHOT, MAPPABLE, MIGRATION] {
         let (bytes, version) = bytes_and_version(name);
         eprintln!("{name}: {} bytes, format version {version}", bytes.len());
     }
