@@ -314,8 +314,8 @@ fn ctl(sock: &Path, args: &[&str]) -> (Option<i32>, String) {
 }
 
 /// The control socket pauses a running machine, reports its status,
-/// snapshots it and resumes it; `nyx restore` continues the snapshot with
-/// new serial input.
+/// snapshots it (compressed, and mappable with `--mappable`) and resumes
+/// it; `nyx restore` continues either snapshot alike with new serial input.
 #[test]
 fn control_socket_snapshot_and_restore() {
     use std::io::Write;
@@ -354,6 +354,15 @@ fn control_socket_snapshot_and_restore() {
     let (code, reply) = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{reply}");
     assert!(snap.exists());
+    let mapped = dir.path().join("echo.mapped.nyxsnap");
+    let (code, reply) = ctl(&sock, &["snapshot", mapped.to_str().unwrap(), "--mappable"]);
+    assert_eq!(code, Some(0), "{reply}");
+    let kinds = |p: &Path| -> Vec<nyx_trace::FrameKind> {
+        let r = nyx_trace::TraceReader::open(p).unwrap();
+        r.frames().iter().map(|f| f.kind).collect()
+    };
+    assert!(kinds(&mapped).contains(&nyx_trace::FrameKind::MemoryImage));
+    assert!(!kinds(&snap).contains(&nyx_trace::FrameKind::MemoryImage));
     let (code, reply) = ctl(&sock, &["frobnicate"]);
     assert_eq!(code, Some(1), "{reply}");
     assert!(reply.contains("unknown command"), "{reply}");
@@ -370,25 +379,28 @@ fn control_socket_snapshot_and_restore() {
 
     let input = dir.path().join("in.txt");
     std::fs::write(&input, b"zz.").unwrap();
-    let r = nyx()
-        .arg("restore")
-        .arg(&snap)
-        .arg("--serial-in")
-        .arg(&input)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&r.stdout);
-    assert_eq!(
-        r.status.code(),
-        Some(0x33),
-        "{text} {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    // The restored guest had already echoed "AB" before the snapshot.
-    assert!(
-        text.contains("ZZ.") && text.contains("bye") && !text.contains("echo:"),
-        "{text}"
-    );
+    for file in [&snap, &mapped] {
+        let r = nyx()
+            .arg("restore")
+            .arg(file)
+            .arg("--serial-in")
+            .arg(&input)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&r.stdout);
+        assert_eq!(
+            r.status.code(),
+            Some(0x33),
+            "{text} {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        // The restored guest had already echoed "AB" before the snapshot.
+        assert!(
+            text.contains("ZZ.") && text.contains("bye") && !text.contains("echo:"),
+            "{}: {text}",
+            file.display()
+        );
+    }
 }
 
 /// Takes a snapshot of the echo guest through the control socket after it
