@@ -280,7 +280,7 @@ fn bad_disk_options_are_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.img");
     for (spec, want) in [
-        (format!("{},format=qcow2", missing.display()), "only raw"),
+        (format!("{},format=vmdk", missing.display()), "raw or qcow2"),
         (format!("{},id=", missing.display()), "id must be"),
         (format!("{},bogus", missing.display()), "unknown option"),
     ] {

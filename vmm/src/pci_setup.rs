@@ -92,9 +92,11 @@ impl PciSetup {
                         .cloned()
                         .unwrap_or_else(|| std::path::PathBuf::from(&d.path));
                     setup.embed_disks |= d.embedded;
+                    // The header does not store the format: the image
+                    // tells (`Disk::recorded_format`).
                     setup.disks.push(DiskSpec {
                         path,
-                        format: DiskFormat::Raw,
+                        format: DiskFormat::Auto,
                         read_only: d.read_only,
                         id: Some(d.id.clone()),
                     });
@@ -165,6 +167,23 @@ pub enum PciSetupError {
     Legacy,
 }
 
+/// A plain run does not hash its images (nothing replays it, and they
+/// change as it runs); its snapshot or migration stream finds the image by
+/// its absolute path and checks its size.
+fn plain_identity(spec: &DiskSpec, id: &str) -> crate::disk::DiskIdentity {
+    crate::disk::DiskIdentity {
+        id: id.to_string(),
+        path: std::path::absolute(&spec.path)
+            .unwrap_or_else(|_| spec.path.clone())
+            .display()
+            .to_string(),
+        read_only: spec.read_only,
+        size: 0,
+        sha256: String::new(),
+        embedded: false,
+    }
+}
+
 /// Builds the functions of `setup` for a machine whose run mode is
 /// `hooks`, with DMA through `dma` and interrupts through `link`. Returns
 /// them with their slots, and the list for the header. `console_in` is
@@ -223,32 +242,23 @@ pub fn build_functions(
                 continue;
             }
         }
+        let mut spec = spec.clone();
+        if let Some(want) = recorded.filter(|w| w.sha256.is_empty() && spec.format == DiskFormat::Auto) {
+            spec.format = Disk::recorded_format(want, &spec.path)?;
+        }
         let identity = match recorded {
             // A plain run's snapshot has no hash to check.
             Some(want) if !want.sha256.is_empty() => {
-                Disk::check_identity(want, &spec.path)?;
+                spec.format = Disk::check_identity(want, &spec.path)?;
                 want.clone()
             }
             _ if overlay => crate::disk::DiskIdentity {
                 embedded: setup.embed_disks,
-                ..Disk::identity(spec, &id)?
+                ..Disk::identity(&spec, &id)?
             },
-            // A plain run does not hash its images (nothing replays it, and
-            // they change as it runs); its snapshot or migration stream
-            // finds the image by its absolute path and checks its size.
-            _ => crate::disk::DiskIdentity {
-                id: id.clone(),
-                path: std::path::absolute(&spec.path)
-                    .unwrap_or_else(|_| spec.path.clone())
-                    .display()
-                    .to_string(),
-                read_only: spec.read_only,
-                size: 0,
-                sha256: String::new(),
-                embedded: false,
-            },
+            _ => plain_identity(&spec, &id),
         };
-        let image = Disk::open(spec, &id, overlay)?;
+        let image = Disk::open(&spec, &id, overlay)?;
         if let Some(want) = recorded.filter(|w| w.sha256.is_empty()) {
             image.check_size(want, &spec.path)?;
         }
