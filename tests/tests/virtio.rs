@@ -6,8 +6,10 @@
 //! without the recording touching the image; a replay debugged backwards
 //! writes the console's output once; a live migration mid-I/O carries the
 //! disk by path (shared storage) and ends as QEMU's run did, and one whose
-//! destination finds no image is refused while the source runs on. The
-//! console echo guest (`tests/guests/conecho.S`) reads the console's input
+//! destination finds no image is refused while the source runs on. On a
+//! qcow2 copy of its image the guest's output and the image's contents
+//! afterwards are QEMU's too, and a recording and its replay leave the
+//! qcow2 file byte for byte as it was. The console echo guest (`tests/guests/conecho.S`) reads the console's input
 //! as QEMU's does, and its recording replays with no input source.
 
 use std::path::{Path, PathBuf};
@@ -41,10 +43,15 @@ fn golden_text(name: &str) -> String {
 
 /// The guest's devices: the disk at `disk`, rng, a console into `console`.
 fn setup(disk: &Path, console: &Capture) -> PciSetup {
+    setup_as(disk, DiskFormat::Raw, console)
+}
+
+/// [`setup`] with the disk in `format`.
+fn setup_as(disk: &Path, format: DiskFormat, console: &Capture) -> PciSetup {
     PciSetup {
         disks: vec![DiskSpec {
             path: disk.to_path_buf(),
-            format: DiskFormat::Raw,
+            format,
             read_only: false,
             id: Some(nyx_guests::VIRTIO_DISK_SERIAL.to_string()),
         }],
@@ -96,8 +103,11 @@ fn record(dir: &Path, disk: &Path, console: &Capture) -> (PathBuf, Vec<u8>) {
 }
 
 fn record_with(dir: &Path, disk: &Path, console: &Capture, embed: bool) -> (PathBuf, Vec<u8>) {
+    record_pci(dir, setup(disk, console), embed)
+}
+
+fn record_pci(dir: &Path, mut pci: PciSetup, embed: bool) -> (PathBuf, Vec<u8>) {
     let serial = Capture::default();
-    let mut pci = setup(disk, console);
     pci.embed_disks = embed;
     let rec = record_image(
         RecordOptions {
@@ -182,6 +192,114 @@ fn the_virtio_guest_records_and_replays_without_touching_its_image() {
     bytes[1000] ^= 1;
     std::fs::write(&moved, bytes).unwrap();
     let e = replay_with(&trace, vec![moved]).unwrap_err().to_string();
+    assert!(
+        e.contains("disk nyx-disk0") && e.contains("not the one recorded"),
+        "{e}"
+    );
+}
+
+/// Runs `qemu-img ARGS`; false when it is not installed (then the test
+/// checks nothing, except under CI, which installs it).
+fn qemu_img(args: &[&std::ffi::OsStr]) -> bool {
+    match std::process::Command::new("qemu-img").args(args).output() {
+        Ok(o) => {
+            assert!(
+                o.status.success(),
+                "qemu-img {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            true
+        }
+        Err(e) => {
+            assert!(std::env::var_os("CI").is_none(), "qemu-img: {e}");
+            eprintln!("qemu-img not installed: qcow2 test skipped");
+            false
+        }
+    }
+}
+
+/// `qemu-img convert` of `from` into `to` in format `format`.
+fn convert(from: &Path, to: &Path, format: &str) -> bool {
+    qemu_img(&[
+        "convert".as_ref(),
+        "-O".as_ref(),
+        format.as_ref(),
+        from.as_os_str(),
+        to.as_os_str(),
+    ])
+}
+
+#[test]
+fn on_a_qcow2_copy_of_its_image_the_virtio_guest_matches_qemu() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = disk_image(dir.path());
+    let disk = dir.path().join("disk.qcow2");
+    if !convert(&raw, &disk, "qcow2") {
+        return;
+    }
+    // Plain run, the format detected: the guest's output is QEMU's, and
+    // the qcow2 image holds what QEMU's raw image held afterwards.
+    let (serial, console) = (Capture::default(), Capture::default());
+    let mut m = MachineBuilder::new()
+        .memory(64)
+        .kernel_image("virtio", nyx_guests::VIRTIO.to_vec())
+        .cmdline("nyx-test arg=1")
+        .irqchip(Irqchip::Apic)
+        .serial_out(Box::new(serial.clone()))
+        .pci(setup_as(&disk, DiskFormat::Auto, &console))
+        .build()
+        .unwrap();
+    let outcome = m.run().unwrap();
+    drop(m);
+    assert_eq!(String::from_utf8_lossy(&serial.bytes()), golden_text("virtio.out"));
+    assert_eq!(outcome, RunOutcome::DebugExit(nyx_guests::VIRTIO_EXIT));
+    assert_eq!(console.bytes(), golden_text("virtio.console").into_bytes());
+    let back = dir.path().join("back.img");
+    assert!(convert(&disk, &back, "raw"));
+    assert_eq!(
+        sha256(&back),
+        golden_text("virtio.img.sha256").trim(),
+        "the qcow2 image after a plain run differs from QEMU's image afterwards"
+    );
+    assert!(qemu_img(&["check".as_ref(), disk.as_os_str()]));
+
+    // Recorded and replayed: the qcow2 file never changes; the trace has
+    // the virtual size and the file's hash.
+    let disk = dir.path().join("rec.qcow2");
+    assert!(convert(&raw, &disk, "qcow2"));
+    let before = std::fs::read(&disk).unwrap();
+    let console = Capture::default();
+    let (trace, serial) = record_pci(dir.path(), setup_as(&disk, DiskFormat::Qcow2, &console), false);
+    assert_eq!(String::from_utf8_lossy(&serial), golden_text("virtio.out"));
+    assert_eq!(console.bytes(), golden_text("virtio.console").into_bytes());
+    assert!(
+        std::fs::read(&disk).unwrap() == before,
+        "the recording changed the qcow2 file"
+    );
+    let reader = nyx_trace::TraceReader::open(&trace).unwrap();
+    let config = nyx_vmm::config::MachineConfig::from_bytes(&reader.header().machine_config).unwrap();
+    match &config.pci[..] {
+        [PciFunctionConfig::Disk(d), ..] => {
+            assert_eq!((d.size, d.sha256.clone()), (128 << 10, sha256(&disk)));
+        }
+        other => panic!("the trace lists {other:?}"),
+    }
+    drop(reader);
+    let (out, end) = replay_with(&trace, Vec::new()).unwrap();
+    assert_eq!(out, serial);
+    assert!(matches!(end, ReplayEnd::Complete { .. }), "{end:?}");
+    assert!(
+        std::fs::read(&disk).unwrap() == before,
+        "the replay changed the qcow2 file"
+    );
+
+    // The guest's writes made into the qcow2 file: refused, naming the disk.
+    let written = dir.path().join("written.qcow2");
+    assert!(convert(&dir.path().join("back.img"), &written, "qcow2"));
+    let e = replay_with(&trace, vec![written]).unwrap_err().to_string();
     assert!(
         e.contains("disk nyx-disk0") && e.contains("not the one recorded"),
         "{e}"
