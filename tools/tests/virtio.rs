@@ -3,8 +3,9 @@
 //! image, the refusal of a changed image naming the disk, `--embed-disks`,
 //! `restore --virtio-console` for a snapshot's console, console input from
 //! a socket recorded and replayed without it, `nyx report`'s PCI section
-//! on the recordings, and bad `--disk` options refused with a clear
-//! message.
+//! on the recordings, bad `--disk` options refused with a clear message,
+//! and so are qcow2 images that are truncated, corrupt or have a backing
+//! file.
 
 mod common;
 
@@ -316,4 +317,67 @@ fn bad_disk_options_are_refused_clearly() {
     let err = String::from_utf8_lossy(&r.stderr);
     assert_eq!(r.status.code(), Some(1), "{err}");
     assert!(err.contains("--irqchip apic"), "{err}");
+}
+
+/// `nyx run` of the virtio guest on `--disk SPEC`: (exit code, stderr).
+fn run_disk(spec: &str) -> (Option<i32>, String) {
+    let r = nyx()
+        .args(["run", "--kernel"])
+        .arg(guest("virtio"))
+        .arg("--disk")
+        .arg(spec)
+        .output()
+        .unwrap();
+    (r.status.code(), String::from_utf8_lossy(&r.stderr).into_owned())
+}
+
+#[test]
+fn bad_qcow2_images_are_refused_clearly() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = disk(dir.path(), "base.img");
+    let q = dir.path().join("base.qcow2");
+    let over = dir.path().join("over.qcow2");
+    let qemu_img = |args: &[&std::ffi::OsStr]| match std::process::Command::new("qemu-img").args(args).output() {
+        Ok(o) => {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            true
+        }
+        Err(e) => {
+            assert!(std::env::var_os("CI").is_none(), "qemu-img: {e}");
+            false
+        }
+    };
+    let convert = ["convert", "-O", "qcow2"].map(std::ffi::OsStr::new);
+    if !qemu_img(&[&convert[..], &[raw.as_os_str(), q.as_os_str()]].concat()) {
+        return;
+    }
+    let create = ["create", "-f", "qcow2", "-F", "qcow2", "-b"].map(std::ffi::OsStr::new);
+    assert!(qemu_img(&[&create[..], &[q.as_os_str(), over.as_os_str()]].concat()));
+    let (code, err) = run_disk(&format!("{},id=root", over.display()));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("disk root") && err.contains("backing file"), "{err}");
+
+    let bytes = std::fs::read(&q).unwrap();
+    let bad = dir.path().join("bad.qcow2");
+    std::fs::write(&bad, &bytes[..100]).unwrap();
+    let (code, err) = run_disk(&bad.display().to_string());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("disk disk0") && err.contains("corrupt"), "{err}");
+
+    // The L1 table's offset (header bytes 40-47) pointed past the file.
+    let mut broken = bytes.clone();
+    broken[40..48].copy_from_slice(&(1u64 << 40).to_be_bytes());
+    std::fs::write(&bad, &broken).unwrap();
+    let (code, err) = run_disk(&bad.display().to_string());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("disk disk0") && err.contains("L1 table"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    // format=qcow2 on a raw image.
+    let (code, err) = run_disk(&format!("{},format=qcow2", raw.display()));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("disk disk0") && err.contains("not a qcow2 image"), "{err}");
 }

@@ -274,23 +274,43 @@ impl std::fmt::Debug for Image {
 }
 
 /// The qcow2 header fields Nyx checks before handing the file to imago
-/// (offsets of the qcow2 specification, big-endian).
+/// (offsets of the qcow2 specification, big-endian): no backing file, no
+/// encryption, and the L1 and refcount tables inside the file (imago reads
+/// past the end of the file as zeros, which would make a truncated image an
+/// empty disk).
 fn qcow2_header_check(path: &Path) -> Result<(), String> {
     let f = File::open(path).map_err(|e| e.to_string())?;
-    let mut h = [0u8; 40];
+    let file_len = f.metadata().map_err(|e| e.to_string())?.len();
+    let mut h = [0u8; 72];
     let n = f.read_at(&mut h, 0).map_err(|e| e.to_string())?;
-    if n < h.len() || h[..4] != QCOW2_MAGIC {
-        return Err("not a qcow2 image (no qcow2 header)".into());
+    if n < 4 || h[..4] != QCOW2_MAGIC {
+        return Err("not a qcow2 image (no qcow2 magic)".into());
+    }
+    if n < h.len() {
+        return Err(format!(
+            "a corrupt qcow2 image: the file ends inside the header ({n} bytes)"
+        ));
     }
     let be32 = |at: usize| u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
-    let backing_offset = u64::from(be32(8)) << 32 | u64::from(be32(12));
-    if backing_offset != 0 {
+    let be64 = |at: usize| u64::from(be32(at)) << 32 | u64::from(be32(at + 4));
+    if be64(8) != 0 {
         return Err("the qcow2 image has a backing file, which Nyx does not support \
                     (qemu-img convert -O qcow2 makes a standalone copy)"
             .into());
     }
     if be32(32) != 0 {
         return Err("the qcow2 image is encrypted, which Nyx does not support".into());
+    }
+    let cluster_bits = be32(20);
+    if !(9..=21).contains(&cluster_bits) {
+        return Err(format!("a corrupt qcow2 image: cluster bits {cluster_bits}"));
+    }
+    let inside = |offset: u64, len: u64| offset.checked_add(len).is_some_and(|end| end <= file_len);
+    if !inside(be64(40), u64::from(be32(36)) * 8) {
+        return Err("a corrupt qcow2 image: its L1 table is not inside the file".into());
+    }
+    if !inside(be64(48), u64::from(be32(56)) << cluster_bits) {
+        return Err("a corrupt qcow2 image: its refcount table is not inside the file".into());
     }
     Ok(())
 }
