@@ -369,10 +369,11 @@ pub struct MachineArgs {
     /// 1980s PC, no ACPI). A snapshot, trace or migrated machine keeps its own.
     #[arg(long, value_name = "KIND", default_value = "apic")]
     irqchip: String,
-    /// A virtio-blk disk: FILE[,format=raw][,readonly][,id=NAME]; give it
-    /// again for more disks. A plain run writes to the image; a recording
-    /// never changes it (writes stay in memory) and stores its SHA-256,
-    /// which a replay checks.
+    /// A virtio-blk disk: FILE[,format=raw|qcow2][,readonly][,id=NAME];
+    /// give it again for more disks. Without format, a file with the qcow2
+    /// magic is qcow2 and any other raw. A plain run writes to the image; a
+    /// recording never changes it (writes stay in memory) and stores the
+    /// file's SHA-256, which a replay checks.
     #[arg(long, value_name = "FILE[,OPTIONS]")]
     disk: Vec<String>,
     /// A virtio-rng device (entropy from the host, recorded).
