@@ -8,9 +8,11 @@
 //! disk by path (shared storage) and ends as QEMU's run did, and one whose
 //! destination finds no image is refused while the source runs on. On a
 //! qcow2 copy of its image the guest's output and the image's contents
-//! afterwards are QEMU's too, and a recording and its replay leave the
-//! qcow2 file byte for byte as it was. The console echo guest (`tests/guests/conecho.S`) reads the console's input
-//! as QEMU's does, and its recording replays with no input source.
+//! afterwards are QEMU's too, a recording and its replay leave the qcow2
+//! file byte for byte as it was, and a snapshot and `--embed-disks` work as
+//! on a raw image. The console echo guest (`tests/guests/conecho.S`) reads
+//! the console's input as QEMU's does, and its recording replays with no
+//! input source.
 
 use std::path::{Path, PathBuf};
 
@@ -383,6 +385,64 @@ fn with_embedded_disks_the_trace_alone_replays() {
         }
     }
     assert_eq!(reads, 3, "reads of sectors 0-7, 16-23 and 32-39");
+}
+
+#[test]
+fn a_qcow2_disk_snapshots_and_embeds_as_a_raw_one_does() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = disk_image(dir.path());
+    let disk = dir.path().join("disk.qcow2");
+    if !convert(&raw, &disk, "qcow2") {
+        return;
+    }
+    // A plain run's snapshot after a write: the restore finds the qcow2
+    // image by path (and checks its virtual size), and the run ends with
+    // QEMU's image.
+    let (serial, console) = (Capture::default(), Capture::default());
+    let mut m = MachineBuilder::new()
+        .memory(64)
+        .kernel_image("virtio", nyx_guests::VIRTIO.to_vec())
+        .cmdline("nyx-test arg=1")
+        .irqchip(Irqchip::Apic)
+        .serial_out(Box::new(serial.clone()))
+        .pci(setup_as(&disk, DiskFormat::Qcow2, &console))
+        .build()
+        .unwrap();
+    m.set_limits(nyx_vmm::machine::limits::Limits {
+        until_output: Some("virtio-blk: write sectors 16-23".to_string()),
+        max_guest_ns: None,
+    });
+    assert!(matches!(m.run().unwrap(), RunOutcome::Limit(_)));
+    let snap = m.save_snapshot(&dir.path().join("virtio.nyxsnap")).unwrap();
+    drop(m);
+    let rest = Capture::default();
+    let mut r = MachineBuilder::from_snapshot(&snap)
+        .unwrap()
+        .serial_out(Box::new(rest.clone()))
+        .build()
+        .unwrap();
+    assert_eq!(r.run().unwrap(), RunOutcome::DebugExit(nyx_guests::VIRTIO_EXIT));
+    drop(r);
+    let mut all = serial.bytes();
+    all.extend(rest.bytes());
+    assert_eq!(String::from_utf8_lossy(&all), golden_text("virtio.out"));
+    let back = dir.path().join("back.img");
+    assert!(convert(&disk, &back, "raw"));
+    assert_eq!(sha256(&back), golden_text("virtio.img.sha256").trim());
+
+    // Embedded: the trace alone replays, the qcow2 file gone.
+    let disk = dir.path().join("emb.qcow2");
+    assert!(convert(&raw, &disk, "qcow2"));
+    let console = Capture::default();
+    let (trace, serial) = record_pci(dir.path(), setup_as(&disk, DiskFormat::Auto, &console), true);
+    assert_eq!(String::from_utf8_lossy(&serial), golden_text("virtio.out"));
+    std::fs::remove_file(&disk).unwrap();
+    let (out, end) = replay_with(&trace, Vec::new()).unwrap();
+    assert_eq!(out, serial);
+    assert!(matches!(end, ReplayEnd::Complete { .. }), "{end:?}");
 }
 
 /// Runs `m` until its serial output contains `text` (a kick from another
