@@ -34,11 +34,10 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
 use imago::qcow2::Qcow2;
 use imago::FormatAccess;
-use std::path::{Path, PathBuf};
-
 use nyx_devices::block::{BlockBackend, SECTOR};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -125,12 +124,12 @@ pub enum DiskError {
 /// The image format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DiskFormat {
-    /// Not given: qcow2 if the file begins with the qcow2 magic, else raw.
-    Auto,
     /// A raw image (`format=raw`), whatever its first bytes.
     Raw,
     /// A qcow2 image (`format=qcow2`).
     Qcow2,
+    /// Not given: qcow2 if the file begins with the qcow2 magic, else raw.
+    Auto,
 }
 
 /// The first four bytes of a qcow2 file.
