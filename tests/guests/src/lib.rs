@@ -835,6 +835,7 @@ mod tests {
                 "pmtimer",
                 "apiccounter",
                 "virtio",
+                "conecho",
                 "blknop",
                 "blkseq",
                 "blkrand",
@@ -863,7 +864,7 @@ mod tests {
     #[test]
     fn virtio_guest_needs_its_devices() {
         let virtio: Vec<_> = EXPECTED.iter().filter(|e| e.needs_virtio).map(|e| e.name).collect();
-        assert_eq!(virtio, ["virtio", "blknop", "blkseq", "blkrand", "blkwrite"]);
+        assert_eq!(virtio, ["virtio", "conecho", "blknop", "blkseq", "blkrand", "blkwrite"]);
         for e in EXPECTED {
             assert!(
                 !e.needs_virtio || e.needs_apic,
