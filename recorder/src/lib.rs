@@ -32,6 +32,14 @@ pub use from_snapshot::{record_from_snapshot, start_from_snapshot, SnapshotRecor
 
 /// The least host time the guest runs between two kicks, ns.
 const MIN_SLICE_NS: u64 = 200_000;
+/// Under [`LandingPolicy::Auto`], a landing this long (host time, ns) after
+/// the previous position the replay reaches exactly (an exit, a landing or
+/// an injection) is keyframed whatever the code looks like: the guest ran
+/// a long exit-free stretch, so a breakpoint search would likely hit the
+/// landing's RIP many times. On the fixture kernel, the searched landings
+/// more than 5 ms after their previous position were a tenth of them and
+/// took 92 % of the replay's breakpoint hits.
+const LONG_STRETCH_NS: u64 = 5_000_000;
 /// Events per frame before the frame is written.
 const EVENTS_PER_FRAME: usize = 8192;
 /// Longest time events wait in memory before their frame is written, ns.
@@ -70,8 +78,9 @@ pub enum LandingPolicy {
     /// A delta keyframe at every landing: the replayer restores instead of
     /// searching.
     Keyframe,
-    /// A delta keyframe where the guest stopped in a short loop (many
-    /// breakpoint hits expected), digests elsewhere.
+    /// A delta keyframe where the guest stopped in a short loop or after a
+    /// long exit-free stretch (many breakpoint hits expected), digests
+    /// elsewhere.
     #[default]
     Auto,
 }
@@ -316,6 +325,9 @@ pub struct Recorder {
     /// Host time (monotonic ns) of the last kick that polled or the last
     /// injection: the guest's slice runs from there.
     slice_start_ns: u64,
+    /// Host time (monotonic ns) of the last exit, landing or injection:
+    /// where a replay's search for the next landing starts.
+    last_position_ns: u64,
     /// The check clock's hooks, when recording under it: time, polls,
     /// entropy, the date and the time limit are theirs.
     check: Option<CheckRun>,
@@ -368,6 +380,7 @@ impl Recorder {
             landings,
             hot_loops: HotLoops::default(),
             slice_start_ns: 0,
+            last_position_ns: nyx_vmm::kick::monotonic_ns(),
             check: None,
         }
     }
@@ -377,7 +390,10 @@ impl Recorder {
         let keyframe = match self.landings {
             LandingPolicy::Search => false,
             LandingPolicy::Keyframe => true,
-            LandingPolicy::Auto => self.hot_loops.judge(ctx)?,
+            LandingPolicy::Auto => {
+                let stretch = nyx_vmm::kick::monotonic_ns().saturating_sub(self.last_position_ns);
+                stretch > LONG_STRETCH_NS || self.hot_loops.judge(ctx)?
+            }
         };
         let landing = if keyframe {
             ctx.keyframe_here(self.verify == VerifyLevel::Full)?
@@ -392,6 +408,7 @@ impl Recorder {
         ctx.metrics.landing(how, 0);
         ctx.dirty_since_landing.clear();
         lock(&self.log).push(Event::Landing(Box::new(landing)));
+        self.last_position_ns = nyx_vmm::kick::monotonic_ns();
         Ok(())
     }
 }
@@ -529,6 +546,7 @@ impl RunHooks for Recorder {
     }
 
     fn on_exit(&mut self, ctx: &mut HookCtx<'_>, exit: &ExitRecord) -> Result<(), HookError> {
+        self.last_position_ns = nyx_vmm::kick::monotonic_ns();
         // An interrupt-window exit is followed by its landing, which holds
         // the registers: the replay never makes that exit and goes from it
         // straight to the landing, so no register record may sit between.
@@ -560,6 +578,7 @@ impl RunHooks for Recorder {
 
     fn on_inject(&mut self, _ctx: &mut HookCtx<'_>, vector: u8) -> Result<(), HookError> {
         lock(&self.log).push(Event::Inject(vector));
+        self.last_position_ns = nyx_vmm::kick::monotonic_ns();
         // The guest gets its slice to take the interrupt, too: a kick
         // before it entered would land with the vector still pending.
         self.slice_start_ns = nyx_vmm::kick::monotonic_ns();

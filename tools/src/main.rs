@@ -198,8 +198,8 @@ struct RecordArgs {
     /// How landings are stored: `search` (digests; the replayer finds each
     /// with a hardware breakpoint), `keyframe` (a delta keyframe each, the
     /// replayer restores it), `auto` (keyframes where the guest stopped in a
-    /// short loop, where a search would be slow and, on an emulated KVM,
-    /// can miss the landing).
+    /// short loop or after more than 5 ms without an exit, where a search
+    /// would be slow and, on an emulated KVM, can miss the landing).
     #[arg(long, value_name = "HOW", default_value = "auto", value_parser = ["search", "keyframe", "auto"])]
     landings: String,
     /// `full` also records a register digest after every exit.
