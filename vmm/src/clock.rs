@@ -12,6 +12,13 @@ use std::sync::Mutex;
 
 use nyx_devices::Clock;
 
+/// The virtual TSC at virtual time `ns` for a TSC of `tsc_khz`: it starts
+/// at 0 at power-on. What a patched `rdtsc` reads under record and replay,
+/// and what the trace's events codec predicts such a read to be.
+pub fn virtual_tsc(ns: u64, tsc_khz: u32) -> u64 {
+    ((u128::from(ns) * u128::from(tsc_khz)) / 1_000_000) as u64
+}
+
 /// Where samples come from.
 pub trait TimeSource: Send {
     /// A new sample of virtual time in ns; never less than the previous one.

@@ -490,7 +490,7 @@ impl FrameCoder {
         match event {
             Event::Time(t) => {
                 self.last_time = *t;
-                self.implied = Some(((u128::from(*t) * u128::from(self.tsc_khz)) / 1_000_000) as u64);
+                self.implied = Some(crate::clock::virtual_tsc(*t, self.tsc_khz));
             }
             Event::Entropy(v) => self.implied = Some(*v),
             Event::Exit(r) => {
@@ -706,7 +706,7 @@ mod tests {
                 kind: ExitKind::Patched,
                 addr: 0x1000c6,
                 size: 2,
-                data: ((u128::from(t) * u128::from(khz)) / 1_000_000) as u64,
+                data: crate::clock::virtual_tsc(t, khz),
                 rip: 0x1000c8,
             }));
         }

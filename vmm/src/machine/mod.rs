@@ -392,7 +392,7 @@ impl Core {
     /// The guest's TSC at virtual time `ns` (the virtual TSC of record and
     /// replay): starts at 0 at power-on and runs at `tsc_khz`.
     fn virtual_tsc(&self, ns: u64) -> u64 {
-        ((u128::from(ns) * u128::from(self.tsc_khz)) / 1_000_000) as u64
+        crate::clock::virtual_tsc(ns, self.tsc_khz)
     }
 
     fn note_unknown(&mut self, mmio: bool, addr: u64, write: bool, size: usize) {
