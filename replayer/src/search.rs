@@ -342,9 +342,7 @@ pub fn restore_keyframe(
         let first = r.gpa / 4096;
         first..first + (r.data.len() as u64).div_ceil(4096)
     });
-    ctx.written.extend(pages.clone());
-    ctx.touched.extend(pages.clone());
-    ctx.dirty_since_landing.extend(pages);
+    ctx.note_written(pages);
     let mem_ok = ctx.dirty_digest(&regs, &sregs) == landing.mem_digest;
     ctx.dirty_since_landing.clear();
     let full_ok = keyframe

@@ -118,11 +118,21 @@ impl HookCtx<'_> {
             let pages = d
                 .collect(self.vm)
                 .map_err(|e| HookError::Trace(format!("dirty log: {e}")))?;
-            self.written.extend(pages.iter().copied());
-            self.touched.extend(pages.iter().copied());
-            self.dirty_since_landing.extend(pages);
+            self.note_written(pages);
         }
         Ok(())
+    }
+
+    /// Notes `pages` as written (by the guest, a device or Nyx itself):
+    /// for the next checkpoint ([`HookCtx::written`]), the end record's
+    /// digest ([`HookCtx::touched`]) and the next landing's digest
+    /// ([`HookCtx::dirty_since_landing`]).
+    pub fn note_written(&mut self, pages: impl IntoIterator<Item = u64>) {
+        for page in pages {
+            self.written.insert(page);
+            self.touched.insert(page);
+            self.dirty_since_landing.insert(page);
+        }
     }
 
     /// The digest of every page written since the machine's memory last

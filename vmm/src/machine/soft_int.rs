@@ -172,11 +172,7 @@ impl Machine {
             source,
         })?;
         // The frame is a write of Nyx's, which KVM's dirty log does not see.
-        for page in written {
-            self.core.written.insert(page);
-            self.core.touched.insert(page);
-            self.core.dirty_since_landing.insert(page);
-        }
+        self.core.ctx().note_written(written);
         self.core.stats.soft_interrupts += 1;
         Ok(Some(ExitRecord {
             kind: ExitKind::SoftInt,
