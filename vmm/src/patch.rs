@@ -423,16 +423,11 @@ struct AltEntry {
 /// `u8 padlen` (13 bytes).
 const ALT_LAYOUTS: [(usize, usize, usize); 3] = [(12, 10, 11), (14, 12, 13), (13, 10, 11)];
 
-/// Reads `.altinstructions`, choosing the layout under which every entry is
-/// plausible (its replacement lies in `.altinstr_replacement` and is no
-/// longer than its slot). No sections, or no layout that fits: no entries.
-fn alt_entries(image: &[u8]) -> Vec<AltEntry> {
-    let (Some(table), Some(repl)) = (
-        elf::section(image, ".altinstructions"),
-        elf::section(image, ".altinstr_replacement"),
-    ) else {
-        return Vec::new();
-    };
+/// Reads `table` (`.altinstructions`), choosing the layout under which
+/// every entry is plausible (its replacement lies in `repl`,
+/// `.altinstr_replacement`, and is no longer than its slot). No layout
+/// that fits: no entries.
+fn alt_entries(table: elf::Section<'_>, repl: elf::Section<'_>) -> Vec<AltEntry> {
     let repl_end = repl.addr.saturating_add(repl.bytes.len() as u64);
     for (size, il, rl) in ALT_LAYOUTS {
         if table.bytes.is_empty() || table.bytes.len() % size != 0 {
@@ -484,10 +479,13 @@ fn segment_paddr(file: &elf::ElfFile, vaddr: u64) -> Option<u64> {
 /// its trap uses [`ALT_TRAP_PORT`]) and returns the copies Linux may make of
 /// them into the alternatives' slots.
 fn alternative_copies(image: &[u8], file: &elf::ElfFile, sites: &mut [PatchSite]) -> Vec<AltCopy> {
-    let entries = alt_entries(image);
-    let Some(repl_section) = elf::section(image, ".altinstr_replacement") else {
+    let (Some(table), Some(repl_section)) = (
+        elf::section(image, ".altinstructions"),
+        elf::section(image, ".altinstr_replacement"),
+    ) else {
         return Vec::new();
     };
+    let entries = alt_entries(table, repl_section);
     let in_repl = |e: &AltEntry, s: &PatchSite| {
         let end = e.repl.saturating_add(u64::from(e.repl_len));
         s.vaddr
