@@ -68,13 +68,18 @@ fn setup_as(disk: &Path, format: DiskFormat, console: &Capture) -> PciSetup {
 
 /// A plain-run machine of the virtio guest with its devices.
 fn virtio_machine(disk: &Path, serial: &Capture, console: &Capture) -> nyx_vmm::Machine {
+    virtio_machine_with(serial, setup(disk, console))
+}
+
+/// A plain-run machine of the virtio guest with the devices `pci`.
+fn virtio_machine_with(serial: &Capture, pci: PciSetup) -> nyx_vmm::Machine {
     MachineBuilder::new()
         .memory(64)
         .kernel_image("virtio", nyx_guests::VIRTIO.to_vec())
         .cmdline("nyx-test arg=1")
         .irqchip(Irqchip::Apic)
         .serial_out(Box::new(serial.clone()))
-        .pci(setup(disk, console))
+        .pci(pci)
         .build()
         .unwrap()
 }
@@ -245,15 +250,7 @@ fn on_a_qcow2_copy_of_its_image_the_virtio_guest_matches_qemu() {
     // Plain run, the format detected: the guest's output is QEMU's, and
     // the qcow2 image holds what QEMU's raw image held afterwards.
     let (serial, console) = (Capture::default(), Capture::default());
-    let mut m = MachineBuilder::new()
-        .memory(64)
-        .kernel_image("virtio", nyx_guests::VIRTIO.to_vec())
-        .cmdline("nyx-test arg=1")
-        .irqchip(Irqchip::Apic)
-        .serial_out(Box::new(serial.clone()))
-        .pci(setup_as(&disk, DiskFormat::Auto, &console))
-        .build()
-        .unwrap();
+    let mut m = virtio_machine_with(&serial, setup_as(&disk, DiskFormat::Auto, &console));
     let outcome = m.run().unwrap();
     drop(m);
     assert_eq!(String::from_utf8_lossy(&serial.bytes()), golden_text("virtio.out"));
@@ -402,15 +399,7 @@ fn a_qcow2_disk_snapshots_and_embeds_as_a_raw_one_does() {
     // image by path (and checks its virtual size), and the run ends with
     // QEMU's image.
     let (serial, console) = (Capture::default(), Capture::default());
-    let mut m = MachineBuilder::new()
-        .memory(64)
-        .kernel_image("virtio", nyx_guests::VIRTIO.to_vec())
-        .cmdline("nyx-test arg=1")
-        .irqchip(Irqchip::Apic)
-        .serial_out(Box::new(serial.clone()))
-        .pci(setup_as(&disk, DiskFormat::Qcow2, &console))
-        .build()
-        .unwrap();
+    let mut m = virtio_machine_with(&serial, setup_as(&disk, DiskFormat::Qcow2, &console));
     m.set_limits(nyx_vmm::machine::limits::Limits {
         until_output: Some("virtio-blk: write sectors 16-23".to_string()),
         max_guest_ns: None,

@@ -906,13 +906,12 @@ mod tests {
         assert!(image.chunks(32).all(|line| line.len() == 32 && line[31] == b'\n'));
     }
 
-    /// `virtio_disk_image` and `tests/golden/virtio-disk.sh` (what
-    /// `regen.sh` gave QEMU) write the same bytes; skipped without `sh`.
-    #[test]
-    fn virtio_disk_image_matches_the_script() {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../golden/virtio-disk.sh");
-        let out = std::env::temp_dir().join(format!("nyx-guests-virtio-disk-{}.img", std::process::id()));
-        let status = match std::process::Command::new("sh").arg(script).arg(&out).status() {
+    /// Runs `tests/golden/NAME.sh` (what `regen.sh` gives QEMU) and checks
+    /// that it writes `want`; skipped without `sh`.
+    fn assert_script_writes(name: &str, want: &[u8]) {
+        let script = format!("{}/../golden/{name}.sh", env!("CARGO_MANIFEST_DIR"));
+        let out = std::env::temp_dir().join(format!("nyx-guests-{name}-{}.img", std::process::id()));
+        let status = match std::process::Command::new("sh").arg(&script).arg(&out).status() {
             Ok(status) => status,
             Err(e) => {
                 eprintln!("skipped: cannot run sh: {e}");
@@ -923,10 +922,14 @@ mod tests {
         let _ = std::fs::remove_file(&out);
         assert!(status.success(), "{script}: {status}");
         let written = written.expect("the script's image");
-        assert!(
-            written == virtio_disk_image(),
-            "{script} and virtio_disk_image() differ"
-        );
+        assert!(written == want, "{script} and the image built in Rust differ");
+    }
+
+    /// `virtio_disk_image` and `tests/golden/virtio-disk.sh` write the
+    /// same bytes.
+    #[test]
+    fn virtio_disk_image_matches_the_script() {
+        assert_script_writes("virtio-disk", &virtio_disk_image());
     }
 
     const BLK_BENCH: [(&str, u32); 4] = [
@@ -1037,27 +1040,11 @@ mod tests {
         assert!(image.chunks(32).all(|line| line.len() == 32 && line[31] == b'\n'));
     }
 
-    /// `blkbench_disk_image` and `tests/golden/blkbench-disk.sh` (what
-    /// `regen.sh` gave QEMU) write the same bytes; skipped without `sh`.
+    /// `blkbench_disk_image` and `tests/golden/blkbench-disk.sh` write the
+    /// same bytes.
     #[test]
     fn blkbench_disk_image_matches_the_script() {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../golden/blkbench-disk.sh");
-        let out = std::env::temp_dir().join(format!("nyx-guests-blkbench-disk-{}.img", std::process::id()));
-        let status = match std::process::Command::new("sh").arg(script).arg(&out).status() {
-            Ok(status) => status,
-            Err(e) => {
-                eprintln!("skipped: cannot run sh: {e}");
-                return;
-            }
-        };
-        let written = std::fs::read(&out);
-        let _ = std::fs::remove_file(&out);
-        assert!(status.success(), "{script}: {status}");
-        let written = written.expect("the script's image");
-        assert!(
-            written == blkbench_disk_image(),
-            "{script} and blkbench_disk_image() differ"
-        );
+        assert_script_writes("blkbench-disk", &blkbench_disk_image());
     }
 
     #[test]
