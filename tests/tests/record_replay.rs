@@ -472,7 +472,11 @@ fn two_recordings_differ_and_each_replays_its_own() {
 /// What the events frame codec saves: each guest's recorded events (without
 /// landings, whose keyframes vary from run to run), compressed as a plain
 /// postcard list and through the codec, at the trace's zstd level. The
-/// RDTSC guest's time samples and values must shrink to under half; no
+/// RDTSC guest's time samples and values must shrink by at least a third
+/// (2.0-2.7x measured; the values alone took about 3 bytes each, so a
+/// codec that stopped predicting them would land near 1.3x), a margin for
+/// the host-time jitter of a loaded machine, which is what is left in the
+/// steps; no
 /// guest may grow by more than the codec's few header bytes. Prints the
 /// table BENCHMARKS.md quotes (`-- --nocapture`).
 #[test]
@@ -502,7 +506,7 @@ fn the_frame_codec_shrinks_time_samples_and_costs_nothing_elsewhere() {
             plain as f64 / coded as f64
         );
         if name == "rdtsc" {
-            assert!(coded * 2 < plain, "{name}: {coded} coded vs {plain} plain");
+            assert!(coded * 3 < plain * 2, "{name}: {coded} coded vs {plain} plain");
         }
         assert!(
             coded <= plain + plain / 20 + 16,
