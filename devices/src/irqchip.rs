@@ -11,6 +11,17 @@
 //! through (LINT0 in ExtINT mode, as the BSP comes out of reset, or the APIC
 //! globally disabled) — the order of QEMU's `cpu_get_pic_interrupt`.
 //!
+//! A machine with several CPUs has a local APIC per CPU (index = APIC ID);
+//! the IOAPIC's and MSI messages go to the APICs their destination names
+//! (lowest priority: the matching APIC with the lowest TPR), IPIs written to
+//! one APIC's ICR go to the others, and INIT, start-up and NMI messages
+//! are left as [`CpuSignals`] for the vCPU threads to take. Only the BSP
+//! (CPU 0) takes the 8259's INTR. A local APIC register access goes to the
+//! APIC of the CPU the calling thread acts for ([`crate::cpu::current`]).
+//! A [`CpuWaker`] hears of every interrupt or signal left for a CPU, so
+//! that the thread running it can be woken from HLT or kicked out of the
+//! guest.
+//!
 //! One lock covers all three, so a line change, its IOAPIC message and the
 //! resulting IRR bit are one step. Devices raise lines through the
 //! [`InterruptSink`] this type implements behind a `Mutex`; the PIT and the
@@ -22,7 +33,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::bus::{BusDevice, BusEvent};
 use crate::ioapic::{IoApic, IoApicMessage, IoApicState, IOAPIC_BASE};
-use crate::lapic::{LapicEffect, LapicState, LocalApic, LAPIC_BASE};
+use crate::lapic::{Ipi, LapicEffect, LapicState, LocalApic, LAPIC_BASE};
 use crate::pic::{Pic, PicState};
 use crate::{Clock, InterruptSink};
 
@@ -38,13 +49,43 @@ pub fn gsi_of_isa_irq(irq: u8) -> u8 {
 /// The APIC half of a modern machine.
 struct Apic {
     ioapic: IoApic,
-    lapic: LocalApic,
+    /// One per CPU; index = APIC ID.
+    lapics: Vec<LocalApic>,
+    signals: Vec<CpuSignals>,
+}
+
+/// What INIT, start-up and NMI messages left for a CPU since its thread
+/// last looked ([`IrqChip::take_signals`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuSignals {
+    /// An INIT came: the CPU resets and waits for a start-up IPI (its local
+    /// APIC is already INIT-reset).
+    pub init: bool,
+    /// The vector of the last start-up IPI (the CPU starts in real mode at
+    /// `vector << 12`), taken only by a CPU waiting for one.
+    pub sipi: Option<u8>,
+    /// A non-maskable interrupt to inject.
+    pub nmi: bool,
+}
+
+impl CpuSignals {
+    fn any(&self) -> bool {
+        self.init || self.sipi.is_some() || self.nmi
+    }
+}
+
+/// Told of each interrupt or signal left for a CPU, from whichever thread
+/// caused it (with the controllers' lock held: it must not take it).
+pub trait CpuWaker: Send + Sync {
+    /// CPU `cpu` has something new to take.
+    fn wake(&self, cpu: usize);
 }
 
 /// The interrupt controllers of the machine.
 pub struct IrqChip {
     pic: Pic,
     apic: Option<Apic>,
+    waker: Option<Arc<dyn CpuWaker>>,
 }
 
 /// What a snapshot holds of the controllers: the PIC's state is kept apart
@@ -60,18 +101,68 @@ pub struct ApicState {
 impl IrqChip {
     /// A legacy machine's controllers: the PIC pair alone.
     pub fn legacy(pic: Pic) -> Self {
-        IrqChip { pic, apic: None }
+        IrqChip {
+            pic,
+            apic: None,
+            waker: None,
+        }
     }
 
     /// A modern machine's controllers, after reset: the PIC pair, an IOAPIC
     /// with every pin masked, the BSP's local APIC passing the PIC through.
     pub fn with_apic(pic: Pic, clock: Arc<dyn Clock>, tsc_hz: u64) -> Self {
+        Self::with_apic_cpus(pic, clock, tsc_hz, 1)
+    }
+
+    /// A modern machine with `cpus` CPUs (at least one): the BSP's local
+    /// APIC as [`IrqChip::with_apic`] has it, the APs' with IDs 1.. after
+    /// reset ([`LocalApic::new_ap`]).
+    pub fn with_apic_cpus(pic: Pic, clock: Arc<dyn Clock>, tsc_hz: u64, cpus: usize) -> Self {
+        let mut lapics = vec![LocalApic::new(clock.clone(), tsc_hz)];
+        for id in 1..cpus.max(1) {
+            lapics.push(LocalApic::new_ap(id as u8, clock.clone(), tsc_hz));
+        }
         IrqChip {
             pic,
             apic: Some(Apic {
                 ioapic: IoApic::new(),
-                lapic: LocalApic::new(clock, tsc_hz),
+                signals: vec![CpuSignals::default(); lapics.len()],
+                lapics,
             }),
+            waker: None,
+        }
+    }
+
+    /// Who hears of interrupts left for a CPU (None: nobody, as on a
+    /// machine with one vCPU, whose only thread looks after every exit).
+    pub fn set_waker(&mut self, waker: Option<Arc<dyn CpuWaker>>) {
+        self.waker = waker;
+    }
+
+    /// The number of CPUs (local APICs; 1 on a legacy machine).
+    pub fn cpus(&self) -> usize {
+        self.apic.as_ref().map_or(1, |a| a.lapics.len())
+    }
+
+    /// Takes the INIT, start-up and NMI messages left for `cpu`.
+    pub fn take_signals(&mut self, cpu: usize) -> CpuSignals {
+        match self.apic.as_mut().and_then(|a| a.signals.get_mut(cpu)) {
+            Some(s) => std::mem::take(s),
+            None => CpuSignals::default(),
+        }
+    }
+
+    /// Whether INIT, start-up or NMI messages wait for `cpu`.
+    pub fn has_signals(&self, cpu: usize) -> bool {
+        self.apic
+            .as_ref()
+            .and_then(|a| a.signals.get(cpu))
+            .is_some_and(CpuSignals::any)
+    }
+
+    fn wake(waker: &Option<Arc<dyn CpuWaker>>, cpu: usize) {
+        if let Some(w) = waker {
+            w.wake(cpu);
         }
     }
 
@@ -85,13 +176,15 @@ impl IrqChip {
         let apic = match apic {
             Some(a) => Some(Apic {
                 ioapic: IoApic::from_state(&a.ioapic).map_err(|e| format!("IOAPIC: {e}"))?,
-                lapic: LocalApic::from_state(&a.lapic, clock, tsc_hz).map_err(|e| format!("local APIC: {e}"))?,
+                lapics: vec![LocalApic::from_state(&a.lapic, clock, tsc_hz).map_err(|e| format!("local APIC: {e}"))?],
+                signals: vec![CpuSignals::default()],
             }),
             None => None,
         };
         Ok(IrqChip {
             pic: Pic::from_state(pic),
             apic,
+            waker: None,
         })
     }
 
@@ -100,11 +193,12 @@ impl IrqChip {
         self.pic.state()
     }
 
-    /// The APIC half's state (None on a legacy machine).
+    /// The APIC half's state (None on a legacy machine), with the BSP's
+    /// local APIC: a machine with several CPUs is not saved this way.
     pub fn apic_state(&self) -> Option<ApicState> {
         self.apic.as_ref().map(|a| ApicState {
             ioapic: a.ioapic.state(),
-            lapic: a.lapic.state(),
+            lapic: a.lapics[0].state(),
         })
     }
 
@@ -113,15 +207,67 @@ impl IrqChip {
         self.apic.is_some()
     }
 
-    fn deliver(lapic: &mut LocalApic, messages: Vec<IoApicMessage>) {
+    /// The CPUs a fixed (mode 0) or lowest-priority (mode 1) message to
+    /// `dest` reaches: every match, or the match with the lowest TPR.
+    fn targets(lapics: &[LocalApic], mode: u8, dest: u8, logical: bool) -> Vec<usize> {
+        let matches = (0..lapics.len()).filter(|&i| lapics[i].matches_destination(dest, logical));
+        if mode == 1 {
+            matches.min_by_key(|&i| lapics[i].cr8()).into_iter().collect()
+        } else {
+            matches.collect()
+        }
+    }
+
+    fn deliver(a: &mut Apic, waker: &Option<Arc<dyn CpuWaker>>, messages: Vec<IoApicMessage>) {
         for m in messages {
             match m.delivery_mode {
-                // Fixed and lowest priority: with one CPU the same thing.
-                0 | 1 if lapic.matches_destination(m.dest, m.logical) => lapic.accept_fixed(m.vector, m.level),
+                0 | 1 => {
+                    for t in Self::targets(&a.lapics, m.delivery_mode, m.dest, m.logical) {
+                        a.lapics[t].accept_fixed(m.vector, m.level);
+                        Self::wake(waker, t);
+                    }
+                }
                 // SMI, NMI, INIT, ExtINT through the IOAPIC: not modelled
                 // (no guest of a PC routes them there); dropped.
                 _ => {}
             }
+        }
+    }
+
+    /// An IPI from CPU `from`'s ICR to the other CPUs it names (the
+    /// sender's own part of a fixed IPI is already accepted).
+    fn send_ipi(a: &mut Apic, waker: &Option<Arc<dyn CpuWaker>>, from: usize, ipi: Ipi) {
+        let n = a.lapics.len();
+        let fixed = ipi.delivery_mode <= 1;
+        let targets: Vec<usize> = match ipi.shorthand {
+            0 if fixed => Self::targets(&a.lapics, ipi.delivery_mode, ipi.dest, ipi.logical)
+                .into_iter()
+                .filter(|&t| t != from)
+                .collect(),
+            0 => (0..n)
+                .filter(|&t| a.lapics[t].matches_destination(ipi.dest, ipi.logical))
+                .collect(),
+            1 if fixed => Vec::new(),
+            1 => vec![from],
+            2 if !fixed => (0..n).collect(),
+            _ => (0..n).filter(|&t| t != from).collect(),
+        };
+        for t in targets {
+            match ipi.delivery_mode {
+                0 | 1 => a.lapics[t].accept_fixed(ipi.vector, ipi.level),
+                4 => a.signals[t].nmi = true,
+                // INIT level de-assert: only synchronises arbitration IDs.
+                5 if ipi.level && !ipi.assert => continue,
+                5 => {
+                    a.lapics[t].init();
+                    a.signals[t].init = true;
+                    a.signals[t].sipi = None;
+                }
+                6 => a.signals[t].sipi = Some(ipi.vector),
+                // SMI, ExtINT and the reserved modes: not modelled.
+                _ => continue,
+            }
+            Self::wake(waker, t);
         }
     }
 
@@ -130,9 +276,13 @@ impl IrqChip {
         if irq < 16 {
             self.pic.set_irq(irq, high);
         }
+        if irq < 16 && high {
+            // The 8259's INTR goes to the BSP.
+            Self::wake(&self.waker, 0);
+        }
         if let Some(a) = &mut self.apic {
             let m = a.ioapic.set_level(gsi_of_isa_irq(irq), high);
-            Self::deliver(&mut a.lapic, m);
+            Self::deliver(a, &self.waker, m);
         }
     }
 
@@ -143,9 +293,12 @@ impl IrqChip {
             Some(a) => {
                 if gsi < 16 {
                     self.pic.set_irq(gsi, high);
+                    if high {
+                        Self::wake(&self.waker, 0);
+                    }
                 }
                 let m = a.ioapic.set_level(gsi, high);
-                Self::deliver(&mut a.lapic, m);
+                Self::deliver(a, &self.waker, m);
             }
             None if gsi < 16 => self.pic.set_irq(gsi, high),
             None => {}
@@ -168,28 +321,31 @@ impl IrqChip {
         let logical = address & (1 << 2) != 0;
         let vector = (data & 0xFF) as u8;
         let mode = (data >> 8) & 7;
-        if (mode == 0 || mode == 1) && vector >= 16 && a.lapic.matches_destination(dest, logical) {
-            a.lapic.accept_fixed(vector, false);
-        }
-    }
-
-    /// Whether the CPU has an interrupt to take.
-    pub fn has_interrupt(&self) -> bool {
-        match &self.apic {
-            None => self.pic.has_interrupt(),
-            Some(a) => {
-                a.lapic.pending_vector().is_some() || (a.lapic.pic_interrupts_accepted() && self.pic.has_interrupt())
+        if (mode == 0 || mode == 1) && vector >= 16 {
+            for t in Self::targets(&a.lapics, mode as u8, dest, logical) {
+                a.lapics[t].accept_fixed(vector, false);
+                Self::wake(&self.waker, t);
             }
         }
     }
 
-    /// The INTA cycle: the vector the CPU takes. Only meaningful after
-    /// [`IrqChip::has_interrupt`] said yes; otherwise the PIC's spurious
-    /// vector, as an 8259 answers.
-    pub fn acknowledge(&mut self) -> u8 {
-        if let Some(a) = &mut self.apic {
-            if a.lapic.pending_vector().is_some() {
-                if let Some(v) = a.lapic.acknowledge() {
+    /// Whether CPU `cpu` has an interrupt to take.
+    pub fn has_interrupt(&self, cpu: usize) -> bool {
+        match &self.apic {
+            None => cpu == 0 && self.pic.has_interrupt(),
+            Some(a) => a.lapics.get(cpu).is_some_and(|l| {
+                l.pending_vector().is_some() || (cpu == 0 && l.pic_interrupts_accepted() && self.pic.has_interrupt())
+            }),
+        }
+    }
+
+    /// The INTA cycle of CPU `cpu`: the vector it takes. Only meaningful
+    /// after [`IrqChip::has_interrupt`] said yes; otherwise the PIC's
+    /// spurious vector, as an 8259 answers.
+    pub fn acknowledge(&mut self, cpu: usize) -> u8 {
+        if let Some(l) = self.apic.as_mut().and_then(|a| a.lapics.get_mut(cpu)) {
+            if l.pending_vector().is_some() {
+                if let Some(v) = l.acknowledge() {
                     return v;
                 }
             }
@@ -197,30 +353,38 @@ impl IrqChip {
         self.pic.acknowledge()
     }
 
-    /// Brings the local APIC timer up to the current virtual time.
+    /// Brings the local APIC timers up to the current virtual time.
     pub fn poll(&mut self) {
         if let Some(a) = &mut self.apic {
-            a.lapic.poll();
+            for (i, l) in a.lapics.iter_mut().enumerate() {
+                let before = l.pending_vector();
+                l.poll();
+                if l.pending_vector() != before {
+                    Self::wake(&self.waker, i);
+                }
+            }
         }
     }
 
-    /// When the local APIC timer next fires.
+    /// When a local APIC timer next fires.
     pub fn next_deadline_ns(&self) -> Option<u64> {
-        self.apic.as_ref().and_then(|a| a.lapic.next_deadline_ns())
+        self.apic
+            .as_ref()
+            .and_then(|a| a.lapics.iter().filter_map(LocalApic::next_deadline_ns).min())
     }
 
     /// A guest access to a local APIC MSR (IA32_APIC_BASE 0x1B,
     /// IA32_TSC_DEADLINE 0x6E0): None if the machine has no local APIC or
     /// the MSR is not the APIC's; Some(None) if the guest gets #GP;
     /// Some(Some(value)) the value read, or the value written.
-    pub fn msr(&mut self, index: u32, write: Option<u64>) -> Option<Option<u64>> {
-        let a = self.apic.as_mut()?;
+    pub fn msr(&mut self, cpu: usize, index: u32, write: Option<u64>) -> Option<Option<u64>> {
+        let l = self.apic.as_mut()?.lapics.get_mut(cpu)?;
         match (index, write) {
-            (0x1b, None) => Some(Some(a.lapic.base_msr())),
-            (0x1b, Some(v)) => Some(a.lapic.set_base_msr(v).ok().map(|()| v)),
-            (0x6e0, None) => Some(Some(a.lapic.tsc_deadline_msr())),
+            (0x1b, None) => Some(Some(l.base_msr())),
+            (0x1b, Some(v)) => Some(l.set_base_msr(v).ok().map(|()| v)),
+            (0x6e0, None) => Some(Some(l.tsc_deadline_msr())),
             (0x6e0, Some(v)) => {
-                a.lapic.set_tsc_deadline_msr(v);
+                l.set_tsc_deadline_msr(v);
                 Some(Some(v))
             }
             _ => None,
@@ -232,46 +396,52 @@ impl IrqChip {
     /// a legacy machine.
     pub fn set_guest_tsc_now(&mut self, guest_tsc: u64) {
         if let Some(a) = &mut self.apic {
-            a.lapic.set_guest_tsc_now(guest_tsc);
+            for l in &mut a.lapics {
+                l.set_guest_tsc_now(guest_tsc);
+            }
         }
     }
 
-    /// The local APIC's TPR as CR8 (`kvm_run.cr8` before entering the
+    /// CPU `cpu`'s local APIC TPR as CR8 (`kvm_run.cr8` before entering the
     /// guest); None on a legacy machine.
-    pub fn cr8(&self) -> Option<u8> {
-        self.apic.as_ref().map(|a| a.lapic.cr8())
+    pub fn cr8(&self, cpu: usize) -> Option<u8> {
+        self.apic.as_ref().and_then(|a| a.lapics.get(cpu)).map(LocalApic::cr8)
     }
 
-    /// The guest's CR8 after an exit (`kvm_run.cr8`): a `mov cr8` changed
+    /// CPU `cpu`'s CR8 after an exit (`kvm_run.cr8`): a `mov cr8` changed
     /// the TPR's priority class. An unchanged class leaves the TPR's low
     /// bits (written through MMIO) alone.
-    pub fn sync_cr8(&mut self, cr8: u8) {
-        if let Some(a) = &mut self.apic {
-            if a.lapic.cr8() != cr8 & 0xf {
-                a.lapic.set_cr8(cr8);
+    pub fn sync_cr8(&mut self, cpu: usize, cr8: u8) {
+        if let Some(l) = self.apic.as_mut().and_then(|a| a.lapics.get_mut(cpu)) {
+            if l.cr8() != cr8 & 0xf {
+                l.set_cr8(cr8);
             }
         }
     }
 
-    /// A write to the local APIC's page.
-    fn lapic_write(&mut self, offset: u64, data: &[u8]) {
+    /// A write to the local APIC's page by CPU `cpu`.
+    fn lapic_write(&mut self, cpu: usize, offset: u64, data: &[u8]) {
         let Some(a) = &mut self.apic else { return };
-        match a.lapic.write(offset, data) {
+        let Some(l) = a.lapics.get_mut(cpu) else { return };
+        match l.write(offset, data) {
             LapicEffect::Eoi { vector, level: true } => {
                 let m = a.ioapic.eoi(vector);
-                Self::deliver(&mut a.lapic, m);
+                Self::deliver(a, &self.waker, m);
             }
-            // Other CPUs' IPIs (INIT, SIPI, NMI, fixed to another ID) have
-            // nobody to go to on a one-CPU machine.
-            LapicEffect::Eoi { .. } | LapicEffect::Ipi(_) | LapicEffect::None => {}
+            LapicEffect::Ipi(ipi) => Self::send_ipi(a, &self.waker, cpu, ipi),
+            LapicEffect::Eoi { .. } | LapicEffect::None => {}
         }
     }
 }
 
 impl BusDevice for IrqChip {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        let cpu = crate::cpu::current();
         match (&mut self.apic, base) {
-            (Some(a), LAPIC_BASE) => a.lapic.read(offset, data),
+            (Some(a), LAPIC_BASE) => match a.lapics.get_mut(cpu) {
+                Some(l) => l.read(offset, data),
+                None => data.fill(0xff),
+            },
             (Some(a), IOAPIC_BASE) => a.ioapic.read(offset, data),
             (_, LAPIC_BASE | IOAPIC_BASE) => data.fill(0xff),
             _ => self.pic.read(base, offset, data),
@@ -280,11 +450,11 @@ impl BusDevice for IrqChip {
 
     fn write(&mut self, base: u64, offset: u64, data: &[u8]) -> Option<BusEvent> {
         match base {
-            LAPIC_BASE => self.lapic_write(offset, data),
+            LAPIC_BASE => self.lapic_write(crate::cpu::current(), offset, data),
             IOAPIC_BASE => {
                 if let Some(a) = &mut self.apic {
                     let m = a.ioapic.write(offset, data);
-                    Self::deliver(&mut a.lapic, m);
+                    Self::deliver(a, &self.waker, m);
                 }
             }
             _ => return self.pic.write(base, offset, data),
@@ -385,8 +555,8 @@ mod tests {
         let (_, c) = chip();
         init_pic(&c);
         c.pulse(4);
-        assert!(lock(&c).has_interrupt());
-        assert_eq!(lock(&c).acknowledge(), 0x24);
+        assert!(lock(&c).has_interrupt(0));
+        assert_eq!(lock(&c).acknowledge(0), 0x24);
     }
 
     #[test]
@@ -397,13 +567,13 @@ mod tests {
         mmio_write32(&c, LAPIC_BASE, 0x350, 0x1_0000);
         ioapic_route(&c, 2, 0x31);
         c.pulse(0);
-        assert!(lock(&c).has_interrupt());
-        assert_eq!(lock(&c).acknowledge(), 0x31);
-        assert!(!lock(&c).has_interrupt());
+        assert!(lock(&c).has_interrupt(0));
+        assert_eq!(lock(&c).acknowledge(0), 0x31);
+        assert!(!lock(&c).has_interrupt(0));
         // A second edge waits in IRR behind the one in service? No: same
         // vector, in service; after EOI nothing is left.
         mmio_write32(&c, LAPIC_BASE, 0xb0, 0);
-        assert!(!lock(&c).has_interrupt());
+        assert!(!lock(&c).has_interrupt(0));
     }
 
     #[test]
@@ -414,15 +584,15 @@ mod tests {
         // Pin 4, level-triggered (bit 15), vector 0x34.
         ioapic_route(&c, 4, 0x8000 | 0x34);
         c.set_level(4, true);
-        assert_eq!(lock(&c).acknowledge(), 0x34);
+        assert_eq!(lock(&c).acknowledge(0), 0x34);
         // Remote IRR holds it while in service.
-        assert!(!lock(&c).has_interrupt());
+        assert!(!lock(&c).has_interrupt(0));
         mmio_write32(&c, LAPIC_BASE, 0xb0, 0);
-        assert!(lock(&c).has_interrupt(), "still asserted: delivered again after EOI");
-        assert_eq!(lock(&c).acknowledge(), 0x34);
+        assert!(lock(&c).has_interrupt(0), "still asserted: delivered again after EOI");
+        assert_eq!(lock(&c).acknowledge(0), 0x34);
         c.set_level(4, false);
         mmio_write32(&c, LAPIC_BASE, 0xb0, 0);
-        assert!(!lock(&c).has_interrupt());
+        assert!(!lock(&c).has_interrupt(0));
     }
 
     #[test]
@@ -432,7 +602,7 @@ mod tests {
         mmio_write32(&c, LAPIC_BASE, 0xf0, 0x1ff);
         mmio_write32(&c, LAPIC_BASE, 0x350, 0x1_0000);
         c.msi(0xFEE0_0000, 0x41);
-        assert_eq!(lock(&c).acknowledge(), 0x41);
+        assert_eq!(lock(&c).acknowledge(0), 0x41);
         mmio_write32(&c, LAPIC_BASE, 0xb0, 0);
         // Not the APIC's window, NMI delivery, a reserved vector, another
         // APIC ID: nothing.
@@ -440,19 +610,19 @@ mod tests {
         c.msi(0xFEE0_0000, 0x400 | 0x43);
         c.msi(0xFEE0_0000, 0x0F);
         c.msi(0xFEE0_5000, 0x44);
-        assert!(!lock(&c).has_interrupt());
+        assert!(!lock(&c).has_interrupt(0));
         // Broadcast, lowest priority.
         c.msi(0xFEEF_F000, 0x100 | 0x45);
-        assert_eq!(lock(&c).acknowledge(), 0x45);
+        assert_eq!(lock(&c).acknowledge(0), 0x45);
         let legacy = Mutex::new(IrqChip::legacy(Pic::new()));
         legacy.msi(0xFEE0_0000, 0x41);
-        assert!(!lock(&legacy).has_interrupt());
+        assert!(!lock(&legacy).has_interrupt(0));
     }
 
     #[test]
     fn legacy_machines_have_no_apic() {
         let c = Mutex::new(IrqChip::legacy(Pic::new()));
-        assert!(lock(&c).msr(0x1b, None).is_none());
+        assert!(lock(&c).msr(0, 0x1b, None).is_none());
         let mut d = [0u8; 4];
         lock(&c).read(LAPIC_BASE, 0x30, &mut d);
         assert_eq!(d, [0xff; 4]);
@@ -469,6 +639,168 @@ mod tests {
         let d = IrqChip::from_state(&pic, apic.as_ref(), clock, 1_000_000_000).unwrap();
         assert_eq!(d.apic_state(), apic);
         assert_eq!(d.pic_state(), pic);
+    }
+
+    /// Records the CPUs woken.
+    #[derive(Default)]
+    struct Woken(Mutex<Vec<usize>>);
+
+    impl CpuWaker for Woken {
+        fn wake(&self, cpu: usize) {
+            self.0.lock().unwrap().push(cpu);
+        }
+    }
+
+    fn smp(cpus: usize) -> (Arc<Woken>, Mutex<IrqChip>) {
+        let clock = Arc::new(ManualClock::new(0));
+        let mut chip = IrqChip::with_apic_cpus(Pic::new(), clock, 1_000_000_000, cpus);
+        let woken = Arc::new(Woken::default());
+        chip.set_waker(Some(woken.clone()));
+        let c = Mutex::new(chip);
+        for cpu in 0..cpus {
+            on_cpu(cpu, || mmio_write32(&c, LAPIC_BASE, 0xf0, 0x1ff));
+        }
+        (woken, c)
+    }
+
+    /// Ends every vector in service on CPUs 0..cpus.
+    fn eoi_all(c: &Mutex<IrqChip>, cpus: usize) {
+        for cpu in 0..cpus {
+            for _ in 0..8 {
+                on_cpu(cpu, || mmio_write32(c, LAPIC_BASE, 0xb0, 0));
+            }
+        }
+    }
+
+    /// Runs `f` as CPU `cpu` does (its local APIC register accesses).
+    fn on_cpu<T>(cpu: usize, f: impl FnOnce() -> T) -> T {
+        crate::cpu::set_current(cpu);
+        let r = f();
+        crate::cpu::set_current(0);
+        r
+    }
+
+    fn icr(c: &Mutex<IrqChip>, cpu: usize, dest: u8, low: u32) {
+        on_cpu(cpu, || {
+            mmio_write32(c, LAPIC_BASE, 0x310, u32::from(dest) << 24);
+            mmio_write32(c, LAPIC_BASE, 0x300, low);
+        });
+    }
+
+    #[test]
+    fn each_cpu_reads_its_own_apic() {
+        let (_, c) = smp(4);
+        for cpu in 0..4 {
+            let mut d = [0u8; 4];
+            on_cpu(cpu, || lock(&c).read(LAPIC_BASE, 0x20, &mut d));
+            assert_eq!(u32::from_le_bytes(d) >> 24, cpu as u32);
+            let base = lock(&c).msr(cpu, 0x1b, None).unwrap().unwrap();
+            assert_eq!(base & (1 << 8) != 0, cpu == 0, "only the BSP has the BSP flag");
+        }
+        assert_eq!(lock(&c).cpus(), 4);
+    }
+
+    #[test]
+    fn fixed_ipis_reach_the_cpus_they_name() {
+        let (woken, c) = smp(4);
+        // CPU 2 to CPU 0, physical.
+        icr(&c, 2, 0, 0x41);
+        assert!(lock(&c).has_interrupt(0));
+        assert!(!lock(&c).has_interrupt(2));
+        assert_eq!(lock(&c).acknowledge(0), 0x41);
+        assert_eq!(*woken.0.lock().unwrap(), vec![0]);
+        eoi_all(&c, 4);
+        woken.0.lock().unwrap().clear();
+        // All excluding self, from CPU 0.
+        icr(&c, 0, 0, 0x000c_0050);
+        assert!(!lock(&c).has_interrupt(0));
+        for cpu in 1..4 {
+            assert_eq!(lock(&c).acknowledge(cpu), 0x50);
+        }
+        assert_eq!(*woken.0.lock().unwrap(), vec![1, 2, 3]);
+        eoi_all(&c, 4);
+        // All including self, from CPU 3; then a broadcast destination.
+        icr(&c, 3, 0, 0x0008_0051);
+        for cpu in 0..4 {
+            assert!(lock(&c).has_interrupt(cpu), "cpu {cpu}");
+            assert_eq!(lock(&c).acknowledge(cpu), 0x51);
+        }
+        eoi_all(&c, 4);
+        icr(&c, 1, 0xff, 0x52);
+        for cpu in 0..4 {
+            assert_eq!(lock(&c).acknowledge(cpu), 0x52, "cpu {cpu}");
+        }
+    }
+
+    #[test]
+    fn init_sipi_and_nmi_are_left_as_signals() {
+        let (_, c) = smp(3);
+        // CPU 1 had its timer vector and an IRR bit before the INIT.
+        icr(&c, 0, 1, 0x44);
+        icr(&c, 0, 1, 0x4500); // INIT, assert
+        icr(&c, 0, 1, 0x8500); // INIT level de-assert: nothing
+        icr(&c, 0, 1, 0x0608); // SIPI, page 8
+        icr(&c, 0, 1, 0x0609); // a second SIPI: the last one wins
+        assert!(lock(&c).has_signals(1));
+        let s = lock(&c).take_signals(1);
+        assert_eq!(
+            s,
+            CpuSignals {
+                init: true,
+                sipi: Some(9),
+                nmi: false
+            }
+        );
+        assert!(!lock(&c).has_interrupt(1), "INIT cleared the APIC's IRR");
+        let mut d = [0u8; 4];
+        on_cpu(1, || lock(&c).read(LAPIC_BASE, 0xf0, &mut d));
+        assert_eq!(u32::from_le_bytes(d) & 0x100, 0, "INIT software-disabled the APIC");
+        on_cpu(1, || lock(&c).read(LAPIC_BASE, 0x20, &mut d));
+        assert_eq!(u32::from_le_bytes(d) >> 24, 1, "and kept its ID");
+        assert!(!lock(&c).has_signals(1));
+        // NMI to CPU 2; nothing to CPU 0.
+        icr(&c, 0, 2, 0x0400);
+        assert!(lock(&c).take_signals(2).nmi);
+        assert_eq!(lock(&c).take_signals(0), CpuSignals::default());
+    }
+
+    #[test]
+    fn ioapic_and_msi_messages_follow_their_destination() {
+        let (_, c) = smp(2);
+        for cpu in 0..2 {
+            on_cpu(cpu, || mmio_write32(&c, LAPIC_BASE, 0x350, 0x1_0000));
+        }
+        // Pin 4 to APIC 1.
+        mmio_write32(&c, IOAPIC_BASE, 0, 0x10 + 8);
+        mmio_write32(&c, IOAPIC_BASE, 0x10, 0x34);
+        mmio_write32(&c, IOAPIC_BASE, 0, 0x10 + 9);
+        mmio_write32(&c, IOAPIC_BASE, 0x10, 1 << 24);
+        c.pulse(4);
+        assert!(!lock(&c).has_interrupt(0));
+        assert_eq!(lock(&c).acknowledge(1), 0x34);
+        use crate::msix::MsiSink;
+        c.msi(0xFEE0_1000, 0x45);
+        assert!(!lock(&c).has_interrupt(0));
+        assert_eq!(lock(&c).acknowledge(1), 0x45);
+        eoi_all(&c, 2);
+        // Lowest priority to both (logical, flat, both in LDR bit 0): the
+        // one with the lower TPR.
+        for cpu in 0..2 {
+            on_cpu(cpu, || mmio_write32(&c, LAPIC_BASE, 0xd0, 0x0100_0000));
+        }
+        lock(&c).sync_cr8(0, 2);
+        c.msi(0xFEE0_1004, 0x146);
+        assert!(!lock(&c).has_interrupt(0));
+        assert_eq!(lock(&c).acknowledge(1), 0x46);
+    }
+
+    #[test]
+    fn only_the_bsp_takes_the_pic() {
+        let (_, c) = smp(2);
+        init_pic(&c);
+        c.pulse(4);
+        assert!(lock(&c).has_interrupt(0));
+        assert!(!lock(&c).has_interrupt(1));
     }
 
     #[test]

@@ -204,6 +204,19 @@ impl LapicState {
         }
     }
 
+    /// The state of an application processor's APIC with ID `id` after
+    /// reset: as the BSP's, but without the BSP flag in the base MSR and
+    /// with every LVT entry masked, LINT0 included (only the BSP takes the
+    /// 8259's INTR).
+    pub fn reset_ap(id: u8) -> Self {
+        Self {
+            base_msr: LAPIC_BASE | BASE_ENABLE,
+            id,
+            lvt: [LVT_MASKED; LVT_COUNT],
+            ..Self::reset()
+        }
+    }
+
     /// Why this state is not one the APIC can be in, if it is not.
     fn check(&self) -> Result<(), String> {
         if self.base_msr & !BASE_WRITABLE != 0 {
@@ -358,6 +371,33 @@ impl LocalApic {
             tsc_hz: tsc_hz.max(1),
             tsc_offset: 0,
         }
+    }
+
+    /// An application processor's APIC with ID `id` after reset
+    /// ([`LapicState::reset_ap`]).
+    pub fn new_ap(id: u8, clock: Arc<dyn Clock>, tsc_hz: u64) -> Self {
+        Self {
+            state: LapicState::reset_ap(id),
+            ..Self::new(clock, tsc_hz)
+        }
+    }
+
+    /// The INIT signal (an INIT IPI): every register back to its reset
+    /// value but the APIC ID and the base MSR, every LVT entry masked
+    /// (the SDM's "INIT reset"; QEMU's `apic_init_reset`).
+    pub fn init(&mut self) {
+        let (id, base_msr) = (self.state.id, self.state.base_msr);
+        self.state = LapicState {
+            base_msr,
+            id,
+            lvt: [LVT_MASKED; LVT_COUNT],
+            ..LapicState::reset()
+        };
+    }
+
+    /// The APIC ID.
+    pub fn id(&self) -> u8 {
+        self.state.id
     }
 
     /// An APIC restored from `state`; a state the APIC could never be in
@@ -824,12 +864,17 @@ impl LocalApic {
             1 | 2 => true,
             _ => false,
         };
+        // Only this APIC can match: self, or its own physical ID.
+        let only_self = ipi.shorthand == 1 || (ipi.shorthand == 0 && !ipi.logical && ipi.dest == self.state.id);
         if to_self && ipi.delivery_mode <= 1 {
             self.accept_fixed(ipi.vector, ipi.level);
-            LapicEffect::None
-        } else {
-            LapicEffect::Ipi(ipi)
+            if only_self {
+                return LapicEffect::None;
+            }
         }
+        // The others' part (a broadcast, a logical destination, another
+        // ID), and every other delivery mode, is the caller's.
+        LapicEffect::Ipi(ipi)
     }
 
     fn write_lvt(&mut self, n: usize, value: u32) {
@@ -1154,12 +1199,44 @@ mod tests {
     }
 
     #[test]
+    fn application_processors_reset_without_the_bsp_flag_and_init_keeps_the_id() {
+        let clock = Arc::new(ManualClock::new(0));
+        let mut ap = LocalApic::new_ap(3, clock, 1_000_000_000);
+        assert_eq!(ap.id(), 3);
+        assert_eq!(ap.base_msr(), LAPIC_BASE | BASE_ENABLE);
+        assert!(!ap.pic_interrupts_accepted(), "LINT0 is masked on an AP");
+        ap.write(0xf0, &0x1ffu32.to_le_bytes());
+        ap.write(0x80, &0x20u32.to_le_bytes());
+        ap.accept_fixed(0x40, false);
+        ap.set_base_msr(0xfed0_0800).unwrap();
+        ap.init();
+        assert_eq!(ap.id(), 3);
+        assert_eq!(ap.base_msr(), 0xfed0_0800, "INIT keeps the base");
+        assert_eq!(ap.cr8(), 0);
+        assert_eq!(ap.pending_vector(), None);
+        let mut d = [0u8; 4];
+        ap.read(0xf0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0xff);
+    }
+
+    #[test]
     fn self_ipis_are_accepted_here() {
         let mut r = Rig::enabled();
         assert_eq!(r.w(0x300, 0x0004_1061), LapicEffect::None, "shorthand self");
         assert!(r.irr(0x61));
         assert_eq!(r.r(0x300), 0x0004_0061, "delivery status reads 0");
-        assert_eq!(r.w(0x300, 0x0008_0062), LapicEffect::None, "all including self");
+        // Accepted here, and handed on for the others.
+        assert!(
+            matches!(
+                r.w(0x300, 0x0008_0062),
+                LapicEffect::Ipi(Ipi {
+                    vector: 0x62,
+                    shorthand: 2,
+                    ..
+                })
+            ),
+            "all including self"
+        );
         assert!(r.irr(0x62));
         r.w(0x310, 0);
         assert_eq!(r.w(0x300, 0x0000_0063), LapicEffect::None, "physical ID 0");
@@ -1168,7 +1245,19 @@ mod tests {
         assert!(bit(&r.apic.state.tmr, 0x64));
         r.w(0xd0, 0x0100_0000);
         r.w(0x310, 0x0300_0000);
-        assert_eq!(r.w(0x300, 0x0000_0865), LapicEffect::None, "logical flat, common bit");
+        // A logical destination may name others too: accepted here and
+        // handed on.
+        assert!(
+            matches!(
+                r.w(0x300, 0x0000_0865),
+                LapicEffect::Ipi(Ipi {
+                    vector: 0x65,
+                    logical: true,
+                    ..
+                })
+            ),
+            "logical flat, common bit"
+        );
         assert!(r.irr(0x65));
         // Other destinations and delivery modes go to the caller.
         assert_eq!(

@@ -11,6 +11,7 @@ pub mod acpi_pm;
 pub mod block;
 pub mod bus;
 pub mod cmos;
+pub mod cpu;
 pub mod debug_exit;
 pub mod dma;
 pub mod hpet;

@@ -369,6 +369,13 @@ pub struct MachineArgs {
     /// 1980s PC, no ACPI). A snapshot, trace or migrated machine keeps its own.
     #[arg(long, value_name = "KIND", default_value = "apic")]
     irqchip: String,
+    /// vCPUs (1 to 64): with more than one, `run` runs each on a host
+    /// thread of its own, in parallel; the guest starts the APs with
+    /// INIT and start-up IPIs, as on a PC (the MADT lists them). Several
+    /// vCPUs need --irqchip apic; recording, replay, gdb and snapshots
+    /// work with one.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: usize,
     /// A virtio-blk disk: FILE[,format=raw|qcow2][,readonly][,id=NAME];
     /// give it again for more disks. Without format, a file with the qcow2
     /// magic is qcow2 and any other raw. A plain run writes to the image; a
@@ -626,6 +633,7 @@ impl MachineArgs {
             .cmdline(&self.cmdline)
             .cpu_model(cpu)
             .irqchip(self.irqchip()?)
+            .cpus(self.cpus)
             .serial_in(serial_in)
             .pci(self.pci_setup()?)
             .kvm_path(&self.kvm.kvm_device);

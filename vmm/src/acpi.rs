@@ -97,6 +97,8 @@ pub struct AcpiConfig {
     /// The machine has the HPET at [`HPET_ADDR`]: an HPET table and an
     /// HPET device in the DSDT.
     pub hpet: bool,
+    /// Processors: a MADT local APIC entry each, APIC IDs 0..cpus.
+    pub cpus: u8,
 }
 
 /// The tables as the loader writes them.
@@ -464,11 +466,14 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     bytes_of(&f.finalize())
 }
 
-fn madt() -> Vec<u8> {
+fn madt(cpus: u8) -> Vec<u8> {
     let mut t = sdt(*b"APIC", 44, 1);
     t.write_u32(36, LAPIC_ADDR);
     t.write_u32(40, MADT_PCAT_COMPAT);
-    t.append_slice(&bytes_of(&ProcessorLocalApic::new(0, 0, EnabledStatus::Enabled)));
+    // ACPI processor UID = APIC ID, as QEMU numbers them.
+    for id in 0..cpus.max(1) {
+        t.append_slice(&bytes_of(&ProcessorLocalApic::new(id, id, EnabledStatus::Enabled)));
+    }
     t.append_slice(&bytes_of(&IoApic::new(0, IOAPIC_ADDR, 0)));
     let iso = |irq: u8, gsi: u32, flags: u16| {
         let mut e = vec![2, 10, 0, irq];
@@ -629,7 +634,7 @@ pub fn build(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     dsdt.append_slice(&dsdt_body(cfg));
     let dsdt = l.place(16, dsdt.as_slice().to_vec());
 
-    let mut tables = vec![l.place(16, fadt(facs, dsdt)), l.place(16, madt())];
+    let mut tables = vec![l.place(16, fadt(facs, dsdt)), l.place(16, madt(cfg.cpus))];
     if cfg.hpet {
         tables.push(l.place(16, hpet()));
     }
@@ -675,6 +680,7 @@ mod tests {
         AcpiConfig {
             ram_below_4g: 256 << 20,
             hpet: true,
+            cpus: 1,
         }
     }
 
@@ -888,6 +894,15 @@ mod tests {
         }
         assert_eq!(entries[7], &[4, 6, 0xff, 0, 0, 1][..], "NMI on LINT1");
         assert_eq!(entries.len(), 8);
+        // Four CPUs: four local APIC entries first, IDs 0..3, the rest as
+        // before.
+        let t4 = build(&AcpiConfig { cpus: 4, ..cfg() }).unwrap();
+        let m4 = blob(&t4, b"APIC");
+        for id in 0..4u8 {
+            let off = 44 + 8 * usize::from(id);
+            assert_eq!(&m4[off..off + 8], &[0, 8, id, id, 1, 0, 0, 0][..], "local APIC {id}");
+        }
+        assert_eq!(&m4[44 + 32..], &m[44 + 8..], "the other entries follow unchanged");
 
         let c = blob(&t, b"MCFG");
         assert_eq!(c.len(), 60);

@@ -75,6 +75,9 @@ const L1_ECX_X2APIC: u32 = 1 << 21;
 const L1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const L1_ECX_RDRAND: u32 = 1 << 30;
 const L1_EDX_APIC: u32 = 1 << 9;
+const L1_EDX_HTT: u32 = 1 << 28;
+// Leaf 0x8000_0001 ECX: the core count of 0x8000_0008 is valid (AMD).
+const LX1_ECX_CMP_LEGACY: u32 = 1 << 1;
 const L1_ECX_XSAVE: u32 = 1 << 26;
 const L1_ECX_OSXSAVE: u32 = 1 << 27;
 const L7_ECX_PKU: u32 = 1 << 3;
@@ -104,6 +107,59 @@ pub fn apply_irqchip(entries: &mut [CpuidEntry], irqchip: crate::config::Irqchip
         e.ecx |= EMULATED_L1.0;
         e.edx |= EMULATED_L1.1;
     }
+}
+
+/// The table vCPU `apic_id` of a machine with `cpus` CPUs sees: `table`
+/// (which describes one CPU with APIC ID 0) with the topology of one
+/// package of `cpus` cores, one thread each, as QEMU's `-smp N` gives:
+/// leaf 1's initial APIC ID and logical processor count (and HTT), leaf
+/// 4's cores per package, the x2APIC topology leaves 0xB and 0x1F (SMT
+/// then core level), and AMD's core count (0x8000_0008), CmpLegacy
+/// (0x8000_0001) and extended APIC ID (0x8000_001E). With one CPU the
+/// table is unchanged.
+pub fn for_vcpu(table: &[CpuidEntry], apic_id: u8, cpus: usize) -> Vec<CpuidEntry> {
+    if cpus <= 1 {
+        return table.to_vec();
+    }
+    let n = cpus.min(255) as u32;
+    let id = u32::from(apic_id);
+    // Bits of the APIC ID that number the cores: ceil(log2(n)).
+    let core_bits = 32 - (n - 1).leading_zeros();
+    let mut out = table.to_vec();
+    for e in &mut out {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0xffff) | (n << 16) | (id << 24);
+                e.edx |= L1_EDX_HTT;
+            }
+            4 if e.eax & 0x1f != 0 => {
+                // Cores per package - 1 in 31:26; the last level cache is
+                // shared by all of them.
+                let level = (e.eax >> 5) & 7;
+                let sharing = if level >= 3 { n - 1 } else { 0 };
+                e.eax = (e.eax & 0x3fff) | (sharing << 14) | ((n - 1) << 26);
+            }
+            0xb | 0x1f => {
+                let (shift, count, kind) = match e.index {
+                    0 => (0, 1, 1),
+                    1 => (core_bits, n, 2),
+                    _ => (0, 0, 0),
+                };
+                e.eax = shift;
+                e.ebx = count;
+                e.ecx = (kind << 8) | (e.index & 0xff);
+                e.edx = id;
+            }
+            0x8000_0001 => e.ecx |= LX1_ECX_CMP_LEGACY,
+            0x8000_0008 => e.ecx = (e.ecx & !0xf0ff) | (core_bits << 12) | (n - 1),
+            0x8000_001e => {
+                e.eax = id;
+                e.ebx = (e.ebx & !0xff) | id;
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 /// Filters `entries` in place according to `policy`. Returns the entries to
@@ -303,5 +359,65 @@ mod tests {
         let t = filter(CpuidPolicy::Run, &host_like());
         let k = to_kvm(&t).unwrap();
         assert_eq!(from_kvm(&k), t);
+    }
+
+    #[test]
+    fn each_vcpu_sees_its_apic_id_and_the_package_of_n_cores() {
+        let e = |function, index, eax, ebx, ecx, edx| CpuidEntry {
+            function,
+            index,
+            flags: 0,
+            eax,
+            ebx,
+            ecx,
+            edx,
+        };
+        let t = vec![
+            e(1, 0, 0x600, 0x0000_0800, 0, 0),
+            e(4, 0, 0x121, 0, 0, 0),
+            e(4, 3, 0x163, 0, 0, 0),
+            e(4, 4, 0, 0, 0, 0),
+            e(0xb, 0, 1, 1, 0x100, 0),
+            e(0xb, 1, 4, 8, 0x201, 0),
+            e(0xb, 2, 0, 0, 2, 0),
+            e(0x8000_0001, 0, 0, 0, 0, 0),
+            e(0x8000_0008, 0, 0x3030, 0, 0, 0),
+        ];
+        assert_eq!(for_vcpu(&t, 0, 1), t, "one CPU: the table as it is");
+        let v = for_vcpu(&t, 2, 3);
+        let find = |f, i| *v.iter().find(|x| x.function == f && x.index == i).unwrap();
+        assert_eq!(
+            find(1, 0).ebx,
+            0x0203_0800,
+            "APIC ID 2, 3 logical processors, CLFLUSH kept"
+        );
+        assert_ne!(find(1, 0).edx & L1_EDX_HTT, 0);
+        assert_eq!(find(4, 0).eax >> 26, 2, "3 cores");
+        assert_eq!((find(4, 0).eax >> 14) & 0xfff, 0, "L1 is per core");
+        assert_eq!((find(4, 3).eax >> 14) & 0xfff, 2, "L3 shared by 3");
+        assert_eq!(find(4, 3).eax & 0x3fff, 0x163, "cache type and level kept");
+        assert_eq!(find(4, 4), t[3], "the end of the cache list stays empty");
+        assert_eq!(
+            [find(0xb, 0).eax, find(0xb, 0).ebx, find(0xb, 0).ecx, find(0xb, 0).edx],
+            [0, 1, 0x100, 2]
+        );
+        assert_eq!(
+            [find(0xb, 1).eax, find(0xb, 1).ebx, find(0xb, 1).ecx, find(0xb, 1).edx],
+            [2, 3, 0x201, 2]
+        );
+        assert_eq!(
+            [find(0xb, 2).eax, find(0xb, 2).ebx, find(0xb, 2).ecx, find(0xb, 2).edx],
+            [0, 0, 2, 2]
+        );
+        assert_ne!(find(0x8000_0001, 0).ecx & LX1_ECX_CMP_LEGACY, 0);
+        assert_eq!(find(0x8000_0008, 0).ecx, (2 << 12) | 2);
+        assert_eq!(
+            for_vcpu(&t, 63, 64)
+                .iter()
+                .find(|x| x.function == 0xb && x.index == 1)
+                .unwrap()
+                .eax,
+            6
+        );
     }
 }

@@ -89,6 +89,14 @@ impl Kicker {
     /// dropped or its thread has ended).
     pub fn kick(&self) -> bool {
         self.requested.store(true, Ordering::SeqCst);
+        self.nudge()
+    }
+
+    /// Interrupts the vCPU without asking it to stop: `KVM_RUN` returns
+    /// `EINTR` (at once if the thread is not in the guest now), so that the
+    /// thread looks again at what is pending for its vCPU (an interrupt
+    /// another vCPU sent). Returns whether a signal was sent.
+    pub fn nudge(&self) -> bool {
         let target = self.target.lock().unwrap_or_else(|e| e.into_inner());
         match *target {
             // SAFETY: the id is of a live thread: it is cleared, under this

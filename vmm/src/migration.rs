@@ -932,7 +932,7 @@ mod tests {
             chip_link: Default::default(),
             ram_below_4g: 4 << 20,
         };
-        let platform = crate::platform::Platform::new(io, 4 << 20, 0, crate::config::Irqchip::Apic).unwrap();
+        let platform = crate::platform::Platform::new(io, 4 << 20, 0, crate::config::Irqchip::Apic, 1).unwrap();
         MachineState {
             vcpu: crate::vcpu_state::tests::sample(),
             platform: platform.state(),

@@ -320,16 +320,18 @@ impl Sinks {
 
 impl Platform {
     /// Builds the platform for a machine with the given RAM layout and
-    /// interrupt controllers.
+    /// interrupt controllers, and `cpus` CPUs (a local APIC each; a legacy
+    /// machine has one CPU).
     pub fn new(
         io: PlatformIo,
         ram_below_4g: u64,
         ram_above_4g: u64,
         irqchip: crate::config::Irqchip,
+        cpus: usize,
     ) -> Result<Self, BusError> {
         let chip = match irqchip {
             crate::config::Irqchip::Legacy => IrqChip::legacy(Pic::new()),
-            crate::config::Irqchip::Apic => IrqChip::with_apic(Pic::new(), io.clock.clone(), io.tsc_hz),
+            crate::config::Irqchip::Apic => IrqChip::with_apic_cpus(Pic::new(), io.clock.clone(), io.tsc_hz, cpus),
         };
         let chip = Arc::new(Mutex::new(chip));
         io.chip_link.set(&chip);
@@ -580,21 +582,38 @@ impl Platform {
                 .is_some_and(|m| !lock(&m.acpi_pm).input_exhausted())
     }
 
-    /// Whether the controllers have an interrupt for the CPU.
+    /// Whether the controllers have an interrupt for the CPU the calling
+    /// thread acts for ([`nyx_devices::cpu::current`], as every per-CPU
+    /// question below).
     pub fn interrupt_pending(&self) -> bool {
-        lock(&self.chip).has_interrupt()
+        lock(&self.chip).has_interrupt(nyx_devices::cpu::current())
     }
 
     /// The INTA cycle: the vector to inject.
     pub fn acknowledge(&self) -> u8 {
-        lock(&self.chip).acknowledge()
+        lock(&self.chip).acknowledge(nyx_devices::cpu::current())
+    }
+
+    /// Takes the INIT, start-up and NMI messages left for the CPU.
+    pub fn take_signals(&self) -> nyx_devices::irqchip::CpuSignals {
+        lock(&self.chip).take_signals(nyx_devices::cpu::current())
+    }
+
+    /// Whether INIT, start-up or NMI messages wait for the CPU.
+    pub fn has_signals(&self) -> bool {
+        lock(&self.chip).has_signals(nyx_devices::cpu::current())
+    }
+
+    /// Who hears of interrupts and signals left for a CPU.
+    pub fn set_waker(&self, waker: Option<Arc<dyn nyx_devices::irqchip::CpuWaker>>) {
+        lock(&self.chip).set_waker(waker);
     }
 
     /// A guest access to one of the local APIC's MSRs (see
     /// [`IrqChip::msr`]): None when it is not one of them or the machine has
     /// no local APIC.
     pub fn apic_msr(&self, index: u32, write: Option<u64>) -> Option<Option<u64>> {
-        lock(&self.chip).msr(index, write)
+        lock(&self.chip).msr(nyx_devices::cpu::current(), index, write)
     }
 
     /// The guest's TSC reads `guest_tsc` now, for the local APIC's
@@ -605,12 +624,12 @@ impl Platform {
 
     /// The local APIC's TPR as CR8, for `kvm_run.cr8` (None: no APIC).
     pub fn cr8(&self) -> Option<u8> {
-        lock(&self.chip).cr8()
+        lock(&self.chip).cr8(nyx_devices::cpu::current())
     }
 
     /// Takes the guest's CR8 from `kvm_run.cr8` after an exit.
     pub fn sync_cr8(&self, cr8: u8) {
-        lock(&self.chip).sync_cr8(cr8);
+        lock(&self.chip).sync_cr8(nyx_devices::cpu::current(), cr8);
     }
 
     /// Takes the PCI functions out (to move them into a platform rebuilt

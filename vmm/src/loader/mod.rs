@@ -410,11 +410,13 @@ pub fn load(mem: &GuestMemory, image: &[u8], initrd: Option<&[u8]>, cmdline: &st
 
 /// Writes the ACPI tables of a modern machine (`--irqchip apic`) into
 /// the BIOS area of `mem`, where an OS scans for the RSDP, and tells a
-/// Linux kernel about them (`boot_params`); call after [`load`].
-pub fn load_acpi(mem: &GuestMemory, setup: &BootSetup) -> Result<crate::acpi::AcpiTables, LoadError> {
+/// Linux kernel about them (`boot_params`); call after [`load`]. The MADT
+/// lists `cpus` processors.
+pub fn load_acpi(mem: &GuestMemory, setup: &BootSetup, cpus: u8) -> Result<crate::acpi::AcpiTables, LoadError> {
     let tables = crate::acpi::build(&crate::acpi::AcpiConfig {
         ram_below_4g: ram_below_4g(mem),
         hpet: true,
+        cpus,
     })
     .map_err(|e| LoadError::Acpi(e.to_string()))?;
     for (addr, bytes) in &tables.blobs {

@@ -20,6 +20,7 @@ pub struct MachineBuilder {
     cpu_model_name: Option<String>,
     tsc_khz: Option<u32>,
     irqchip: crate::config::Irqchip,
+    cpus: usize,
     hooks: Option<Box<dyn RunHooks>>,
     restore: Option<(crate::snapshot::MachineState, Vec<crate::mem_state::PageRun>)>,
     image: Option<crate::snapshot::MemoryImage>,
@@ -46,6 +47,7 @@ impl Default for MachineBuilder {
             cpu_model_name: None,
             tsc_khz: None,
             irqchip: Default::default(),
+            cpus: 1,
             hooks: None,
             restore: None,
             image: None,
@@ -56,7 +58,38 @@ impl Default for MachineBuilder {
     }
 }
 
+/// The most vCPUs a machine can have.
+pub const MAX_CPUS: usize = 64;
+
 impl MachineBuilder {
+    /// Whether the vCPU count is one this machine can have.
+    fn check_cpus(&self) -> Result<(), Error> {
+        let n = self.cpus;
+        if !(1..=MAX_CPUS).contains(&n) {
+            return Err(Error::Smp(format!("{n} vCPUs: a machine has 1 to {MAX_CPUS}")));
+        }
+        if n == 1 {
+            return Ok(());
+        }
+        if self.irqchip != crate::config::Irqchip::Apic {
+            return Err(Error::Smp(format!(
+                "{n} vCPUs need the APIC platform (--irqchip apic): the legacy one has no local APICs to start them with"
+            )));
+        }
+        if self.restore.is_some() || self.loaded_memory.is_some() {
+            return Err(Error::Smp(
+                "a saved or migrated machine has one vCPU; several cannot be restored yet".into(),
+            ));
+        }
+        match &self.hooks {
+            Some(h) if h.name() != "run" => Err(Error::Smp(format!(
+                "{n} vCPUs run only in a plain run for now: `{}` works with --cpus 1",
+                h.name()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// A builder with the defaults: 64 MiB, no input, output to stdout.
     pub fn new() -> Self {
         Self::default()
@@ -154,6 +187,14 @@ impl MachineBuilder {
     /// The interrupt controllers and platform (default: apic).
     pub fn irqchip(mut self, irqchip: crate::config::Irqchip) -> Self {
         self.irqchip = irqchip;
+        self
+    }
+
+    /// The number of vCPUs (default 1; at most [`MAX_CPUS`]). Several need
+    /// the APIC platform, and a plain run: the APs run on threads of their
+    /// own, in parallel with the BSP, and only [`Machine::run`] runs them.
+    pub fn cpus(mut self, cpus: usize) -> Self {
+        self.cpus = cpus;
         self
     }
 
@@ -267,6 +308,7 @@ impl MachineBuilder {
     /// Opens KVM, creates memory and vCPU, loads the kernel and wires the
     /// devices.
     pub fn build(mut self) -> Result<Machine, Error> {
+        self.check_cpus()?;
         let (kernel_name, image) = match (self.kernel, &self.kernel_path) {
             (Some(k), _) => k,
             (None, Some(p)) => {
@@ -349,9 +391,11 @@ impl MachineBuilder {
             })?;
 
         if self.irqchip == crate::config::Irqchip::Apic {
-            loader::load_acpi(scratch.as_ref().unwrap_or(&mem), &setup).map_err(|source| Error::Load {
-                path: kernel_name.clone(),
-                source,
+            loader::load_acpi(scratch.as_ref().unwrap_or(&mem), &setup, self.cpus as u8).map_err(|source| {
+                Error::Load {
+                    path: kernel_name.clone(),
+                    source,
+                }
             })?;
         }
 
@@ -379,6 +423,8 @@ impl MachineBuilder {
                 missing,
             });
         }
+        // The BSP's view of the topology; the APs' follow below.
+        let table = cpuid::for_vcpu(&table, 0, self.cpus);
         let mut vcpu = vcpu;
         let sync_rip = vm.check_extension(kvm_ioctls::Cap::SyncRegs) && std::env::var_os("NYX_NO_SYNC").is_none();
         if sync_rip {
@@ -389,6 +435,9 @@ impl MachineBuilder {
             source: kvm_ioctls::Error::new(libc::E2BIG),
         })?;
         vcpu.set_cpuid2(&kcpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let aps = (1..self.cpus)
+            .map(|i| super::ap::ApVcpu::new(&vm, i, cpuid::for_vcpu(&table, i as u8, self.cpus)))
+            .collect::<Result<Vec<_>, _>>()?;
         msr::install_filter(&vm, self.irqchip).map_err(kvm_err("KVM_X86_SET_MSR_FILTER"))?;
 
         let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
@@ -475,7 +524,7 @@ impl MachineBuilder {
                         memory::map_image(&mem, &image.file, &image.spans)?;
                     }
                 }
-                let platform = Platform::from_state(io, &state.platform)?;
+                let platform = Arc::new(Platform::from_state(io, &state.platform)?);
                 crate::vcpu_state::restore(&vcpu, &state.vcpu).map_err(vcpu_err("restore"))?;
                 // Let KVM refresh kvm_run's view of the restored vCPU (IF,
                 // readiness for injection) with a KVM_RUN that exits at once.
@@ -484,12 +533,13 @@ impl MachineBuilder {
                 (platform, state.exit_seq, state.poll_pending)
             }
             None => (
-                Platform::new(
+                Arc::new(Platform::new(
                     io,
                     ram.min(MMIO_HOLE_START),
                     ram.saturating_sub(MMIO_HOLE_START),
                     self.irqchip,
-                )?,
+                    self.cpus,
+                )?),
                 0,
                 false,
             ),
@@ -537,6 +587,8 @@ impl MachineBuilder {
             hooks,
             limits: Default::default(),
             output_watch,
+            aps,
+            smp: None,
             core: Core {
                 _kvm: kvm,
                 vm,

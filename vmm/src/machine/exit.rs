@@ -180,91 +180,22 @@ impl Machine {
                     Some(_) if virtual_tsc => None,
                     Some(v) => msr_write(&self.core.vcpu, index, v).then_some(v),
                 };
-                let run = self.core.vcpu.get_kvm_run();
-                // SAFETY: the exit reason is KVM_EXIT_X86_RDMSR/WRMSR, whose
-                // union member is `msr`.
-                let msr = unsafe { &mut run.__bindgen_anon_1.msr };
-                match result {
-                    Some(v) => {
-                        if write.is_none() {
-                            msr.data = v;
-                        }
-                        msr.error = 0;
-                    }
-                    None => msr.error = 1,
-                }
-                let kind = if write.is_some() {
-                    ExitKind::MsrWrite
-                } else {
-                    ExitKind::MsrRead
-                };
-                Ok(ExitRecord {
-                    kind,
-                    addr: u64::from(index),
-                    size: 8,
-                    data: result.or(write).unwrap_or(0),
-                    rip: 0,
-                })
+                Ok(finish_msr(&mut self.core.vcpu, index, write, result))
             }
             Pending::Trap(port) => {
-                // KVM completes the `out` on the next KVM_RUN and refuses
-                // register changes before that: complete it with an
-                // immediate exit (RIP is then just past the `out`).
-                self.core.vcpu.set_kvm_immediate_exit(1);
-                let r = self.core.vcpu.run().map(|_| ());
-                self.core.vcpu.set_kvm_immediate_exit(0);
-                match r {
-                    Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-                    Err(e) => {
-                        return Err(Error::Kvm {
-                            what: "KVM_RUN (completing a trap)",
-                            source: e,
-                        })
-                    }
-                    Ok(()) => {}
-                }
-                let mut regs = self.core.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
-                let sregs = self.core.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                let paging = crate::paging::PagingRegs::of(&sregs);
-                let cs_base = if sregs.efer & (1 << 10) != 0 && sregs.cs.l != 0 {
-                    0
-                } else {
-                    sregs.cs.base
-                };
-                let Some(site) = self
-                    .core
-                    .patches
-                    .site_for_exit(&self.core.mem, &paging, regs.rip, cs_base)
-                    .cloned()
+                let trap = complete_trap(&mut self.core.vcpu, &self.core.patches, &self.core.mem)?;
+                let Trap {
+                    mut regs,
+                    sregs,
+                    site: Some(site),
+                } = trap
                 else {
                     // An ordinary write to the trap port: nothing there.
                     self.core.note_unknown(false, u64::from(port), true, 1);
-                    return Ok(ExitRecord {
-                        kind: ExitKind::PioOut,
-                        addr: u64::from(port),
-                        size: 1,
-                        data: 0,
-                        rip: regs.rip,
-                    });
+                    return Ok(unknown_trap_write(port, trap.regs.rip));
                 };
                 if site.kind == crate::patch::TrapKind::Cpuid {
-                    // Deterministic: the answer comes from the machine's table.
-                    let (leaf, subleaf) = (regs.rax as u32, regs.rcx as u32);
-                    let xcr0 = if leaf == 0xd {
-                        self.core.vcpu.get_xcrs().map_or(1, |x| x.xcrs[0].value)
-                    } else {
-                        0
-                    };
-                    let out = cpuid::lookup(&self.core.cpuid, leaf, subleaf, sregs.cr4, xcr0);
-                    crate::patch::emulate_cpuid(&site, out, &mut regs);
-                    self.core.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
-                    return Ok(ExitRecord {
-                        kind: ExitKind::Patched,
-                        addr: site.gpa,
-                        size: site.len,
-                        data: u64::from(subleaf) << 32 | u64::from(leaf),
-                        rip: regs.rip,
-                    });
+                    return emulate_cpuid_trap(&self.core.vcpu, &self.core.cpuid, &site, regs, &sregs);
                 }
                 let value = match site.kind {
                     crate::patch::TrapKind::Rdtsc | crate::patch::TrapKind::Rdtscp => {
@@ -298,6 +229,111 @@ impl Machine {
     }
 }
 
+/// Gives KVM the result of an MSR exit (`None`: the guest gets #GP) and
+/// makes its record.
+pub(super) fn finish_msr(vcpu: &mut VcpuFd, index: u32, write: Option<u64>, result: Option<u64>) -> ExitRecord {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: the exit reason is KVM_EXIT_X86_RDMSR/WRMSR, whose union
+    // member is `msr`.
+    let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+    match result {
+        Some(v) => {
+            if write.is_none() {
+                msr.data = v;
+            }
+            msr.error = 0;
+        }
+        None => msr.error = 1,
+    }
+    let kind = if write.is_some() {
+        ExitKind::MsrWrite
+    } else {
+        ExitKind::MsrRead
+    };
+    ExitRecord {
+        kind,
+        addr: u64::from(index),
+        size: 8,
+        data: result.or(write).unwrap_or(0),
+        rip: 0,
+    }
+}
+
+/// A trap port write completed: the registers after it and the patched
+/// site it came from (None: an ordinary write to the port).
+pub(super) struct Trap {
+    pub(super) regs: kvm_bindings::kvm_regs,
+    pub(super) sregs: kvm_bindings::kvm_sregs,
+    pub(super) site: Option<crate::patch::PatchSite>,
+}
+
+/// Completes a trap's `out` and finds the patched site it came from.
+pub(super) fn complete_trap(vcpu: &mut VcpuFd, patches: &PatchTable, mem: &GuestMemory) -> Result<Trap, Error> {
+    // KVM completes the `out` on the next KVM_RUN and refuses register
+    // changes before that: complete it with an immediate exit (RIP is then
+    // just past the `out`).
+    vcpu.set_kvm_immediate_exit(1);
+    let r = vcpu.run().map(|_| ());
+    vcpu.set_kvm_immediate_exit(0);
+    match r {
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+        Err(e) => {
+            return Err(Error::Kvm {
+                what: "KVM_RUN (completing a trap)",
+                source: e,
+            })
+        }
+        Ok(()) => {}
+    }
+    let regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+    let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    let paging = crate::paging::PagingRegs::of(&sregs);
+    let cs_base = if sregs.efer & (1 << 10) != 0 && sregs.cs.l != 0 {
+        0
+    } else {
+        sregs.cs.base
+    };
+    let site = patches.site_for_exit(mem, &paging, regs.rip, cs_base).cloned();
+    Ok(Trap { regs, sregs, site })
+}
+
+/// The record of a write to a trap port that no patched site made.
+pub(super) fn unknown_trap_write(port: u16, rip: u64) -> ExitRecord {
+    ExitRecord {
+        kind: ExitKind::PioOut,
+        addr: u64::from(port),
+        size: 1,
+        data: 0,
+        rip,
+    }
+}
+
+/// Answers a patched `cpuid` from the vCPU's CPUID table (deterministic).
+pub(super) fn emulate_cpuid_trap(
+    vcpu: &VcpuFd,
+    table: &[cpuid::CpuidEntry],
+    site: &crate::patch::PatchSite,
+    mut regs: kvm_bindings::kvm_regs,
+    sregs: &kvm_bindings::kvm_sregs,
+) -> Result<ExitRecord, Error> {
+    let (leaf, subleaf) = (regs.rax as u32, regs.rcx as u32);
+    let xcr0 = if leaf == 0xd {
+        vcpu.get_xcrs().map_or(1, |x| x.xcrs[0].value)
+    } else {
+        0
+    };
+    let out = cpuid::lookup(table, leaf, subleaf, sregs.cr4, xcr0);
+    crate::patch::emulate_cpuid(site, out, &mut regs);
+    vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+    Ok(ExitRecord {
+        kind: ExitKind::Patched,
+        addr: site.gpa,
+        size: site.len,
+        data: u64::from(subleaf) << 32 | u64::from(leaf),
+        rip: regs.rip,
+    })
+}
+
 /// An exit that needs the vCPU to complete.
 pub(super) enum Pending {
     Msr {
@@ -319,7 +355,7 @@ fn next_of(ev: BusEvent) -> Next {
 
 /// A plain run passes trapped MSRs through to KVM's own emulation (the
 /// recorder logs them instead). None: the guest gets #GP.
-fn msr_read(vcpu: &VcpuFd, index: u32) -> Option<u64> {
+pub(super) fn msr_read(vcpu: &VcpuFd, index: u32) -> Option<u64> {
     if !msr::passes_through(index) {
         return None;
     }
@@ -334,7 +370,7 @@ fn msr_read(vcpu: &VcpuFd, index: u32) -> Option<u64> {
     }
 }
 
-fn msr_write(vcpu: &VcpuFd, index: u32, data: u64) -> bool {
+pub(super) fn msr_write(vcpu: &VcpuFd, index: u32, data: u64) -> bool {
     if !msr::passes_through(index) {
         return false;
     }

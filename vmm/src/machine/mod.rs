@@ -140,6 +140,10 @@ pub enum Error {
     /// KVM's dirty log could not be collected.
     #[error("cannot collect the pages the guest wrote: {0}")]
     DirtyLog(#[source] HookError),
+    /// Several vCPUs: a failure on an AP, or what a machine with several
+    /// vCPUs cannot do yet.
+    #[error("{0}")]
+    Smp(String),
     /// A guest-virtual address does not translate.
     #[error(transparent)]
     Translate(#[from] crate::paging::TranslateError),
@@ -307,7 +311,8 @@ pub struct Core {
     dma: crate::memory::DmaMemory,
     /// Where the PCI functions' interrupts go.
     chip_link: Arc<crate::platform::ChipLink>,
-    platform: Platform,
+    /// Shared with the APs' threads during a run with several vCPUs.
+    platform: Arc<Platform>,
     clock: Arc<VirtualClock>,
     setup: BootSetup,
     cpuid: Vec<cpuid::CpuidEntry>,
@@ -368,6 +373,11 @@ pub struct Machine {
     /// Limits that end the run early, and whether the output one was seen.
     limits: limits::Limits,
     output_watch: Arc<std::sync::Mutex<limits::WatchState>>,
+    /// The application processors (`--cpus` above 1), between runs; each
+    /// runs on a thread of its own during [`Machine::run`].
+    aps: Vec<ap::ApVcpu>,
+    /// What the vCPU threads share during such a run.
+    smp: Option<Arc<ap::Smp>>,
     core: Core,
 }
 
@@ -460,6 +470,8 @@ enum Idle {
     Interrupt,
     Never,
     Stopped,
+    /// Another vCPU ended the run.
+    Ended,
 }
 
 /// Where inside a step of the run loop a machine stopped: what a reverse
@@ -624,6 +636,11 @@ impl Machine {
         &self.core.metrics
     }
 
+    /// The number of vCPUs.
+    pub fn cpus(&self) -> usize {
+        1 + self.aps.len()
+    }
+
     /// The run mode's name.
     pub fn mode_name(&self) -> &'static str {
         self.hooks.name()
@@ -675,6 +692,7 @@ impl Machine {
     }
 }
 
+mod ap;
 mod builder;
 mod exit;
 mod guest_view;

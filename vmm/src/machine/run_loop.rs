@@ -89,7 +89,12 @@ impl Machine {
         loop {
             let deadline = self.core.platform.next_deadline_ns();
             let input = self.core.platform.input_may_arrive();
-            if deadline.is_none() && !input {
+            let smp = self.smp.clone();
+            if smp.as_ref().is_some_and(|s| s.ended().is_some()) {
+                return Ok(Idle::Ended);
+            }
+            // With several vCPUs, another one may still send an interrupt.
+            if deadline.is_none() && !input && smp.as_ref().is_none_or(|s| s.aps_parked()) {
                 return Ok(Idle::Never);
             }
             if let Some(t) = &self.timer {
@@ -97,11 +102,43 @@ impl Machine {
                     return Ok(Idle::Stopped);
                 }
             }
-            self.hooks.idle_wait(&self.core.clock, deadline, input);
+            match &smp {
+                Some(s) => s.bell(0).wait(s.host_ns(deadline)),
+                None => self.hooks.idle_wait(&self.core.clock, deadline, input),
+            }
             self.step(true)?;
             if self.core.platform.interrupt_pending() {
                 return Ok(Idle::Interrupt);
             }
+        }
+    }
+
+    /// How the run ended on another vCPU (a failure there is an error here).
+    fn smp_end(&self) -> Result<RunOutcome, Error> {
+        match self.smp.as_ref().and_then(|s| s.ended()) {
+            Some(Ok(outcome)) => Ok(outcome),
+            Some(Err(message)) => Err(Error::Smp(message)),
+            None => Ok(RunOutcome::Halted),
+        }
+    }
+
+    /// The BSP halted with interrupts disabled: the run ends as halted,
+    /// once every AP is parked too, unless another vCPU ends it first.
+    fn halted_for_good(&mut self) -> Result<Stop, Error> {
+        let Some(smp) = self.smp.clone() else {
+            return Ok(Stop::Ended(RunOutcome::Halted));
+        };
+        loop {
+            if smp.ended().is_some() {
+                return self.smp_end().map(Stop::Ended);
+            }
+            if smp.aps_parked() {
+                return Ok(Stop::Ended(RunOutcome::Halted));
+            }
+            if self.timer.as_ref().is_some_and(|t| t.take_request()) {
+                return Ok(Stop::Interrupted);
+            }
+            smp.bell(0).wait(None);
         }
     }
 
@@ -153,6 +190,14 @@ impl Machine {
 
     /// Runs the guest until it exits, halts for good, resets or crashes.
     pub fn run(&mut self) -> Result<RunOutcome, Error> {
+        if !self.aps.is_empty() {
+            return self.run_smp();
+        }
+        self.run_bsp()
+    }
+
+    /// Runs the BSP (the only vCPU, or beside the APs' threads).
+    pub(super) fn run_bsp(&mut self) -> Result<RunOutcome, Error> {
         loop {
             match self.resume()? {
                 Stop::Ended(outcome) => return Ok(outcome),
@@ -167,6 +212,13 @@ impl Machine {
     /// single step) stops it, or another thread kicks it ([`Machine::kicker`]).
     /// The machine can be resumed after a `Debug` or `Interrupted` stop.
     pub fn resume(&mut self) -> Result<Stop, Error> {
+        if !self.aps.is_empty() {
+            return Err(Error::Smp(
+                "a machine with several vCPUs runs only to its end (`nyx run`); stopping and resuming it \
+                 (gdb, snapshots, record and replay) works with --cpus 1"
+                    .into(),
+            ));
+        }
         self.prepare_thread()?;
         let wall = std::time::Instant::now();
         let (user, sys) = thread_cpu_ns();
@@ -198,6 +250,7 @@ impl Machine {
                 Idle::Interrupt => {}
                 Idle::Never => return Ok(Stop::Ended(RunOutcome::Halted)),
                 Idle::Stopped => return Ok(Stop::Interrupted),
+                Idle::Ended => return self.smp_end().map(Stop::Ended),
             }
         }
         if std::mem::take(&mut self.idle_stopped) {
@@ -208,6 +261,7 @@ impl Machine {
                     self.idle_stopped = true;
                     return Ok(Stop::Interrupted);
                 }
+                Idle::Ended => return self.smp_end().map(Stop::Ended),
             }
         }
         loop {
@@ -289,7 +343,12 @@ impl Machine {
                     let passed = kick.is_some_and(|k| crate::kick::monotonic_ns() >= k);
                     let mut ctx = self.core.ctx();
                     self.poll_pending = self.hooks.on_kick(&mut ctx, passed)?;
-                    self.spurious_kick = !self.poll_pending;
+                    // Another vCPU left an interrupt here, or ended the run.
+                    let nudged = self.smp.as_ref().is_some_and(|s| s.bell(0).take());
+                    self.spurious_kick = !self.poll_pending && !nudged;
+                    if self.smp.as_ref().is_some_and(|s| s.ended().is_some()) {
+                        return self.smp_end().map(Stop::Ended);
+                    }
                     if let Some(t) = &self.timer {
                         if t.take_request() {
                             return Ok(Stop::Interrupted);
@@ -346,9 +405,7 @@ impl Machine {
                     match next {
                         Next::Continue if self.hooks.pause_after_exit() => return Ok(Stop::Paused),
                         Next::Continue => {}
-                        Next::Hlt if self.core.vcpu.get_kvm_run().if_flag == 0 => {
-                            return Ok(Stop::Ended(RunOutcome::Halted))
-                        }
+                        Next::Hlt if self.core.vcpu.get_kvm_run().if_flag == 0 => return self.halted_for_good(),
                         Next::Hlt => match self.idle()? {
                             Idle::Interrupt => {}
                             Idle::Never => return Ok(Stop::Ended(RunOutcome::Halted)),
@@ -356,22 +413,12 @@ impl Machine {
                                 self.idle_stopped = true;
                                 return Ok(Stop::Interrupted);
                             }
+                            Idle::Ended => return self.smp_end().map(Stop::Ended),
                         },
                         Next::Debug(d) => return Ok(Stop::Debug(d)),
                         Next::InternalError => {
-                            let run = self.core.vcpu.get_kvm_run();
-                            // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so
-                            // the `internal` member of the union is the valid one.
-                            let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
-                            let what = match suberror {
-                                1 => "emulation failure (a triple fault shows up this way on emulated KVM)",
-                                2 => "simultaneous exceptions",
-                                3 => "delivery event",
-                                _ => "internal error",
-                            };
-                            return self
-                                .crash(format!("KVM internal error, suberror {suberror}: {what}"))
-                                .map(Stop::Ended);
+                            let reason = super::ap::internal_error_reason(&mut self.core.vcpu);
+                            return self.crash(reason).map(Stop::Ended);
                         }
                         Next::End(outcome) => return Ok(Stop::Ended(outcome)),
                         Next::Sleep(state) => {
@@ -381,6 +428,7 @@ impl Machine {
                                 Idle::Interrupt => {}
                                 Idle::Never => return Ok(Stop::Ended(RunOutcome::Halted)),
                                 Idle::Stopped => return Ok(Stop::Interrupted),
+                                Idle::Ended => return self.smp_end().map(Stop::Ended),
                             }
                         }
                         Next::Crash(reason) => return self.crash(reason).map(Stop::Ended),

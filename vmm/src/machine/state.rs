@@ -13,6 +13,12 @@ impl Machine {
     /// The machine's state without its memory (a checkpoint that saves
     /// only written pages itself).
     pub fn capture_state_without_memory(&mut self) -> Result<(crate::snapshot::MachineState, ()), Error> {
+        if !self.aps.is_empty() {
+            return Err(Error::Smp(
+                "a machine with several vCPUs cannot be saved yet (snapshots, migration, checkpoints work with --cpus 1)"
+                    .into(),
+            ));
+        }
         // An exit KVM has not completed yet would be lost.
         crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu)
             .map_err(vcpu_err("complete the pending exit of"))?;
@@ -107,7 +113,7 @@ impl Machine {
             chip_link: self.core.chip_link.clone(),
             ram_below_4g: (self.core.config.mem_mib << 20).min(crate::memory::MMIO_HOLE_START),
         };
-        self.core.platform = Platform::from_state(io, &state.platform)?;
+        self.core.platform = Arc::new(Platform::from_state(io, &state.platform)?);
         crate::vcpu_state::restore(&self.core.vcpu, &state.vcpu).map_err(vcpu_err("restore"))?;
         self.core.clock.set_last(state.virtual_ns);
         self.core.exit_seq = state.exit_seq;
