@@ -604,6 +604,17 @@ impl MachineArgs {
         }
     }
 
+    /// Refuses `--cpus` above 1 for `what`, which runs one vCPU.
+    fn one_cpu(&self, what: &str) -> Result<(), String> {
+        if self.cpus > 1 {
+            return Err(format!(
+                "--cpus {}: {what} runs one vCPU for now; several run in a plain `nyx run`",
+                self.cpus
+            ));
+        }
+        Ok(())
+    }
+
     /// The `--irqchip` kind.
     fn irqchip(&self) -> Result<nyx_vmm::config::Irqchip, String> {
         nyx_vmm::config::Irqchip::parse(&self.irqchip)
@@ -689,6 +700,7 @@ pub fn finish(outcome: &RunOutcome) -> ExitCode {
 
 fn record(args: &RecordArgs) -> Result<ExitCode, String> {
     let m = &args.machine;
+    m.one_cpu("recording")?;
     let verify = if args.verify == "full" {
         VerifyLevel::Full
     } else {
@@ -805,6 +817,7 @@ fn replay(args: &ReplayArgs) -> Result<ExitCode, nyx_replayer::Error> {
 /// the source that it runs, and runs it as `nyx restore` would.
 fn incoming(args: &RunArgs, spec: &str) -> Result<ExitCode, String> {
     use nyx_vmm::migration;
+    args.machine.one_cpu("a migrated machine")?;
     let key = match &args.migration_key {
         Some(path) => Some(nyx_vmm::migration_auth::Key::from_file(path)?),
         None => None,
@@ -897,6 +910,12 @@ fn run(args: &RunArgs) -> Result<ExitCode, String> {
         print!("{}", CpuModel::help());
         return Ok(ExitCode::SUCCESS);
     };
+    if args.gdb.gdb.is_some() {
+        args.machine.one_cpu("gdb")?;
+    }
+    if args.serve.api.is_some() {
+        args.machine.one_cpu("a machine with a control socket (--api)")?;
+    }
     let mut b = args.machine.builder(cpu)?;
     if let Some((hooks, _)) = args.clock.check_hooks() {
         b = b.hooks(Box::new(hooks));
