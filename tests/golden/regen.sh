@@ -20,6 +20,9 @@
 # with virtio-blk alone at 00:03.0 on a fresh copy of the image
 # blkbench-disk.sh writes (32 MiB); the SHA-256 of blkwrite's image after
 # its run is recorded as blkwrite.img.sha256.
+#
+# smp runs with four CPUs (-smp 4); its "smp: racy total 0x" line varies
+# from run to run (see README.md).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 guests="$here/../guests"
@@ -32,7 +35,7 @@ status=0
 # name, expected QEMU exit status, serial input
 for spec in hello:67 pit:35 longmode:1 triple:0 ports:69 echo:103:echo.in softint:145 \
     lapic:161 ioapic:163 hpet:165 acpi:0 busyio:147 s3:171 pmtimer:167 virtio:179 \
-    conecho:189:conecho.in blknop:181 blkseq:183 blkrand:185 blkwrite:187; do
+    conecho:189:conecho.in blknop:181 blkseq:183 blkrand:185 blkwrite:187 smp:191; do
     name=${spec%%:*}
     # With arguments, only the guests they name.
     if [ $# -gt 0 ]; then
@@ -88,6 +91,14 @@ for spec in hello:67 pit:35 longmode:1 triple:0 ports:69 echo:103:echo.in softin
             -kernel "$name" -append "$append" \
             -drive if=none,id=d0,file=disk.img,format=raw \
             -device virtio-blk-pci,disable-legacy=on,addr=0x3,drive=d0) <"$input" >"$here/$name.out"
+        got=$?
+        ;;
+    smp)
+        # Four CPUs, APIC IDs 0..3.
+        (cd "$work" && timeout 60 qemu-system-x86_64 -machine pc -cpu qemu64 -m 64 \
+            -smp 4 -display none -serial stdio -no-reboot \
+            -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
+            -kernel "$name" -append "$append") <"$input" >"$here/$name.out"
         got=$?
         ;;
     *)

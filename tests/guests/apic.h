@@ -35,6 +35,18 @@
 #define LVT_PERIODIC 0x20000
 #define MSR_APIC_BASE 0x1B
 
+/* ICR low: delivery mode (bits 8-10), delivery status (bit 12, read only),
+ * level assert (bit 14), destination shorthand (bits 18-19); the
+ * destination APIC ID is in bits 24-31 of ICR high. */
+#define ICR_FIXED 0x000
+#define ICR_NMI 0x400
+#define ICR_INIT 0x500
+#define ICR_STARTUP 0x600
+#define ICR_BUSY 0x1000
+#define ICR_ASSERT 0x4000
+#define ICR_SELF 0x40000
+#define ICR_ALL_BUT_SELF 0xC0000
+
 /* IOAPIC: index register, data window; redirection entry N at 0x10 + 2N. */
 #define IOAPIC_REGSEL 0x00
 #define IOAPIC_WIN 0x10

@@ -303,6 +303,43 @@ pub const HPET_EXIT: u32 = 0x52;
 pub const PMTIMER_EXIT: u32 = 0x53;
 /// Debug-exit value of [`TSCDL`].
 pub const TSCDL_EXIT: u32 = 0x56;
+
+/// Four CPUs: the BSP starts APs 1..3 (INIT, STARTUP, STARTUP; a
+/// real-mode trampoline at 0x7000, STARTUP vector 0x07), each goes to long
+/// mode and increments a counter [`SMP_ITERS`] times under a spinlock and
+/// another without a lock, sends the BSP a fixed IPI (vector 0x40 + its
+/// APIC ID); the BSP then sends a fixed IPI to all excluding self and an
+/// NMI to AP 2, and prints what the APs left; exits with [`SMP_EXIT`].
+/// Needs the APIC platform and [`SMP_CPUS`] vCPUs (APIC IDs 0..3). One
+/// line of its output varies from run to run, the lock-free counter's
+/// total: compare through [`mask_smp_racy`].
+pub const SMP: &[u8] = guest_image!("smp");
+/// Debug-exit value of [`SMP`].
+pub const SMP_EXIT: u32 = 0x5f;
+/// The vCPUs [`SMP`] needs (QEMU `-smp 4`).
+pub const SMP_CPUS: u32 = 4;
+/// The increments of each counter per AP in [`SMP`] (`ITERS` in
+/// `tests/guests/smp.S`).
+pub const SMP_ITERS: u32 = 50000;
+/// The start of the one line of [`SMP`]'s output that varies: the total of
+/// the counter the APs increment without a lock.
+pub const SMP_RACY_PREFIX: &str = "smp: racy total 0x";
+
+/// `output` with the rest of each line that starts with
+/// [`SMP_RACY_PREFIX`] replaced by `<masked>`, for comparing [`SMP`]'s
+/// output with its golden.
+pub fn mask_smp_racy(output: &str) -> String {
+    output
+        .split_inclusive('\n')
+        .map(|line| match line.strip_prefix(SMP_RACY_PREFIX) {
+            Some(rest) => {
+                let end = if rest.ends_with('\n') { "\n" } else { "" };
+                format!("{SMP_RACY_PREFIX}<masked>{end}")
+            }
+            None => line.to_string(),
+        })
+        .collect()
+}
 /// Debug-exit value any guest writes when something unexpected happened
 /// (an exception, a stray interrupt, a failed self-check).
 pub const UNEXPECTED_EXIT: u32 = 0x7f;
@@ -342,6 +379,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("blkseq", BLKSEQ),
     ("blkrand", BLKRAND),
     ("blkwrite", BLKWRITE),
+    ("smp", SMP),
 ];
 
 /// What a guest is expected to do.
@@ -364,6 +402,7 @@ pub struct Expected {
     /// benchmark guests); only on the APIC platform.
     pub needs_virtio: bool,
     /// Its complete serial output under QEMU; `None` if timing-dependent.
+    /// (One line of [`SMP`]'s varies: see [`mask_smp_racy`].)
     pub golden: Option<&'static str>,
     /// The bytes fed to its COM1 receiver, if any.
     pub input: Option<&'static [u8]>,
@@ -595,6 +634,15 @@ pub const EXPECTED: &[Expected] = &[
         powers_off: false,
         needs_apic: true,
         needs_virtio: true,
+    },
+    Expected {
+        name: "smp",
+        exit_value: Some(SMP_EXIT),
+        golden: Some(include_str!("../../golden/smp.out")),
+        input: None,
+        powers_off: false,
+        needs_apic: true,
+        needs_virtio: false,
     },
 ];
 
@@ -839,7 +887,8 @@ mod tests {
                 "blknop",
                 "blkseq",
                 "blkrand",
-                "blkwrite"
+                "blkwrite",
+                "smp"
             ]
         );
         for e in EXPECTED {
@@ -853,12 +902,48 @@ mod tests {
         assert_eq!(qemu_exit_code(HPET_EXIT), 0xa5);
         assert_eq!(qemu_exit_code(PMTIMER_EXIT), 0xa7);
         assert_eq!(qemu_exit_code(TSCDL_EXIT), 0xad);
+        assert_eq!(qemu_exit_code(SMP_EXIT), 0xbf);
         assert!(expected("pmtimer")
             .and_then(|e| e.golden)
             .expect("pmtimer golden")
             .ends_with("pm timer rate ok\n"));
         assert_eq!(expected("tscdl"), None, "tscdl has no golden output");
         assert_eq!(image("tscdl"), Some(TSCDL));
+    }
+
+    #[test]
+    fn smp_golden_varies_in_one_line_only() {
+        let golden = expected("smp").and_then(|e| e.golden).expect("smp golden");
+        let racy: Vec<_> = golden.lines().filter(|l| l.contains("racy total 0x")).collect();
+        assert_eq!(racy.len(), 1, "{golden}");
+        assert!(racy[0].starts_with(SMP_RACY_PREFIX), "{golden}");
+        let locked = format!("smp: locked total 0x{:08x}\n", (SMP_CPUS - 1) * SMP_ITERS);
+        assert!(golden.contains(&locked), "{golden}");
+        assert!(golden.ends_with("smp: racy total <= locked total: yes\n"), "{golden}");
+        for ap in 1..SMP_CPUS {
+            assert!(golden.contains(&format!("smp: ap {ap} online\n")), "{golden}");
+            let ipi = format!("smp: ipi from ap {ap} vector 0x{:02x}\n", 0x40 + ap);
+            assert!(golden.contains(&ipi), "{golden}");
+        }
+        let value = if racy[0].ends_with("00000000") {
+            "00000001"
+        } else {
+            "00000000"
+        };
+        let other = golden.replace(racy[0], &format!("{SMP_RACY_PREFIX}{value}"));
+        assert_ne!(other, golden);
+        assert_eq!(mask_smp_racy(&other), mask_smp_racy(golden));
+        let masked = mask_smp_racy(golden);
+        assert!(masked.contains("smp: racy total 0x<masked>\nsmp: racy total <= locked"));
+        assert_eq!(masked.lines().count(), golden.lines().count());
+        assert_eq!(
+            mask_smp_racy("x\nsmp: racy total 0x12"),
+            "x\nsmp: racy total 0x<masked>"
+        );
+        assert_ne!(
+            mask_smp_racy(&golden.replace("locked total 0x", "locked total 0x1")),
+            masked
+        );
     }
 
     #[test]
