@@ -98,8 +98,14 @@ fn several_vcpus_need_the_apic_platform_and_a_plain_run() {
         .serial_out(Box::new(std::io::sink()))
         .build()
         .expect("building");
-    let err = m.resume().err().expect("resume with 2 vCPUs").to_string();
+    let Err(err) = m.resume() else {
+        panic!("resume with 2 vCPUs")
+    };
+    let err = err.to_string();
     assert!(err.contains("--cpus 1"), "{err}");
-    let err = m.capture_state().err().expect("capture with 2 vCPUs").to_string();
+    let Err(err) = m.capture_state() else {
+        panic!("capture with 2 vCPUs")
+    };
+    let err = err.to_string();
     assert!(err.contains("--cpus 1"), "{err}");
 }
