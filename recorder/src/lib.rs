@@ -113,6 +113,8 @@ pub struct RecordOptions {
     pub cpu: CpuModel,
     /// The interrupt controllers and platform.
     pub irqchip: nyx_vmm::config::Irqchip,
+    /// vCPUs: several run one at a time, and the trace logs each switch.
+    pub cpus: usize,
     /// The PCI functions (virtio disks, entropy, console).
     pub pci: nyx_vmm::pci_setup::PciSetup,
 }
@@ -501,6 +503,20 @@ impl RunHooks for Recorder {
         true
     }
 
+    fn schedules(&self) -> bool {
+        true
+    }
+
+    fn schedule(&mut self, _ctx: &mut HookCtx<'_>, proposal: Option<u8>) -> Result<Option<u8>, HookError> {
+        if let Some(to) = proposal {
+            lock(&self.log).push(Event::Switch(to));
+            // The vCPU switched to gets its slice before any kick.
+            self.slice_start_ns = nyx_vmm::kick::monotonic_ns();
+            self.last_position_ns = self.slice_start_ns;
+        }
+        Ok(proposal)
+    }
+
     fn kick_at(&self, virt_deadline: Option<u64>) -> Option<u64> {
         if let Some(c) = &self.check {
             // Only the time limit: the check clock moves at exits.
@@ -705,6 +721,7 @@ fn start_image_with_clock(
         .cpuid_policy(CpuidPolicy::RecordReplay)
         .cpu_model(opts.cpu)
         .irqchip(opts.irqchip)
+        .cpus(opts.cpus)
         .pci(opts.pci)
         .hooks(Box::new(hooks));
     if let Some(out) = opts.serial_out {
@@ -1037,6 +1054,7 @@ mod tests {
         let kernel = dir.path().join("missing");
         let opts = options(dir.path().join("t.nyxtrace"), LandingPolicy::Auto);
         let e = start(RecordOptions {
+            cpus: 1,
             kernel: kernel.clone(),
             ..opts
         })
@@ -1047,6 +1065,7 @@ mod tests {
 
     fn options(out: PathBuf, landings: LandingPolicy) -> RecordOptions {
         RecordOptions {
+            cpus: 1,
             out,
             kernel: PathBuf::from("guest"),
             kernel_name: None,

@@ -558,6 +558,14 @@ impl RunHooks for Replayer {
         Ok(false)
     }
 
+    fn schedule(&mut self, ctx: &mut HookCtx<'_>, _proposal: Option<u8>) -> Result<Option<u8>, HookError> {
+        self.check(ctx)?;
+        match lock(&self.state).cursor.take_if(|e| matches!(e, Event::Switch(_))) {
+            Some(Event::Switch(to)) => Ok(Some(to)),
+            _ => Ok(None),
+        }
+    }
+
     fn on_exit(&mut self, ctx: &mut HookCtx<'_>, exit: &ExitRecord) -> Result<(), HookError> {
         self.check(ctx)?;
         let mut s = lock(&self.state);

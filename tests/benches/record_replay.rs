@@ -175,6 +175,7 @@ fn round_trip(dir: &Path, guest: &str, rep: usize) -> Res<Trip> {
     let out = Capture::default();
     let rec = record_image(
         RecordOptions {
+            cpus: 1,
             out: dir.join(format!("{name}-{rep}.nyxtrace")),
             kernel: PathBuf::from(name),
             kernel_name: Some(name.to_string()),

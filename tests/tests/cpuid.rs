@@ -75,6 +75,7 @@ fn the_guest_sees_the_trace_table_in_a_recording_and_its_replay() {
     let out = Capture::default();
     let rec = nyx_recorder::record_image(
         nyx_recorder::RecordOptions {
+            cpus: 1,
             out: dir.path().join("cpuid.nyxtrace"),
             kernel: "cpuid".into(),
             kernel_name: None,

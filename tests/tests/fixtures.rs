@@ -176,6 +176,7 @@ fn regenerate() {
     std::fs::create_dir_all(fixture("")).unwrap();
     record_image(
         RecordOptions {
+            cpus: 1,
             out: fixture(TRACE),
             kernel: PathBuf::from("hello"),
             kernel_name: Some("hello".into()),

@@ -38,6 +38,7 @@ fn guest_options(
     irqchip: Irqchip,
 ) -> RecordOptions {
     RecordOptions {
+        cpus: 1,
         out,
         kernel: PathBuf::from(name),
         kernel_name: Some(name.to_string()),

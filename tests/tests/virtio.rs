@@ -118,6 +118,7 @@ fn record_pci(dir: &Path, mut pci: PciSetup, embed: bool) -> (PathBuf, Vec<u8>) 
     pci.embed_disks = embed;
     let rec = record_image(
         RecordOptions {
+            cpus: 1,
             out: dir.join("virtio.nyxtrace"),
             kernel: PathBuf::from("virtio"),
             kernel_name: Some("virtio".into()),
@@ -695,6 +696,7 @@ fn console_input_is_recorded_and_replayed_without_a_source() {
     let input = nyx_guests::CONECHO_INPUT;
     let rec = record_image(
         RecordOptions {
+            cpus: 1,
             out: dir.path().join("conecho.nyxtrace"),
             kernel: PathBuf::from("conecho"),
             kernel_name: Some("conecho".into()),

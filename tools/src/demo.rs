@@ -65,6 +65,7 @@ pub fn run(kvm_device: &str) -> Result<ExitCode, String> {
     let recorded = Capture::default();
     let rec = record_image(
         RecordOptions {
+            cpus: 1,
             out: trace.clone(),
             kernel: PathBuf::from(GUEST),
             kernel_name: Some(GUEST.into()),

@@ -700,7 +700,6 @@ pub fn finish(outcome: &RunOutcome) -> ExitCode {
 
 fn record(args: &RecordArgs) -> Result<ExitCode, String> {
     let m = &args.machine;
-    m.one_cpu("recording")?;
     let verify = if args.verify == "full" {
         VerifyLevel::Full
     } else {
@@ -732,6 +731,7 @@ fn record(args: &RecordArgs) -> Result<ExitCode, String> {
         }),
         None => nyx_recorder::start_with_clock(
             nyx_recorder::RecordOptions {
+                cpus: m.cpus,
                 out: args.out.clone(),
                 kernel: m.kernel()?.clone(),
                 kernel_name: None,

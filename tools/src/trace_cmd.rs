@@ -108,7 +108,9 @@ fn write_info(path: &Path, out: &mut dyn Write) -> Result<ExitCode, Error> {
     writeln!(out, "kind         {:?}", h.kind)?;
     writeln!(
         out,
-        "machine      {} MiB, kernel {:?}, cmdline {:?}, initrd: {}",
+        "machine      {} vCPU{}, {} MiB, kernel {:?}, cmdline {:?}, initrd: {}",
+        config.cpus(),
+        if config.cpus() == 1 { "" } else { "s" },
         config.mem_mib,
         config.kernel_name,
         config.cmdline,

@@ -289,10 +289,12 @@ enum Track {
     End,
     /// The counters' (Chrome keys counters by process and name).
     Counters,
+    /// Switches between vCPUs (a machine with several).
+    Vcpus,
 }
 
 impl Track {
-    const COUNT: usize = ExitKind::ALL.len() + 10;
+    const COUNT: usize = ExitKind::ALL.len() + 11;
 
     fn tid(self) -> u32 {
         match self {
@@ -306,6 +308,7 @@ impl Track {
             Track::Polls => 8,
             Track::End => 9,
             Track::Exit(k) => 10 + ExitKind::ALL.iter().position(|x| *x == k).unwrap_or(0) as u32,
+            Track::Vcpus => 10 + ExitKind::ALL.len() as u32,
         }
     }
 
@@ -321,6 +324,7 @@ impl Track {
             Track::Polls => "device polls".into(),
             Track::End => "end".into(),
             Track::Counters => "counters".into(),
+            Track::Vcpus => "vCPU switches".into(),
         }
     }
 }
@@ -677,6 +681,10 @@ impl Exporter<'_, '_> {
                 if x.kind == ExitKind::PioOut {
                     self.serial_write(pos, &x, ns)?;
                 }
+            }
+            Event::Switch(cpu) => {
+                let name = format!("vCPU {cpu}");
+                self.out.instant(Track::Vcpus, &name, "switch", ns, PosArgs { pos })?;
             }
             Event::Inject(v) => {
                 let name = format!("vector {v:#x}");

@@ -121,6 +121,11 @@ pub struct MachineConfig {
 }
 
 impl MachineConfig {
+    /// The number of vCPUs (what the CPUID table's topology says).
+    pub fn cpus(&self) -> usize {
+        crate::cpuid::cpus_of(&self.cpuid)
+    }
+
     /// Encodes with postcard.
     pub fn to_bytes(&self) -> Vec<u8> {
         // Encoding a plain struct into a Vec cannot fail.

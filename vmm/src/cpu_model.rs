@@ -312,10 +312,12 @@ pub fn missing_features(table: &[CpuidEntry], supported: &[CpuidEntry]) -> Vec<S
         };
         let have = find(supported, r.leaf, r.subleaf).map_or(0, |e| r.reg.get(&e));
         let mut lacking = r.reg.get(&want) & !have & !r.dynamic;
-        // Devices Nyx emulates itself, not KVM.
+        // Devices Nyx emulates itself, not KVM, and the topology of the
+        // machine's vCPUs, which Nyx describes (cpuid::for_vcpu).
         match (r.leaf, r.subleaf, r.reg) {
             (1, 0, Reg::Ecx) => lacking &= !crate::cpuid::EMULATED_L1.0,
-            (1, 0, Reg::Edx) => lacking &= !crate::cpuid::EMULATED_L1.1,
+            (1, 0, Reg::Edx) => lacking &= !(crate::cpuid::EMULATED_L1.1 | crate::cpuid::TOPOLOGY_L1_EDX),
+            (0x8000_0001, 0, Reg::Ecx) => lacking &= !crate::cpuid::TOPOLOGY_LX1_ECX,
             _ => {}
         }
         for bit in (0..32).filter(|b| lacking & (1 << b) != 0) {

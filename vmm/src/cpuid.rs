@@ -96,6 +96,12 @@ const LX7_EDX_INVARIANT_TSC: u32 = 1 << 8;
 /// KVM's own table says, since KVM is not what implements them.
 pub const EMULATED_L1: (u32, u32) = (L1_ECX_TSC_DEADLINE, L1_EDX_APIC);
 
+/// The leaf-1 EDX bit [`for_vcpu`] sets for a machine with several vCPUs
+/// (HTT: the logical processor count is valid), whatever KVM's table says.
+pub const TOPOLOGY_L1_EDX: u32 = L1_EDX_HTT;
+/// The leaf-0x8000_0001 ECX bit [`for_vcpu`] sets likewise (CmpLegacy).
+pub const TOPOLOGY_LX1_ECX: u32 = LX1_ECX_CMP_LEGACY;
+
 /// Offers the local APIC and its TSC-deadline timer in leaf 1 when the
 /// machine has them (`Irqchip::Apic`); [`filter`] hides them for a legacy
 /// machine.
@@ -160,6 +166,16 @@ pub fn for_vcpu(table: &[CpuidEntry], apic_id: u8, cpus: usize) -> Vec<CpuidEntr
         }
     }
     out
+}
+
+/// The number of CPUs a table made by [`for_vcpu`] describes (its leaf 1
+/// logical processor count when HTT is set; 1 otherwise): a trace's or
+/// snapshot's table says how many vCPUs its machine has.
+pub fn cpus_of(table: &[CpuidEntry]) -> usize {
+    match table.iter().find(|e| e.function == 1) {
+        Some(e) if e.edx & L1_EDX_HTT != 0 => (((e.ebx >> 16) & 0xff) as usize).max(1),
+        _ => 1,
+    }
 }
 
 /// Filters `entries` in place according to `policy`. Returns the entries to
@@ -410,6 +426,9 @@ mod tests {
             [0, 0, 2, 2]
         );
         assert_ne!(find(0x8000_0001, 0).ecx & LX1_ECX_CMP_LEGACY, 0);
+        assert_eq!(cpus_of(&t), 1);
+        assert_eq!(cpus_of(&v), 3);
+        assert_eq!(cpus_of(&for_vcpu(&t, 0, 64)), 64);
         assert_eq!(find(0x8000_0008, 0).ecx, (2 << 12) | 2);
         assert_eq!(
             for_vcpu(&t, 63, 64)

@@ -336,6 +336,9 @@ pub enum Event {
     ConsoleInput(Vec<u8>),
     /// What a read of an embedded disk returned here (`--embed-disks`).
     DiskRead(Vec<u8>),
+    /// A machine that runs its vCPUs one at a time switched to this vCPU
+    /// here; the events after it are that vCPU's until the next switch.
+    Switch(u8),
 }
 
 impl Event {
@@ -355,6 +358,7 @@ impl Event {
             Event::Rng(_) => "rng",
             Event::ConsoleInput(_) => "console-input",
             Event::DiskRead(_) => "disk-read",
+            Event::Switch(_) => "switch",
         }
     }
 
@@ -377,6 +381,7 @@ impl Event {
                 "rng",
                 "console-input",
                 "disk-read",
+                "switch",
             ])
             .collect()
     }
@@ -408,6 +413,7 @@ impl std::fmt::Display for Event {
             ),
             Event::Inject(v) => write!(f, "inject vector {v:#x}"),
             Event::Regs(d) => write!(f, "regs {d:#018x}"),
+            Event::Switch(cpu) => write!(f, "switch to vCPU {cpu}"),
             Event::End(e) => write!(
                 f,
                 "end ({}) regs {:#018x} mem {:#018x}",
@@ -608,6 +614,7 @@ mod tests {
                 }))
             }),
             any::<u8>().prop_map(Event::Inject),
+            any::<u8>().prop_map(Event::Switch),
             (
                 any::<u64>(),
                 any::<u64>(),

@@ -451,6 +451,24 @@ pub trait RunHooks: Send {
         false
     }
 
+    /// Whether this mode decides which vCPU runs (a recording of several
+    /// vCPUs, which runs them one at a time): the machine then preempts
+    /// the running one after its time slice and offers its choices to
+    /// [`RunHooks::schedule`]. A replay follows the recorded choices instead.
+    fn schedules(&self) -> bool {
+        false
+    }
+
+    /// At each point where a machine running its vCPUs one at a time may
+    /// switch to another (the start of a step): `proposal` is the vCPU the
+    /// machine's policy would switch to (None: stay), from a mode that
+    /// [`RunHooks::schedules`]. The vCPU to switch to comes back: the
+    /// recorder logs the proposal and returns it, the replayer returns the
+    /// recorded switch, if one is here.
+    fn schedule(&mut self, _ctx: &mut HookCtx<'_>, proposal: Option<u8>) -> Result<Option<u8>, HookError> {
+        Ok(proposal)
+    }
+
     /// The run ended with `outcome`.
     fn on_end(&mut self, _ctx: &mut HookCtx<'_>, _outcome: &RunOutcome) -> Result<(), HookError> {
         Ok(())

@@ -166,6 +166,18 @@ impl VcpuTimer {
         })
     }
 
+    /// Points the signal handler at another vCPU's `kvm_run`: the thread
+    /// now drives that vCPU (a machine running its vCPUs one at a time on
+    /// one thread switched).
+    ///
+    /// # Safety
+    ///
+    /// As for [`VcpuTimer::new`]: `run` must stay valid for writes until
+    /// the timer is dropped or retargeted again.
+    pub unsafe fn retarget(&mut self, run: *mut kvm_run) {
+        RUN.with(|r| r.set(run));
+    }
+
     /// A handle for other threads.
     pub fn kicker(&self) -> Kicker {
         Kicker {

@@ -596,7 +596,17 @@ impl Platform {
 
     /// Takes the INIT, start-up and NMI messages left for the CPU.
     pub fn take_signals(&self) -> nyx_devices::irqchip::CpuSignals {
-        lock(&self.chip).take_signals(nyx_devices::cpu::current())
+        self.take_signals_of(nyx_devices::cpu::current())
+    }
+
+    /// Takes the INIT, start-up and NMI messages left for CPU `cpu`.
+    pub fn take_signals_of(&self, cpu: usize) -> nyx_devices::irqchip::CpuSignals {
+        lock(&self.chip).take_signals(cpu)
+    }
+
+    /// Whether the controllers have an interrupt for CPU `cpu`.
+    pub fn interrupt_pending_of(&self, cpu: usize) -> bool {
+        lock(&self.chip).has_interrupt(cpu)
     }
 
     /// Whether INIT, start-up or NMI messages wait for the CPU.

@@ -185,9 +185,12 @@ enum ApState {
 
 /// An application processor.
 pub(super) struct ApVcpu {
-    index: usize,
-    vcpu: VcpuFd,
-    cpuid: Vec<cpuid::CpuidEntry>,
+    pub(super) index: usize,
+    /// This AP's vCPU; while a machine that runs its vCPUs one at a time
+    /// runs this one, the BSP's, swapped with the machine's
+    /// ([`super::serial`]).
+    pub(super) vcpu: VcpuFd,
+    pub(super) cpuid: Vec<cpuid::CpuidEntry>,
     /// The vCPU's registers as KVM created it: what INIT goes back to.
     reset_regs: kvm_bindings::kvm_regs,
     reset_sregs: kvm_bindings::kvm_sregs,
@@ -359,22 +362,29 @@ impl ApVcpu {
         Ok(())
     }
 
-    /// Starts the CPU as a start-up IPI does: its reset state, in real mode
-    /// at `vector << 12` (CS = vector << 8, IP = 0).
+    /// Starts the CPU as a start-up IPI does.
     fn start_at(&mut self, vector: u8) -> Result<(), Error> {
+        self.start_vcpu_at(None, vector)
+    }
+
+    /// Starts the CPU (whose vCPU is `vcpu`, or its own) as a start-up IPI
+    /// does: its reset state, in real mode at `vector << 12` (CS = vector
+    /// << 8, IP = 0).
+    pub(super) fn start_vcpu_at(&mut self, vcpu: Option<&mut VcpuFd>, vector: u8) -> Result<(), Error> {
+        let vcpu = vcpu.unwrap_or(&mut self.vcpu);
         let mut sregs = self.reset_sregs;
         sregs.cs.selector = u16::from(vector) << 8;
         sregs.cs.base = u64::from(vector) << 12;
         let mut regs = self.reset_regs;
         regs.rip = 0;
-        self.vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-        self.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
         let fpu = kvm_bindings::kvm_fpu {
             fcw: 0x37f,
             mxcsr: 0x1f80,
             ..Default::default()
         };
-        self.vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+        vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
         tracing::debug!(cpu = self.index, vector, "started by a start-up IPI");
         Ok(())
     }

@@ -82,8 +82,8 @@ impl MachineBuilder {
             ));
         }
         match &self.hooks {
-            Some(h) if h.name() != "run" => Err(Error::Smp(format!(
-                "{n} vCPUs run only in a plain run for now: `{}` works with --cpus 1",
+            Some(h) if !matches!(h.name(), "run" | "record" | "replay") => Err(Error::Smp(format!(
+                "{n} vCPUs run in a plain run, a recording or a replay: `{}` works with --cpus 1",
                 h.name()
             ))),
             _ => Ok(()),
@@ -190,9 +190,12 @@ impl MachineBuilder {
         self
     }
 
-    /// The number of vCPUs (default 1; at most [`MAX_CPUS`]). Several need
-    /// the APIC platform, and a plain run: the APs run on threads of their
-    /// own, in parallel with the BSP, and only [`Machine::run`] runs them.
+    /// The number of vCPUs (default 1; at most [`MAX_CPUS`]; a CPUID table
+    /// given with [`MachineBuilder::cpuid_table`] says its own). Several
+    /// need the APIC platform. In a plain run the APs run on threads of
+    /// their own, in parallel with the BSP, and only [`Machine::run`] runs
+    /// them; a recording runs the vCPUs one at a time and logs its
+    /// switches, which its replay follows.
     pub fn cpus(mut self, cpus: usize) -> Self {
         self.cpus = cpus;
         self
@@ -308,6 +311,10 @@ impl MachineBuilder {
     /// Opens KVM, creates memory and vCPU, loads the kernel and wires the
     /// devices.
     pub fn build(mut self) -> Result<Machine, Error> {
+        // A trace's table says how many vCPUs its machine had.
+        if let Some(t) = &self.cpuid_table {
+            self.cpus = self.cpus.max(cpuid::cpus_of(t));
+        }
         self.check_cpus()?;
         let (kernel_name, image) = match (self.kernel, &self.kernel_path) {
             (Some(k), _) => k,
@@ -435,9 +442,14 @@ impl MachineBuilder {
             source: kvm_ioctls::Error::new(libc::E2BIG),
         })?;
         vcpu.set_cpuid2(&kcpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-        let aps = (1..self.cpus)
+        let mut aps = (1..self.cpus)
             .map(|i| super::ap::ApVcpu::new(&vm, i, cpuid::for_vcpu(&table, i as u8, self.cpus)))
             .collect::<Result<Vec<_>, _>>()?;
+        if sync_rip {
+            for ap in &mut aps {
+                ap.vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+            }
+        }
         msr::install_filter(&vm, self.irqchip).map_err(kvm_err("KVM_X86_SET_MSR_FILTER"))?;
 
         let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
@@ -574,6 +586,8 @@ impl MachineBuilder {
             None
         };
 
+        // A recording or replay runs several vCPUs one at a time.
+        let serial = (self.cpus > 1 && hooks.name() != "run").then(|| super::serial::Serial::new(self.cpus));
         Ok(Machine {
             timer: None,
             poll_pending,
@@ -587,6 +601,7 @@ impl MachineBuilder {
             hooks,
             limits: Default::default(),
             output_watch,
+            serial,
             aps,
             smp: None,
             core: Core {

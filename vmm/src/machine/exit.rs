@@ -195,7 +195,12 @@ impl Machine {
                     return Ok(unknown_trap_write(port, trap.regs.rip));
                 };
                 if site.kind == crate::patch::TrapKind::Cpuid {
-                    return emulate_cpuid_trap(&self.core.vcpu, &self.core.cpuid, &site, regs, &sregs);
+                    // The running vCPU's own table (its APIC ID).
+                    let table = match self.serial.as_ref().map_or(0, |s| s.current) {
+                        0 => &self.core.cpuid,
+                        ap => &self.aps[ap - 1].cpuid,
+                    };
+                    return emulate_cpuid_trap(&self.core.vcpu, table, &site, regs, &sregs);
                 }
                 let value = match site.kind {
                     crate::patch::TrapKind::Rdtsc | crate::patch::TrapKind::Rdtscp => {

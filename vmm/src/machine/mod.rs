@@ -378,6 +378,9 @@ pub struct Machine {
     aps: Vec<ap::ApVcpu>,
     /// What the vCPU threads share during such a run.
     smp: Option<Arc<ap::Smp>>,
+    /// A recording or replay of several vCPUs runs them one at a time on
+    /// this thread: which runs, and where each is.
+    serial: Option<serial::Serial>,
     core: Core,
 }
 
@@ -698,6 +701,7 @@ mod exit;
 mod guest_view;
 pub mod limits;
 mod run_loop;
+mod serial;
 pub mod soft_int;
 mod state;
 mod wake;

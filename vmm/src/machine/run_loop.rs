@@ -83,7 +83,7 @@ impl Machine {
         // emulated KVM may run `sti; hlt` without reporting the window)
         // wakes it at once, before time passes or another device raises a
         // higher-priority one in its place.
-        if self.core.platform.interrupt_pending() {
+        if self.wake_pending() {
             return Ok(Idle::Interrupt);
         }
         loop {
@@ -107,9 +107,18 @@ impl Machine {
                 None => self.hooks.idle_wait(&self.core.clock, deadline, input),
             }
             self.step(true)?;
-            if self.core.platform.interrupt_pending() {
+            if self.wake_pending() {
                 return Ok(Idle::Interrupt);
             }
+        }
+    }
+
+    /// Whether an interrupt ends an idle wait: one for the vCPU, or, on a
+    /// machine running its vCPUs one at a time, for any vCPU in HLT.
+    fn wake_pending(&self) -> bool {
+        match &self.serial {
+            Some(_) => self.serial_wake_pending(),
+            None => self.core.platform.interrupt_pending(),
         }
     }
 
@@ -190,7 +199,7 @@ impl Machine {
 
     /// Runs the guest until it exits, halts for good, resets or crashes.
     pub fn run(&mut self) -> Result<RunOutcome, Error> {
-        if !self.aps.is_empty() {
+        if !self.aps.is_empty() && self.serial.is_none() {
             return self.run_smp();
         }
         self.run_bsp()
@@ -212,7 +221,7 @@ impl Machine {
     /// single step) stops it, or another thread kicks it ([`Machine::kicker`]).
     /// The machine can be resumed after a `Debug` or `Interrupted` stop.
     pub fn resume(&mut self) -> Result<Stop, Error> {
-        if !self.aps.is_empty() {
+        if !self.aps.is_empty() && self.serial.is_none() {
             return Err(Error::Smp(
                 "a machine with several vCPUs runs only to its end (`nyx run`); stopping and resuming it \
                  (gdb, snapshots, record and replay) works with --cpus 1"
@@ -274,6 +283,9 @@ impl Machine {
                 if !std::mem::take(&mut self.mid_step) {
                     let poll = std::mem::take(&mut self.poll_pending);
                     self.step(poll)?;
+                    if self.serial.is_some() {
+                        self.schedule_point()?;
+                    }
                 }
                 if !self.debug.single_step || self.hooks.inject_while_stepping() {
                     self.service_interrupts()?;
@@ -315,6 +327,10 @@ impl Machine {
                 }
             }
             let kick = self.hooks.kick_at(self.core.platform.next_deadline_ns());
+            let kick = match (kick, self.preempt_at()) {
+                (Some(k), Some(p)) => Some(k.min(p)),
+                (k, p) => k.or(p),
+            };
             if let Some(t) = self.timer.as_mut() {
                 t.arm(kick)?;
             }
@@ -405,6 +421,22 @@ impl Machine {
                     match next {
                         Next::Continue if self.hooks.pause_after_exit() => return Ok(Stop::Paused),
                         Next::Continue => {}
+                        Next::Hlt if self.serial.is_some() => {
+                            let if_flag = self.core.vcpu.get_kvm_run().if_flag != 0;
+                            match self.after_hlt(if_flag) {
+                                super::serial::AfterHlt::Go => {}
+                                super::serial::AfterHlt::Halted => return Ok(Stop::Ended(RunOutcome::Halted)),
+                                super::serial::AfterHlt::Idle => match self.idle()? {
+                                    Idle::Interrupt => {}
+                                    Idle::Never => return Ok(Stop::Ended(RunOutcome::Halted)),
+                                    Idle::Stopped => {
+                                        self.idle_stopped = true;
+                                        return Ok(Stop::Interrupted);
+                                    }
+                                    Idle::Ended => return self.smp_end().map(Stop::Ended),
+                                },
+                            }
+                        }
                         Next::Hlt if self.core.vcpu.get_kvm_run().if_flag == 0 => return self.halted_for_good(),
                         Next::Hlt => match self.idle()? {
                             Idle::Interrupt => {}

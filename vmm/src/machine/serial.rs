@@ -1,0 +1,256 @@
+//! Running the vCPUs of a machine one at a time, on one thread: how a
+//! machine with several vCPUs is recorded and replayed.
+//!
+//! As in rr and QEMU's record/replay, only one vCPU runs at any moment, so
+//! the order of the guest's memory accesses across vCPUs is the order of
+//! the time slices, and that order is what the trace logs: an
+//! [`crate::events::Event::Switch`] wherever the running vCPU changes. The
+//! machine's own vCPU (`core.vcpu`) is the running one; switching swaps it
+//! with the AP's slot ([`super::ap::ApVcpu::vcpu`]), tells the interrupt
+//! controllers which CPU now acts ([`nyx_devices::cpu::set_current`]) and
+//! points the kick timer at the new vCPU's `kvm_run`.
+//!
+//! Switches happen only at the start of a step of the run loop, after an
+//! exit or a landing, which the replay reaches exactly. A recording
+//! ([`RunHooks::schedules`]) chooses round-robin among the runnable vCPUs
+//! when the running one halts or parks, or when its time slice
+//! ([`SLICE_NS`] of host time) is over: the slice's end is a kick, whose
+//! stop is logged as a landing like a timer's. A replay switches where the
+//! trace says. The INIT, start-up and NMI messages left for any vCPU are
+//! taken at every such point, in both.
+
+use super::*;
+use crate::kick::monotonic_ns;
+
+/// A recording's time slice: how long one vCPU runs while another could.
+pub const SLICE_NS: u64 = 10_000_000;
+
+/// Where a vCPU is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CpuState {
+    /// An AP after power-on or INIT: waiting for a start-up IPI.
+    WaitForSipi,
+    /// Runnable.
+    Running,
+    /// In HLT with interrupts enabled: runnable once an interrupt is pending.
+    Hlt,
+    /// In HLT with interrupts disabled: only INIT or an NMI goes on.
+    Parked,
+}
+
+/// What a machine that runs its vCPUs one at a time keeps of them.
+pub(crate) struct Serial {
+    /// The running vCPU.
+    pub(super) current: usize,
+    states: Vec<CpuState>,
+    /// Host monotonic ns at which the running vCPU's slice ends.
+    slice_end_ns: u64,
+    /// Switches so far.
+    pub(super) switches: u64,
+}
+
+impl Serial {
+    /// `cpus` vCPUs at power-on: the BSP runs, the APs wait for a start-up IPI.
+    pub(super) fn new(cpus: usize) -> Self {
+        Serial {
+            current: 0,
+            states: (0..cpus)
+                .map(|c| {
+                    if c == 0 {
+                        CpuState::Running
+                    } else {
+                        CpuState::WaitForSipi
+                    }
+                })
+                .collect(),
+            slice_end_ns: monotonic_ns() + SLICE_NS,
+            switches: 0,
+        }
+    }
+}
+
+/// What the run loop does after the running vCPU executed HLT.
+pub(super) enum AfterHlt {
+    /// Go on: to another vCPU, or this one has an interrupt.
+    Go,
+    /// Every vCPU waits for an interrupt: idle until one comes.
+    Idle,
+    /// Every vCPU halted for good.
+    Halted,
+}
+
+impl Machine {
+    fn serial_ref(&self) -> &Serial {
+        self.serial.as_ref().expect("a machine running its vCPUs one at a time")
+    }
+
+    fn serial_mut(&mut self) -> &mut Serial {
+        self.serial.as_mut().expect("a machine running its vCPUs one at a time")
+    }
+
+    /// Whether vCPU `cpu` could run now.
+    fn runnable(&self, cpu: usize) -> bool {
+        match self.serial_ref().states[cpu] {
+            CpuState::Running => true,
+            CpuState::Hlt => self.core.platform.interrupt_pending_of(cpu),
+            CpuState::WaitForSipi | CpuState::Parked => false,
+        }
+    }
+
+    /// Whether a vCPU in HLT has an interrupt now (what ends an idle wait
+    /// of a machine running its vCPUs one at a time).
+    pub(super) fn serial_wake_pending(&self) -> bool {
+        let s = self.serial_ref();
+        (0..s.states.len()).any(|c| s.states[c] == CpuState::Hlt && self.core.platform.interrupt_pending_of(c))
+    }
+
+    /// Takes the INIT, start-up and NMI messages left for every vCPU.
+    fn take_all_signals(&mut self) -> Result<(), Error> {
+        let current = self.serial_ref().current;
+        for cpu in 0..self.serial_ref().states.len() {
+            let signals = self.core.platform.take_signals_of(cpu);
+            if signals == Default::default() {
+                continue;
+            }
+            let mut state = self.serial_ref().states[cpu];
+            // INIT and start-up reach APs only (a BSP INIT would reset
+            // the machine, which no guest of Nyx's asks this way).
+            if cpu != 0 {
+                if signals.init {
+                    state = CpuState::WaitForSipi;
+                }
+                if let (Some(vector), CpuState::WaitForSipi) = (signals.sipi, state) {
+                    let ap = &mut self.aps[cpu - 1];
+                    let vcpu = (cpu == current).then_some(&mut self.core.vcpu);
+                    ap.start_vcpu_at(vcpu, vector)?;
+                    state = CpuState::Running;
+                }
+            }
+            if signals.nmi && state != CpuState::WaitForSipi {
+                self.vcpu_of(cpu).nmi().map_err(kvm_err("KVM_NMI"))?;
+                state = CpuState::Running;
+            }
+            self.serial_mut().states[cpu] = state;
+        }
+        Ok(())
+    }
+
+    /// vCPU `cpu`'s file descriptor, wherever it is now.
+    fn vcpu_of(&mut self, cpu: usize) -> &mut VcpuFd {
+        let current = self.serial_ref().current;
+        if cpu == current {
+            &mut self.core.vcpu
+        } else if cpu == 0 {
+            &mut self.aps[current - 1].vcpu
+        } else {
+            &mut self.aps[cpu - 1].vcpu
+        }
+    }
+
+    /// A recording's choice at a switch point: the next runnable vCPU
+    /// round-robin, when the running one cannot run or its slice is over.
+    fn proposal(&mut self) -> Option<u8> {
+        let (current, n) = (self.serial_ref().current, self.serial_ref().states.len());
+        let now = monotonic_ns();
+        if self.runnable(current) && now < self.serial_ref().slice_end_ns {
+            return None;
+        }
+        match (1..n).map(|k| (current + k) % n).find(|&c| self.runnable(c)) {
+            Some(next) => Some(next as u8),
+            None => {
+                // Alone: a new slice.
+                self.serial_mut().slice_end_ns = now + SLICE_NS;
+                None
+            }
+        }
+    }
+
+    /// The switch point at the start of a step: signals taken, then the
+    /// mode's choice of vCPU applied.
+    pub(super) fn schedule_point(&mut self) -> Result<(), Error> {
+        self.take_all_signals()?;
+        let proposal = if self.hooks.schedules() { self.proposal() } else { None };
+        let mut ctx = self.core.ctx();
+        if let Some(to) = self.hooks.schedule(&mut ctx, proposal)? {
+            self.switch_to(usize::from(to))?;
+        }
+        let current = self.serial_ref().current;
+        if self.serial_ref().states[current] == CpuState::Hlt && self.core.platform.interrupt_pending_of(current) {
+            self.serial_mut().states[current] = CpuState::Running;
+        }
+        Ok(())
+    }
+
+    /// Makes vCPU `to` the running one.
+    fn switch_to(&mut self, to: usize) -> Result<(), Error> {
+        let (current, n) = (self.serial_ref().current, self.serial_ref().states.len());
+        if to >= n {
+            return Err(Error::Smp(format!(
+                "a switch to vCPU {to}, but the machine has {n} vCPUs"
+            )));
+        }
+        if to == current {
+            return Ok(());
+        }
+        // The running vCPU back to its slot, then the new one in.
+        if current != 0 {
+            std::mem::swap(&mut self.core.vcpu, &mut self.aps[current - 1].vcpu);
+        }
+        if to != 0 {
+            std::mem::swap(&mut self.core.vcpu, &mut self.aps[to - 1].vcpu);
+        }
+        nyx_devices::cpu::set_current(to);
+        if let Some(t) = self.timer.as_mut() {
+            let run: *mut kvm_bindings::kvm_run = self.core.vcpu.get_kvm_run();
+            // SAFETY: `run` is the kvm_run mapping of a vCPU the machine
+            // owns (in `core` or `aps`, both dropped after `timer`).
+            unsafe { t.retarget(run) };
+        }
+        let s = self.serial_mut();
+        s.current = to;
+        if s.states[to] == CpuState::Hlt {
+            s.states[to] = CpuState::Running;
+        }
+        s.slice_end_ns = monotonic_ns() + SLICE_NS;
+        s.switches += 1;
+        Ok(())
+    }
+
+    /// The host time to kick the running vCPU at for the end of its slice:
+    /// only in a recording, while another vCPU could run.
+    pub(super) fn preempt_at(&self) -> Option<u64> {
+        let s = self.serial.as_ref()?;
+        let others = (0..s.states.len()).any(|c| c != s.current && self.runnable(c));
+        (self.hooks.schedules() && others).then_some(s.slice_end_ns)
+    }
+
+    /// The running vCPU executed HLT (`if_flag`: with interrupts enabled).
+    pub(super) fn after_hlt(&mut self, if_flag: bool) -> AfterHlt {
+        let current = self.serial_ref().current;
+        let n = self.serial_ref().states.len();
+        let pending = self.core.platform.interrupt_pending_of(current);
+        self.serial_mut().states[current] = match (if_flag, pending) {
+            (true, true) => CpuState::Running,
+            (true, false) => CpuState::Hlt,
+            (false, _) => CpuState::Parked,
+        };
+        if (0..n).any(|c| self.runnable(c)) {
+            return AfterHlt::Go;
+        }
+        if self.serial_ref().states.contains(&CpuState::Hlt) {
+            AfterHlt::Idle
+        } else {
+            AfterHlt::Halted
+        }
+    }
+
+    /// Switches between vCPUs so far (0 for a machine with one).
+    pub fn vcpu_switches(&self) -> u64 {
+        self.serial.as_ref().map_or(0, |s| s.switches)
+    }
+
+    /// The running vCPU (0, the BSP, on a machine with one).
+    pub fn current_vcpu(&self) -> usize {
+        self.serial.as_ref().map_or(0, |s| s.current)
+    }
+}
