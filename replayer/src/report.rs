@@ -32,6 +32,9 @@ pub fn diverge(ctx: &mut HookCtx<'_>, cursor: &Cursor, msg: String, expected: Op
         cursor.position()
     );
     let _ = writeln!(t, "  {msg}");
+    if ctx.vcpus > 1 {
+        let _ = writeln!(t, "  on vCPU {} of {}", ctx.vcpu_index, ctx.vcpus);
+    }
     match (ctx.vcpu.get_regs(), ctx.vcpu.get_sregs()) {
         (Ok(regs), Ok(sregs)) => {
             if let Some(want) = expected {

@@ -329,6 +329,14 @@ pub fn restore_keyframe(
     keyframe: &Keyframe,
     state: &Shared,
 ) -> Result<(), HookError> {
+    if usize::from(keyframe.cpu) != ctx.vcpu_index {
+        let s = lock(state);
+        let msg = format!(
+            "the landing at rip {:#x} is vCPU {}'s, the replay runs vCPU {} here",
+            landing.regs.rip, keyframe.cpu, ctx.vcpu_index
+        );
+        return Err(crate::report::diverge(ctx, &s.cursor, msg, Some(&landing.regs)));
+    }
     nyx_vmm::mem_state::restore_runs(ctx.mem, &keyframe.pages)
         .map_err(|e| HookError::Trace(format!("keyframe memory: {e}")))?;
     ctx.load_vcpu_keyframe(keyframe)?;

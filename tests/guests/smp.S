@@ -14,17 +14,18 @@
  * increments `locked_counter` ITERS times under a spinlock (`lock
  * bts`, `pause` while held, a plain store to release) and `racy_counter`
  * ITERS times without a lock (a load, an increment and a store: updates
- * are lost when CPUs interleave), sends the BSP a fixed IPI of vector 0x40
- * + its APIC ID, counts itself done (`lock inc`) and waits for the BSP's
- * broadcast.
+ * are lost when CPUs interleave), counts itself done (`lock inc`), sends
+ * the BSP a fixed IPI of vector 0x40 + its APIC ID and waits for the
+ * BSP's broadcast.
  *
- * The BSP waits (`pause`, interrupts on) until the three APs are done and
- * their three IPIs arrived, then sends a fixed IPI of vector 0x50 to all
+ * The BSP waits in HLT (each AP's IPI wakes it to look) until the three
+ * APs are done and their three IPIs arrived: a VMM that runs one vCPU at
+ * a time then gives the APs all the time. It sends a fixed IPI of vector 0x50 to all
  * excluding self and an NMI to APIC ID 2, and waits until every AP took
  * the broadcast and AP 2 the NMI. Only then does it print, in a fixed
  * order: nothing on COM1 comes from an AP (but the report of an
  * unexpected exception). The one line that varies from run to run is
- * "smp: racy total 0x...". A local APIC timer one-shot of about 8.6 s
+ * "smp: racy total 0x...". A local APIC timer one-shot of about 60 s
  * (1 GHz bus) bounds the BSP's waits: on expiry it prints what it saw and
  * exits with EXIT_UNEXPECTED, as does any failed check. Exits with
  * SMP_EXIT.
@@ -49,7 +50,7 @@
 #define TIMEOUT_VECTOR 0x30
 /* Divide by 32, 0x10000000 counts: about 8.6 s at the 1 GHz APIC bus. */
 #define TIMER_DIVIDE_32 0x8
-#define TIMEOUT_COUNT 0x10000000
+#define TIMEOUT_COUNT 0x70000000
 /* Pause iterations after INIT and after each STARTUP IPI. */
 #define INIT_DELAY 10000
 #define SIPI_DELAY 1000
@@ -123,16 +124,20 @@ long_entry:
     cmp $APS, %ebx
     jbe 1b
 
-    /* Every AP done and its IPI taken. */
-    sti
-2:  pause
+    /* Every AP done and its IPI taken: halted meanwhile (each AP's IPI
+     * comes after its `done`, and wakes the BSP to look), so that a VMM
+     * running one vCPU at a time gives the APs the time. */
+2:  cli
     cmpb $0, timed_out(%rip)
     jne timeout
     cmpl $APS, done(%rip)
-    jb 2b
+    jb 1f
     cmpl $APS, ipi_total(%rip)
-    jb 2b
-    cli
+    jae 3f
+1:  sti
+    hlt
+    jmp 2b
+3:
 
     /* The broadcast to all but self, the NMI to one AP. */
     xor %edi, %edi
@@ -142,13 +147,13 @@ long_entry:
     mov $(ICR_ASSERT | ICR_NMI), %esi
     call send_ipi
     sti
-3:  pause
+4:  pause
     cmpb $0, timed_out(%rip)
     jne timeout
     cmpl $APS, broadcast_total(%rip)
-    jb 3b
+    jb 4b
     cmpl $1, nmi_total(%rip)
-    jb 3b
+    jb 4b
     cli
     LAPIC_WRITE LAPIC_LVT_TIMER, (LVT_MASKED | TIMEOUT_VECTOR)
     LAPIC_WRITE LAPIC_TIMER_INITIAL, 0
@@ -426,11 +431,11 @@ ap_entry64:
     dec %ecx
     jnz 7b
 
-    /* The IPI to the BSP, then done. */
+    /* Done, then the IPI to the BSP: the BSP, halted, wakes to see it. */
+    lock incl done(%rip)
     xor %edi, %edi
     lea (ICR_ASSERT | ICR_FIXED | IPI_VECTOR_BASE)(%rbx), %esi
     call send_ipi
-    lock incl done(%rip)
 
     /* Until the broadcast came; the NMI may come at any time. */
     lea broadcast_ack(%rip), %rdx

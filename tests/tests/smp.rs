@@ -1,13 +1,22 @@
-//! Several vCPUs in a plain run: the `smp` guest's BSP starts three APs
-//! with INIT and start-up IPIs; they count under a spinlock and without
-//! one, and exchange fixed, all-but-self and NMI IPIs. Its output matches
-//! QEMU's `-smp 4` golden but for the lock-free total, which depends on how
-//! the vCPUs interleaved: it is at most the locked total, and with the APs
-//! on host threads of their own it comes out short in some runs.
+//! Several vCPUs: the `smp` guest's BSP starts three APs with INIT and
+//! start-up IPIs; they count under a spinlock and without one, and
+//! exchange fixed, all-but-self and NMI IPIs. Its output matches QEMU's
+//! `-smp 4` golden but for the lock-free total, which depends on how the
+//! vCPUs interleaved: it is at most the locked total. In a plain run the
+//! APs run on host threads of their own; a recording runs the vCPUs one at
+//! a time and logs its switches, and every replay reproduces the
+//! recording's interleaving, lock-free total included, while two
+//! recordings interleave differently.
 
+use std::path::{Path, PathBuf};
+
+use nyx_recorder::{record_image, RecordOptions};
+use nyx_replayer::{replay, ReplayEnd, ReplayOptions};
 use nyx_tests::{kvm_available, Capture};
-use nyx_vmm::config::Irqchip;
-use nyx_vmm::{MachineBuilder, RunOutcome};
+use nyx_trace::{FrameKind, TraceReader, TraceWriter};
+use nyx_vmm::config::{Irqchip, VerifyLevel};
+use nyx_vmm::events::Event;
+use nyx_vmm::{MachineBuilder, RunOutcome, SerialIn};
 
 /// Runs `smp` with `cpus` vCPUs; its outcome, COM1 output and the exits
 /// of all vCPUs.
@@ -60,19 +69,6 @@ fn four_vcpus_start_count_and_interrupt_each_other_as_under_qemu() {
     eprintln!("lock-free totals of 3 runs: {totals:x?} (locked {locked:#x})");
 }
 
-/// With fewer vCPUs than it starts, the guest's BSP waits for the missing
-/// AP until its local APIC timer gives up: the IPIs to a CPU that does not
-/// exist go nowhere, and the run still ends.
-#[test]
-fn ipis_to_missing_cpus_go_nowhere() {
-    if !kvm_available() {
-        return;
-    }
-    let (outcome, serial, _) = run_smp(2);
-    assert_eq!(outcome, RunOutcome::DebugExit(nyx_guests::UNEXPECTED_EXIT), "{serial}");
-    assert!(serial.contains("smp: timeout:"), "{serial}");
-}
-
 #[test]
 fn several_vcpus_need_the_apic_platform_and_a_plain_run() {
     if !kvm_available() {
@@ -108,4 +104,163 @@ fn several_vcpus_need_the_apic_platform_and_a_plain_run() {
     };
     let err = err.to_string();
     assert!(err.contains("--cpus 1"), "{err}");
+}
+
+/// Records `smp` with 4 vCPUs into `out`: its outcome and COM1 output.
+fn record_smp(out: &Path) -> (RunOutcome, String) {
+    let serial = Capture::default();
+    let opts = RecordOptions {
+        cpus: nyx_guests::SMP_CPUS as usize,
+        out: out.to_path_buf(),
+        kernel: PathBuf::from("smp"),
+        kernel_name: Some("smp".into()),
+        initrd: None,
+        cmdline: nyx_guests::GOLDEN_APPEND.into(),
+        mem_mib: 64,
+        serial_in: SerialIn::None,
+        serial_out: Some(Box::new(serial.clone())),
+        kvm_path: nyx_tests::kvm_device(),
+        verify: VerifyLevel::Exits,
+        landings: nyx_recorder::LandingPolicy::Auto,
+        cpu: Default::default(),
+        irqchip: Irqchip::Apic,
+        pci: Default::default(),
+    };
+    let rec = record_image(opts, "smp".into(), nyx_guests::SMP.to_vec(), None).expect("recording smp");
+    (rec.outcome, String::from_utf8_lossy(&serial.bytes()).into_owned())
+}
+
+/// Replays `trace`: how it ended and its COM1 output.
+fn replay_smp(trace: &Path) -> Result<(ReplayEnd, String), nyx_replayer::Error> {
+    let serial = Capture::default();
+    let r = replay(
+        trace,
+        ReplayOptions {
+            serial_out: Some(Box::new(serial.clone())),
+            ..Default::default()
+        },
+    )?;
+    Ok((r.end, String::from_utf8_lossy(&serial.bytes()).into_owned()))
+}
+
+/// The vCPU switches in `trace`, in order.
+fn switches(trace: &Path) -> Vec<u8> {
+    let mut r = TraceReader::open(trace).expect("opening the trace");
+    let mut out = Vec::new();
+    for i in 0..r.frames().len() {
+        if r.frames()[i].kind == FrameKind::Events {
+            for e in nyx_vmm::events::read_events(&mut r, i).expect("events") {
+                if let Event::Switch(to) = e {
+                    out.push(to);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn recordings_of_four_vcpus_replay_their_interleaving_exactly() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let golden = nyx_guests::mask_smp_racy(nyx_guests::expected("smp").unwrap().golden.unwrap());
+    let mut totals = Vec::new();
+    // Up to four recordings, until two interleave differently.
+    for n in 0..4 {
+        let trace = dir.path().join(format!("smp{n}.nyxtrace"));
+        let (outcome, serial) = record_smp(&trace);
+        assert_eq!(nyx_guests::mask_smp_racy(&serial), golden, "recording {n}: {outcome:?}");
+        assert_eq!(outcome, RunOutcome::DebugExit(nyx_guests::SMP_EXIT));
+        let sw = switches(&trace);
+        assert!(sw.len() >= 3, "recording {n}: {} switches", sw.len());
+        for v in 1..4u8 {
+            assert!(sw.contains(&v), "recording {n} never ran vCPU {v}");
+        }
+        let runs = if n == 0 { 3 } else { 1 };
+        for i in 0..runs {
+            let (end, replayed) = replay_smp(&trace).unwrap_or_else(|e| panic!("recording {n}, replay {i}: {e}"));
+            assert_eq!(
+                replayed, serial,
+                "recording {n}, replay {i}: output (racy total included)"
+            );
+            match end {
+                ReplayEnd::Complete { outcome: o } => assert_eq!(o, outcome),
+                other => panic!("recording {n}, replay {i}: {other:?}"),
+            }
+        }
+        totals.push(racy_total(&serial));
+        if totals.iter().any(|&t| t != totals[0]) {
+            return;
+        }
+    }
+    panic!(
+        "four recordings all counted {:#x} without the lock: the schedule never varied",
+        totals[0]
+    );
+}
+
+/// A switch to another vCPU than the recorded one is caught, and the
+/// report names the vCPU; a switch to a vCPU the machine lacks is an error,
+/// not a panic.
+#[test]
+fn a_tampered_switch_is_a_divergence_naming_the_vcpu() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("smp.nyxtrace");
+    let (outcome, _) = record_smp(&trace);
+    assert_eq!(outcome, RunOutcome::DebugExit(nyx_guests::SMP_EXIT));
+    for (file, to) in [("other.nyxtrace", None), ("missing.nyxtrace", Some(9u8))] {
+        let bad = dir.path().join(file);
+        rewrite(&trace, &bad, |events| {
+            // The first switch to an AP that is already running: to another
+            // running one (or a vCPU that does not exist).
+            let mut seen = std::collections::BTreeSet::new();
+            for e in events.iter_mut() {
+                if let Event::Switch(v) = e {
+                    if *v != 0 && !seen.insert(*v) {
+                        *v = to.unwrap_or(if *v == 1 { 2 } else { 1 });
+                        return true;
+                    }
+                }
+            }
+            false
+        });
+        let err = match replay_smp(&bad) {
+            Err(e) => e.to_string(),
+            Ok((ReplayEnd::Complete { .. }, _)) => panic!("{file}: the tampered trace replayed to its end"),
+            Ok((end, _)) => format!("{end:?}"),
+        };
+        match to {
+            None => assert!(err.contains("on vCPU"), "{file}: {err}"),
+            Some(_) => assert!(err.contains("vCPU 9") || err.contains("has 4 vCPUs"), "{file}: {err}"),
+        }
+    }
+}
+
+/// Copies trace `src` to `dst`, letting `change` edit the events of each
+/// frame until it says it changed something.
+fn rewrite(src: &Path, dst: &Path, mut change: impl FnMut(&mut Vec<Event>) -> bool) {
+    let mut r = TraceReader::open(src).unwrap();
+    let header = r.header().clone();
+    let mut w = TraceWriter::create(dst, &header).unwrap();
+    let mut done = false;
+    for i in 0..r.frames().len() {
+        let info = r.frames()[i];
+        if info.kind == FrameKind::Events {
+            let mut events = nyx_vmm::events::read_events(&mut r, i).unwrap();
+            if !done {
+                done = change(&mut events);
+            }
+            nyx_vmm::events::write_events(&mut w, info.first_position, &events, 0).unwrap();
+        } else {
+            let f = r.read_frame(i).unwrap();
+            w.write_frame(info.kind, info.first_position, &f.payload).unwrap();
+        }
+    }
+    w.finish().unwrap();
+    assert!(done, "nothing to tamper with in {}", src.display());
 }

@@ -971,6 +971,7 @@ mod tests {
             pending_interrupt: None,
             keyframe: keyframe.then(|| {
                 Box::new(nyx_vmm::events::Keyframe {
+                    cpu: 0,
                     vcpu: Default::default(),
                     pages: vec![nyx_vmm::mem_state::PageRun {
                         gpa: 0x1000,

@@ -232,6 +232,9 @@ impl Landing {
 ///   Nyx and the vCPU is always runnable at a landing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Keyframe {
+    /// Which vCPU stopped here (0 on a machine with one): restoring one
+    /// vCPU's keyframe into another would hide a wrong switch.
+    pub cpu: u8,
     /// The vCPU state the guest can change without an exit.
     pub vcpu: crate::vcpu_state::VcpuDelta,
     /// The pages written since the previous landing, as they were.
@@ -638,6 +641,7 @@ mod tests {
                         mem_digest: gs_base,
                         pending_interrupt: Some(vector),
                         keyframe: Some(Box::new(Keyframe {
+                            cpu: vector % 4,
                             vcpu,
                             pages: vec![crate::mem_state::PageRun {
                                 gpa: 0x1000,

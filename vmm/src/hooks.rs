@@ -66,8 +66,12 @@ pub enum Enter {
 
 /// What hooks may look at and touch.
 pub struct HookCtx<'a> {
-    /// The vCPU.
+    /// The running vCPU.
     pub vcpu: &'a mut VcpuFd,
+    /// Which vCPU that is (0, the BSP, on a machine with one).
+    pub vcpu_index: usize,
+    /// The machine's vCPUs.
+    pub vcpus: usize,
     /// The VM.
     pub vm: &'a VmFd,
     /// Guest memory.
@@ -206,6 +210,7 @@ impl HookCtx<'_> {
             dirty_pages: self.dirty_since_landing.len() as u32,
             mem_digest,
             keyframe: Some(Box::new(crate::events::Keyframe {
+                cpu: self.vcpu_index as u8,
                 vcpu,
                 pages,
                 memory_digest,

@@ -608,6 +608,8 @@ impl MachineBuilder {
                 _kvm: kvm,
                 vm,
                 vcpu,
+                vcpu_index: 0,
+                vcpus: self.cpus,
                 mem,
                 dma,
                 chip_link,

@@ -305,7 +305,13 @@ impl ExitStats {
 pub struct Core {
     _kvm: Kvm,
     vm: VmFd,
+    /// The running vCPU (the only one, or the one a machine that runs its
+    /// vCPUs one at a time runs now).
     vcpu: VcpuFd,
+    /// Which vCPU `vcpu` is.
+    vcpu_index: usize,
+    /// The machine's vCPUs.
+    vcpus: usize,
     mem: GuestMemory,
     /// The devices' view of `mem` (DMA), with its own dirty bitmap.
     dma: crate::memory::DmaMemory,
@@ -388,6 +394,8 @@ impl Core {
     fn ctx(&mut self) -> HookCtx<'_> {
         HookCtx {
             vcpu: &mut self.vcpu,
+            vcpu_index: self.vcpu_index,
+            vcpus: self.vcpus,
             vm: &self.vm,
             mem: &self.mem,
             clock: &self.clock,

@@ -229,6 +229,15 @@ impl Machine {
             ));
         }
         self.prepare_thread()?;
+        // This thread acts for the running vCPU (it may have run another
+        // machine's before), and its kicks go to that vCPU.
+        nyx_devices::cpu::set_current(self.core.vcpu_index);
+        if let Some(t) = self.timer.as_mut() {
+            let run: *mut kvm_bindings::kvm_run = self.core.vcpu.get_kvm_run();
+            // SAFETY: the running vCPU's kvm_run, owned by the machine,
+            // which drops its timer first.
+            unsafe { t.retarget(run) };
+        }
         let wall = std::time::Instant::now();
         let (user, sys) = thread_cpu_ns();
         let result = self.run_loop();

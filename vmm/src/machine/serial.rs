@@ -200,6 +200,7 @@ impl Machine {
             std::mem::swap(&mut self.core.vcpu, &mut self.aps[to - 1].vcpu);
         }
         nyx_devices::cpu::set_current(to);
+        self.core.vcpu_index = to;
         if let Some(t) = self.timer.as_mut() {
             let run: *mut kvm_bindings::kvm_run = self.core.vcpu.get_kvm_run();
             // SAFETY: `run` is the kvm_run mapping of a vCPU the machine
