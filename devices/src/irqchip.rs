@@ -56,7 +56,7 @@ struct Apic {
 
 /// What INIT, start-up and NMI messages left for a CPU since its thread
 /// last looked ([`IrqChip::take_signals`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CpuSignals {
     /// An INIT came: the CPU resets and waits for a start-up IPI (its local
     /// APIC is already INIT-reset).
@@ -94,8 +94,12 @@ pub struct IrqChip {
 pub struct ApicState {
     /// The IOAPIC.
     pub ioapic: IoApicState,
-    /// The local APIC.
+    /// The BSP's local APIC.
     pub lapic: LapicState,
+    /// The APs' local APICs (APIC IDs 1..), on a machine with several CPUs.
+    pub aps: Vec<LapicState>,
+    /// The INIT, start-up and NMI messages no CPU has taken yet, per CPU.
+    pub signals: Vec<CpuSignals>,
 }
 
 impl IrqChip {
@@ -174,11 +178,27 @@ impl IrqChip {
         tsc_hz: u64,
     ) -> Result<Self, String> {
         let apic = match apic {
-            Some(a) => Some(Apic {
-                ioapic: IoApic::from_state(&a.ioapic).map_err(|e| format!("IOAPIC: {e}"))?,
-                lapics: vec![LocalApic::from_state(&a.lapic, clock, tsc_hz).map_err(|e| format!("local APIC: {e}"))?],
-                signals: vec![CpuSignals::default()],
-            }),
+            Some(a) => {
+                let mut lapics = Vec::with_capacity(1 + a.aps.len());
+                for (i, l) in std::iter::once(&a.lapic).chain(&a.aps).enumerate() {
+                    lapics.push(
+                        LocalApic::from_state(l, clock.clone(), tsc_hz)
+                            .map_err(|e| format!("local APIC of CPU {i}: {e}"))?,
+                    );
+                }
+                if a.signals.len() != lapics.len() {
+                    return Err(format!(
+                        "signals for {} CPUs, local APICs for {}",
+                        a.signals.len(),
+                        lapics.len()
+                    ));
+                }
+                Some(Apic {
+                    ioapic: IoApic::from_state(&a.ioapic).map_err(|e| format!("IOAPIC: {e}"))?,
+                    lapics,
+                    signals: a.signals.clone(),
+                })
+            }
             None => None,
         };
         Ok(IrqChip {
@@ -193,12 +213,14 @@ impl IrqChip {
         self.pic.state()
     }
 
-    /// The APIC half's state (None on a legacy machine), with the BSP's
-    /// local APIC: a machine with several CPUs is not saved this way.
+    /// The APIC half's state (None on a legacy machine): the IOAPIC, every
+    /// CPU's local APIC and the signals no CPU took yet.
     pub fn apic_state(&self) -> Option<ApicState> {
         self.apic.as_ref().map(|a| ApicState {
             ioapic: a.ioapic.state(),
             lapic: a.lapics[0].state(),
+            aps: a.lapics[1..].iter().map(LocalApic::state).collect(),
+            signals: a.signals.clone(),
         })
     }
 
@@ -636,9 +658,22 @@ mod tests {
         ioapic_route(&c, 4, 0x8000 | 0x34);
         let pic = lock(&c).pic_state();
         let apic = lock(&c).apic_state();
-        let d = IrqChip::from_state(&pic, apic.as_ref(), clock, 1_000_000_000).unwrap();
+        let d = IrqChip::from_state(&pic, apic.as_ref(), clock.clone(), 1_000_000_000).unwrap();
         assert_eq!(d.apic_state(), apic);
         assert_eq!(d.pic_state(), pic);
+        // Several CPUs: every APIC and the signals no CPU took yet.
+        let (_, four) = smp(4);
+        icr(&four, 0, 2, 0x0400);
+        icr(&four, 0, 3, 0x49);
+        let s = lock(&four).apic_state().unwrap();
+        assert_eq!(s.aps.len(), 3);
+        let back = IrqChip::from_state(&pic, Some(&s), clock.clone(), 1_000_000_000).unwrap();
+        assert_eq!(back.cpus(), 4);
+        assert_eq!(back.apic_state().as_ref(), Some(&s));
+        assert!(back.has_signals(2) && back.has_interrupt(3));
+        let mut bad = s.clone();
+        bad.signals.pop();
+        assert!(IrqChip::from_state(&pic, Some(&bad), clock, 1_000_000_000).is_err());
     }
 
     /// Records the CPUs woken.

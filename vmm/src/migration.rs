@@ -545,6 +545,12 @@ impl Outgoing {
         progress: Option<CopyProgressFn>,
     ) -> Result<Self, MigrationError> {
         let started = Instant::now();
+        if m.cpus() > 1 {
+            return Err(MigrationError::State(format!(
+                "a machine with {} vCPUs cannot migrate yet; one with a single vCPU can",
+                m.cpus()
+            )));
+        }
         if m.mode_name() != "run" {
             // A recording or replay owns the dirty log and its inputs.
             return Err(MigrationError::State(format!(
@@ -935,6 +941,8 @@ mod tests {
         let platform = crate::platform::Platform::new(io, 4 << 20, 0, crate::config::Irqchip::Apic, 1).unwrap();
         MachineState {
             vcpu: crate::vcpu_state::tests::sample(),
+            aps: Vec::new(),
+            schedule: None,
             platform: platform.state(),
             virtual_ns: 5_000,
             exit_seq: 42,

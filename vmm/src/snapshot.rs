@@ -42,11 +42,27 @@ pub enum MemoryFormat {
     Mappable,
 }
 
+/// Which vCPU a machine that runs its vCPUs one at a time runs, and where
+/// each vCPU is (a recording's or replay's machine with several).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleState {
+    /// The running vCPU.
+    pub current: u8,
+    /// Each vCPU's run state: 0 waiting for a start-up IPI, 1 runnable,
+    /// 2 in HLT with interrupts enabled, 3 in HLT with them disabled; bit 7
+    /// set: an NMI waits to be handed to the vCPU when it next runs.
+    pub states: Vec<u8>,
+}
+
 /// Everything of a machine but its memory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MachineState {
-    /// The vCPU.
+    /// The BSP (vCPU 0).
     pub vcpu: VcpuState,
+    /// The APs (vCPUs 1..), on a machine with several.
+    pub aps: Vec<VcpuState>,
+    /// Their schedule, on a machine that runs them one at a time.
+    pub schedule: Option<ScheduleState>,
     /// The devices.
     pub platform: PlatformState,
     /// Virtual time, ns.

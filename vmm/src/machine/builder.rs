@@ -536,6 +536,12 @@ impl MachineBuilder {
                         memory::map_image(&mem, &image.file, &image.spans)?;
                     }
                 }
+                if !state.aps.is_empty() {
+                    return Err(Error::Smp(format!(
+                        "the saved machine has {} vCPUs; restoring several is not supported yet",
+                        state.aps.len() + 1
+                    )));
+                }
                 let platform = Arc::new(Platform::from_state(io, &state.platform)?);
                 crate::vcpu_state::restore(&vcpu, &state.vcpu).map_err(vcpu_err("restore"))?;
                 // Let KVM refresh kvm_run's view of the restored vCPU (IF,

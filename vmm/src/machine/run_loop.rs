@@ -54,7 +54,9 @@ impl Machine {
         // always what it was in the recording (KVM_INTERRUPT queues the
         // vector either way, and KVM delivers it at the next entry).
         let ready = self.core.vcpu.get_kvm_run().ready_for_interrupt_injection != 0 || self.hooks.injection_due();
-        if pending && ready && self.hooks.may_inject() {
+        // Not beside an NMI handed over in this step (machine/serial.rs).
+        let nmi = self.serial.as_ref().is_some_and(|s| s.nmi_step);
+        if pending && ready && !nmi && self.hooks.may_inject() {
             let vector = self.core.platform.acknowledge();
             let mut ctx = self.core.ctx();
             self.hooks.on_inject(&mut ctx, vector)?;

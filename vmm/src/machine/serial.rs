@@ -21,6 +21,7 @@
 
 use super::*;
 use crate::kick::monotonic_ns;
+use crate::snapshot::ScheduleState;
 
 /// A recording's time slice: how long one vCPU runs while another could.
 pub const SLICE_NS: u64 = 10_000_000;
@@ -38,11 +39,39 @@ pub(super) enum CpuState {
     Parked,
 }
 
+/// In a [`ScheduleState`]'s code of a vCPU: an NMI waits for it.
+const NMI_WAITS: u8 = 0x80;
+
+impl CpuState {
+    /// The state a [`ScheduleState`] stores as `code` (`self as u8`).
+    fn from_u8(code: u8) -> Option<Self> {
+        [
+            CpuState::WaitForSipi,
+            CpuState::Running,
+            CpuState::Hlt,
+            CpuState::Parked,
+        ]
+        .get(usize::from(code))
+        .copied()
+    }
+}
+
 /// What a machine that runs its vCPUs one at a time keeps of them.
 pub(crate) struct Serial {
     /// The running vCPU.
     pub(super) current: usize,
     states: Vec<CpuState>,
+    /// An NMI was sent to the vCPU and waits until it next runs: it is
+    /// handed to KVM (`KVM_NMI`) just before that entry, so that KVM never
+    /// holds an NMI for a vCPU that is not running (a checkpoint taken
+    /// then would restore it as pending rather than queued, which KVM may
+    /// deliver in another order beside an injected interrupt).
+    nmis: Vec<bool>,
+    /// This step handed the running vCPU an NMI: no interrupt is injected
+    /// beside it. Injected together, KVM would deliver the interrupt first
+    /// and the NMI at the next NMI window, which the emulated KVM opens a
+    /// varying number of instructions later (as it does interrupt windows).
+    pub(super) nmi_step: bool,
     /// Host monotonic ns at which the running vCPU's slice ends.
     slice_end_ns: u64,
     /// Switches so far.
@@ -63,6 +92,8 @@ impl Serial {
                     }
                 })
                 .collect(),
+            nmis: vec![false; cpus],
+            nmi_step: false,
             slice_end_ns: monotonic_ns() + SLICE_NS,
             switches: 0,
         }
@@ -127,7 +158,7 @@ impl Machine {
                 }
             }
             if signals.nmi && state != CpuState::WaitForSipi {
-                self.vcpu_of(cpu).nmi().map_err(kvm_err("KVM_NMI"))?;
+                self.serial_mut().nmis[cpu] = true;
                 state = CpuState::Running;
             }
             self.serial_mut().states[cpu] = state;
@@ -136,8 +167,8 @@ impl Machine {
     }
 
     /// vCPU `cpu`'s file descriptor, wherever it is now.
-    fn vcpu_of(&mut self, cpu: usize) -> &mut VcpuFd {
-        let current = self.serial_ref().current;
+    pub(super) fn vcpu_of(&mut self, cpu: usize) -> &mut VcpuFd {
+        let current = self.serial.as_ref().map_or(0, |s| s.current);
         if cpu == current {
             &mut self.core.vcpu
         } else if cpu == 0 {
@@ -178,6 +209,11 @@ impl Machine {
         if self.serial_ref().states[current] == CpuState::Hlt && self.core.platform.interrupt_pending_of(current) {
             self.serial_mut().states[current] = CpuState::Running;
         }
+        let nmi = std::mem::take(&mut self.serial_mut().nmis[current]);
+        if nmi {
+            self.core.vcpu.nmi().map_err(kvm_err("KVM_NMI"))?;
+        }
+        self.serial_mut().nmi_step = nmi;
         Ok(())
     }
 
@@ -192,13 +228,28 @@ impl Machine {
         if to == current {
             return Ok(());
         }
-        // The running vCPU back to its slot, then the new one in.
+        self.swap_in(to);
+        let s = self.serial_mut();
+        if s.states[to] == CpuState::Hlt {
+            s.states[to] = CpuState::Running;
+        }
+        s.slice_end_ns = monotonic_ns() + SLICE_NS;
+        s.switches += 1;
+        Ok(())
+    }
+
+    /// Puts vCPU `to` (< the machine's vCPUs) in the machine's place: the
+    /// running one back to its slot, then `to` in; the controllers and the
+    /// kick timer follow.
+    fn swap_in(&mut self, to: usize) {
+        let current = self.serial_ref().current;
         if current != 0 {
             std::mem::swap(&mut self.core.vcpu, &mut self.aps[current - 1].vcpu);
         }
         if to != 0 {
             std::mem::swap(&mut self.core.vcpu, &mut self.aps[to - 1].vcpu);
         }
+        self.serial_mut().current = to;
         nyx_devices::cpu::set_current(to);
         self.core.vcpu_index = to;
         if let Some(t) = self.timer.as_mut() {
@@ -207,13 +258,94 @@ impl Machine {
             // owns (in `core` or `aps`, both dropped after `timer`).
             unsafe { t.retarget(run) };
         }
-        let s = self.serial_mut();
-        s.current = to;
-        if s.states[to] == CpuState::Hlt {
-            s.states[to] = CpuState::Running;
+    }
+
+    /// Every vCPU's state (BSP, APs) and the schedule, each pending exit
+    /// completed first (what a checkpoint or a snapshot holds).
+    pub(super) fn capture_vcpus(
+        &mut self,
+    ) -> Result<
+        (
+            crate::vcpu_state::VcpuState,
+            Vec<crate::vcpu_state::VcpuState>,
+            Option<ScheduleState>,
+        ),
+        Error,
+    > {
+        let n = 1 + self.aps.len();
+        let msr_list = self.core.msr_list.clone();
+        let mut states = Vec::with_capacity(n);
+        for cpu in 0..n {
+            let vcpu = self.vcpu_of(cpu);
+            // An exit KVM has not completed yet would be lost.
+            crate::vcpu_state::complete_pending_exit(vcpu).map_err(vcpu_err("complete the pending exit of"))?;
+            states.push(crate::vcpu_state::capture(vcpu, &msr_list).map_err(vcpu_err("capture"))?);
         }
-        s.slice_end_ns = monotonic_ns() + SLICE_NS;
-        s.switches += 1;
+        let bsp = states.remove(0);
+        let schedule = self.serial.as_ref().map(|s| ScheduleState {
+            current: s.current as u8,
+            states: s
+                .states
+                .iter()
+                .zip(&s.nmis)
+                .map(|(&c, &nmi)| c as u8 | if nmi { NMI_WAITS } else { 0 })
+                .collect(),
+        });
+        Ok((bsp, states, schedule))
+    }
+
+    /// Puts every vCPU and the schedule back to `state`'s (the devices are
+    /// the caller's). A state of another number of vCPUs is an error.
+    pub(super) fn restore_vcpus(&mut self, state: &crate::snapshot::MachineState) -> Result<(), Error> {
+        let n = 1 + self.aps.len();
+        if state.aps.len() + 1 != n || state.schedule.is_some() != self.serial.is_some() {
+            return Err(Error::Smp(format!(
+                "the saved state has {} vCPUs{}, the machine {n}{}",
+                state.aps.len() + 1,
+                if state.schedule.is_some() {
+                    " run one at a time"
+                } else {
+                    ""
+                },
+                if self.serial.is_some() {
+                    " run one at a time"
+                } else {
+                    ""
+                },
+            )));
+        }
+        let schedule = match &state.schedule {
+            Some(s) => {
+                let states = s
+                    .states
+                    .iter()
+                    .map(|&c| CpuState::from_u8(c & !NMI_WAITS))
+                    .collect::<Option<Vec<_>>>()
+                    .filter(|v| v.len() == n && usize::from(s.current) < n)
+                    .ok_or_else(|| Error::Smp(format!("a saved schedule for {n} vCPUs is malformed: {s:?}")))?;
+                let nmis = s.states.iter().map(|&c| c & NMI_WAITS != 0).collect();
+                Some((usize::from(s.current), states, nmis))
+            }
+            None => None,
+        };
+        // KVM refuses register changes before a pending exit completes.
+        for cpu in 0..n {
+            crate::vcpu_state::complete_pending_exit(self.vcpu_of(cpu))
+                .map_err(vcpu_err("complete the pending exit of"))?;
+        }
+        if self.serial.is_some() {
+            self.swap_in(0);
+        }
+        crate::vcpu_state::restore(&self.core.vcpu, &state.vcpu).map_err(vcpu_err("restore"))?;
+        for (ap, saved) in self.aps.iter().zip(&state.aps) {
+            crate::vcpu_state::restore(&ap.vcpu, saved).map_err(vcpu_err("restore"))?;
+        }
+        if let Some((current, states, nmis)) = schedule {
+            self.serial_mut().states = states;
+            self.serial_mut().nmis = nmis;
+            self.swap_in(current);
+            self.serial_mut().slice_end_ns = monotonic_ns() + SLICE_NS;
+        }
         Ok(())
     }
 

@@ -13,18 +13,17 @@ impl Machine {
     /// The machine's state without its memory (a checkpoint that saves
     /// only written pages itself).
     pub fn capture_state_without_memory(&mut self) -> Result<(crate::snapshot::MachineState, ()), Error> {
-        if !self.aps.is_empty() {
+        if !self.aps.is_empty() && self.serial.is_none() {
             return Err(Error::Smp(
-                "a machine with several vCPUs cannot be saved yet (snapshots, migration, checkpoints work with --cpus 1)"
+                "a plain run of several vCPUs cannot be stopped to save it yet (snapshots and migration work with --cpus 1)"
                     .into(),
             ));
         }
-        // An exit KVM has not completed yet would be lost.
-        crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu)
-            .map_err(vcpu_err("complete the pending exit of"))?;
-        let vcpu = crate::vcpu_state::capture(&self.core.vcpu, &self.core.msr_list).map_err(vcpu_err("capture"))?;
+        let (vcpu, aps, schedule) = self.capture_vcpus()?;
         let state = crate::snapshot::MachineState {
             vcpu,
+            aps,
+            schedule,
             platform: self.core.platform.state(),
             virtual_ns: self.core.clock.last(),
             exit_seq: self.core.exit_seq,
@@ -65,6 +64,12 @@ impl Machine {
 
     /// [`Machine::save_snapshot`] with memory stored as `format` says.
     pub fn save_snapshot_as(&mut self, path: &Path, format: crate::snapshot::MemoryFormat) -> Result<PathBuf, Error> {
+        if self.cpus() > 1 {
+            return Err(Error::Smp(format!(
+                "a machine with {} vCPUs cannot be saved to a snapshot yet (one with a single vCPU can)",
+                self.cpus()
+            )));
+        }
         let (state, memory) = self.capture_state()?;
         let c = &self.core;
         Ok(crate::snapshot::write_as(
@@ -97,8 +102,10 @@ impl Machine {
         serial_in: Box<dyn Input>,
         platform_in: Box<dyn Input>,
     ) -> Result<(), Error> {
-        crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu)
-            .map_err(vcpu_err("complete the pending exit of"))?;
+        for cpu in 0..self.cpus() {
+            crate::vcpu_state::complete_pending_exit(self.vcpu_of(cpu))
+                .map_err(vcpu_err("complete the pending exit of"))?;
+        }
         let io = PlatformIo {
             clock: self.core.clock.clone(),
             wall: Box::new(nyx_devices::io::FixedWallClock(self.core.config.wall_seconds)),
@@ -114,7 +121,7 @@ impl Machine {
             ram_below_4g: (self.core.config.mem_mib << 20).min(crate::memory::MMIO_HOLE_START),
         };
         self.core.platform = Arc::new(Platform::from_state(io, &state.platform)?);
-        crate::vcpu_state::restore(&self.core.vcpu, &state.vcpu).map_err(vcpu_err("restore"))?;
+        self.restore_vcpus(state)?;
         self.core.clock.set_last(state.virtual_ns);
         self.core.exit_seq = state.exit_seq;
         self.poll_pending = state.poll_pending;
