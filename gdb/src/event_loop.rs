@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use gdbstub::common::Signal;
 use gdbstub::conn::{Connection, ConnectionExt};
 use gdbstub::stub::run_blocking::{BlockingEventLoop, Event, WaitForStopReasonError};
-use gdbstub::stub::SingleThreadStopReason;
+use gdbstub::stub::MultiThreadStopReason;
 use gdbstub::target::Target;
 use nyx_vmm::kick::Kicker;
 
@@ -72,7 +72,7 @@ pub struct NyxEventLoop<'m>(std::marker::PhantomData<&'m ()>);
 impl<'m> BlockingEventLoop for NyxEventLoop<'m> {
     type Target = NyxTarget<'m>;
     type Connection = TcpStream;
-    type StopReason = SingleThreadStopReason<u64>;
+    type StopReason = MultiThreadStopReason<u64>;
 
     #[allow(clippy::type_complexity)]
     fn wait_for_stop_reason(
@@ -92,16 +92,22 @@ impl<'m> BlockingEventLoop for NyxEventLoop<'m> {
             let r = target.run();
             drop(watcher);
             match r.map_err(WaitForStopReasonError::Target)? {
-                RunStop::Reason(reason) => return Ok(Event::TargetStopped(reason)),
+                RunStop::Reason(reason) => {
+                    let tid = crate::target::tid_of_vcpu(target.machine.current_vcpu());
+                    return Ok(Event::TargetStopped(crate::target::thread_stop(reason, tid)));
+                }
                 // A kick without data was late for an earlier stop: run on.
                 RunStop::Interrupted => continue,
             }
         }
     }
 
-    fn on_interrupt(_target: &mut NyxTarget<'m>) -> Result<Option<Self::StopReason>, <Self::Target as Target>::Error> {
+    fn on_interrupt(target: &mut NyxTarget<'m>) -> Result<Option<Self::StopReason>, <Self::Target as Target>::Error> {
         // The machine is already stopped: wait_for_stop_reason returned.
-        Ok(Some(SingleThreadStopReason::Signal(Signal::SIGINT)))
+        Ok(Some(MultiThreadStopReason::SignalWithThread {
+            tid: crate::target::tid_of_vcpu(target.machine.current_vcpu()),
+            signal: Signal::SIGINT,
+        }))
     }
 }
 

@@ -7,7 +7,7 @@
 //! the selector, as the CPU itself does there.
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, Msrs};
-use nyx_vmm::Machine;
+use kvm_ioctls::VcpuFd;
 
 use crate::arch::X86Regs;
 use crate::Error;
@@ -139,28 +139,26 @@ pub fn to_kvm(r: &X86Regs, regs: &mut kvm_regs, sregs: &mut kvm_sregs, fpu: &mut
     (old.0 != *regs, old.1 != *sregs, old.2 != *fpu)
 }
 
-fn read_k_gs_base(m: &Machine) -> Result<u64, Error> {
+fn read_k_gs_base(v: &VcpuFd) -> Result<u64, Error> {
     let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
         index: MSR_KERNEL_GS_BASE,
         ..Default::default()
     }])
     .map_err(|_| Error::Protocol("MSR list".into()))?;
-    let n = m.vcpu().get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
+    let n = v.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
     Ok(if n == 1 { msrs.as_slice()[0].data } else { 0 })
 }
 
-/// Reads every register of the vCPU.
-pub fn read(m: &Machine) -> Result<X86Regs, Error> {
-    let v = m.vcpu();
+/// Reads every register of the vCPU `v`.
+pub fn read(v: &VcpuFd) -> Result<X86Regs, Error> {
     let regs = v.get_regs().map_err(kvm("KVM_GET_REGS"))?;
     let sregs = v.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     let fpu = v.get_fpu().map_err(kvm("KVM_GET_FPU"))?;
-    Ok(from_kvm(&regs, &sregs, &fpu, read_k_gs_base(m)?))
+    Ok(from_kvm(&regs, &sregs, &fpu, read_k_gs_base(v)?))
 }
 
-/// Writes the registers that differ from the vCPU's.
-pub fn write(m: &mut Machine, r: &X86Regs) -> Result<(), Error> {
-    let v = m.vcpu();
+/// Writes the registers that differ from vCPU `v`'s.
+pub fn write(v: &VcpuFd, r: &X86Regs) -> Result<(), Error> {
     let mut regs = v.get_regs().map_err(kvm("KVM_GET_REGS"))?;
     let mut sregs = v.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     let mut fpu = v.get_fpu().map_err(kvm("KVM_GET_FPU"))?;
@@ -174,14 +172,14 @@ pub fn write(m: &mut Machine, r: &X86Regs) -> Result<(), Error> {
     if f {
         v.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))?;
     }
-    if read_k_gs_base(m)? != r.k_gs_base {
+    if read_k_gs_base(v)? != r.k_gs_base {
         let msrs = Msrs::from_entries(&[kvm_msr_entry {
             index: MSR_KERNEL_GS_BASE,
             data: r.k_gs_base,
             ..Default::default()
         }])
         .map_err(|_| Error::Protocol("MSR list".into()))?;
-        m.vcpu().set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+        v.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
     }
     Ok(())
 }

@@ -13,12 +13,15 @@
 //! address wherever CS's base is 0 (long mode, flat protected mode).
 
 use gdbstub::common::Signal;
+use gdbstub::common::Tid;
+use gdbstub::stub::MultiThreadStopReason;
 use gdbstub::stub::SingleThreadStopReason;
+use gdbstub::target::ext::base::multithread::{
+    MultiThreadBase, MultiThreadResume, MultiThreadResumeOps, MultiThreadSchedulerLocking,
+    MultiThreadSchedulerLockingOps, MultiThreadSingleStep, MultiThreadSingleStepOps,
+};
 use gdbstub::target::ext::base::reverse_exec::{
     ReplayLogPosition, ReverseCont, ReverseContOps, ReverseStep, ReverseStepOps,
-};
-use gdbstub::target::ext::base::singlethread::{
-    SingleThreadBase, SingleThreadResume, SingleThreadResumeOps, SingleThreadSingleStep, SingleThreadSingleStepOps,
 };
 use gdbstub::target::ext::base::BaseOps;
 use gdbstub::target::ext::breakpoints::{BreakpointsOps, WatchKind};
@@ -567,7 +570,7 @@ impl Target for NyxTarget<'_> {
     type Error = Error;
 
     fn base_ops(&mut self) -> BaseOps<'_, Self::Arch, Self::Error> {
-        BaseOps::SingleThread(self)
+        BaseOps::MultiThread(self)
     }
 
     fn guard_rail_implicit_sw_breakpoints(&self) -> bool {
@@ -583,19 +586,28 @@ impl Target for NyxTarget<'_> {
     }
 }
 
-impl SingleThreadBase for NyxTarget<'_> {
-    fn read_registers(&mut self, out: &mut X86Regs) -> TargetResult<(), Self> {
-        *out = regs::read(self.machine).map_err(TargetError::Fatal)?;
+impl MultiThreadBase for NyxTarget<'_> {
+    fn read_registers(&mut self, out: &mut X86Regs, tid: Tid) -> TargetResult<(), Self> {
+        let vcpu = self
+            .machine
+            .vcpu_at_stop(vcpu_of_tid(tid))
+            .map_err(|_| TargetError::NonFatal)?;
+        *out = regs::read(vcpu).map_err(TargetError::Fatal)?;
         Ok(())
     }
 
-    fn write_registers(&mut self, r: &X86Regs) -> TargetResult<(), Self> {
-        regs::write(self.machine, r).map_err(|_| TargetError::NonFatal)
+    fn write_registers(&mut self, r: &X86Regs, tid: Tid) -> TargetResult<(), Self> {
+        let vcpu = self
+            .machine
+            .vcpu_at_stop(vcpu_of_tid(tid))
+            .map_err(|_| TargetError::NonFatal)?;
+        regs::write(vcpu, r).map_err(|_| TargetError::NonFatal)
     }
 
-    fn read_addrs(&mut self, start: u64, data: &mut [u8]) -> TargetResult<usize, Self> {
+    fn read_addrs(&mut self, start: u64, data: &mut [u8], _tid: Tid) -> TargetResult<usize, Self> {
         // Read page by page so that a partly mapped range returns its
-        // readable start, as gdb expects.
+        // readable start, as gdb expects. Every vCPU shares the address
+        // space the running one translates through.
         let mut done = 0usize;
         while done < data.len() {
             let addr = start.wrapping_add(done as u64);
@@ -612,7 +624,7 @@ impl SingleThreadBase for NyxTarget<'_> {
         Ok(done)
     }
 
-    fn write_addrs(&mut self, start: u64, data: &[u8]) -> TargetResult<(), Self> {
+    fn write_addrs(&mut self, start: u64, data: &[u8], _tid: Tid) -> TargetResult<(), Self> {
         // In a replay, the position must be known before memory differs
         // from the recording: finding it later compares the machine with a
         // re-execution, which never makes this write. The written pages
@@ -637,22 +649,80 @@ impl SingleThreadBase for NyxTarget<'_> {
         Ok(())
     }
 
-    fn support_resume(&mut self) -> Option<SingleThreadResumeOps<'_, Self>> {
+    /// Every vCPU is a thread (id = vCPU + 1), started or not, as in QEMU.
+    fn list_active_threads(&mut self, register: &mut dyn FnMut(Tid)) -> Result<(), Self::Error> {
+        for cpu in 0..self.machine.cpus() {
+            register(tid_of_vcpu(cpu));
+        }
+        Ok(())
+    }
+
+    fn support_resume(&mut self) -> Option<MultiThreadResumeOps<'_, Self>> {
         Some(self)
     }
 }
 
-impl SingleThreadResume for NyxTarget<'_> {
-    fn resume(&mut self, _signal: Option<Signal>) -> Result<(), Self::Error> {
+/// `r` as gdb sees it on a machine whose vCPUs are threads: the stop names
+/// the vCPU that was running (`tid`).
+pub(crate) fn thread_stop(r: SingleThreadStopReason<u64>, tid: Tid) -> MultiThreadStopReason<u64> {
+    use gdbstub::stub::BaseStopReason as B;
+    match r {
+        B::DoneStep => B::SignalWithThread {
+            tid,
+            signal: Signal::SIGTRAP,
+        },
+        B::Signal(signal) => B::SignalWithThread { tid, signal },
+        B::Exited(code) => B::Exited(code),
+        B::Terminated(signal) => B::Terminated(signal),
+        B::SignalWithThread { signal, .. } => B::SignalWithThread { tid, signal },
+        B::SwBreak(()) => B::SwBreak(tid),
+        B::HwBreak(()) => B::HwBreak(tid),
+        B::Watch { kind, addr, .. } => B::Watch { tid, kind, addr },
+        B::ReplayLog { pos, .. } => B::ReplayLog { tid: Some(tid), pos },
+        // Nyx reports none of the others (syscalls, forks, libraries).
+        _ => B::SignalWithThread {
+            tid,
+            signal: Signal::SIGTRAP,
+        },
+    }
+}
+
+/// The gdb thread of vCPU `cpu`.
+pub(crate) fn tid_of_vcpu(cpu: usize) -> Tid {
+    Tid::new(cpu + 1).unwrap_or(Tid::MIN)
+}
+
+/// The vCPU of gdb thread `tid`.
+fn vcpu_of_tid(tid: Tid) -> usize {
+    tid.get() - 1
+}
+
+/// All-stop over vCPUs that run one at a time: whatever thread gdb names,
+/// the machine goes on as it would (a replay switches where its trace
+/// does), and the stop names the vCPU that was running.
+impl MultiThreadResume for NyxTarget<'_> {
+    fn resume(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn clear_resume_actions(&mut self) -> Result<(), Self::Error> {
         self.mode = ExecMode::Continue;
         Ok(())
     }
 
-    fn support_single_step(&mut self) -> Option<SingleThreadSingleStepOps<'_, Self>> {
+    fn set_resume_action_continue(&mut self, _tid: Tid, _signal: Option<Signal>) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn support_single_step(&mut self) -> Option<MultiThreadSingleStepOps<'_, Self>> {
         Some(self)
     }
 
-    fn support_reverse_step(&mut self) -> Option<ReverseStepOps<'_, (), Self>> {
+    fn support_scheduler_locking(&mut self) -> Option<MultiThreadSchedulerLockingOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_reverse_step(&mut self) -> Option<ReverseStepOps<'_, Tid, Self>> {
         if self.timeline.is_some() {
             Some(self)
         } else {
@@ -660,7 +730,7 @@ impl SingleThreadResume for NyxTarget<'_> {
         }
     }
 
-    fn support_reverse_cont(&mut self) -> Option<ReverseContOps<'_, (), Self>> {
+    fn support_reverse_cont(&mut self) -> Option<ReverseContOps<'_, Tid, Self>> {
         if self.timeline.is_some() {
             Some(self)
         } else {
@@ -669,22 +739,32 @@ impl SingleThreadResume for NyxTarget<'_> {
     }
 }
 
-impl ReverseStep<()> for NyxTarget<'_> {
-    fn reverse_step(&mut self, _tid: ()) -> Result<(), Self::Error> {
+impl ReverseStep<Tid> for NyxTarget<'_> {
+    fn reverse_step(&mut self, _tid: Tid) -> Result<(), Self::Error> {
         self.mode = ExecMode::ReverseStep;
         Ok(())
     }
 }
 
-impl ReverseCont<()> for NyxTarget<'_> {
+impl ReverseCont<Tid> for NyxTarget<'_> {
     fn reverse_cont(&mut self) -> Result<(), Self::Error> {
         self.mode = ExecMode::ReverseCont;
         Ok(())
     }
 }
 
-impl SingleThreadSingleStep for NyxTarget<'_> {
-    fn step(&mut self, _signal: Option<Signal>) -> Result<(), Self::Error> {
+/// gdb locks the scheduler to step one thread over a breakpoint. One vCPU
+/// runs at a time anyway, so the others stay stopped during a step; a
+/// replay still switches where its trace does, so a step taken at such a
+/// point is the next vCPU's (and the stop names it).
+impl MultiThreadSchedulerLocking for NyxTarget<'_> {
+    fn set_resume_action_scheduler_lock(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+impl MultiThreadSingleStep for NyxTarget<'_> {
+    fn set_resume_action_step(&mut self, _tid: Tid, _signal: Option<Signal>) -> Result<(), Self::Error> {
         self.mode = ExecMode::Step;
         Ok(())
     }

@@ -228,7 +228,7 @@ impl Machine {
         if to == current {
             return Ok(());
         }
-        self.swap_in(to);
+        self.swap_in(to)?;
         let s = self.serial_mut();
         if s.states[to] == CpuState::Hlt {
             s.states[to] = CpuState::Running;
@@ -241,7 +241,7 @@ impl Machine {
     /// Puts vCPU `to` (< the machine's vCPUs) in the machine's place: the
     /// running one back to its slot, then `to` in; the controllers and the
     /// kick timer follow.
-    fn swap_in(&mut self, to: usize) {
+    fn swap_in(&mut self, to: usize) -> Result<(), Error> {
         let current = self.serial_ref().current;
         if current != 0 {
             std::mem::swap(&mut self.core.vcpu, &mut self.aps[current - 1].vcpu);
@@ -258,6 +258,10 @@ impl Machine {
             // owns (in `core` or `aps`, both dropped after `timer`).
             unsafe { t.retarget(run) };
         }
+        // A debugger's breakpoints and stepping live in each vCPU's debug
+        // registers: the running one gets the machine's (none, when the
+        // debugger took them away while this vCPU waited).
+        self.set_guest_debug(self.debug)
     }
 
     /// Every vCPU's state (BSP, APs) and the schedule, each pending exit
@@ -334,7 +338,7 @@ impl Machine {
                 .map_err(vcpu_err("complete the pending exit of"))?;
         }
         if self.serial.is_some() {
-            self.swap_in(0);
+            self.swap_in(0)?;
         }
         crate::vcpu_state::restore(&self.core.vcpu, &state.vcpu).map_err(vcpu_err("restore"))?;
         for (ap, saved) in self.aps.iter().zip(&state.aps) {
@@ -343,7 +347,7 @@ impl Machine {
         if let Some((current, states, nmis)) = schedule {
             self.serial_mut().states = states;
             self.serial_mut().nmis = nmis;
-            self.swap_in(current);
+            self.swap_in(current)?;
             self.serial_mut().slice_end_ns = monotonic_ns() + SLICE_NS;
         }
         Ok(())
@@ -375,6 +379,24 @@ impl Machine {
         } else {
             AfterHlt::Halted
         }
+    }
+
+    /// vCPU `cpu`, for a debugger to read and write its registers at a
+    /// stop: the running one as it is, another with its last exit
+    /// completed (KVM applies an exit's result, a port read's value, at the
+    /// vCPU's next entry, and refuses register changes before that).
+    /// Several vCPUs are reachable only on a machine that runs them one at
+    /// a time.
+    pub fn vcpu_at_stop(&mut self, cpu: usize) -> Result<&mut VcpuFd, Error> {
+        let n = self.cpus();
+        if cpu >= n || (cpu != 0 && self.serial.is_none()) {
+            return Err(Error::Smp(format!("no vCPU {cpu} here (the machine has {n})")));
+        }
+        if cpu != self.current_vcpu() {
+            crate::vcpu_state::complete_pending_exit(self.vcpu_of(cpu))
+                .map_err(vcpu_err("complete the pending exit of"))?;
+        }
+        Ok(self.vcpu_of(cpu))
     }
 
     /// Switches between vCPUs so far (0 for a machine with one).
