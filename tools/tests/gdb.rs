@@ -992,3 +992,70 @@ fn a_reverse_debugged_replay_writes_virtio_console_output_once() {
         "{out}"
     );
 }
+
+/// Four vCPUs recorded one at a time (`smp`): gdb sees a thread per vCPU,
+/// stops in the AP that hits a breakpoint, reads another thread's
+/// registers, and reverse-continues from the end across vCPU switches to
+/// the lock-free store that wrote the racy total last, in the AP that made
+/// it.
+#[test]
+fn threads_and_reverse_execution_across_vcpu_switches() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cpus = nyx_guests::SMP_CPUS.to_string();
+    let nyx = replay_nyx_with(
+        dir.path(),
+        "smp",
+        &["--cpus", &cpus, "--cmdline", nyx_guests::GOLDEN_APPEND],
+    );
+    let racy = symbol("smp", "racy_counter");
+    let show = format!("printf \"RACY=%#x\\n\", *(int *){racy:#x}");
+    let watch = format!("watch *(int *){racy:#x}");
+    let out = gdb(
+        &nyx,
+        "smp",
+        &[
+            "info threads",
+            "break ap_entry64",
+            "continue",
+            "printf \"AP_PC=%#lx\\n\", $pc",
+            "thread 1",
+            "printf \"BSP_PC=%#lx\\n\", $pc",
+            "delete",
+            "continue",
+            &show,
+            &watch,
+            "reverse-continue",
+            "printf \"STORE_PC=%#lx\\n\", $pc",
+            "printf \"STORE_APIC=%d\\n\", $rbx",
+            "printf \"STORE_EAX=%#x\\n\", $eax",
+            "info threads",
+            "kill",
+        ],
+    );
+    for t in 1..=4 {
+        assert!(out.contains(&format!("Thread 1.{t}")), "thread {t} listed: {out}");
+    }
+    assert_eq!(printed(&out, "AP_PC="), symbol("smp", "ap_entry64"), "{out}");
+    let hit = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Thread ").and_then(|r| r.split_once(" hit Breakpoint")))
+        .map(|(t, _)| t.trim().parse::<u64>().unwrap())
+        .unwrap_or_else(|| panic!("no thread hit the breakpoint: {out}"));
+    assert!((2..=4).contains(&hit), "an AP hits ap_entry64, not thread {hit}: {out}");
+    assert_ne!(printed(&out, "BSP_PC="), symbol("smp", "ap_entry64"), "thread 1 is the BSP: {out}");
+    // The store that wrote the final racy total, in the AP (APIC ID =
+    // thread - 1) that made it: its EAX holds that total.
+    let total = printed(&out, "RACY=");
+    assert_eq!(printed(&out, "STORE_PC="), symbol("smp", "racy_store"), "{out}");
+    assert_eq!(printed(&out, "STORE_EAX="), total, "{out}");
+    let apic = printed(&out, "STORE_APIC=");
+    assert!((1..=3).contains(&apic), "{out}");
+    assert!(
+        out.contains(&format!("Thread {} hit Hardware watchpoint", apic + 1)),
+        "the stop names the AP's thread: {out}"
+    );
+    nyx.finish_cleanly();
+}

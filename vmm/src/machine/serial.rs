@@ -186,6 +186,15 @@ impl Machine {
         if self.runnable(current) && now < self.serial_ref().slice_end_ns {
             return None;
         }
+        // Not away from a vCPU that holds an event KVM has not delivered
+        // yet (an interrupt injected just before the kick, an NMI): KVM
+        // keeps part of that outside the state a checkpoint can save and
+        // restore alike, so a re-execution from a checkpoint taken while
+        // the vCPU waits would deliver it elsewhere. Its next slice ends
+        // after the delivery.
+        if self.runnable(current) && self.holds_undelivered_event() {
+            return None;
+        }
         match (1..n).map(|k| (current + k) % n).find(|&c| self.runnable(c)) {
             Some(next) => Some(next as u8),
             None => {
@@ -193,6 +202,15 @@ impl Machine {
                 self.serial_mut().slice_end_ns = now + SLICE_NS;
                 None
             }
+        }
+    }
+
+    /// Whether the running vCPU holds an injected interrupt or an NMI that
+    /// KVM has not delivered yet (true also when KVM cannot tell).
+    fn holds_undelivered_event(&self) -> bool {
+        match self.core.vcpu.get_vcpu_events() {
+            Ok(e) => e.interrupt.injected != 0 || e.nmi.injected != 0 || e.nmi.pending != 0 || e.exception.injected != 0,
+            Err(_) => true,
         }
     }
 
@@ -279,10 +297,17 @@ impl Machine {
         let n = 1 + self.aps.len();
         let msr_list = self.core.msr_list.clone();
         let mut states = Vec::with_capacity(n);
+        let current = self.current_vcpu();
         for cpu in 0..n {
             let vcpu = self.vcpu_of(cpu);
-            // An exit KVM has not completed yet would be lost.
-            crate::vcpu_state::complete_pending_exit(vcpu).map_err(vcpu_err("complete the pending exit of"))?;
+            // An exit KVM has not completed yet would be lost: the running
+            // vCPU's is completed. A waiting vCPU is captured as it is:
+            // completing its exit out of turn (a KVM_RUN of a vCPU the
+            // recording did not run there) made re-executions diverge on
+            // the emulated KVM.
+            if cpu == current {
+                crate::vcpu_state::complete_pending_exit(vcpu).map_err(vcpu_err("complete the pending exit of"))?;
+            }
             states.push(crate::vcpu_state::capture(vcpu, &msr_list).map_err(vcpu_err("capture"))?);
         }
         let bsp = states.remove(0);
@@ -332,11 +357,10 @@ impl Machine {
             }
             None => None,
         };
-        // KVM refuses register changes before a pending exit completes.
-        for cpu in 0..n {
-            crate::vcpu_state::complete_pending_exit(self.vcpu_of(cpu))
-                .map_err(vcpu_err("complete the pending exit of"))?;
-        }
+        // KVM refuses register changes before a pending exit completes:
+        // the running vCPU's (the others are not run out of turn).
+        crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu)
+            .map_err(vcpu_err("complete the pending exit of"))?;
         if self.serial.is_some() {
             self.swap_in(0)?;
         }

@@ -102,10 +102,8 @@ impl Machine {
         serial_in: Box<dyn Input>,
         platform_in: Box<dyn Input>,
     ) -> Result<(), Error> {
-        for cpu in 0..self.cpus() {
-            crate::vcpu_state::complete_pending_exit(self.vcpu_of(cpu))
-                .map_err(vcpu_err("complete the pending exit of"))?;
-        }
+        crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu)
+            .map_err(vcpu_err("complete the pending exit of"))?;
         let io = PlatformIo {
             clock: self.core.clock.clone(),
             wall: Box::new(nyx_devices::io::FixedWallClock(self.core.config.wall_seconds)),
