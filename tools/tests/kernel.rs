@@ -320,6 +320,30 @@ fn kernel_alternatives_that_copy_patched_instructions_are_followed() {
     assert!(replacement_sites >= 2, "{:#x?}", table.sites());
 }
 
+/// Linux's real-mode trampoline (`real_mode_blob`, in `.init.data`, which
+/// shares an executable segment with `.init.text`) is copied below 1 MiB at
+/// boot and run there by each AP: a patched `cpuid` in its `verify_cpu`
+/// traps where no site is, is skipped, and the AP halts as a CPU without
+/// long mode (`do_boot_cpu failed(-1) to wakeup CPU#1` with a CONFIG_SMP
+/// kernel). Nor is anything in `.rodata` (the vDSO image) patched. Needs
+/// no KVM.
+#[test]
+fn kernel_data_in_executable_segments_is_not_patched() {
+    let Some((vmlinux, _)) = nyx_tests::test_kernel() else {
+        return;
+    };
+    let image = std::fs::read(&vmlinux).unwrap();
+    let table = nyx_vmm::patch::scan_elf(&image).unwrap();
+    let blob = nm_symbol(&vmlinux, "real_mode_blob")..nm_symbol(&vmlinux, "real_mode_blob_end");
+    let rodata = nm_symbol(&vmlinux, "__start_rodata")..nm_symbol(&vmlinux, "__end_rodata");
+    assert!(!blob.is_empty() && !rodata.is_empty());
+    assert!(table.len() > 100, "{} sites", table.len());
+    for site in table.sites() {
+        let v = site.vaddr.unwrap();
+        assert!(!blob.contains(&v) && !rodata.contains(&v), "{site:#x?}");
+    }
+}
+
 /// The line the modern-platform recording stops at: printed after the
 /// clocksource switch and the ACPI interpreter's start.
 const APIC_UNTIL: &str = "pnp: PnP ACPI init";

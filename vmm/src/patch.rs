@@ -31,7 +31,9 @@
 //! Multiboot kernel may hold 64-bit code, so [`ScanMode::Auto`] sweeps in both
 //! modes and patches a site only where both sweeps decode the same instruction
 //! at the same address (REX-prefixed `rdrand r64` is therefore not patched in
-//! `Auto` mode). Limitations: code generated or copied at run time, code
+//! `Auto` mode). Sites in an ELF image's data sections (allocated, not
+//! `SHF_EXECINSTR`) that share an executable segment with code are dropped
+//! ([`scan_elf`]). Limitations: code generated or copied at run time, code
 //! reached only through a desynchronised sweep (data inside code), images that
 //! are not ELF (bzImage) and `rdpid` are not patched; whatever slips through
 //! shows up later as a replay divergence. A patched site run at CPL 3 with
@@ -380,7 +382,11 @@ pub fn scan_linked(code: &[u8], base_gpa: u64, base_vaddr: Option<u64>, mode: Sc
 /// Scans every executable `PT_LOAD` segment of an ELF kernel (at its physical
 /// load address, recording link-time virtual addresses): ELF64 images in
 /// 64-bit mode, ELF32 images (Multiboot, which may switch to long mode) in
-/// [`ScanMode::Auto`].
+/// [`ScanMode::Auto`]. A site with a byte inside a data section of such a
+/// segment ([`elf::data_ranges`]) is not patched: those bytes are not
+/// code, or not code run where it is loaded (Linux's real-mode trampoline
+/// in `.init.data`, whose `cpuid` a patch would turn into a trap that an AP
+/// runs, unknown, from the copy below 1 MiB).
 pub fn scan_elf(image: &[u8]) -> Result<PatchTable, PatchError> {
     let file = elf::parse(image)?;
     let mode = match file.class {
@@ -398,6 +404,12 @@ pub fn scan_elf(image: &[u8]) -> Result<PatchTable, PatchError> {
             sites.extend(scan_linked(code, seg.paddr, Some(seg.vaddr), mode));
         }
     }
+    let data = elf::data_ranges(image);
+    sites.retain(|s| {
+        let Some(v) = s.vaddr else { return true };
+        let end = v.saturating_add(u64::from(s.len));
+        !data.iter().any(|&(start, stop)| v < stop && end > start)
+    });
     let copies = alternative_copies(image, &file, &mut sites);
     Ok(PatchTable::with_copies(sites, copies))
 }
@@ -1421,6 +1433,41 @@ mod tests {
         assert_eq!(s.vaddr, Some(0xffff_ffff_8100_0000));
         assert_eq!(s.kind, TrapKind::Rdrand { reg: 0, size: 8 });
         assert!(matches!(scan_elf(b"not an elf"), Err(PatchError::Image(_))));
+    }
+
+    /// Linux's `.init.data` (and `.rodata`) lie in executable segments: a
+    /// `cpuid` there is the real-mode trampoline's, which Linux copies below
+    /// 1 MiB for its APs, and must stay as it is.
+    #[test]
+    fn scan_elf_leaves_data_sections_of_executable_segments_alone() {
+        use crate::loader::elf::tests::{build, with_sections};
+        use crate::loader::elf::EM_X86_64;
+        let base = 0xffff_ffff_81ae_4000u64;
+        let bytes: &[u8] = &[
+            0x0f, 0xa2, 0xc3, 0x90, // .init.text: cpuid; ret; nop
+            0x0f, 0xa2, 0x0f, 0x31, // .init.data: "cpuid; rdtsc"
+            0x90, 0x0f, 0x31, 0xc3, // .exit.text: nop; rdtsc; ret
+        ];
+        let image = build(
+            Class::Elf64,
+            EM_X86_64,
+            base,
+            &[(1, 0x1ae_4000, base, bytes, 0x1000, 7)],
+        );
+        let off = image.len() as u64 - bytes.len() as u64;
+        let without_sections = scan_elf(&image).unwrap();
+        assert_eq!(without_sections.len(), 4, "no section headers: the whole segment");
+        let image = with_sections(
+            image,
+            &[
+                (".init.text", 1, 0x6, base, off, 4),
+                (".init.data", 1, 0x3, base + 4, off + 4, 4),
+                (".exit.text", 1, 0x6, base + 8, off + 8, 4),
+            ],
+        );
+        let table = scan_elf(&image).unwrap();
+        let found: Vec<(u64, TrapKind)> = table.sites().iter().map(|s| (s.gpa, s.kind)).collect();
+        assert_eq!(found, [(0x1ae_4000, TrapKind::Cpuid), (0x1ae_4009, TrapKind::Rdtsc)]);
     }
 
     /// End to end on a real vCPU: a patched `rdtsc` and `rdrand ecx` trap as

@@ -211,13 +211,27 @@ pub struct Section<'a> {
 
 /// `sh_type` of a section without file bytes (`.bss`).
 const SHT_NOBITS: u32 = 8;
+/// `sh_flags` bit of a section that occupies memory at run time.
+const SHF_ALLOC: u64 = 0x2;
+/// `sh_flags` bit of a section that holds machine instructions.
+const SHF_EXECINSTR: u64 = 0x4;
 
-/// The section named `name`, found through the section header table and its
-/// string table. `None` when the file has no section headers, no section of
-/// that name, or headers that do not lie inside `image`: sections are
-/// optional extras (the loaders need only the program headers), so a damaged
-/// table is treated as absent.
-pub fn section<'a>(image: &'a [u8], name: &str) -> Option<Section<'a>> {
+/// One entry of the section header table.
+struct SectionHeader<'a> {
+    name: &'a [u8],
+    sh_type: u32,
+    flags: u64,
+    addr: u64,
+    offset: u64,
+    size: u64,
+}
+
+/// Every entry of the section header table, named through its string table.
+/// `None` when the file has no section headers or headers that do not lie
+/// inside `image`: sections are optional extras (the loaders need only the
+/// program headers), so a damaged table is treated as absent. An entry
+/// whose own fields or name cannot be read is left out.
+fn section_headers(image: &[u8]) -> Option<Vec<SectionHeader<'_>>> {
     let (class, _) = ident(image).ok()?;
     let wide = class == Class::Elf64;
     let (shoff, shentsize, shnum, shstrndx) = if wide {
@@ -238,13 +252,14 @@ pub fn section<'a>(image: &'a [u8], name: &str) -> Option<Section<'a>> {
     if shoff == 0 || shentsize != if wide { 64 } else { 40 } {
         return None;
     }
-    // (name offset, type, addr, offset, size) of header `i`.
-    let header = |i: u16| -> Option<(u32, u32, u64, u64, u64)> {
+    // (name offset, type, flags, addr, offset, size) of header `i`.
+    let header = |i: u16| -> Option<(u32, u32, u64, u64, u64, u64)> {
         let at = shoff.checked_add(u64::from(i) * u64::from(shentsize))?;
         Some(if wide {
             (
                 u32_at(image, at)?,
                 u32_at(image, at + 4)?,
+                u64_at(image, at + 8)?,
                 u64_at(image, at + 16)?,
                 u64_at(image, at + 24)?,
                 u64_at(image, at + 32)?,
@@ -253,32 +268,74 @@ pub fn section<'a>(image: &'a [u8], name: &str) -> Option<Section<'a>> {
             (
                 u32_at(image, at)?,
                 u32_at(image, at + 4)?,
+                u32_at(image, at + 8)?.into(),
                 u32_at(image, at + 12)?.into(),
                 u32_at(image, at + 16)?.into(),
                 u32_at(image, at + 20)?.into(),
             )
         })
     };
-    let file_bytes = |offset: u64, size: u64| -> Option<&'a [u8]> {
-        let start = usize::try_from(offset).ok()?;
-        image.get(start..start.checked_add(usize::try_from(size).ok()?)?)
-    };
-    let (_, _, _, str_off, str_size) = header(shstrndx)?;
-    let strings = file_bytes(str_off, str_size)?;
-    (0..shnum).find_map(|i| {
-        let (name_off, sh_type, addr, offset, size) = header(i)?;
-        let rest = strings.get(usize::try_from(name_off).ok()?..)?;
-        let end = rest.iter().position(|&b| b == 0)?;
-        if rest.get(..end)? != name.as_bytes() {
-            return None;
-        }
-        let bytes = if sh_type == SHT_NOBITS {
-            &[][..]
-        } else {
-            file_bytes(offset, size)?
-        };
-        Some(Section { addr, bytes })
-    })
+    let (_, _, _, _, str_off, str_size) = header(shstrndx)?;
+    let strings = file_bytes(image, str_off, str_size)?;
+    Some(
+        (0..shnum)
+            .filter_map(|i| {
+                let (name_off, sh_type, flags, addr, offset, size) = header(i)?;
+                let rest = strings.get(usize::try_from(name_off).ok()?..)?;
+                let end = rest.iter().position(|&b| b == 0)?;
+                Some(SectionHeader {
+                    name: rest.get(..end)?,
+                    sh_type,
+                    flags,
+                    addr,
+                    offset,
+                    size,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// `size` bytes of the file at `offset`, if they lie inside it.
+fn file_bytes(image: &[u8], offset: u64, size: u64) -> Option<&[u8]> {
+    let start = usize::try_from(offset).ok()?;
+    image.get(start..start.checked_add(usize::try_from(size).ok()?)?)
+}
+
+/// The section named `name`, found through the section header table and its
+/// string table. `None` when the file has no section headers, no section of
+/// that name, or headers that do not lie inside `image` (see
+/// [`section_headers`]).
+pub fn section<'a>(image: &'a [u8], name: &str) -> Option<Section<'a>> {
+    section_headers(image)?
+        .into_iter()
+        .filter(|h| h.name == name.as_bytes())
+        .find_map(|h| {
+            let bytes = if h.sh_type == SHT_NOBITS {
+                &[][..]
+            } else {
+                file_bytes(image, h.offset, h.size)?
+            };
+            Some(Section { addr: h.addr, bytes })
+        })
+}
+
+/// The link-time address ranges `[start, end)` of the sections whose file
+/// bytes are loaded but hold no instructions (`SHF_ALLOC` without
+/// `SHF_EXECINSTR`: data and read-only data; `SHT_NOBITS` sections such as
+/// `.bss` have no file bytes and are left out), in section table order. A
+/// linker may put such sections in an executable segment: Linux's
+/// `.rodata` shares the `R E` segment of `.text`, and `.init.data`, with
+/// the real-mode trampoline that Linux copies below 1 MiB at boot, the
+/// `RWE` segment of `.init.text`. Empty when the file has no readable
+/// section headers.
+pub fn data_ranges(image: &[u8]) -> Vec<(u64, u64)> {
+    section_headers(image)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|h| h.flags & SHF_ALLOC != 0 && h.flags & SHF_EXECINSTR == 0 && h.sh_type != SHT_NOBITS && h.size != 0)
+        .filter_map(|h| Some((h.addr, h.addr.checked_add(h.size)?)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -357,6 +414,66 @@ pub(crate) mod tests {
         f
     }
 
+    /// One section header of a test image: `(name, sh_type, sh_flags, sh_addr, sh_offset, sh_size)`.
+    pub(crate) type TestSection<'a> = (&'a str, u32, u64, u64, u64, u64);
+
+    /// Appends a section header table with the given sections (after a null
+    /// entry) and its string table to `image`, a file [`build`] made.
+    pub(crate) fn with_sections(mut image: Vec<u8>, sections: &[TestSection]) -> Vec<u8> {
+        let wide = image[4] == 2;
+        let mut strings = vec![0u8];
+        let mut names = Vec::new();
+        for (name, ..) in sections.iter().copied().chain([(".shstrtab", 3, 0, 0, 0, 0)]) {
+            names.push(strings.len() as u64);
+            strings.extend_from_slice(name.as_bytes());
+            strings.push(0);
+        }
+        let str_off = image.len() as u64;
+        image.extend_from_slice(&strings);
+        let shoff = image.len() as u64;
+        let entry = |f: &mut Vec<u8>, name: u64, (t, flags, addr, off, size): (u32, u64, u64, u64, u64)| {
+            let word = |f: &mut Vec<u8>, v: u64| {
+                if wide {
+                    f.extend_from_slice(&v.to_le_bytes());
+                } else {
+                    f.extend_from_slice(&(v as u32).to_le_bytes());
+                }
+            };
+            f.extend_from_slice(&(name as u32).to_le_bytes());
+            f.extend_from_slice(&t.to_le_bytes());
+            word(f, flags);
+            word(f, addr);
+            word(f, off);
+            word(f, size);
+            // sh_link, sh_info, sh_addralign, sh_entsize.
+            f.extend_from_slice(&[0; 8]);
+            word(f, 1);
+            word(f, 0);
+        };
+        entry(&mut image, 0, (0, 0, 0, 0, 0));
+        for (i, &(_, t, flags, addr, off, size)) in sections.iter().enumerate() {
+            entry(&mut image, names[i], (t, flags, addr, off, size));
+        }
+        entry(
+            &mut image,
+            names[sections.len()],
+            (3, 0, 0, str_off, strings.len() as u64),
+        );
+        let count = sections.len() as u16 + 2;
+        if wide {
+            image[40..48].copy_from_slice(&shoff.to_le_bytes());
+            image[58..60].copy_from_slice(&64u16.to_le_bytes());
+            image[60..62].copy_from_slice(&count.to_le_bytes());
+            image[62..64].copy_from_slice(&(count - 1).to_le_bytes());
+        } else {
+            image[32..36].copy_from_slice(&(shoff as u32).to_le_bytes());
+            image[46..48].copy_from_slice(&40u16.to_le_bytes());
+            image[48..50].copy_from_slice(&count.to_le_bytes());
+            image[50..52].copy_from_slice(&(count - 1).to_le_bytes());
+        }
+        image
+    }
+
     #[test]
     fn parses_both_classes() {
         for class in [Class::Elf32, Class::Elf64] {
@@ -397,6 +514,41 @@ pub(crate) mod tests {
         let mut huge_phoff = img.clone();
         huge_phoff[28..32].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(parse(&huge_phoff), Err(LoadError::Truncated { .. })));
+    }
+
+    #[test]
+    fn data_ranges_are_the_allocated_sections_without_code() {
+        for class in [Class::Elf32, Class::Elf64] {
+            let img = build(
+                class,
+                EM_386,
+                0,
+                &[(PT_LOAD, 0x10_0000, 0x10_0000, &[0x90; 0x40], 0x60, 7)],
+            );
+            let off = img.len() as u64 - 0x40;
+            // (sh_type 1: PROGBITS, 8: NOBITS; flags 2: ALLOC, 4: EXECINSTR, 1: WRITE)
+            let img = with_sections(
+                img,
+                &[
+                    (".text", 1, 0x6, 0x10_0000, off, 0x10),
+                    (".rodata", 1, 0x2, 0x10_0010, off + 0x10, 0x8),
+                    (".data", 1, 0x3, 0x10_0018, off + 0x18, 0x18),
+                    (".empty", 1, 0x3, 0x10_0030, off + 0x30, 0),
+                    (".more.text", 1, 0x6, 0x10_0030, off + 0x30, 0x10),
+                    (".bss", 8, 0x3, 0x10_0040, off + 0x40, 0x20),
+                    (".comment", 1, 0x0, 0, off, 0x10),
+                ],
+            );
+            assert_eq!(
+                data_ranges(&img),
+                [(0x10_0010, 0x10_0018), (0x10_0018, 0x10_0030)],
+                "{class:?}"
+            );
+            assert_eq!(section(&img, ".more.text").unwrap().bytes, [0x90; 0x10]);
+            assert_eq!(section(&img, ".bss").unwrap().bytes, [0u8; 0]);
+        }
+        let bare = build(Class::Elf64, EM_X86_64, 0, &[(PT_LOAD, 0, 0, &[0x90], 1, PF_X)]);
+        assert!(data_ranges(&bare).is_empty(), "no section headers: no data ranges");
     }
 
     #[test]
