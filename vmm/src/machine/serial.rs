@@ -209,7 +209,9 @@ impl Machine {
     /// KVM has not delivered yet (true also when KVM cannot tell).
     fn holds_undelivered_event(&self) -> bool {
         match self.core.vcpu.get_vcpu_events() {
-            Ok(e) => e.interrupt.injected != 0 || e.nmi.injected != 0 || e.nmi.pending != 0 || e.exception.injected != 0,
+            Ok(e) => {
+                e.interrupt.injected != 0 || e.nmi.injected != 0 || e.nmi.pending != 0 || e.exception.injected != 0
+            }
             Err(_) => true,
         }
     }
