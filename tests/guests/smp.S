@@ -28,10 +28,12 @@
  * "smp: racy total 0x...". A local APIC timer one-shot of about 60 s
  * (1 GHz bus) bounds the BSP's waits: on expiry it prints what it saw and
  * exits with EXIT_UNEXPECTED, as does any failed check. Exits with
- * SMP_EXIT.
+ * SMP_EXIT. The trampoline, the INIT-STARTUP-STARTUP sequence and the
+ * AP's first steps in long mode are smp.h's.
  */
 #include "common.h"
 #include "apic.h"
+#include "smp.h"
 
 /* Debug-exit value of this guest (QEMU exit code 0xbf). */
 #define SMP_EXIT 0x5f
@@ -39,22 +41,14 @@
 #define APS (CPUS - 1)
 /* Increments of each counter per AP. */
 #define ITERS 50000
-/* The trampoline's page; the STARTUP IPI's vector is its page number. */
-#define TRAMPOLINE 0x7000
-#define SIPI_VECTOR (TRAMPOLINE >> 12)
-#define AP_STACK_SIZE 4096
 /* AP N sends vector IPI_VECTOR_BASE + N to the BSP. */
 #define IPI_VECTOR_BASE 0x40
 #define BROADCAST_VECTOR 0x50
 #define NMI_TARGET 2
 #define TIMEOUT_VECTOR 0x30
-/* Divide by 32, 0x10000000 counts: about 8.6 s at the 1 GHz APIC bus. */
+/* Divide by 32, 0x70000000 counts: about 60 s at the 1 GHz APIC bus. */
 #define TIMER_DIVIDE_32 0x8
 #define TIMEOUT_COUNT 0x70000000
-/* Pause iterations after INIT and after each STARTUP IPI. */
-#define INIT_DELAY 10000
-#define SIPI_DELAY 1000
-#define MSR_EFER 0xC0000080
 
     MULTIBOOT_HEADER
     START32
@@ -96,30 +90,14 @@ long_entry:
     PRINT64 " aps\n"
 
     /* The trampoline below 1 MiB; the APs take the BSP's CR3. */
-    lea ap_trampoline(%rip), %rsi
-    mov $TRAMPOLINE, %edi
-    mov $(ap_trampoline_end - ap_trampoline), %ecx
-    rep movsb
-    mov %cr3, %rax
-    mov %eax, ap_cr3(%rip)
+    AP_TRAMPOLINE_INSTALL
 
     /* The timeout, then INIT, STARTUP, STARTUP to each AP. */
     LAPIC_WRITE LAPIC_TIMER_DIVIDE, TIMER_DIVIDE_32
     LAPIC_WRITE LAPIC_LVT_TIMER, TIMEOUT_VECTOR
     LAPIC_WRITE LAPIC_TIMER_INITIAL, TIMEOUT_COUNT
     mov $1, %ebx
-1:  mov %ebx, %edi
-    mov $(ICR_ASSERT | ICR_INIT), %esi
-    call send_ipi
-    mov $INIT_DELAY, %ecx
-    call spin
-    mov $(ICR_ASSERT | ICR_STARTUP | SIPI_VECTOR), %esi
-    call send_ipi
-    mov $SIPI_DELAY, %ecx
-    call spin
-    call send_ipi
-    mov $SIPI_DELAY, %ecx
-    call spin
+1:  AP_START
     inc %ebx
     cmp $APS, %ebx
     jbe 1b
@@ -295,31 +273,7 @@ timeout:
     PRINT64 "\n"
     EXIT EXIT_UNEXPECTED
 
-/* Sends the IPI of ICR low %esi to APIC ID %edi (ignored with a
- * shorthand) and waits until the ICR's delivery status is idle. */
-send_ipi:
-    push %rax
-    push %rdi
-    mov $LAPIC_BASE, %eax
-    shl $24, %edi
-    mov %edi, LAPIC_ICR_HIGH(%rax)
-    mov %esi, LAPIC_ICR_LOW(%rax)
-1:  testl $ICR_BUSY, LAPIC_ICR_LOW(%rax)
-    jz 2f
-    pause
-    jmp 1b
-2:  pop %rdi
-    pop %rax
-    ret
-
-/* %ecx iterations of `pause`. */
-spin:
-    push %rcx
-1:  pause
-    dec %ecx
-    jnz 1b
-    pop %rcx
-    ret
+    SMP_LIB64
 
 /* The BSP's IPI from AP N: records the vector, the receiving APIC and the
  * count. */
@@ -368,29 +322,9 @@ timeout_irq:
     LAPIC_EOI_WRITE
     iretq
 
-/* AP, 64-bit: entered on the trampoline's GDT, whose selectors 0x08 and
- * 0x10 are those of the BSP's. */
+/* AP, 64-bit: a stack, the BSP's GDT and IDT, the local APIC (smp.h). */
 ap_entry64:
-    lgdt gdt64_ptr(%rip)
-    mov $0x10, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
-    mov %ax, %fs
-    mov %ax, %gs
-    mov $1, %eax
-    lock xadd %eax, ap_ticket(%rip)
-    cmp $APS, %eax
-    jae ap_halt
-    inc %eax
-    imul $AP_STACK_SIZE, %eax, %eax
-    lea ap_stacks(%rip), %rsp
-    add %rax, %rsp
-    lidt idt64_ptr(%rip)
-    LAPIC_WRITE LAPIC_SVR, (0x100 | LAPIC_SPURIOUS_VECTOR)
-    LAPIC_WRITE LAPIC_TPR, 0
-    LAPIC_READ LAPIC_ID
-    shr $24, %eax
+    AP_ENTER64 APS, ap_halt
     mov %eax, %ebx
     test %ebx, %ebx
     jz 1f
@@ -450,53 +384,8 @@ ap_halt:
     hlt
     jmp ap_halt
 
-/* AP, real mode: copied to TRAMPOLINE and entered at CS = TRAMPOLINE >> 4,
- * IP = 0; addresses its data relative to CS. */
-    .code16
-ap_trampoline:
-    cli
-    mov %cs, %ax
-    mov %ax, %ds
-    lgdtl ap_gdt_ptr - ap_trampoline
-    mov %cr0, %eax
-    or $1, %eax         /* PE */
-    mov %eax, %cr0
-    ljmpl $0x18, $ap_entry32
-    .balign 8
-ap_gdt:
-    .quad 0
-    .quad 0x00AF9A000000FFFF /* 0x08: 64-bit code, as in the BSP's GDT */
-    .quad 0x00CF92000000FFFF /* 0x10: data, as in the BSP's GDT */
-    .quad 0x00CF9A000000FFFF /* 0x18: 32-bit code */
-ap_gdt_end:
-ap_gdt_ptr:
-    .word ap_gdt_end - ap_gdt - 1
-    .long TRAMPOLINE + (ap_gdt - ap_trampoline)
-ap_trampoline_end:
-
-/* AP, protected mode (flat, on the trampoline's GDT): long mode with the
- * BSP's page tables. */
-    .code32
-ap_entry32:
-    mov $0x10, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
-    mov %ax, %fs
-    mov %ax, %gs
-    mov %cr4, %eax
-    or $0x20, %eax      /* PAE */
-    mov %eax, %cr4
-    mov ap_cr3, %eax
-    mov %eax, %cr3
-    mov $MSR_EFER, %ecx
-    rdmsr
-    or $0x100, %eax     /* LME */
-    wrmsr
-    mov %cr0, %eax
-    or $0x80000001, %eax /* PG, PE */
-    mov %eax, %cr0
-    ljmp $0x08, $ap_entry64
+/* The trampoline and the AP's way to long mode (smp.h). */
+    AP_TRAMPOLINE
 
     .section .data
     .balign 64

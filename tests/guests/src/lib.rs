@@ -340,6 +340,43 @@ pub fn mask_smp_racy(output: &str) -> String {
         })
         .collect()
 }
+
+/// Work split among the CPUs, for measuring parallel speedup: the BSP
+/// reads the number of CPUs N from CPUID leaf 1 EBX[23:16] (0 as 1, at
+/// most [`SMPWORK_MAX_CPUS`]), starts APs 1..N-1 as [`SMP`] does, and each
+/// CPU k sums its share of the first [`SMPWORK_ITERS`] outputs of
+/// SplitMix64 (outputs k x ITERS / N up to (k + 1) x ITERS / N); the BSP
+/// prints N and the total ([`smpwork_sum`], whatever N is); exits with
+/// [`SMPWORK_EXIT`]. Needs the APIC platform; its golden run had
+/// [`SMPWORK_CPUS`] vCPUs.
+pub const SMPWORK: &[u8] = guest_image!("smpwork");
+/// Debug-exit value of [`SMPWORK`].
+pub const SMPWORK_EXIT: u32 = 0x60;
+/// The vCPUs of [`SMPWORK`]'s golden run (QEMU `-smp 4`).
+pub const SMPWORK_CPUS: u32 = 4;
+/// The most CPUs [`SMPWORK`] uses (`MAX_CPUS` in
+/// `tests/guests/smpwork.S`).
+pub const SMPWORK_MAX_CPUS: u32 = 8;
+/// The SplitMix64 outputs [`SMPWORK`] sums over all its CPUs (`WORK` in
+/// `tests/guests/smpwork.S`).
+pub const SMPWORK_ITERS: u64 = 240_000;
+/// The start of [`SMPWORK`]'s result line, followed by 16 hex digits.
+pub const SMPWORK_RESULT_PREFIX: &str = "smpwork: result 0x";
+
+/// The sum (mod 2^64) of the SplitMix64 outputs `range` (seeded with 0:
+/// output i is the finalizer of the state (i + 1) x 0x9E3779B97F4A7C15):
+/// what [`SMPWORK`]'s CPUs compute, each for its share of
+/// `0..SMPWORK_ITERS`.
+pub fn smpwork_sum(range: std::ops::Range<u64>) -> u64 {
+    const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+    range.fold(0u64, |sum, i| {
+        let mut z = i.wrapping_add(1).wrapping_mul(GAMMA);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        sum.wrapping_add(z ^ (z >> 31))
+    })
+}
+
 /// Debug-exit value any guest writes when something unexpected happened
 /// (an exception, a stray interrupt, a failed self-check).
 pub const UNEXPECTED_EXIT: u32 = 0x7f;
@@ -380,6 +417,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("blkrand", BLKRAND),
     ("blkwrite", BLKWRITE),
     ("smp", SMP),
+    ("smpwork", SMPWORK),
 ];
 
 /// What a guest is expected to do.
@@ -644,6 +682,15 @@ pub const EXPECTED: &[Expected] = &[
         needs_apic: true,
         needs_virtio: false,
     },
+    Expected {
+        name: "smpwork",
+        exit_value: Some(SMPWORK_EXIT),
+        golden: Some(include_str!("../../golden/smpwork.out")),
+        input: None,
+        powers_off: false,
+        needs_apic: true,
+        needs_virtio: false,
+    },
 ];
 
 /// The image of the guest called `name`.
@@ -888,7 +935,8 @@ mod tests {
                 "blkseq",
                 "blkrand",
                 "blkwrite",
-                "smp"
+                "smp",
+                "smpwork"
             ]
         );
         for e in EXPECTED {
@@ -903,6 +951,7 @@ mod tests {
         assert_eq!(qemu_exit_code(PMTIMER_EXIT), 0xa7);
         assert_eq!(qemu_exit_code(TSCDL_EXIT), 0xad);
         assert_eq!(qemu_exit_code(SMP_EXIT), 0xbf);
+        assert_eq!(qemu_exit_code(SMPWORK_EXIT), 0xc1);
         assert!(expected("pmtimer")
             .and_then(|e| e.golden)
             .expect("pmtimer golden")
@@ -944,6 +993,27 @@ mod tests {
             mask_smp_racy(&golden.replace("locked total 0x", "locked total 0x1")),
             masked
         );
+    }
+
+    /// The golden's result is the model's sum, and the model's sum does
+    /// not depend on how the work is split.
+    #[test]
+    fn smpwork_golden_is_the_models_sum_whatever_the_split() {
+        let golden = expected("smpwork").and_then(|e| e.golden).expect("smpwork golden");
+        let total = smpwork_sum(0..SMPWORK_ITERS);
+        assert_eq!(
+            golden,
+            format!("smpwork: cpus {SMPWORK_CPUS}\n{SMPWORK_RESULT_PREFIX}{total:016x}\n")
+        );
+        // The guest's split, for every N it uses.
+        for n in 1..=u64::from(SMPWORK_MAX_CPUS) {
+            let split = (0..n)
+                .map(|k| smpwork_sum(k * SMPWORK_ITERS / n..(k + 1) * SMPWORK_ITERS / n))
+                .fold(0u64, u64::wrapping_add);
+            assert_eq!(split, total, "{n} cpus");
+        }
+        // SplitMix64 seeded with 0 starts 0xe220a8397b1dcdaf.
+        assert_eq!(smpwork_sum(0..1), 0xe220_a839_7b1d_cdaf);
     }
 
     #[test]
