@@ -578,6 +578,17 @@ pub fn restore_delta(vcpu: &VcpuFd, delta: &VcpuDelta) -> Result<(), StateError>
     Ok(())
 }
 
+/// The x87/SSE state a vCPU has after reset (FCW 0x37F, MXCSR 0x1F80),
+/// as the boot loader and a start-up IPI give it.
+pub fn reset_fpu(vcpu: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
+    let fpu = kvm_bindings::kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu)
+}
+
 /// Completes the instruction behind the last exit without running the
 /// guest further: KVM finishes a port I/O or MMIO read only on the next
 /// `KVM_RUN`, and until then the registers it returns are not the state to

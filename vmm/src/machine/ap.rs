@@ -379,12 +379,7 @@ impl ApVcpu {
         regs.rip = 0;
         vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
-        let fpu = kvm_bindings::kvm_fpu {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        };
-        vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+        crate::vcpu_state::reset_fpu(vcpu).map_err(kvm_err("KVM_SET_FPU"))?;
         tracing::debug!(cpu = self.index, vector, "started by a start-up IPI");
         Ok(())
     }

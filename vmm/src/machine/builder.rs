@@ -457,12 +457,7 @@ impl MachineBuilder {
         loader::configure_vcpu(&setup, &mut regs, &mut sregs);
         vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
         vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
-        let fpu = kvm_bindings::kvm_fpu {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        };
-        vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
+        crate::vcpu_state::reset_fpu(&vcpu).map_err(kvm_err("KVM_SET_FPU"))?;
 
         let mut hooks = self.hooks.unwrap_or_else(|| Box::new(PlainRun::new()));
         let restore = self.restore.take();

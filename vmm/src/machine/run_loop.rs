@@ -124,6 +124,21 @@ impl Machine {
         }
     }
 
+    /// What the loop does after an idle wait in HLT: go on (None), or
+    /// return this (a stop request leaves the guest idle, to idle on when
+    /// resumed).
+    fn after_idle(&mut self, idle: Idle) -> Option<Result<Stop, Error>> {
+        match idle {
+            Idle::Interrupt => None,
+            Idle::Never => Some(Ok(Stop::Ended(RunOutcome::Halted))),
+            Idle::Stopped => {
+                self.idle_stopped = true;
+                Some(Ok(Stop::Interrupted))
+            }
+            Idle::Ended => Some(self.smp_end().map(Stop::Ended)),
+        }
+    }
+
     /// How the run ended on another vCPU (a failure there is an error here).
     fn smp_end(&self) -> Result<RunOutcome, Error> {
         match self.smp.as_ref().and_then(|s| s.ended()) {
@@ -274,14 +289,9 @@ impl Machine {
             }
         }
         if std::mem::take(&mut self.idle_stopped) {
-            match self.idle()? {
-                Idle::Interrupt => {}
-                Idle::Never => return Ok(Stop::Ended(RunOutcome::Halted)),
-                Idle::Stopped => {
-                    self.idle_stopped = true;
-                    return Ok(Stop::Interrupted);
-                }
-                Idle::Ended => return self.smp_end().map(Stop::Ended),
+            let idle = self.idle()?;
+            if let Some(stop) = self.after_idle(idle) {
+                return stop;
             }
         }
         loop {
@@ -437,27 +447,21 @@ impl Machine {
                             match self.after_hlt(if_flag) {
                                 super::serial::AfterHlt::Go => {}
                                 super::serial::AfterHlt::Halted => return Ok(Stop::Ended(RunOutcome::Halted)),
-                                super::serial::AfterHlt::Idle => match self.idle()? {
-                                    Idle::Interrupt => {}
-                                    Idle::Never => return Ok(Stop::Ended(RunOutcome::Halted)),
-                                    Idle::Stopped => {
-                                        self.idle_stopped = true;
-                                        return Ok(Stop::Interrupted);
+                                super::serial::AfterHlt::Idle => {
+                                    let idle = self.idle()?;
+                                    if let Some(stop) = self.after_idle(idle) {
+                                        return stop;
                                     }
-                                    Idle::Ended => return self.smp_end().map(Stop::Ended),
-                                },
+                                }
                             }
                         }
                         Next::Hlt if self.core.vcpu.get_kvm_run().if_flag == 0 => return self.halted_for_good(),
-                        Next::Hlt => match self.idle()? {
-                            Idle::Interrupt => {}
-                            Idle::Never => return Ok(Stop::Ended(RunOutcome::Halted)),
-                            Idle::Stopped => {
-                                self.idle_stopped = true;
-                                return Ok(Stop::Interrupted);
+                        Next::Hlt => {
+                            let idle = self.idle()?;
+                            if let Some(stop) = self.after_idle(idle) {
+                                return stop;
                             }
-                            Idle::Ended => return self.smp_end().map(Stop::Ended),
-                        },
+                        }
                         Next::Debug(d) => return Ok(Stop::Debug(d)),
                         Next::InternalError => {
                             let reason = super::ap::internal_error_reason(&mut self.core.vcpu);
