@@ -111,13 +111,6 @@ impl<'m> NyxTarget<'m> {
         opts: crate::ServeOptions,
     ) -> Result<Self, Error> {
         let mut t = NyxTarget::new(machine, opts)?;
-        // A replay of several vCPUs is debugged forward only: its
-        // re-execution from a checkpoint does not yet always follow the
-        // trace (a landing is missed after some switches), so no timeline
-        // takes checkpoints and gdb is told there is no reverse execution.
-        if t.machine.cpus() > 1 {
-            return Ok(t);
-        }
         timeline.start(t.machine).map_err(|e| Error::Protocol(e.to_string()))?;
         t.timeline = Some(timeline);
         Ok(t)
@@ -695,8 +688,7 @@ pub(crate) fn thread_stop(r: SingleThreadStopReason<u64>, tid: Tid) -> MultiThre
 }
 
 impl NyxTarget<'_> {
-    /// Whether gdb may execute backwards: on a replay with a timeline (one
-    /// vCPU: see [`NyxTarget::with_timeline`]).
+    /// Whether gdb may execute backwards: on a replay (with a timeline).
     fn reverse_supported(&self) -> bool {
         self.timeline.is_some()
     }

@@ -476,6 +476,10 @@ impl RunHooks for Replayer {
         self.pause_after_exit()
     }
 
+    fn pause_after_switch(&mut self) -> bool {
+        lock(&self.state).stepping
+    }
+
     fn before_enter(&mut self, ctx: &mut HookCtx<'_>) -> Result<Enter, HookError> {
         self.check(ctx)?;
         if lock(&self.state).stepping {

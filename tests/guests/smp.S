@@ -361,6 +361,7 @@ ap_entry64:
     mov $ITERS, %ecx
 7:  mov racy_counter(%rip), %eax
     inc %eax
+racy_store:
     mov %eax, racy_counter(%rip)
     dec %ecx
     jnz 7b

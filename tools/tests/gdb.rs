@@ -996,11 +996,11 @@ fn a_reverse_debugged_replay_writes_virtio_console_output_once() {
 /// Four vCPUs recorded one at a time (`smp`): gdb on the replay sees a
 /// thread per vCPU (the APs at their reset vector until started), stops in
 /// the AP that hits a breakpoint and names its thread, reads the BSP's
-/// registers as thread 1, and runs to the end with the recorded output.
-/// Reverse execution is refused on such a replay (a re-execution of
-/// several vCPUs from a checkpoint does not yet always follow its trace).
+/// registers as thread 1, runs to the end, and reverse-continues across
+/// vCPU switches to the lock-free store that wrote the final racy total,
+/// in the AP (thread) that made it.
 #[test]
-fn a_replay_of_four_vcpus_is_four_threads() {
+fn threads_and_reverse_execution_across_vcpu_switches() {
     if !ready() {
         return;
     }
@@ -1011,21 +1011,28 @@ fn a_replay_of_four_vcpus_is_four_threads() {
         "smp",
         &["--cpus", &cpus, "--cmdline", nyx_guests::GOLDEN_APPEND],
     );
+    let racy = symbol("smp", "racy_counter");
+    let show = format!("printf \"RACY=%#x\\n\", *(int *){racy:#x}");
+    let watch = format!("watch *(int *){racy:#x}");
     let out = gdb(
         &nyx,
         "smp",
         &[
             "info threads",
-            "reverse-stepi",
             "break ap_entry64",
             "continue",
             "printf \"AP_PC=%#lx\\n\", $pc",
-            "printf \"AP_RSP=%#lx\\n\", $rsp",
-            "info threads",
             "thread 1",
             "printf \"BSP_PC=%#lx\\n\", $pc",
             "delete",
             "continue",
+            &show,
+            &watch,
+            "reverse-continue",
+            "printf \"STORE_PC=%#lx\\n\", $pc",
+            "printf \"STORE_APIC=%d\\n\", $rbx",
+            "printf \"STORE_EAX=%#x\\n\", $eax",
+            "kill",
         ],
     );
     for t in 1..=4 {
@@ -1035,10 +1042,6 @@ fn a_replay_of_four_vcpus_is_four_threads() {
         out.contains("0x000000000000fff0 in ??"),
         "APs wait at the reset vector: {out}"
     );
-    assert!(
-        out.contains("does not support this command"),
-        "no reverse execution: {out}"
-    );
     assert_eq!(printed(&out, "AP_PC="), symbol("smp", "ap_entry64"), "{out}");
     let hit = out
         .lines()
@@ -1046,12 +1049,21 @@ fn a_replay_of_four_vcpus_is_four_threads() {
         .map(|(t, _)| t.trim().parse::<u64>().unwrap())
         .unwrap_or_else(|| panic!("no thread hit the breakpoint: {out}"));
     assert!((2..=4).contains(&hit), "an AP hits ap_entry64, not thread {hit}: {out}");
-    let bsp = printed(&out, "BSP_PC=");
-    assert_ne!(bsp, symbol("smp", "ap_entry64"), "thread 1 is the BSP: {out}");
-    assert!(bsp > 0x10_0000, "the BSP is in the guest's code: {out}");
+    assert_ne!(
+        printed(&out, "BSP_PC="),
+        symbol("smp", "ap_entry64"),
+        "thread 1 is the BSP: {out}"
+    );
+    // The store that wrote the final racy total, stopped just before it
+    // runs: its EAX holds that total, its RBX the AP's APIC ID.
+    let total = printed(&out, "RACY=");
+    assert_eq!(printed(&out, "STORE_PC="), symbol("smp", "racy_store"), "{out}");
+    assert_eq!(printed(&out, "STORE_EAX="), total, "{out}");
+    let apic = printed(&out, "STORE_APIC=");
+    assert!((1..=3).contains(&apic), "{out}");
     assert!(
-        out.contains(&format!("exited with code 0{:o}", nyx_guests::SMP_EXIT)),
-        "the replay runs to the guest's exit: {out}"
+        out.contains(&format!("Thread {} hit Hardware watchpoint", apic + 1)),
+        "the stop names the AP's thread: {out}"
     );
     nyx.finish_cleanly();
 }

@@ -474,6 +474,15 @@ pub trait RunHooks: Send {
         Ok(proposal)
     }
 
+    /// Asked after a machine running its vCPUs one at a time switched to
+    /// another: true makes [`crate::Machine::resume`] return
+    /// [`crate::machine::Stop::Paused`] before the new vCPU runs, inside
+    /// the step (a replay being single-stepped arms the step for the new
+    /// vCPU: the old one may have run free through an HLT).
+    fn pause_after_switch(&mut self) -> bool {
+        false
+    }
+
     /// The run ended with `outcome`.
     fn on_end(&mut self, _ctx: &mut HookCtx<'_>, _outcome: &RunOutcome) -> Result<(), HookError> {
         Ok(())

@@ -304,8 +304,13 @@ impl Machine {
                 if !std::mem::take(&mut self.mid_step) {
                     let poll = std::mem::take(&mut self.poll_pending);
                     self.step(poll)?;
-                    if self.serial.is_some() {
-                        self.schedule_point()?;
+                    // A debugger single-stepping a replay may have let the
+                    // last vCPU run free (HLT is not stepped): it sets the
+                    // new vCPU up before it runs, and the guest goes on in
+                    // this step when resumed.
+                    if self.serial.is_some() && self.schedule_point()? && self.hooks.pause_after_switch() {
+                        self.mid_step = true;
+                        return Ok(Stop::Paused);
                     }
                 }
                 if !self.debug.single_step || self.hooks.inject_while_stepping() {

@@ -217,14 +217,16 @@ impl Machine {
     }
 
     /// The switch point at the start of a step: signals taken, then the
-    /// mode's choice of vCPU applied.
-    pub(super) fn schedule_point(&mut self) -> Result<(), Error> {
+    /// mode's choice of vCPU applied. Returns whether the vCPU changed.
+    pub(super) fn schedule_point(&mut self) -> Result<bool, Error> {
         self.take_all_signals()?;
         let proposal = if self.hooks.schedules() { self.proposal() } else { None };
+        let before = self.current_vcpu();
         let mut ctx = self.core.ctx();
         if let Some(to) = self.hooks.schedule(&mut ctx, proposal)? {
             self.switch_to(usize::from(to))?;
         }
+        let switched = self.current_vcpu() != before;
         let current = self.serial_ref().current;
         if self.serial_ref().states[current] == CpuState::Hlt && self.core.platform.interrupt_pending_of(current) {
             self.serial_mut().states[current] = CpuState::Running;
@@ -234,7 +236,7 @@ impl Machine {
             self.core.vcpu.nmi().map_err(kvm_err("KVM_NMI"))?;
         }
         self.serial_mut().nmi_step = nmi;
-        Ok(())
+        Ok(switched)
     }
 
     /// Makes vCPU `to` the running one.
