@@ -265,6 +265,15 @@ impl Machine {
     /// kick timer follow.
     fn swap_in(&mut self, to: usize) -> Result<(), Error> {
         let current = self.serial_ref().current;
+        // The vCPU leaving has its last exit completed now, at the point
+        // where the recording and the replay both switch: KVM finishes a
+        // port or MMIO access (RIP past it, a read's value in place) only
+        // at the vCPU's next entry, and a waiting vCPU captured before
+        // that would re-execute the access when restored.
+        if current != to {
+            crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu)
+                .map_err(vcpu_err("complete the pending exit of"))?;
+        }
         if current != 0 {
             std::mem::swap(&mut self.core.vcpu, &mut self.aps[current - 1].vcpu);
         }
@@ -305,10 +314,9 @@ impl Machine {
         for cpu in 0..n {
             let vcpu = self.vcpu_of(cpu);
             // An exit KVM has not completed yet would be lost: the running
-            // vCPU's is completed. A waiting vCPU is captured as it is:
-            // completing its exit out of turn (a KVM_RUN of a vCPU the
-            // recording did not run there) made re-executions diverge on
-            // the emulated KVM.
+            // vCPU's is completed. A waiting vCPU's was completed when it
+            // was switched out (`swap_in`); it is not run again out of turn
+            // here.
             if cpu == current {
                 crate::vcpu_state::complete_pending_exit(vcpu).map_err(vcpu_err("complete the pending exit of"))?;
             }
