@@ -397,16 +397,7 @@ impl ApVcpu {
     fn inject(&mut self, env: &ApEnv<'_>) -> Result<(), Error> {
         let ready = self.vcpu.get_kvm_run().ready_for_interrupt_injection != 0;
         if ready && env.platform.interrupt_pending() {
-            let irq = kvm_interrupt {
-                irq: u32::from(env.platform.acknowledge()),
-            };
-            // SAFETY: KVM_INTERRUPT on a vCPU fd with a valid kvm_interrupt.
-            if unsafe { ioctl_with_ref(&self.vcpu, KVM_INTERRUPT(), &irq) } != 0 {
-                return Err(Error::Kvm {
-                    what: "KVM_INTERRUPT",
-                    source: kvm_ioctls::Error::last(),
-                });
-            }
+            inject_interrupt(&self.vcpu, env.platform.acknowledge())?;
             self.stats.injected += 1;
         }
         self.vcpu.get_kvm_run().request_interrupt_window = u8::from(env.platform.interrupt_pending());

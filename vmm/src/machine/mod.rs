@@ -175,6 +175,20 @@ fn vcpu_err(what: &'static str) -> impl FnOnce(crate::vcpu_state::StateError) ->
     move |source| Error::VcpuState { what, source }
 }
 
+/// Queues interrupt `vector` for injection at `vcpu`'s next entry
+/// (`KVM_INTERRUPT`, the user-space irqchip's way).
+fn inject_interrupt(vcpu: &VcpuFd, vector: u8) -> Result<(), Error> {
+    let irq = kvm_interrupt { irq: u32::from(vector) };
+    // SAFETY: KVM_INTERRUPT on a vCPU fd with a valid kvm_interrupt.
+    if unsafe { ioctl_with_ref(vcpu, KVM_INTERRUPT(), &irq) } != 0 {
+        return Err(Error::Kvm {
+            what: "KVM_INTERRUPT",
+            source: kvm_ioctls::Error::last(),
+        });
+    }
+    Ok(())
+}
+
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { what, source }
 }

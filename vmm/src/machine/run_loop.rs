@@ -60,15 +60,7 @@ impl Machine {
             let vector = self.core.platform.acknowledge();
             let mut ctx = self.core.ctx();
             self.hooks.on_inject(&mut ctx, vector)?;
-            let irq = kvm_interrupt { irq: u32::from(vector) };
-            // SAFETY: KVM_INTERRUPT on a vCPU fd with a valid kvm_interrupt.
-            let ret = unsafe { ioctl_with_ref(&self.core.vcpu, KVM_INTERRUPT(), &irq) };
-            if ret != 0 {
-                return Err(Error::Kvm {
-                    what: "KVM_INTERRUPT",
-                    source: kvm_ioctls::Error::last(),
-                });
-            }
+            inject_interrupt(&self.core.vcpu, vector)?;
             self.core.stats.injected += 1;
             self.core.metrics.inject(vector);
         }
