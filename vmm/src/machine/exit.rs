@@ -196,7 +196,7 @@ impl Machine {
                 };
                 if site.kind == crate::patch::TrapKind::Cpuid {
                     // The running vCPU's own table (its APIC ID).
-                    let table = match self.serial.as_ref().map_or(0, |s| s.current) {
+                    let table = match self.core.vcpu_index {
                         0 => &self.core.cpuid,
                         ap => &self.aps[ap - 1].cpuid,
                     };

@@ -58,8 +58,7 @@ impl CpuState {
 
 /// What a machine that runs its vCPUs one at a time keeps of them.
 pub(crate) struct Serial {
-    /// The running vCPU.
-    pub(super) current: usize,
+    /// Each vCPU's run state (which one runs is `Core::vcpu_index`).
     states: Vec<CpuState>,
     /// An NMI was sent to the vCPU and waits until it next runs: it is
     /// handed to KVM (`KVM_NMI`) just before that entry, so that KVM never
@@ -74,15 +73,12 @@ pub(crate) struct Serial {
     pub(super) nmi_step: bool,
     /// Host monotonic ns at which the running vCPU's slice ends.
     slice_end_ns: u64,
-    /// Switches so far.
-    pub(super) switches: u64,
 }
 
 impl Serial {
     /// `cpus` vCPUs at power-on: the BSP runs, the APs wait for a start-up IPI.
     pub(super) fn new(cpus: usize) -> Self {
         Serial {
-            current: 0,
             states: (0..cpus)
                 .map(|c| {
                     if c == 0 {
@@ -95,7 +91,6 @@ impl Serial {
             nmis: vec![false; cpus],
             nmi_step: false,
             slice_end_ns: monotonic_ns() + SLICE_NS,
-            switches: 0,
         }
     }
 }
@@ -137,7 +132,7 @@ impl Machine {
 
     /// Takes the INIT, start-up and NMI messages left for every vCPU.
     fn take_all_signals(&mut self) -> Result<(), Error> {
-        let current = self.serial_ref().current;
+        let current = self.core.vcpu_index;
         for cpu in 0..self.serial_ref().states.len() {
             let signals = self.core.platform.take_signals_of(cpu);
             if signals == Default::default() {
@@ -168,7 +163,7 @@ impl Machine {
 
     /// vCPU `cpu`'s file descriptor, wherever it is now.
     pub(super) fn vcpu_of(&mut self, cpu: usize) -> &mut VcpuFd {
-        let current = self.serial.as_ref().map_or(0, |s| s.current);
+        let current = self.core.vcpu_index;
         if cpu == current {
             &mut self.core.vcpu
         } else if cpu == 0 {
@@ -181,7 +176,7 @@ impl Machine {
     /// A recording's choice at a switch point: the next runnable vCPU
     /// round-robin, when the running one cannot run or its slice is over.
     fn proposal(&mut self) -> Option<u8> {
-        let (current, n) = (self.serial_ref().current, self.serial_ref().states.len());
+        let (current, n) = (self.core.vcpu_index, self.serial_ref().states.len());
         let now = monotonic_ns();
         if self.runnable(current) && now < self.serial_ref().slice_end_ns {
             return None;
@@ -227,7 +222,7 @@ impl Machine {
             self.switch_to(usize::from(to))?;
         }
         let switched = self.current_vcpu() != before;
-        let current = self.serial_ref().current;
+        let current = self.core.vcpu_index;
         if self.serial_ref().states[current] == CpuState::Hlt && self.core.platform.interrupt_pending_of(current) {
             self.serial_mut().states[current] = CpuState::Running;
         }
@@ -241,7 +236,7 @@ impl Machine {
 
     /// Makes vCPU `to` the running one.
     fn switch_to(&mut self, to: usize) -> Result<(), Error> {
-        let (current, n) = (self.serial_ref().current, self.serial_ref().states.len());
+        let (current, n) = (self.core.vcpu_index, self.serial_ref().states.len());
         if to >= n {
             return Err(Error::Smp(format!(
                 "a switch to vCPU {to}, but the machine has {n} vCPUs"
@@ -250,13 +245,19 @@ impl Machine {
         if to == current {
             return Ok(());
         }
+        // The vCPU leaving has its last exit completed now, at the point
+        // where the recording and the replay both switch: KVM finishes a
+        // port or MMIO access (RIP past it, a read's value in place) only
+        // at the vCPU's next entry, and a waiting vCPU captured before
+        // that would re-execute the access when restored.
+        crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu)
+            .map_err(vcpu_err("complete the pending exit of"))?;
         self.swap_in(to)?;
         let s = self.serial_mut();
         if s.states[to] == CpuState::Hlt {
             s.states[to] = CpuState::Running;
         }
         s.slice_end_ns = monotonic_ns() + SLICE_NS;
-        s.switches += 1;
         Ok(())
     }
 
@@ -264,23 +265,13 @@ impl Machine {
     /// running one back to its slot, then `to` in; the controllers and the
     /// kick timer follow.
     fn swap_in(&mut self, to: usize) -> Result<(), Error> {
-        let current = self.serial_ref().current;
-        // The vCPU leaving has its last exit completed now, at the point
-        // where the recording and the replay both switch: KVM finishes a
-        // port or MMIO access (RIP past it, a read's value in place) only
-        // at the vCPU's next entry, and a waiting vCPU captured before
-        // that would re-execute the access when restored.
-        if current != to {
-            crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu)
-                .map_err(vcpu_err("complete the pending exit of"))?;
-        }
+        let current = self.core.vcpu_index;
         if current != 0 {
             std::mem::swap(&mut self.core.vcpu, &mut self.aps[current - 1].vcpu);
         }
         if to != 0 {
             std::mem::swap(&mut self.core.vcpu, &mut self.aps[to - 1].vcpu);
         }
-        self.serial_mut().current = to;
         nyx_devices::cpu::set_current(to);
         self.core.vcpu_index = to;
         if let Some(t) = self.timer.as_mut() {
@@ -315,7 +306,7 @@ impl Machine {
             let vcpu = self.vcpu_of(cpu);
             // An exit KVM has not completed yet would be lost: the running
             // vCPU's is completed. A waiting vCPU's was completed when it
-            // was switched out (`swap_in`); it is not run again out of turn
+            // was switched out (`switch_to`); it is not run again out of turn
             // here.
             if cpu == current {
                 crate::vcpu_state::complete_pending_exit(vcpu).map_err(vcpu_err("complete the pending exit of"))?;
@@ -324,7 +315,7 @@ impl Machine {
         }
         let bsp = states.remove(0);
         let schedule = self.serial.as_ref().map(|s| ScheduleState {
-            current: s.current as u8,
+            current: self.core.vcpu_index as u8,
             states: s
                 .states
                 .iter()
@@ -336,7 +327,9 @@ impl Machine {
     }
 
     /// Puts every vCPU and the schedule back to `state`'s (the devices are
-    /// the caller's). A state of another number of vCPUs is an error.
+    /// the caller's, and so is completing the running vCPU's exit first:
+    /// KVM refuses register changes before that). A state of another
+    /// number of vCPUs is an error.
     pub(super) fn restore_vcpus(&mut self, state: &crate::snapshot::MachineState) -> Result<(), Error> {
         let n = 1 + self.aps.len();
         if state.aps.len() + 1 != n || state.schedule.is_some() != self.serial.is_some() {
@@ -369,10 +362,6 @@ impl Machine {
             }
             None => None,
         };
-        // KVM refuses register changes before a pending exit completes:
-        // the running vCPU's (the others are not run out of turn).
-        crate::vcpu_state::complete_pending_exit(&mut self.core.vcpu)
-            .map_err(vcpu_err("complete the pending exit of"))?;
         if self.serial.is_some() {
             self.swap_in(0)?;
         }
@@ -393,13 +382,13 @@ impl Machine {
     /// only in a recording, while another vCPU could run.
     pub(super) fn preempt_at(&self) -> Option<u64> {
         let s = self.serial.as_ref()?;
-        let others = (0..s.states.len()).any(|c| c != s.current && self.runnable(c));
+        let others = (0..s.states.len()).any(|c| c != self.core.vcpu_index && self.runnable(c));
         (self.hooks.schedules() && others).then_some(s.slice_end_ns)
     }
 
     /// The running vCPU executed HLT (`if_flag`: with interrupts enabled).
     pub(super) fn after_hlt(&mut self, if_flag: bool) -> AfterHlt {
-        let current = self.serial_ref().current;
+        let current = self.core.vcpu_index;
         let n = self.serial_ref().states.len();
         let pending = self.core.platform.interrupt_pending_of(current);
         self.serial_mut().states[current] = match (if_flag, pending) {
@@ -418,30 +407,20 @@ impl Machine {
     }
 
     /// vCPU `cpu`, for a debugger to read and write its registers at a
-    /// stop: the running one as it is, another with its last exit
-    /// completed (KVM applies an exit's result, a port read's value, at the
-    /// vCPU's next entry, and refuses register changes before that).
-    /// Several vCPUs are reachable only on a machine that runs them one at
-    /// a time.
+    /// stop. A waiting vCPU's last exit was completed when it was switched
+    /// out (`switch_to`), so its registers are its state; it is not run out
+    /// of turn here. Several vCPUs are reachable only on a machine that
+    /// runs them one at a time.
     pub fn vcpu_at_stop(&mut self, cpu: usize) -> Result<&mut VcpuFd, Error> {
         let n = self.cpus();
         if cpu >= n || (cpu != 0 && self.serial.is_none()) {
             return Err(Error::Smp(format!("no vCPU {cpu} here (the machine has {n})")));
         }
-        if cpu != self.current_vcpu() {
-            crate::vcpu_state::complete_pending_exit(self.vcpu_of(cpu))
-                .map_err(vcpu_err("complete the pending exit of"))?;
-        }
         Ok(self.vcpu_of(cpu))
-    }
-
-    /// Switches between vCPUs so far (0 for a machine with one).
-    pub fn vcpu_switches(&self) -> u64 {
-        self.serial.as_ref().map_or(0, |s| s.switches)
     }
 
     /// The running vCPU (0, the BSP, on a machine with one).
     pub fn current_vcpu(&self) -> usize {
-        self.serial.as_ref().map_or(0, |s| s.current)
+        self.core.vcpu_index
     }
 }
