@@ -553,8 +553,13 @@ impl RunHooks for Recorder {
             return Ok(false);
         }
         if let Some(c) = self.check.as_mut() {
-            // The check clock's only kick is its time limit.
-            return c.on_kick(ctx, deadline_passed);
+            // The check clock's kicks are its time limit (an error) and,
+            // with several vCPUs, the end of a time slice: a landing there,
+            // where the replay switches as the recording did.
+            let step = c.on_kick(ctx, deadline_passed)?;
+            if ctx.vcpus == 1 {
+                return Ok(step);
+            }
         }
         self.landing(ctx)?;
         self.slice_start_ns = nyx_vmm::kick::monotonic_ns();

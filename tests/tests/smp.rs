@@ -6,7 +6,9 @@
 //! APs run on host threads of their own; a recording runs the vCPUs one at
 //! a time and logs its switches, and every replay reproduces the
 //! recording's interleaving, lock-free total included, while two
-//! recordings interleave differently.
+//! recordings interleave differently. A machine stopped while its APs
+//! count is saved with all four vCPUs and restored, in parallel or under
+//! the recorder, and finishes with the locked total exact.
 
 use std::path::{Path, PathBuf};
 
@@ -70,7 +72,7 @@ fn four_vcpus_start_count_and_interrupt_each_other_as_under_qemu() {
 }
 
 #[test]
-fn several_vcpus_need_the_apic_platform_and_a_plain_run() {
+fn several_vcpus_need_the_apic_platform_and_at_most_64() {
     if !kvm_available() {
         return;
     }
@@ -86,24 +88,145 @@ fn several_vcpus_need_the_apic_platform_and_a_plain_run() {
         .cpus(65)
         .build();
     assert!(too_many.is_err());
-    // Stopping and resuming (what gdb and snapshots need) is refused.
+}
+
+/// Runs a plain 4-vCPU `smp` machine until it is stopped (all stop) with
+/// every AP started: after the BSP announced their start it is stopped
+/// every 50 ms, looked at and resumed until then. The machine (stopped),
+/// the output so far and how many stops it took.
+fn smp_stopped_mid_run() -> (nyx_vmm::Machine, Capture, usize) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let out = Capture::default();
     let mut m = MachineBuilder::new()
+        .memory(64)
         .kernel_image("smp", nyx_guests::SMP.to_vec())
+        .cmdline(nyx_guests::GOLDEN_APPEND)
         .irqchip(Irqchip::Apic)
-        .cpus(2)
-        .serial_out(Box::new(std::io::sink()))
+        .cpus(nyx_guests::SMP_CPUS as usize)
+        .serial_out(Box::new(out.clone()))
         .build()
-        .expect("building");
-    let Err(err) = m.resume() else {
-        panic!("resume with 2 vCPUs")
+        .expect("building the smp machine");
+    let kicker = m.kicker().expect("a kicker");
+    let seen = out.clone();
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let stop_kicking = done.clone();
+    let watcher = std::thread::spawn(move || {
+        let start = std::time::Instant::now();
+        while !String::from_utf8_lossy(&seen.bytes()).contains("starting 3 aps") {
+            if start.elapsed().as_secs() > 60 || stop_kicking.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        while !stop_kicking.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            kicker.kick();
+        }
+    });
+    let mut stops = 0;
+    loop {
+        match m.resume() {
+            Ok(nyx_vmm::machine::Stop::Interrupted) => {
+                stops += 1;
+                let (state, _) = m.capture_state().expect("capturing 4 vCPUs");
+                let started = state.schedule.as_ref().expect("where each vCPU is").states[1..]
+                    .iter()
+                    .all(|&s| s & 0x7f != 0);
+                if started {
+                    break;
+                }
+            }
+            Ok(nyx_vmm::machine::Stop::Ended(o)) => {
+                done.store(true, Ordering::SeqCst);
+                panic!("ended before every AP was seen started: {o:?}");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                done.store(true, Ordering::SeqCst);
+                panic!("running smp: {e}");
+            }
+        }
+    }
+    done.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    (m, out, stops)
+}
+
+/// A 4-vCPU machine stopped while its APs count is saved with every vCPU
+/// and where each is; restored (in parallel again, or under the recorder,
+/// which runs them one at a time) it finishes with the locked total exact,
+/// and so does the original. The recording replays its interleaving.
+#[test]
+fn a_four_vcpu_machine_saved_mid_run_restores_in_parallel_and_under_the_recorder() {
+    if !kvm_available() {
+        return;
+    }
+    let golden = nyx_guests::mask_smp_racy(nyx_guests::expected("smp").unwrap().golden.unwrap());
+    let (mut m, out, stops) = smp_stopped_mid_run();
+    eprintln!("stopped {stops} times (each vCPU captured) before the save");
+    let before = String::from_utf8_lossy(&out.bytes()).into_owned();
+    assert!(!before.contains("locked total"), "stopped after the count:\n{before}");
+    let (state, _) = m.capture_state().expect("capturing 4 vCPUs");
+    assert_eq!(state.aps.len(), 3);
+    let schedule = state.schedule.clone().expect("where each vCPU is");
+    assert!(
+        schedule.states[1..].iter().all(|&s| s & 0x7f != 0),
+        "every AP started: {schedule:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("smp.nyxsnap");
+    m.save_snapshot(&snap).expect("saving 4 vCPUs");
+    // The original goes on to its end (past a last kick of the watcher's).
+    let outcome = loop {
+        match m.resume().expect("running on") {
+            nyx_vmm::machine::Stop::Ended(o) => break o,
+            _ => continue,
+        }
     };
-    let err = err.to_string();
-    assert!(err.contains("--cpus 1"), "{err}");
-    let Err(err) = m.capture_state() else {
-        panic!("capture with 2 vCPUs")
-    };
-    let err = err.to_string();
-    assert!(err.contains("--cpus 1"), "{err}");
+    let serial = String::from_utf8_lossy(&out.bytes()).into_owned();
+    assert_eq!(nyx_guests::mask_smp_racy(&serial), golden, "the original: {outcome:?}");
+
+    for round in 0..2 {
+        let restored_out = Capture::default();
+        let mut r = MachineBuilder::from_snapshot(&snap)
+            .expect("reading the snapshot")
+            .serial_out(Box::new(restored_out.clone()))
+            .build()
+            .expect("restoring 4 vCPUs");
+        assert_eq!(r.cpus(), 4);
+        let outcome = r.run().expect("running the restored machine");
+        let serial = before.clone() + &String::from_utf8_lossy(&restored_out.bytes());
+        assert_eq!(
+            nyx_guests::mask_smp_racy(&serial),
+            golden,
+            "restore {round}: {outcome:?}"
+        );
+    }
+
+    let trace = dir.path().join("from-snapshot.nyxtrace");
+    let recorded_out = Capture::default();
+    let rec = nyx_recorder::record_from_snapshot(nyx_recorder::SnapshotRecordOptions {
+        snapshot: snap.clone(),
+        out: trace.clone(),
+        serial_in: SerialIn::None,
+        serial_out: Some(Box::new(recorded_out.clone())),
+        kvm_path: nyx_tests::kvm_device(),
+        verify: VerifyLevel::Exits,
+        landings: nyx_recorder::LandingPolicy::Auto,
+        check: None,
+    })
+    .expect("recording from the 4-vCPU snapshot");
+    let recorded = String::from_utf8_lossy(&recorded_out.bytes()).into_owned();
+    assert_eq!(
+        nyx_guests::mask_smp_racy(&(before.clone() + &recorded)),
+        golden,
+        "recorded from the snapshot: {:?}",
+        rec.outcome
+    );
+    assert!(!switches(&rec.path).is_empty(), "the recording switched vCPUs");
+    let (end, replayed) = replay_smp(&rec.path).expect("replaying");
+    assert!(matches!(end, ReplayEnd::Complete { .. }), "{end:?}");
+    assert_eq!(replayed, recorded, "the replay's output, racy total included");
 }
 
 /// Records `smp` with 4 vCPUs into `out`: its outcome and COM1 output.

@@ -817,7 +817,6 @@ fn replay(args: &ReplayArgs) -> Result<ExitCode, nyx_replayer::Error> {
 /// the source that it runs, and runs it as `nyx restore` would.
 fn incoming(args: &RunArgs, spec: &str) -> Result<ExitCode, String> {
     use nyx_vmm::migration;
-    args.machine.one_cpu("a migrated machine")?;
     let key = match &args.migration_key {
         Some(path) => Some(nyx_vmm::migration_auth::Key::from_file(path)?),
         None => None,
@@ -912,9 +911,6 @@ fn run(args: &RunArgs) -> Result<ExitCode, String> {
     };
     if args.gdb.gdb.is_some() {
         args.machine.one_cpu("gdb")?;
-    }
-    if args.serve.api.is_some() {
-        args.machine.one_cpu("a machine with a control socket (--api)")?;
     }
     let mut b = args.machine.builder(cpu)?;
     if let Some((hooks, _)) = args.clock.check_hooks() {

@@ -447,10 +447,10 @@ fn precopy<W: Write>(
     }
 }
 
-/// Whether the vCPU is in real mode (CR0.PE clear), where the dirty log may
+/// Whether a vCPU is in real mode (CR0.PE clear), where the dirty log may
 /// miss guest writes.
 fn real_mode(m: &Machine) -> Result<bool, MigrationError> {
-    Ok(m.paging_regs()?.cr0 & 1 == 0)
+    Ok(m.real_mode_vcpus()?)
 }
 
 /// The source's side of the connection: the container's bytes as they
@@ -545,12 +545,6 @@ impl Outgoing {
         progress: Option<CopyProgressFn>,
     ) -> Result<Self, MigrationError> {
         let started = Instant::now();
-        if m.cpus() > 1 {
-            return Err(MigrationError::State(format!(
-                "a machine with {} vCPUs cannot migrate yet; one with a single vCPU can",
-                m.cpus()
-            )));
-        }
         if m.mode_name() != "run" {
             // A recording or replay owns the dirty log and its inputs.
             return Err(MigrationError::State(format!(

@@ -350,6 +350,14 @@ impl RunHooks for CheckRun {
         true
     }
 
+    /// Several vCPUs run one at a time, as in a recording (every
+    /// instruction that reads time is patched, and the AP threads of a
+    /// parallel run serve no patched sites); the machine switches at the
+    /// end of each time slice.
+    fn schedules(&self) -> bool {
+        true
+    }
+
     fn kick_at(&self, virt_deadline: Option<u64>) -> Option<u64> {
         let limit = self.shared.wall_limit();
         let deadline = self
@@ -366,7 +374,7 @@ impl RunHooks for CheckRun {
         Ok(requested || !self.shared.host.load(Ordering::SeqCst))
     }
 
-    fn on_kick(&mut self, _ctx: &mut HookCtx<'_>, deadline_passed: bool) -> Result<bool, HookError> {
+    fn on_kick(&mut self, ctx: &mut HookCtx<'_>, deadline_passed: bool) -> Result<bool, HookError> {
         if !deadline_passed {
             return Ok(false);
         }
@@ -378,8 +386,9 @@ impl RunHooks for CheckRun {
             self.shared.timed_out.store(true, Ordering::SeqCst);
             return Err(HookError::Stopped);
         }
-        // A device deadline of the host clock.
-        Ok(self.shared.host.load(Ordering::SeqCst))
+        // A device deadline of the host clock, or with several vCPUs the
+        // end of a time slice: a step, where the machine may switch.
+        Ok(self.shared.host.load(Ordering::SeqCst) || ctx.vcpus > 1)
     }
 
     fn on_exit(&mut self, _ctx: &mut HookCtx<'_>, _exit: &ExitRecord) -> Result<(), HookError> {

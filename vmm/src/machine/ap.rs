@@ -83,13 +83,16 @@ impl Doorbell {
     }
 }
 
-/// What the vCPU threads of one run share.
+/// What the vCPU threads of one stretch of a run share (from a start or a
+/// resume to the next stop).
 pub(super) struct Smp {
     bells: Vec<Doorbell>,
     /// How the run ended, set once by the first CPU to end it (Err: a
     /// failure of Nyx on that CPU).
     end: Mutex<Option<Result<RunOutcome, String>>>,
-    ended: AtomicBool,
+    /// The AP threads return: the run ended, or the machine stops (all
+    /// stop) for the caller of [`Machine::resume`] to look at or save.
+    stopping: AtomicBool,
     /// Per CPU: parked (waiting for a start-up IPI, or halted with
     /// interrupts disabled).
     parked: Mutex<Vec<bool>>,
@@ -109,13 +112,14 @@ impl CpuWaker for Smp {
 }
 
 impl Smp {
-    /// For `cpus` CPUs, the APs parked; `origin_ns` as [`Smp::host_ns`] uses it.
-    pub(super) fn new(cpus: usize, origin_ns: u64) -> Self {
+    /// For CPUs parked or not as `parked` says (the BSP's entry is not
+    /// looked at); `origin_ns` as [`Smp::host_ns`] uses it.
+    pub(super) fn new(parked: Vec<bool>, origin_ns: u64) -> Self {
         Smp {
-            bells: (0..cpus).map(|_| Doorbell::default()).collect(),
+            bells: (0..parked.len()).map(|_| Doorbell::default()).collect(),
             end: Mutex::new(None),
-            ended: AtomicBool::new(false),
-            parked: Mutex::new((0..cpus).map(|i| i != 0).collect()),
+            stopping: AtomicBool::new(false),
+            parked: Mutex::new(parked),
             origin_ns,
         }
     }
@@ -128,7 +132,13 @@ impl Smp {
     /// Ends the run for every CPU (the first end is the one kept).
     pub(super) fn finish(&self, end: Result<RunOutcome, String>) {
         lock(&self.end).get_or_insert(end);
-        self.ended.store(true, Ordering::SeqCst);
+        self.stop();
+    }
+
+    /// Stops every AP thread without ending the run: each returns after
+    /// the exit it is handling, and the machine can be resumed.
+    pub(super) fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
         let me = nyx_devices::cpu::current();
         for (i, b) in self.bells.iter().enumerate() {
             if i != me {
@@ -139,14 +149,14 @@ impl Smp {
 
     /// How the run ended, once a CPU ended it.
     pub(super) fn ended(&self) -> Option<Result<RunOutcome, String>> {
-        if !self.ended.load(Ordering::SeqCst) {
+        if !self.is_stopping() {
             return None;
         }
         lock(&self.end).clone()
     }
 
-    fn is_ended(&self) -> bool {
-        self.ended.load(Ordering::SeqCst)
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     fn set_parked(&self, cpu: usize, parked: bool) {
@@ -174,13 +184,22 @@ impl Smp {
 
 /// Where an AP is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ApState {
+pub(super) enum ApState {
     /// After power-on or INIT: waiting for a start-up IPI.
     WaitForSipi,
-    /// Running (or idle in HLT with interrupts enabled).
+    /// Running.
     Running,
+    /// In HLT with interrupts enabled: goes on at an interrupt.
+    Idle,
     /// Halted with interrupts disabled: only INIT or an NMI goes on.
     Halted,
+}
+
+impl ApState {
+    /// Parked: nothing but a signal (INIT, start-up, NMI) makes it run.
+    fn parked(self) -> bool {
+        matches!(self, ApState::WaitForSipi | ApState::Halted)
+    }
 }
 
 /// An application processor.
@@ -196,8 +215,11 @@ pub(super) struct ApVcpu {
     reset_sregs: kvm_bindings::kvm_sregs,
     pub(super) stats: ExitStats,
     unknown: UnknownAccesses,
-    state: ApState,
+    pub(super) state: ApState,
     cr8_entered: Option<u8>,
+    /// An NMI sent to this AP while the machine was stopped, or saved with
+    /// it: handed to KVM when the AP next runs.
+    pub(super) nmi_waits: bool,
 }
 
 /// What an AP's thread uses of the machine.
@@ -231,6 +253,7 @@ impl ApVcpu {
             unknown: UnknownAccesses::default(),
             state: ApState::WaitForSipi,
             cr8_entered: None,
+            nmi_waits: false,
         })
     }
 
@@ -255,16 +278,24 @@ impl ApVcpu {
 
     fn run_loop(&mut self, env: &ApEnv<'_>, timer: &mut VcpuTimer) -> Result<(), Error> {
         loop {
-            if env.smp.is_ended() {
+            if env.smp.is_stopping() {
                 return Ok(());
             }
             self.take_signals(env)?;
-            if self.state != ApState::Running {
+            if std::mem::take(&mut self.nmi_waits) {
+                self.vcpu.nmi().map_err(kvm_err("KVM_NMI"))?;
+            }
+            if self.state.parked() {
                 env.smp.set_parked(self.index, true);
                 env.smp.bell(self.index).wait(None);
                 continue;
             }
             env.smp.set_parked(self.index, false);
+            if self.state == ApState::Idle {
+                // Stopped in HLT, or restored so: wait on.
+                self.idle(env);
+                continue;
+            }
             self.step(env);
             self.inject(env)?;
             timer.arm(env.smp.host_ns(env.platform.next_deadline_ns()))?;
@@ -296,7 +327,10 @@ impl ApVcpu {
             match next {
                 Ok((_, Next::Continue | Next::Debug(_))) => {}
                 Ok((_, Next::Hlt)) if self.vcpu.get_kvm_run().if_flag == 0 => self.state = ApState::Halted,
-                Ok((_, Next::Hlt)) => self.idle(env),
+                Ok((_, Next::Hlt)) => {
+                    self.state = ApState::Idle;
+                    self.idle(env);
+                }
                 Ok((_, Next::End(outcome))) => {
                     env.smp.finish(Ok(outcome));
                     return Ok(());
@@ -406,12 +440,16 @@ impl ApVcpu {
 
     /// Idles in HLT until an interrupt or a signal is there for this CPU,
     /// or the run ends; polls the devices at their deadlines meanwhile.
+    /// A stop leaves the AP [`ApState::Idle`], to idle on when resumed.
     fn idle(&mut self, env: &ApEnv<'_>) {
-        while !env.smp.is_ended() && !env.platform.interrupt_pending() && !env.platform.has_signals() {
+        while !env.smp.is_stopping() && !env.platform.interrupt_pending() && !env.platform.has_signals() {
             env.smp
                 .bell(self.index)
                 .wait(env.smp.host_ns(env.platform.next_deadline_ns()));
             self.step(env);
+        }
+        if env.platform.interrupt_pending() || env.platform.has_signals() {
+            self.state = ApState::Running;
         }
     }
 
@@ -467,13 +505,16 @@ impl ExitStats {
 
 impl Machine {
     /// Runs every vCPU, the APs on threads of their own, until one of them
-    /// ends the run (or all halt for good).
-    pub(super) fn run_smp(&mut self) -> Result<RunOutcome, Error> {
+    /// ends the run (or all halt for good), or the BSP stops as
+    /// [`Machine::resume`] does: then every AP stops too (all stop), after
+    /// the exit it is handling, and the machine can be saved or resumed.
+    pub(super) fn resume_smp(&mut self) -> Result<Stop, Error> {
         self.prepare_thread()?;
         nyx_devices::cpu::set_current(0);
         // A plain run's virtual time is the host's since its origin.
         let origin = self.hooks.kick_at(Some(0)).unwrap_or_else(monotonic_ns);
-        let smp = Arc::new(Smp::new(self.cpus(), origin));
+        let parked = std::iter::once(false).chain(self.aps.iter().map(|ap| ap.state.parked()));
+        let smp = Arc::new(Smp::new(parked.collect(), origin));
         smp.bell(0).set_kicker(Some(self.kicker()?));
         self.core.platform.set_waker(Some(smp.clone()));
         self.smp = Some(smp.clone());
@@ -506,11 +547,12 @@ impl Machine {
                     }
                 }
             }
-            let bsp = spawned.and_then(|()| self.run_bsp());
-            smp.finish(match &bsp {
-                Ok(outcome) => Ok(outcome.clone()),
-                Err(e) => Err(e.to_string()),
-            });
+            let bsp = spawned.and_then(|()| self.resume_one());
+            match &bsp {
+                Ok(Stop::Ended(outcome)) => smp.finish(Ok(outcome.clone())),
+                Ok(_) => smp.stop(),
+                Err(e) => smp.finish(Err(e.to_string())),
+            }
             let mut failed = None;
             for t in threads {
                 match t.join() {
@@ -559,7 +601,7 @@ mod tests {
 
     #[test]
     fn the_first_end_is_kept_and_parking_is_counted_per_ap() {
-        let smp = Smp::new(3, 0);
+        let smp = Smp::new(vec![false, true, true], 0);
         assert!(smp.aps_parked(), "APs start parked");
         smp.set_parked(1, false);
         assert!(!smp.aps_parked());

@@ -76,14 +76,9 @@ impl MachineBuilder {
                 "{n} vCPUs need the APIC platform (--irqchip apic): the legacy one has no local APICs to start them with"
             )));
         }
-        if self.restore.is_some() || self.loaded_memory.is_some() {
-            return Err(Error::Smp(
-                "a saved or migrated machine has one vCPU; several cannot be restored yet".into(),
-            ));
-        }
         match &self.hooks {
-            Some(h) if !matches!(h.name(), "run" | "record" | "replay") => Err(Error::Smp(format!(
-                "{n} vCPUs run in a plain run, a recording or a replay: `{}` works with --cpus 1",
+            Some(h) if !matches!(h.name(), "run" | "record" | "replay" | "check") => Err(Error::Smp(format!(
+                "{n} vCPUs run in a plain run, a recording, a replay or a check: `{}` works with --cpus 1",
                 h.name()
             ))),
             _ => Ok(()),
@@ -531,12 +526,6 @@ impl MachineBuilder {
                         memory::map_image(&mem, &image.file, &image.spans)?;
                     }
                 }
-                if !state.aps.is_empty() {
-                    return Err(Error::Smp(format!(
-                        "the saved machine has {} vCPUs; restoring several is not supported yet",
-                        state.aps.len() + 1
-                    )));
-                }
                 let platform = Arc::new(Platform::from_state(io, &state.platform)?);
                 crate::vcpu_state::restore(&vcpu, &state.vcpu).map_err(vcpu_err("restore"))?;
                 // Let KVM refresh kvm_run's view of the restored vCPU (IF,
@@ -587,9 +576,9 @@ impl MachineBuilder {
             None
         };
 
-        // A recording or replay runs several vCPUs one at a time.
+        // A recording, a replay or a check runs several vCPUs one at a time.
         let serial = (self.cpus > 1 && hooks.name() != "run").then(|| super::serial::Serial::new(self.cpus));
-        Ok(Machine {
+        let mut machine = Machine {
             timer: None,
             poll_pending,
             spurious_kick: false,
@@ -639,7 +628,18 @@ impl MachineBuilder {
                 sync_rip,
                 platform_queue,
             },
-        })
+        };
+        if let Some((state, _)) = restore.as_ref().filter(|_| machine.cpus() > 1) {
+            // The APs and where each vCPU is (the BSP's registers were set
+            // above, with the devices); each vCPU's kvm_run refreshed as
+            // the BSP's was.
+            machine.restore_vcpus(state)?;
+            for cpu in 0..machine.cpus() {
+                crate::vcpu_state::complete_pending_exit(machine.vcpu_of(cpu))
+                    .map_err(vcpu_err("complete the pending exit of"))?;
+            }
+        }
+        Ok(machine)
     }
 }
 

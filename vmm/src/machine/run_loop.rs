@@ -208,14 +208,6 @@ impl Machine {
 
     /// Runs the guest until it exits, halts for good, resets or crashes.
     pub fn run(&mut self) -> Result<RunOutcome, Error> {
-        if !self.aps.is_empty() && self.serial.is_none() {
-            return self.run_smp();
-        }
-        self.run_bsp()
-    }
-
-    /// Runs the BSP (the only vCPU, or beside the APs' threads).
-    pub(super) fn run_bsp(&mut self) -> Result<RunOutcome, Error> {
         loop {
             match self.resume()? {
                 Stop::Ended(outcome) => return Ok(outcome),
@@ -231,12 +223,15 @@ impl Machine {
     /// The machine can be resumed after a `Debug` or `Interrupted` stop.
     pub fn resume(&mut self) -> Result<Stop, Error> {
         if !self.aps.is_empty() && self.serial.is_none() {
-            return Err(Error::Smp(
-                "a machine with several vCPUs runs only to its end (`nyx run`); stopping and resuming it \
-                 (gdb, snapshots, record and replay) works with --cpus 1"
-                    .into(),
-            ));
+            return self.resume_smp();
         }
+        self.resume_one()
+    }
+
+    /// [`Machine::resume`] of the vCPU this thread runs: the only one, the
+    /// running one of several run one at a time, or the BSP beside the
+    /// APs' threads.
+    pub(super) fn resume_one(&mut self) -> Result<Stop, Error> {
         self.prepare_thread()?;
         // This thread acts for the running vCPU (it may have run another
         // machine's before), and its kicks go to that vCPU.

@@ -19,6 +19,7 @@
 //! trace says. The INIT, start-up and NMI messages left for any vCPU are
 //! taken at every such point, in both.
 
+use super::ap::ApState;
 use super::*;
 use crate::kick::monotonic_ns;
 use crate::snapshot::ScheduleState;
@@ -43,6 +44,26 @@ pub(super) enum CpuState {
 const NMI_WAITS: u8 = 0x80;
 
 impl CpuState {
+    /// What an AP thread of a parallel run calls this state.
+    fn of_ap(state: ApState) -> Self {
+        match state {
+            ApState::WaitForSipi => CpuState::WaitForSipi,
+            ApState::Running => CpuState::Running,
+            ApState::Idle => CpuState::Hlt,
+            ApState::Halted => CpuState::Parked,
+        }
+    }
+
+    /// The state of an AP thread of a parallel run in this state.
+    fn to_ap(self) -> ApState {
+        match self {
+            CpuState::WaitForSipi => ApState::WaitForSipi,
+            CpuState::Running => ApState::Running,
+            CpuState::Hlt => ApState::Idle,
+            CpuState::Parked => ApState::Halted,
+        }
+    }
+
     /// The state a [`ScheduleState`] stores as `code` (`self as u8`).
     fn from_u8(code: u8) -> Option<Self> {
         [
@@ -286,8 +307,11 @@ impl Machine {
         self.set_guest_debug(self.debug)
     }
 
-    /// Every vCPU's state (BSP, APs) and the schedule, each pending exit
-    /// completed first (what a checkpoint or a snapshot holds).
+    /// Every vCPU's state (BSP, APs) and, with several, where each is
+    /// (the schedule), each pending exit completed first (what a
+    /// checkpoint or a snapshot holds). A machine running its vCPUs in
+    /// parallel is captured at a stop of [`Machine::resume`], when every
+    /// AP thread has returned; its schedule names the BSP as running.
     pub(super) fn capture_vcpus(
         &mut self,
     ) -> Result<
@@ -302,50 +326,61 @@ impl Machine {
         let msr_list = self.core.msr_list.clone();
         let mut states = Vec::with_capacity(n);
         let current = self.current_vcpu();
+        let parallel = self.serial.is_none();
         for cpu in 0..n {
             let vcpu = self.vcpu_of(cpu);
             // An exit KVM has not completed yet would be lost: the running
             // vCPU's is completed. A waiting vCPU's was completed when it
             // was switched out (`switch_to`); it is not run again out of turn
             // here.
-            if cpu == current {
+            // An AP of a parallel run stopped after an exit it handled.
+            if cpu == current || parallel {
                 crate::vcpu_state::complete_pending_exit(vcpu).map_err(vcpu_err("complete the pending exit of"))?;
             }
             states.push(crate::vcpu_state::capture(vcpu, &msr_list).map_err(vcpu_err("capture"))?);
         }
         let bsp = states.remove(0);
-        let schedule = self.serial.as_ref().map(|s| ScheduleState {
-            current: self.core.vcpu_index as u8,
-            states: s
-                .states
-                .iter()
-                .zip(&s.nmis)
-                .map(|(&c, &nmi)| c as u8 | if nmi { NMI_WAITS } else { 0 })
-                .collect(),
-        });
+        let code = |c: CpuState, nmi: bool| c as u8 | if nmi { NMI_WAITS } else { 0 };
+        let schedule = match &self.serial {
+            Some(s) => Some(ScheduleState {
+                current: self.core.vcpu_index as u8,
+                states: s.states.iter().zip(&s.nmis).map(|(&c, &nmi)| code(c, nmi)).collect(),
+            }),
+            None if n > 1 => {
+                let bsp = if self.idle_stopped {
+                    CpuState::Hlt
+                } else {
+                    CpuState::Running
+                };
+                let aps = self.aps.iter().map(|ap| code(CpuState::of_ap(ap.state), ap.nmi_waits));
+                Some(ScheduleState {
+                    current: 0,
+                    states: std::iter::once(code(bsp, false)).chain(aps).collect(),
+                })
+            }
+            None => None,
+        };
         Ok((bsp, states, schedule))
     }
 
     /// Puts every vCPU and the schedule back to `state`'s (the devices are
     /// the caller's, and so is completing the running vCPU's exit first:
     /// KVM refuses register changes before that). A state of another
-    /// number of vCPUs is an error.
+    /// number of vCPUs is an error. A state captured with the vCPUs run
+    /// one at a time restores into a machine that runs them in parallel
+    /// and the other way round: the schedule says where each vCPU is,
+    /// which is what both kinds go on from.
     pub(super) fn restore_vcpus(&mut self, state: &crate::snapshot::MachineState) -> Result<(), Error> {
         let n = 1 + self.aps.len();
-        if state.aps.len() + 1 != n || state.schedule.is_some() != self.serial.is_some() {
+        if state.aps.len() + 1 != n {
             return Err(Error::Smp(format!(
-                "the saved state has {} vCPUs{}, the machine {n}{}",
-                state.aps.len() + 1,
-                if state.schedule.is_some() {
-                    " run one at a time"
-                } else {
-                    ""
-                },
-                if self.serial.is_some() {
-                    " run one at a time"
-                } else {
-                    ""
-                },
+                "the saved state has {} vCPUs, the machine {n}",
+                state.aps.len() + 1
+            )));
+        }
+        if n > 1 && state.schedule.is_none() {
+            return Err(Error::Smp(format!(
+                "the saved state of {n} vCPUs does not say where each is (no schedule)"
             )));
         }
         let schedule = match &state.schedule {
@@ -364,16 +399,37 @@ impl Machine {
         };
         if self.serial.is_some() {
             self.swap_in(0)?;
+        } else {
+            // The APs of a parallel run stopped after an exit they handled.
+            for ap in &mut self.aps {
+                crate::vcpu_state::complete_pending_exit(&mut ap.vcpu)
+                    .map_err(vcpu_err("complete the pending exit of"))?;
+            }
         }
         crate::vcpu_state::restore(&self.core.vcpu, &state.vcpu).map_err(vcpu_err("restore"))?;
         for (ap, saved) in self.aps.iter().zip(&state.aps) {
             crate::vcpu_state::restore(&ap.vcpu, saved).map_err(vcpu_err("restore"))?;
         }
-        if let Some((current, states, nmis)) = schedule {
-            self.serial_mut().states = states;
-            self.serial_mut().nmis = nmis;
-            self.swap_in(current)?;
-            self.serial_mut().slice_end_ns = monotonic_ns() + SLICE_NS;
+        match schedule {
+            Some((current, states, nmis)) if self.serial.is_some() => {
+                self.serial_mut().states = states;
+                self.serial_mut().nmis = nmis;
+                self.swap_in(current)?;
+                self.serial_mut().slice_end_ns = monotonic_ns() + SLICE_NS;
+            }
+            Some((_, states, nmis)) => {
+                // The BSP idles on if it waited in HLT; an NMI that waited
+                // for it is KVM's at once (it runs first).
+                self.idle_stopped = states[0] == CpuState::Hlt;
+                if nmis[0] {
+                    self.core.vcpu.nmi().map_err(kvm_err("KVM_NMI"))?;
+                }
+                for ((ap, state), nmi) in self.aps.iter_mut().zip(&states[1..]).zip(&nmis[1..]) {
+                    ap.state = state.to_ap();
+                    ap.nmi_waits = *nmi;
+                }
+            }
+            None => {}
         }
         Ok(())
     }
@@ -417,6 +473,28 @@ impl Machine {
             return Err(Error::Smp(format!("no vCPU {cpu} here (the machine has {n})")));
         }
         Ok(self.vcpu_of(cpu))
+    }
+
+    /// Whether a started vCPU is in real mode (CR0.PE clear), where the
+    /// emulated KVM's dirty log may miss guest writes (an AP that waits
+    /// for its start-up IPI runs nothing). At a stop.
+    pub fn real_mode_vcpus(&self) -> Result<bool, Error> {
+        let current = self.core.vcpu_index;
+        for cpu in 0..self.cpus() {
+            let waits = match &self.serial {
+                Some(s) => s.states[cpu] == CpuState::WaitForSipi,
+                None => cpu != 0 && self.aps[cpu - 1].state == ApState::WaitForSipi,
+            };
+            let vcpu = match cpu {
+                c if c == current => &self.core.vcpu,
+                0 => &self.aps[current - 1].vcpu,
+                c => &self.aps[c - 1].vcpu,
+            };
+            if !waits && vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?.cr0 & 1 == 0 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The running vCPU (0, the BSP, on a machine with one).

@@ -13,12 +13,6 @@ impl Machine {
     /// The machine's state without its memory (a checkpoint that saves
     /// only written pages itself).
     pub fn capture_state_without_memory(&mut self) -> Result<(crate::snapshot::MachineState, ()), Error> {
-        if !self.aps.is_empty() && self.serial.is_none() {
-            return Err(Error::Smp(
-                "a plain run of several vCPUs cannot be stopped to save it yet (snapshots and migration work with --cpus 1)"
-                    .into(),
-            ));
-        }
         let (vcpu, aps, schedule) = self.capture_vcpus()?;
         let state = crate::snapshot::MachineState {
             vcpu,
@@ -64,12 +58,6 @@ impl Machine {
 
     /// [`Machine::save_snapshot`] with memory stored as `format` says.
     pub fn save_snapshot_as(&mut self, path: &Path, format: crate::snapshot::MemoryFormat) -> Result<PathBuf, Error> {
-        if self.cpus() > 1 {
-            return Err(Error::Smp(format!(
-                "a machine with {} vCPUs cannot be saved to a snapshot yet (one with a single vCPU can)",
-                self.cpus()
-            )));
-        }
         let (state, memory) = self.capture_state()?;
         let c = &self.core;
         Ok(crate::snapshot::write_as(
@@ -119,11 +107,11 @@ impl Machine {
             ram_below_4g: (self.core.config.mem_mib << 20).min(crate::memory::MMIO_HOLE_START),
         };
         self.core.platform = Arc::new(Platform::from_state(io, &state.platform)?);
+        self.idle_stopped = false;
         self.restore_vcpus(state)?;
         self.core.clock.set_last(state.virtual_ns);
         self.core.exit_seq = state.exit_seq;
         self.poll_pending = state.poll_pending;
-        self.idle_stopped = false;
         self.sleeping = None;
         self.cr8_entered = None;
         self.mid_step = false;
