@@ -323,6 +323,43 @@ fn a_timer_guest_is_repeatable_under_the_check_clock_and_its_failure_replays() {
     assert_eq!(r.status.code(), Some(0x34), "{}", text(&r.stderr));
 }
 
+/// A 4-vCPU machine saved while its APs compute: every repetition
+/// restores all four vCPUs (run one at a time under the check clock) and
+/// ends with the same sum; a failure's trace replays the failing output.
+#[test]
+fn a_four_vcpu_snapshot_is_checked_and_its_failure_replays() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    snapshot_with(d, "smpwork", &["--cpus", "4"]);
+    let base = ["smpwork.nyxsnap", "--expect", "expect.txt"];
+    let out = check(d, &[&base[..], &["--bless", "--repeat", "3"]].concat());
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stderr).contains("3 of 3 repetitions passed"));
+    let expect = text(&std::fs::read(d.join("expect.txt")).unwrap());
+    assert!(expect.ends_with("smpwork: result 0x45e31687e12fe2c4\n"), "{expect}");
+
+    std::fs::write(d.join("expect.txt"), expect.replace("result 0x", "result 0x1")).unwrap();
+    let out = check(d, &[&base[..], &["--repeat", "2", "--keep-going"]].concat());
+    assert_ne!(out.status.code(), Some(0));
+    let err = text(&out.stderr);
+    assert!(err.contains("2 repetitions ended this way"), "{err}");
+    assert!(
+        !err.contains("note:"),
+        "the recorded run ended as the failure did: {err}"
+    );
+    let failures = d.join("nyx-check-failures");
+    let r = nyx()
+        .arg("replay")
+        .arg(failures.join("smpwork-0.nyxtrace"))
+        .output()
+        .unwrap();
+    assert_eq!(text(&r.stdout), expect, "{}", text(&r.stderr));
+    assert_eq!(r.status.code(), Some(0x60), "{}", text(&r.stderr));
+}
+
 #[test]
 fn a_guest_busy_waiting_for_time_is_stopped_with_the_message_that_says_why() {
     if !kvm_available() {

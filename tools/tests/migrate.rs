@@ -238,6 +238,50 @@ fn echo_output_continues_at_the_destination_with_nothing_lost_or_duplicated() {
     assert!(dst.out.text().starts_with("SERIAL INPUT WORKS.\n"));
 }
 
+/// A 4-vCPU `smp` machine migrates while its APs count (right after the
+/// BSP announced their start): the destination runs all four vCPUs on
+/// and the locked total comes out exact; source and destination output
+/// together are QEMU's but for the lock-free total.
+#[test]
+fn a_four_vcpu_machine_migrates_mid_run_and_finishes_with_the_locked_total() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let (mut dst, port) = destination();
+    let mut cmd = nyx();
+    cmd.arg("run")
+        .arg("--kernel")
+        .arg(guest("smp"))
+        .args(["--cpus", "4", "--api"])
+        .arg(&sock);
+    let mut src = Proc::spawn(cmd);
+    src.out.wait_for("smp: starting 3 aps\n", "source");
+    let (code, reply) = ctl(&sock, &["migrate", &format!("tcp:127.0.0.1:{port}")]);
+    assert_eq!(code, Some(0), "{reply}");
+    assert_eq!(src.wait(), Some(0), "source stderr: {}", src.err.text());
+    let status = dst.wait();
+    let expected = nyx_guests::expected("smp").unwrap();
+    assert_eq!(
+        status,
+        expected.exit_value.map(|v| v as i32),
+        "destination stderr: {}",
+        dst.err.text()
+    );
+    let before = src.out.text();
+    assert!(
+        before.ends_with("smp: starting 3 aps\n"),
+        "the source went on: {before}"
+    );
+    let both = before + &dst.out.text();
+    assert_eq!(
+        nyx_guests::mask_smp_racy(&both),
+        nyx_guests::mask_smp_racy(expected.golden.unwrap()),
+        "source + destination output"
+    );
+}
+
 /// With stderr on a terminal, the source draws the pages of each pass and
 /// the destination the bytes and pages received; neither bar gets in the
 /// way of the guest's output or of the closing lines.
