@@ -370,10 +370,11 @@ pub struct MachineArgs {
     #[arg(long, value_name = "KIND", default_value = "apic")]
     irqchip: String,
     /// vCPUs (1 to 64): with more than one, `run` runs each on a host
-    /// thread of its own, in parallel; the guest starts the APs with
-    /// INIT and start-up IPIs, as on a PC (the MADT lists them). Several
-    /// vCPUs need --irqchip apic; recording, replay, gdb and snapshots
-    /// work with one.
+    /// thread of its own, in parallel (and stops them all for a snapshot
+    /// or a migration); under --gdb, a recording, its replay and `nyx
+    /// check` they run one at a time, switching every 10 ms. The guest
+    /// starts the APs with INIT and start-up IPIs, as on a PC (the MADT
+    /// lists them). Several vCPUs need --irqchip apic.
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: usize,
     /// A virtio-blk disk: FILE[,format=raw|qcow2][,readonly][,id=NAME];
@@ -602,17 +603,6 @@ impl MachineArgs {
             "help" => Ok(None),
             name => CpuModel::parse(name).map(Some).map_err(|e| e.to_string()),
         }
-    }
-
-    /// Refuses `--cpus` above 1 for `what`, which runs one vCPU.
-    fn one_cpu(&self, what: &str) -> Result<(), String> {
-        if self.cpus > 1 {
-            return Err(format!(
-                "--cpus {}: {what} runs one vCPU for now; several run in a plain `nyx run`",
-                self.cpus
-            ));
-        }
-        Ok(())
     }
 
     /// The `--irqchip` kind.
@@ -909,10 +899,9 @@ fn run(args: &RunArgs) -> Result<ExitCode, String> {
         print!("{}", CpuModel::help());
         return Ok(ExitCode::SUCCESS);
     };
-    if args.gdb.gdb.is_some() {
-        args.machine.one_cpu("gdb")?;
-    }
-    let mut b = args.machine.builder(cpu)?;
+    // Under gdb, several vCPUs run one at a time: every stop stops the
+    // whole machine, and a step runs one vCPU.
+    let mut b = args.machine.builder(cpu)?.one_at_a_time(args.gdb.gdb.is_some());
     if let Some((hooks, _)) = args.clock.check_hooks() {
         b = b.hooks(Box::new(hooks));
     }

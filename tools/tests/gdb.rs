@@ -993,6 +993,70 @@ fn a_reverse_debugged_replay_writes_virtio_console_output_once() {
     );
 }
 
+/// Live gdb on a 4-vCPU machine (run one vCPU at a time under gdb): four
+/// threads; an AP hits a breakpoint in its lock-free loop and the stop
+/// names its thread; while stopped nothing runs (the shared counter stays
+/// as it is however long gdb waits: all stop); a step runs that same AP;
+/// thread 1 is the BSP elsewhere; the guest then runs to its end.
+#[test]
+fn live_gdb_on_four_vcpus_sees_threads_and_stops_them_all() {
+    if !ready() {
+        return;
+    }
+    let kernel = nyx_guests::path("smp").expect("in-tree guest");
+    let mut args: Vec<std::ffi::OsString> = ["run", "--gdb", "127.0.0.1:0", "--gdb-wait", "--cpus", "4", "--kernel"]
+        .iter()
+        .map(Into::into)
+        .collect();
+    args.push(kernel.into());
+    let nyx = Nyx::start_with(&args);
+    let racy = symbol("smp", "racy_counter");
+    let show = |label: &str| format!("printf \"{label}=%#x\\n\", *(int *){racy:#x}");
+    let (first, second) = (show("COUNT1"), show("COUNT2"));
+    let out = gdb(
+        &nyx,
+        "smp",
+        &[
+            "info threads",
+            "break racy_store",
+            "continue",
+            "printf \"HIT_TID=%d\\n\", $_thread",
+            "printf \"HIT_PC=%#lx\\n\", $pc",
+            &first,
+            "shell sleep 0.5",
+            &second,
+            "info threads",
+            "stepi",
+            "printf \"STEP_TID=%d\\n\", $_thread",
+            "printf \"STEP_PC=%#lx\\n\", $pc",
+            "thread 1",
+            "printf \"BSP_PC=%#lx\\n\", $pc",
+            "delete",
+            "continue",
+        ],
+    );
+    for t in 1..=4 {
+        assert!(out.contains(&format!("Thread 1.{t}")), "thread {t} listed: {out}");
+    }
+    let hit = printed(&out, "HIT_TID=");
+    assert!((2..=4).contains(&hit), "an AP hits racy_store, not thread {hit}: {out}");
+    assert_eq!(printed(&out, "HIT_PC="), symbol("smp", "racy_store"), "{out}");
+    assert_eq!(
+        printed(&out, "COUNT1="),
+        printed(&out, "COUNT2="),
+        "nothing runs while gdb holds the machine: {out}"
+    );
+    assert_eq!(printed(&out, "STEP_TID="), hit, "a step runs the stopped AP: {out}");
+    let step = printed(&out, "STEP_PC=");
+    assert!(
+        step > symbol("smp", "racy_store") && step < symbol("smp", "racy_store") + 16,
+        "the step went one instruction on: {step:#x} {out}"
+    );
+    assert_ne!(printed(&out, "BSP_PC="), symbol("smp", "racy_store"), "{out}");
+    assert!(out.contains("exited with code 0137"), "the guest ran to its end: {out}");
+    nyx.finish_cleanly();
+}
+
 /// Four vCPUs recorded one at a time (`smp`): gdb on the replay sees a
 /// thread per vCPU (the APs at their reset vector until started), stops in
 /// the AP that hits a breakpoint and names its thread, reads the BSP's

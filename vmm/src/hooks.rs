@@ -548,6 +548,13 @@ impl RunHooks for PlainRun {
         Ok(deadline_passed)
     }
 
+    /// A plain run of several vCPUs one at a time (under a debugger:
+    /// [`crate::MachineBuilder::one_at_a_time`]) switches at the end of
+    /// each time slice, as a recording does.
+    fn schedules(&self) -> bool {
+        true
+    }
+
     fn on_exit(&mut self, _ctx: &mut HookCtx<'_>, _exit: &ExitRecord) -> Result<(), HookError> {
         Ok(())
     }

@@ -21,6 +21,7 @@ pub struct MachineBuilder {
     tsc_khz: Option<u32>,
     irqchip: crate::config::Irqchip,
     cpus: usize,
+    one_at_a_time: bool,
     hooks: Option<Box<dyn RunHooks>>,
     restore: Option<(crate::snapshot::MachineState, Vec<crate::mem_state::PageRun>)>,
     image: Option<crate::snapshot::MemoryImage>,
@@ -48,6 +49,7 @@ impl Default for MachineBuilder {
             tsc_khz: None,
             irqchip: Default::default(),
             cpus: 1,
+            one_at_a_time: false,
             hooks: None,
             restore: None,
             image: None,
@@ -188,11 +190,21 @@ impl MachineBuilder {
     /// The number of vCPUs (default 1; at most [`MAX_CPUS`]; a CPUID table
     /// given with [`MachineBuilder::cpuid_table`] says its own). Several
     /// need the APIC platform. In a plain run the APs run on threads of
-    /// their own, in parallel with the BSP, and only [`Machine::run`] runs
-    /// them; a recording runs the vCPUs one at a time and logs its
-    /// switches, which its replay follows.
+    /// their own, in parallel with the BSP, and every stop of
+    /// [`Machine::resume`] stops them all; a recording (and a check, and a
+    /// plain run built [`MachineBuilder::one_at_a_time`]) runs the vCPUs
+    /// one at a time and logs its switches, which its replay follows.
     pub fn cpus(mut self, cpus: usize) -> Self {
         self.cpus = cpus;
+        self
+    }
+
+    /// Runs several vCPUs one at a time on the calling thread, as a
+    /// recording does, in a plain run too: what a debugger attached to a
+    /// live machine wants (every stop stops the whole machine where it
+    /// is, and a step runs one vCPU, as in rr).
+    pub fn one_at_a_time(mut self, yes: bool) -> Self {
+        self.one_at_a_time = yes;
         self
     }
 
@@ -577,7 +589,8 @@ impl MachineBuilder {
         };
 
         // A recording, a replay or a check runs several vCPUs one at a time.
-        let serial = (self.cpus > 1 && hooks.name() != "run").then(|| super::serial::Serial::new(self.cpus));
+        let serial = (self.cpus > 1 && (self.one_at_a_time || hooks.name() != "run"))
+            .then(|| super::serial::Serial::new(self.cpus));
         let mut machine = Machine {
             timer: None,
             poll_pending,

@@ -221,6 +221,9 @@ impl Machine {
     /// Runs the guest until it ends, a debug exit (breakpoint, watchpoint,
     /// single step) stops it, or another thread kicks it ([`Machine::kicker`]).
     /// The machine can be resumed after a `Debug` or `Interrupted` stop.
+    /// With several vCPUs in parallel, the APs run on threads of their own
+    /// while the BSP runs here, and a stop stops every one of them (all
+    /// stop): the machine can then be captured, saved or migrated.
     pub fn resume(&mut self) -> Result<Stop, Error> {
         if !self.aps.is_empty() && self.serial.is_none() {
             return self.resume_smp();
@@ -244,7 +247,9 @@ impl Machine {
         }
         let wall = std::time::Instant::now();
         let (user, sys) = thread_cpu_ns();
+        self.hold_slice(false);
         let result = self.run_loop();
+        self.hold_slice(true);
         // A stopped machine's TPR is what its guest last set.
         self.take_guest_cr8();
         let (user2, sys2) = thread_cpu_ns();

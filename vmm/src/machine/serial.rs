@@ -94,6 +94,9 @@ pub(crate) struct Serial {
     pub(super) nmi_step: bool,
     /// Host monotonic ns at which the running vCPU's slice ends.
     slice_end_ns: u64,
+    /// While the machine is stopped: what was left of the running vCPU's
+    /// slice (a stop in a debugger does not use it up).
+    slice_left_ns: Option<u64>,
 }
 
 impl Serial {
@@ -112,6 +115,7 @@ impl Serial {
             nmis: vec![false; cpus],
             nmi_step: false,
             slice_end_ns: monotonic_ns() + SLICE_NS,
+            slice_left_ns: None,
         }
     }
 }
@@ -416,6 +420,7 @@ impl Machine {
                 self.serial_mut().nmis = nmis;
                 self.swap_in(current)?;
                 self.serial_mut().slice_end_ns = monotonic_ns() + SLICE_NS;
+                self.serial_mut().slice_left_ns = None;
             }
             Some((_, states, nmis)) => {
                 // The BSP idles on if it waited in HLT; an NMI that waited
@@ -432,6 +437,21 @@ impl Machine {
             None => {}
         }
         Ok(())
+    }
+
+    /// The machine stops ([`Machine::resume`] returns): the running vCPU's
+    /// slice waits with it, or it resumes (`stopping` false): the slice
+    /// goes on with what was left of it. Otherwise a debugger's stop of
+    /// more than a slice would switch vCPUs at every step.
+    pub(super) fn hold_slice(&mut self, stopping: bool) {
+        let now = monotonic_ns();
+        if let Some(s) = self.serial.as_mut() {
+            if stopping {
+                s.slice_left_ns = Some(s.slice_end_ns.saturating_sub(now));
+            } else if let Some(left) = s.slice_left_ns.take() {
+                s.slice_end_ns = now + left;
+            }
+        }
     }
 
     /// The host time to kick the running vCPU at for the end of its slice:
