@@ -43,6 +43,28 @@ pub fn test_kernel() -> Option<(PathBuf, PathBuf)> {
     }
 }
 
+/// The SMP variant of the test kernel (`tools/scripts/build-smp-test-kernel.sh`
+/// prints its path first): its vmlinux from `NYX_TEST_SMP_VMLINUX`. None
+/// when unset (the test is skipped, with a message on stderr); with
+/// `NYX_REQUIRE_TEST_KERNEL=1` unset or missing is a test failure (panic).
+pub fn smp_test_kernel() -> Option<PathBuf> {
+    let require = std::env::var("NYX_REQUIRE_TEST_KERNEL").as_deref() == Ok("1");
+    match std::env::var_os("NYX_TEST_SMP_VMLINUX").map(PathBuf::from) {
+        Some(k) if k.is_file() => Some(k),
+        Some(k) => panic!(
+            "NYX_TEST_SMP_VMLINUX ({}) is not a file: build it with tools/scripts/build-smp-test-kernel.sh",
+            k.display()
+        ),
+        None if require => panic!("NYX_REQUIRE_TEST_KERNEL=1 but NYX_TEST_SMP_VMLINUX is not set"),
+        None => {
+            eprintln!(
+                "skipped: no SMP test kernel (set NYX_TEST_SMP_VMLINUX to the first path tools/scripts/build-smp-test-kernel.sh prints)"
+            );
+            None
+        }
+    }
+}
+
 /// A `Write` that collects into a shared buffer.
 #[derive(Clone, Default)]
 pub struct Capture(pub Arc<Mutex<Vec<u8>>>);

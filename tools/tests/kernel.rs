@@ -12,6 +12,10 @@
 //! (calibrated against the PM timer) and the HPET, leaves jiffies for a real
 //! clocksource, and replays that byte for byte.
 //!
+//! The fixture's SMP variant (`build-smp-test-kernel.sh`) brings up its
+//! second CPU on two vCPUs, in a plain run and in a recording that replays
+//! byte for byte.
+//!
 //! The tests skip without the fixture (`NYX_TEST_VMLINUX`,
 //! `NYX_TEST_INITRD`) and fail without it under `NYX_REQUIRE_TEST_KERNEL=1`;
 //! they skip without KVM and fail without it under `NYX_REQUIRE_KVM=1`.
@@ -485,6 +489,72 @@ fn kernel_finds_its_virtio_disk_and_the_recording_replays() {
         vec![0u8; 1 << 20],
         "the recording wrote to the image"
     );
+    assert_replays(&trace, &out, 1);
+}
+
+/// Where Linux says it brought its APs up: the SMP kernel stops here.
+const SMP_UP: &str = "smp: Brought up 1 node, 2 CPUs";
+
+/// The SMP variant of the fixture kernel on two vCPUs: Linux starts its
+/// second CPU with INIT and start-up IPIs through the MADT's local APICs,
+/// in a plain run (in parallel) and in a recording (one at a time), whose
+/// replay prints the same bytes.
+#[test]
+fn an_smp_kernel_brings_up_its_second_cpu_and_that_replays() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(vmlinux) = nyx_tests::smp_test_kernel() else {
+        return;
+    };
+    let args = [
+        "--cpus",
+        "2",
+        "--cmdline",
+        "console=ttyS0",
+        "--mem",
+        "128",
+        "--max-guest-time",
+        "120s",
+        "--until-output",
+        SMP_UP,
+    ];
+    let run = nyx()
+        .arg("run")
+        .arg("--kernel")
+        .arg(&vmlinux)
+        .args(args)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&run.stdout);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(0), "{out}\n{err}");
+    assert!(out.contains("Booting SMP configuration"), "{out}");
+    assert!(out.ends_with(SMP_UP), "{out}\n{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("smp-linux.nyxtrace");
+    let rec = nyx()
+        .args(["record", "--out"])
+        .arg(&trace)
+        .arg("--kernel")
+        .arg(&vmlinux)
+        .args(args)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&rec.stdout).into_owned();
+    let err = String::from_utf8_lossy(&rec.stderr);
+    assert_eq!(rec.status.code(), Some(0), "{out}\n{err}");
+    assert!(out.ends_with(SMP_UP), "{out}\n{err}");
+    let info = nyx().args(["trace", "info"]).arg(&trace).output().unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("2 vCPUs"), "{info}");
+    let switches = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("switch"))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(switches > 0, "the recording switched vCPUs: {info}");
     assert_replays(&trace, &out, 1);
 }
 
