@@ -596,6 +596,7 @@ impl MachineBuilder {
             poll_pending,
             spurious_kick: false,
             idle_stopped: false,
+            halted_stopped: false,
             sleeping: None,
             cr8_entered: None,
             mid_step: false,

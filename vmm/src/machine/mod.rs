@@ -376,6 +376,10 @@ pub struct Machine {
     /// make it execute HLT again, an exit that a recording would log and
     /// its replay (never stopped there) would not make.
     idle_stopped: bool,
+    /// The BSP of a parallel run halted with interrupts disabled was
+    /// stopped while the APs ran on: resuming waits on for them (the BSP
+    /// itself does not go on past its HLT).
+    halted_stopped: bool,
     /// The guest put the machine to sleep (ACPI S1 or S3) and no wake event
     /// has come yet: resuming goes on sleeping.
     sleeping: Option<u8>,

@@ -154,6 +154,7 @@ impl Machine {
                 return Ok(Stop::Ended(RunOutcome::Halted));
             }
             if self.timer.as_ref().is_some_and(|t| t.take_request()) {
+                self.halted_stopped = true;
                 return Ok(Stop::Interrupted);
             }
             smp.bell(0).wait(None);
@@ -279,6 +280,9 @@ impl Machine {
                 Idle::Stopped => return Ok(Stop::Interrupted),
                 Idle::Ended => return self.smp_end().map(Stop::Ended),
             }
+        }
+        if std::mem::take(&mut self.halted_stopped) {
+            return self.halted_for_good();
         }
         if std::mem::take(&mut self.idle_stopped) {
             let idle = self.idle()?;

@@ -351,10 +351,10 @@ impl Machine {
                 states: s.states.iter().zip(&s.nmis).map(|(&c, &nmi)| code(c, nmi)).collect(),
             }),
             None if n > 1 => {
-                let bsp = if self.idle_stopped {
-                    CpuState::Hlt
-                } else {
-                    CpuState::Running
+                let bsp = match (self.idle_stopped, self.halted_stopped) {
+                    (true, _) => CpuState::Hlt,
+                    (_, true) => CpuState::Parked,
+                    _ => CpuState::Running,
                 };
                 let aps = self.aps.iter().map(|ap| code(CpuState::of_ap(ap.state), ap.nmi_waits));
                 Some(ScheduleState {
@@ -426,6 +426,7 @@ impl Machine {
                 // The BSP idles on if it waited in HLT; an NMI that waited
                 // for it is KVM's at once (it runs first).
                 self.idle_stopped = states[0] == CpuState::Hlt;
+                self.halted_stopped = states[0] == CpuState::Parked;
                 if nmis[0] {
                     self.core.vcpu.nmi().map_err(kvm_err("KVM_NMI"))?;
                 }
@@ -520,5 +521,21 @@ impl Machine {
     /// The running vCPU (0, the BSP, on a machine with one).
     pub fn current_vcpu(&self) -> usize {
         self.core.vcpu_index
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_saved_code_means_the_same_place_to_both_kinds_of_machine() {
+        for code in 0u8..4 {
+            let state = CpuState::from_u8(code).expect("codes 0 to 3 are states");
+            assert_eq!(state as u8, code);
+            assert_eq!(CpuState::of_ap(state.to_ap()), state, "code {code}");
+        }
+        assert_eq!(CpuState::from_u8(4), None);
+        assert_eq!(CpuState::from_u8(NMI_WAITS), None, "the NMI bit is masked off first");
     }
 }

@@ -108,6 +108,7 @@ impl Machine {
         };
         self.core.platform = Arc::new(Platform::from_state(io, &state.platform)?);
         self.idle_stopped = false;
+        self.halted_stopped = false;
         self.restore_vcpus(state)?;
         self.core.clock.set_last(state.virtual_ns);
         self.core.exit_seq = state.exit_seq;
