@@ -217,15 +217,19 @@ fn lock(log: &SharedLog) -> std::sync::MutexGuard<'_, Log> {
     log.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The host clock (or the check clock), each sample logged.
+/// The host clock (or the check clock), each sample logged; the host's
+/// rounded up to [`nyx_vmm::clock::RECORD_QUANTUM_NS`] (the check clock's
+/// come in steps of its own).
 struct RecordTime {
     source: Box<dyn TimeSource>,
     log: SharedLog,
+    quantize: bool,
 }
 
 impl TimeSource for RecordTime {
     fn sample(&mut self) -> u64 {
         let v = self.source.sample();
+        let v = if self.quantize { nyx_vmm::clock::quantize(v) } else { v };
         lock(&self.log).push(Event::Time(v));
         v
     }
@@ -429,6 +433,7 @@ impl RunHooks for Recorder {
         Box::new(RecordTime {
             source,
             log: self.log.clone(),
+            quantize: self.check.is_none(),
         })
     }
 
@@ -992,8 +997,9 @@ mod tests {
         assert_eq!(got, want);
     }
 
-    /// Host time and serial input reach the machine unchanged and are
-    /// logged as consumed; an empty read logs nothing.
+    /// Host time (rounded up to the recording's quantum) and serial input
+    /// reach the machine and are logged as consumed; an empty read logs
+    /// nothing.
     #[test]
     fn time_and_input_are_logged_where_consumed() {
         let dir = tempfile::tempdir().unwrap();
@@ -1001,9 +1007,12 @@ mod tests {
         let mut time = RecordTime {
             source: Box::new(nyx_vmm::clock::HostTime::new()),
             log: log.clone(),
+            quantize: true,
         };
         let (a, b) = (time.sample(), time.sample());
         assert!(b >= a);
+        let q = nyx_vmm::clock::RECORD_QUANTUM_NS;
+        assert!(a % q == 0 && b % q == 0, "host samples are rounded: {a} {b}");
         let mut input = RecordInput {
             inner: Box::new(BufferInput::new(b"hi".to_vec())),
             log: log.clone(),

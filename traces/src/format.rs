@@ -15,7 +15,7 @@ pub const MAGIC: [u8; 8] = *b"NYXTRACE";
 /// The last eight bytes of a finished container.
 pub const TRAILER_MAGIC: [u8; 8] = *b"NYXTRAIL";
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 7;
+pub const FORMAT_VERSION: u32 = 8;
 /// Cap on a frame's compressed and uncompressed payload.
 pub const MAX_FRAME_LEN: u32 = 256 << 20;
 /// Cap on the file header's compressed and uncompressed body.

@@ -426,13 +426,18 @@ impl std::fmt::Display for Event {
     }
 }
 
-/// How the events of an `Events` frame are stored (format version 6):
-/// postcard of the machine's virtual TSC rate and the events, with the
-/// counters replaced by what a model of them does not predict, so that zstd
-/// sees small, repetitive residuals instead of growing absolute values:
+/// How the events of an `Events` frame are stored (format version 8):
+/// postcard of the machine's virtual TSC rate, the time shift and the
+/// events, with the counters replaced by what a model of them does not
+/// predict, so that zstd sees small, repetitive residuals instead of
+/// growing absolute values:
 ///
-/// - a time sample is stored as its difference from the frame's previous
-///   one (from 0 at the frame's start);
+/// - a time sample is stored as the change of its step: its difference
+///   from the frame's previous sample (from 0 at the frame's start), in
+///   units of 2^`time_shift` ns (the largest power of two that divides
+///   every sample of the frame: a recording's samples are multiples of
+///   [`crate::clock::RECORD_QUANTUM_NS`]), minus the previous step (the
+///   exits of a loop come at a steady pace, so what is left is the jitter);
 /// - a patched-instruction exit's value is stored as its difference from
 ///   what the event before it implies: the TSC at that time sample for
 ///   `rdtsc`, that entropy value for `rdrand` (both exactly, so nothing is
@@ -446,13 +451,17 @@ impl std::fmt::Display for Event {
 #[derive(Serialize, Deserialize)]
 struct EventFramePayload {
     tsc_khz: u32,
+    time_shift: u8,
     events: Vec<Event>,
 }
 
 /// The state both directions of the frame codec keep.
 struct FrameCoder {
     tsc_khz: u32,
+    time_shift: u8,
     last_time: u64,
+    /// The previous sample's step, in units of 2^`time_shift` ns.
+    last_step: u64,
     /// The value the event just before implies for a patched exit.
     implied: Option<u64>,
     last_data: std::collections::HashMap<(ExitKind, u64), u64>,
@@ -468,10 +477,12 @@ fn unzigzag(z: u64) -> u64 {
 }
 
 impl FrameCoder {
-    fn new(tsc_khz: u32) -> Self {
+    fn new(tsc_khz: u32, time_shift: u8) -> Self {
         FrameCoder {
             tsc_khz,
+            time_shift,
             last_time: 0,
+            last_step: 0,
             implied: None,
             last_data: std::collections::HashMap::new(),
         }
@@ -498,6 +509,7 @@ impl FrameCoder {
         self.implied = None;
         match event {
             Event::Time(t) => {
+                self.last_step = t.wrapping_sub(self.last_time) >> self.time_shift;
                 self.last_time = *t;
                 self.implied = Some(crate::clock::virtual_tsc(*t, self.tsc_khz));
             }
@@ -511,7 +523,10 @@ impl FrameCoder {
 
     fn encode(&mut self, event: &Event) -> Event {
         let coded = match event {
-            Event::Time(t) => Event::Time(zigzag(t.wrapping_sub(self.last_time))),
+            Event::Time(t) => {
+                let step = t.wrapping_sub(self.last_time) >> self.time_shift;
+                Event::Time(zigzag(step.wrapping_sub(self.last_step)))
+            }
             Event::Exit(r) => Event::Exit(ExitRecord {
                 data: self.predict(r).map_or(r.data, |p| zigzag(r.data.wrapping_sub(p))),
                 ..*r
@@ -524,7 +539,10 @@ impl FrameCoder {
 
     fn decode(&mut self, coded: Event) -> Event {
         let event = match coded {
-            Event::Time(d) => Event::Time(self.last_time.wrapping_add(unzigzag(d))),
+            Event::Time(d) => {
+                let step = self.last_step.wrapping_add(unzigzag(d));
+                Event::Time(self.last_time.wrapping_add(step << self.time_shift))
+            }
             Event::Exit(r) => Event::Exit(ExitRecord {
                 data: self.predict(&r).map_or(r.data, |p| p.wrapping_add(unzigzag(r.data))),
                 ..r
@@ -539,9 +557,21 @@ impl FrameCoder {
 /// Encodes `events` as an `Events` frame's payload, for a machine whose
 /// virtual TSC runs at `tsc_khz` ([`EventFramePayload`]'s layout).
 pub fn encode_events(events: &[Event], tsc_khz: u32) -> Result<Vec<u8>, postcard::Error> {
-    let mut coder = FrameCoder::new(tsc_khz);
+    let time_shift = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Time(t) if *t != 0 => Some(t.trailing_zeros() as u8),
+            _ => None,
+        })
+        .min()
+        .unwrap_or(0);
+    let mut coder = FrameCoder::new(tsc_khz, time_shift);
     let events = events.iter().map(|e| coder.encode(e)).collect();
-    postcard::to_stdvec(&EventFramePayload { tsc_khz, events })
+    postcard::to_stdvec(&EventFramePayload {
+        tsc_khz,
+        time_shift,
+        events,
+    })
 }
 
 /// Decodes an `Events` frame's payload written by [`encode_events`].
@@ -560,7 +590,14 @@ pub fn decode_events(frame: &nyx_trace::Frame) -> nyx_trace::Result<Vec<Event>> 
             detail: format!("{} bytes after the encoded events", rest.len()),
         });
     }
-    let mut coder = FrameCoder::new(payload.tsc_khz);
+    if payload.time_shift > 63 {
+        return Err(nyx_trace::Error::Corrupt {
+            what: "events",
+            offset,
+            detail: format!("a time shift of {} bits", payload.time_shift),
+        });
+    }
+    let mut coder = FrameCoder::new(payload.tsc_khz, payload.time_shift);
     Ok(payload.events.into_iter().map(|e| coder.decode(e)).collect())
 }
 
