@@ -461,6 +461,14 @@ impl RunHooks for Recorder {
         })
     }
 
+    fn net_input(&mut self, requested: Box<dyn Input>) -> Box<dyn Input> {
+        Box::new(RecordInput {
+            inner: requested,
+            log: self.log.clone(),
+            event: Event::NetInput,
+        })
+    }
+
     fn rng_entropy(&mut self, requested: Box<dyn nyx_devices::io::Entropy>) -> Box<dyn nyx_devices::io::Entropy> {
         Box::new(RecordEntropy {
             inner: requested,

@@ -200,6 +200,7 @@ enum InputKind {
     Serial,
     Platform,
     Console,
+    Net,
 }
 
 impl Input for ReplayInput {
@@ -209,6 +210,7 @@ impl Input for ReplayInput {
             (Some(Event::Input(b)), InputKind::Serial) => b.clone(),
             (Some(Event::Platform(b)), InputKind::Platform) => b.clone(),
             (Some(Event::ConsoleInput(b)), InputKind::Console) => b.clone(),
+            (Some(Event::NetInput(b)), InputKind::Net) => b.clone(),
             _ => return 0,
         };
         if b.len() > buf.len() {
@@ -372,6 +374,13 @@ impl RunHooks for Replayer {
         Box::new(ReplayInput {
             state: self.state.clone(),
             kind: InputKind::Console,
+        })
+    }
+
+    fn net_input(&mut self, _requested: Box<dyn Input>) -> Box<dyn Input> {
+        Box::new(ReplayInput {
+            state: self.state.clone(),
+            kind: InputKind::Net,
         })
     }
 

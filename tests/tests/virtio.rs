@@ -62,6 +62,7 @@ fn setup_as(disk: &Path, format: DiskFormat, console: &Capture) -> PciSetup {
             out: Box::new(console.clone()),
             input: SerialIn::None,
         }),
+        nets: Vec::new(),
         embed_disks: false,
     }
 }
@@ -650,6 +651,7 @@ fn conecho_setup(console: &Capture, input: SerialIn) -> PciSetup {
             out: Box::new(console.clone()),
             input,
         }),
+        nets: Vec::new(),
         embed_disks: false,
     }
 }
@@ -817,6 +819,7 @@ fn the_blk_bench_guests_match_qemu() {
                 }],
                 rng: false,
                 console: None,
+                nets: Vec::new(),
                 embed_disks: false,
             })
             .build()

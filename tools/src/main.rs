@@ -392,6 +392,14 @@ pub struct MachineArgs {
     /// --incoming: where the migrated machine's virtio-console goes).
     #[arg(long, value_name = "CONSOLE")]
     virtio_console: Option<String>,
+    /// A virtio-net NIC: virtio,stream=unix:PATH[,server][,mac=MAC]
+    /// (frames framed as QEMU's `-netdev stream` does: another Nyx, a QEMU
+    /// or passt at the other end; `server` listens and waits for the peer
+    /// before the guest starts); give it again for more NICs. The default
+    /// MAC is 52:54:00:12:34:56 plus the NIC's index. A recording logs
+    /// every frame the guest receives; its replay needs no network.
+    #[arg(long, value_name = "MODEL,BACKEND")]
+    net: Vec<String>,
     /// With `record`: put what every disk read returned into the trace, so
     /// that the trace replays without the images (the trace grows by every
     /// byte read; without it the trace holds each image's SHA-256 and the
@@ -446,7 +454,7 @@ struct RunArgs {
     #[arg(
         long,
         value_name = "tcp:HOST:PORT",
-        conflicts_with_all = ["kernel", "initrd", "gdb", "cpu", "disk", "rng", "embed_disks"]
+        conflicts_with_all = ["kernel", "initrd", "gdb", "cpu", "disk", "rng", "embed_disks", "net"]
     )]
     incoming: Option<String>,
     #[command(flatten)]
@@ -610,17 +618,30 @@ impl MachineArgs {
         nyx_vmm::config::Irqchip::parse(&self.irqchip)
     }
 
-    /// The PCI functions of `--disk`, `--rng` and `--virtio-console`
-    /// (opening the console, waiting for a server console's client).
+    /// The PCI functions of `--disk`, `--rng`, `--virtio-console` and
+    /// `--net` (opening the console and the network backends, waiting for
+    /// a server's peer).
     fn pci_setup(&self) -> Result<nyx_vmm::pci_setup::PciSetup, String> {
         let mut disks = Vec::new();
         for d in &self.disk {
             disks.push(d.parse::<nyx_vmm::disk::DiskSpec>().map_err(|e| e.to_string())?);
         }
+        let console = virtio_console(self.virtio_console.as_deref())?;
+        let mut nets = Vec::new();
+        for (i, spec) in self.net.iter().enumerate() {
+            let spec = nyx_vmm::netdev::NetSpec::parse(spec, i).map_err(|e| e.to_string())?;
+            let (out, input) = nyx_vmm::netdev::open(&spec.backend).map_err(|e| e.to_string())?;
+            nets.push(nyx_vmm::pci_setup::NetIo {
+                mac: spec.mac,
+                out,
+                input,
+            });
+        }
         Ok(nyx_vmm::pci_setup::PciSetup {
             disks,
             rng: self.rng,
-            console: virtio_console(self.virtio_console.as_deref())?,
+            console,
+            nets,
             embed_disks: self.embed_disks,
         })
     }

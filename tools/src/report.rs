@@ -113,6 +113,8 @@ pub struct DeviceInput {
     pub rng: Logged,
     /// virtio-console's input (`ConsoleInput`).
     pub console_input: Logged,
+    /// virtio-net's received frames (`NetInput`, records).
+    pub net_input: Logged,
 }
 
 /// What a run did, in windows of [`WINDOW_NS`].
@@ -196,6 +198,7 @@ pub fn profile_trace(r: &mut TraceReader, path: &Path) -> Result<Profile, Report
                 Event::DiskRead(b) => input.disk_read.add(b.len()),
                 Event::Rng(b) => input.rng.add(b.len()),
                 Event::ConsoleInput(b) => input.console_input.add(b.len()),
+                Event::NetInput(b) => input.net_input.add(b.len()),
                 _ => {}
             }
         }
@@ -505,6 +508,14 @@ pub fn render_pci(functions: Result<&[PciFunctionConfig], &str>, input: Option<&
                 }
                 w
             }
+            PciFunctionConfig::Net(mac) => {
+                let mac = mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+                let mut w = format!("MAC {mac}");
+                if let Some(i) = input {
+                    let _ = write!(w, "; {}", logged("net-input", &i.net_input));
+                }
+                w
+            }
         };
         let _ = writeln!(
             s,
@@ -667,16 +678,22 @@ mod tests {
 
     #[test]
     fn pci_section_lists_every_function_with_its_input() {
-        let functions = [disk("boot", true), PciFunctionConfig::Rng, PciFunctionConfig::Console];
+        let functions = [
+            disk("boot", true),
+            PciFunctionConfig::Rng,
+            PciFunctionConfig::Console,
+            PciFunctionConfig::Net([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+        ];
         let input = DeviceInput {
             disk_read: Logged { events: 3, bytes: 1536 },
             rng: Logged { events: 1, bytes: 64 },
             console_input: Logged { events: 2, bytes: 5 },
+            net_input: Logged { events: 4, bytes: 300 },
         };
         let text = render_pci(Ok(&functions), Some(&input));
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
-            lines[0], "pci          00:00.0 8086:1237 host bridge and 3 functions",
+            lines[0], "pci          00:00.0 8086:1237 host bridge and 4 functions",
             "{text}"
         );
         assert_eq!(
@@ -692,9 +709,13 @@ mod tests {
         );
         assert_eq!(
             lines[4],
+            "  06:00.0 1af4:1041 virtio-net      MAC 52:54:00:12:34:56; 4 net-input events, 300 bytes"
+        );
+        assert_eq!(
+            lines[5],
             "  disk reads   3 disk-read events, 1536 bytes of the 1 embedded disk"
         );
-        assert_eq!(lines.len(), 5);
+        assert_eq!(lines.len(), 6);
         // Live: no counts.
         let text = render_pci(Ok(&functions[1..]), None);
         assert!(text.contains("virtio-rng      entropy from the host"), "{text}");

@@ -721,6 +721,7 @@ impl Exporter<'_, '_> {
             Event::Poll => self.out.instant(Track::Polls, "poll", "poll", ns, PosArgs { pos })?,
             Event::Input(b) => self.input(pos, false, &b, ns)?,
             Event::ConsoleInput(b) => self.input(pos, true, &b, ns)?,
+            Event::NetInput(b) => self.entropy(pos, "net input", b.len(), ns)?,
             Event::Platform(bytes) => {
                 let decoded = self.platform.push(&bytes);
                 let name = if decoded.is_empty() {

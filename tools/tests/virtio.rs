@@ -188,6 +188,7 @@ fn restore_gives_the_snapshot_a_virtio_console() {
                 out: Box::new(std::io::sink()),
                 input: nyx_vmm::SerialIn::None,
             }),
+            nets: Vec::new(),
             embed_disks: false,
         })
         .build()

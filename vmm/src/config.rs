@@ -63,27 +63,32 @@ pub enum PciFunctionConfig {
     Rng,
     /// virtio-console (`--virtio-console`).
     Console,
+    /// virtio-net (`--net virtio,...`) with this MAC address (the backend
+    /// is the run's: a replay needs none).
+    Net([u8; 6]),
 }
 
 impl PciFunctionConfig {
     /// The name its function reports (`PciDevice::name`).
     pub fn name(&self) -> &'static str {
-        use nyx_devices::virtio::{block, console, rng};
+        use nyx_devices::virtio::{block, console, net, rng};
         match self {
             PciFunctionConfig::Disk(_) => block::NAME,
             PciFunctionConfig::Rng => rng::NAME,
             PciFunctionConfig::Console => console::NAME,
+            PciFunctionConfig::Net(_) => net::NAME,
         }
     }
 
     /// The function's vendor and device ID (a modern virtio-pci function:
     /// 1af4, 1040 + the virtio device ID).
     pub fn pci_ids(&self) -> (u16, u16) {
-        use nyx_devices::virtio::{block, console, pci, rng};
+        use nyx_devices::virtio::{block, console, net, pci, rng};
         let kind = match self {
             PciFunctionConfig::Disk(_) => block::DEVICE_TYPE,
             PciFunctionConfig::Rng => rng::DEVICE_TYPE,
             PciFunctionConfig::Console => console::DEVICE_TYPE,
+            PciFunctionConfig::Net(_) => net::DEVICE_TYPE,
         };
         (pci::VENDOR, pci::DEVICE_ID_BASE + kind)
     }

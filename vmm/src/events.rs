@@ -342,6 +342,9 @@ pub enum Event {
     /// A machine that runs its vCPUs one at a time switched to this vCPU
     /// here; the events after it are that vCPU's until the next switch.
     Switch(u8),
+    /// A frame virtio-net took here, as its record (a 4-byte big-endian
+    /// length, then the frame).
+    NetInput(Vec<u8>),
 }
 
 impl Event {
@@ -362,6 +365,7 @@ impl Event {
             Event::ConsoleInput(_) => "console-input",
             Event::DiskRead(_) => "disk-read",
             Event::Switch(_) => "switch",
+            Event::NetInput(_) => "net-input",
         }
     }
 
@@ -383,6 +387,7 @@ impl Event {
                 "end",
                 "rng",
                 "console-input",
+                "net-input",
                 "disk-read",
                 "switch",
             ])
@@ -401,6 +406,7 @@ impl std::fmt::Display for Event {
             Event::Entropy(v) => write!(f, "entropy {v:#x}"),
             Event::Rng(b) => write!(f, "rng {} bytes", b.len()),
             Event::ConsoleInput(b) => write!(f, "console input {:?}", String::from_utf8_lossy(b)),
+            Event::NetInput(b) => write!(f, "net input {} bytes", b.len().saturating_sub(4)),
             Event::DiskRead(b) => write!(f, "disk read {} bytes", b.len()),
             Event::Landing(l) => write!(
                 f,
@@ -642,6 +648,7 @@ mod tests {
             any::<u64>().prop_map(Event::Entropy),
             prop::collection::vec(any::<u8>(), 0..40).prop_map(Event::Rng),
             prop::collection::vec(any::<u8>(), 0..40).prop_map(Event::ConsoleInput),
+            prop::collection::vec(any::<u8>(), 0..80).prop_map(Event::NetInput),
             prop::collection::vec(any::<u8>(), 0..40).prop_map(Event::DiskRead),
             (any::<[u64; 16]>(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(gpr, rip, d, n)| {
                 Event::Landing(Box::new(Landing {

@@ -324,6 +324,12 @@ pub trait RunHooks: Send {
         requested
     }
 
+    /// A virtio-net NIC's received frames (one record per read), given its
+    /// backend's (called once per NIC). A plain run passes them through.
+    fn net_input(&mut self, requested: Box<dyn Input>) -> Box<dyn Input> {
+        requested
+    }
+
     /// virtio-rng's entropy, given the host's (called once). A plain run
     /// passes it through.
     fn rng_entropy(&mut self, requested: Box<dyn nyx_devices::io::Entropy>) -> Box<dyn nyx_devices::io::Entropy> {

@@ -26,6 +26,7 @@ pub mod migration;
 pub mod migration_auth;
 pub mod msr;
 pub mod net;
+pub mod netdev;
 pub mod paging;
 pub mod patch;
 pub mod pci_setup;

@@ -4,7 +4,8 @@
 //! them (`config::PciFunctionConfig`).
 //!
 //! The functions go into consecutive slots from `config::FIRST_PCI_SLOT`:
-//! the disks in order, then the entropy device, then the console. As
+//! the disks in order, then the entropy device, then the console, then
+//! the NICs. As
 //! firmware would, Nyx assigns their BARs at build (I/O BARs from the
 //! host's I/O window, memory BARs, 64-bit ones included, from its 32-bit
 //! window, allocated with rust-vmm `vm-allocator`) and enables I/O and
@@ -14,7 +15,8 @@
 //! local APIC, INTx on the line [`intx_gsi`] gives its slot. What comes
 //! from outside goes through the run mode: virtio-rng's bytes
 //! (`RunHooks::rng_entropy`), virtio-console's input
-//! (`RunHooks::console_input`), and whether disk writes stay in an overlay
+//! (`RunHooks::console_input`), virtio-net's frames (`RunHooks::net_input`),
+//! and whether disk writes stay in an overlay
 //! (`RunHooks::isolates_disks`).
 
 use std::io::Write;
@@ -24,6 +26,7 @@ use nyx_devices::block::BlockBackend;
 use nyx_devices::pci_device::{IntxLine, IntxShares, PciDevice};
 use nyx_devices::virtio::block::VirtioBlock;
 use nyx_devices::virtio::console::VirtioConsole;
+use nyx_devices::virtio::net::VirtioNet;
 use nyx_devices::virtio::rng::VirtioRng;
 use nyx_devices::virtio::{VirtioDevice, VirtioPci};
 use nyx_devices::Input;
@@ -42,6 +45,16 @@ pub struct ConsoleIo {
     pub input: crate::machine::SerialIn,
 }
 
+/// A virtio-net NIC: its address and its backend's two ends, opened.
+pub struct NetIo {
+    /// The MAC address.
+    pub mac: [u8; 6],
+    /// Where the guest's frames go (records: `nyx_devices::virtio::net::record`).
+    pub out: Box<dyn Write + Send>,
+    /// Where the frames it receives come from (one record per read).
+    pub input: Box<dyn Input>,
+}
+
 /// The PCI functions the user asked for.
 #[derive(Default)]
 pub struct PciSetup {
@@ -51,6 +64,8 @@ pub struct PciSetup {
     pub rng: bool,
     /// `--virtio-console`.
     pub console: Option<ConsoleIo>,
+    /// `--net`, in order (after the console).
+    pub nets: Vec<NetIo>,
     /// `--embed-disks`: a recording logs every disk read, so that its
     /// replay needs no image.
     pub embed_disks: bool,
@@ -62,6 +77,7 @@ impl std::fmt::Debug for PciSetup {
             .field("disks", &self.disks)
             .field("rng", &self.rng)
             .field("console", &self.console.is_some())
+            .field("nets", &self.nets.iter().map(|n| n.mac).collect::<Vec<_>>())
             .field("embed_disks", &self.embed_disks)
             .finish()
     }
@@ -70,7 +86,7 @@ impl std::fmt::Debug for PciSetup {
 impl PciSetup {
     /// Whether there is no function to add.
     pub fn is_empty(&self) -> bool {
-        self.disks.is_empty() && !self.rng && self.console.is_none()
+        self.disks.is_empty() && !self.rng && self.console.is_none() && self.nets.is_empty()
     }
 
     /// The functions a trace or snapshot header lists, with the disks at
@@ -108,6 +124,12 @@ impl PciSetup {
                         input: crate::machine::SerialIn::None,
                     })
                 }
+                // No backend: a replay's frames come from its trace.
+                PciFunctionConfig::Net(mac) => setup.nets.push(NetIo {
+                    mac: *mac,
+                    out: Box::new(std::io::sink()),
+                    input: Box::new(nyx_devices::io::NoInput),
+                }),
             }
         }
         setup
@@ -205,7 +227,7 @@ pub fn build_functions(
     if irqchip == Irqchip::Legacy {
         return Err(PciSetupError::Legacy);
     }
-    let count = setup.disks.len() + usize::from(setup.rng) + usize::from(setup.console.is_some());
+    let count = setup.disks.len() + usize::from(setup.rng) + usize::from(setup.console.is_some()) + setup.nets.len();
     let room = 32 - usize::from(FIRST_PCI_SLOT);
     if count > room {
         return Err(PciSetupError::TooMany(room));
@@ -286,6 +308,11 @@ pub fn build_functions(
         add(Box::new(VirtioConsole::new(c.out, input)), &mut functions, &mut slot);
         config.push(PciFunctionConfig::Console);
     }
+    for n in setup.nets {
+        let input = hooks.net_input(n.input);
+        add(Box::new(VirtioNet::new(n.mac, n.out, input)), &mut functions, &mut slot);
+        config.push(PciFunctionConfig::Net(n.mac));
+    }
     Ok((functions, config))
 }
 
@@ -331,6 +358,11 @@ mod tests {
                 out: Box::new(std::io::sink()),
                 input: crate::machine::SerialIn::None,
             }),
+            nets: vec![NetIo {
+                mac: [2, 0, 0, 0, 0, 7],
+                out: Box::new(std::io::sink()),
+                input: Box::new(nyx_devices::io::NoInput),
+            }],
             embed_disks: false,
         };
         let (slots, config) = build(setup, None).unwrap();
@@ -343,12 +375,14 @@ mod tests {
                 (3, "virtio-blk".to_string()),
                 (4, "virtio-blk".to_string()),
                 (5, "virtio-rng".to_string()),
-                (6, "virtio-console".to_string())
+                (6, "virtio-console".to_string()),
+                (7, "virtio-net".to_string())
             ]
         );
         match &config[..] {
-            [PciFunctionConfig::Disk(a), PciFunctionConfig::Disk(b), PciFunctionConfig::Rng, PciFunctionConfig::Console] =>
+            [PciFunctionConfig::Disk(a), PciFunctionConfig::Disk(b), PciFunctionConfig::Rng, PciFunctionConfig::Console, PciFunctionConfig::Net(mac)] =>
             {
+                assert_eq!(mac, &[2, 0, 0, 0, 0, 7]);
                 assert_eq!((a.id.as_str(), b.id.as_str(), b.read_only), ("disk0", "disk1", true));
                 assert!(a.sha256.is_empty(), "a plain run does not hash");
                 assert_eq!(a.size, 4096, "but it knows the size");

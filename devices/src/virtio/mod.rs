@@ -3,8 +3,8 @@
 //! MSI-X, MSI where a function opts in, and INTx, around `transport.rs`'s
 //! registers and queues; chains are walked in `queue.rs`) and the devices
 //! behind it ([`block::VirtioBlock`], [`rng::VirtioRng`],
-//! [`console::VirtioConsole`]), which meet through the [`VirtioDevice`]
-//! trait so that further devices (virtio-net) plug into the same transport. The machine builds a function as
+//! [`console::VirtioConsole`], [`net::VirtioNet`]), which meet through the
+//! [`VirtioDevice`] trait. The machine builds a function as
 //! `VirtioPci::new(Box::new(VirtioBlock::new(disk, id)), dma, msi, intx)`.
 //!
 //! What the guest sees is meant to be QEMU 7.2's `-device
@@ -22,6 +22,7 @@
 
 pub mod block;
 pub mod console;
+pub mod net;
 pub mod pci;
 pub mod queue;
 pub mod rng;
