@@ -21,6 +21,12 @@
 # blkbench-disk.sh writes (32 MiB); the SHA-256 of blkwrite's image after
 # its run is recorded as blkwrite.img.sha256.
 #
+# netping runs with a virtio-net alone at 00:03.0 (MAC 52:54:00:12:34:56)
+# on a stream netdev listening on a Unix socket nobody connects to: the
+# link delivers nothing, so the guest prints its MAC and "no peer". Then
+# netping-pair.sh runs two instances of it on one link and records
+# netping-a.out and netping-b.out.
+#
 # smp runs with four CPUs (-smp 4); its "smp: racy total 0x" line varies
 # from run to run (see README.md). smpwork runs with four CPUs too; its
 # result line is the same with any number.
@@ -37,7 +43,7 @@ status=0
 for spec in hello:67 pit:35 longmode:1 triple:0 ports:69 echo:103:echo.in softint:145 \
     lapic:161 ioapic:163 hpet:165 acpi:0 busyio:147 s3:171 pmtimer:167 virtio:179 \
     conecho:189:conecho.in blknop:181 blkseq:183 blkrand:185 blkwrite:187 smp:191 \
-    smpwork:193; do
+    smpwork:193 netping:195; do
     name=${spec%%:*}
     # With arguments, only the guests they name.
     if [ $# -gt 0 ]; then
@@ -95,6 +101,18 @@ for spec in hello:67 pit:35 longmode:1 triple:0 ports:69 echo:103:echo.in softin
             -device virtio-blk-pci,disable-legacy=on,addr=0x3,drive=d0) <"$input" >"$here/$name.out"
         got=$?
         ;;
+    netping)
+        # A link that delivers nothing: a stream server nobody connects to.
+        rm -f "$work/net.sock"
+        (cd "$work" && timeout 60 qemu-system-x86_64 -machine pc -cpu qemu64 -m 64 \
+            -display none -vga none -nic none -serial stdio -no-reboot \
+            -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
+            -kernel "$name" -append "$append" \
+            -netdev stream,id=n0,server=on,addr.type=unix,addr.path=net.sock \
+            -device virtio-net-pci,disable-legacy=on,addr=0x3,netdev=n0,mac=52:54:00:12:34:56) \
+            <"$input" >"$here/$name.out"
+        got=$?
+        ;;
     smp | smpwork)
         # Four CPUs, APIC IDs 0..3.
         (cd "$work" && timeout 60 qemu-system-x86_64 -machine pc -cpu qemu64 -m 64 \
@@ -128,6 +146,9 @@ for spec in hello:67 pit:35 longmode:1 triple:0 ports:69 echo:103:echo.in softin
             echo "blkwrite: disk image after the run changed: $sha (was ${old:-none})"
         fi
         echo "$sha" >"$here/blkwrite.img.sha256"
+    fi
+    if [ "$name" = netping ]; then
+        sh "$here/netping-pair.sh" "$work/netping" || status=1
     fi
     if [ "$got" = "$want" ]; then
         echo "$name: exit status $got"

@@ -144,6 +144,79 @@ pub const CONECHO_INPUT: &[u8] = include_bytes!("../../golden/conecho.in");
 /// the complete console output of the golden run.
 pub const CONECHO_CONSOLE_OUTPUT: &str = include_str!("../../golden/conecho.console");
 
+/// A virtio-net driver looking for a peer on its link: prints its MAC,
+/// then every 20 ms (local APIC timer) sends an ARP request for 10.0.2.2
+/// and a UDP datagram to port 5555 (payload "nyx netping XX", XX the last
+/// byte of its MAC), both broadcast from 10.0.2.15; once it has a peer's
+/// first ARP request and first UDP datagram it prints them, sends for five
+/// more ticks and exits with [`NETPING_EXIT`]. With no peer frame within
+/// 150 ticks (3 s) it prints "netping: no peer" and exits with the same
+/// value. Needs the APIC platform and a virtio-net alone at 00:03.0 (1af4:1041,
+/// offering VERSION_1 and MAC) with the MAC [`NETPING_MAC`]
+/// ([`Expected::needs_virtio`]); its golden run's link delivered nothing.
+/// Two instances on one link, with [`NETPING_MAC`] and [`NETPING_PEER_MAC`],
+/// print [`NETPING_A_OUTPUT`] and [`NETPING_B_OUTPUT`].
+pub const NETPING: &[u8] = guest_image!("netping");
+/// Debug-exit value of [`NETPING`], with a peer or without.
+pub const NETPING_EXIT: u32 = 0x61;
+/// The MAC of [`NETPING`]'s virtio-net in its golden run, and of the first
+/// of the pair.
+pub const NETPING_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+/// The MAC of the second [`NETPING`] of the pair.
+pub const NETPING_PEER_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x57];
+/// The complete serial output of the [`NETPING`] with [`NETPING_MAC`] when
+/// its peer is the one with [`NETPING_PEER_MAC`] (recorded by
+/// `tests/golden/netping-pair.sh`).
+pub const NETPING_A_OUTPUT: &str = include_str!("../../golden/netping-a.out");
+/// The complete serial output of the [`NETPING`] with [`NETPING_PEER_MAC`]
+/// in the pair of [`NETPING_A_OUTPUT`].
+pub const NETPING_B_OUTPUT: &str = include_str!("../../golden/netping-b.out");
+
+/// The ARP request [`NETPING`] with the MAC `mac` sends every tick (42
+/// bytes, after the zeroed 12-byte virtio_net_hdr): broadcast, who-has
+/// 10.0.2.2 tell 10.0.2.15.
+pub fn netping_arp_request(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x06, 0x00, 0x01, 0x08, 0x00, 6, 4, 0x00, 0x01]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[10, 0, 2, 15]);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&[10, 0, 2, 2]);
+    f
+}
+
+/// The UDP datagram [`NETPING`] with the MAC `mac` sends every tick (56
+/// bytes, after the zeroed 12-byte virtio_net_hdr): broadcast, IPv4
+/// 10.0.2.15 to 10.0.2.2 (TTL 64, ID 0, no fragmentation, header checksum
+/// set), UDP port 5555 to 5555 without a checksum, the payload "nyx
+/// netping XX" (XX: the MAC's last byte in lower-case hex).
+pub fn netping_udp_datagram(mac: [u8; 6]) -> Vec<u8> {
+    let payload = format!("nyx netping {:02x}", mac[5]);
+    let udp_len = 8 + payload.len() as u16;
+    let ip_len = 20 + udp_len;
+    let mut ip = vec![0x45, 0x00];
+    ip.extend_from_slice(&ip_len.to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 2, 15, 10, 0, 2, 2]);
+    let mut sum: u32 = ip.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let mut f = Vec::with_capacity(14 + usize::from(ip_len));
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&5555u16.to_be_bytes());
+    f.extend_from_slice(&5555u16.to_be_bytes());
+    f.extend_from_slice(&udp_len.to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(payload.as_bytes());
+    f
+}
+
 /// The SHA-256 (lower-case hex) of the [`VIRTIO`] golden run's disk image
 /// after the run: [`virtio_disk_image`] with sectors 16..23 written, 32..39
 /// zeroed by WRITE_ZEROES and 40..47 discarded, which QEMU (`discard=unmap`
@@ -418,6 +491,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("blkwrite", BLKWRITE),
     ("smp", SMP),
     ("smpwork", SMPWORK),
+    ("netping", NETPING),
 ];
 
 /// What a guest is expected to do.
@@ -436,8 +510,8 @@ pub struct Expected {
     /// either.
     pub needs_apic: bool,
     /// Whether it needs the virtio PCI devices of its golden run (see
-    /// [`VIRTIO`], [`CONECHO`], and [`BLKNOP`] for the virtio-blk
-    /// benchmark guests); only on the APIC platform.
+    /// [`VIRTIO`], [`CONECHO`], [`BLKNOP`] for the virtio-blk benchmark
+    /// guests, and [`NETPING`]); only on the APIC platform.
     pub needs_virtio: bool,
     /// Its complete serial output under QEMU; `None` if timing-dependent.
     /// (One line of [`SMP`]'s varies: see [`mask_smp_racy`].)
@@ -691,6 +765,15 @@ pub const EXPECTED: &[Expected] = &[
         needs_apic: true,
         needs_virtio: false,
     },
+    Expected {
+        name: "netping",
+        exit_value: Some(NETPING_EXIT),
+        golden: Some(include_str!("../../golden/netping.out")),
+        input: None,
+        powers_off: false,
+        needs_apic: true,
+        needs_virtio: true,
+    },
 ];
 
 /// The image of the guest called `name`.
@@ -936,7 +1019,8 @@ mod tests {
                 "blkrand",
                 "blkwrite",
                 "smp",
-                "smpwork"
+                "smpwork",
+                "netping"
             ]
         );
         for e in EXPECTED {
@@ -1019,7 +1103,10 @@ mod tests {
     #[test]
     fn virtio_guest_needs_its_devices() {
         let virtio: Vec<_> = EXPECTED.iter().filter(|e| e.needs_virtio).map(|e| e.name).collect();
-        assert_eq!(virtio, ["virtio", "conecho", "blknop", "blkseq", "blkrand", "blkwrite"]);
+        assert_eq!(
+            virtio,
+            ["virtio", "conecho", "blknop", "blkseq", "blkrand", "blkwrite", "netping"]
+        );
         for e in EXPECTED {
             assert!(
                 !e.needs_virtio || e.needs_apic,
@@ -1047,6 +1134,93 @@ mod tests {
         assert!(
             sha.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
             "{sha}"
+        );
+    }
+
+    /// The bytes of the loaded `image` at the address of `name`, `len` of
+    /// them (from the PT_LOAD segment holding it).
+    fn data_at(image: &[u8], name: &str, len: usize) -> Vec<u8> {
+        let addr = symbol(image, name).unwrap_or_else(|| panic!("{name}"));
+        let phoff = u32_at(image, 0x1C).expect("e_phoff") as usize;
+        let phentsize = u16_at(image, 0x2A).expect("e_phentsize") as usize;
+        let phnum = u16_at(image, 0x2C).expect("e_phnum") as usize;
+        for ph in (0..phnum).map(|i| phoff + i * phentsize) {
+            let offset = u32_at(image, ph + 4).expect("p_offset");
+            let paddr = u32_at(image, ph + 12).expect("p_paddr");
+            let filesz = u32_at(image, ph + 16).expect("p_filesz");
+            if u32_at(image, ph) == Some(1) && (paddr..paddr + filesz).contains(&addr) {
+                let at = (offset + addr - paddr) as usize;
+                return image[at..at + len].to_vec();
+            }
+        }
+        panic!("{name} is not in a loaded segment");
+    }
+
+    #[test]
+    fn netping_goldens_alone_and_in_a_pair() {
+        let e = expected("netping").expect("netping");
+        assert_eq!(e.exit_value, Some(NETPING_EXIT));
+        assert!(e.needs_apic && e.needs_virtio);
+        assert_eq!(qemu_exit_code(NETPING_EXIT), 195);
+        let setup = "pci 00:03.0 1af4:1041 netping\n\
+             netping: msi-x enabled, entry 0 vector 0x44\n\
+             netping: features offered 0x0000000100000020, accepted 0x0000000100000020, status 0x0b\n\
+             netping: queue 0 enabled, size 8, msix vector 0\n\
+             netping: queue 1 enabled, size 8, msix vector 0\n\
+             netping: driver_ok, status 0x0f\n";
+        let mac = |m: [u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
+        assert_eq!(
+            e.golden.expect("netping golden"),
+            format!("{setup}netping: mac {}\nnetping: no peer\n", mac(NETPING_MAC))
+        );
+        for (out, own, peer) in [
+            (NETPING_A_OUTPUT, NETPING_MAC, NETPING_PEER_MAC),
+            (NETPING_B_OUTPUT, NETPING_PEER_MAC, NETPING_MAC),
+        ] {
+            let want = format!(
+                "{setup}netping: mac {}\n\
+                 netping: arp from {} who-has 10.0.2.2\n\
+                 netping: udp from {}: \"nyx netping {:02x}\"\n\
+                 netping: done\n",
+                mac(own),
+                mac(peer),
+                mac(peer),
+                peer[5]
+            );
+            assert_eq!(out, want);
+        }
+    }
+
+    /// The frames of the model are what QEMU's filter-dump captured of the
+    /// guest, and the guest's templates are the model without what it fills
+    /// in (MAC, the payload's hex digits, the checksum).
+    #[test]
+    fn netping_frames_match_the_guest() {
+        let arp = netping_arp_request(NETPING_MAC);
+        let udp = netping_udp_datagram(NETPING_MAC);
+        let hex = |f: &[u8]| f.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        assert_eq!(
+            hex(&arp),
+            "ffffffffffff525400123456080600010800060400015254001234560a00020f0000000000000a000202"
+        );
+        assert_eq!(
+            hex(&udp),
+            "ffffffffffff52540012345608004500002a00000000401162b30a00020f0a00020215b315b3\
+             001600006e7978206e657470696e67203536"
+        );
+        let blank = |mut f: Vec<u8>, at: &[std::ops::Range<usize>]| {
+            for r in at {
+                f[r.clone()].fill(0);
+            }
+            f
+        };
+        assert_eq!(
+            data_at(NETPING, "arp_buf", 12 + 42),
+            [vec![0; 12], blank(arp, &[6..12, 22..28])].concat()
+        );
+        assert_eq!(
+            data_at(NETPING, "udp_buf", 12 + 56),
+            [vec![0; 12], blank(udp, &[6..12, 24..26, 54..56])].concat()
         );
     }
 
