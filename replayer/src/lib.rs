@@ -229,8 +229,18 @@ impl Input for ReplayInput {
 
     fn is_exhausted(&self) -> bool {
         // Whether input may still come is part of the guest-visible state
-        // only through what the device received, which the trace serves.
-        !lock(&self.state).cursor.has_more_input()
+        // only through what the device received, which the trace serves:
+        // at a poll, or where this device's next input is (a device asks
+        // at its poll, after the poll event and its time sample).
+        let mut s = lock(&self.state);
+        let mine = matches!(
+            (s.cursor.peek(), self.kind),
+            (Some(Event::Input(_)), InputKind::Serial)
+                | (Some(Event::Platform(_)), InputKind::Platform)
+                | (Some(Event::ConsoleInput(_)), InputKind::Console)
+                | (Some(Event::NetInput(_)), InputKind::Net)
+        );
+        !mine && !s.cursor.has_more_input()
     }
 }
 
