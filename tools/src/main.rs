@@ -393,12 +393,14 @@ pub struct MachineArgs {
     #[arg(long, value_name = "CONSOLE")]
     virtio_console: Option<String>,
     /// A virtio-net NIC: virtio,stream=unix:PATH[,server][,mac=MAC]
-    /// (frames framed as QEMU's `-netdev stream` does: another Nyx, a QEMU
-    /// or passt at the other end; `server` listens and waits for the peer
-    /// before the guest starts); give it again for more NICs. The default
+    /// [,capture=FILE] (frames framed as QEMU's `-netdev stream` does:
+    /// another Nyx, a QEMU or passt at the other end; `server` listens and
+    /// waits for the peer before the guest starts; `capture` writes every
+    /// frame in and out to FILE in pcap format); give it again for more
+    /// NICs. The default
     /// MAC is 52:54:00:12:34:56 plus the NIC's index. A recording logs
     /// every frame the guest receives; its replay needs no network.
-    #[arg(long, value_name = "MODEL,BACKEND")]
+    #[arg(long, value_name = "MODEL,BACKEND[,OPTIONS]")]
     net: Vec<String>,
     /// With `record`: put what every disk read returned into the trace, so
     /// that the trace replays without the images (the trace grows by every
@@ -630,7 +632,7 @@ impl MachineArgs {
         let mut nets = Vec::new();
         for (i, spec) in self.net.iter().enumerate() {
             let spec = nyx_vmm::netdev::NetSpec::parse(spec, i).map_err(|e| e.to_string())?;
-            let (out, input) = nyx_vmm::netdev::open(&spec.backend).map_err(|e| e.to_string())?;
+            let (out, input) = nyx_vmm::netdev::open_spec(&spec).map_err(|e| e.to_string())?;
             nets.push(nyx_vmm::pci_setup::NetIo {
                 mac: spec.mac,
                 out,

@@ -2,7 +2,8 @@
 //! datagram every 20 ms until it has seen both from a peer): alone on a
 //! link whose other end only listens, it sends exactly the frames QEMU's
 //! does and prints QEMU's golden; two Nyx processes joined by a Unix
-//! stream socket each receive the other's frames; a Nyx and a QEMU (the
+//! stream socket each receive the other's frames, and one's capture file
+//! shows both sides' frames to `tcpdump -r`; a Nyx and a QEMU (the
 //! same guest, `-netdev stream`) do too, and the Nyx side's recording
 //! replays bit for bit three times with no network at all.
 
@@ -102,7 +103,10 @@ fn two_nyx_guests_on_one_link_receive_each_others_frames() {
     }
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("n.sock");
-    let a = netping(&["run"], &sock, ",server").spawn().unwrap();
+    let pcap = dir.path().join("a.pcap");
+    let a = netping(&["run"], &sock, &format!(",server,capture={}", pcap.display()))
+        .spawn()
+        .unwrap();
     wait_for(&sock);
     let b = netping(&["run"], &sock, ",mac=52:54:00:12:34:57").spawn().unwrap();
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
@@ -111,6 +115,30 @@ fn two_nyx_guests_on_one_link_receive_each_others_frames() {
     assert_eq!(b.status.code(), exit, "{}", text(&b.stderr));
     assert_eq!(text(&a.stdout), nyx_guests::NETPING_A_OUTPUT);
     assert_eq!(text(&b.stdout), nyx_guests::NETPING_B_OUTPUT);
+    // The capture holds both guests' frames, as tcpdump reads them.
+    let dump = match Command::new("tcpdump").args(["-nn", "-e", "-r"]).arg(&pcap).output() {
+        Ok(d) => d,
+        Err(e) => {
+            assert!(
+                std::env::var("NYX_REQUIRE_KVM").as_deref() != Ok("1"),
+                "NYX_REQUIRE_KVM=1 but tcpdump cannot be run ({e}): install tcpdump"
+            );
+            return;
+        }
+    };
+    let dump = text(&dump.stdout);
+    for mac in ["52:54:00:12:34:56", "52:54:00:12:34:57"] {
+        for what in [
+            "Request who-has 10.0.2.2 tell 10.0.2.15",
+            "10.0.2.15.5555 > 10.0.2.2.5555: UDP, length 14",
+        ] {
+            assert!(
+                dump.lines()
+                    .any(|l| l.contains(&format!("{mac} > ff:ff:ff:ff:ff:ff")) && l.contains(what)),
+                "{mac} {what}: {dump}"
+            );
+        }
+    }
 }
 
 /// Whether QEMU can be run; under `NYX_REQUIRE_KVM=1` (CI) it must.

@@ -67,17 +67,19 @@ pub enum NetBackend {
     None,
 }
 
-/// A parsed `--net MODEL,BACKEND[,mac=MAC]`.
+/// A parsed `--net MODEL,BACKEND[,mac=MAC][,capture=FILE]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetSpec {
     /// The MAC address (default 52:54:00:12:34:56 plus the NIC's index).
     pub mac: [u8; 6],
     /// The backend.
     pub backend: NetBackend,
+    /// Where every frame in and out is written in pcap format.
+    pub capture: Option<PathBuf>,
 }
 
 impl NetSpec {
-    /// Parses `virtio,stream=unix:PATH[,server][,mac=MAC]` for NIC number
+    /// Parses `virtio,stream=unix:PATH[,server][,mac=MAC][,capture=FILE]` for NIC number
     /// `index` (which picks its default MAC).
     pub fn parse(spec: &str, index: usize) -> Result<Self, NetError> {
         let bad = |why: &str| NetError::Spec {
@@ -91,9 +93,14 @@ impl NetSpec {
             _ => return Err(bad("the model comes first: virtio")),
         }
         let mut mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(index as u8)];
-        let (mut path, mut server) = (None, false);
+        let (mut path, mut server, mut capture) = (None, false, None);
         for p in parts {
-            if let Some(m) = p.strip_prefix("mac=") {
+            if let Some(f) = p.strip_prefix("capture=") {
+                if f.is_empty() {
+                    return Err(bad("capture= needs a file"));
+                }
+                capture = Some(PathBuf::from(f));
+            } else if let Some(m) = p.strip_prefix("mac=") {
                 mac = nyx_devices::virtio::net::parse_mac(m).ok_or_else(|| bad("mac= wants XX:XX:XX:XX:XX:XX"))?;
             } else if let Some(s) = p.strip_prefix("stream=") {
                 let unix = s
@@ -106,13 +113,16 @@ impl NetSpec {
             } else if p == "server" {
                 server = true;
             } else {
-                return Err(bad(&format!("unknown part {p:?} (stream=unix:PATH, server, mac=MAC)")));
+                return Err(bad(&format!(
+                    "unknown part {p:?} (stream=unix:PATH, server, mac=MAC, capture=FILE)"
+                )));
             }
         }
         let path = path.ok_or_else(|| bad("give a backend: stream=unix:PATH[,server]"))?;
         Ok(NetSpec {
             mac,
             backend: NetBackend::UnixStream { path, server },
+            capture,
         })
     }
 }
@@ -247,6 +257,119 @@ pub fn open(backend: &NetBackend) -> Result<NetEnds, NetError> {
     }
 }
 
+/// Opens `spec`'s backend, with its capture file when it has one.
+pub fn open_spec(spec: &NetSpec) -> Result<NetEnds, NetError> {
+    let Some(path) = &spec.capture else {
+        return open(&spec.backend);
+    };
+    let pcap = Arc::new(Mutex::new(Pcap::create(path).map_err(|source| NetError::Socket {
+        what: "creating the capture file",
+        path: path.clone(),
+        source,
+    })?));
+    let (out, input) = open(&spec.backend)?;
+    Ok((
+        Box::new(CapturedOutput {
+            inner: out,
+            pcap: pcap.clone(),
+            pending: Vec::new(),
+        }),
+        Box::new(CapturedInput { inner: input, pcap }),
+    ))
+}
+
+/// A capture file in the classic pcap format (Ethernet, microseconds).
+struct Pcap(std::io::BufWriter<std::fs::File>);
+
+impl Pcap {
+    fn create(path: &Path) -> std::io::Result<Self> {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+        let mut h = Vec::with_capacity(24);
+        h.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
+        h.extend_from_slice(&2u16.to_le_bytes());
+        h.extend_from_slice(&4u16.to_le_bytes());
+        h.extend_from_slice(&[0; 8]); // thiszone, sigfigs
+        h.extend_from_slice(&(MAX_FRAME as u32).to_le_bytes());
+        h.extend_from_slice(&1u32.to_le_bytes()); // LINKTYPE_ETHERNET
+        f.write_all(&h)?;
+        f.flush()?;
+        Ok(Pcap(f))
+    }
+
+    /// Appends `frame`, stamped with the host's time (a capture is the
+    /// user's view of the link, not the guest's).
+    fn frame(&mut self, frame: &[u8]) {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut h = Vec::with_capacity(16);
+        h.extend_from_slice(&(t.as_secs() as u32).to_le_bytes());
+        h.extend_from_slice(&t.subsec_micros().to_le_bytes());
+        h.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+        h.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+        let written = self
+            .0
+            .write_all(&h)
+            .and_then(|()| self.0.write_all(frame))
+            .and_then(|()| self.0.flush());
+        if let Err(e) = written {
+            tracing::warn!(target: "nyx::vmm", "network capture: {e}");
+        }
+    }
+}
+
+fn lock_pcap(p: &Mutex<Pcap>) -> std::sync::MutexGuard<'_, Pcap> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A backend's input whose records are also captured as the device takes them.
+struct CapturedInput {
+    inner: Box<dyn Input>,
+    pcap: Arc<Mutex<Pcap>>,
+}
+
+impl Input for CapturedInput {
+    fn read_available(&mut self, buf: &mut [u8]) -> usize {
+        let n = self.inner.read_available(buf);
+        if let Some(frame) = buf[..n].get(RECORD_HDR..) {
+            lock_pcap(&self.pcap).frame(frame);
+        }
+        n
+    }
+
+    fn is_exhausted(&self) -> bool {
+        self.inner.is_exhausted()
+    }
+}
+
+/// A backend's output whose records are also captured.
+struct CapturedOutput {
+    inner: Box<dyn Write + Send>,
+    pcap: Arc<Mutex<Pcap>>,
+    /// Bytes of a record not complete yet.
+    pending: Vec<u8>,
+}
+
+impl Write for CapturedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.pending.extend_from_slice(&buf[..n]);
+        while let Some((len, rest)) = self.pending.split_first_chunk::<RECORD_HDR>() {
+            let len = u32::from_be_bytes(*len) as usize;
+            if rest.len() < len {
+                break;
+            }
+            lock_pcap(&self.pcap).frame(&rest[..len]);
+            self.pending.drain(..RECORD_HDR + len);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Listens at `path` (a stale socket file there is replaced) and takes one
 /// peer.
 fn accept(path: &Path) -> Result<UnixStream, NetError> {
@@ -285,6 +408,9 @@ mod tests {
         );
         let s = NetSpec::parse("virtio,mac=02:00:00:00:00:01,stream=unix:x", 0).unwrap();
         assert_eq!(s.mac, [2, 0, 0, 0, 0, 1]);
+        assert_eq!(s.capture, None);
+        let s = NetSpec::parse("virtio,stream=unix:x,capture=/tmp/c.pcap", 0).unwrap();
+        assert_eq!(s.capture, Some(PathBuf::from("/tmp/c.pcap")));
         for bad in [
             "",
             "virtio",
@@ -293,6 +419,7 @@ mod tests {
             "virtio,stream=unix:",
             "virtio,stream=unix:x,mac=zz",
             "virtio,stream=unix:x,speed=10",
+            "virtio,stream=unix:x,capture=",
         ] {
             assert!(NetSpec::parse(bad, 0).is_err(), "{bad}");
         }
