@@ -996,7 +996,8 @@ fn a_reverse_debugged_replay_writes_virtio_console_output_once() {
 /// Live gdb on a 4-vCPU machine (run one vCPU at a time under gdb): four
 /// threads; an AP hits a breakpoint in its lock-free loop and the stop
 /// names its thread; while stopped nothing runs (the shared counter stays
-/// as it is however long gdb waits: all stop); a step runs that same AP;
+/// as it is however long gdb waits: all stop); a step, and 3000 more, run
+/// that same AP (gdb steps over its breakpoint in that thread);
 /// thread 1 is the BSP elsewhere; the guest then runs to its end.
 #[test]
 fn live_gdb_on_four_vcpus_sees_threads_and_stops_them_all() {
@@ -1029,6 +1030,8 @@ fn live_gdb_on_four_vcpus_sees_threads_and_stops_them_all() {
             "stepi",
             "printf \"STEP_TID=%d\\n\", $_thread",
             "printf \"STEP_PC=%#lx\\n\", $pc",
+            "stepi 3000",
+            "printf \"STEPS_TID=%d\\n\", $_thread",
             "thread 1",
             "printf \"BSP_PC=%#lx\\n\", $pc",
             "delete",
@@ -1047,6 +1050,11 @@ fn live_gdb_on_four_vcpus_sees_threads_and_stops_them_all() {
         "nothing runs while gdb holds the machine: {out}"
     );
     assert_eq!(printed(&out, "STEP_TID="), hit, "a step runs the stopped AP: {out}");
+    assert_eq!(
+        printed(&out, "STEPS_TID="),
+        hit,
+        "3000 more steps stay on that AP (no switch while stepping): {out}"
+    );
     let step = printed(&out, "STEP_PC=");
     assert!(
         step > symbol("smp", "racy_store") && step < symbol("smp", "racy_store") + 16,

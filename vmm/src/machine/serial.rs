@@ -206,6 +206,11 @@ impl Machine {
         if self.runnable(current) && now < self.serial_ref().slice_end_ns {
             return None;
         }
+        // A debugger's single step runs the vCPU it stepped: gdb steps
+        // over a breakpoint in one thread and expects the stop there.
+        if self.debug.single_step && self.runnable(current) {
+            return None;
+        }
         // Not away from a vCPU that holds an event KVM has not delivered
         // yet (an interrupt injected just before the kick, an NMI): KVM
         // keeps part of that outside the state a checkpoint can save and
