@@ -392,8 +392,8 @@ pub struct MachineArgs {
     /// --incoming: where the migrated machine's virtio-console goes).
     #[arg(long, value_name = "CONSOLE")]
     virtio_console: Option<String>,
-    /// A virtio-net NIC: virtio,stream=unix:PATH[,server][,mac=MAC]
-    /// [,capture=FILE] (frames framed as QEMU's `-netdev stream` does:
+    /// A virtio-net NIC: virtio,stream=unix:PATH|tcp:HOST:PORT[,server]
+    /// [,mac=MAC][,capture=FILE] (frames framed as QEMU's `-netdev stream` does:
     /// another Nyx, a QEMU or passt at the other end; `server` listens and
     /// waits for the peer before the guest starts; `capture` writes every
     /// frame in and out to FILE in pcap format); give it again for more

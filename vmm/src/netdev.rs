@@ -3,10 +3,13 @@
 //!
 //! A stream backend speaks the framing of QEMU's `-netdev stream` (and of
 //! `passt`): each frame is a 4-byte big-endian length, then the frame, on
-//! a Unix stream socket. `stream=unix:PATH,server` listens at PATH and
-//! waits there for its peer (another Nyx or a QEMU with `-netdev
-//! stream,server=off`) before the machine starts; `stream=unix:PATH`
-//! connects to a listening peer. A thread reads the socket and queues
+//! a Unix stream socket or a TCP connection. `stream=unix:PATH,server`
+//! listens at PATH and waits there for its peer (another Nyx or a QEMU
+//! with `-netdev stream,server=off`) before the machine starts;
+//! `stream=unix:PATH` connects to a listening peer; `stream=tcp:HOST:PORT`
+//! does the same over TCP, a server on a loopback address only (as every
+//! listener of Nyx without an `--*-allow-remote`). With `capture=FILE`
+//! every frame in and out is also written to FILE in pcap format. A thread reads the socket and queues
 //! whole records; the device takes one record per read ([`FrameInput`])
 //! only when the guest has a receive buffer, so a frame that arrives while
 //! the guest has none waits (up to [`QUEUE_LIMIT`] frames; more are
@@ -62,6 +65,13 @@ pub enum NetBackend {
         /// Listen there (else connect).
         server: bool,
     },
+    /// `stream=tcp:HOST:PORT[,server]` (a server listens on loopback only).
+    TcpStream {
+        /// `HOST:PORT` as given.
+        addr: String,
+        /// Listen there (else connect).
+        server: bool,
+    },
     /// No backend: the NIC's link is up, but nothing comes or goes (a
     /// replay, a restored machine whose backend was not given again).
     None,
@@ -79,7 +89,7 @@ pub struct NetSpec {
 }
 
 impl NetSpec {
-    /// Parses `virtio,stream=unix:PATH[,server][,mac=MAC][,capture=FILE]` for NIC number
+    /// Parses `virtio,stream=unix:PATH|tcp:HOST:PORT[,server][,mac=MAC][,capture=FILE]` for NIC number
     /// `index` (which picks its default MAC).
     pub fn parse(spec: &str, index: usize) -> Result<Self, NetError> {
         let bad = |why: &str| NetError::Spec {
@@ -93,7 +103,7 @@ impl NetSpec {
             _ => return Err(bad("the model comes first: virtio")),
         }
         let mut mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(index as u8)];
-        let (mut path, mut server, mut capture) = (None, false, None);
+        let (mut path, mut tcp, mut server, mut capture) = (None, None, false, None);
         for p in parts {
             if let Some(f) = p.strip_prefix("capture=") {
                 if f.is_empty() {
@@ -103,9 +113,14 @@ impl NetSpec {
             } else if let Some(m) = p.strip_prefix("mac=") {
                 mac = nyx_devices::virtio::net::parse_mac(m).ok_or_else(|| bad("mac= wants XX:XX:XX:XX:XX:XX"))?;
             } else if let Some(s) = p.strip_prefix("stream=") {
+                if let Some(addr) = s.strip_prefix("tcp:") {
+                    crate::net::parse_addr(addr).ok_or_else(|| bad("stream=tcp: wants HOST:PORT"))?;
+                    tcp = Some(addr.to_string());
+                    continue;
+                }
                 let unix = s
                     .strip_prefix("unix:")
-                    .ok_or_else(|| bad("stream= wants unix:PATH (tcp is not built yet)"))?;
+                    .ok_or_else(|| bad("stream= wants unix:PATH or tcp:HOST:PORT"))?;
                 if unix.is_empty() {
                     return Err(bad("stream=unix: needs a path"));
                 }
@@ -118,12 +133,16 @@ impl NetSpec {
                 )));
             }
         }
-        let path = path.ok_or_else(|| bad("give a backend: stream=unix:PATH[,server]"))?;
-        Ok(NetSpec {
-            mac,
-            backend: NetBackend::UnixStream { path, server },
-            capture,
-        })
+        let backend = match (path, tcp) {
+            (Some(path), None) => NetBackend::UnixStream { path, server },
+            (None, Some(addr)) => NetBackend::TcpStream { addr, server },
+            _ => {
+                return Err(bad(
+                    "give one backend: stream=unix:PATH or stream=tcp:HOST:PORT [,server]",
+                ))
+            }
+        };
+        Ok(NetSpec { mac, backend, capture })
     }
 }
 
@@ -198,8 +217,55 @@ fn pump(mut from: impl Read, queue: Arc<Mutex<Queue>>) {
     lock(&queue).closed = true;
 }
 
+/// A connected stream socket: Unix or TCP.
+enum Sock {
+    Unix(UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl Sock {
+    fn try_clone(&self) -> std::io::Result<Sock> {
+        Ok(match self {
+            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Sock::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Sock::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.read(buf),
+            Sock::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.write(buf),
+            Sock::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sock::Unix(s) => s.flush(),
+            Sock::Tcp(s) => s.flush(),
+        }
+    }
+}
+
 /// Writes the device's records to the socket.
-struct FrameOutput(UnixStream);
+struct FrameOutput(Sock);
 
 impl Write for FrameOutput {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -215,7 +281,7 @@ impl Write for FrameOutput {
 /// ways, which also ends the reader thread.
 impl Drop for FrameOutput {
     fn drop(&mut self) {
-        let _ = self.0.shutdown(std::net::Shutdown::Both);
+        self.0.shutdown();
     }
 }
 
@@ -237,24 +303,55 @@ pub fn open(backend: &NetBackend) -> Result<NetEnds, NetError> {
                     source,
                 })?
             };
-            let reader = stream.try_clone().map_err(|source| NetError::Socket {
-                what: "duplicating the socket of",
-                path: path.clone(),
+            start(Sock::Unix(stream), path)
+        }
+        NetBackend::TcpStream { addr, server } => {
+            let name = PathBuf::from(format!("tcp:{addr}"));
+            let err = |what, source| NetError::Socket {
+                what,
+                path: name.clone(),
                 source,
+            };
+            let to = crate::net::parse_addr(addr).ok_or_else(|| NetError::Spec {
+                spec: addr.clone(),
+                why: "not HOST:PORT".into(),
             })?;
-            let queue = Arc::new(Mutex::new(Queue::default()));
-            let q = queue.clone();
-            std::thread::Builder::new()
-                .name("nyx-net-rx".into())
-                .spawn(move || pump(reader, q))
-                .map_err(|source| NetError::Socket {
-                    what: "starting the reader of",
-                    path: path.clone(),
-                    source,
-                })?;
-            Ok((Box::new(FrameOutput(stream)), Box::new(FrameInput { queue })))
+            let stream = if *server {
+                if !crate::net::is_loopback(to.ip()) {
+                    return Err(NetError::Spec {
+                        spec: addr.clone(),
+                        why: "a network backend listens on loopback only".into(),
+                    });
+                }
+                let listener = std::net::TcpListener::bind(to).map_err(|e| err("listening at", e))?;
+                let local = listener.local_addr().map_err(|e| err("listening at", e))?;
+                eprintln!("nyx: waiting for a network peer on tcp:{local}");
+                listener.accept().map_err(|e| err("accepting a peer at", e))?.0
+            } else {
+                std::net::TcpStream::connect(to).map_err(|e| err("connecting to", e))?
+            };
+            let _ = stream.set_nodelay(true);
+            start(Sock::Tcp(stream), &name)
         }
     }
+}
+
+/// Starts the reader thread of a connected `stream` (called `name` in
+/// errors): the backend's two ends.
+fn start(stream: Sock, name: &Path) -> Result<NetEnds, NetError> {
+    let err = |what, source| NetError::Socket {
+        what,
+        path: name.to_path_buf(),
+        source,
+    };
+    let reader = stream.try_clone().map_err(|e| err("duplicating the socket of", e))?;
+    let queue = Arc::new(Mutex::new(Queue::default()));
+    let q = queue.clone();
+    std::thread::Builder::new()
+        .name("nyx-net-rx".into())
+        .spawn(move || pump(reader, q))
+        .map_err(|e| err("starting the reader of", e))?;
+    Ok((Box::new(FrameOutput(stream)), Box::new(FrameInput { queue })))
 }
 
 /// Opens `spec`'s backend, with its capture file when it has one.
@@ -411,11 +508,20 @@ mod tests {
         assert_eq!(s.capture, None);
         let s = NetSpec::parse("virtio,stream=unix:x,capture=/tmp/c.pcap", 0).unwrap();
         assert_eq!(s.capture, Some(PathBuf::from("/tmp/c.pcap")));
+        let s = NetSpec::parse("virtio,stream=tcp:127.0.0.1:5555,server", 0).unwrap();
+        assert_eq!(
+            s.backend,
+            NetBackend::TcpStream {
+                addr: "127.0.0.1:5555".into(),
+                server: true
+            }
+        );
         for bad in [
             "",
             "virtio",
             "e1000,stream=unix:x",
-            "virtio,stream=tcp:1.2.3.4:5",
+            "virtio,stream=tcp:nohost",
+            "virtio,stream=unix:x,stream=tcp:127.0.0.1:5",
             "virtio,stream=unix:",
             "virtio,stream=unix:x,mac=zz",
             "virtio,stream=unix:x,speed=10",
@@ -468,6 +574,50 @@ mod tests {
         }
         assert!(s_in.is_exhausted(), "the client went away");
         assert_eq!(s_in.read_available(&mut buf), 0);
+    }
+
+    #[test]
+    fn tcp_ends_exchange_records_and_a_server_listens_on_loopback_only() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let a = addr.clone();
+        let client = std::thread::spawn(move || {
+            for _ in 0..500 {
+                if let Ok(ends) = open(&NetBackend::TcpStream {
+                    addr: a.clone(),
+                    server: false,
+                }) {
+                    return ends;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            panic!("no server at {a}");
+        });
+        let (_s_out, mut s_in) = open(&NetBackend::TcpStream { addr, server: true }).unwrap();
+        let (mut c_out, _c_in) = client.join().unwrap();
+        c_out.write_all(&record(b"over tcp")).unwrap();
+        let mut buf = vec![0u8; 64];
+        let mut got = 0;
+        for _ in 0..500 {
+            got = s_in.read_available(&mut buf);
+            if got > 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert_eq!(&buf[..got], record(b"over tcp").as_slice());
+        let remote = open(&NetBackend::TcpStream {
+            addr: "8.8.8.8:5555".into(),
+            server: true,
+        });
+        assert!(
+            matches!(remote, Err(NetError::Spec { .. })),
+            "a server on a non-loopback address"
+        );
     }
 
     #[test]
