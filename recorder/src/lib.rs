@@ -226,6 +226,17 @@ struct RecordTime {
     quantize: bool,
 }
 
+/// Whether the stopped vCPU of a machine with several runs with paging
+/// off (real mode, or protected mode before it turns paging on, as an
+/// AP's start-up trampoline does): a replay's breakpoint search missed
+/// such a landing on emulated KVM (Linux on two vCPUs, a slice's end
+/// inside the AP's trampoline), so it is keyframed instead. True also when
+/// the registers cannot be read. One vCPU keeps its searched landings
+/// (the in-tree guests run unpaged, and their landings replay).
+fn unpaged(ctx: &mut HookCtx<'_>) -> bool {
+    ctx.vcpus > 1 && ctx.vcpu.get_sregs().map_or(true, |s| s.cr0 & (1 << 31) == 0)
+}
+
 impl TimeSource for RecordTime {
     fn sample(&mut self) -> u64 {
         let v = self.source.sample();
@@ -391,14 +402,16 @@ impl Recorder {
         }
     }
 
-    /// Logs a landing where the guest stopped.
+    /// Logs a landing where the guest stopped (`--landings auto`: a
+    /// keyframe after a long stretch without exits, in a hot loop, or, on
+    /// a machine of several vCPUs, where paging is off).
     fn landing(&mut self, ctx: &mut HookCtx<'_>) -> Result<(), HookError> {
         let keyframe = match self.landings {
             LandingPolicy::Search => false,
             LandingPolicy::Keyframe => true,
             LandingPolicy::Auto => {
                 let stretch = nyx_vmm::kick::monotonic_ns().saturating_sub(self.last_position_ns);
-                stretch > LONG_STRETCH_NS || self.hot_loops.judge(ctx)?
+                stretch > LONG_STRETCH_NS || unpaged(ctx) || self.hot_loops.judge(ctx)?
             }
         };
         let landing = if keyframe {
