@@ -203,15 +203,24 @@ enum InputKind {
     Net,
 }
 
+impl InputKind {
+    /// The bytes `event` holds if it is this device's input.
+    fn bytes_of(self, event: Option<&Event>) -> Option<&Vec<u8>> {
+        match (event, self) {
+            (Some(Event::Input(b)), InputKind::Serial)
+            | (Some(Event::Platform(b)), InputKind::Platform)
+            | (Some(Event::ConsoleInput(b)), InputKind::Console)
+            | (Some(Event::NetInput(b)), InputKind::Net) => Some(b),
+            _ => None,
+        }
+    }
+}
+
 impl Input for ReplayInput {
     fn read_available(&mut self, buf: &mut [u8]) -> usize {
         let mut s = lock(&self.state);
-        let b = match (s.cursor.peek(), self.kind) {
-            (Some(Event::Input(b)), InputKind::Serial) => b.clone(),
-            (Some(Event::Platform(b)), InputKind::Platform) => b.clone(),
-            (Some(Event::ConsoleInput(b)), InputKind::Console) => b.clone(),
-            (Some(Event::NetInput(b)), InputKind::Net) => b.clone(),
-            _ => return 0,
+        let Some(b) = self.kind.bytes_of(s.cursor.peek()).cloned() else {
+            return 0;
         };
         if b.len() > buf.len() {
             let msg = format!(
@@ -233,13 +242,7 @@ impl Input for ReplayInput {
         // at a poll, or where this device's next input is (a device asks
         // at its poll, after the poll event and its time sample).
         let mut s = lock(&self.state);
-        let mine = matches!(
-            (s.cursor.peek(), self.kind),
-            (Some(Event::Input(_)), InputKind::Serial)
-                | (Some(Event::Platform(_)), InputKind::Platform)
-                | (Some(Event::ConsoleInput(_)), InputKind::Console)
-                | (Some(Event::NetInput(_)), InputKind::Net)
-        );
+        let mine = self.kind.bytes_of(s.cursor.peek()).is_some();
         !mine && !s.cursor.has_more_input()
     }
 }

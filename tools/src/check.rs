@@ -519,14 +519,13 @@ fn keep_failure(
         }
     };
     let attempts = if cpus > 1 { SMP_RECORD_ATTEMPTS } else { 1 };
-    let mut recorded = record_repetition(case, &stem.with_extension("nyxtrace"), &opts.kvm_path);
+    let trace = stem.with_extension("nyxtrace");
+    let mut recorded = record_repetition(case, &trace, &opts.kvm_path);
     for _ in 1..attempts {
-        match &recorded {
-            Ok((_, r)) if r != outcome => {
-                recorded = record_repetition(case, &stem.with_extension("nyxtrace"), &opts.kvm_path);
-            }
-            _ => break,
+        if !matches!(&recorded, Ok((_, r)) if r != outcome) {
+            break;
         }
+        recorded = record_repetition(case, &trace, &opts.kvm_path);
     }
     let (trace, note) = match recorded {
         Ok((path, recorded)) if &recorded == outcome => (Some(path), None),

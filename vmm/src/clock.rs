@@ -19,7 +19,7 @@ use nyx_devices::Clock;
 /// nothing it could measure between two of its reads, and time still
 /// never goes backwards. What it saves is the bits of host jitter below
 /// the quantum in every sample the trace stores: on a loop of RDTSCs the
-/// samples cost 1.3 rather than 2.5 bytes each (BENCHMARKS.md). Rounding
+/// samples alone cost 0.9-1.1 rather than 2.1 bytes each (BENCHMARKS.md). Rounding
 /// up, never down, keeps a sample taken at a kick for a deadline at or
 /// past the deadline.
 pub const RECORD_QUANTUM_NS: u64 = 256;

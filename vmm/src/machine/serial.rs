@@ -186,15 +186,23 @@ impl Machine {
         Ok(())
     }
 
+    /// Where vCPU `cpu`'s file descriptor is now: None in the machine's
+    /// place (it runs), else the AP slot holding it (the BSP's sits in the
+    /// running AP's slot).
+    fn slot_of(&self, cpu: usize) -> Option<usize> {
+        let current = self.core.vcpu_index;
+        match cpu {
+            c if c == current => None,
+            0 => Some(current - 1),
+            c => Some(c - 1),
+        }
+    }
+
     /// vCPU `cpu`'s file descriptor, wherever it is now.
     pub(super) fn vcpu_of(&mut self, cpu: usize) -> &mut VcpuFd {
-        let current = self.core.vcpu_index;
-        if cpu == current {
-            &mut self.core.vcpu
-        } else if cpu == 0 {
-            &mut self.aps[current - 1].vcpu
-        } else {
-            &mut self.aps[cpu - 1].vcpu
+        match self.slot_of(cpu) {
+            None => &mut self.core.vcpu,
+            Some(slot) => &mut self.aps[slot].vcpu,
         }
     }
 
@@ -339,10 +347,10 @@ impl Machine {
         for cpu in 0..n {
             let vcpu = self.vcpu_of(cpu);
             // An exit KVM has not completed yet would be lost: the running
-            // vCPU's is completed. A waiting vCPU's was completed when it
-            // was switched out (`switch_to`); it is not run again out of turn
-            // here.
-            // An AP of a parallel run stopped after an exit it handled.
+            // vCPU's is completed, and so is every AP's of a parallel run
+            // (each stopped after an exit it handled). A waiting vCPU of a
+            // machine run one at a time had its exit completed when it was
+            // switched out (`switch_to`); it is not run again out of turn.
             if cpu == current || parallel {
                 crate::vcpu_state::complete_pending_exit(vcpu).map_err(vcpu_err("complete the pending exit of"))?;
             }
@@ -505,16 +513,14 @@ impl Machine {
     /// emulated KVM's dirty log may miss guest writes (an AP that waits
     /// for its start-up IPI runs nothing). At a stop.
     pub fn real_mode_vcpus(&self) -> Result<bool, Error> {
-        let current = self.core.vcpu_index;
         for cpu in 0..self.cpus() {
             let waits = match &self.serial {
                 Some(s) => s.states[cpu] == CpuState::WaitForSipi,
                 None => cpu != 0 && self.aps[cpu - 1].state == ApState::WaitForSipi,
             };
-            let vcpu = match cpu {
-                c if c == current => &self.core.vcpu,
-                0 => &self.aps[current - 1].vcpu,
-                c => &self.aps[c - 1].vcpu,
+            let vcpu = match self.slot_of(cpu) {
+                None => &self.core.vcpu,
+                Some(slot) => &self.aps[slot].vcpu,
             };
             if !waits && vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?.cr0 & 1 == 0 {
                 return Ok(true);
